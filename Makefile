@@ -1,0 +1,43 @@
+# Two commands on a fresh machine (Python 3.10+, pip, make, git):
+#   make demo   the main job
+#   make test   the whole test suite
+# Each bootstraps uv into .tools/ and the locked environment into .venv/ by itself.
+
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+EXTRAS := --extra dev --extra detection --extra medical --extra plot
+STAMP := $(VENV)/.ratlib-synced
+PYTEST_ARGS ?=
+
+.PHONY: demo test env venv lock build clean bench
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(STAMP): $(UV) pyproject.toml uv.lock
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen $(EXTRAS)
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ratlib env
+
+env: $(STAMP)
+	$(VENV)/bin/ratlib env
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lock: $(UV)
+	$(UV) lock
+
+build: $(UV)
+	$(UV) build
+
+clean:
+	rm -rf $(TOOLS) $(VENV) dist build .pytest_cache .hypothesis

@@ -1,0 +1,106 @@
+"""Foundation: light import, the ``ratlib`` command, the multi-rank harness."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+import rank_targets
+from ratlib.testing import run_on_ranks
+
+HEAVY = ("torch", "torchvision", "deepspeed", "pycocotools", "nibabel", "matplotlib")
+
+
+def test_import_ratlib_is_light() -> None:
+    code = (
+        "import sys, ratlib\n"
+        "dir(ratlib)\n"
+        "import ratlib.rank_logger, ratlib.coco_paths, ratlib.config_defaults, ratlib.dist_init\n"
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"import ratlib loaded heavy modules: {out.stdout.strip()}"
+
+
+def test_import_ratlib_plain_is_light() -> None:
+    code = f"import sys, ratlib; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_unknown_attribute_raises() -> None:
+    import ratlib
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ratlib.nope  # noqa: B018
+
+
+def test_env_command_json() -> None:
+    env = {"PATH": "/usr/bin:/bin", "RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1",
+           "MASTER_PORT": "29500"}
+    out = subprocess.run([sys.executable, "-m", "ratlib", "env", "--json"], capture_output=True, text=True,
+                         check=True, env=env)
+    info = json.loads(out.stdout)
+    assert info["python"].startswith(f"{sys.version_info.major}.{sys.version_info.minor}")
+    assert info["packages"]["torch"] is not None
+    assert info["launch"]["rank"] == 1 and info["launch"]["world_size"] == 4
+    assert info["launch"]["master_addr"] == "10.0.0.1"
+
+
+def test_env_command_text() -> None:
+    out = subprocess.run([sys.executable, "-m", "ratlib", "env"], capture_output=True, text=True, check=True)
+    for word in ("python", "torch", "torchvision", "pycocotools", "deepspeed", "nibabel", "CUDA available", "launcher"):
+        assert word in out.stdout
+    assert "not installed" in out.stdout or "deepspeed" in out.stdout
+
+
+def test_console_script_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "ratlib"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "env" in out.stderr and "doctor" in out.stderr and "coco" in out.stderr
+
+
+@pytest.mark.distributed
+def test_three_rank_all_reduce() -> None:
+    run = run_on_ranks(rank_targets.all_reduce_rank_sum, 3, args=(3,), timeout=120).check()
+    for rank in range(3):
+        assert f"rank {rank} sum 6" in run.stdouts[rank]
+
+
+@pytest.mark.distributed
+def test_hanging_rank_is_killed_and_reported() -> None:
+    start = time.monotonic()
+    run = run_on_ranks(rank_targets.hang_on_rank, 2, args=(1,), timeout=5)
+    assert time.monotonic() - start < 20
+    assert run.timed_out and not run.ok
+    assert run.hung_ranks == [1]
+    assert run.returncodes[0] == 0 and run.returncodes[1] is None
+    assert "rank 1 started" in run.stdouts[1]
+    assert "hung_ranks=[1]" in str(run)
+
+
+def test_exit_codes_by_rank(run_on_ranks) -> None:  # the pytest fixture
+    run = run_on_ranks(rank_targets.exit_with, 3, args=({2: 3},), timeout=60)
+    assert run.returncodes == [0, 0, 3]
+    assert not run.ok and not run.timed_out
+    with pytest.raises(AssertionError, match="returncodes=\\[0, 0, 3\\]"):
+        run.check()
+
+
+def test_script_target_and_env(tmp_path, run_on_ranks) -> None:
+    script = tmp_path / "show.py"
+    script.write_text("import os, sys; print(os.environ['RANK'], os.environ['EXTRA'], sys.argv[1])\n")
+    run = run_on_ranks(str(script), 2, args=("hello",), env=lambda r: {"EXTRA": f"x{r}"}).check()
+    assert [o.strip() for o in run.stdouts] == ["0 x0 hello", "1 x1 hello"]
+
+
+def test_local_function_is_refused() -> None:
+    def local() -> None:
+        pass
+
+    with pytest.raises(ValueError, match="module-level function"):
+        run_on_ranks(local, 2)
