@@ -107,7 +107,7 @@ def _launcher_env(launcher: str, rank: int, world_size: int, port: int) -> dict[
                 "OMPI_COMM_WORLD_LOCAL_RANK": str(rank), "OMPI_COMM_WORLD_LOCAL_SIZE": str(world_size),
                 "OMPI_COMM_WORLD_NODE_RANK": "0"}
     if launcher == "none":
-        return {}
+        return common
     raise ValueError(f"run_on_ranks: launcher={launcher!r} is not one of 'torchrun', 'slurm', 'openmpi', 'none'")
 
 

@@ -1,0 +1,402 @@
+"""Logging that is safe and useful on every rank.
+
+``get_logger(name)`` never returns None: it is a stdlib-compatible logger on every rank, before the
+process group exists, while it exists and after teardown. The policy (set once by ``setup_logging``):
+
+- the main rank prints records at ``level`` and above;
+- other ranks print only records at ``other_ranks`` (default WARNING) and above, tagged ``[rank R/W]``,
+  so no rank's warnings or errors are ever dropped;
+- ``log.info(msg, main_process_only=False)`` prints on every rank, ``in_order=True`` rank by rank;
+- with ``log_dir`` every rank also writes ``rank{R}.log`` with every record at ``level`` and above,
+  printed or not, for post-mortems;
+- uncaught exceptions (any thread) and ``warnings.warn`` are logged with the rank tag.
+
+The rank comes from ``torch.distributed`` once it is initialised (without importing torch), else from
+the launcher's variables (``ratlib.dist_init.detect_launch_env``), else rank 0 of 1. A dropped call on
+a non-main rank returns after one comparison: no record, no formatting, no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterable, MutableMapping
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "RankFilter",
+    "RankLogger",
+    "current_rank",
+    "get_logger",
+    "log_file_path",
+    "progress",
+    "rank_tag",
+    "rank_zero_only",
+    "setup_logging",
+]
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONSOLE_FORMAT = "%(asctime)s %(rank_tag)s%(levelname)s %(name)s: %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+_ALL_RANKS = "ratlib_all_ranks"  # record attribute set by main_process_only=False
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank discovery
+
+
+class _State:
+    """Process-wide logging state; one instance, read on the hot path."""
+
+    def __init__(self) -> None:
+        self.rank = 0
+        self.world = 1
+        self.known = False  # False: not resolved yet, or the launcher variables were invalid
+        self.resolved = False
+        self.from_dist = False
+        self.level = logging.INFO
+        self.other_ranks = logging.WARNING
+        self.drop_below = 0  # a call below this level with main_process_only=True returns at once
+        self.log_dir: Path | None = None
+        self.handlers: list[logging.Handler] = []
+        self.file_handler: _RankFileHandler | None = None
+        self.hooks_installed = False
+        self.warned_bad_env = False
+        self.configured = False
+
+
+_STATE = _State()
+_LOCK = threading.Lock()
+
+
+def _dist_module() -> Any | None:
+    dist = sys.modules.get("torch.distributed")  # never import torch ourselves
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def _resolve() -> None:
+    dist = _dist_module()
+    if dist is not None:
+        _STATE.rank, _STATE.world, _STATE.known, _STATE.from_dist = dist.get_rank(), dist.get_world_size(), True, True
+    else:
+        from ratlib.dist_init import DistInitError, detect_launch_env
+
+        try:
+            env = detect_launch_env()
+            _STATE.rank, _STATE.world, _STATE.known = env.rank, env.world_size, True
+        except DistInitError as exc:
+            _STATE.rank, _STATE.world, _STATE.known = -1, -1, False
+            if not _STATE.warned_bad_env:
+                _STATE.warned_bad_env = True
+                print(f"ratlib.rank_logger: cannot tell this process's rank ({exc}); every record is printed, "
+                      "tagged [rank ?/?]", file=sys.stderr)
+        _STATE.from_dist = False
+    _STATE.resolved = True
+    _update_drop()
+
+
+def _refresh() -> None:
+    """Re-resolve when the process group appeared or went away since the last look."""
+    if not _STATE.resolved or (_dist_module() is not None) != _STATE.from_dist:
+        _resolve()
+
+
+def _update_drop() -> None:
+    non_main = _STATE.known and _STATE.rank != 0
+    files = _STATE.log_dir is not None
+    _STATE.drop_below = _STATE.other_ranks if non_main and not files else 0
+
+
+def current_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` as the logger sees them; ``(-1, -1)`` when the launcher variables are invalid."""
+    _refresh()
+    return _STATE.rank, _STATE.world
+
+
+def rank_tag() -> str:
+    """``"[rank R/W]"``; ``"[rank ?/?]"`` when unknown."""
+    rank, world = current_rank()
+    return f"[rank {rank}/{world}]" if rank >= 0 else "[rank ?/?]"
+
+
+def log_file_path() -> Path | None:
+    """This rank's log file when ``setup_logging(log_dir=...)`` is active, else None."""
+    if _STATE.log_dir is None:
+        return None
+    if _STATE.file_handler is not None and _STATE.file_handler.stream is not None:
+        return Path(_STATE.file_handler.baseFilename)
+    rank, _ = current_rank()
+    return _STATE.log_dir / f"rank{rank if rank >= 0 else 'unknown'}.log"
+
+
+# ----------------------------------------------------------------------------------------------
+# Handlers and filters
+
+
+class RankFilter(logging.Filter):
+    """Adds ``record.rank``, ``record.world_size`` and ``record.rank_tag`` (empty for one process).
+
+    Add it to your own handlers to use ``%(rank_tag)s`` in their formats.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        _refresh()
+        record.rank, record.world_size = _STATE.rank, _STATE.world
+        record.rank_tag = "" if _STATE.world == 1 else (rank_tag() + " ")
+        return True
+
+
+class _ConsolePolicy(RankFilter):
+    """Main rank: everything the handler level lets through. Other ranks: ``other_ranks`` and above,
+    or records logged with ``main_process_only=False``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        super().filter(record)
+        if not _STATE.known or _STATE.rank == 0:
+            return True
+        return record.levelno >= _STATE.other_ranks or getattr(record, _ALL_RANKS, False)
+
+
+class _RankFileHandler(logging.FileHandler):
+    """``rank{R}.log``, opened at the first record, flushed on each one, exclusive to one process."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        super().__init__(log_dir / "rank-pending.log", mode="a", encoding="utf-8", delay=True)
+
+    def _open(self) -> Any:
+        rank, _ = current_rank()
+        name = f"rank{rank}" if rank >= 0 else "rank-unknown"
+        self.baseFilename = str(self.log_dir / f"{name}.log")
+        stream = open(self.baseFilename, self.mode, encoding=self.encoding)
+        if not _try_lock(stream):
+            stream.close()
+            taken = self.baseFilename
+            self.baseFilename = str(self.log_dir / f"{name}.dup-pid{os.getpid()}.log")
+            print(f"ratlib.rank_logger: {taken} is already being written by another live process, so two "
+                  f"processes claim rank {rank}; this one (pid {os.getpid()}) writes {self.baseFilename} instead. "
+                  "Check the launcher: every process needs its own RANK.", file=sys.stderr)
+            stream = open(self.baseFilename, self.mode, encoding=self.encoding)
+        return stream
+
+
+def _try_lock(stream: Any) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks, no detection
+        return True
+    try:
+        fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _level(value: int | str, arg: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        number = logging.getLevelName(value.strip().upper())
+        if isinstance(number, int):
+            return number
+    names = ", ".join(logging.getLevelName(n) for n in (10, 20, 30, 40, 50))
+    raise ValueError(f"setup_logging: {arg}={value!r} is not a logging level; expected one of {names} or an int")
+
+
+def setup_logging(
+    level: int | str = "INFO",
+    *,
+    log_dir: str | os.PathLike[str] | None = None,
+    other_ranks: int | str = "WARNING",
+    excepthook: bool = True,
+    capture_warnings: bool = True,
+    stream: Any = None,
+    fmt: str = CONSOLE_FORMAT,
+) -> None:
+    """Configure rank-aware logging for this process. Idempotent: a second call replaces the first.
+
+    Handlers go on the root logger, so third-party loggers follow the same policy. Bad arguments raise
+    here (``ValueError``, ``OSError``), never at the first log call deep inside training.
+    """
+    lvl, other = _level(level, "level"), _level(other_ranks, "other_ranks")
+    if other < lvl:
+        raise ValueError(f"setup_logging: other_ranks={other_ranks!r} is below level={level!r}; other ranks "
+                         "would print more than the main rank. Use other_ranks >= level (default WARNING)")
+    directory: Path | None = None
+    if log_dir is not None:
+        directory = Path(log_dir).expanduser()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(exc.errno, f"setup_logging: log_dir={os.fspath(log_dir)!r} cannot be created "
+                          f"({exc.strerror}); pass a writable folder or log_dir=None") from exc
+        if not os.access(directory, os.W_OK):
+            raise OSError(f"setup_logging: log_dir={os.fspath(log_dir)!r} is not writable; pass a writable folder")
+    with _LOCK:
+        root = logging.getLogger()
+        for handler in _STATE.handlers:  # idempotent: never double handlers
+            root.removeHandler(handler)
+            handler.close()
+        _STATE.handlers, _STATE.file_handler = [], None
+        _STATE.level, _STATE.other_ranks, _STATE.log_dir = lvl, other, directory
+        _resolve()
+        formatter = logging.Formatter(fmt, DATE_FORMAT)
+        console = logging.StreamHandler(stream if stream is not None else sys.stderr)
+        console.setLevel(lvl)
+        console.addFilter(_ConsolePolicy())
+        console.setFormatter(formatter)
+        _STATE.handlers.append(console)
+        if directory is not None:
+            fh = _RankFileHandler(directory)
+            fh.setLevel(lvl)
+            fh.addFilter(RankFilter())
+            fh.setFormatter(logging.Formatter("%(asctime)s %(rank_tag)s%(levelname)s %(name)s "
+                                              "[%(filename)s:%(lineno)d]: %(message)s", DATE_FORMAT))
+            _STATE.handlers.append(fh)
+            _STATE.file_handler = fh
+        for handler in _STATE.handlers:
+            root.addHandler(handler)
+        root.setLevel(lvl)
+        logging.captureWarnings(capture_warnings)
+        if excepthook and not _STATE.hooks_installed:
+            _install_hooks()
+        _STATE.configured = True
+
+
+def _install_hooks() -> None:
+    previous_sys, previous_thread = sys.excepthook, threading.excepthook
+
+    def sys_hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if not issubclass(exc_type, KeyboardInterrupt):
+            logging.getLogger("ratlib").critical("uncaught %s on %s: %s", exc_type.__name__, rank_tag(), exc,
+                                                 exc_info=(exc_type, exc, tb), extra={_ALL_RANKS: True})
+        previous_sys(exc_type, exc, tb)
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is not SystemExit:
+            name = args.thread.name if args.thread is not None else "?"
+            logging.getLogger("ratlib").critical(
+                "uncaught %s in thread %s on %s: %s", args.exc_type.__name__, name, rank_tag(), args.exc_value,
+                exc_info=(args.exc_type, args.exc_value, args.exc_traceback), extra={_ALL_RANKS: True})
+        previous_thread(args)
+
+    sys.excepthook, threading.excepthook = sys_hook, thread_hook
+    _STATE.hooks_installed = True
+
+
+# ----------------------------------------------------------------------------------------------
+# The logger
+
+
+class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A stdlib logger with two more keywords on every call: ``main_process_only`` (default True:
+    below ``other_ranks`` only the main rank prints) and ``in_order`` (print rank by rank)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger, {})
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        return msg, kwargs
+
+    def log(self, level: int, msg: Any, *args: Any, main_process_only: bool = True, in_order: bool = False,
+            **kwargs: Any) -> None:
+        if main_process_only and level < _STATE.drop_below and not in_order:
+            return  # the hot path on non-main ranks: one comparison, nothing else
+        if not self.logger.isEnabledFor(level):
+            return
+        if not main_process_only or in_order:
+            kwargs["extra"] = {**(kwargs.get("extra") or {}), _ALL_RANKS: True}
+        kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 2
+        if in_order:
+            self._in_order(level, msg, args, kwargs)
+        else:
+            self.logger._log(level, msg, args, **kwargs)
+
+    def _in_order(self, level: int, msg: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        dist = _dist_module()
+        if dist is None or dist.get_world_size() == 1:
+            self.logger._log(level, msg, args, **kwargs)
+            return
+        for r in range(dist.get_world_size()):
+            if r == dist.get_rank():
+                self.logger._log(level, msg, args, **kwargs)
+                for handler in _STATE.handlers:
+                    handler.flush()
+            dist.barrier()
+
+    def debug(self, msg: Any, *args: Any, main_process_only: bool = True, **kwargs: Any) -> None:
+        if main_process_only and _STATE.drop_below > logging.DEBUG and not kwargs.get("in_order"):
+            return
+        self.log(logging.DEBUG, msg, *args, main_process_only=main_process_only, **kwargs)
+
+    def info(self, msg: Any, *args: Any, main_process_only: bool = True, **kwargs: Any) -> None:
+        if main_process_only and _STATE.drop_below > logging.INFO and not kwargs.get("in_order"):
+            return
+        self.log(logging.INFO, msg, *args, main_process_only=main_process_only, **kwargs)
+
+    def warning(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.log(logging.WARNING, msg, *args, **kwargs)
+
+    def error(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.log(logging.ERROR, msg, *args, **kwargs)
+
+    def exception(self, msg: Any, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        self.log(logging.ERROR, msg, *args, exc_info=exc_info, **kwargs)
+
+    def critical(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.log(logging.CRITICAL, msg, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # handlers, addHandler, propagate, ...: the stdlib logger's
+        return getattr(self.logger, name)
+
+    def __repr__(self) -> str:
+        return f"<RankLogger {self.logger.name} ({logging.getLevelName(self.logger.getEffectiveLevel())})>"
+
+
+_LOGGERS: dict[str | None, RankLogger] = {}
+
+
+def get_logger(name: str | None = None) -> RankLogger:
+    """The rank-aware logger for ``name`` (None: the root logger). Never None, on any rank, at any time."""
+    logger = _LOGGERS.get(name)
+    if logger is None:
+        if not _STATE.resolved:
+            _resolve()
+        logger = _LOGGERS.setdefault(name, RankLogger(logging.getLogger(name)))
+    return logger
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def rank_zero_only(fn: F) -> F:
+    """Decorator: ``fn`` runs on the main rank only (returns None elsewhere). The rank is read per call."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if current_rank()[0] in (0, -1):
+            return fn(*args, **kwargs)
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def progress(iterable: Iterable[T], **kwargs: Any) -> Iterable[T]:
+    """A tqdm bar on the main rank; the plain iterable on other ranks and when tqdm is not installed."""
+    if current_rank()[0] not in (0, -1):
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)

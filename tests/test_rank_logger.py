@@ -1,0 +1,193 @@
+"""ratlib.rank_logger: the rank policy on real processes, per-rank files, hooks and bad input."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import logger_targets
+from ratlib import rank_logger
+from ratlib.testing import run_on_ranks
+
+
+def _lines(text: str, word: str) -> list[str]:
+    return [line for line in text.splitlines() if word in line]
+
+
+@pytest.mark.distributed
+def test_policy_on_four_ranks(tmp_path: Path) -> None:
+    run = run_on_ranks(logger_targets.policy, 4, args=(str(tmp_path),), timeout=120).check()
+    err = run.stderrs
+    # INFO once, on the main rank only
+    assert sum(len(_lines(e, "info-x")) for e in err) == 1 and len(_lines(err[0], "info-x")) == 1
+    # warnings and errors from every rank, tagged
+    for r in range(4):
+        for word, level in (("warn-y", "WARNING"), ("error-z", "ERROR")):
+            (line,) = _lines(err[r], word)
+            assert f"[rank {r}/4] {level} lib.module: {word}" in line
+        (line,) = _lines(err[r], "everyone-w")
+        assert f"[rank {r}/4] INFO" in line
+        # warnings.warn captured once per rank, tagged (the next line is the source line)
+        (line,) = [ln for ln in _lines(err[r], "careful-v") if "py.warnings" in ln]
+        assert f"[rank {r}/4] WARNING py.warnings" in line
+        assert not _lines(err[r], "debug-never")
+    # third-party INFO noise follows the same policy
+    assert [len(_lines(e, "noise-from-library")) for e in err] == [1, 0, 0, 0]
+    assert [len(_lines(e, "after-teardown")) for e in err] == [1, 0, 0, 0]
+    # per-rank files keep everything at INFO and above, printed or not
+    for r in range(4):
+        text = (tmp_path / f"rank{r}.log").read_text()
+        for word in ("info-x", "warn-y", "error-z", "everyone-w", "ordered", "after-teardown"):
+            assert word in text, (r, word)
+        assert "debug-never" not in text
+        assert f"[rank {r}/4]" in text
+
+
+@pytest.mark.distributed
+def test_in_order_prints_rank_by_rank(tmp_path: Path) -> None:
+    run = run_on_ranks(logger_targets.policy, 2, args=(str(tmp_path),), timeout=120).check()
+    assert all(len(_lines(e, "ordered")) == 1 for e in run.stderrs)
+    stamps = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert all("ordered" in s for s in stamps)
+
+
+@pytest.mark.distributed
+def test_rank_known_only_after_init(tmp_path: Path) -> None:
+    run = run_on_ranks(logger_targets.spawned_rank, 2, args=(str(tmp_path),), launcher="none",
+                       env=lambda r: {"MY_RANK": str(r)}, timeout=120).check()
+    assert [len(_lines(e, "main-only-after-init")) for e in run.stderrs] == [1, 0]
+    assert "[rank 1/2] WARNING" in _lines(run.stderrs[1], "tagged-after-init")[0]
+
+
+@pytest.mark.distributed
+def test_uncaught_exception_is_logged_with_rank(tmp_path: Path) -> None:
+    run = run_on_ranks(logger_targets.crash, 2, args=(str(tmp_path),), timeout=60)
+    assert run.returncodes[0] == 0 and run.returncodes[1] != 0
+    assert "[rank 1/2] CRITICAL ratlib: uncaught RuntimeError" in run.stderrs[1]
+    assert "boom on one rank" in (tmp_path / "rank1.log").read_text()
+
+
+def _child(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=60)
+
+
+def test_rank_from_launcher_variables_without_torch() -> None:
+    code = ("import sys; from ratlib.rank_logger import get_logger, setup_logging, current_rank\n"
+            "setup_logging(); log = get_logger('t'); log.info('hidden'); log.warning('shown')\n"
+            "print(current_rank(), 'torch' in sys.modules)")
+    cases = {"slurm": {"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_JOB_NODELIST": "n1"},
+             "openmpi": {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3"},
+             "mpich": {"PMI_RANK": "2", "PMI_SIZE": "3"},
+             "torchrun": {"RANK": "2", "WORLD_SIZE": "3"}}
+    for name, env in cases.items():
+        out = _child(code, env)
+        assert out.stdout.strip() == "(2, 3) False", (name, out.stderr)
+        assert "hidden" not in out.stderr and "[rank 2/3] WARNING t: shown" in out.stderr, name
+
+
+def test_invalid_launcher_variables_never_break_logging() -> None:
+    out = _child("from ratlib.rank_logger import get_logger, setup_logging\nsetup_logging()\n"
+                 "get_logger('t').info('still-printed')", {"RANK": "5", "WORLD_SIZE": "2"})
+    assert out.returncode == 0
+    assert "cannot tell this process's rank" in out.stderr and "[rank ?/?] INFO t: still-printed" in out.stderr
+
+
+def test_same_rank_claimed_twice_is_detected(tmp_path: Path) -> None:
+    code = ("import time; from ratlib.rank_logger import get_logger, setup_logging\n"
+            f"setup_logging(log_dir={str(tmp_path)!r}); get_logger('t').warning('hello'); time.sleep(3)")
+    env = {"RANK": "1", "WORLD_SIZE": "2"}
+    import os
+
+    full = {**os.environ, **env}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=full)
+             for _ in range(2)]
+    errs = [p.communicate(timeout=60)[1] for p in procs]
+    assert sum("two processes claim rank 1" in e for e in errs) == 1, errs
+    assert (tmp_path / "rank1.log").exists() and list(tmp_path.glob("rank1.dup-pid*.log"))
+
+
+def test_setup_logging_is_idempotent_and_validates() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        rank_logger.setup_logging("INFO", stream=stream)
+        rank_logger.setup_logging("INFO", stream=stream)
+        assert len(root.handlers) == len(before) + 1
+        rank_logger.get_logger("x").info("once")
+        assert stream.getvalue().count("once") == 1
+        with pytest.raises(ValueError, match="level='LOUD' is not a logging level"):
+            rank_logger.setup_logging("LOUD")
+        with pytest.raises(ValueError, match="other_ranks='DEBUG' is below level='INFO'"):
+            rank_logger.setup_logging("INFO", other_ranks="DEBUG")
+        blocker = Path(__file__)  # a file: a folder cannot be created below it
+        with pytest.raises(OSError, match="log_dir=.* cannot be created"):
+            rank_logger.setup_logging(log_dir=blocker / "sub")
+    finally:
+        for handler in rank_logger._STATE.handlers:
+            root.removeHandler(handler)
+        rank_logger._STATE.handlers = []
+
+
+def test_logger_is_stdlib_compatible_and_keeps_caller_location() -> None:
+    stream = io.StringIO()
+    log = rank_logger.get_logger("compat")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(filename)s:%(funcName)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        log.info("hi %s", "there")
+        try:
+            raise KeyError("k")
+        except KeyError:
+            log.exception("failed")
+        assert rank_logger.get_logger("compat") is log
+        assert isinstance(log, logging.LoggerAdapter) and log.isEnabledFor(logging.INFO)
+    finally:
+        log.removeHandler(handler)
+    text = stream.getvalue()
+    assert "test_rank_logger.py:test_logger_is_stdlib_compatible_and_keeps_caller_location INFO hi there" in text
+    assert "KeyError: 'k'" in text
+
+
+def test_rank_zero_only_and_progress_single_process() -> None:
+    calls = []
+    fn = rank_logger.rank_zero_only(lambda: calls.append(1) or "ran")
+    assert fn() == "ran" and calls == [1]
+    assert list(rank_logger.progress(range(3), disable=True)) == [0, 1, 2]
+
+
+def test_rank_zero_only_and_progress_on_other_rank() -> None:
+    out = _child("from ratlib.rank_logger import rank_zero_only, progress\n"
+                 "print(rank_zero_only(lambda: 'ran')(), type(progress([1, 2])).__name__)",
+                 {"RANK": "1", "WORLD_SIZE": "2"})
+    assert out.stdout.strip() == "None list"
+
+
+def test_dictconfig_and_user_handlers_coexist() -> None:
+    import logging.config
+
+    stream = io.StringIO()
+    rank_logger.setup_logging("INFO", stream=stream)
+    try:
+        logging.config.dictConfig({"version": 1, "incremental": True, "loggers": {"noisy": {"level": "ERROR"}}})
+        rank_logger.get_logger("noisy").warning("quiet-please")
+        rank_logger.get_logger("fine").warning("loud")
+        assert "quiet-please" not in stream.getvalue()
+        assert re.search(r"WARNING fine: loud", stream.getvalue())
+    finally:
+        root = logging.getLogger()
+        for handler in rank_logger._STATE.handlers:
+            root.removeHandler(handler)
+        rank_logger._STATE.handlers = []
