@@ -289,7 +289,7 @@ def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     env = os.environ if environ is None else environ
     if "RANK" in env or "WORLD_SIZE" in env:
         return _torchrun(env)
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and env.get("SLURM_STEP_ID", "") != "batch":
+    if "SLURM_PROCID" in env:
         return _slurm(env)
     if "OMPI_COMM_WORLD_RANK" in env:
         return _openmpi(env)
