@@ -59,6 +59,7 @@ class _State:
         self.world = 1
         self.known = False  # False: not resolved yet, or the launcher variables were invalid
         self.resolved = False
+        self.tag = ""  # "[rank R/W] " when world > 1, cached for the formatter
         self.from_dist = False
         self.level = logging.INFO
         self.other_ranks = logging.WARNING
@@ -100,13 +101,20 @@ def _resolve() -> None:
                       "tagged [rank ?/?]", file=sys.stderr)
         _STATE.from_dist = False
     _STATE.resolved = True
+    if _STATE.world == 1:
+        _STATE.tag = ""
+    else:
+        _STATE.tag = f"[rank {_STATE.rank}/{_STATE.world}] " if _STATE.rank >= 0 else "[rank ?/?] "
     _update_drop()
 
 
 def _refresh() -> None:
     """Re-resolve when the process group appeared or went away since the last look."""
-    if not _STATE.resolved or (_dist_module() is not None) != _STATE.from_dist:
+    if not _STATE.resolved:
         _resolve()
+    elif "torch.distributed" in sys.modules or _STATE.from_dist:
+        if (_dist_module() is not None) != _STATE.from_dist:
+            _resolve()
 
 
 def _update_drop() -> None:
@@ -149,8 +157,7 @@ class RankFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         _refresh()
-        record.rank, record.world_size = _STATE.rank, _STATE.world
-        record.rank_tag = "" if _STATE.world == 1 else (rank_tag() + " ")
+        record.rank, record.world_size, record.rank_tag = _STATE.rank, _STATE.world, _STATE.tag
         return True
 
 
@@ -159,8 +166,11 @@ class _ConsolePolicy(RankFilter):
     or records logged with ``main_process_only=False``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        super().filter(record)
-        if not _STATE.known or _STATE.rank == 0:
+        if not _STATE.resolved or _STATE.from_dist or "torch.distributed" in sys.modules:
+            _refresh()
+        state = _STATE
+        record.rank, record.world_size, record.rank_tag = state.rank, state.world, state.tag
+        if not state.known or state.rank == 0:
             return True
         return record.levelno >= _STATE.other_ranks or getattr(record, _ALL_RANKS, False)
 
@@ -333,14 +343,17 @@ class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
             dist.barrier()
 
     def debug(self, msg: Any, *args: Any, main_process_only: bool = True, **kwargs: Any) -> None:
-        if main_process_only and _STATE.drop_below > logging.DEBUG and not kwargs.get("in_order"):
-            return
-        self.log(logging.DEBUG, msg, *args, main_process_only=main_process_only, **kwargs)
+        if main_process_only and _STATE.drop_below > 10 and not kwargs:
+            return  # dropped: one comparison, no record
+        self.log(10, msg, *args, main_process_only=main_process_only, **kwargs)
 
     def info(self, msg: Any, *args: Any, main_process_only: bool = True, **kwargs: Any) -> None:
-        if main_process_only and _STATE.drop_below > logging.INFO and not kwargs.get("in_order"):
+        if main_process_only and _STATE.drop_below > 20 and not kwargs:
+            return  # dropped: one comparison, no record
+        if not kwargs and main_process_only and self.logger.isEnabledFor(20):
+            self.logger._log(20, msg, args, stacklevel=2)  # the common emitted case, without log()'s bookkeeping
             return
-        self.log(logging.INFO, msg, *args, main_process_only=main_process_only, **kwargs)
+        self.log(20, msg, *args, main_process_only=main_process_only, **kwargs)
 
     def warning(self, msg: Any, *args: Any, **kwargs: Any) -> None:
         self.log(logging.WARNING, msg, *args, **kwargs)
