@@ -1,99 +1,212 @@
-"""ratlib.config_defaults: defaults, coercion, strict validation, overrides, checks, DeepSpeed bridge."""
+"""ratlib.config_defaults: defaults, YAML coercion, strict validation, overrides, smoke, checks,
+memory estimates, the DeepSpeed bridge and dumping."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from pydantic import ConfigDict
 
 from ratlib.config_defaults import (
     ConfigError,
     ExperimentConfig,
+    MemoryProbe,
     ModelConfig,
     check_config,
     dump_config,
+    estimate_model_memory,
     load_config,
     to_deepspeed_config,
 )
+from ratlib.synthetic import make_coco_detection
 from ratlib.testing.strategies import configs
+
+
+def _problems(source, **kwargs) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as info:
+        load_config(source, **kwargs)
+    return info.value.problems
+
+
+def _write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Defaults, YAML and overrides
 
 
 def test_complete_defaults_for_a_config_without_training_section() -> None:
     cfg = load_config({"model": {"name": "unet"}})
     t = cfg.training
-    assert (t.num_epochs, t.batch_size, t.optimizer.name, t.optimizer.lr, t.optimizer.weight_decay) == (
-        10, 48, "adamw", 1e-4, 0.01)
+    assert (t.num_epochs, t.batch_size, t.gradient_accumulation_steps) == (10, 48, 1)
+    assert (t.optimizer.name, t.optimizer.lr, t.optimizer.weight_decay) == ("adamw", 1e-4, 0.01)
     assert (t.scheduler.name, t.scheduler.min_lr, t.mixed_precision, t.gradient_clip) == ("cosine", 1e-6, True, 1.0)
-    assert t.compile is False and t.channels_last is None and t.deepspeed.enabled is False
+    assert (t.compile, t.channels_last, t.deepspeed.enabled, t.max_steps, t.memory_warning_fraction) == (
+        False, None, False, None, 0.9)
+    assert (cfg.output_dir, cfg.smoke, cfg.distributed.backend, cfg.data.root, cfg.data.limit) == (
+        "runs/default", False, None, None, None)
     assert cfg.model.model_extra == {"name": "unet"}  # project section passes through
-    assert "training.batch_size" in cfg.defaults_applied and "model" not in cfg.defaults_applied
+    assert "training.batch_size" in cfg.defaults_applied and "training.optimizer.lr" in cfg.defaults_applied
+    assert not any(p.startswith("model") for p in cfg.defaults_applied)
+    assert load_config(None) == ExperimentConfig()
 
 
-def test_yaml_string_floats_are_coerced(tmp_path: Path) -> None:
-    path = tmp_path / "exp.yaml"
-    path.write_text("training:\n  optimizer:\n    lr: 1e-4\n  scheduler:\n    min_lr: 1e-6\n")
-    assert yaml.safe_load(path.read_text())["training"]["optimizer"]["lr"] == "1e-4"  # the YAML 1.1 trap
-    cfg = load_config(path)
-    assert cfg.training.optimizer.lr == 1e-4 and isinstance(cfg.training.optimizer.lr, float)
-    assert "training.optimizer.lr" not in cfg.defaults_applied
+def test_empty_yaml_sections_take_defaults(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, "training:\n  # batch_size: 8\ndata:\n"))
+    assert cfg.training.batch_size == 48 and cfg.data.num_workers == 2
 
 
-def test_unknown_key_names_path_line_and_closest(tmp_path: Path) -> None:
-    path = tmp_path / "exp.yaml"
-    path.write_text("training:\n  batch_size: 8\n  optimizer:\n    weigth_decay: 0.1\n")
+@pytest.mark.parametrize("text,path,expected", [
+    ("training:\n  optimizer:\n    lr: 1e-4\n", ("training", "optimizer", "lr"), 1e-4),
+    ("training:\n  optimizer:\n    lr: 1E-4\n", ("training", "optimizer", "lr"), 1e-4),
+    ("training:\n  optimizer:\n    lr: 5e3\n", ("training", "optimizer", "lr"), 5000.0),
+    ("training:\n  optimizer:\n    weight_decay: .5\n", ("training", "optimizer", "weight_decay"), 0.5),
+    ("training:\n  batch_size: '32'\n", ("training", "batch_size"), 32),
+    ("training:\n  batch_size: 1_024\n", ("training", "batch_size"), 1024),
+    ("training:\n  gradient_clip: null\n", ("training", "gradient_clip"), None),
+    ("training:\n  gradient_clip: ~\n", ("training", "gradient_clip"), None),
+    ("training:\n  gradient_clip:\n", ("training", "gradient_clip"), None),
+    ("smoke: yes\n", ("smoke",), True),
+    ("training:\n  compile: no\n", ("training", "compile"), False),
+    ("training:\n  mixed_precision: off\n", ("training", "mixed_precision"), False),
+    ("training:\n  mixed_precision: bf16\n", ("training", "mixed_precision"), "bf16"),
+    ("model:\n  dropout: 1e-4\n", ("model", "dropout"), 1e-4),  # the numeric fix reaches project sections
+])
+def test_yaml_edge_cases(tmp_path: Path, text: str, path: tuple[str, ...], expected: object) -> None:
+    value = load_config(_write(tmp_path, text)).model_dump()
+    for key in path:
+        value = value[key]
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("text,key,fragment", [
+    ("training:\n  gradient_clip: 'null'\n", "training.gradient_clip", "got 'null'; expected a number > 0 or null"),
+    ("output_dir: no\n", "output_dir", "got False; expected a string (YAML reads yes/no"),
+    ("training:\n  batch_size: yes\n", "training.batch_size", "got True; expected an integer > 0"),
+    ("training:\n  seed: 1.5\n", "training.seed", "got 1.5; expected an integer >= 0"),
+    ("training:\n  optimizer:\n    lr: .nan\n", "training.optimizer.lr", "expected a number > 0"),
+])
+def test_yaml_values_that_must_be_rejected(tmp_path: Path, text: str, key: str, fragment: str) -> None:
+    ((path, message),) = _problems(_write(tmp_path, text))
+    assert path == key and fragment in message
+
+
+def test_unknown_key_names_path_line_value_and_closest(tmp_path: Path) -> None:
+    path = _write(tmp_path, "training:\n  batch_size: 8\n  optimizer:\n    learning_rate: 1e-3\n    weigth_decay: 0.1\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert "training.optimizer.weigth_decay (line 4): unknown key; did you mean 'training.optimizer.weight_decay'?" \
-        in str(info.value)
-    assert str(path) in str(info.value)
+    text = str(info.value)
+    assert text.startswith(f"invalid config {path}: 2 problems")
+    assert "training.optimizer.learning_rate (line 4): unknown key; did you mean 'training.optimizer.lr'?" in text
+    assert "training.optimizer.weigth_decay (line 5): unknown key; did you mean 'training.optimizer.weight_decay'?" \
+        in text
+    assert "docs/config_defaults.md" in text
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"trainig": {"batch_size": 4}}, "trainig: unknown section; did you mean 'training'?"),
-    ({"training": {"batch_size": "abc"}}, "training.batch_size: Input should be a valid integer"),
-    ({"training": {"batch_size": 0}}, "training.batch_size: Input should be greater than 0"),
-    ({"training": {"optimizer": {"name": "adamx"}}}, "training.optimizer.name: Input should be 'adamw', 'adam' or 'sgd'"),
-    ({"epochs": 3}, "epochs: unknown top-level key with value 3"),
+@pytest.mark.parametrize("data,key,message", [
+    ({"trainig": {"batch_size": 4}}, "trainig", "unknown section; did you mean 'training'?"),
+    ({"epochs": 3}, "epochs", "unknown top-level key with value 3; did you mean 'training.num_epochs'?"),
+    ({"training": {"betas": [0.9, 0.9]}}, "training.betas", "did you mean 'training.optimizer.betas'?"),
+    ({"training": {"batch_size": "abc"}}, "training.batch_size", "got 'abc'; expected an integer > 0"),
+    ({"training": {"batch_size": 0}}, "training.batch_size", "got 0; expected an integer > 0"),
+    ({"training": {"optimizer": {"lr": 0}}}, "training.optimizer.lr", "got 0; expected a number > 0"),
+    ({"training": {"optimizer": {"lr": -1e-3}}}, "training.optimizer.lr", "got -0.001; expected a number > 0"),
+    ({"training": {"optimizer": {"name": "adamx"}}}, "training.optimizer.name", "expected 'adamw', 'adam' or 'sgd'"),
+    ({"training": {"optimizer": {"betas": [0.9, "x"]}}}, "training.optimizer.betas.1", "got 'x'; expected a number"),
+    ({"training": {"deepspeed": {"zero_stage": 4}}}, "training.deepspeed.zero_stage", "expected 0, 1, 2 or 3"),
+    ({"training": {"mixed_precision": "bf32"}}, "training.mixed_precision",
+     "got 'bf32'; expected true, false, 'bf16' or 'fp16'"),
+    ({"training": {"optimizer": {"lr": 1e-6}, "scheduler": {"min_lr": 1e-6}}}, "training.scheduler.min_lr",
+     "needs min_lr below training.optimizer.lr=1e-06"),
+    ({"training": 5}, "training", "got 5; expected a mapping (section)"),
+    ({"distributed": {"backend": "mpi"}}, "distributed.backend", "expected 'gloo', 'nccl' or null"),
+    ({"data": {"limit": 0}}, "data.limit", "got 0; expected an integer > 0 or null"),
 ])
-def test_bad_values(data: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=None) as info:
-        load_config(data)
-    assert message in str(info.value)
+def test_every_error_kind(data: dict, key: str, message: str) -> None:
+    ((path, text),) = _problems(data)
+    assert path == key and message in text, text
 
 
-def test_overrides() -> None:
-    cfg = load_config({"training": {"batch_size": 8}}, overrides=["training.optimizer.lr=3e-4", "training.batch_size=4",
-                                                                  "model.feature_dims=[16, 32]", "smoke=true"])
+def test_all_problems_reported_together_in_file_order(tmp_path: Path) -> None:
+    path = _write(tmp_path, "trainig: {}\ntraining:\n  batch_size: 0\n  optimizer: {lr: abc}\n"
+                            "distributed:\n  timeout_s: -1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides=["training.num_epochs=0"])
+    assert [p for p, _ in info.value.problems] == [
+        "trainig", "training.batch_size", "training.optimizer.lr", "distributed.timeout_s", "training.num_epochs"]
+    text = str(info.value)
+    assert "training.optimizer.lr (line 4): got 'abc'" in text  # flow style keeps its line
+    assert "training.num_epochs (override 'training.num_epochs=0'): got 0" in text
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
+    path = _write(tmp_path, "training:\n  batch_size: 8\n  optimizer: [1, 2\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:4:1: invalid YAML: .*fix the syntax there"):
+        load_config(path)
+    path = _write(tmp_path, "training:\n  batch_size: 8\n\tseed: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:3:1: invalid YAML"):
+        load_config(path)
+
+
+def test_duplicate_keys_are_an_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, "training:\n  optimizer:\n    lr: 1e-3\n    lr: 1e-4\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:4:5: invalid YAML: .*key 'lr' is given twice \(first on line 3\)"):
+        load_config(path)
+
+
+def test_file_level_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="the top level is a list"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_overrides_are_yaml_values() -> None:
+    cfg = load_config({"training": {"batch_size": 8}}, overrides=[
+        "training.optimizer.lr=3e-4", "training.batch_size=4", "model.feature_dims=[16, 32]",
+        "training.gradient_clip=null", "training.mixed_precision=fp16", "data.root=/data/coco", "model.depth=3"])
     assert cfg.training.optimizer.lr == 3e-4 and cfg.training.batch_size == 4
-    assert cfg.model.model_extra["feature_dims"] == [16, 32]
-    assert cfg.data.limit == 16 and cfg.training.max_steps == 10 and cfg.training.num_epochs == 1
-    assert "data.limit=16 (smoke)" in cfg.defaults_applied
-    explicit = load_config({"smoke": True, "data": {"limit": 3}})
-    assert explicit.data.limit == 3
-    for bad, message in (("lr", "not of the form dotted.key=value"), ("training..lr=1", "not of the form"),
-                         ("training.optimizr.lr=1", "did you mean 'training.optimizer'")):
-        with pytest.raises(ConfigError, match=message):
-            load_config(None, overrides=[bad])
+    assert cfg.model.model_extra == {"feature_dims": [16, 32], "depth": 3}
+    assert cfg.training.gradient_clip is None and cfg.training.mixed_precision == "fp16"
+    assert cfg.data.root == "/data/coco"
+    assert "training.optimizer.lr" not in cfg.defaults_applied and "training.seed" in cfg.defaults_applied
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lr", "expected dotted.key=value"),
+    ("training..lr=1", "expected dotted.key=value"),
+    ("training.optimizer.lr=[1", "is not valid YAML"),
+    ("training.batch_size.x=1", "training.batch_size is 48, not a section"),
+])
+def test_bad_overrides(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config({"training": {"batch_size": 48}}, overrides=[override])
     with pytest.raises(ConfigError, match="is one string"):
         load_config(None, overrides="training.batch_size=4")  # type: ignore[arg-type]
+    assert _problems(None, overrides=["training.optimizr.lr=1"])[0][1] == \
+        "unknown key; did you mean 'training.optimizer'?"
 
 
-def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist"):
-        load_config(tmp_path / "nope.yaml")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("training: [1, 2\n")
-    with pytest.raises(ConfigError, match="is not valid YAML"):
-        load_config(bad)
-    bad.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="holds a list at the top level"):
-        load_config(bad)
+def test_smoke_fills_unset_keys_and_records_them() -> None:
+    cfg = load_config(None, overrides=["smoke=true"])
+    assert (cfg.data.limit, cfg.training.max_steps, cfg.training.num_epochs) == (16, 10, 1)
+    assert cfg.smoke_applied == ["data.limit", "training.max_steps", "training.num_epochs"]
+    assert set(cfg.smoke_applied) <= set(cfg.defaults_applied)
+    explicit = load_config({"smoke": True, "data": {"limit": 3}, "training": {"max_steps": None}})
+    assert explicit.data.limit == 3 and explicit.training.max_steps is None and explicit.training.num_epochs == 1
+    assert explicit.smoke_applied == ["training.num_epochs"]
+    assert load_config({"smoke": False}).data.limit is None
 
 
 class StrictModel(ModelConfig):
@@ -108,93 +221,245 @@ class ProjectConfig(ExperimentConfig):
 
 def test_project_schema_validates_its_sections() -> None:
     cfg = load_config({"model": {"feature_dims": "64"}}, schema=ProjectConfig)
-    assert cfg.model.feature_dims == 64 and cfg.model.num_blocks == 4
-    assert "model.num_blocks" in cfg.defaults_applied
-    with pytest.raises(ConfigError, match="model.feture_dims: unknown key; did you mean 'model.feature_dims'"):
-        load_config({"model": {"feture_dims": 8}}, schema=ProjectConfig)
-
-
-@settings(max_examples=80, deadline=None)
-@given(configs(valid=True))
-def test_any_valid_config_loads(case) -> None:
-    cfg = load_config(case.data)
-    assert isinstance(cfg, ExperimentConfig)
-    assert cfg.training.batch_size >= 1 and isinstance(cfg.training.optimizer.lr, float)
-
-
-@settings(max_examples=80, deadline=None)
-@given(configs(valid=False))
-def test_any_corrupted_config_is_rejected_at_its_key(case) -> None:
-    with pytest.raises(ConfigError) as info:
-        load_config(case.data)
-    assert case.key in str(info.value)
-
-
-@settings(max_examples=30, deadline=None)
-@given(configs(schema=ProjectConfig, valid=False))
-def test_strategy_follows_a_project_schema(case) -> None:
-    with pytest.raises(ConfigError) as info:
-        load_config(case.data, schema=ProjectConfig)
-    assert case.key in str(info.value)
-
-
-def test_check_config_findings(tmp_path: Path) -> None:
-    risky = load_config({"training": {"batch_size": 80, "mixed_precision": "bf16"},
-                         "model": {"feature_dims": 1024, "num_blocks": 12},
-                         "data": {"root": str(tmp_path / "missing"), "ann_file": str(tmp_path / "nope.json")}})
-    found = {(f.severity, f.key) for f in check_config(risky, device="cpu")}
-    assert ("warning", "training.batch_size") in found and ("warning", "model") in found
-    assert ("error", "data.root") in found and ("error", "data.ann_file") in found
-    assert ("info", "training.mixed_precision") in found
-    oom = load_config({"training": {"batch_size": 64}, "model": {"feature_dims": 64}, "data": {"image_size": 512}})
-    (finding,) = [f for f in check_config(oom, device="cuda", device_memory_gib=24) if f.key == "training.batch_size"]
-    assert "GiB of activations" in finding.message and "gradient_accumulation_steps" in finding.advice
-    assert not [f for f in check_config(load_config({"training": {"mixed_precision": False}}), device="cpu")]
-    ds = load_config({"training": {"deepspeed": {"enabled": True}}})
-    if "deepspeed" not in sys.modules:
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            assert any(f.key == "training.deepspeed.enabled" and f.severity == "error" for f in check_config(ds))
-
-
-@pytest.mark.parametrize("world", [1, 2, 8])
-def test_to_deepspeed_config(world: int) -> None:
-    cfg = load_config({"training": {"batch_size": 6, "gradient_accumulation_steps": 3, "mixed_precision": "fp16",
-                                    "deepspeed": {"enabled": True, "zero_stage": 3, "offload": True}}})
-    ds = to_deepspeed_config(cfg, world)
-    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
-    assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"]
-    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_param"]["device"] == "cpu"
-    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 1e-4
-    sgd = to_deepspeed_config(load_config({"training": {"optimizer": {"name": "sgd"}}}), world)
-    assert "optimizer" not in sgd and sgd["bf16"]["enabled"]
-    with pytest.raises(ValueError, match="world_size=0"):
-        to_deepspeed_config(cfg, 0)
-
-
-def test_deepspeed_accepts_the_config_when_installed() -> None:
-    ds_config = pytest.importorskip("deepspeed.runtime.config", reason="deepspeed is not installed here")
-    cfg = load_config({"training": {"batch_size": 4}})
-    ds_config.DeepSpeedConfig(to_deepspeed_config(cfg, 1))
-
-
-def test_dump_config_round_trip_and_main_rank_only(tmp_path: Path) -> None:
-    cfg = load_config({"training": {"batch_size": 7}, "model": {"x": 1}})
-    path = dump_config(cfg, tmp_path / "run" / "config.yaml")
-    assert path is not None and load_config(path).training.batch_size == 7
-    assert not list((tmp_path / "run").glob(".*tmp*"))
-    code = ("from ratlib.config_defaults import load_config, dump_config\n"
-            f"print(dump_config(load_config(None), {str(tmp_path / 'other.yaml')!r}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "RANK": "1", "WORLD_SIZE": "2"})
-    assert out.stdout.strip() == "None" and not (tmp_path / "other.yaml").exists()
+    assert isinstance(cfg, ProjectConfig) and cfg.model.feature_dims == 64 and cfg.model.num_blocks == 4
+    assert "model.num_blocks" in cfg.defaults_applied and "model.feature_dims" not in cfg.defaults_applied
+    assert _problems({"model": {"feture_dims": 8}}, schema=ProjectConfig) == [
+        ("model.feture_dims", "unknown key; did you mean 'model.feature_dims'?")]
 
 
 def test_defaults_are_logged_once_on_the_main_rank() -> None:
     code = ("from ratlib.rank_logger import setup_logging\nfrom ratlib.config_defaults import load_config\n"
-            "setup_logging()\nload_config({'training': {'batch_size': 4}})")
+            "setup_logging()\nload_config({'training': {'batch_size': 4}}, overrides=['smoke=true'])")
     for rank, expected in (("0", 1), ("1", 0)):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "RANK": rank, "WORLD_SIZE": "2"})
-        assert out.stderr.count("value(s) from defaults") == expected
+        logs = out.stdout + out.stderr
+        assert logs.count("key(s) from defaults") == expected, logs
+        assert logs.count("smoke mode set data.limit=16") == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# Properties, with the strategy downstream projects use
+
+
+@settings(max_examples=100, deadline=None)
+@given(configs(valid=True))
+def test_any_valid_config_loads_and_round_trips(case) -> None:
+    cfg = load_config(case.data)
+    assert cfg.training.batch_size >= 1 and isinstance(cfg.training.optimizer.lr, float)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = dump_config(cfg, Path(tmp) / "config.yaml")
+        assert path is not None and load_config(path) == cfg
+
+
+@settings(max_examples=150, deadline=None)
+@given(configs(valid=False))
+def test_any_single_corruption_is_rejected_at_exactly_its_key(case) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(case.data)
+    assert [p for p, _ in info.value.problems] == [case.key], str(info.value)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs(schema=ProjectConfig, valid=False))
+def test_strategy_follows_a_project_schema(case) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(case.data, schema=ProjectConfig)
+    assert [p for p, _ in info.value.problems] == [case.key], str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# check_config and memory
+
+
+def _keys(findings) -> set[tuple[str, str]]:
+    return {(f.severity, f.key) for f in findings}
+
+
+def test_check_config_flags_the_old_failures(tmp_path: Path) -> None:
+    risky = load_config({"training": {"batch_size": 80, "mixed_precision": "bf16"},
+                         "model": {"feature_dims": 1024, "num_blocks": 12},
+                         "data": {"root": str(tmp_path / "missing"), "ann_file": str(tmp_path / "nope.json")}})
+    findings = check_config(risky, world_size=4, device="cpu")
+    assert {("warning", "training.batch_size"), ("warning", "model"), ("error", "data.root"),
+            ("error", "data.ann_file"), ("info", "training.mixed_precision")} <= _keys(findings)
+    batch = next(f for f in findings if f.severity == "warning" and f.key == "training.batch_size")
+    assert "training.batch_size=40 and training.gradient_accumulation_steps=2 (global batch 320)" in batch.advice
+    info = next(f for f in findings if f.severity == "info" and f.key == "training.batch_size")
+    assert info.message == "global batch 320 = 80 per device x 1 accumulation x 4 rank(s)"
+    model = next(f for f in findings if f.key == "model")
+    assert "zero_stage=2" in model.advice
+    clean = load_config({"training": {"mixed_precision": False}})
+    assert [f for f in check_config(clean, device="cpu") if f.severity != "info"] == []
+    assert check_config(load_config({"training": {"batch_size": 80}}), max_batch_size=96, device="cpu") == \
+        check_config(load_config({"training": {"batch_size": 80}}), max_batch_size=96, device="cpu")
+    assert ("warning", "training.batch_size") not in _keys(
+        check_config(load_config({"training": {"batch_size": 80}}), max_batch_size=96, device="cpu"))
+
+
+def test_check_config_resolves_coco_splits(tmp_path: Path) -> None:
+    make_coco_detection(tmp_path / "coco", "val2017", num_images=2)
+    cfg = load_config({"data": {"root": str(tmp_path / "coco"), "train_split": "train2017", "val_split": "val"}})
+    errors = [f for f in check_config(cfg, device="cpu") if f.severity == "error"]
+    assert [f.key for f in errors] == ["data.train_split"] and "ratlib coco" in errors[0].advice
+
+
+def test_check_config_with_a_model_size_and_a_probe() -> None:
+    cfg = load_config({"training": {"batch_size": 64, "mixed_precision": "bf16"}})
+    big = 2_000_000_000  # 2B parameters, 16 bytes each in plain fp32 AdamW: 30 GiB of model states
+    (finding,) = [f for f in check_config(cfg, 8, model=big, device="cuda", device_memory_gib=40) if f.key == "model"]
+    assert finding.severity == "warning" and "ZeRO stage 1" in finding.advice and "zero_stage=1" in finding.advice
+    assert not [f for f in check_config(cfg, 8, model=10_000_000, device="cuda", device_memory_gib=40)
+                if f.key == "model"]
+    probe = MemoryProbe(batch_sizes=(2, 4), peak_bytes=(6 * 2**30, 8 * 2**30), capacity_bytes=40 * 2**30, fraction=0.9)
+    assert probe.max_batch_size == 32 and probe.predict(64) == 68 * 2**30
+    (finding,) = [f for f in check_config(cfg, probe=probe, device="cuda", device_memory_gib=40)
+                  if f.key == "training.batch_size" and f.severity != "info"]
+    assert finding.severity == "error" and "about 68.0 GiB by the measured probe; 32 fits" in finding.message
+    assert "training.batch_size=32 and training.gradient_accumulation_steps=2" in finding.advice
+
+
+def test_memory_estimate_counts_like_deepspeed() -> None:
+    p, n = 1_000_000, 4
+    mixed = {s: estimate_model_memory(p, world_size=n, precision="mixed", zero_stage=s, largest_layer_params=1000)
+             for s in range(4)}
+    # DeepSpeed's estimate_zero2_model_states_mem_needs (no offload): 4P + 16P/N
+    assert mixed[1].total_bytes == 4 * p + 16 * p // n
+    assert mixed[0].total_bytes == 20 * p
+    assert mixed[2].total_bytes == 2 * p + 18 * p // n
+    assert mixed[3].total_bytes == 20 * p // n + 4 * 1000
+    offloaded = estimate_model_memory(p, world_size=n, precision="mixed", zero_stage=2, offload=True)
+    assert (offloaded.optimizer_bytes, offloaded.cpu_bytes) == (0, 16 * p // n)
+    fp32 = estimate_model_memory(p)  # plain PyTorch AdamW: weights 4 + gradients 4 + two moments 8
+    assert (fp32.params_bytes, fp32.gradients_bytes, fp32.optimizer_bytes) == (4 * p, 4 * p, 8 * p)
+    assert estimate_model_memory(p, optimizer="sgd", momentum=0.0).total_bytes == 8 * p
+    assert "0.01 GiB per GPU" in str(fp32)
+    with pytest.raises(ValueError, match="zero_stage=5"):
+        estimate_model_memory(p, zero_stage=5)
+
+
+def test_memory_estimate_of_a_module_on_the_meta_device() -> None:
+    torch = pytest.importorskip("torch")
+    with torch.device("meta"):
+        emb = torch.nn.Embedding(100, 16)
+        head = torch.nn.Linear(16, 100, bias=False)
+        head.weight = emb.weight  # tied: counted once
+        model = torch.nn.Sequential(emb, torch.nn.Linear(16, 32), head)
+    est = estimate_model_memory(model, world_size=2, zero_stage=3)
+    assert (est.num_params, est.largest_layer_params) == (1600 + 16 * 32 + 32, 1600)
+    assert est.params_bytes == 4 * est.num_params / 2 + 8 * 1600
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed bridge
+
+
+@pytest.mark.parametrize("world", [1, 2, 8])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_to_deepspeed_config_batch_invariant_and_zero(world: int, stage: int) -> None:
+    cfg = load_config({"training": {"batch_size": 6, "gradient_accumulation_steps": 3, "mixed_precision": "fp16",
+                                    "deepspeed": {"enabled": True, "zero_stage": stage, "offload": True}}})
+    ds = to_deepspeed_config(cfg, world)
+    assert ds["train_batch_size"] == 6 * 3 * world
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage
+    assert ("offload_optimizer" in zero) == (stage >= 1) and ("offload_param" in zero) == (stage == 3)
+    assert ds["gradient_clipping"] == 1.0 and "scheduler" not in ds
+
+
+def test_to_deepspeed_config_optimizers_schedulers_and_errors() -> None:
+    ds = to_deepspeed_config(load_config(None), 2)
+    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                           "weight_decay": 0.01}}
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    adam = to_deepspeed_config(load_config({"training": {"optimizer": {"name": "adam"}}}), 1, device="cpu")
+    assert adam["optimizer"]["type"] == "Adam" and adam["optimizer"]["params"]["adam_w_mode"] is False
+    assert adam["optimizer"]["params"]["torch_adam"] is True
+    sgd = to_deepspeed_config(load_config({"training": {"optimizer": {"name": "sgd"}, "gradient_clip": None}}), 1)
+    assert sgd["optimizer"] == {"type": "SGD", "params": {"lr": 1e-4, "momentum": 0.9, "weight_decay": 0.01}}
+    assert sgd["zero_allow_untested_optimizer"] is True and sgd["gradient_clipping"] == 0.0
+    cosine = load_config({"training": {"num_epochs": 5, "scheduler": {"warmup_epochs": 0.5}}})
+    sched = to_deepspeed_config(cosine, 4, steps_per_epoch=100)["scheduler"]
+    assert sched == {"type": "WarmupCosineLR", "params": {"total_num_steps": 500, "warmup_num_steps": 50,
+                                                          "warmup_min_ratio": 0.0,
+                                                          "cos_min_ratio": pytest.approx(0.01),
+                                                          "warmup_type": "linear"}}
+    capped = load_config({"training": {"max_steps": 30}})
+    assert to_deepspeed_config(capped, 1, steps_per_epoch=100)["scheduler"]["params"]["total_num_steps"] == 30
+    constant = load_config({"training": {"scheduler": {"name": "constant", "warmup_epochs": 1}}})
+    assert to_deepspeed_config(constant, 1, steps_per_epoch=10)["scheduler"]["params"]["warmup_num_steps"] == 10
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="world_size="):
+            to_deepspeed_config(cosine, bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="steps_per_epoch=0"):
+        to_deepspeed_config(cosine, 1, steps_per_epoch=0)
+
+
+def test_deepspeed_accepts_the_config_when_installed() -> None:
+    ds_config = pytest.importorskip("deepspeed.runtime.config", reason="deepspeed is not installed here")
+    for stage in (0, 1, 2, 3):
+        cfg = load_config({"training": {"batch_size": 4, "gradient_accumulation_steps": 2,
+                                        "deepspeed": {"enabled": True, "zero_stage": stage}}})
+        parsed = ds_config.DeepSpeedConfig(to_deepspeed_config(cfg, 2, steps_per_epoch=10), world_size=2)
+        assert parsed.train_batch_size == 16 and parsed.zero_optimization_stage == stage
+
+
+# ----------------------------------------------------------------------------------------------
+# dump_config
+
+
+def test_dump_config_round_trip_atomic_and_main_rank_only(tmp_path: Path) -> None:
+    cfg = load_config({"training": {"batch_size": 7, "mixed_precision": "bf16"}, "model": {"feature_dims": 48},
+                       "smoke": True}, schema=ProjectConfig)
+    path = dump_config(cfg, tmp_path / "run" / "config.yaml")
+    assert path == tmp_path / "run" / "config.yaml"
+    assert load_config(path, schema=ProjectConfig) == cfg
+    assert yaml.safe_load(path.read_text())["training"]["optimizer"]["lr"] == 1e-4
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]  # no temporary file left
+    code = ("from ratlib.config_defaults import load_config, dump_config\n"
+            f"print(dump_config(load_config(None), {str(tmp_path / 'other.yaml')!r}))")
+    for env in ({"RANK": "1", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "OMPI_"))}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**clean, **env})
+        assert out.stdout.strip() == "None" and not (tmp_path / "other.yaml").exists(), out.stderr
+
+
+def test_dump_config_leaves_the_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "config.yaml"
+    target.write_text("old\n")
+
+    def boom(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        dump_config(load_config(None), target)
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the measured probe
+
+
+@pytest.mark.gpu
+def test_probe_memory_extrapolates_a_measured_peak() -> None:
+    import torch
+
+    from ratlib.config_defaults import probe_memory
+
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 1, 1))
+
+    def batch(b: int) -> torch.Tensor:
+        return torch.randn(b, 3, 128, 128)
+
+    probe = probe_memory(net(), batch, batch_sizes=(4, 8))
+    assert probe.bytes_per_sample > 0 and probe.max_batch_size > 8
+    measured = probe_memory(net(), batch, batch_sizes=(4, 32))
+    assert math.isclose(probe.predict(32), measured.peak_bytes[1], rel_tol=0.15), (probe, measured)
+    with pytest.raises(ValueError, match="batch_sizes="):
+        probe_memory(net(), batch, batch_sizes=(4, 4))
