@@ -44,6 +44,8 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -89,10 +91,8 @@ class ConfigError(ValueError):
 
 
 def _number(value: Any) -> Any:
-    """Before numeric validation: refuse booleans (YAML reads yes/no/on/off as booleans) and read
-    numeric strings such as "1e-4" or "48" (YAML 1.1 and environment variables give strings)."""
-    if isinstance(value, bool):
-        raise PydanticCustomError("bool_not_number", "a boolean is not a number")
+    """Before numeric validation: read numeric strings such as "1e-4" or "48" (YAML 1.1 and
+    environment variables give strings)."""
     if isinstance(value, str):
         for cast in (int, float):
             try:
@@ -106,7 +106,29 @@ Int = Annotated[int, BeforeValidator(_number)]
 Float = Annotated[float, BeforeValidator(_number), AllowInfNan(False)]
 
 
-class _Section(BaseModel):
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field type accepts booleans: bool, or anything that is not a number."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_bool(a) for a in typing.get_args(annotation) if a is not type(None))
+    return annotation not in (int, float)
+
+
+class _Base(BaseModel):
+    """Base of every config section: a boolean given for a number is an error (pydantic would take
+    ``batch_size: yes`` as 1), also in the fields of project subclasses."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _takes_bool(field.annotation):
+            raise PydanticCustomError("bool_not_number", "a boolean is not a number")
+        return value
+
+
+class _Section(_Base):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -167,7 +189,7 @@ class DistributedConfig(_Section):
     stall_timeout_s: Float | None = Field(None, gt=0)  # ratlib.hang watchdog; null: off
 
 
-class DataConfig(BaseModel):
+class DataConfig(_Base):
     """Known data keys; unknown ones pass through unless a project subclass forbids them."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
@@ -176,7 +198,7 @@ class DataConfig(BaseModel):
     num_workers: Int = Field(2, ge=0)
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(_Base):
     """The model section passes through unless a project subclass validates it."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
@@ -253,6 +275,14 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT, re.X), list("-+0123456789."))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Safe dumper that writes lists in flow style (``betas: [0.9, 0.999]``), as people write them."""
+
+
+_Dumper.add_representer(list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value,
+                                                                               flow_style=True))
 
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:
@@ -548,6 +578,8 @@ def _validation_problems(exc: ValidationError, schema: type[BaseModel], data: di
         loc = _clean_loc(schema, tuple(err["loc"]))
         if err["type"] == "min_lr_not_below_lr":
             loc = (*loc, *err["ctx"]["key"].split("."))
+        elif err["type"] == "missing" and loc and loc[-1].isdigit():
+            loc = loc[:-1]  # a list too short for a tuple field: the field is wrong, not an item
         grouped.setdefault(loc, []).append(err)
     problems = []
     for loc, errs in grouped.items():
@@ -560,12 +592,13 @@ def _validation_problems(exc: ValidationError, schema: type[BaseModel], data: di
         custom = [e["msg"] for e in errs if e["type"] == "min_lr_not_below_lr"]
         if custom:
             message = custom[0]
-        elif "missing" in types_:
+        elif "missing" in types_ and value is _MISSING:
             message = "required key is missing; add it" + (f" ({expected})" if expected else "")
         elif expected is not None:
             message = f"got {value!r}; expected {expected}"
             if isinstance(value, bool) and "true" not in expected:
-                message += " (YAML reads yes/no/on/off/true/false as booleans: quote the value if you meant text)"
+                message += (" (YAML reads yes/no/on/off/true/false as booleans: quote the value if you meant text)"
+                            if "a string" in expected else " (a boolean is not a number)")
         else:
             message = "; ".join(dict.fromkeys(e["msg"] for e in errs)) + \
                 ("" if value is _MISSING else f" (got {value!r})")
@@ -866,7 +899,8 @@ class Finding:
     advice: str
 
     def __str__(self) -> str:
-        return f"{self.severity.upper()} {self.key}: {self.message}. {self.advice}"
+        stop = "" if self.message.endswith((".", "?", "!")) else "."
+        return f"{self.severity.upper()} {self.key}: {self.message}{stop} {self.advice}"
 
 
 def _extra(section: BaseModel, key: str) -> Any:
@@ -1002,7 +1036,7 @@ def check_config(
                                     offload=t.deepspeed.enabled and t.deepspeed.offload)
         if est.total_bytes > budget:
             findings.append(Finding("error" if est.total_bytes > budget_gib * 2**30 else "warning", "model",
-                                    f"model states need {est} , over half of {budget_gib:.0f} GiB{assumed}",
+                                    f"model states need {est}, over half of {budget_gib:.0f} GiB{assumed}",
                                     _stage_that_fits(model, cfg, world_size, budget)))
     else:
         dims, blocks = _extra(cfg.model, "feature_dims"), _extra(cfg.model, "num_blocks")
@@ -1130,7 +1164,7 @@ def dump_config(cfg: BaseModel, path: str | os.PathLike[str]) -> Path | None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     text = ("# Resolved config (every key, defaults included), written by ratlib.dump_config.\n"
-            + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            + yaml.dump(cfg.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False))
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

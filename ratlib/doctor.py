@@ -1,104 +1,394 @@
 """Preflight checks (``ratlib doctor PATH...``): configs, their data paths, package layout, environment.
 
-Each finding has a severity; errors make the command exit 1 (warnings too with ``--strict``).
+For each YAML config (a folder is searched): load and validate it, then ``check_config``. For each
+folder of Python modules under a folder given: a missing ``__init__.py`` where the modules are used
+as a package. Then a short environment summary. Errors make the command exit 1 (warnings too with
+``--strict``). ``--fix`` appends missing config sections with their defaults (comments and key order
+kept, a ``.bak`` written first) and creates missing ``__init__.py`` files.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
+import importlib
 import json
 import os
-from dataclasses import asdict
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from ratlib.config_defaults import ConfigError, ExperimentConfig, Finding, check_config, load_config
+import yaml
+from pydantic import BaseModel
 
-__all__ = ["cli_main", "diagnose", "missing_init_files"]
+from ratlib.config_defaults import (
+    ConfigError,
+    ExperimentConfig,
+    Finding,
+    _Dumper,
+    _key_lines,
+    check_config,
+    load_config,
+)
 
-_SKIP = {".git", ".venv", "venv", "__pycache__", "node_modules", ".tox", "build", "dist", ".tools", "site-packages"}
+__all__ = ["Report", "Reported", "cli_main", "diagnose", "missing_init_files"]
+
+_SKIP = {".git", ".venv", "venv", "env", "__pycache__", "node_modules", ".tox", ".nox", "build", "dist",
+         "site-packages", ".eggs"}
 _CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
-def missing_init_files(root: Path) -> list[Path]:
-    """Folders of Python files that look like packages but lack ``__init__.py``: inside a package
-    (the parent has one), or using relative imports (``from . import x``)."""
-    found: list[Path] = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP and not d.startswith("."))
-        here = Path(folder)
-        py = [f for f in files if f.endswith(".py")]
-        if not py or "__init__.py" in files or here == root and not (here.parent / "__init__.py").exists():
-            continue
-        in_package = (here.parent / "__init__.py").exists()
-        relative = any(_has_relative_import(here / f) for f in py)
-        if in_package or relative:
-            found.append(here)
-    return found
+@dataclass(frozen=True)
+class Reported:
+    """A finding with the file (and line, when known) it is about."""
+
+    path: str
+    line: int | None
+    finding: Finding
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        return f"{where}: {self.finding}"
 
 
-def _has_relative_import(path: Path) -> bool:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return any(line.lstrip().startswith("from .") for line in text.splitlines())
+@dataclass
+class Report:
+    """What ``diagnose`` found, changed (with ``fix``) and saw of the environment."""
+
+    findings: list[Reported] = field(default_factory=list)
+    configs: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def count(self, severity: str) -> int:
+        return sum(r.finding.severity == severity for r in self.findings)
+
+    def add(self, path: Path | str, severity: str, key: str, message: str, advice: str,
+            line: int | None = None) -> None:
+        self.findings.append(Reported(str(path), line, Finding(severity, key, message, advice)))  # type: ignore[arg-type]
 
 
-def _check_coco(cfg: ExperimentConfig) -> list[Finding]:
-    data = cfg.data
-    extra = data.model_extra or {}
-    if data.root is None or not any(k in extra for k in ("train_split", "val_split")):
-        return []
-    from ratlib.coco_paths import CocoPathError, resolve_coco
+# ----------------------------------------------------------------------------------------------
+# Package layout
 
+
+def _walk(root: Path) -> list[tuple[Path, list[str]]]:
+    """(folder, file names) under root, skipping hidden folders, virtual environments and build output."""
     out = []
-    for key in ("train_split", "val_split"):
-        if key in extra:
-            try:
-                resolve_coco(data.root, str(extra[key]))
-            except (CocoPathError, ValueError) as exc:
-                out.append(Finding("error", f"data.{key}", str(exc).splitlines()[0], "see `ratlib coco ROOT SPLIT`"))
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP and not d.startswith(".")
+                         and not (Path(folder, d) / "pyvenv.cfg").exists())
+        out.append((Path(folder), sorted(files)))
     return out
 
 
-def diagnose(paths: list[str]) -> list[tuple[str, Finding]]:
-    """Findings for every config file and folder in ``paths``, each with the file it is about."""
-    results: list[tuple[str, Finding]] = []
+def _imports(path: Path) -> tuple[list[tuple[str, int]], bool, str | None]:
+    """(absolute module names imported with their lines, uses relative imports, syntax error or None)."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"), filename=str(path))
+    except SyntaxError as exc:
+        return [], False, f"line {exc.lineno}: {exc.msg}"
+    names: list[tuple[str, int]] = []
+    relative = False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                relative = True
+            elif node.module:
+                names.append((node.module, node.lineno))
+                names += [(f"{node.module}.{alias.name}", node.lineno) for alias in node.names]
+    return names, relative, None
+
+
+def missing_init_files(root: Path) -> list[tuple[Path, str, str]]:
+    """Folders of Python modules used as a package but lacking ``__init__.py``, as
+    ``(folder, severity, why)``: inside a package (the parent has one) or holding modules with
+    relative imports (errors: ``setuptools.find_packages`` leaves them out, ``from . import`` fails
+    when run as a script); or imported by dotted name from another file (a warning: it works only
+    as an implicit namespace package, which packaging tools and type checkers skip)."""
+    root = Path(root)
+    tree = _walk(root)
+    modules = {folder: [f for f in files if f.endswith(".py")] for folder, files in tree}
+    has_init = {folder for folder, files in tree if "__init__.py" in files}
+    found: dict[Path, tuple[str, str]] = {}
+    for folder, py in modules.items():
+        if not py or folder in has_init or folder == root:
+            continue
+        if folder.parent in has_init:
+            found[folder] = ("error", f"it sits inside the package {folder.parent.name!r}")
+            continue
+        relative = [f for f in py if _imports(folder / f)[1]]
+        if relative:
+            found[folder] = ("error", f"{relative[0]} uses a relative import ('from . import ...')")
+    for folder, py in modules.items():
+        for name in py:
+            imported, _, _ = _imports(folder / name)
+            for module, line in imported:
+                parts = module.split(".")
+                for base in [folder, *folder.parents]:
+                    for depth in range(1, len(parts)):
+                        candidate = base.joinpath(*parts[:depth])
+                        if candidate in modules and candidate not in has_init and candidate not in found \
+                                and (candidate.joinpath(*parts[depth:depth + 1]).with_suffix(".py").exists()
+                                     or candidate.joinpath(parts[depth]).is_dir()):
+                            rel = (folder / name).relative_to(root)
+                            found[candidate] = ("warning", f"{rel} line {line} imports it as "
+                                                           f"{'.'.join(parts[:depth + 1])!r}")
+                    if base == root:
+                        break
+    return sorted((folder, sev, why) for folder, (sev, why) in found.items())
+
+
+def _syntax_errors(root: Path, report: Report) -> None:
+    for folder, files in _walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                error = _imports(folder / name)[2]
+                if error:
+                    report.add(folder / name, "warning", "python", f"cannot be parsed ({error})",
+                               "fix the syntax; the package checks skipped this file")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+def _looks_like_config(path: Path, schema: type[BaseModel]) -> bool:
+    """A YAML file whose top level has a key of the schema (or one close to it): CI files,
+    docker-compose and the like are left alone when a folder is searched."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return True  # broken YAML: let load_config report where
+    if not isinstance(data, dict):
+        return False
+    known = list(schema.model_fields)
+    return any(str(k) in known or difflib.get_close_matches(str(k), known, n=1, cutoff=0.75) for k in data)
+
+
+def _find_configs(path: Path, schema: type[BaseModel], report: Report) -> list[Path]:
+    if path.is_file():
+        return [path]
+    found = []
+    for folder, files in _walk(path):
+        for name in files:
+            if name.endswith(_CONFIG_SUFFIXES) and not name.endswith(".bak"):
+                candidate = folder / name
+                if _looks_like_config(candidate, schema):
+                    found.append(candidate)
+                else:
+                    report.skipped.append(str(candidate))
+    return found
+
+
+def _indent(text: str) -> int:
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        if stripped and not stripped.startswith("#") and line != stripped:
+            return len(line) - len(stripped)
+    return 2
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fix_config(path: Path, schema: type[BaseModel] = ExperimentConfig) -> list[str]:
+    """Append the schema's missing sections (those with keys) with their defaults to a YAML config,
+    keeping everything already there, comments and key order included; ``PATH.bak`` first. The
+    result must load to the same config as before, or the file is restored. Returns what changed."""
+    text = path.read_text(encoding="utf-8")
+    root = yaml.compose(text)
+    if root is not None and (not isinstance(root, yaml.MappingNode) or root.flow_style):
+        raise ConfigError(f"{path}: the top level is not a block mapping; --fix only appends sections to "
+                          "block-style configs ('training:' on its own line)")
+    data = yaml.safe_load(text) or {}
+    missing = [name for name, info in schema.model_fields.items()
+               if name not in data and isinstance(info.default, BaseModel) and type(info.default).model_fields]
+    if not missing:
+        return []
+    before = load_config(path, schema=schema)
+    indent = _indent(text)
+    block = yaml.dump({name: schema.model_fields[name].default.model_dump(mode="json") for name in missing},
+                      Dumper=_Dumper, sort_keys=False, indent=indent)
+    new = text + ("" if text.endswith("\n") or not text else "\n") + \
+        f"\n# Added by `ratlib doctor --fix`: the defaults of {', '.join(missing)}.\n" + block
+    backup = path.with_name(path.name + ".bak")
+    shutil.copy2(path, backup)
+    _write_atomic(path, new)
+    try:
+        after = load_config(path, schema=schema)
+    except ConfigError:
+        shutil.copy2(backup, path)
+        raise
+    if after != before:
+        shutil.copy2(backup, path)
+        raise ConfigError(f"{path}: --fix would change the loaded config; the file was restored from {backup}")
+    return [f"{path}: added section(s) {', '.join(missing)} with their defaults (backup: {backup})"]
+
+
+def _check_one(path: Path, report: Report, schema: type[BaseModel], world_size: int,
+               device: str | None, memory: float | None) -> None:
+    report.configs.append(str(path))
+    try:
+        lines = _key_lines(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        lines = {}
+    try:
+        cfg = load_config(path, schema=schema)
+    except ConfigError as exc:
+        if not exc.problems:  # the file itself: missing, unreadable, not YAML
+            report.add(path, "error", "config", str(exc), "fix the file; see the position above")
+        for key, message in exc.problems:
+            report.add(path, "error", key, message, "fix or delete the key (deleted keys take their defaults)",
+                       lines.get(tuple(key.split("."))))
+        return
+    for finding in check_config(cfg, world_size, device=device, device_memory_gib=memory):  # type: ignore[arg-type]
+        report.findings.append(Reported(str(path), lines.get(tuple(finding.key.split("."))), finding))
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _environment(report: Report, device: str | None) -> None:
+    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                           "packages": {n: _version(n) for n in ("torch", "torchvision", "deepspeed", "pycocotools",
+                                                                 "pydantic", "PyYAML")}}
+    torch = sys.modules.get("torch")  # imported by device detection; never imported just for this
+    if torch is not None:
+        env["cuda_available"] = torch.cuda.is_available()
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    from ratlib.dist_init import DistInitError, detect_launch_env
+
+    try:
+        launch = detect_launch_env()
+        env["launcher"] = {"name": launch.launcher, "rank": launch.rank, "world_size": launch.world_size}
+    except DistInitError as exc:
+        env["launcher"] = {"error": str(exc).splitlines()[0]}
+        report.add("environment", "error", "launcher", str(exc).splitlines()[0],
+                   "fix or unset the launcher variables it names (see `ratlib env`)")
+    if env["packages"]["torch"] is None:
+        report.add("environment", "error", "torch", "torch is not installed", "install PyTorch for your CUDA version")
+    env["device"] = device or "auto"
+    report.environment = env
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _load_schema(spec: str | None) -> type[BaseModel]:
+    if not spec:
+        return ExperimentConfig
+    module_name, _, attr = spec.partition(":")
+    sys.path.insert(0, os.getcwd())
+    try:
+        schema = getattr(importlib.import_module(module_name), attr or "")
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--schema {spec!r}: cannot load it ({type(exc).__name__}: {exc}); expected "
+                          "MODULE:CLASS with MODULE importable from the current folder, e.g. myproj.config:SegConfig") \
+            from None
+    finally:
+        sys.path.remove(os.getcwd())
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        raise ConfigError(f"--schema {spec!r} is {schema!r}, not a pydantic model class (an ExperimentConfig subclass)")
+    return schema
+
+
+def diagnose(paths: list[str], *, world_size: int = 1, device: str | None = None,
+             device_memory_gib: float | None = None, schema: type[BaseModel] = ExperimentConfig,
+             fix: bool = False) -> Report:
+    """Check every config file and folder in ``paths``; with ``fix``, repair what can be repaired
+    first (missing sections, missing ``__init__.py``) and report the state after it."""
+    report = Report()
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            results.append((raw, Finding("error", "path", f"{raw!r} does not exist", "check the path")))
+            report.add(raw, "error", "path", "does not exist", "check the path (relative to the current folder)")
             continue
-        configs = [path] if path.is_file() else sorted(
-            p for p in path.rglob("*") if p.suffix in _CONFIG_SUFFIXES and not (set(p.parts) & _SKIP))
+        configs = _find_configs(path, schema, report)
+        if fix:
+            for config in configs:
+                try:
+                    report.changes += fix_config(config, schema)
+                except (ConfigError, yaml.YAMLError) as exc:  # nothing was written; the check below says more
+                    report.add(config, "info", "--fix", f"not fixed: {str(exc).splitlines()[0]}",
+                               "fix the errors reported for this file, then run --fix again")
         if path.is_dir():
-            for folder in missing_init_files(path):
-                results.append((str(folder), Finding("error", "__init__.py", f"{folder} holds Python modules of a "
-                                                     "package but no __init__.py",
-                                                     f"create {folder / '__init__.py'} (an empty file is enough)")))
+            for folder, severity, why in missing_init_files(path):
+                if fix:
+                    (folder / "__init__.py").touch()
+                    report.changes.append(f"{folder}: created __init__.py ({why})")
+                    continue
+                report.add(folder, severity, "__init__.py", f"Python modules used as a package ({why}) but no "
+                           "__init__.py", f"create {folder / '__init__.py'} (empty is enough), or run with --fix")
+            _syntax_errors(path, report)
         for config in configs:
-            if config.suffix not in _CONFIG_SUFFIXES:
-                results.append((str(config), Finding("warning", "path", "not a YAML config", "pass .yaml files")))
-                continue
-            try:
-                cfg = load_config(config)
-            except ConfigError as exc:
-                results.append((str(config), Finding("error", "config", str(exc), "fix the keys named above")))
-                continue
-            results += [(str(config), f) for f in check_config(cfg) + _check_coco(cfg)]
-    return results
+            _check_one(config, report, schema, world_size, device, device_memory_gib)
+    _environment(report, device)
+    return report
+
+
+def _print(report: Report) -> None:
+    for change in report.changes:
+        print(f"fixed: {change}")
+    for reported in report.findings:
+        print(reported)
+    env = report.environment
+    packages = ", ".join(f"{k} {v or 'not installed'}" for k, v in env["packages"].items())
+    gpus = f", GPUs: {', '.join(env['gpus']) or 'none'}" if "gpus" in env else ""
+    launcher = env["launcher"]
+    where = launcher.get("error") or f"{launcher['name']} (rank {launcher['rank']} of {launcher['world_size']})"
+    print(f"environment: python {env['python']}, {packages}{gpus}; launcher: {where}")
+    print(f"checked {len(report.configs)} config(s)"
+          + (f", skipped {len(report.skipped)} other YAML file(s)" if report.skipped else "")
+          + f": {report.count('error')} error(s), {report.count('warning')} warning(s), {report.count('info')} info")
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """``ratlib doctor``: print findings; exit 1 on errors (and on warnings with ``--strict``)."""
-    results = diagnose(list(args.paths))
-    errors = sum(f.severity == "error" for _, f in results)
-    warnings = sum(f.severity == "warning" for _, f in results)
+    """``ratlib doctor``: print findings; exit 1 on errors (and on warnings with ``--strict``), 2 on bad arguments."""
+    device = None if getattr(args, "device", "auto") == "auto" else args.device
+    try:
+        schema = _load_schema(getattr(args, "schema", None))
+    except ConfigError as exc:
+        print(f"ratlib doctor: {exc}", file=sys.stderr)
+        return 2
+    report = diagnose(list(args.paths), world_size=getattr(args, "world_size", 1), device=device,
+                      device_memory_gib=getattr(args, "gpu_memory", None), schema=schema,
+                      fix=getattr(args, "fix", False))
+    errors, warnings = report.count("error"), report.count("warning")
     if args.json:
-        print(json.dumps({"errors": errors, "warnings": warnings,
-                          "findings": [{"path": p, **asdict(f)} for p, f in results]}, indent=2))
+        print(json.dumps({
+            "errors": errors, "warnings": warnings,
+            "findings": [{"path": r.path, "line": r.line, **asdict(r.finding)} for r in report.findings],
+            "configs": report.configs, "skipped": report.skipped, "changes": report.changes,
+            "environment": report.environment}, indent=2))
     else:
-        for path, finding in results:
-            print(f"{path}: {finding}")
-        print(f"{errors} error(s), {warnings} warning(s)")
+        _print(report)
     return 1 if errors or (args.strict and warnings) else 0

@@ -1,64 +1,160 @@
-"""`ratlib doctor`: configs, data paths, package layout; exit codes and JSON."""
+"""`ratlib doctor`: configs, data paths, package layout, environment; exit codes, JSON and --fix."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from ratlib.doctor import missing_init_files
+import pytest
+
+from ratlib.config_defaults import load_config
+from ratlib.doctor import diagnose, missing_init_files
 from ratlib.synthetic import make_coco_detection
 
+BAD = "# ablation: lr sweep\ntraining:\n  optimizer:\n    lr: 1e-4\n    weigth_decay: 0.1\n"
+BIG = ("model:\n  feature_dims: 1024  # wide\n  num_blocks: 12\ntraining:\n  batch_size: 80\n"
+       "  mixed_precision: false\ndata:\n  root: /no/such/data\n")
+NO_TRAINING = "# keep this comment\nmodel:\n  name: unet   # and this one\n  feature_dims: [16, 32]\noutput_dir: runs/x\n"
 
-def _doctor(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ratlib", "doctor", *args], capture_output=True, text=True)
+
+def _doctor(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ratlib", "doctor", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env)
 
 
-def test_project_with_problems(tmp_path: Path) -> None:
-    (tmp_path / "experiments" / "ablation").mkdir(parents=True)
-    (tmp_path / "experiments" / "__init__.py").write_text("")
-    (tmp_path / "experiments" / "ablation" / "run.py").write_text("x = 1\n")  # package folder without __init__
-    (tmp_path / "tools").mkdir()
-    (tmp_path / "tools" / "a.py").write_text("from . import b\n")  # relative import: meant as a package
-    (tmp_path / "scripts").mkdir()
-    (tmp_path / "scripts" / "plain.py").write_text("print(1)\n")  # a plain script folder: fine
-    (tmp_path / "bad.yaml").write_text("training:\n  optimizer:\n    lr: 1e-4\n    weigth_decay: 0.1\n")
-    (tmp_path / "big.yaml").write_text("training:\n  batch_size: 80\nmodel:\n  feature_dims: 1024\n  num_blocks: 12\n"
-                                       "data:\n  root: /no/such/data\n")
-    out = _doctor(str(tmp_path), "--json")
+def _project(root: Path) -> Path:
+    """A small project with every problem the doctor looks for, and things it must leave alone."""
+    (root / "experiments" / "ablation").mkdir(parents=True)
+    (root / "experiments" / "__init__.py").write_text("")
+    (root / "experiments" / "ablation" / "run.py").write_text("x = 1\n")  # in a package, no __init__
+    (root / "tools").mkdir()
+    (root / "tools" / "a.py").write_text("from . import b\n")  # relative import: meant as a package
+    (root / "lib" / "core").mkdir(parents=True)
+    (root / "lib" / "core" / "util.py").write_text("")
+    (root / "train.py").write_text("import os\nfrom lib.core import util\n")  # namespace package import
+    (root / "scripts").mkdir()
+    (root / "scripts" / "plain.py").write_text("import helper\n")  # a plain script folder: fine
+    (root / "scripts" / "helper.py").write_text("")
+    (root / ".venv" / "lib").mkdir(parents=True)
+    (root / ".venv" / "lib" / "x.py").write_text("from . import y\n")  # ignored
+    (root / ".github" / "workflows").mkdir(parents=True)
+    (root / ".github" / "workflows" / "ci.yml").write_text("on: push\n")  # hidden: ignored
+    (root / "mkdocs.yml").write_text("site_name: x\n")  # YAML, but not a ratlib config: skipped
+    (root / "configs").mkdir()
+    (root / "configs" / "bad.yaml").write_text(BAD)
+    (root / "configs" / "big.yaml").write_text(BIG)
+    (root / "configs" / "no_training.yaml").write_text(NO_TRAINING)
+    return root
+
+
+def test_fixture_project_findings_lines_and_exit_code(tmp_path: Path) -> None:
+    root = _project(tmp_path / "proj")
+    out = _doctor(".", "--json", "--device", "cpu", cwd=root)
     assert out.returncode == 1, out.stderr
     report = json.loads(out.stdout)
-    by_key = {(Path(f["path"]).name, f["key"], f["severity"]) for f in report["findings"]}
-    assert ("ablation", "__init__.py", "error") in by_key and ("tools", "__init__.py", "error") in by_key
-    assert not any(p == "scripts" for p, _, _ in by_key)
-    assert ("bad.yaml", "config", "error") in by_key
-    assert ("big.yaml", "training.batch_size", "warning") in by_key and ("big.yaml", "model", "warning") in by_key
-    assert ("big.yaml", "data.root", "error") in by_key
-    text = _doctor(str(tmp_path / "bad.yaml")).stdout
-    assert "did you mean 'training.optimizer.weight_decay'" in text and "1 error(s)" in text
+    found = {(f["path"], f["line"], f["key"], f["severity"]) for f in report["findings"] if f["severity"] != "info"}
+    assert found == {
+        ("experiments/ablation", None, "__init__.py", "error"),
+        ("tools", None, "__init__.py", "error"),
+        ("lib", None, "__init__.py", "warning"),
+        ("lib/core", None, "__init__.py", "warning"),
+        ("configs/bad.yaml", 5, "training.optimizer.weigth_decay", "error"),
+        ("configs/big.yaml", 5, "training.batch_size", "warning"),
+        ("configs/big.yaml", 1, "model", "warning"),
+        ("configs/big.yaml", 8, "data.root", "error"),
+    }
+    assert (report["errors"], report["warnings"]) == (4, 4)
+    assert sorted(report["configs"]) == ["configs/bad.yaml", "configs/big.yaml", "configs/no_training.yaml"]
+    assert report["skipped"] == ["mkdocs.yml"]
+    why = {f["path"]: f["message"] for f in report["findings"] if f["key"] == "__init__.py"}
+    assert "train.py line 2 imports it as 'lib.core'" in why["lib"] and "relative import" in why["tools"]
+    assert report["environment"]["packages"]["pydantic"] and report["environment"]["launcher"]["name"] == "single"
 
 
-def test_clean_config_passes_and_strict_fails_on_warnings(tmp_path: Path) -> None:
+def test_text_report_and_strict(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    out = _doctor(str(bad), "--device", "cpu")
+    assert out.returncode == 1
+    assert (f"{bad}:5: ERROR training.optimizer.weigth_decay: unknown key; did you mean "
+            "'training.optimizer.weight_decay'? fix or delete the key") in out.stdout
+    assert "checked 1 config(s): 1 error(s), 0 warning(s)" in out.stdout and "environment: python" in out.stdout
     ok = tmp_path / "ok.yaml"
     ok.write_text("training:\n  batch_size: 8\n  mixed_precision: false\n")
-    assert _doctor(str(ok)).returncode == 0
+    assert _doctor(str(ok), "--device", "cpu").returncode == 0
     warn = tmp_path / "warn.yaml"
     warn.write_text("training:\n  batch_size: 96\n  mixed_precision: false\n")
-    assert _doctor(str(warn)).returncode == 0
-    assert _doctor(str(warn), "--strict").returncode == 1
-    assert _doctor(str(tmp_path / "missing.yaml")).returncode == 1
+    assert _doctor(str(warn), "--device", "cpu").returncode == 0
+    assert _doctor(str(warn), "--device", "cpu", "--strict").returncode == 1
+    missing = _doctor(str(tmp_path / "missing.yaml"), "--device", "cpu")
+    assert missing.returncode == 1 and "missing.yaml: ERROR path: does not exist" in missing.stdout
 
 
-def test_coco_data_paths_are_resolved(tmp_path: Path) -> None:
+def test_fix_appends_sections_keeps_comments_and_creates_init_files(tmp_path: Path) -> None:
+    root = _project(tmp_path / "proj")
+    original = (root / "configs" / "no_training.yaml").read_text()
+    out = _doctor(".", "--fix", "--device", "cpu", cwd=root)
+    assert "fixed: configs/no_training.yaml: added section(s) training, distributed, data" in out.stdout
+    fixed = (root / "configs" / "no_training.yaml").read_text()
+    assert fixed.startswith(original)  # comments, order and values kept: only appended
+    assert "# keep this comment" in fixed and "# and this one" in fixed and "\ntraining:\n  num_epochs: 10\n" in fixed
+    assert (root / "configs" / "no_training.yaml.bak").read_text() == original
+    assert load_config(root / "configs" / "no_training.yaml") == load_config({"model": {
+        "name": "unet", "feature_dims": [16, 32]}, "output_dir": "runs/x"})
+    for folder in ("experiments/ablation", "tools", "lib", "lib/core"):
+        assert (root / folder / "__init__.py").exists()
+    assert not (root / "scripts" / "__init__.py").exists() and not (root / ".venv" / "lib" / "__init__.py").exists()
+    assert (root / "configs" / "bad.yaml").read_text() == BAD  # broken: left alone, and said so
+    assert "configs/bad.yaml: INFO --fix: not fixed" in out.stdout
+    again = _doctor(".", "--fix", "--json", "--device", "cpu", cwd=root)
+    report = json.loads(again.stdout)
+    assert [c for c in report["changes"] if "bad.yaml" not in c] == []
+    assert {f["path"] for f in report["findings"] if f["severity"] == "error"} == {"configs/bad.yaml",
+                                                                                   "configs/big.yaml"}
+
+
+def test_coco_splits_world_size_and_yaml_errors(tmp_path: Path) -> None:
     make_coco_detection(tmp_path / "coco", "val2017", num_images=2)
-    cfg = tmp_path / "det.yaml"
-    cfg.write_text(f"training:\n  mixed_precision: false\ndata:\n  root: {tmp_path / 'coco'}\n"
+    det = tmp_path / "det.yaml"
+    det.write_text(f"training:\n  mixed_precision: false\ndata:\n  root: {tmp_path / 'coco'}\n"
                    "  train_split: train2017\n  val_split: val\n")
-    out = _doctor(str(cfg), "--json")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training:\n  batch_size: [1\n")
+    out = _doctor(str(det), str(broken), "--json", "--device", "cpu", "--world-size", "8")
     findings = json.loads(out.stdout)["findings"]
     assert out.returncode == 1
-    assert [f["key"] for f in findings if f["severity"] == "error"] == ["data.train_split"]
+    errors = [(Path(f["path"]).name, f["line"], f["key"]) for f in findings if f["severity"] == "error"]
+    assert errors == [("det.yaml", 5, "data.train_split"), ("broken.yaml", None, "config")]
+    assert f"{broken}:3:1: invalid YAML" in findings[-1]["message"]
+    assert "global batch 384 = 48 per device x 1 accumulation x 8 rank(s)" in [
+        f["message"] for f in findings if f["key"] == "training.batch_size"]
+
+
+def test_project_schema_and_bad_schema_argument(tmp_path: Path) -> None:
+    (tmp_path / "myproj.py").write_text(
+        "from pydantic import ConfigDict\nfrom ratlib.config_defaults import ExperimentConfig, ModelConfig\n"
+        "class SegModel(ModelConfig):\n    model_config = ConfigDict(extra='forbid')\n    feature_dims: int = 32\n"
+        "class SegConfig(ExperimentConfig):\n    model: SegModel = SegModel()\n")
+    (tmp_path / "seg.yaml").write_text("training:\n  mixed_precision: false\nmodel:\n  feature_dim: 64\n")
+    assert _doctor("seg.yaml", "--device", "cpu", cwd=tmp_path).returncode == 0  # model passes through by default
+    out = _doctor("seg.yaml", "--device", "cpu", "--schema", "myproj:SegConfig", cwd=tmp_path)
+    assert out.returncode == 1 and "seg.yaml:4: ERROR model.feature_dim: unknown key; did you mean " \
+        "'model.feature_dims'?" in out.stdout
+    bad = _doctor("seg.yaml", "--schema", "myproj:Nope", cwd=tmp_path)
+    assert bad.returncode == 2 and "--schema 'myproj:Nope': cannot load it" in bad.stderr
+
+
+def test_launcher_environment_errors_are_reported(tmp_path: Path) -> None:
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("training:\n  mixed_precision: false\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "OMPI_", "PMI_"))}
+    out = _doctor(str(ok), "--json", "--device", "cpu", env={**env, "RANK": "3", "WORLD_SIZE": "2"})
+    report = json.loads(out.stdout)
+    assert out.returncode == 1 and [f["key"] for f in report["findings"] if f["severity"] == "error"] == ["launcher"]
+    assert "error" in report["environment"]["launcher"]
 
 
 def test_missing_init_files_rules(tmp_path: Path) -> None:
@@ -66,6 +162,19 @@ def test_missing_init_files_rules(tmp_path: Path) -> None:
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "sub" / "m.py").write_text("")
-    (tmp_path / ".venv" / "lib").mkdir(parents=True)
-    (tmp_path / ".venv" / "lib" / "x.py").write_text("from . import y")
-    assert missing_init_files(tmp_path) == [pkg / "sub"]
+    (tmp_path / "env1" / "lib").mkdir(parents=True)
+    (tmp_path / "env1" / "pyvenv.cfg").write_text("home = /usr\n")  # a virtual environment by another name
+    (tmp_path / "env1" / "lib" / "x.py").write_text("from . import y")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "s.py").write_text("import os.path\nfrom json import loads\n")
+    assert missing_init_files(tmp_path) == [(pkg / "sub", "error", "it sits inside the package 'pkg'")]
+
+
+def test_diagnose_in_process_detects_the_device(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  batch_size: 8\n")
+    report = diagnose([str(cfg)])
+    assert report.configs == [str(cfg)] and "cuda_available" in report.environment
+    cuda = report.environment["cuda_available"]
+    assert any(r.finding.key == "training.mixed_precision" for r in report.findings) is (not cuda)
