@@ -732,9 +732,9 @@ class MemoryEstimate:
 def count_parameters(model: Any) -> tuple[int, int]:
     """(total parameters, parameters of the largest single module) of a ``torch.nn.Module``.
     Shared parameters count once; works on the meta device (nothing is allocated)."""
-    seen: dict[int, int] = {p_id: p.numel() for p_id, p in ((id(p), p) for p in model.parameters())}
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a shared one once
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-    return sum(seen.values()), largest
+    return total, largest
 
 
 def estimate_model_memory(

@@ -406,6 +406,35 @@ def test_deepspeed_accepts_the_config_when_installed() -> None:
         assert parsed.train_batch_size == 16 and parsed.zero_optimization_stage == stage
 
 
+def _deepspeed_three_steps(stage: int) -> None:
+    """Rank target: deepspeed.initialize with our config on CPU (gloo), three optimizer steps."""
+    import deepspeed
+    import torch
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    cfg = load_config({"training": {"batch_size": 4, "mixed_precision": False,
+                                    "deepspeed": {"enabled": True, "zero_stage": stage}}})
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=to_deepspeed_config(cfg, 2, steps_per_epoch=3, device="cpu"))
+    for _ in range(3):
+        loss = engine(torch.randn(4, 8)).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+    assert engine.global_steps == 3, engine.global_steps
+    print(f"stage {stage}: {engine.global_steps} steps")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_deepspeed_initialize_on_two_cpu_ranks(stage: int, run_on_ranks) -> None:
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed here")
+    run = run_on_ranks(_deepspeed_three_steps, 2, args=(stage,), env={"DS_ACCELERATOR": "cpu"}, timeout=300)
+    assert run.ok, str(run)
+    assert all(f"stage {stage}: 3 steps" in out for out in run.stdouts)
+
+
 # ----------------------------------------------------------------------------------------------
 # dump_config
 
