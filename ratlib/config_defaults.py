@@ -951,7 +951,8 @@ def _data_findings(data: DataConfig) -> list[Finding]:
     for key, value in paths.items():
         resolved = Path(os.path.expandvars(value)).expanduser()
         if not resolved.exists():
-            findings.append(Finding("error", f"data.{key}", f"{value!r} does not exist (resolved to {resolved.absolute()})",
+            findings.append(Finding("error", f"data.{key}",
+                                    f"{value!r} does not exist (resolved to {resolved.absolute()})",
                                     "fix the path" + (", or drop data.root to use the synthetic default"
                                                       if key == "root" else "")))
     extra = data.model_extra or {}
@@ -1054,7 +1055,8 @@ def check_config(
     if device == "cpu":
         if t.mixed_precision:
             findings.append(Finding("info", "training.mixed_precision",
-                                    f"mixed_precision={t.mixed_precision!r} on CPU: autocast there is slow or unsupported",
+                                    f"mixed_precision={t.mixed_precision!r} on CPU: autocast there is slow or "
+                                    "unsupported",
                                     "set training.mixed_precision=false for CPU runs"))
         if t.compile:
             findings.append(Finding("info", "training.compile", "torch.compile on CPU takes long to compile",

@@ -72,7 +72,8 @@ class Report:
 
     def add(self, path: Path | str, severity: str, key: str, message: str, advice: str,
             line: int | None = None) -> None:
-        self.findings.append(Reported(str(path), line, Finding(severity, key, message, advice)))  # type: ignore[arg-type]
+        finding = Finding(severity, key, message, advice)  # type: ignore[arg-type]
+        self.findings.append(Reported(str(path), line, finding))
 
 
 # ----------------------------------------------------------------------------------------------

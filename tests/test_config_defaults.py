@@ -102,8 +102,9 @@ def test_yaml_values_that_must_be_rejected(tmp_path: Path, text: str, key: str, 
     assert path == key and fragment in message
 
 
-def test_unknown_key_names_path_line_value_and_closest(tmp_path: Path) -> None:
-    path = _write(tmp_path, "training:\n  batch_size: 8\n  optimizer:\n    learning_rate: 1e-3\n    weigth_decay: 0.1\n")
+def test_unknown_key_names_path_line_and_closest(tmp_path: Path) -> None:
+    path = _write(tmp_path, "training:\n  batch_size: 8\n  optimizer:\n"
+                            "    learning_rate: 1e-3\n    weigth_decay: 0.1\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
     text = str(info.value)

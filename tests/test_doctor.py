@@ -17,7 +17,8 @@ from ratlib.synthetic import make_coco_detection
 BAD = "# ablation: lr sweep\ntraining:\n  optimizer:\n    lr: 1e-4\n    weigth_decay: 0.1\n"
 BIG = ("model:\n  feature_dims: 1024  # wide\n  num_blocks: 12\ntraining:\n  batch_size: 80\n"
        "  mixed_precision: false\ndata:\n  root: /no/such/data\n")
-NO_TRAINING = "# keep this comment\nmodel:\n  name: unet   # and this one\n  feature_dims: [16, 32]\noutput_dir: runs/x\n"
+NO_TRAINING = ("# keep this comment\nmodel:\n  name: unet   # and this one\n  feature_dims: [16, 32]\n"
+               "output_dir: runs/x\n")
 
 
 def _doctor(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
