@@ -1,8 +1,9 @@
-"""ratlib.coco_paths: properties over spellings and trees, every layout, exact errors, CLI, round trip."""
+"""ratlib.coco_paths: properties over spellings and trees, every layout, exact errors, validation, the CLI."""
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from ratlib.coco_paths import (
     KINDS,
+    SPLITS,
     CocoPathError,
     CocoSplit,
     CocoValidationError,
@@ -25,19 +27,25 @@ from ratlib.coco_paths import (
 from ratlib.synthetic import make_coco_detection
 from ratlib.testing.strategies import coco_split_spellings, coco_trees
 
-FAST = settings(max_examples=200, deadline=None)
+FAST = settings(max_examples=150, deadline=None)
+VALID = {f"{n}{y}" for n, ys in SPLITS.items() for y in ys} | set(SPLITS)
+
+# ---------------------------------------------------------------------------------------------
+# Properties (strategies from ratlib.testing.strategies, the same ones downstream projects use)
 
 
 @FAST
 @given(coco_split_spellings(), st.sampled_from(KINDS))
-def test_year_appears_exactly_once(pair: tuple[str, CocoSplit], kind: str) -> None:
+def test_file_name_has_the_year_exactly_once(pair: tuple[str, CocoSplit], kind: str) -> None:
     spelling, split = pair
     try:
         name = annotation_filename(spelling, kind=kind)
-    except ValueError:
-        return  # e.g. panoptic for minival: refused with a message, never a wrong name
+    except ValueError as exc:  # e.g. panoptic minival: refused with a reason, never a made-up name
+        assert str(split) in str(exc)
+        return
     assert name.count(str(split.year)) == 1, name
-    assert not re.search(r"(\d{4})\1", name)
+    assert not re.search(r"(\d{4})\D*\1", name), name
+    assert name == annotation_filename(split, kind=kind) and name.endswith(f"{split}.json")
 
 
 @FAST
@@ -47,52 +55,115 @@ def test_every_spelling_parses_to_its_split_and_round_trips(pair: tuple[str, Coc
     assert parse_split(spelling) == split
     assert parse_split(str(parse_split(spelling))) == parse_split(spelling)
     assert parse_split(spelling, year=split.year) == split  # the same year twice is fine
+    assert parse_split(split) is split
 
 
-@FAST
-@given(coco_split_spellings(), coco_split_spellings())
-def test_same_split_same_paths(a: tuple[str, CocoSplit], b: tuple[str, CocoSplit]) -> None:
-    if a[1] == b[1]:
-        assert annotation_filename(a[0]) == annotation_filename(b[0])
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_spellings_of_one_split_resolve_to_the_same_paths(tmp_path_factory: pytest.TempPathFactory,
+                                                          data: st.DataObject) -> None:
+    split = data.draw(st.sampled_from([CocoSplit("train", 2017), CocoSplit("val", 2014), CocoSplit("minival", 2014)]))
+    root = _DATASET_ROOTS.get(split) or _make_root(tmp_path_factory, split)
+    a, _ = data.draw(coco_split_spellings(split=split.name, year=split.year))
+    b, _ = data.draw(coco_split_spellings(split=str(split)))
+    assert resolve_coco(root, a) == resolve_coco(root, b) == resolve_coco(root, split.name, year=split.year)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(coco_trees())
-def test_resolve_on_generated_trees(tree) -> None:
+_DATASET_ROOTS: dict[CocoSplit, Path] = {}
+
+
+def _make_root(factory: pytest.TempPathFactory, split: CocoSplit) -> Path:
+    root = factory.mktemp(str(split))
+    for other in {split, *(CocoSplit(split.name, y) for y in SPLITS[split.name])}:  # other years as decoys
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / annotation_filename(other)).write_text("{}")
+        (root / other.image_folder).mkdir(exist_ok=True)
+    _DATASET_ROOTS[split] = root
+    return root
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(coco_trees(), st.booleans())
+def test_resolve_on_generated_trees(tree, auto: bool) -> None:
+    """Existing, expected paths or CocoPathError: never another exception, never a decoy file."""
     try:
-        paths = resolve_coco(tree.root, str(tree.split), layout="auto")
+        paths = resolve_coco(tree.root, str(tree.split), kind=tree.kind, layout="auto" if auto else tree.layout)
     except CocoPathError as exc:
-        assert tree.expected is None, f"should have resolved: {exc}"
-        assert str(tree.root) in str(exc) and ("Paths tried:" in str(exc) or "but no image folder" in str(exc))
+        assert tree.expected is None, f"should have resolved to {tree.expected}: {exc}"
+        assert str(tree.split) in str(exc) and str(tree.root) in str(exc)
         return
-    assert tree.expected is not None, f"resolved {paths} where nothing should"
+    assert paths == tree.expected, f"{paths} != {tree.expected}; tree: {tree.files}"
     assert paths.annotations.is_file() and paths.images.is_dir()
-    assert (paths.annotations, paths.images, paths.split, paths.layout) == (
-        tree.expected.annotations, tree.expected.images, tree.expected.split, tree.expected.layout)
 
 
 @FAST
-@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz_-", min_size=1, max_size=12))
-def test_bad_names_raise_value_error_with_suggestions(name: str) -> None:
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_- ./", min_size=1, max_size=16))
+def test_bad_names_raise_value_error_with_suggestions(text: str) -> None:
     try:
-        parse_split(name)
+        split = parse_split(text)
     except ValueError as exc:
-        assert "closest valid names:" in str(exc) or "only a year" in str(exc) or "names two" in str(exc)
-        assert re.search(r"(train|val|test|minival|unlabeled)\S*", str(exc).split(":")[-1])
+        message = str(exc)
+        assert repr(text) in message or repr(text.strip()) in message or "year" in message
+        assert {w.strip(".,;:()'") for w in message.split()} & VALID, message  # a valid name to try
+        return
+    assert str(split) in VALID
 
 
-@pytest.mark.parametrize("bad,message", [
-    ("train2017", "split 'train2017' says 2017 but year=2014 was given; the years disagree"),
-    ("minival2017", "COCO has no split minival2017 (from 'minival2017'); minival exists as: minival2014"),
-    ("test-dev2014", "COCO has no split test-dev2014"),
-    ("trian", "unknown COCO split 'trian' (read as 'trian'); closest valid names: train"),
-    ("2017", "split '2017' is only a year; name the split too, e.g. train2017, val2017"),
-    ("2014_train2017", "names two different years (2014 and 2017)"),
+@FAST
+@given(coco_split_spellings(), st.integers(1900, 2100))
+def test_a_disagreeing_year_is_refused(pair: tuple[str, CocoSplit], year: int) -> None:
+    spelling, split = pair
+    if year == split.year or not re.search(r"\d{4}", spelling):
+        return
+    with pytest.raises(ValueError, match=f"says {split.year} but year={year} was given; the years disagree"):
+        parse_split(spelling, year=year)
+
+
+# ---------------------------------------------------------------------------------------------
+# parse_split and annotation_filename, by example
+
+
+@pytest.mark.parametrize("spelling,expected", [
+    ("train", "train2017"), ("val", "val2017"), ("test", "test2017"), ("minival", "minival2014"),
+    (" TRAIN_2014 ", "train2014"), ("2017_val", "val2017"), ("instances_val2014.json", "val2014"),
+    ("annotations/person_keypoints_train2017.json", "train2017"), ("image_info_test-dev2017.json", "test-dev2017"),
+    ("testdev2015", "test-dev2015"), ("val_minus_minival_2014", "valminusminival2014"), ("valid", "val2017"),
+    ("export/valid/_annotations.coco.json", "val2017"), ("unlabelled", "unlabeled2017"), ("train/", "train2017"),
 ])
-def test_error_messages(bad: str, message: str) -> None:
+def test_spellings(spelling: str, expected: str) -> None:
+    assert str(parse_split(spelling)) == expected
+
+
+@pytest.mark.parametrize("bad,year,message", [
+    ("train2017", 2014, "split 'train2017' says 2017 but year=2014 was given; the years disagree. "
+                        "Pass split='train' with year=2014, or drop year"),
+    ("minival2017", None, "COCO has no split minival2017 (from 'minival2017'); minival exists as: minival2014. "
+                          "Closest valid names: minival2014"),
+    ("test-dev2014", None, "COCO has no split test-dev2014 (from 'test-dev2014'); test-dev exists as: "
+                           "test-dev2017, test-dev2015."),
+    ("trian", None, "unknown COCO split 'trian'; closest valid names: train, train2017, train2014. Expected a "
+                    "split name (train, val, test, test-dev, unlabeled, minival, valminusminival) with an "
+                    "optional year, e.g. train2017"),
+    ("2017", None, "split '2017' is only a year; name the split too, e.g. train2017, val2017"),
+    ("2014_train2017", None, "split '2014_train2017' names two different years (2014 and 2017); keep one"),
+    ("train", "17", "year='17' is not a year; expected a four-digit year such as 2017 or 2014"),
+    ("_annotations.coco.json", None, "is Roboflow's annotation file name, not a split; pass the folder"),
+])
+def test_parse_errors(bad: str, year: str | int | None, message: str) -> None:
     with pytest.raises(ValueError) as info:
-        parse_split(bad, year=2014 if bad == "train2017" else None)
+        parse_split(bad, year=year)
     assert message in str(info.value)
+
+
+def test_coco_split_is_checked_and_canonical() -> None:
+    assert str(CocoSplit("test-dev", 2015)) == "test-dev2015" and CocoSplit("minival", 2014).image_folder == "val2014"
+    assert CocoSplit("test-dev", 2017).image_folder == "test2017" and CocoSplit("test", 2017).is_test
+    with pytest.raises(ValueError, match="COCO has no split minival2017; minival exists as: minival2014"):
+        CocoSplit("minival", 2017)
+    with pytest.raises(ValueError, match="Use parse_split"):
+        CocoSplit("Train", 2017)
+    with pytest.raises(TypeError, match="split must be a str or CocoSplit, got int"):
+        parse_split(2017)  # type: ignore[arg-type]
 
 
 def test_annotation_filenames() -> None:
@@ -101,116 +172,256 @@ def test_annotation_filenames() -> None:
     assert annotation_filename("val2017", kind="captions") == "captions_val2017.json"
     assert annotation_filename("train", kind="panoptic") == "panoptic_train2017.json"
     assert annotation_filename("test") == "image_info_test2017.json"
-    assert annotation_filename("test-dev2017") == "image_info_test-dev2017.json"
+    assert annotation_filename("test-dev2017", kind="image_info") == "image_info_test-dev2017.json"
+    assert annotation_filename("unlabeled") == "image_info_unlabeled2017.json"
     assert annotation_filename("minival") == "instances_minival2014.json"
-    with pytest.raises(ValueError, match="did you mean 'instances'"):
-        annotation_filename("train", kind="instance")
-    with pytest.raises(ValueError, match="only have image_info"):
-        annotation_filename("test2017", kind="captions")
+    for kind, bad, message in [("instance", "train", "annotation kind 'instance' is unknown (did you mean 'instances'?)"),
+                               ("captions", "test2017", "test2017 has no captions annotations (test and unlabeled "
+                                                        "splits only have image_info_test2017.json)"),
+                               ("panoptic", "val2014", "panoptic annotations exist for train2017 and val2017 only"),
+                               ("image_info", "val", "val2017 has no image_info file")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            annotation_filename(bad, kind=kind)
 
 
-@pytest.mark.parametrize("layout", ["coco", "roboflow", "detectron2"])
-def test_each_layout_round_trip_with_pycocotools(tmp_path: Path, layout: str) -> None:
-    from pycocotools.coco import COCO
+# ---------------------------------------------------------------------------------------------
+# resolve_coco on every layout
 
-    written = make_coco_detection(tmp_path, "val2017", num_images=6, layout=layout, seed=3)
-    root = tmp_path
-    paths = resolve_coco(root, "val", layout="auto")
-    assert paths.layout == layout and paths.annotations == written.annotations and paths.images == written.images
-    coco = COCO(str(paths.annotations))
-    data = json.loads(paths.annotations.read_text())
-    assert len(coco.getImgIds()) == len(data["images"]) == 6
-    assert len(coco.getAnnIds()) == len(data["annotations"]) > 0
-    assert validate_annotations(paths.annotations, paths.images).ok
+
+def _touch(root: Path, *files: str) -> Path:
+    for rel in files:
+        path = root / rel
+        if rel.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text('{"images": [], "annotations": [], "categories": []}')
+    return root
+
+
+@pytest.mark.parametrize("layout,files,split,kind,annotations,images", [
+    ("coco", ["annotations/instances_train2017.json", "train2017/"], "train", "instances",
+     "annotations/instances_train2017.json", "train2017"),
+    ("coco", ["annotations/instances_val2014.json", "images/val2014/"], "val2014", "instances",
+     "annotations/instances_val2014.json", "images/val2014"),
+    ("coco", ["annotations/person_keypoints_minival2014.json", "val2014/"], "minival", "person_keypoints",
+     "annotations/person_keypoints_minival2014.json", "val2014"),
+    ("coco", ["annotations/image_info_test-dev2017.json", "test2017/"], "test-dev", "instances",
+     "annotations/image_info_test-dev2017.json", "test2017"),
+    ("roboflow", ["train/_annotations.coco.json", "valid/_annotations.coco.json"], "val", "instances",
+     "valid/_annotations.coco.json", "valid"),
+    ("roboflow", ["val/_annotations.coco.json"], "val2017", "instances", "val/_annotations.coco.json", "val"),
+    ("detectron2", ["coco/annotations/instances_val2017.json", "coco/val2017/"], "val", "instances",
+     "coco/annotations/instances_val2017.json", "coco/val2017"),
+])
+def test_layouts(tmp_path: Path, layout: str, files: list[str], split: str, kind: str, annotations: str,
+                 images: str) -> None:
+    _touch(tmp_path, *files)
+    for asked in ("auto", layout):
+        paths = resolve_coco(tmp_path, split, kind=kind, layout=asked)
+        assert (paths.annotations, paths.images, paths.layout) == (tmp_path / annotations, tmp_path / images, layout)
+
+
+def test_auto_prefers_coco_then_roboflow_then_detectron2(tmp_path: Path) -> None:
+    _touch(tmp_path, "coco/annotations/instances_train2017.json", "coco/train2017/")
+    assert resolve_coco(tmp_path, "train").layout == "detectron2"
+    _touch(tmp_path, "train/_annotations.coco.json")
+    assert resolve_coco(tmp_path, "train").layout == "roboflow"
+    _touch(tmp_path, "annotations/instances_train2017.json", "train2017/")
+    assert resolve_coco(tmp_path, "train").layout == "coco"
+    assert resolve_coco(tmp_path, "train", layout="detectron2").layout == "detectron2"
 
 
 def test_explicit_paths_win_and_are_checked(tmp_path: Path) -> None:
-    written = make_coco_detection(tmp_path / "elsewhere", "train2017", num_images=2)
-    paths = resolve_coco(tmp_path, "train", annotations=written.annotations, images=written.images)
-    assert paths.layout == "explicit" and paths.annotations == written.annotations
-    with pytest.raises(CocoPathError, match="annotations=.*given explicitly does not exist"):
-        resolve_coco(tmp_path, "train", annotations=tmp_path / "nope.json", images=written.images)
+    _touch(tmp_path, "annotations/instances_train2017.json", "train2017/", "mine/labels.json", "mine/pics/")
+    paths = resolve_coco(tmp_path, "train", annotations=tmp_path / "mine/labels.json", images=tmp_path / "mine/pics")
+    assert paths.layout == "explicit" and paths.annotations == tmp_path / "mine/labels.json"
+    only_ann = resolve_coco(tmp_path, "train", annotations=tmp_path / "mine/labels.json")
+    assert only_ann.images == tmp_path / "train2017" and only_ann.annotations == tmp_path / "mine/labels.json"
+    only_img = resolve_coco(tmp_path, "train", images=tmp_path / "mine/pics")
+    assert only_img.annotations == tmp_path / "annotations/instances_train2017.json"
+    with pytest.raises(CocoPathError) as info:
+        resolve_coco(tmp_path, "train", annotations=tmp_path / "mine/label.json", images=tmp_path / "mine/pics")
+    assert str(info.value) == (
+        f"resolve_coco: annotations='{tmp_path / 'mine/label.json'}' was given explicitly and does not exist "
+        f"(split train2017).\n{tmp_path / 'mine'} exists and holds: labels.json.\n"
+        f"Closest match: {tmp_path / 'mine/labels.json'}.\nFix: correct annotations=, or leave it out to look it "
+        "up under root.")
+    with pytest.raises(CocoPathError, match="is a folder, expected a .json file"):
+        resolve_coco(tmp_path, "train", annotations=tmp_path / "mine", images=tmp_path / "mine/pics")
+    with pytest.raises(CocoPathError, match="annotations= was given but no image folder for split val2017"):
+        resolve_coco(tmp_path, "val", annotations=tmp_path / "mine/labels.json")
+    # both given explicitly: no root is needed at all
+    assert resolve_coco(None, "val", annotations=tmp_path / "mine/labels.json", images=tmp_path / "mine/pics").images
 
 
-def test_root_from_environment_and_user_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    make_coco_detection(tmp_path / "datasets", "train2017", num_images=2, layout="detectron2")
+def test_root_from_environment_and_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _touch(tmp_path, "datasets/coco/annotations/instances_train2017.json", "datasets/coco/train2017/")
     monkeypatch.delenv("COCO_ROOT", raising=False)
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
     assert resolve_coco(None, "train2017").layout == "detectron2"
+    monkeypatch.setenv("COCO_ROOT", str(tmp_path / "datasets" / "coco"))  # COCO_ROOT wins
+    assert resolve_coco(None, "train2017").layout == "coco"
     monkeypatch.setenv("HOME", str(tmp_path))
     assert resolve_coco("~/datasets", "train2017").layout == "detectron2"
-    monkeypatch.setenv("MYDATA", str(tmp_path / "datasets" / "coco"))
-    assert resolve_coco("$MYDATA", "train").layout == "coco"
+    monkeypatch.setenv("MYDATA", str(tmp_path / "datasets"))
+    assert resolve_coco("$MYDATA/coco", "train").layout == "coco"
+    monkeypatch.delenv("COCO_ROOT")
     monkeypatch.delenv("DETECTRON2_DATASETS")
-    with pytest.raises(CocoPathError, match="neither COCO_ROOT nor DETECTRON2_DATASETS is set"):
+    with pytest.raises(CocoPathError, match="no root given and neither COCO_ROOT nor DETECTRON2_DATASETS is set; "
+                                            "pass root=, or export COCO_ROOT=/path/to/coco"):
         resolve_coco(None, "train")
 
 
 def test_not_found_lists_what_exists(tmp_path: Path) -> None:
-    make_coco_detection(tmp_path, "val2017", num_images=2)
+    _touch(tmp_path, "annotations/instances_val2017.json", "annotations/instances_train20172017.json", "val2017/")
     with pytest.raises(CocoPathError) as info:
         resolve_coco(tmp_path, "instances_train2017.json")
-    text = str(info.value)
-    assert "no instances annotations for split train2017 (parsed as name='train', year=2017)" in text
-    assert str(tmp_path / "annotations" / "instances_train2017.json") in text
-    assert "Annotation files that exist under the root:" in text
-    assert f"Closest match: {tmp_path / 'annotations' / 'instances_val2017.json'}" in text
-    assert isinstance(info.value, FileNotFoundError) and info.value.closest is not None
+    error = info.value
+    ann = tmp_path / "annotations"
+    assert str(error) == "\n".join([
+        f"resolve_coco: no instances annotations for split train2017 (parsed as name='train', year=2017) under "
+        f"{tmp_path} (layout='auto').",
+        "Paths tried:",
+        f"  {ann / 'instances_train2017.json'}",
+        f"  {tmp_path / 'train/_annotations.coco.json'}",
+        f"  {tmp_path / 'coco/annotations/instances_train2017.json'}",
+        "Annotation files that exist under the root:",
+        f"  {ann / 'instances_train20172017.json'}",
+        f"  {ann / 'instances_val2017.json'}",
+        f"Closest match: {ann / 'instances_train20172017.json'}; if that is the file, pass "
+        f"annotations='{ann / 'instances_train20172017.json'}'.",
+        "Fix: check root and split, or pass annotations= and images= explicitly.",
+    ])
+    assert isinstance(error, FileNotFoundError) and error.split == CocoSplit("train", 2017)
+    assert error.layout == "auto" and len(error.tried) == 3 and len(error.found) == 2
+    clone = pickle.loads(pickle.dumps(error))  # crosses process boundaries (loader workers) intact
+    assert str(clone) == str(error) and clone.closest == error.closest and clone.split == error.split
 
 
-def test_missing_image_folder_is_an_error(tmp_path: Path) -> None:
-    written = make_coco_detection(tmp_path, "train2017", num_images=2)
-    for f in written.images.iterdir():
-        f.unlink()
-    written.images.rmdir()
-    with pytest.raises(CocoPathError, match="but no image folder"):
+def test_error_hints_for_a_misplaced_root(tmp_path: Path) -> None:
+    _touch(tmp_path, "coco2017/annotations/instances_val2017.json", "coco2017/val2017/", "rf/valid/_annotations.coco.json")
+    with pytest.raises(CocoPathError, match=re.escape(
+            f"it has the expected name, so the dataset root is probably root='{tmp_path / 'coco2017'}'")):
+        resolve_coco(tmp_path, "val")
+    with pytest.raises(CocoPathError, match="The root is an annotations/ folder; pass its parent"):
+        resolve_coco(tmp_path / "coco2017/annotations", "val")
+    with pytest.raises(CocoPathError, match="looks like one Roboflow split folder; pass its parent"):
+        resolve_coco(tmp_path / "rf/valid", "val")
+    with pytest.raises(CocoPathError, match=re.escape(f"does not exist; its nearest existing parent is {tmp_path}")):
+        resolve_coco(tmp_path / "nope" / "coco", "val")
+    with pytest.raises(CocoPathError, match="The roboflow layout has only train/, valid/ and test/ folders"):
+        resolve_coco(tmp_path / "rf", "minival", layout="roboflow")
+    with pytest.raises(ValueError, match="layout='robflow' is unknown \\(did you mean 'roboflow'\\?\\)"):
+        resolve_coco(tmp_path, "val", layout="robflow")
+
+
+def test_missing_image_folder_and_check_false(tmp_path: Path) -> None:
+    _touch(tmp_path, "annotations/instances_train2017.json")
+    with pytest.raises(CocoPathError) as info:
         resolve_coco(tmp_path, "train")
-    assert resolve_coco(tmp_path, "train", check=False).images == written.images
+    assert str(info.value) == (
+        f"resolve_coco: found {tmp_path / 'annotations/instances_train2017.json'} (coco layout) for split "
+        f"train2017, but no image folder; tried {tmp_path / 'train2017'}, {tmp_path / 'images/train2017'}.\n"
+        f"Fix: put the train2017 images in {tmp_path / 'train2017'}, or pass images=")
+    assert resolve_coco(tmp_path, "train", check=False).images == tmp_path / "train2017"
+    unchecked = resolve_coco(tmp_path / "empty", "val2014", check=False)  # nothing there: COCO's own layout
+    assert unchecked.annotations == tmp_path / "empty/annotations/instances_val2014.json"
+    assert unchecked.layout == "coco"
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
 
 
 def test_validation_reports_every_problem(tmp_path: Path) -> None:
-    written = make_coco_detection(tmp_path, "train2017", num_images=3, seed=1)
+    written = make_coco_detection(tmp_path, "train2017", num_images=3, seed=1, min_objects=2)
     data = json.loads(written.annotations.read_text())
+    first = data["images"][1]["file_name"]
     data["annotations"][0]["category_id"] = 99
     data["annotations"][1]["bbox"] = [0, 0, 0, 5]
-    data["annotations"].append({"id": 1000, "image_id": 42, "category_id": 1, "bbox": [120, 120, 50, 50]})
+    data["annotations"][2]["bbox"] = [0, 0, "5", 5]
+    data["annotations"][3]["segmentation"] = [[1, 2, 3]]
+    data["annotations"].append({"id": 1000, "image_id": 42, "category_id": 1, "bbox": [100, 100, 50, 50],
+                                "area": 0, "iscrowd": 2})
+    data["annotations"].append({"id": 1000, "image_id": 1, "category_id": 1, "bbox": [120, 120, 50, 50], "area": 9})
     written.annotations.write_text(json.dumps(data))
-    (written.images / "000002.png").unlink()
+    (written.images / first).unlink()
     with pytest.raises(CocoValidationError) as info:
         resolve_coco(tmp_path, "train", validate=True)
-    errors = "\n".join(info.value.report.errors)
-    assert "category_id 99 is not in categories" in errors
-    assert "has non-positive size" in errors
-    assert "image_id 42 is not in images" in errors
-    assert "000002.png does not exist" in errors
+    report = info.value.report
+    assert report.counts == {"images": 3, "annotations": len(data["annotations"]), "categories": 3,
+                             "crowd annotations": 0}
+    errors = "\n".join(report.errors)
+    for expected in ["annotation id 1000 appears 2 times; ids must be unique",
+                     "annotation 1: category_id 99 is not in categories",
+                     "annotation 2: bbox [0, 0, 0, 5] has non-positive size",
+                     "annotation 3: bbox [0, 0, '5', 5] is not [x, y, width, height] numbers",
+                     "annotation 4: segmentation polygon must be a flat list of at least 3 x,y pairs, got [1, 2, 3]",
+                     "annotation 1000: image_id 42 is not in images",
+                     "annotation 1000: iscrowd is 2; expected 0 or 1",
+                     "annotation 1000: bbox [120, 120, 50, 50] lies outside its image (128x128)",
+                     f"image file {written.images / first} does not exist (image id 2)"]:
+        assert expected in errors
+    assert "annotation 1000: area 0 is not positive; COCOeval's area ranges skip it" in report.warnings
+    assert len(report.errors) == 9, errors
     written.annotations.write_text("{not json")
-    assert "not valid JSON" in validate_annotations(written.annotations).errors[0]
+    assert validate_annotations(written.annotations).errors[0].startswith("not valid JSON: ")
+
+
+def test_validation_knows_the_kinds(tmp_path: Path) -> None:
+    image = {"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}
+    captions = tmp_path / "captions_val2017.json"
+    captions.write_text(json.dumps({"images": [image], "annotations": [{"id": 1, "image_id": 1, "caption": "x"}]}))
+    assert validate_annotations(captions).ok and validate_annotations(captions).kind == "captions"
+    info = tmp_path / "image_info_test2017.json"
+    info.write_text(json.dumps({"images": [image], "categories": [{"id": 1, "name": "a"}]}))
+    assert validate_annotations(info).ok
+    plain = tmp_path / "labels.json"
+    plain.write_text(info.read_text())
+    assert validate_annotations(plain).errors == [
+        "missing or non-list key 'annotations' (a test split's image_info file? pass kind='image_info')"]
+    keypoints = tmp_path / "person_keypoints_val2017.json"
+    keypoints.write_text(json.dumps({"images": [image], "categories": [{"id": 1, "keypoints": ["a", "b"]}],
+                                     "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2],
+                                                      "area": 4, "keypoints": [1, 1, 2]}]}))
+    assert validate_annotations(keypoints).errors == [
+        "annotation 1: keypoints has 3 values; expected 6 (3 per keypoint of its category)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# `ratlib coco` through a real process
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ratlib", "coco", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "ratlib", "coco", *args], capture_output=True, text=True, timeout=60)
 
 
 def test_cli(tmp_path: Path) -> None:
-    make_coco_detection(tmp_path, "val2017", num_images=2, layout="roboflow")
+    written = make_coco_detection(tmp_path, "val2017", num_images=2, layout="roboflow")
     ok = _cli(str(tmp_path), "val", "--json", "--check")
     assert ok.returncode == 0, ok.stderr
     out = json.loads(ok.stdout)
-    assert out["layout"] == "roboflow" and out["split"] == "val2017" and out["check"]["counts"]["images"] == 2
-    text = _cli(str(tmp_path), "VAL2017")
-    assert text.returncode == 0 and "layout       roboflow" in text.stdout
-    bad = _cli(str(tmp_path), "train2017")
-    assert bad.returncode == 1 and "Paths tried:" in bad.stderr and "_annotations.coco.json" in bad.stderr
+    assert out["ok"] and out["layout"] == "roboflow" and out["split"] == "val2017"
+    assert out["annotations"] == str(written.annotations) and out["check"]["counts"]["images"] == 2
+    text = _cli(str(tmp_path), "VAL2017", "--check")
+    assert text.returncode == 0 and text.stderr == ""
+    assert text.stdout.startswith(f"split        val2017\nlayout       roboflow\nannotations  {written.annotations}\n")
+    assert "0 error(s)" in text.stdout
+
+    bad = _cli(str(tmp_path), "train2017", "--json")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: resolve_coco: no instances annotations")
+    failure = json.loads(bad.stdout)
+    assert not failure["ok"] and failure["split"] == "train2017" and failure["closest"] == str(written.annotations)
+    assert str(tmp_path / "train" / "_annotations.coco.json") in failure["tried"]
     worse = _cli(str(tmp_path), "minival2017")
-    assert worse.returncode == 1 and "minival exists as: minival2014" in worse.stderr
+    assert worse.returncode == 1 and worse.stdout == "" and "minival exists as: minival2014" in worse.stderr
+    kind = _cli(str(tmp_path), "val", "--kind", "captons")
+    assert kind.returncode == 1 and "did you mean 'captions'?" in kind.stderr
 
-
-def test_synthetic_is_deterministic_and_has_options(tmp_path: Path) -> None:
-    a = make_coco_detection(tmp_path / "a", "train2017", num_images=4, seed=7, empty_images=1, crowd_fraction=0.5)
-    b = make_coco_detection(tmp_path / "b", "train2017", num_images=4, seed=7, empty_images=1, crowd_fraction=0.5)
-    assert a.annotations.read_text() == b.annotations.read_text()
-    assert (a.images / "000003.png").read_bytes() == (b.images / "000003.png").read_bytes()
-    data = json.loads(a.annotations.read_text())
-    assert 1 not in {ann["image_id"] for ann in data["annotations"]}  # the empty image
-    with pytest.raises(ValueError, match="roboflow layout has no minival split"):
-        make_coco_detection(tmp_path / "c", "minival", layout="roboflow")
+    data = json.loads(written.annotations.read_text())
+    data["annotations"][0]["image_id"] = 77
+    written.annotations.write_text(json.dumps(data))
+    broken = _cli(str(tmp_path), "val", "--check")
+    assert broken.returncode == 1 and "image_id 77 is not in images" in broken.stdout
+    assert broken.stderr.startswith(f"error: 1 problem(s) in {written.annotations}; first: annotation 1: image_id 77")

@@ -2,107 +2,219 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from hypothesis import strategies as st
 
-from ratlib.coco_paths import LAYOUTS, SPLITS, CocoPaths, CocoSplit, annotation_filename
+from ratlib.coco_paths import LAYOUTS, SPLITS, CocoPaths, CocoSplit, annotation_filename, parse_split
 
+# how each split's name may be written: word lists, joined by any separator ("test-dev", "val_minus_minival")
+_NAME_WORDS: dict[str, list[list[str]]] = {
+    "train": [["train"]],
+    "val": [["val"], ["valid"], ["validation"]],
+    "test": [["test"]],
+    "test-dev": [["test", "dev"], ["testdev"]],
+    "unlabeled": [["unlabeled"], ["unlabelled"]],
+    "minival": [["minival"], ["mini", "val"]],
+    "valminusminival": [["valminusminival"], ["val", "minus", "minival"]],
+}
+_SEPARATORS = ["", "_", "-", " "]
 _ROBOFLOW = {"train": "train", "val": "valid", "test": "test"}
 
 
-@st.composite
-def _split(draw: st.DrawFn, split: str | None, year: int | None) -> CocoSplit:
-    names = [split] if split else sorted(SPLITS)
-    name = draw(st.sampled_from(names))
-    years = [y for y in SPLITS[name] if year is None or y == year]
-    if not years:
-        raise ValueError(f"coco_split_spellings: COCO has no split {name}{year}")
-    return CocoSplit(name, draw(st.sampled_from(years)))
+def _kinds_for(split: CocoSplit) -> list[str]:
+    """The annotation kinds COCO publishes for ``split`` (``annotation_filename`` accepts these)."""
+    if split.is_test or split.name == "unlabeled":
+        return ["instances", "image_info"]
+    kinds = ["instances", "person_keypoints", "captions"]
+    return kinds + ["panoptic"] if split.year == 2017 and split.name in ("train", "val") else kinds
+
+
+def _choices(split: str | None, year: int | None, names: list[str] | None = None) -> list[CocoSplit]:
+    """Every CocoSplit allowed by ``split`` (a name, any spelling, or one with a year) and ``year``."""
+    fixed_year = year
+    if split is not None:
+        parsed = parse_split(split)  # ValueError with suggestions for an unknown name
+        has_year = any(ch.isdigit() for ch in split)
+        if has_year and year is not None and parsed.year != int(year):
+            raise ValueError(f"split={split!r} and year={year!r} disagree; give the year once")
+        names, fixed_year = [parsed.name], parsed.year if has_year else year
+    splits = [CocoSplit(n, y) for n in names or list(SPLITS) for y in SPLITS[n]
+              if fixed_year is None or y == int(fixed_year)]
+    if not splits:
+        raise ValueError(f"COCO has no split {split or '(any name)'} in year {year}; years per split: "
+                         + ", ".join(f"{n} {'/'.join(map(str, ys))}" for n, ys in SPLITS.items()))
+    return splits
 
 
 def _case(draw: st.DrawFn, text: str) -> str:
     style = draw(st.sampled_from(["lower", "upper", "title", "random"]))
-    if style == "upper":
-        return text.upper()
-    if style == "title":
-        return text.title()
     if style == "random":
         flips = draw(st.lists(st.booleans(), min_size=len(text), max_size=len(text)))
         return "".join(c.upper() if f else c for c, f in zip(text, flips))
-    return text
+    return {"lower": text.lower(), "upper": text.upper(), "title": text.title()}[style]
 
 
-@st.composite
-def coco_split_spellings(draw: st.DrawFn, split: str | None = None, year: int | None = None
-                         ) -> tuple[str, CocoSplit]:
+def coco_split_spellings(split: str | None = None, year: int | None = None
+                         ) -> st.SearchStrategy[tuple[str, CocoSplit]]:
     """``(spelling, CocoSplit)``: one accepted spelling of a COCO split and the split it stands for.
 
-    Spellings vary case, separators (none, ``_``, ``-``, space), year position (``train2017``,
-    ``2017_train``), an omitted default year, ``instances_`` prefixes, ``.json`` suffixes and spaces.
+    ``split`` (any spelling; with a year it fixes the year too) and ``year`` narrow the splits drawn;
+    an unknown name or a year the split never had raises ``ValueError`` at once. Spellings vary case,
+    separators (none, ``_``, ``-``, space) inside and around the name, the year's position
+    (``train2017``, ``2017_train``), a left-out default year, aliases (``valid``, ``testdev``),
+    ``instances_``/``person_keypoints_``/``image_info_`` prefixes, ``.json`` suffixes, an
+    ``annotations/`` folder, Roboflow's ``valid/_annotations.coco.json`` and surrounding spaces.
     """
-    s = draw(_split(split, year))
-    name = s.name
-    if name == "test-dev":
-        name = draw(st.sampled_from(["test-dev", "testdev", "test_dev"]))
-    if name == "val":
-        name = draw(st.sampled_from(["val", "val", "valid"]))
-    sep = draw(st.sampled_from(["", "_", "-", " "]))
-    default = SPLITS[s.name][0] == s.year
-    form = draw(st.sampled_from(["name_year", "year_name", "name"] if default else ["name_year", "year_name"]))
-    text = {"name_year": f"{name}{sep}{s.year}", "year_name": f"{s.year}{sep}{name}", "name": name}[form]
-    if form == "name_year" and draw(st.booleans()):
-        text = draw(st.sampled_from(["instances_", "INSTANCES_"])) + text
-        if draw(st.booleans()):
-            text += ".json"
-    text = _case(draw, text)
-    text = draw(st.sampled_from(["", " ", "  "])) + text + draw(st.sampled_from(["", " ", "\t"]))
-    return text, s
+    splits = _choices(split, year)
+
+    @st.composite
+    def spellings(draw: st.DrawFn) -> tuple[str, CocoSplit]:
+        s = draw(st.sampled_from(splits))
+        words = draw(st.sampled_from(_NAME_WORDS[s.name]))
+        name = draw(st.sampled_from(_SEPARATORS[1:])).join(words) if len(words) > 1 else words[0]
+        default = SPLITS[s.name][0] == s.year
+        forms = ["name_year", "year_name", "file", "path"] + (["name"] if default else [])
+        if default and s.name in _ROBOFLOW:
+            forms.append("roboflow")
+        form = draw(st.sampled_from(forms))
+        sep = draw(st.sampled_from(_SEPARATORS))
+        if form == "roboflow":
+            text = f"{_case(draw, name)}/_annotations.coco.json"
+        elif form in ("file", "path"):
+            kind = draw(st.sampled_from(_kinds_for(s)))
+            text = f"{kind}{draw(st.sampled_from(['_', '-']))}{name}{sep}{s.year}"
+            text = _case(draw, text) + draw(st.sampled_from(["", ".json", ".JSON"]))
+            if form == "path":
+                text = draw(st.sampled_from(["annotations/", "/data/coco/annotations/", "coco\\annotations\\"])) + text
+        else:
+            text = {"name_year": f"{name}{sep}{s.year}", "year_name": f"{s.year}{sep}{name}", "name": name}[form]
+            text = _case(draw, text)
+        return draw(st.sampled_from(["", " ", "  "])) + text + draw(st.sampled_from(["", " ", "\t", "\n"])), s
+
+    return spellings()
 
 
 @dataclass(frozen=True)
 class CocoTree:
-    """A COCO tree written by ``coco_trees``: ``root``, the ``split`` asked for, its ``layout``, and
-    ``expected``: the paths ``resolve_coco`` must return, or None when it must raise ``CocoPathError``."""
+    """A COCO tree written by ``coco_trees``.
+
+    ``root`` (pass it to ``resolve_coco``), the ``split``, ``kind`` and ``layout`` it was built for,
+    ``expected``: the ``CocoPaths`` that ``resolve_coco(root, split, kind=kind)`` must return, or None
+    when it must raise ``CocoPathError``; ``files``: every file and folder created, relative to root.
+    """
 
     root: Path
     split: CocoSplit
+    kind: str
     layout: str
     expected: CocoPaths | None
+    files: tuple[str, ...]
 
 
-@st.composite
-def coco_trees(draw: st.DrawFn, layout: str | None = None) -> CocoTree:
-    """A COCO directory tree in a new temporary folder, in any supported layout, with or without the
-    annotation file and image folder the drawn split needs, plus other splits' files as distractors."""
-    lay = layout or draw(st.sampled_from(LAYOUTS))
-    names = ["train", "val", "test"] if lay == "roboflow" else ["train", "val", "minival", "test-dev"]
-    s = draw(_split(draw(st.sampled_from(names)), None))
-    has_ann, has_images = draw(st.booleans()), draw(st.booleans())
-    root = Path(tempfile.mkdtemp(prefix="ratlib-coco-tree-"))
-    base = root / "coco" if lay == "detectron2" else root
+_BASE: list[Path] = []
 
-    def place(split: CocoSplit, ann: bool, images: bool) -> tuple[Path, Path]:
+
+def _base_dir() -> Path:
+    """One temporary folder per process for all trees, removed when the process exits."""
+    if not _BASE:
+        _BASE.append(Path(tempfile.mkdtemp(prefix="ratlib-coco-trees-")))
+        atexit.register(shutil.rmtree, _BASE[0], True)
+    return _BASE[0]
+
+
+def _coco_files(base: Path, split: CocoSplit, kind: str, images: str | None) -> tuple[Path, list[Path]]:
+    """COCO's own layout: the annotation file and the image folder(s) to create."""
+    ann = base / "annotations" / annotation_filename(split, kind=kind)
+    if images is None:
+        return ann, []
+    return ann, [base / split.image_folder if images == "top" else base / "images" / split.image_folder]
+
+
+def coco_trees(layout: str | None = None) -> st.SearchStrategy[CocoTree]:
+    """``CocoTree``: a COCO directory tree in a new temporary folder (removed at process exit).
+
+    The tree is in ``layout`` (any of ``LAYOUTS`` when None) and holds the drawn split's annotation
+    file and image folder, or only one of them, or neither; plus decoys that must never be returned:
+    the same split in another year or kind, other splits, a doubled-year file name
+    (``instances_train20172017.json``), and other layouts holding other splits.
+    """
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"coco_trees: layout={layout!r} is unknown; expected None or one of {', '.join(LAYOUTS)}")
+
+    @st.composite
+    def trees(draw: st.DrawFn) -> CocoTree:
+        lay = layout or draw(st.sampled_from(LAYOUTS))
         if lay == "roboflow":
-            folder = base / _ROBOFLOW[split.name]
-            ann_path, img_dir = folder / "_annotations.coco.json", folder
-            if ann or images:
-                folder.mkdir(parents=True, exist_ok=True)
+            s, kind = CocoSplit(draw(st.sampled_from(sorted(_ROBOFLOW))), 2017), "instances"
         else:
-            ann_path, img_dir = base / "annotations" / annotation_filename(split), base / split.image_folder
-            if images:
-                img_dir.mkdir(parents=True, exist_ok=True)
-        if ann:
-            ann_path.parent.mkdir(parents=True, exist_ok=True)
-            ann_path.write_text('{"images": [], "annotations": [], "categories": []}')
-        return ann_path, img_dir
+            s = draw(st.sampled_from(_choices(None, None)))
+            kind = draw(st.sampled_from(_kinds_for(s)))
+        root = Path(tempfile.mkdtemp(prefix="tree-", dir=_base_dir()))
+        files: set[Path] = set()
+        folders: set[Path] = set()
 
-    others = [CocoSplit(n, SPLITS[n][0]) for n in names if n != s.name]
-    for other in draw(st.lists(st.sampled_from(others), max_size=2, unique=True)) if others else []:
-        place(other, True, True)
-    ann_path, img_dir = place(s, has_ann, has_images)
-    ok = has_ann and (has_images or lay == "roboflow")
-    expected = CocoPaths(img_dir, ann_path, s, lay) if ok else None
-    return CocoTree(root, s, lay, expected)
+        def coco_split(base: Path, split: CocoSplit, kind_: str, ann: bool, images: str | None) -> None:
+            ann_path, image_dirs = _coco_files(base, split, kind_, images)
+            files.update([ann_path] if ann else [])
+            folders.update(image_dirs)
+
+        def roboflow_split(name: str, ann: bool) -> None:
+            folder = root / (draw(st.sampled_from(["valid", "val"])) if name == "val" else name)
+            folders.add(folder)
+            files.update([folder / "_annotations.coco.json"] if ann else [])
+
+        has_ann = draw(st.sampled_from([True, True, False]))
+        base = root / "coco" if lay == "detectron2" else root
+        if lay == "roboflow":
+            if has_ann or draw(st.booleans()):
+                roboflow_split(s.name, has_ann)
+            for other in draw(st.lists(st.sampled_from([n for n in _ROBOFLOW if n != s.name]), unique=True)):
+                roboflow_split(other, True)
+        else:
+            coco_split(base, s, kind, has_ann, draw(st.sampled_from([None, "top", "images"])))
+            decoys = [(CocoSplit(s.name, y), kind) for y in SPLITS[s.name]
+                      if y != s.year and kind in _kinds_for(CocoSplit(s.name, y))]
+            decoys += [(s, k) for k in _kinds_for(s) if k != kind and annotation_filename(s, kind=k)
+                       != annotation_filename(s, kind=kind)]
+            decoys += [(CocoSplit(n, SPLITS[n][0]), "instances") for n in SPLITS if n != s.name]
+            for decoy, decoy_kind in draw(st.lists(st.sampled_from(decoys), max_size=3, unique=True)):
+                coco_split(base, decoy, decoy_kind, True, draw(st.sampled_from([None, "top"])))
+            if draw(st.booleans()):  # the file the old f-string bug would have asked for
+                files.add(base / "annotations" / f"instances_{s}{s.year}.json")
+            # another layout beside it, holding only splits with other names (auto must not pick them)
+            others = [n for n in _ROBOFLOW if n != s.name]
+            if lay == "coco" and others and draw(st.booleans()):
+                roboflow_split(draw(st.sampled_from(others)), True)
+            if lay == "detectron2" and draw(st.booleans()):
+                other = draw(st.sampled_from([n for n in SPLITS if n != s.name]))
+                coco_split(root, CocoSplit(other, SPLITS[other][0]), "instances", True, "top")
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text('{"images": [], "annotations": [], "categories": []}')
+        expected = _expected(root, lay, s, kind, files, folders)
+        created = tuple(sorted(str(p.relative_to(root)) for p in files | folders))
+        return CocoTree(root, s, kind, lay, expected, created)
+
+    return trees()
+
+
+def _expected(root: Path, layout: str, split: CocoSplit, kind: str, files: set[Path], folders: set[Path]
+              ) -> CocoPaths | None:
+    """What resolve_coco must return, from what was created (not from looking at the disk)."""
+    if layout == "roboflow":
+        for name in (("valid", "val") if split.name == "val" else (_ROBOFLOW[split.name],)):
+            if root / name / "_annotations.coco.json" in files:
+                return CocoPaths(root / name, root / name / "_annotations.coco.json", split, layout)
+        return None
+    base = root / "coco" if layout == "detectron2" else root
+    ann = base / "annotations" / annotation_filename(split, kind=kind)
+    image_dir = next((d for d in (base / split.image_folder, base / "images" / split.image_folder) if d in folders),
+                     None)
+    return CocoPaths(image_dir, ann, split, layout) if ann in files and image_dir is not None else None
