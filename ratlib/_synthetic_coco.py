@@ -225,7 +225,7 @@ def make_coco_detection(
             crowd = rng.random() < crowd_fraction
             spot = _place(rng, width, height, round(hi * 1.2) if crowd else lo, round(hi * 1.5) if crowd else hi, taken)
             if spot is None:
-                break  # the image is full: fewer objects, never overlapping ones
+                continue  # no room: fewer objects, never overlapping ones
             cat = rng.randrange(num_categories)
             x0, y0, size = spot
             if crowd:  # a crowd: 3 to 5 small shapes of one category inside the square
