@@ -336,7 +336,7 @@ def resolve_coco(
             if path is not None:
                 _check_explicit(path, what, s)
     if validate:
-        report = validate_annotations(paths.annotations, paths.images, kind=kind)
+        report = validate_annotations(paths.annotations, paths.images, kind=_kind_of(paths.annotations, kind))
         if not report.ok:
             raise CocoValidationError(report)
     return paths
@@ -487,9 +487,10 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _kind_of(path: Path) -> str:
+def _kind_of(path: Path, default: str = "instances") -> str:
+    """The kind a file name announces (``captions_val2017.json`` -> captions), else ``default``."""
     name = path.name
-    return next((k for k in sorted(KINDS, key=len, reverse=True) if name.startswith(k + "_")), "instances")
+    return next((k for k in sorted(KINDS, key=len, reverse=True) if name.startswith(k + "_")), default)
 
 
 def _check_box(report: ValidationReport, where: str, box: Any, image: dict[str, Any] | None) -> None:
@@ -640,7 +641,8 @@ def cli_main(args: argparse.Namespace) -> int:
     """``ratlib coco``: print the resolved paths (or the error to stderr); exit 1 on error."""
     try:
         paths = resolve_coco(args.root, args.split, year=args.year, kind=args.kind, layout=args.layout)
-        report = validate_annotations(paths.annotations, paths.images, kind=args.kind) if args.check else None
+        kind = _kind_of(paths.annotations, args.kind)  # a test split's instances file is image_info_*.json
+        report = validate_annotations(paths.annotations, paths.images, kind=kind) if args.check else None
     except (CocoPathError, ValueError) as exc:
         if args.json:
             out: dict[str, Any] = {"ok": False, "error": str(exc)}

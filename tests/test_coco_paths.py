@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
 from ratlib.coco_paths import (
@@ -82,7 +82,7 @@ def _make_root(factory: pytest.TempPathFactory, split: CocoSplit) -> Path:
     return root
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(coco_trees(), st.booleans())
 def test_resolve_on_generated_trees(tree, auto: bool) -> None:
     """Existing, expected paths or CocoPathError: never another exception, never a decoy file."""
@@ -94,6 +94,20 @@ def test_resolve_on_generated_trees(tree, auto: bool) -> None:
         return
     assert paths == tree.expected, f"{paths} != {tree.expected}; tree: {tree.files}"
     assert paths.annotations.is_file() and paths.images.is_dir()
+
+
+def test_the_strategies_catch_the_doubled_year_bug() -> None:
+    """The f-string this module exists for, and a resolver that only knows 'train2017', fail fast."""
+    def doubled(split: str) -> str:
+        return f"instances_{split.strip().lower()}2017.json"
+
+    def naive(split: str) -> str:
+        return f"instances_{split.strip().lower().removeprefix('instances_').removesuffix('.json')}.json"
+
+    for buggy in (doubled, naive):
+        spelling, split = find(coco_split_spellings(), lambda p, f=buggy: f(p[0]) != annotation_filename(p[1]),
+                               settings=settings(max_examples=100, database=None))
+        assert buggy(spelling) != annotation_filename(split)
 
 
 @FAST
@@ -422,6 +436,9 @@ def test_cli(tmp_path: Path) -> None:
     data = json.loads(written.annotations.read_text())
     data["annotations"][0]["image_id"] = 77
     written.annotations.write_text(json.dumps(data))
+    test = make_coco_detection(tmp_path / "t", "test2017", num_images=1)
+    assert _cli(str(tmp_path / "t"), "test", "--check").returncode == 0  # image_info file: no annotations needed
+    assert resolve_coco(tmp_path / "t", "test", validate=True) == test
     broken = _cli(str(tmp_path), "val", "--check")
     assert broken.returncode == 1 and "image_id 77 is not in images" in broken.stdout
     assert broken.stderr.startswith(f"error: 1 problem(s) in {written.annotations}; first: annotation 1: image_id 77")

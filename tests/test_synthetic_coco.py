@@ -53,7 +53,7 @@ def _check_pixels(paths) -> list[float]:
     return ious
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     size=st.one_of(st.integers(48, 160), st.tuples(st.integers(40, 160), st.integers(40, 160))),
     categories=st.integers(1, len(SHAPES)),

@@ -186,8 +186,9 @@ def coco_trees(layout: str | None = None) -> st.SearchStrategy[CocoTree]:
                 coco_split(base, decoy, decoy_kind, True, draw(st.sampled_from([None, "top"])))
             if draw(st.booleans()):  # the file the old f-string bug would have asked for
                 files.add(base / "annotations" / f"instances_{s}{s.year}.json")
-            # another layout beside it, holding only splits with other names (auto must not pick them)
-            others = [n for n in _ROBOFLOW if n != s.name]
+            # another layout beside it, holding only what auto must not pick: other split names, or
+            # (Roboflow has one instances file per folder) the same name when another kind is asked for
+            others = [n for n in _ROBOFLOW if n != s.name or kind != "instances"]
             if lay == "coco" and others and draw(st.booleans()):
                 roboflow_split(draw(st.sampled_from(others)), True)
             if lay == "detectron2" and draw(st.booleans()):
