@@ -522,6 +522,58 @@ def _check_segmentation(report: ValidationReport, where: str, seg: Any) -> None:
         report.errors.append(f"{where}: segmentation is a {type(seg).__name__}; expected polygons or RLE")
 
 
+def _objects(report: ValidationReport, data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """``data[key]``'s entries; anything that is not an object is reported, not skipped silently."""
+    entries = data.get(key)
+    if not isinstance(entries, list):
+        return []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            report.errors.append(f"{key}[{index}] is a {type(entry).__name__}, expected an object")
+    return [e for e in entries if isinstance(e, dict)]
+
+
+def _check_ids(report: ValidationReport, what: str, entries: list[dict[str, Any]], key: str = "id") -> None:
+    for value, n in Counter(e.get(key) for e in entries if key in e).items():
+        if n > 1:
+            report.errors.append(f"{what} {key} {value!r} appears {n} times; it must be unique")
+
+
+def _check_annotation(report: ValidationReport, kind: str, ann: dict[str, Any], image: dict[str, Any] | None,
+                      cats: dict[Any, dict[str, Any]]) -> None:
+    """One annotation of ``kind`` (its image_id is checked by the caller)."""
+    where = f"annotation {ann.get('id')!r}"
+    if kind == "captions":
+        if not isinstance(ann.get("caption"), str):
+            report.errors.append(f"{where}: caption is missing or not a string")
+        return
+    if kind == "panoptic":
+        for seg in ann.get("segments_info") or []:
+            seg_where = f"annotation of image {ann.get('image_id')!r}, segment {seg.get('id')!r}"
+            if seg.get("category_id") not in cats:
+                report.errors.append(f"{seg_where}: category_id {seg.get('category_id')!r} is not in categories")
+            _check_box(report, seg_where, seg.get("bbox"), image)
+        return
+    if ann.get("category_id") not in cats:
+        report.errors.append(f"{where}: category_id {ann.get('category_id')!r} is not in categories")
+    _check_box(report, where, ann.get("bbox"), image)
+    if ann.get("iscrowd", 0) not in (0, 1):
+        report.errors.append(f"{where}: iscrowd is {ann.get('iscrowd')!r}; expected 0 or 1")
+    if "segmentation" in ann:
+        _check_segmentation(report, where, ann["segmentation"])
+    if not _number(ann.get("area")):
+        report.errors.append(f"{where}: area {ann.get('area')!r} is missing or not a number (COCOeval needs it)")
+    elif ann["area"] <= 0:
+        report.warnings.append(f"{where}: area {ann['area']} is not positive; COCOeval's area ranges skip it")
+    if kind == "person_keypoints":
+        points = ann.get("keypoints")
+        expected = 3 * len((cats.get(ann.get("category_id")) or {}).get("keypoints") or [])
+        if not (isinstance(points, list) and len(points) == expected):
+            got = len(points) if isinstance(points, list) else repr(points)
+            report.errors.append(f"{where}: keypoints has {got} values; expected {expected} "
+                                 "(3 per keypoint of its category)")
+
+
 def validate_annotations(annotations: str | os.PathLike[str], images: str | os.PathLike[str] | None = None,
                          *, kind: str | None = None) -> ValidationReport:
     """Light check of a COCO annotation file: JSON parses, required keys are there, ids are unique,
@@ -545,75 +597,30 @@ def validate_annotations(annotations: str | os.PathLike[str], images: str | os.P
         report.errors.append(f"top level is a {type(data).__name__}; expected an object with images, "
                              "annotations and categories")
         return report
-    required = ["images"] + (["annotations"] if kind != "image_info" else []) + \
-        (["categories"] if kind != "captions" else [])
-    for key in required:
+    for key in ["images"] + (["annotations"] if kind != "image_info" else []) + \
+            (["categories"] if kind != "captions" else []):
         if not isinstance(data.get(key), list):
-            report.errors.append(f"missing or non-list key {key!r}" + (
-                " (a test split's image_info file? pass kind='image_info')" if key == "annotations" else ""))
-    images_list = [im for im in data.get("images") or [] if isinstance(im, dict)]
-    cats = {c.get("id"): c for c in data.get("categories") or [] if isinstance(c, dict)}
-    anns = data.get("annotations") or []
-    imgs = {im.get("id"): im for im in images_list}
-    for what, ids in (("image", [im.get("id") for im in images_list]),
-                      ("category", [c.get("id") for c in data.get("categories") or [] if isinstance(c, dict)]),
-                      ("annotation", [a.get("id") for a in anns if isinstance(a, dict)] if kind != "panoptic" else [])):
-        for value, n in Counter(ids).items():
-            if n > 1:
-                report.errors.append(f"{what} id {value!r} appears {n} times; ids must be unique")
+            hint = " (a test split's image_info file? pass kind='image_info')" if key == "annotations" else ""
+            report.errors.append(f"missing or non-list key {key!r}{hint}")
+    images_list, cat_list, anns = (_objects(report, data, k) for k in ("images", "categories", "annotations"))
+    _check_ids(report, "image", images_list)
+    _check_ids(report, "image", images_list, "file_name")
+    _check_ids(report, "category", cat_list)
+    _check_ids(report, "annotation", anns, "image_id" if kind == "panoptic" else "id")
     for im in images_list:
         missing = [k for k in ("id", "file_name", "width", "height") if k not in im]
         if missing:
             report.errors.append(f"image {im.get('id')!r}: missing {', '.join(map(repr, missing))}")
-    for name, n in Counter(im.get("file_name") for im in images_list if "file_name" in im).items():
-        if n > 1:
-            report.errors.append(f"file_name {name!r} is used by {n} images")
-    used: set[Any] = set()
-    crowd = 0
-    for index, ann in enumerate(anns):
-        where = f"annotation {ann.get('id', f'#{index}')!r}" if isinstance(ann, dict) else f"annotation #{index}"
-        if not isinstance(ann, dict):
-            report.errors.append(f"{where} is a {type(ann).__name__}, expected an object")
-            continue
-        image = imgs.get(ann.get("image_id"))
-        used.add(ann.get("image_id"))
-        if image is None:
-            report.errors.append(f"{where}: image_id {ann.get('image_id')!r} is not in images")
-        if kind == "captions":
-            if not isinstance(ann.get("caption"), str):
-                report.errors.append(f"{where}: caption is missing or not a string")
-            continue
-        if kind == "panoptic":
-            for seg in ann.get("segments_info") or []:
-                seg_where = f"{where} segment {seg.get('id')!r}"
-                if seg.get("category_id") not in cats:
-                    report.errors.append(f"{seg_where}: category_id {seg.get('category_id')!r} is not in categories")
-                _check_box(report, seg_where, seg.get("bbox"), image)
-            continue
-        if ann.get("category_id") not in cats:
-            report.errors.append(f"{where}: category_id {ann.get('category_id')!r} is not in categories")
-        _check_box(report, where, ann.get("bbox"), image)
-        if ann.get("iscrowd", 0) not in (0, 1):
-            report.errors.append(f"{where}: iscrowd is {ann.get('iscrowd')!r}; expected 0 or 1")
-        crowd += ann.get("iscrowd") == 1
-        if "segmentation" in ann:
-            _check_segmentation(report, where, ann["segmentation"])
-        if not _number(ann.get("area")):
-            report.errors.append(f"{where}: area {ann.get('area')!r} is missing or not a number "
-                                 "(COCOeval needs it)")
-        elif ann["area"] <= 0:
-            report.warnings.append(f"{where}: area {ann['area']} is not positive; COCOeval's area ranges skip it")
-        if kind == "person_keypoints":
-            cat = cats.get(ann.get("category_id")) or {}
-            points = ann.get("keypoints")
-            expected = 3 * len(cat.get("keypoints") or [])
-            if not (isinstance(points, list) and len(points) == expected):
-                report.errors.append(f"{where}: keypoints has {len(points) if isinstance(points, list) else points!r}"
-                                     f" values; expected {expected} (3 per keypoint of its category)")
+    imgs = {im.get("id"): im for im in images_list}
+    cats = {c.get("id"): c for c in cat_list}
+    for ann in anns:
+        if ann.get("image_id") not in imgs:
+            report.errors.append(f"annotation {ann.get('id')!r}: image_id {ann.get('image_id')!r} is not in images")
+        _check_annotation(report, kind, ann, imgs.get(ann.get("image_id")), cats)
     report.counts = {"images": len(imgs), "annotations": len(anns), "categories": len(cats)}
-    if kind not in ("captions", "image_info", "panoptic"):
-        report.counts["crowd annotations"] = crowd
-    unused = len(set(imgs) - used)
+    if kind in ("instances", "person_keypoints"):
+        report.counts["crowd annotations"] = sum(ann.get("iscrowd") == 1 for ann in anns)
+    unused = len(set(imgs) - {ann.get("image_id") for ann in anns})
     if anns and unused:
         report.warnings.append(f"{unused} image(s) have no annotations (fine for negatives; torchvision's "
                                "detection references drop them from training)")

@@ -189,7 +189,8 @@ def test_annotation_filenames() -> None:
     assert annotation_filename("test-dev2017", kind="image_info") == "image_info_test-dev2017.json"
     assert annotation_filename("unlabeled") == "image_info_unlabeled2017.json"
     assert annotation_filename("minival") == "instances_minival2014.json"
-    for kind, bad, message in [("instance", "train", "annotation kind 'instance' is unknown (did you mean 'instances'?)"),
+    for kind, bad, message in [("instance", "train",
+                                "annotation kind 'instance' is unknown (did you mean 'instances'?)"),
                                ("captions", "test2017", "test2017 has no captions annotations (test and unlabeled "
                                                         "splits only have image_info_test2017.json)"),
                                ("panoptic", "val2014", "panoptic annotations exist for train2017 and val2017 only"),
@@ -314,7 +315,8 @@ def test_not_found_lists_what_exists(tmp_path: Path) -> None:
 
 
 def test_error_hints_for_a_misplaced_root(tmp_path: Path) -> None:
-    _touch(tmp_path, "coco2017/annotations/instances_val2017.json", "coco2017/val2017/", "rf/valid/_annotations.coco.json")
+    _touch(tmp_path, "coco2017/annotations/instances_val2017.json", "coco2017/val2017/",
+           "rf/valid/_annotations.coco.json")
     with pytest.raises(CocoPathError, match=re.escape(
             f"it has the expected name, so the dataset root is probably root='{tmp_path / 'coco2017'}'")):
         resolve_coco(tmp_path, "val")
@@ -359,6 +361,7 @@ def test_validation_reports_every_problem(tmp_path: Path) -> None:
     data["annotations"].append({"id": 1000, "image_id": 42, "category_id": 1, "bbox": [100, 100, 50, 50],
                                 "area": 0, "iscrowd": 2})
     data["annotations"].append({"id": 1000, "image_id": 1, "category_id": 1, "bbox": [120, 120, 50, 50], "area": 9})
+    data["images"].append("000000000009.png")
     written.annotations.write_text(json.dumps(data))
     (written.images / first).unlink()
     with pytest.raises(CocoValidationError) as info:
@@ -367,7 +370,7 @@ def test_validation_reports_every_problem(tmp_path: Path) -> None:
     assert report.counts == {"images": 3, "annotations": len(data["annotations"]), "categories": 3,
                              "crowd annotations": 0}
     errors = "\n".join(report.errors)
-    for expected in ["annotation id 1000 appears 2 times; ids must be unique",
+    for expected in ["annotation id 1000 appears 2 times; it must be unique", "images[3] is a str, expected an object",
                      "annotation 1: category_id 99 is not in categories",
                      "annotation 2: bbox [0, 0, 0, 5] has non-positive size",
                      "annotation 3: bbox [0, 0, '5', 5] is not [x, y, width, height] numbers",
@@ -378,7 +381,7 @@ def test_validation_reports_every_problem(tmp_path: Path) -> None:
                      f"image file {written.images / first} does not exist (image id 2)"]:
         assert expected in errors
     assert "annotation 1000: area 0 is not positive; COCOeval's area ranges skip it" in report.warnings
-    assert len(report.errors) == 9, errors
+    assert len(report.errors) == 10, errors
     written.annotations.write_text("{not json")
     assert validate_annotations(written.annotations).errors[0].startswith("not valid JSON: ")
 
@@ -401,6 +404,12 @@ def test_validation_knows_the_kinds(tmp_path: Path) -> None:
                                                       "area": 4, "keypoints": [1, 1, 2]}]}))
     assert validate_annotations(keypoints).errors == [
         "annotation 1: keypoints has 3 values; expected 6 (3 per keypoint of its category)"]
+    panoptic = tmp_path / "panoptic_val2017.json"
+    segments = [{"id": 5, "category_id": 1, "bbox": [0, 0, 4, 4]}, {"id": 6, "category_id": 3, "bbox": [0, 0, 4, 4]}]
+    panoptic.write_text(json.dumps({"images": [image], "categories": [{"id": 1, "name": "a"}],
+                                    "annotations": [{"image_id": 1, "file_name": "a.png", "segments_info": segments}]}))
+    assert validate_annotations(panoptic).errors == [
+        "annotation of image 1, segment 6: category_id 3 is not in categories"]
 
 
 # ---------------------------------------------------------------------------------------------
