@@ -132,7 +132,8 @@ def _check_args(num_images: int, num_categories: int, min_objects: int, max_obje
 
 
 def _previous_run(ann_path: Path, overwrite: bool) -> list[str]:
-    """File names a previous ``make_coco_detection`` run wrote here; refuses to replace anything else."""
+    """Image file names an earlier ``make_coco_detection`` run listed here; refuses to replace an
+    annotation file that anything else wrote."""
     if not ann_path.exists():
         return []
     try:
@@ -145,6 +146,33 @@ def _previous_run(ann_path: Path, overwrite: bool) -> list[str]:
                               "refusing to replace it. Choose another root, or pass overwrite=True")
     return [im["file_name"] for im in data.get("images", []) if isinstance(im, dict) and "file_name" in im] \
         if ours else []
+
+
+def _is_ours(path: Path) -> bool:
+    """Whether an image file carries the mark ``make_coco_detection`` writes into its metadata (so an
+    interrupted run's images are recognised and replaced, and anyone else's are not)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            mark = image.info.get("Software") or image.info.get("comment") or b""
+    except (OSError, UnidentifiedImageError):
+        return False
+    return (mark.decode("utf-8", "replace") if isinstance(mark, bytes) else str(mark)) == _GENERATOR
+
+
+def _save_image(path: Path, pixels: Any, ext: str) -> None:
+    """Save an RGB array atomically, marked as ours in its metadata."""
+    from PIL import Image, PngImagePlugin
+
+    image = Image.fromarray(pixels, "RGB")
+    if ext == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", _GENERATOR)
+        options: dict[str, Any] = {"format": "PNG", "pnginfo": info}
+    else:
+        options = {"format": "JPEG", "quality": 95, "subsampling": 0, "comment": _GENERATOR}
+    _atomic_write(path, lambda f: image.save(f, **options))
 
 
 def _place(rng: random.Random, width: int, height: int, lo: int, hi: int,
@@ -188,10 +216,15 @@ def make_coco_detection(
     ``iscrowd`` 1, RLE). The first ``empty_images`` images have no objects. Test splits in the coco
     and detectron2 layouts get an ``image_info_*.json`` without annotations, like COCO's own.
     Deterministic by ``seed`` and split (image i is the same whatever ``num_images``). Files are written
-    atomically; an annotation file that another tool wrote is never replaced unless ``overwrite=True``.
+    atomically and images are marked in their metadata: a rerun (also after an interrupted one) replaces
+    its own output, but files that anything else wrote are never replaced unless ``overwrite=True``.
     """
-    import numpy as np
-    from PIL import Image
+    try:
+        import numpy as np
+        import PIL  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"make_coco_detection needs numpy and Pillow ({exc}); install them with "
+                          "pip install 'ratlib[detection]'") from exc
 
     width, height = _sizes(image_size)
     _check_args(num_images, num_categories, min_objects, max_objects, object_size, crowd_fraction, empty_images,
@@ -201,10 +234,10 @@ def make_coco_detection(
     ext = "jpg" if image_format.lower() in ("jpg", "jpeg") else "png"
     names = [f"{i + 1:012d}.{ext}" for i in range(num_images)]
     old_files = _previous_run(ann_path, overwrite)
-    foreign = [n for n in names if (image_dir / n).exists() and n not in old_files]
+    foreign = [n for n in names if (image_dir / n).exists() and not _is_ours(image_dir / n)]
     if foreign and not overwrite:
         raise FileExistsError(f"make_coco_detection: {image_dir} already holds {len(foreign)} file(s) it would "
-                              f"replace (e.g. {foreign[0]}) that no earlier make_coco_detection run wrote; choose "
+                              f"replace (e.g. {foreign[0]}) that make_coco_detection did not write; choose "
                               "another root, or pass overwrite=True")
     if ann_path.exists():  # no window where an old annotation file describes new images
         ann_path.unlink()
@@ -254,13 +287,11 @@ def make_coco_detection(
                 "iscrowd": int(crowd),
                 "segmentation": _rle(mask) if crowd else [[round(v, 2) for xy in polys[0] for v in xy]],
             })
-        file_name = names[index]
-        image = Image.fromarray(pixels, "RGB")
-        options = {"quality": 95, "subsampling": 0} if ext == "jpg" else {}
-        _atomic_write(image_dir / file_name, lambda f: image.save(f, format=_FORMATS[ext], **options))
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-    for stale in set(old_files) - {im["file_name"] for im in images}:
-        (image_dir / stale).unlink(missing_ok=True)
+        _save_image(image_dir / names[index], pixels, ext)
+        images.append({"id": image_id, "file_name": names[index], "width": width, "height": height})
+    for stale in sorted(set(old_files) - set(names)):  # listed by our earlier run, and still marked as ours
+        if _is_ours(image_dir / stale):
+            (image_dir / stale).unlink()
     data: dict[str, Any] = {
         "info": {"description": f"ratlib synthetic COCO detection, {s}, seed {seed}", "version": "1.0",
                  "generator": _GENERATOR, "seed": seed, "split": str(s)},

@@ -144,6 +144,8 @@ def test_reruns_replace_their_own_output_and_nothing_else(tmp_path: Path) -> Non
     again = make_coco_detection(tmp_path, "train", num_images=3, image_format="jpg")
     assert sorted(f.name for f in again.images.iterdir()) == [f"{i:012d}.jpg" for i in (1, 2, 3)]
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+    again.annotations.unlink()  # as if interrupted before the JSON: its images are still known as ours
+    assert make_coco_detection(tmp_path, "train", num_images=3, image_format="jpg").annotations.is_file()
     foreign = tmp_path / "real"
     (foreign / "annotations").mkdir(parents=True)
     (foreign / "annotations" / "instances_val2017.json").write_text('{"images": []}')
@@ -153,11 +155,11 @@ def test_reruns_replace_their_own_output_and_nothing_else(tmp_path: Path) -> Non
         f"make_coco_detection: {foreign / 'annotations/instances_val2017.json'} exists and was not written by "
         "make_coco_detection; refusing to replace it. Choose another root, or pass overwrite=True")
     (foreign / "val2017").mkdir()
-    (foreign / "val2017" / "000000000001.png").write_bytes(b"mine")
+    Image.new("RGB", (8, 8)).save(foreign / "val2017" / "000000000001.png")  # someone's own image
     (foreign / "annotations" / "instances_val2017.json").unlink()
     with pytest.raises(FileExistsError, match=re.escape("already holds 1 file(s) it would replace (e.g. 000000000001")):
         make_coco_detection(foreign, "val", num_images=2)
-    assert (foreign / "val2017" / "000000000001.png").read_bytes() == b"mine"
+    assert Image.open(foreign / "val2017" / "000000000001.png").size == (8, 8)
     assert make_coco_detection(foreign, "val", num_images=2, overwrite=True).annotations.is_file()
 
 
