@@ -65,7 +65,7 @@ def test_spellings_of_one_split_resolve_to_the_same_paths(tmp_path_factory: pyte
     split = data.draw(st.sampled_from([CocoSplit("train", 2017), CocoSplit("val", 2014), CocoSplit("minival", 2014)]))
     root = _DATASET_ROOTS.get(split) or _make_root(tmp_path_factory, split)
     a, _ = data.draw(coco_split_spellings(split=split.name, year=split.year))
-    b, _ = data.draw(coco_split_spellings(split=str(split)))
+    b, _ = data.draw(coco_split_spellings(split=data.draw(st.sampled_from([str(split), split]))))
     assert resolve_coco(root, a) == resolve_coco(root, b) == resolve_coco(root, split.name, year=split.year)
 
 
@@ -94,6 +94,17 @@ def test_resolve_on_generated_trees(tree, auto: bool) -> None:
         return
     assert paths == tree.expected, f"{paths} != {tree.expected}; tree: {tree.files}"
     assert paths.annotations.is_file() and paths.images.is_dir()
+
+
+def test_strategy_arguments_are_checked_at_once() -> None:
+    with pytest.raises(ValueError, match="unknown COCO split 'tain'"):
+        coco_split_spellings(split="tain")
+    with pytest.raises(ValueError, match="COCO has no split minival in year 2017; years per split: train 2017/2014"):
+        coco_split_spellings(split="minival", year=2017)
+    with pytest.raises(ValueError, match="split='val2014' and year=2017 disagree"):
+        coco_split_spellings(split="val2014", year=2017)
+    with pytest.raises(ValueError, match="coco_trees: layout='yolo' is unknown; expected None or one of coco"):
+        coco_trees("yolo")
 
 
 def test_the_strategies_catch_the_doubled_year_bug() -> None:

@@ -34,16 +34,16 @@ def _kinds_for(split: CocoSplit) -> list[str]:
     return kinds + ["panoptic"] if split.year == 2017 and split.name in ("train", "val") else kinds
 
 
-def _choices(split: str | None, year: int | None, names: list[str] | None = None) -> list[CocoSplit]:
+def _choices(split: str | CocoSplit | None, year: int | None) -> list[CocoSplit]:
     """Every CocoSplit allowed by ``split`` (a name, any spelling, or one with a year) and ``year``."""
-    fixed_year = year
+    fixed_year, names = year, list(SPLITS)
     if split is not None:
         parsed = parse_split(split)  # ValueError with suggestions for an unknown name
-        has_year = any(ch.isdigit() for ch in split)
+        has_year = isinstance(split, CocoSplit) or any(ch.isdigit() for ch in split)
         if has_year and year is not None and parsed.year != int(year):
             raise ValueError(f"split={split!r} and year={year!r} disagree; give the year once")
         names, fixed_year = [parsed.name], parsed.year if has_year else year
-    splits = [CocoSplit(n, y) for n in names or list(SPLITS) for y in SPLITS[n]
+    splits = [CocoSplit(n, y) for n in names for y in SPLITS[n]
               if fixed_year is None or y == int(fixed_year)]
     if not splits:
         raise ValueError(f"COCO has no split {split or '(any name)'} in year {year}; years per split: "
@@ -59,7 +59,7 @@ def _case(draw: st.DrawFn, text: str) -> str:
     return {"lower": text.lower(), "upper": text.upper(), "title": text.title()}[style]
 
 
-def coco_split_spellings(split: str | None = None, year: int | None = None
+def coco_split_spellings(split: str | CocoSplit | None = None, year: int | None = None
                          ) -> st.SearchStrategy[tuple[str, CocoSplit]]:
     """``(spelling, CocoSplit)``: one accepted spelling of a COCO split and the split it stands for.
 
