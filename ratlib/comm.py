@@ -1,12 +1,18 @@
-"""Collectives that are also correct with no process group (world size 1).
+"""Collectives that give the same answer, in the same types, with one process and no group as with many.
 
-Every function works the same in a single process (returns the local value) and over any backend.
-Each public collective first calls ``_before_collective`` so that ``ratlib.hang`` (when imported and
-asked to) can check that all ranks are in the same collective from the same call site.
+Code written against these runs unchanged in a single process (tests, notebooks, debugging) and under
+torchrun: each function returns what the collective would return at world size 1 and checks its
+arguments the same way, so a mistake shows up before the job is scaled out.
+
+Every public collective starts with ``_before_collective(op)`` so that ``ratlib.hang`` (when imported
+and asked to) can check that all ranks are in the same collective from the same call site; that costs
+one dictionary lookup when ``ratlib.hang`` is not imported.
 """
 
 from __future__ import annotations
 
+import hashlib
+import numbers
 import sys
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -17,6 +23,7 @@ T = TypeVar("T")
 
 
 def _before_collective(op: str) -> None:
+    # Call depth matters: public function -> _before_collective -> hang.before_collective.
     hang = sys.modules.get("ratlib.hang")
     if hang is not None:
         hang.before_collective(op)
@@ -31,62 +38,128 @@ def _dist() -> Any | None:
 
 
 def _device(dist: Any) -> Any:
+    """Where a collective's tensors must live: the current GPU for nccl, else the CPU."""
     import torch
 
-    if dist.get_backend() == "nccl":
+    if "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
+def _is_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")  # no torch imported: x cannot be a tensor
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real)
+
+
+def _check_rank_arg(name: str, value: int, world: int, fn: str) -> None:
+    if not isinstance(value, int) or not 0 <= value < world:
+        raise ValueError(f"{fn}: {name}={value!r} is not a rank of this job (world size {world}); "
+                         f"expected 0..{world - 1}")
+
+
 def all_reduce_mean(x: T) -> T:
-    """Mean of ``x`` over all ranks; ``x`` is a tensor (returned as a new tensor) or a Python number."""
+    """Mean of ``x`` over all ranks, for metrics: a tensor comes back as a new, detached tensor (integer
+    and bool tensors as floating point, as ``t / n`` gives), a Python number as a float."""
     _before_collective("all_reduce_mean")
     dist = _dist()
+    world = dist.get_world_size() if dist is not None else 1
+    if _is_tensor(x):
+        import torch
+
+        t = x.detach().clone()  # type: ignore[attr-defined]
+        if not (t.is_floating_point() or t.is_complex()):
+            t = t.to(torch.int64)  # an exact sum; the division below makes it floating point
+        if dist is not None:
+            dist.all_reduce(t)
+        return t / world  # type: ignore[return-value]
+    if not _is_number(x):
+        raise TypeError(f"all_reduce_mean: expected a tensor or a real number, got {type(x).__name__} ({x!r}); "
+                        "reduce each value separately, or use reduce_dict for a dict of them")
     if dist is None:
-        return x.clone() if hasattr(x, "clone") else x  # type: ignore[return-value]
+        return float(x)  # type: ignore[arg-type, return-value]
     import torch
 
-    if isinstance(x, torch.Tensor):
-        t = x.detach().clone()
-        if not (t.is_floating_point() or t.is_complex()):
-            t = t.double()
-        dist.all_reduce(t)
-        return t / dist.get_world_size()  # type: ignore[return-value]
-    if not isinstance(x, (int, float)):
-        raise TypeError(f"all_reduce_mean: expected a tensor or a number, got {type(x).__name__}")
-    t = torch.tensor([float(x)], dtype=torch.float64, device=_device(dist))
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_device(dist))  # type: ignore[arg-type]
     dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()  # type: ignore[return-value]
+    return float(t.item()) / world  # type: ignore[return-value]
+
+
+def _scalar_values(d: Mapping[str, Any]) -> list[str]:
+    """The keys in a fixed order, after checking that every value is a number or a one-element tensor."""
+    if not isinstance(d, Mapping):
+        raise TypeError(f"reduce_dict: expected a dict of numbers or scalar tensors, got {type(d).__name__}")
+    for key, value in d.items():
+        if not isinstance(key, str):
+            raise TypeError(f"reduce_dict: key {key!r} is a {type(key).__name__}; expected str keys")
+        if _is_tensor(value):
+            if value.is_complex():
+                raise TypeError(f"reduce_dict: d[{key!r}] is a complex tensor; expected a real number")
+            if value.numel() != 1:
+                raise ValueError(f"reduce_dict: d[{key!r}] has shape {tuple(value.shape)}; expected one element "
+                                 "(reduce larger tensors with all_reduce_mean)")
+        elif not _is_number(value):
+            raise TypeError(f"reduce_dict: d[{key!r}] is a {type(value).__name__} ({value!r}); expected a number "
+                            "or a one-element tensor")
+    return sorted(d)
+
+
+def _check_same_keys(dist: Any, keys: list[str], device: Any) -> None:
+    """One small all_reduce (MAX of the count and a key hash, and of their negatives): equal everywhere
+    iff every rank passed the same keys. On a mismatch every rank learns it, so all of them raise."""
+    import torch
+
+    digest = int.from_bytes(hashlib.blake2b("\0".join(keys).encode(), digest_size=7).digest(), "big")
+    t = torch.tensor([len(keys), digest, -len(keys), -digest], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) == -int(t[2]) and int(t[1]) == -int(t[3]):
+        return
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, keys)
+    shown = "; ".join(f"rank {r}: {k}" for r, k in enumerate(every))
+    raise ValueError(f"reduce_dict: ranks passed different keys ({shown}); every rank must reduce the same keys, "
+                     "in any order")
 
 
 def reduce_dict(d: Mapping[str, Any], average: bool = True) -> dict[str, Any]:
-    """Sum (or mean, with ``average``) of each value over all ranks, in one collective.
+    """Sum (or mean, with ``average``) of each value over all ranks, in one collective for the values.
 
-    Values are scalar tensors or numbers; every rank must pass the same keys. Tensors come back as
-    tensors, numbers as floats, on every rank.
+    Values are numbers or one-element tensors; every rank must pass the same keys (checked, and a
+    mismatch raises ``ValueError`` on every rank instead of mixing values up). Numbers come back as
+    floats; tensors as tensors of their own dtype, shape and device (integer tensors as floating
+    point for a mean). Keys come back sorted.
     """
     _before_collective("reduce_dict")
+    keys = _scalar_values(d)
     dist = _dist()
-    keys = sorted(d)
     if dist is None:
-        return {k: d[k] for k in keys}
+        return {k: _result(d[k], d[k], average, 1) for k in keys}
     import torch
 
-    names = [None] * dist.get_world_size()
-    dist.all_gather_object(names, keys)
-    if any(n != keys for n in names):
-        raise ValueError(f"reduce_dict: ranks passed different keys: {dict(enumerate(names))}; "
-                         "every rank must reduce the same dict keys")
     device = _device(dist)
-    values = torch.stack([torch.as_tensor(d[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
+    _check_same_keys(dist, keys, device)
+    values = torch.stack([d[k].detach().to(device=device, dtype=torch.float64).reshape(()) if _is_tensor(d[k])
+                          else torch.tensor(float(d[k]), dtype=torch.float64, device=device) for k in keys])
     dist.all_reduce(values)
+    world = dist.get_world_size()
+    return {k: _result(d[k], v, average, world) for k, v in zip(keys, values)}
+
+
+def _result(src: Any, total: Any, average: bool, world: int) -> Any:
+    """``total`` (the sum over ranks) in the type ``src`` came in, divided by ``world`` for a mean."""
+    if not _is_tensor(src):
+        return float(total) / world if average else float(total)
+    import torch
+
+    out = total.detach().to(torch.float64, copy=True)
     if average:
-        values /= dist.get_world_size()
-    out: dict[str, Any] = {}
-    for k, v in zip(keys, values):
-        src = d[k]
-        out[k] = v.to(dtype=src.dtype, device=src.device) if isinstance(src, torch.Tensor) else float(v.item())
-    return out
+        out = out / world
+    integral = not src.is_floating_point()
+    dtype = torch.get_default_dtype() if integral and average else src.dtype
+    return out.to(dtype=dtype, device=src.device).reshape(src.shape)
 
 
 def gather_object(obj: T, dst: int = 0) -> list[T] | None:
@@ -94,7 +167,9 @@ def gather_object(obj: T, dst: int = 0) -> list[T] | None:
     _before_collective("gather_object")
     dist = _dist()
     if dist is None:
+        _check_rank_arg("dst", dst, 1, "gather_object")
         return [obj]
+    _check_rank_arg("dst", dst, dist.get_world_size(), "gather_object")
     out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
     dist.gather_object(obj, out, dst=dst)
     return out
@@ -116,7 +191,9 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     _before_collective("broadcast_object")
     dist = _dist()
     if dist is None:
+        _check_rank_arg("src", src, 1, "broadcast_object")
         return obj
+    _check_rank_arg("src", src, dist.get_world_size(), "broadcast_object")
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]

@@ -1,20 +1,22 @@
 """Launcher detection, process-group set-up and teardown, rank helpers.
 
-``detect_launch_env`` is the one place where launcher variables are parsed (torchrun, DeepSpeed and
-Kubeflow, SLURM, Open MPI, MPICH / Intel MPI / PMI(x), or a single process); it is pure and imports no
-torch. ``init_distributed`` pins the rank to its GPU, checks that the rendezvous is reachable before it
-blocks, and wraps every failure in a ``DistInitError`` that names the launcher, the variables, the
-rank, the cause and the fix. Torch is imported only inside the functions that need it.
+``detect_launch_env`` is the one place where launcher variables are parsed (torchrun, DeepSpeed,
+Kubeflow, SLURM, Open MPI, MVAPICH, MPICH / Intel MPI / PMI(x), or a single process); it is pure and
+imports no torch. ``init_distributed`` pins the rank to its GPU, checks that the rendezvous is
+reachable before it blocks, and turns every failure into a ``DistInitError`` that names the launcher,
+the variables, the rank, the cause and the fix. Torch is imported only inside the functions that need it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import os
 import re
 import socket
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -51,7 +53,8 @@ class DistInitError(RuntimeError):
 class LaunchEnv:
     """What the launcher told this process, parsed from environment variables (no torch)."""
 
-    launcher: str  # "torchrun", "env", "slurm", "openmpi", "mpich", "single"
+    # "torchrun", "deepspeed", "kubeflow", "env", "slurm", "openmpi", "mvapich", "mpich", "single"
+    launcher: str
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -93,12 +96,34 @@ class DistInfo:
 # ----------------------------------------------------------------------------------------------
 # Launcher environment parsing (pure, torch-free)
 
-_TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
-_SLURM = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_TASKS_PER_NODE",
-          "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_JOB_ID", "MASTER_ADDR", "MASTER_PORT")
-_OMPI = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
-         "OMPI_COMM_WORLD_NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
-_PMI = ("PMI_RANK", "PMIX_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "MASTER_ADDR", "MASTER_PORT")
+_MASTER = ("MASTER_ADDR", "MASTER_PORT")
+_TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "LOCAL_SIZE", "CROSS_RANK",
+               "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "KUBERNETES_SERVICE_HOST", *_MASTER)
+_SLURM_VARS = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_LOCALID",
+               "SLURM_NODEID", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_STEP_NODELIST",
+               "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_JOB_ID", "SLURM_STEP_ID", *_MASTER)
+
+
+@dataclass(frozen=True)
+class _Mpi:
+    """Variable names of an MPI-style launcher: rank, size, local rank, local size, node rank."""
+
+    rank: tuple[str, ...]
+    size: str
+    local_rank: str
+    local_size: str
+    node: str | None
+    fix: str
+
+
+_MPI = {
+    "openmpi": _Mpi(("OMPI_COMM_WORLD_RANK",), "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                    "OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_NODE_RANK", "start every process with mpirun"),
+    "mvapich": _Mpi(("MV2_COMM_WORLD_RANK",), "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK",
+                    "MV2_COMM_WORLD_LOCAL_SIZE", None, "start every process with mpirun_rsh or mpiexec"),
+    "mpich": _Mpi(("PMI_RANK", "PMIX_RANK"), "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", None,
+                  "start every process with mpiexec (MPICH, Intel MPI), or set RANK and WORLD_SIZE instead"),
+}
 
 
 def _fail(launcher: str, read: Mapping[str, str], problem: str, fix: str) -> DistInitError:
@@ -107,7 +132,7 @@ def _fail(launcher: str, read: Mapping[str, str], problem: str, fix: str) -> Dis
 
 
 def _read(env: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
-    return {k: env[k] for k in names if k in env}
+    return {k: str(env[k]) for k in names if k in env}
 
 
 def _int(read: Mapping[str, str], name: str, launcher: str, *, minimum: int = 0) -> int:
@@ -116,7 +141,7 @@ def _int(read: Mapping[str, str], name: str, launcher: str, *, minimum: int = 0)
         value = int(raw.strip())
     except ValueError:
         raise _fail(launcher, read, f"{name}={raw!r} is not an integer",
-                    f"set {name} to a whole number or unset it") from None
+                    f"set {name} to a whole number, or unset it") from None
     if value < minimum:
         raise _fail(launcher, read, f"{name}={raw!r} is below {minimum}", f"set {name} to at least {minimum}")
     return value
@@ -132,172 +157,232 @@ def _port(read: Mapping[str, str], launcher: str) -> int | None:
     return port
 
 
+def _first(read: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if n in read), None)
+
+
+def _check(launcher: str, read: Mapping[str, str], values: tuple[int, int, int, int],
+           names: tuple[str, str, str, str]) -> None:
+    """rank < world, local rank < local world <= world; ``names`` are the variables behind each value."""
+    rank, world, local_rank, local_world = values
+    if rank >= world:
+        raise _fail(launcher, read, f"{names[0]}={rank} is not below {names[1]}={world}",
+                    "each rank must lie in [0, world size); check the launcher's arguments")
+    if local_rank >= local_world:
+        raise _fail(launcher, read, f"{names[2]}={local_rank} is not below {names[3]}={local_world}",
+                    "the local rank must lie in [0, processes on this node)")
+    if local_world > world:
+        raise _fail(launcher, read, f"{names[3]}={local_world} exceeds {names[1]}={world}",
+                    "a node cannot hold more processes than the job")
+
+
+def _half_set(launcher: str, read: Mapping[str, str], present: str, missing: str, fix: str) -> DistInitError:
+    return _fail(launcher, read, f"{present} is set but {missing} is not (a half-set launcher)", fix)
+
+
+def _torch_style(env: Mapping[str, str]) -> LaunchEnv:
+    """torchrun / torchelastic, DeepSpeed's launcher, Kubeflow, or RANK/WORLD_SIZE set by hand."""
+    read = _read(env, _TORCH_VARS)
+    if "TORCHELASTIC_RUN_ID" in read or "GROUP_RANK" in read:
+        launcher = "torchrun"
+    elif "LOCAL_SIZE" in read or "CROSS_RANK" in read:
+        launcher = "deepspeed"
+    elif "LOCAL_RANK" not in read and "KUBERNETES_SERVICE_HOST" in read:
+        launcher = "kubeflow"  # PyTorchJob: one process per pod, RANK is the pod's index
+    else:
+        launcher = "env"
+    for present, missing in (("RANK", "WORLD_SIZE"), ("WORLD_SIZE", "RANK")):
+        if missing not in read:
+            raise _half_set(launcher, read, present, missing,
+                            "set RANK and WORLD_SIZE together (torchrun does), or unset both for one process")
+    rank, world = _int(read, "RANK", launcher), _int(read, "WORLD_SIZE", launcher, minimum=1)
+    local_world_name = _first(read, ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"))
+    if local_world_name:
+        local_world = _int(read, local_world_name, launcher, minimum=1)
+    else:  # no per-node count: one process per pod on Kubeflow, else assume a single node
+        local_world = 1 if launcher == "kubeflow" else world
+    local_rank = _int(read, "LOCAL_RANK", launcher) if "LOCAL_RANK" in read else rank % local_world
+    node_name = _first(read, ("GROUP_RANK", "CROSS_RANK"))
+    node = _int(read, node_name, launcher) if node_name else rank // local_world
+    _check(launcher, read, (rank, world, local_rank, local_world),
+           ("RANK", "WORLD_SIZE", "LOCAL_RANK", local_world_name or "LOCAL_WORLD_SIZE"))
+    return LaunchEnv(launcher, rank, world, local_rank, local_world, node, read.get("MASTER_ADDR") or None,
+                     _port(read, launcher), read)
+
+
+def _mpi(env: Mapping[str, str], launcher: str) -> LaunchEnv:
+    """Open MPI, MVAPICH or MPICH / Intel MPI / PMI(x): per-process variables set by mpirun / mpiexec."""
+    spec = _MPI[launcher]
+    read = _read(env, (*spec.rank, spec.size, spec.local_rank, spec.local_size, *filter(None, (spec.node,)),
+                       *_MASTER))
+    rank_name = _first(read, spec.rank) or spec.rank[0]
+    if rank_name not in read:
+        raise _half_set(launcher, read, spec.size, rank_name, spec.fix)
+    if spec.size not in read:
+        raise _half_set(launcher, read, rank_name, spec.size, spec.fix)
+    rank, world = _int(read, rank_name, launcher), _int(read, spec.size, launcher, minimum=1)
+    local_world = _int(read, spec.local_size, launcher, minimum=1) if spec.local_size in read else world
+    local_rank = _int(read, spec.local_rank, launcher) if spec.local_rank in read else rank % local_world
+    node = _int(read, spec.node, launcher) if spec.node and spec.node in read else rank // local_world
+    _check(launcher, read, (rank, world, local_rank, local_world),
+           (rank_name, spec.size, spec.local_rank, spec.local_size))
+    return LaunchEnv(launcher, rank, world, local_rank, local_world, node, read.get("MASTER_ADDR") or None,
+                     _port(read, launcher), read)
+
+
+_HOST_ITEM = re.compile(r"[^\[\],]*(?:\[[^\[\]]*\][^\[\],]*)*")
+
+
+def _nodelist_items(nodelist: str) -> list[list[str | list[tuple[str, str]]]]:
+    """Parse a SLURM host list into items of literal text and range lists, validating all of it
+    without expanding (``n[0-99999]`` costs nothing here)."""
+    items: list[list[str | list[tuple[str, str]]]] = []
+    pos = 0
+    while pos <= len(nodelist):
+        m = _HOST_ITEM.match(nodelist, pos)
+        text = m.group(0) if m else ""
+        end = pos + len(text)
+        if end < len(nodelist) and nodelist[end] != ",":
+            raise ValueError(f"SLURM node list {nodelist!r}: unbalanced bracket at position {end}")
+        if text.strip():
+            parts: list[str | list[tuple[str, str]]] = []
+            for piece in re.split(r"(\[[^\]]*\])", text.strip()):
+                if not piece.startswith("["):
+                    parts.append(piece)
+                    continue
+                ranges = []
+                for part in piece[1:-1].split(","):
+                    lo, _, hi = part.strip().partition("-")
+                    if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+                        raise ValueError(f"SLURM node list {nodelist!r}: range {part!r} is not N or N-M with N <= M")
+                    ranges.append((lo, hi or lo))
+                parts.append(ranges)
+            items.append(parts)
+        pos = end + 1
+    return items
+
+
+def _expand_item(parts: list[str | list[tuple[str, str]]]) -> Iterator[str]:
+    if not parts:
+        yield ""
+        return
+    head, rest = parts[0], parts[1:]
+    heads = [head] if isinstance(head, str) else (
+        str(i).zfill(len(lo)) for lo, hi in head for i in range(int(lo), int(hi) + 1))
+    for h in heads:
+        for tail in _expand_item(rest):
+            yield h + tail
+
+
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
-    """Expand SLURM's compressed host list, e.g. ``gpu[01-03,07],cpu3`` -> gpu01 gpu02 gpu03 gpu07 cpu3."""
-    items, depth, current = [], 0, ""
-    for ch in nodelist:  # split on commas outside brackets
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += ch
-    items.append(current)
-    hosts: list[str] = []
-    for item in (i.strip() for i in items if i.strip()):
-        m = re.fullmatch(r"([^\[\]]*)\[([^\]]+)\]([^\[\]]*)", item)
-        if m is None:
-            if "[" in item or "]" in item:
-                raise ValueError(f"SLURM node list {nodelist!r}: {item!r} is not host or prefix[ranges]")
-            hosts.append(item)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for part in ranges.split(","):
-            lo, _, hi = part.strip().partition("-")
-            if not lo.isdigit() or (hi and not hi.isdigit()):
-                raise ValueError(f"SLURM node list {nodelist!r}: range {part!r} is not N or N-M")
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
-    return hosts
+    """Expand SLURM's compressed host list, e.g. ``gpu[01-03,07],cpu3`` -> gpu01 gpu02 gpu03 gpu07 cpu3.
+
+    Raises ``ValueError`` naming the part that is not ``host`` or ``prefix[ranges]suffix``.
+    """
+    return [host for item in _nodelist_items(nodelist) for host in _expand_item(item)]
+
+
+def _first_slurm_host(nodelist: str) -> str | None:
+    items = _nodelist_items(nodelist)
+    return next(_expand_item(items[0]), None) if items else None
+
+
+def _tasks_per_node(spec: str, name: str = "SLURM_TASKS_PER_NODE") -> list[tuple[int, int]]:
+    out = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            raise ValueError(f"{name}={spec!r}: {part!r} is not N or N(xM)")
+        out.append((int(m.group(1)), int(m.group(2) or 1)))
+    return out
 
 
 def expand_slurm_tasks_per_node(spec: str) -> list[int]:
     """Expand SLURM_TASKS_PER_NODE, e.g. ``4(x2),3`` -> [4, 4, 3]."""
-    counts: list[int] = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
-        if not m:
-            raise ValueError(f"SLURM_TASKS_PER_NODE={spec!r}: {part!r} is not N or N(xM)")
-        counts += [int(m.group(1))] * int(m.group(2) or 1)
-    return counts
+    return [count for count, repeat in _tasks_per_node(spec) for _ in range(repeat)]
 
 
-def _check(launcher: str, read: Mapping[str, str], rank: int, world: int, local_rank: int, local_world: int,
-           rank_names: tuple[str, str], local_names: tuple[str, str]) -> None:
-    if world < 1:
-        raise _fail(launcher, read, f"{rank_names[1]}={world} must be at least 1", "fix the launcher's world size")
-    if rank >= world:
-        raise _fail(launcher, read, f"{rank_names[0]}={rank} is not below {rank_names[1]}={world}",
-                    "each rank must lie in [0, world size); check the launcher's arguments")
-    if local_rank >= local_world:
-        raise _fail(launcher, read, f"{local_names[0]}={local_rank} is not below {local_names[1]}={local_world}",
-                    "the local rank must lie in [0, processes on this node)")
-    if local_world > world:
-        raise _fail(launcher, read, f"{local_names[1]}={local_world} exceeds {rank_names[1]}={world}",
-                    "a node cannot hold more processes than the job")
-
-
-def _torchrun(env: Mapping[str, str]) -> LaunchEnv:
-    read = _read(env, _TORCHRUN + ("TORCHELASTIC_RUN_ID",))
-    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env or "GROUP_RANK" in env else "env"
-    missing = [k for k in ("RANK", "WORLD_SIZE") if k not in env]
-    if missing:
-        raise _fail(launcher, read, f"{' and '.join(missing)} missing while "
-                    f"{'RANK' if 'RANK' in env else 'WORLD_SIZE'} is set (a half-set launcher)",
-                    "set RANK and WORLD_SIZE together (torchrun does), or unset both for one process")
-    rank, world = _int(read, "RANK", launcher), _int(read, "WORLD_SIZE", launcher, minimum=1)
-    local_rank = _int(read, "LOCAL_RANK", launcher) if "LOCAL_RANK" in read else rank
-    if "LOCAL_WORLD_SIZE" in read:
-        local_world = _int(read, "LOCAL_WORLD_SIZE", launcher, minimum=1)
-    else:  # older launchers set only LOCAL_RANK: assume one node
-        local_world = world
-    node = _int(read, "GROUP_RANK", launcher) if "GROUP_RANK" in read else (rank // local_world)
-    _check(launcher, read, rank, world, local_rank, local_world, ("RANK", "WORLD_SIZE"),
-           ("LOCAL_RANK", "LOCAL_WORLD_SIZE"))
-    return LaunchEnv(launcher, rank, world, local_rank, local_world, node, read.get("MASTER_ADDR"),
-                     _port(read, launcher), read)
+def _tasks_on_node(spec: str, node: int, name: str) -> tuple[int, int] | None:
+    """(tasks on node ``node``, rank of its first task) per SLURM_TASKS_PER_NODE, without expanding
+    it; None past the last node."""
+    offset = 0
+    for count, repeat in _tasks_per_node(spec, name):
+        if node < repeat:
+            return count, offset + node * count
+        node -= repeat
+        offset += count * repeat
+    return None
 
 
 def _slurm(env: Mapping[str, str]) -> LaunchEnv:
-    read = _read(env, _SLURM)
-    launcher = "slurm"
-    if "SLURM_NTASKS" not in env:
-        raise _fail(launcher, read, "SLURM_PROCID is set but SLURM_NTASKS is not",
-                    "start the job with srun (or sbatch --ntasks=N), or unset SLURM_PROCID")
-    rank, world = _int(read, "SLURM_PROCID", launcher), _int(read, "SLURM_NTASKS", launcher, minimum=1)
-    local_rank = _int(read, "SLURM_LOCALID", launcher) if "SLURM_LOCALID" in read else 0
+    """srun: SLURM's per-task variables; the step's counts win over the allocation's."""
+    read = _read(env, _SLURM_VARS)
+    launcher, fix = "slurm", "start every task with srun (in sbatch scripts too), or unset SLURM_PROCID"
+    world_name = _first(read, ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"))
+    if world_name is None:
+        raise _half_set(launcher, read, "SLURM_PROCID", "SLURM_NTASKS", fix)
+    rank, world = _int(read, "SLURM_PROCID", launcher), _int(read, world_name, launcher, minimum=1)
     node = _int(read, "SLURM_NODEID", launcher) if "SLURM_NODEID" in read else 0
-    local_world = 1 if world == 1 else world
-    if "SLURM_TASKS_PER_NODE" in read:
+    per_node_name = _first(read, ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"))
+    local_world, first_on_node = world, 0  # without a per-node count: one node
+    if per_node_name:
         try:
-            per_node = expand_slurm_tasks_per_node(read["SLURM_TASKS_PER_NODE"])
+            on_node = _tasks_on_node(read[per_node_name], node, per_node_name)
         except ValueError as exc:
-            raise _fail(launcher, read, str(exc), "this variable is set by SLURM; do not set it by hand") from None
-        if node >= len(per_node):
-            raise _fail(launcher, read, f"SLURM_NODEID={node} but SLURM_TASKS_PER_NODE lists {len(per_node)} node(s)",
-                        "run the job through srun so that SLURM sets consistent variables")
-        local_world = per_node[node]
-    _check(launcher, read, rank, world, local_rank, local_world, ("SLURM_PROCID", "SLURM_NTASKS"),
-           ("SLURM_LOCALID", "SLURM_TASKS_PER_NODE"))
-    addr = read.get("MASTER_ADDR")
-    if addr is None:
-        nodelist = read.get("SLURM_STEP_NODELIST") or read.get("SLURM_JOB_NODELIST") or read.get("SLURM_NODELIST")
-        if nodelist:
-            try:
-                hosts = expand_slurm_nodelist(nodelist)
-            except ValueError as exc:
-                raise _fail(launcher, read, str(exc), "set MASTER_ADDR to the first node's host name") from None
-            addr = hosts[0] if hosts else None
+            raise _fail(launcher, read, str(exc), "SLURM sets this variable; do not set it by hand") from None
+        if on_node is None:
+            raise _fail(launcher, read, f"SLURM_NODEID={node} but {per_node_name}={read[per_node_name]!r} lists fewer "
+                        "nodes", fix)
+        local_world, first_on_node = on_node
+    if "SLURM_LOCALID" in read:
+        local_rank = _int(read, "SLURM_LOCALID", launcher)
+    else:  # srun always sets it; derived the way srun's default block distribution places tasks
+        local_rank = rank - first_on_node if 0 <= rank - first_on_node < local_world else rank % local_world
+    _check(launcher, read, (rank, world, local_rank, local_world),
+           ("SLURM_PROCID", world_name, "SLURM_LOCALID", per_node_name or world_name))
+    addr = read.get("MASTER_ADDR") or None
+    nodelist_name = _first(read, ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
+    if addr is None and nodelist_name:
+        try:
+            addr = _first_slurm_host(read[nodelist_name])
+        except ValueError as exc:
+            raise _fail(launcher, read, f"{nodelist_name}: {exc}", "set MASTER_ADDR to the first node's host name") \
+                from None
     port = _port(read, launcher)
-    if port is None and "SLURM_JOB_ID" in read:
-        port = 15000 + _int(read, "SLURM_JOB_ID", launcher) % 20000  # same on every task, differs across jobs
+    if port is None and "SLURM_JOB_ID" in read:  # the same on every task, different across jobs and steps
+        step = _int(read, "SLURM_STEP_ID", launcher) if "SLURM_STEP_ID" in read else 0
+        port = 15000 + (_int(read, "SLURM_JOB_ID", launcher) + 7919 * step) % 20000
     return LaunchEnv(launcher, rank, world, local_rank, local_world, node, addr, port, read)
 
 
-def _openmpi(env: Mapping[str, str]) -> LaunchEnv:
-    read = _read(env, _OMPI)
-    launcher = "openmpi"
-    if "OMPI_COMM_WORLD_SIZE" not in env:
-        raise _fail(launcher, read, "OMPI_COMM_WORLD_RANK is set but OMPI_COMM_WORLD_SIZE is not",
-                    "start the job with mpirun, or unset OMPI_COMM_WORLD_RANK")
-    rank = _int(read, "OMPI_COMM_WORLD_RANK", launcher)
-    world = _int(read, "OMPI_COMM_WORLD_SIZE", launcher, minimum=1)
-    local_rank = _int(read, "OMPI_COMM_WORLD_LOCAL_RANK", launcher) if "OMPI_COMM_WORLD_LOCAL_RANK" in read else 0
-    local_world = (_int(read, "OMPI_COMM_WORLD_LOCAL_SIZE", launcher, minimum=1)
-                   if "OMPI_COMM_WORLD_LOCAL_SIZE" in read else world)
-    node = _int(read, "OMPI_COMM_WORLD_NODE_RANK", launcher) if "OMPI_COMM_WORLD_NODE_RANK" in read else 0
-    _check(launcher, read, rank, world, local_rank, local_world, ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-           ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"))
-    return LaunchEnv(launcher, rank, world, local_rank, local_world, node, read.get("MASTER_ADDR"),
-                     _port(read, launcher), read)
-
-
-def _pmi(env: Mapping[str, str]) -> LaunchEnv:
-    read = _read(env, _PMI)
-    launcher = "mpich"
-    rank_name = "PMI_RANK" if "PMI_RANK" in env else "PMIX_RANK"
-    if "PMI_SIZE" not in env:
-        raise _fail(launcher, read, f"{rank_name} is set but PMI_SIZE is not",
-                    "start the job with mpiexec (MPICH, Intel MPI), or set RANK and WORLD_SIZE instead")
-    rank, world = _int(read, rank_name, launcher), _int(read, "PMI_SIZE", launcher, minimum=1)
-    local_rank = _int(read, "MPI_LOCALRANKID", launcher) if "MPI_LOCALRANKID" in read else 0
-    local_world = _int(read, "MPI_LOCALNRANKS", launcher, minimum=1) if "MPI_LOCALNRANKS" in read else world
-    _check(launcher, read, rank, world, local_rank, local_world, (rank_name, "PMI_SIZE"),
-           ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"))
-    node = rank // local_world if "MPI_LOCALNRANKS" in read else 0
-    return LaunchEnv(launcher, rank, world, local_rank, local_world, node, read.get("MASTER_ADDR"),
-                     _port(read, launcher), read)
+def _pmi_disagrees_with_slurm(env: Mapping[str, str]) -> bool:
+    """MPI started inside an allocation (mpiexec over srun): SLURM_PROCID is then the proxy's, not ours."""
+    rank = env.get("PMI_RANK", env.get("PMIX_RANK"))
+    world = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS"))
+    return "PMI_SIZE" in env and (str(rank).strip(), str(env["PMI_SIZE"]).strip()) != (
+        str(env["SLURM_PROCID"]).strip(), str(world).strip())
 
 
 def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """Parse the launcher's variables from ``environ`` (default ``os.environ``). Pure and torch-free.
 
-    Order: torchrun-style variables (RANK/WORLD_SIZE, also set by DeepSpeed and Kubeflow) win, so
-    torchrun inside a SLURM allocation is read as torchrun; then SLURM (srun), Open MPI, MPICH / Intel
-    MPI / PMI(x); else a single process. Inconsistent values raise ``DistInitError``.
+    The most specific variables win: torch-style RANK/WORLD_SIZE (torchrun, also inside SLURM;
+    DeepSpeed; Kubeflow), then MPI's per-process ranks (Open MPI, MVAPICH, MPICH / Intel MPI / PMI),
+    then SLURM (srun), else a single process. Inconsistent values raise ``DistInitError``.
     """
     env = os.environ if environ is None else environ
     if "RANK" in env or "WORLD_SIZE" in env:
-        return _torchrun(env)
-    if "SLURM_PROCID" in env:
+        return _torch_style(env)
+    if "OMPI_COMM_WORLD_RANK" in env or "OMPI_COMM_WORLD_SIZE" in env:
+        return _mpi(env, "openmpi")
+    if "MV2_COMM_WORLD_RANK" in env or "MV2_COMM_WORLD_SIZE" in env:
+        return _mpi(env, "mvapich")
+    pmi = "PMI_RANK" in env or "PMIX_RANK" in env
+    if "SLURM_PROCID" in env and not (pmi and _pmi_disagrees_with_slurm(env)):
         return _slurm(env)
-    if "OMPI_COMM_WORLD_RANK" in env:
-        return _openmpi(env)
-    if "PMI_RANK" in env or "PMIX_RANK" in env:
-        if "PMI_SIZE" not in env and "OMPI_COMM_WORLD_SIZE" in env:  # PMIx under Open MPI
-            return _openmpi({**env, "OMPI_COMM_WORLD_RANK": env["PMIX_RANK"]})
-        return _pmi(env)
-    return LaunchEnv("single", variables=_read(env, ("MASTER_ADDR", "MASTER_PORT")))
+    if pmi:
+        return _mpi(env, "mpich")
+    return LaunchEnv("single", variables=_read(env, _MASTER))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,6 +391,7 @@ def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
 _INFO: DistInfo | None = None
 _INIT_ARGS: dict[str, Any] | None = None
 _ATEXIT_REGISTERED = False
+_BACKENDS = ("nccl", "gloo", "mpi", "ucc", "xccl")
 
 
 def _torch_dist() -> Any:
@@ -325,81 +411,164 @@ def _where(launch: LaunchEnv) -> str:
     return f"rank {launch.rank}/{launch.world_size} (launcher {launch.launcher})"
 
 
-def _check_rendezvous(launch: LaunchEnv, connect_timeout: float) -> None:
-    """Fail fast: rank 0 must be able to bind MASTER_PORT; other ranks must reach it in time."""
-    addr, port = launch.master_addr, launch.master_port
-    read = dict(launch.variables)
-    if not addr or port is None:
-        missing = " and ".join(n for n, v in (("MASTER_ADDR", addr), ("MASTER_PORT", port)) if not v)
-        raise _fail(launch.launcher, read, f"{_where(launch)}: {missing} not set for a {launch.world_size}-process job",
-                    f"export {missing} (the host and a free port of rank 0), or launch with torchrun")
-    if launch.rank == 0:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("", port))
-            except OSError as exc:
-                raise DistInitError(
-                    f"{_where(launch)}: MASTER_PORT={port} is already in use on this host ({exc.strerror}); "
-                    f"another job or a previous run still holds it. Fix: choose another MASTER_PORT "
-                    f"(e.g. torchrun --master_port), or stop the process using it (`ss -ltnp | grep {port}`)"
-                ) from exc
-        return
+def _init_error(launch: LaunchEnv, problem: str, fix: str) -> DistInitError:
+    shown = ", ".join(f"{k}={v!r}" for k, v in launch.variables.items()) or "none"
+    return DistInitError(f"{_where(launch)}: {problem}. Variables read: {shown}. Fix: {fix}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+
+
+def _uses_agent_store(launch: LaunchEnv) -> bool:
+    """torchrun's agent already serves the store at MASTER_ADDR:MASTER_PORT; every rank is a client."""
+    return launch.variables.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _probe(addr: str, port: int, deadline: float) -> OSError | None:
+    """Try TCP connections to addr:port until one succeeds (None) or ``deadline`` passes (the last error)."""
+    last: OSError | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return last or TimeoutError(f"no attempt fitted in the time left ({remaining:.1f}s)")
+        try:
+            with socket.create_connection((addr, port), timeout=min(2.0, remaining)):
+                return None
+        except OSError as exc:
+            last = exc
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+
+def _client_store(launch: LaunchEnv, deadline: float, connect_timeout: float) -> Any:
+    """A TCPStore client, within ``deadline``: resolve, probe the port, then connect in a thread,
+    because torch's handshake waits forever on a port held by a program that never answers."""
+    addr, port = str(launch.master_addr), int(launch.master_port or 0)
+    reach_fix = ("rank 0 has not started or crashed (check its log); MASTER_ADDR must be rank 0's address as seen "
+                 "from this node; every rank needs the same MASTER_PORT; a firewall may block the port; or raise "
+                 "connect_timeout when ranks start far apart")
     try:
         socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise DistInitError(
-            f"{_where(launch)}: MASTER_ADDR={addr!r} does not resolve ({exc.strerror}). Fix: set MASTER_ADDR to "
-            f"rank 0's host name or IP address as seen from this node"
-        ) from exc
-    deadline = time.monotonic() + connect_timeout
-    last: OSError | None = None
-    while True:
+        raise _init_error(launch, f"MASTER_ADDR={addr!r} does not resolve ({exc.strerror})",
+                          "set MASTER_ADDR to rank 0's host name or IP address as seen from this node") from exc
+    start = time.monotonic()
+    error = _probe(addr, port, deadline)
+    if error is not None:
+        raise _init_error(launch, f"cannot reach the rendezvous at MASTER_ADDR={addr}:MASTER_PORT={port} within "
+                          f"connect_timeout={connect_timeout:g}s (gave up after {time.monotonic() - start:.1f}s; "
+                          f"last error: {error})", reach_fix)
+    dist, box = _torch_dist(), {}
+
+    def connect() -> None:
         try:
-            with socket.create_connection((addr, port), timeout=min(2.0, max(connect_timeout, 0.1))):
-                return
-        except OSError as exc:
-            last = exc
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.2)
-    raise DistInitError(
-        f"{_where(launch)}: cannot reach the rendezvous at MASTER_ADDR={addr}:MASTER_PORT={port} within "
-        f"connect_timeout={connect_timeout:g}s (last error: {last}). Likely fixes: rank 0 has not started or "
-        f"crashed (check its log); MASTER_ADDR is not rank 0's address as seen from this node; MASTER_PORT "
-        f"differs between ranks; a firewall blocks the port"
-    )
+            left = timedelta(seconds=max(deadline - time.monotonic(), 1.0))
+            box["store"] = dist.TCPStore(addr, port, launch.world_size, False, timeout=left)
+        except Exception as exc:  # handed to the main thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=connect, name="ratlib-store-connect", daemon=True)
+    thread.start()
+    thread.join(max(deadline - time.monotonic(), 1.0) + 0.5)
+    if "store" in box:
+        return box["store"]
+    if "error" in box:
+        raise _init_error(launch, f"the rendezvous at MASTER_ADDR={addr}:MASTER_PORT={port} refused this rank: "
+                          f"{_first_line(box['error'])}", reach_fix) from box["error"]
+    raise _init_error(launch, f"MASTER_ADDR={addr}:MASTER_PORT={port} accepts connections but does not answer as "
+                      f"a rendezvous store within connect_timeout={connect_timeout:g}s",
+                      "another program holds that port, or rank 0 is stuck: choose another MASTER_PORT "
+                      f"(`ss -ltnp | grep {port}` on {addr} shows who holds it)")
+
+
+def _server_store(launch: LaunchEnv, connect_timeout: float) -> Any:
+    """Rank 0 hosts the store and waits up to ``connect_timeout`` for every other rank to join."""
+    port = int(launch.master_port or 0)
+    try:
+        return _torch_dist().TCPStore(launch.master_addr, port, launch.world_size, True,
+                                      timeout=timedelta(seconds=connect_timeout), wait_for_workers=True,
+                                      multi_tenant=True)
+    except Exception as exc:
+        text = _first_line(exc)
+        if "EADDRINUSE" in text or "already in use" in text.lower():
+            raise _init_error(launch, f"MASTER_PORT={port} is already in use on this host (another job, or a "
+                              "previous run that still holds it)", "choose another MASTER_PORT (torchrun "
+                              f"--master_port), or stop the process holding it (`ss -ltnp | grep {port}`)") from exc
+        if "waiting for clients" in text:
+            raise _init_error(launch, f"not every rank reached the rendezvous on MASTER_PORT={port} within "
+                              f"connect_timeout={connect_timeout:g}s ({text})",
+                              f"start all {launch.world_size} ranks (WORLD_SIZE must match how many you start); "
+                              "check the other ranks' logs for their own error; give every rank the same "
+                              "MASTER_ADDR/MASTER_PORT; or raise connect_timeout when ranks start far apart") from exc
+        raise _init_error(launch, f"cannot open the rendezvous on MASTER_PORT={port}: {text}",
+                          "choose another MASTER_PORT, or check that this host may listen on it") from exc
+
+
+def _make_store(launch: LaunchEnv, connect_timeout: float, timeout: timedelta) -> Any:
+    """The rendezvous store, built so that set-up fails within ``connect_timeout`` instead of waiting for
+    the whole process-group ``timeout``; the store then gets ``timeout`` for everything after."""
+    missing = [name for name, value in zip(_MASTER, (launch.master_addr, launch.master_port)) if not value]
+    if missing:
+        names = " and ".join(missing)
+        raise _init_error(launch, f"{names} not set for a {launch.world_size}-process job",
+                          f"export {names} (rank 0's host and a free port on it), or launch with torchrun")
+    if launch.rank == 0 and not _uses_agent_store(launch):
+        store = _server_store(launch, connect_timeout)
+    else:
+        store = _client_store(launch, time.monotonic() + connect_timeout, connect_timeout)
+    store.set_timeout(timeout)
+    return store
 
 
 def _resolve_device(device: str, launch: LaunchEnv) -> torch.device:
+    """The rank's device; on CUDA it is made current before init (else every rank lands on GPU 0)."""
     import torch
 
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"init_distributed: device={device!r}; expected 'auto', 'cuda' or 'cpu'")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return torch.device("cpu")
-    if device != "cuda":
-        raise ValueError(f"init_distributed: device={device!r}; expected 'auto', 'cuda' or 'cpu'")
     if not torch.cuda.is_available():
-        raise DistInitError(f"{_where(launch)}: device='cuda' but torch.cuda.is_available() is False. "
-                            "Fix: pass device='cpu' (and backend='gloo'), or install a CUDA build of torch")
+        raise _init_error(launch, "device='cuda' but torch.cuda.is_available() is False",
+                          "pass device='cpu' (with backend='gloo'), or install a CUDA build of torch")
     count = torch.cuda.device_count()
     if launch.local_rank >= count:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
-        raise DistInitError(
-            f"{_where(launch)}: local rank {launch.local_rank} has no GPU: only {count} visible "
-            f"(CUDA_VISIBLE_DEVICES={visible}). Fix: start at most {count} processes per node "
-            f"(--nproc_per_node={count}), or make more GPUs visible"
-        )
+        raise _init_error(launch, f"local rank {launch.local_rank} has no GPU: {count} visible "
+                          f"(CUDA_VISIBLE_DEVICES={visible})",
+                          f"start at most {count} processes per node (torchrun --nproc_per_node={count}), or "
+                          "make more GPUs visible (CUDA_VISIBLE_DEVICES)")
     dev = torch.device("cuda", launch.local_rank)
-    torch.cuda.set_device(dev)  # before init: otherwise every rank lands on GPU 0
+    torch.cuda.set_device(dev)
     return dev
+
+
+def _check_backend(backend: str, dev: torch.device, launch: LaunchEnv) -> None:
+    dist = _torch_dist()
+    if backend == "nccl" and dev.type != "cuda":
+        raise _init_error(launch, f"backend='nccl' needs CUDA, but the device is {dev}",
+                          "use backend='gloo' on CPU (or leave backend=None to choose), or run on GPUs")
+    available = getattr(dist, f"is_{backend}_available", None)
+    if not dist.is_available() or (available is not None and not available()):
+        raise _init_error(launch, f"backend={backend!r} is not available in this torch build",
+                          "leave backend=None to choose, or install a torch build with that backend")
+
+
+def _adopt_group(launch: LaunchEnv, dev: torch.device) -> DistInfo:
+    """DistInfo for a group someone else created: the group's rank, size and backend are the truth."""
+    dist = sys.modules["torch.distributed"]
+    return DistInfo(dist.get_rank(), dist.get_world_size(), launch.local_rank, launch.local_world_size,
+                    launch.node_rank, launch.launcher, str(dist.get_backend()), dev, launch.master_addr,
+                    launch.master_port)
 
 
 def init_distributed(
     backend: str | None = None,
     *,
     timeout: float | timedelta = timedelta(minutes=30),
-    connect_timeout: float = 60.0,
+    connect_timeout: float = 120.0,
     device: str = "auto",
     stall_timeout: float | None = None,
     check_collectives: bool = False,
@@ -407,65 +576,69 @@ def init_distributed(
     """Set up the process group from the launcher's environment and return this rank's ``DistInfo``.
 
     Backend nccl with CUDA, else gloo (an explicit choice wins). On CUDA the rank is pinned to
-    ``cuda:LOCAL_RANK`` before initialising. Before the blocking rendezvous, a rank other than 0
-    checks that MASTER_ADDR:MASTER_PORT accepts connections within ``connect_timeout`` seconds.
-    A single process creates no group. Idempotent: a second call returns the same ``DistInfo``.
-    ``stall_timeout`` / ``check_collectives`` install ``ratlib.hang`` once the group exists.
+    ``cuda:LOCAL_RANK`` before initialising. The rendezvous fails within ``connect_timeout`` seconds
+    (rank 0 waits that long for the others to join, the others that long to reach rank 0) instead of
+    the process-group ``timeout``, which then bounds every later collective. A single process creates
+    no group. Idempotent: a second call returns the same ``DistInfo``. ``stall_timeout`` and
+    ``check_collectives`` call ``ratlib.hang.install`` once the group exists.
     """
     global _INFO, _INIT_ARGS, _ATEXIT_REGISTERED
-    args = {"backend": backend, "timeout": timeout, "connect_timeout": connect_timeout, "device": device,
+    td = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
+    if td.total_seconds() <= 0 or not connect_timeout > 0:
+        raise ValueError(f"init_distributed: timeout={timeout!r}, connect_timeout={connect_timeout!r}; both must "
+                         "be positive (seconds, or a timedelta for timeout)")
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"init_distributed: backend={backend!r}; expected one of {_BACKENDS} or None to choose")
+    args = {"backend": backend, "timeout": td, "connect_timeout": connect_timeout, "device": device,
             "stall_timeout": stall_timeout, "check_collectives": check_collectives}
     if _INFO is not None and (_INFO.world_size == 1 or _group_ready()):
         if args != _INIT_ARGS:
-            warnings.warn(f"init_distributed called again with different arguments {args} (first: {_INIT_ARGS}); "
-                          "the first call's set-up stays in force", stacklevel=2)
+            warnings.warn(f"init_distributed called again with different arguments {args} (first call: "
+                          f"{_INIT_ARGS}); the first call's set-up stays in force", stacklevel=2)
         return _INFO
     launch = detect_launch_env()
-    if backend is not None and backend not in ("gloo", "nccl", "mpi", "ucc", "xccl"):
-        raise ValueError(f"init_distributed: backend={backend!r}; expected 'nccl', 'gloo' (or None to choose)")
     dev = _resolve_device(device, launch)
     chosen = backend or ("nccl" if dev.type == "cuda" else "gloo")
-    if chosen == "nccl" and dev.type != "cuda":
-        raise DistInitError(f"{_where(launch)}: backend='nccl' needs CUDA, but the device is {dev}. "
-                            "Fix: use backend='gloo' on CPU, or run on GPUs")
-    td = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
-    if launch.world_size > 1 and not _group_ready():
-        _check_rendezvous(launch, connect_timeout)
-        dist = _torch_dist()
-        kwargs: dict[str, Any] = {"backend": chosen, "init_method": f"tcp://{_host(launch.master_addr)}:"
-                                  f"{launch.master_port}", "rank": launch.rank, "world_size": launch.world_size,
-                                  "timeout": td}
-        if dev.type == "cuda":
-            kwargs["device_id"] = dev
-        try:
-            dist.init_process_group(**kwargs)
-        except Exception as exc:
-            raise DistInitError(
-                f"{_where(launch)}: init_process_group(backend={chosen!r}, init_method={kwargs['init_method']!r}) "
-                f"failed: {type(exc).__name__}: {exc}. Variables read: {dict(launch.variables)}. Likely fixes: all "
-                f"ranks must agree on MASTER_ADDR/MASTER_PORT and WORLD_SIZE; every rank must start within "
-                f"timeout={td}"
-            ) from exc
-    _INFO = DistInfo(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, launch.node_rank,
-                     launch.launcher, chosen if launch.world_size > 1 else None, dev, launch.master_addr,
-                     launch.master_port)
-    _INIT_ARGS = args
+    if backend is not None or launch.world_size > 1:
+        _check_backend(chosen, dev, launch)
+    if _group_ready():
+        info = _adopt_group(launch, dev)
+    else:
+        if launch.world_size > 1:
+            store = _make_store(launch, connect_timeout, td)
+            dist = _torch_dist()
+            kwargs: dict[str, Any] = {"backend": chosen, "store": store, "rank": launch.rank,
+                                      "world_size": launch.world_size, "timeout": td}
+            if chosen == "nccl" and "device_id" in _init_parameters(dist):
+                kwargs["device_id"] = dev
+            try:
+                dist.init_process_group(**kwargs)
+            except Exception as exc:
+                raise _init_error(launch, f"init_process_group(backend={chosen!r}) failed after the rendezvous at "
+                                  f"{launch.master_addr}:{launch.master_port}: {type(exc).__name__}: "
+                                  f"{_first_line(exc)}", "all ranks must agree on MASTER_ADDR, MASTER_PORT and "
+                                  f"WORLD_SIZE, and start within timeout={td}") from exc
+        info = DistInfo(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size,
+                        launch.node_rank, launch.launcher, chosen if launch.world_size > 1 else None, dev,
+                        launch.master_addr, launch.master_port)
+    _INFO, _INIT_ARGS = info, args
     if not _ATEXIT_REGISTERED:
         atexit.register(shutdown)
         _ATEXIT_REGISTERED = True
     if stall_timeout is not None or check_collectives:
-        from ratlib import hang
-
+        hang = importlib.import_module("ratlib.hang")
         hang.install(stall_timeout=stall_timeout, check_collectives=check_collectives)
-    return _INFO
+    return info
 
 
-def _host(addr: str | None) -> str:
-    return f"[{addr}]" if addr and ":" in addr and not addr.startswith("[") else str(addr)
+def _init_parameters(dist: Any) -> tuple[str, ...]:
+    import inspect
+
+    return tuple(inspect.signature(dist.init_process_group).parameters)
 
 
 def shutdown() -> None:
-    """Destroy the process group if one exists; safe to call any number of times."""
+    """Destroy the process group if one exists; safe to call any number of times (also runs at exit)."""
     global _INFO, _INIT_ARGS
     if _group_ready():
         sys.modules["torch.distributed"].destroy_process_group()
@@ -476,25 +649,28 @@ def shutdown() -> None:
 def distributed(backend: str | None = None, **kwargs: Any) -> Iterator[DistInfo]:
     """``init_distributed`` for the block, and teardown always: on normal exit and on an exception.
 
-    An exception on one rank is logged with its rank tag before the group goes, so that the other
-    ranks, which then fail in their next collective, do not leave the cause unnamed.
+    An exception on one rank is logged with its rank before the group goes; the other ranks then fail
+    in their next collective (at the latest after ``timeout``) instead of waiting forever.
     """
     info = init_distributed(backend, **kwargs)
     try:
         yield info
-    except BaseException as exc:
-        if not isinstance(exc, SystemExit):
-            try:
-                from ratlib.rank_logger import get_logger
-
-                get_logger("ratlib.dist_init").error(
-                    "rank %d/%d raised %s inside distributed(); tearing down the process group",
-                    info.rank, info.world_size, type(exc).__name__, exc_info=exc, main_process_only=False)
-            except Exception:  # the logger must never mask the original error
-                print(f"[rank {info.rank}/{info.world_size}] raised {type(exc).__name__}: {exc}", file=sys.stderr)
+    except (Exception, KeyboardInterrupt) as exc:
+        _log_failure(info, exc)
         raise
     finally:
         shutdown()
+
+
+def _log_failure(info: DistInfo, exc: BaseException) -> None:
+    message = "rank %d/%d raised %s inside distributed(); tearing down the process group"
+    try:
+        from ratlib.rank_logger import get_logger
+    except ImportError:
+        print(message % (info.rank, info.world_size, type(exc).__name__), file=sys.stderr)
+        return
+    get_logger("ratlib.dist_init").error(message, info.rank, info.world_size, type(exc).__name__, exc_info=exc,
+                                         main_process_only=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,6 +692,7 @@ def get_world_size() -> int:
 
 
 def is_main_process() -> bool:
+    """True on global rank 0 (and in a single process)."""
     return get_rank() == 0
 
 
@@ -524,23 +701,26 @@ def barrier() -> None:
     if not _group_ready():
         return
     dist = sys.modules["torch.distributed"]
-    if dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            import torch
+    if dist.get_world_size() == 1:
+        return
+    if dist.get_backend() == "nccl":
+        import torch
 
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
 
 
 @contextlib.contextmanager
 def main_process_first() -> Iterator[None]:
-    """The main rank runs the block first (download, preprocessing); the others wait, then run it."""
+    """The main rank runs the block first (download, preprocessing); the others wait, then run it.
+
+    If the main rank raises inside the block, the others are not let in: they fail in their barrier
+    once the main rank's group goes (``distributed()`` teardown, or exit), not after racing it.
+    """
     main = is_main_process()
     if not main:
         barrier()
-    try:
-        yield
-    finally:
-        if main:
-            barrier()
+    yield
+    if main:
+        barrier()

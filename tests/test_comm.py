@@ -1,0 +1,84 @@
+"""ratlib.comm: the same answers and types with no process group as over real gloo ranks."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+import dist_targets
+from ratlib import comm
+from ratlib.testing import run_on_ranks
+
+
+@pytest.fixture(autouse=True)
+def _no_group() -> None:
+    assert not torch.distributed.is_initialized()
+
+
+def test_all_reduce_mean_without_a_group() -> None:
+    x = torch.tensor([1.0, 3.0], requires_grad=True)
+    out = comm.all_reduce_mean(x)
+    assert torch.equal(out, x.detach()) and out is not x and not out.requires_grad
+    ints = comm.all_reduce_mean(torch.tensor([1, 2]))
+    assert ints.dtype == torch.float32 and ints.tolist() == [1.0, 2.0]  # as t / n gives, at any world size
+    assert comm.all_reduce_mean(torch.tensor([True])).dtype == torch.float32
+    assert comm.all_reduce_mean(torch.tensor(2.0, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert comm.all_reduce_mean(3) == 3.0 and isinstance(comm.all_reduce_mean(3), float)
+    with pytest.raises(TypeError, match="expected a tensor or a real number, got str"):
+        comm.all_reduce_mean("3")
+
+
+def test_reduce_dict_without_a_group() -> None:
+    src = {"loss": torch.tensor(0.5), "n": torch.tensor([4]), "acc": 1}
+    mean = comm.reduce_dict(src)
+    assert list(mean) == ["acc", "loss", "n"] and mean["acc"] == 1.0 and isinstance(mean["acc"], float)
+    assert mean["loss"].dtype == torch.float32 and mean["loss"] is not src["loss"]
+    assert mean["n"].dtype == torch.float32 and mean["n"].shape == (1,)
+    total = comm.reduce_dict(src, average=False)
+    assert total["n"].dtype == torch.int64 and total["n"].item() == 4
+    with pytest.raises(ValueError, match=r"d\['v'\] has shape \(2,\); expected one element"):
+        comm.reduce_dict({"v": torch.zeros(2)})
+    with pytest.raises(TypeError, match=r"d\['v'\] is a str"):
+        comm.reduce_dict({"v": "1.0"})
+    with pytest.raises(TypeError, match="key 3 is a int; expected str keys"):
+        comm.reduce_dict({3: 1.0})
+
+
+def test_object_collectives_without_a_group() -> None:
+    assert comm.gather_object({"a": 1}) == [{"a": 1}]
+    assert comm.all_gather_object([1, 2]) == [[1, 2]]
+    assert comm.broadcast_object("x") == "x"
+    with pytest.raises(ValueError, match=r"dst=1 is not a rank of this job \(world size 1\); expected 0..0"):
+        comm.gather_object("x", dst=1)  # the same mistake fails at world size 1 as at scale
+    with pytest.raises(ValueError, match="src=2 is not a rank of this job"):
+        comm.broadcast_object("x", src=2)
+
+
+def test_every_collective_reports_itself_to_ratlib_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    """public function -> _before_collective -> hang.before_collective: hang reads frame 2 for the call site."""
+    seen: list[tuple[str, str, str]] = []
+
+    def before_collective(op: str) -> None:
+        caller = sys._getframe(1).f_code.co_name
+        public = sys._getframe(2).f_code.co_name
+        seen.append((op, caller, public))
+
+    monkeypatch.setitem(sys.modules, "ratlib.hang", types.SimpleNamespace(before_collective=before_collective))
+    comm.all_reduce_mean(1.0)
+    comm.reduce_dict({"a": 1.0})
+    comm.gather_object(1)
+    comm.all_gather_object(1)
+    comm.broadcast_object(1)
+    ops = ["all_reduce_mean", "reduce_dict", "gather_object", "all_gather_object", "broadcast_object"]
+    assert seen == [(op, "_before_collective", op) for op in ops]
+
+
+@pytest.mark.distributed
+def test_collectives_over_two_open_mpi_ranks() -> None:
+    """Types, rank arguments and a reduce_dict key mismatch, on ranks started with Open MPI's variables."""
+    run = run_on_ranks(dist_targets.comm_edge_cases, 2, launcher="openmpi", timeout=120).check()
+    for r in range(2):
+        assert f"OK rank={r} launcher=openmpi local={r}/2" in run.stdouts[r]
