@@ -11,7 +11,7 @@ Off unless asked. ``install()`` turns on, per process:
   stalled rank ends with ``HangError`` (exit code ``HANG_EXIT_CODE``) instead of a silent wait;
 - with ``check_collectives``, before each ``ratlib.comm`` collective the ranks compare the
   operation, the call site and the heartbeat step through the store and raise
-  ``CollectiveMismatchError`` where they differ (a debugging aid: three store round trips each).
+  ``CollectiveMismatchError`` where they differ (a debugging aid: a few store round trips each).
 
 ``heartbeat(step)`` stores two numbers (no lock, no syscall); the watchdog thread reads them. Torch
 is never imported here: the store is looked up only when ``torch.distributed`` is already loaded.
@@ -79,20 +79,20 @@ class CollectiveMismatchError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # The hot path: one call per training step
 
-_step: Any = None
-_beat = 0.0  # time.monotonic() of the last heartbeat; 0.0: never, the watchdog is not armed
+_step: Any = None  # the last heartbeat's step
+_beats = 0  # heartbeats so far; the watchdog thread notes when this changes
 _monotonic = time.monotonic
 
 
 def heartbeat(step: int) -> None:
-    """Record progress: call once per training step. Two stores, no lock, no syscall, no collective.
+    """Record progress: call once per training step. Two stores: no clock, lock, syscall or collective.
 
-    The stall watchdog (``install(stall_timeout=...)``) is armed by the first call; it is harmless
-    and nearly free when nothing is installed.
+    The stall watchdog (``install(stall_timeout=...)``) is armed by the first call after ``install``;
+    the call is harmless and nearly free when nothing is installed.
     """
-    global _step, _beat
+    global _step, _beats
     _step = step
-    _beat = _monotonic()
+    _beats += 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +145,6 @@ def install(
         raise ValueError(f"ratlib.hang.install: stall_timeout={stall_timeout!r}; expected a number of seconds > 0 "
                          "(longer than your slowest step, e.g. 300) or None for no watchdog")
     signum = _signal_number(dump_signal)
-    global _beat
     with _LOCK:
         _teardown()
         check_store = _require_store("check_collectives=True") if check_collectives else None
@@ -156,7 +155,6 @@ def install(
             _register_signal(signum)
         if stall_timeout is not None:
             _S.watch_store = _clone_store()
-            _beat = 0.0  # armed again by the next heartbeat
             _S.watchdog = threading.Thread(target=_watch, args=(_S.stop, float(stall_timeout)),
                                            name="ratlib-hang-watchdog", daemon=True)
             _S.watchdog.start()
@@ -186,6 +184,9 @@ def _teardown() -> None:
     if _S.pipe is not None:
         os.close(_S.pipe[1])  # the copying thread sees end-of-file, closes the read end and ends
         _S.pipe = None
+    for thread in (_S.watchdog, _S.tee):  # wait briefly, so that no report outlives uninstall()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2.0)
     _S.watchdog = _S.tee = None
     _S.watch_store = _S.check_store = None
 
@@ -541,27 +542,32 @@ def format_summary(reports: Iterable[StallReport], world_size: int, stall_timeou
 
 
 def _watch(stop: threading.Event, stall_timeout: float) -> None:
+    """Every tick, note whether ``_beats`` moved; a stall is ``stall_timeout`` without a move (+- a tick)."""
     tick = min(max(stall_timeout / 10, 0.05), 1.0)
-    fired = 0.0
+    armed_after = seen = fired = _beats  # armed by the first heartbeat after install
+    seen_at = _monotonic()
     while not stop.wait(tick):
         if _group() is not None:
             _S.had_group = True
         elif _S.had_group:
             continue  # the process group is gone: training is over, a quiet phase is not a hang
-        beat = _beat
-        if beat == 0.0 or beat == fired or _monotonic() - beat < stall_timeout:
+        beats, now = _beats, _monotonic()
+        if beats != seen:
+            seen, seen_at = beats, now
             continue
-        fired = beat
+        if beats == armed_after or beats == fired or now - seen_at < stall_timeout:
+            continue
+        fired = beats
         try:
-            _on_stall(beat, stall_timeout)
+            _on_stall(now - seen_at, stall_timeout)
         except Exception:  # the watchdog must never die of its own bug
             log.exception("ratlib.hang: the stall report failed")
             if _S.abort:
                 _exit()
 
 
-def _on_stall(beat: float, stall_timeout: float) -> None:
-    step, age = _step, _monotonic() - beat
+def _on_stall(age: float, stall_timeout: float) -> None:
+    step = _step
     frame, site = _locate(_main_frame())
     rank = current_rank()[0]
     world = _world()
