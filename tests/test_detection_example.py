@@ -1,0 +1,426 @@
+"""examples/detection: data, sampling, distributed COCO evaluation, learning, 2 ranks, resume, errors.
+
+The learning tests train ``fasterrcnn_tiny`` (about 1M parameters, 128 px images) on the synthetic
+shapes; thresholds were set from repeated CPU runs (see ``AP50_THRESHOLD``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ratlib.synthetic import make_coco_detection
+from ratlib.testing.ranks import run_on_ranks
+from ratlib.testing.strategies import coco_split_spellings
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "detection"
+TRAIN_PY = EXAMPLE / "train.py"
+
+# fasterrcnn_tiny, 32 synthetic train images, batch 4, AdamW lr 2e-3, 40 steps, seed 0: AP50 0.75-0.85
+# measured on 1 CPU thread (untrained: 0.00); on 2 ranks (global batch 8) 0.9+. The bar leaves margin.
+AP50_THRESHOLD = 0.5
+UNTRAINED_AP50_MAX = 0.05
+
+TINY = [
+    "model.name=fasterrcnn_tiny", "model.min_size=128", "model.max_size=128",
+    "training.batch_size=4", "training.mixed_precision=false",
+    "training.optimizer.lr=2e-3", "training.optimizer.weight_decay=1e-4",
+    "training.scheduler.warmup_epochs=0.5", "training.scheduler.min_lr=1e-5",
+    "training.log_every=10", "data.num_workers=0", "eval.every_epochs=100",
+]
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("detection_train", TRAIN_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["detection_train"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+T = _load_example()
+du = sys.modules["detection_utils"]
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 train and 16 val images of shapes, COCO layout."""
+    root = tmp_path_factory.mktemp("coco")
+    make_coco_detection(root, "train2017", num_images=32, seed=0)
+    make_coco_detection(root, "val2017", num_images=16, seed=0)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """main() configures logging on the root logger of this process: undo that after each test."""
+    import logging
+
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as each rank gets: steadier timings on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def config(*overrides: str):
+    return T.load_config(None, overrides=[*TINY, *overrides], schema=T.DetectionConfig)
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+
+
+def _with_edits(src_root: Path, dst: Path, edit) -> Path:
+    """A copy of the val split whose annotation JSON ``edit`` changed."""
+    shutil.copytree(src_root / "val2017", dst / "val2017")
+    data = json.loads((src_root / "annotations" / "instances_val2017.json").read_text())
+    edit(data)
+    (dst / "annotations").mkdir(parents=True)
+    (dst / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    return dst
+
+
+def test_dataset_targets_crowd_degenerate_empty_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    paths = make_coco_detection(tmp_path, "train2017", num_images=12, seed=3, empty_images=2, crowd_fraction=0.3)
+    data = json.loads(paths.annotations.read_text())
+    assert any(a["iscrowd"] for a in data["annotations"])
+    victim = next(a for a in data["annotations"] if not a["iscrowd"])
+    victim["bbox"][2] = 0.0  # degenerate: no width
+    paths.annotations.write_text(json.dumps(data))
+    caplog.set_level("INFO")
+    ds = du.CocoDetection(paths.images, paths.annotations, train=True, transforms=du.make_transforms(False))
+    text = caplog.text
+    assert "dropped 1 degenerate boxes" in text and str(victim["id"]) in text
+    assert "crowd boxes skipped" in text
+    usable_images = {a["image_id"] for a in data["annotations"] if not a["iscrowd"] and a["id"] != victim["id"]}
+    left_out = 12 - len(usable_images)
+    assert left_out >= 2  # the 2 empty images, and those with crowd regions only
+    assert f"{left_out} images without usable boxes left out of training" in text
+    assert len(ds) == len(usable_images) and set(ds.ids) == usable_images
+    image, target = ds[0]
+    assert image.dtype == torch.float32 and image.shape == (3, 128, 128) and 0 <= image.min() and image.max() <= 1
+    boxes = target["boxes"]
+    assert boxes.shape[1] == 4 and (boxes[:, 2:] > boxes[:, :2]).all()
+    assert target["labels"].min() >= 1 and target["labels"].max() <= 3
+    usable = [a for a in data["annotations"] if a["image_id"] == target["image_id"] and not a["iscrowd"]
+              and a["id"] != victim["id"]]
+    assert len(boxes) == len(usable)
+
+    keep = du.CocoDetection(paths.images, paths.annotations, train=True, keep_empty=True)
+    assert len(keep) == 12
+    val = du.CocoDetection(paths.images, paths.annotations, train=False, limit=5)
+    assert val.ids == sorted(im["id"] for im in data["images"])[:5]  # first N, deterministic
+
+
+def test_dataset_maps_category_ids_and_masks(tmp_path: Path, coco_root: Path) -> None:
+    ids = {1: 7, 2: 3, 3: 42}
+
+    def remap(data: dict) -> None:
+        for c in data["categories"]:
+            c["id"] = ids[c["id"]]
+        for a in data["annotations"]:
+            a["category_id"] = ids[a["category_id"]]
+
+    root = _with_edits(coco_root, tmp_path, remap)
+    ds = du.CocoDetection(root / "val2017", root / "annotations" / "instances_val2017.json", train=True,
+                          masks=True, transforms=du.make_transforms(False))
+    assert ds.label_to_cat == [0, 3, 7, 42] and ds.num_classes == 4
+    _, target = ds[0]
+    anns = ds.coco.imgToAnns[target["image_id"]]
+    assert sorted(ds.label_to_cat[int(lbl)] for lbl in target["labels"]) == sorted(a["category_id"] for a in anns)
+    assert target["masks"].shape == (len(anns), 128, 128) and target["masks"].sum() > 0
+
+
+def test_limit_and_keep_empty_in_config() -> None:
+    cfg = config("data.limit=7", "smoke=true")
+    assert cfg.data.limit == 7 and cfg.training.max_steps == 10 and cfg.training.num_epochs == 1
+    with pytest.raises(T.ConfigError, match="data.limt"):
+        config("data.limt=7")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 70), world=st.integers(1, 4), batch=st.integers(1, 6), epoch=st.integers(0, 3),
+       portrait=st.lists(st.booleans(), min_size=70, max_size=70))
+def test_sharded_batches_cover_each_image_once_in_step(n: int, world: int, batch: int, epoch: int,
+                                                       portrait: list[bool]) -> None:
+    if n < world:
+        return
+    groups = [int(p) for p in portrait[:n]]
+    samplers = [du.ShardedBatchSampler(groups, batch, rank=r, world_size=world, seed=5) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(epoch)
+    batches = [list(s) for s in samplers]
+    assert len({len(b) for b in batches}) == 1 and len(batches[0]) == len(samplers[0])  # ranks in step
+    assert all(1 <= len(x) <= batch for b in batches for x in b)
+    seen = [i for b in batches for x in b for i in x]
+    if not any(s.repeated for s in samplers):
+        assert sorted(seen) == list(range(n))  # every image exactly once
+    else:  # only when a shard has fewer images than steps (batch 1, uneven split)
+        assert batch == 1 and set(seen) == set(range(n))
+    for b in batches:  # grouped by aspect: at most one mixed batch per rank
+        assert sum(len({groups[i] for i in x}) > 1 for x in b) <= 1
+    assert [list(s) for s in samplers] == batches  # deterministic per epoch
+
+
+def test_sampler_shuffles_per_epoch_and_limit_seven_on_two_ranks() -> None:
+    s0, s1 = (du.ShardedBatchSampler([0] * 7, 2, rank=r, world_size=2) for r in range(2))
+    epoch0 = [list(s0), list(s1)]
+    assert sorted(i for b in epoch0 for x in b for i in x) == list(range(7))
+    assert [len(x) for x in epoch0[0]] == [2, 2] and sorted(len(x) for x in epoch0[1]) == [1, 2]
+    s0.set_epoch(1)
+    assert list(s0) != epoch0[0]
+    assert du.eval_shard(7, 0, 2) + du.eval_shard(7, 1, 2) == [0, 2, 4, 6, 1, 3, 5]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation path
+
+
+class Oracle(torch.nn.Module):
+    """Returns the ground truth of each image the loader yields, in order (score 1), optionally with
+    every label shifted to the next class."""
+
+    def __init__(self, ds, order: list[int], shift: int = 0) -> None:
+        super().__init__()
+        self.targets = [ds.targets[ds.ids[i]] for i in order]
+        self.k, self.shift, self.pos = ds.num_classes - 1, shift, 0
+
+    def forward(self, images):
+        out = []
+        for _ in images:
+            boxes, labels, _ = self.targets[self.pos]
+            self.pos += 1
+            labels = [(lbl - 1 + self.shift) % self.k + 1 for lbl in labels]
+            out.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                        "labels": torch.tensor(labels, dtype=torch.int64), "scores": torch.ones(len(labels))})
+        return out
+
+
+def _evaluate_oracle(ds, shift: int = 0) -> dict[str, float]:
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=du.collate)
+    metrics = du.evaluate(Oracle(ds, list(range(len(ds))), shift), loader, ds, torch.device("cpu"), is_main=True,
+                          backend="pycocotools")
+    assert metrics is not None and metrics["eval_images"] == len(ds)
+    return metrics
+
+
+def test_ground_truth_as_predictions_scores_one_and_shuffled_labels_low(tmp_path: Path, coco_root: Path) -> None:
+    ids = {1: 7, 2: 3, 3: 42}  # category ids that are not 1..K: the mapping back is exercised
+
+    def remap(data: dict) -> None:
+        for c in data["categories"]:
+            c["id"] = ids[c["id"]]
+        for a in data["annotations"]:
+            a["category_id"] = ids[a["category_id"]]
+
+    root = _with_edits(coco_root, tmp_path, remap)
+    ds = du.CocoDetection(root / "val2017", root / "annotations" / "instances_val2017.json", train=False,
+                          transforms=du.make_transforms(False))
+    perfect = _evaluate_oracle(ds)
+    assert perfect["map"] == pytest.approx(1.0) and perfect["map50"] == pytest.approx(1.0)
+    assert perfect["mar_100"] == pytest.approx(1.0)
+    wrong = _evaluate_oracle(ds, shift=1)
+    assert wrong["map50"] < 0.05
+
+
+def test_coco_results_rows_and_merge_drops_padding_duplicates() -> None:
+    out = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]), "scores": torch.tensor([0.5]),
+           "labels": torch.tensor([2])}
+    rows = du.to_coco_results([out], [9], [0, 7, 42])
+    assert rows.tolist() == [[9.0, 10.0, 20.0, 20.0, 40.0, 0.5, 42.0]]  # xywh, category id 42
+    r0 = (np.array([[1, 0, 0, 5, 5, 0.9, 7], [3, 0, 0, 5, 5, 0.8, 7]], dtype=float))
+    r1 = (np.array([[2, 0, 0, 5, 5, 0.7, 7], [1, 0, 0, 5, 5, 0.6, 7]], dtype=float))
+    ids, merged, duplicates = du.merge_rank_results([([1, 3], r0), ([2, 1], r1)])  # image 1 twice (padding)
+    assert ids == [1, 2, 3] and duplicates == 1
+    assert sorted(merged[:, 0].tolist()) == [1.0, 2.0, 3.0] and 0.6 not in merged[:, 5]
+
+
+def test_empty_predictions_score_zero(coco_root: Path) -> None:
+    ds = du.CocoDetection(coco_root / "val2017", coco_root / "annotations" / "instances_val2017.json", train=False)
+    metrics, summary = du.coco_eval(ds.coco, np.zeros((0, 7)), ds.ids, backend="pycocotools")
+    assert metrics["map"] == 0.0 and "Average Precision" in summary
+    with pytest.raises(ImportError, match="pip install faster-coco-eval"):
+        if importlib.util.find_spec("faster_coco_eval") is None:
+            du.coco_eval(ds.coco, np.zeros((0, 7)), ds.ids, backend="faster_coco_eval")
+        else:
+            raise ImportError("pip install faster-coco-eval")  # installed: covered by the agreement test
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faster_coco_eval") is None, reason="faster-coco-eval not installed")
+def test_faster_coco_eval_agrees_with_pycocotools(coco_root: Path) -> None:
+    ds = du.CocoDetection(coco_root / "val2017", coco_root / "annotations" / "instances_val2017.json", train=False)
+    rng = np.random.default_rng(0)
+    rows = np.array([[a["image_id"], *(np.array(a["bbox"]) + rng.normal(0, 2, 4)), rng.random(),
+                      a["category_id"]] for a in ds.coco.dataset["annotations"]])
+    a, _ = du.coco_eval(ds.coco, rows, ds.ids, backend="pycocotools")
+    b, _ = du.coco_eval(ds.coco, rows, ds.ids, backend="faster_coco_eval")
+    assert a == pytest.approx(b, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths and errors
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spelling=coco_split_spellings(split="train", year=2017))
+def test_every_train_split_spelling_resolves_to_the_dataset(coco_root: Path, spelling) -> None:
+    text, _ = spelling
+    cfg = config(f"data.root={coco_root}", f"data.train_split={json.dumps(text)}")
+    train_paths, _ = T.resolve_splits(cfg, coco_root)
+    assert train_paths.annotations == coco_root / "annotations" / "instances_train2017.json"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,spelling", [("coco", "2017_train"), ("roboflow", "train/_annotations.coco.json")])
+def test_a_spelling_trains_end_to_end(tmp_path: Path, layout: str, spelling: str, one_thread) -> None:
+    root = tmp_path / "data"
+    make_coco_detection(root, "train2017", num_images=6, layout=layout)
+    make_coco_detection(root, "val2017", num_images=4, layout=layout)
+    rc = T.main([f"output_dir={tmp_path / 'run'}", f"data.root={root}", f"data.train_split={spelling}",
+                 "data.val_split=valid", "training.max_steps=1", "model.width=8", *TINY])
+    assert rc == 0
+    (row,) = metrics_rows(tmp_path / "run")
+    assert row["step"] == 1 and row["eval_images"] == 4
+    rc = T.main([f"output_dir={tmp_path / 'run'}", f"data.root={root}", f"data.train_split={spelling}",
+                 "data.val_split=valid", "training.max_steps=2", "model.width=8", *TINY, "--resume"])
+    assert rc == 0
+    assert [r["step"] for r in metrics_rows(tmp_path / "run")] == [1, 2]  # continued, not restarted
+
+
+def test_wrong_root_reports_the_coco_path_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = T.main([f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'no' / 'coco'}", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "instances_train2017.json" in err and "does not exist" in err and "Fix:" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("data.train_split=trian", "closest valid names: train"),
+    ("model.name=fasterrcnn_resnet_fpn", "closest: fasterrcnn_resnet50_fpn"),
+    ("training.deepspeed.enabled=true", "pip install 'ratlib[deepspeed]'"),
+    ("model.weights=/no/such/weights.pt", "no such file"),
+])
+def test_input_errors_are_one_message(tmp_path: Path, coco_root: Path, capsys: pytest.CaptureFixture[str],
+                                      override: str, expected: str) -> None:
+    if override.startswith("training.deepspeed") and importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("DeepSpeed is installed here")
+    rc = T.main([f"output_dir={tmp_path / 'run'}", f"data.root={coco_root}", *TINY, override])
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err and "Traceback" not in err
+
+
+def test_local_weights_load_with_a_report(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    m = T.DetectionModel(name="fasterrcnn_tiny", min_size=128, max_size=128)
+    source = T.build_model(m, 4)
+    torch.save({"model": source.state_dict()}, tmp_path / "ckpt.pt")
+    caplog.set_level("INFO")
+    other = T.build_model(m.model_copy(update={"weights": str(tmp_path / "ckpt.pt")}), 3)  # 2 classes: heads differ
+    assert "skipped 4 with another shape" in caplog.text  # the class and box predictors
+    assert torch.equal(other.backbone[0][0].weight, source.backbone[0][0].weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning, 1 rank and 2 ranks, resume, evaluation parity
+
+
+@pytest.mark.slow
+def test_one_rank_learns_past_threshold(tmp_path: Path, coco_root: Path, one_thread) -> None:
+    cfg = config(f"data.root={coco_root}", "training.max_steps=40")
+    _, val_set = T.build_datasets(cfg, tmp_path, masks=False)
+    untrained = du.evaluate(T.build_model(cfg.model, val_set.num_classes), T.eval_loader(
+        cfg, val_set, T.ratlib.init_distributed()), val_set, torch.device("cpu"), is_main=True)
+    metrics = T.train(cfg, run_dir=tmp_path)
+    assert untrained["map50"] < UNTRAINED_AP50_MAX
+    assert metrics["map50"] > AP50_THRESHOLD, metrics
+    rows = metrics_rows(tmp_path)
+    assert rows[-1]["step"] == 40 and rows[-1]["map50"] == metrics["map50"]
+    assert rows[0]["train_images"] == 32 and rows[0]["train_unique_images"] == 32
+    assert (tmp_path / "config.yaml").is_file() and T.latest_checkpoint(tmp_path) is not None
+
+
+def two_rank_scenario(run: str, root: str) -> int:
+    """On each of 2 ranks (one launch, to pay the torch/torchvision start-up once): train 20 steps, resume
+    to 40 steps, evaluate the last checkpoint; each rank writes what train/evaluate returned."""
+    from ratlib import distributed, setup_logging
+
+    setup_logging(log_dir=Path(run) / "logs")
+    common = (f"output_dir={run}", f"data.root={root}")
+    with distributed() as info:
+        first = T.train(config(*common, "training.max_steps=20"), run_dir=run, info=info)
+        resumed = T.train(config(*common, "training.max_steps=40"), run_dir=run, resume=True, info=info)
+        evaluated = T.evaluate_checkpoint(config(*common), run_dir=run, info=info)
+        out = {"first": first, "resumed": resumed, "evaluated": evaluated}
+        (Path(run) / f"returned{info.rank}.json").write_text(json.dumps(out))
+    return 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_learn_resume_and_evaluate_like_one_rank(tmp_path: Path, coco_root: Path, one_thread) -> None:
+    run = tmp_path / "run"
+    run_on_ranks(two_rank_scenario, 2, args=(str(run), str(coco_root)), timeout=300).check()
+    rows = metrics_rows(run)
+    first = [r for r in rows if r["step"] <= 20]
+    assert first[-1]["step"] == 20 and first[-1]["epoch"] == 4  # 4 steps per epoch (32 images, 2 x 4)
+    assert all(r["train_images"] == r["train_unique_images"] == 32 for r in rows)  # each image once per epoch
+    resumed = [r for r in rows if r["step"] > 20]
+    assert resumed[0]["epoch"] == 5 and resumed[-1]["step"] == 40
+    final = rows[-1]
+    assert final["map50"] > AP50_THRESHOLD, final
+
+    returned = [json.loads((run / f"returned{r}.json").read_text()) for r in range(2)]
+    assert returned[0] == returned[1]  # every rank gets the main rank's figures
+    assert returned[0]["resumed"] == {k: final[k] for k in returned[0]["resumed"]}
+
+    # The final checkpoint evaluated on 2 ranks (each predicting its half of val), and here on 1 rank:
+    # the same figures, equal to the 2-rank evaluation that ended training (buffers synced first).
+    two = returned[0]["evaluated"]
+    one = T.evaluate_checkpoint(config(f"data.root={coco_root}", f"output_dir={run}"), run_dir=run)
+    assert two["eval_images"] == one["eval_images"] == 16
+    for key in du.STAT_NAMES:
+        assert one[key] == pytest.approx(two[key], abs=1e-9), key
+        assert one[key] == pytest.approx(final[key], abs=1e-9), key
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_smoke_on_two_ranks_trains_on_exactly_the_limit(tmp_path: Path, one_thread) -> None:
+    run = tmp_path / "run"
+    result = run_on_ranks(TRAIN_PY, 2, args=[f"output_dir={run}", *TINY, "smoke=true", "data.limit=7",
+                                             "data.synthetic.train_images=20", "data.synthetic.val_images=8",
+                                             "model.width=8"], timeout=240).check()
+    (row,) = metrics_rows(run)
+    assert row["train_images"] == 7 and row["train_unique_images"] == 7
+    assert row["eval_images"] == 7 and row["step"] == 1  # 7 images, batch 4 on 2 ranks: one step per epoch
+    assert math.isfinite(row["train_loss"]) and result.returncodes == [0, 0]
