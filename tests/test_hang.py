@@ -127,7 +127,8 @@ def _tcp_store(timeout: float = 20.0):
     return dist.TCPStore("127.0.0.1", 0, 1, True, timedelta(seconds=timeout), wait_for_workers=False)
 
 
-def _run_threads(fn, world: int) -> dict[int, object]:
+def _run_threads(fn, ranks: tuple[int, ...]) -> dict[int, object]:
+    """``fn(rank)`` in one thread per rank, as ranks would run it; results or exceptions by rank."""
     results: dict[int, object] = {}
 
     def run(rank: int) -> None:
@@ -136,7 +137,7 @@ def _run_threads(fn, world: int) -> dict[int, object]:
         except BaseException as exc:  # noqa: BLE001 - the test inspects it
             results[rank] = exc
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    threads = [threading.Thread(target=run, args=(r,)) for r in ranks]
     for t in threads:
         t.start()
     for t in threads:
@@ -157,7 +158,7 @@ def test_agree_passes_matching_records_and_names_differences() -> None:
                                                "step": 5})
         return "no error"
 
-    results = _run_threads(rank_fn, 3)
+    results = _run_threads(rank_fn, (0, 1, 2))
     for rank in range(3):
         exc = results[rank]
         assert isinstance(exc, CollectiveMismatchError), exc
@@ -185,11 +186,25 @@ def test_share_through_store_prints_one_summary_marking_the_odd_rank(caplog: pyt
                              "t.py:5 in save", "t.py:4 in loop" if rank != 2 else "t.py:5 in save", "h", 100 + rank)
         return hang._share_through(server.clone(), report, 3, 2.0)
 
-    results = _run_threads(rank_fn, 3)
+    results = _run_threads(rank_fn, (0, 1, 2))
     assert all(isinstance(results[r], dict) and results[r]["odd"] == [2] and results[r]["printer"] == 0
                for r in range(3)), results
     tables = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hang summary")]
     assert len(tables) == 1 and "3 of 3 rank(s) stalled" in tables[0], tables
+
+
+def test_share_through_store_marks_a_silent_rank_after_the_window(caplog: pytest.LogCaptureFixture) -> None:
+    """Rank 1 keeps running (or died): ranks 0 and 2 wait out the window, then rank 0 prints."""
+    caplog.set_level(logging.INFO, logger="ratlib.hang")
+    server = _tcp_store()
+    start = time.monotonic()
+    results = _run_threads(lambda rank: hang._share_through(
+        server.clone(), StallReport(rank, 5, time.time() - 1, "c10d.py:1 in barrier", "t.py:4 in loop", "h", rank),
+        3, 1.0), ranks=(0, 2))
+    assert 1.0 <= time.monotonic() - start < 15
+    assert results[0]["odd"] == [1] == results[2]["odd"] and results[2]["printer"] == 0, results
+    (table,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hang summary")]
+    assert "2 of 3 rank(s) stalled" in table and re.search(r"^>>\s+1\s+\?.*no report.*<- no report$", table, re.M)
 
 
 # ----------------------------------------------------------------------------------------------
