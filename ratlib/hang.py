@@ -163,8 +163,8 @@ def install(
              "no stall watchdog", f"{_signame(signum)} dumps stacks" if signum else "no dump signal",
              "collective check on" if check_collectives else "collective check off"]
     where = "" if _S.watch_store is not None or stall_timeout is None or _world() == 1 else (
-        "; no process-group store found, so a stall is reported by each rank alone (install after "
-        "init_distributed for the cross-rank summary)")
+        "; no process-group store yet: the cross-rank summary needs init_distributed() before a stall, "
+        "otherwise each rank reports alone")
     log.info("ratlib.hang installed: %s%s", ", ".join(parts), where)
 
 
@@ -422,6 +422,8 @@ def _agree(store: Any, rank: int, world: int, seq: int, record: dict[str, Any]) 
         values = store.multi_get(keys)  # waits (server side) for every rank, up to the store's timeout
     except Exception as exc:
         missing = [r for r, k in enumerate(keys) if not store.check([k])]
+        if not missing:
+            raise  # the store itself failed, not a rank
         raise CollectiveMismatchError(
             f"ratlib collective #{seq} ({record['op']} at {record['site']}, step {record['step']}): "
             f"{_ranks(missing)} never reached it within the store timeout ({exc.__class__.__name__}). "
@@ -463,7 +465,7 @@ def _ranks_text(ranks: Iterable[int]) -> str:
 def _ranks(ranks: Iterable[int]) -> str:
     """'rank 2' or 'ranks 0-2, 5'."""
     ranks = sorted(ranks)
-    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {_ranks_text(ranks)}"
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {_ranks_text(ranks)}" if ranks else "no rank"
 
 
 # ----------------------------------------------------------------------------------------------
