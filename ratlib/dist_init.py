@@ -428,6 +428,7 @@ def _uses_agent_store(launch: LaunchEnv) -> bool:
 def _probe(addr: str, port: int, deadline: float) -> OSError | None:
     """Try TCP connections to addr:port until one succeeds (None) or ``deadline`` passes (the last error)."""
     last: OSError | None = None
+    pause = 0.005  # rank 0's server is usually milliseconds away: retry fast, then back off to 0.25 s
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -437,7 +438,8 @@ def _probe(addr: str, port: int, deadline: float) -> OSError | None:
                 return None
         except OSError as exc:
             last = exc
-        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, 0.25)
 
 
 def _client_store(launch: LaunchEnv, deadline: float, connect_timeout: float) -> Any:

@@ -238,12 +238,13 @@ def test_stall_timeout_and_check_collectives_install_hang(clean_env: pytest.Monk
     assert calls == [{"stall_timeout": 30.0, "check_collectives": True}]
 
 
-def _failing_init(env: pytest.MonkeyPatch, variables: dict[str, str], connect_timeout: float) -> tuple[str, float]:
+def _failing_init(env: pytest.MonkeyPatch, variables: dict[str, str], connect_timeout: float,
+                  device: str = "cpu") -> tuple[str, float]:
     for key, value in variables.items():
         env.setenv(key, value)
     start = time.monotonic()
     with pytest.raises(DistInitError) as info:
-        init_distributed(device="cpu", connect_timeout=connect_timeout)
+        init_distributed(device=device, connect_timeout=connect_timeout)
     assert dist_init._INFO is None and "Fix: " in str(info.value)
     return str(info.value), time.monotonic() - start
 
@@ -287,6 +288,21 @@ def test_master_address_errors(clean_env: pytest.MonkeyPatch) -> None:
     assert "MASTER_ADDR not set for a 2-process job" in text and "Variables read: RANK='1'" in text
     text, _ = _failing_init(clean_env, {"MASTER_ADDR": "no-such-host.invalid"}, 1)
     assert "MASTER_ADDR='no-such-host.invalid' does not resolve" in text
+
+
+@pytest.mark.gpu
+def test_cuda_pins_the_local_rank_and_names_missing_gpus(clean_env: pytest.MonkeyPatch) -> None:
+    import torch
+
+    info = init_distributed()  # one process on CUDA: no group, but the device is chosen and made current
+    assert info.device == torch.device("cuda", 0) and torch.cuda.current_device() == 0 and info.backend is None
+    assert comm.all_reduce_mean(torch.ones(2, device="cuda")).device == info.device
+    shutdown()
+    n = torch.cuda.device_count()
+    text, _ = _failing_init(clean_env, {"RANK": str(n), "WORLD_SIZE": str(n + 1), "LOCAL_RANK": str(n),
+                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}, 1, "auto")
+    assert f"local rank {n} has no GPU: {n} visible (CUDA_VISIBLE_DEVICES=" in text
+    assert f"--nproc_per_node={n}" in text
 
 
 @pytest.mark.distributed
