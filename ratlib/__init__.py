@@ -20,6 +20,7 @@ _SUBMODULES = (
     "config_defaults",
     "hang",
     "checkpoint",
+    "memory",
     "synthetic",
     "doctor",
     "cli",
@@ -67,6 +68,21 @@ _EXPORTS = {
     "ExperimentConfig": "config_defaults",
     "ConfigError": "config_defaults",
     "Finding": "config_defaults",
+    "ModelConfig": "config_defaults",
+    "DataConfig": "config_defaults",
+    "TrainingConfig": "config_defaults",
+    "estimate_model_memory": "config_defaults",
+    "probe_memory": "config_defaults",
+    # hang
+    "heartbeat": "hang",
+    "HangError": "hang",
+    "CollectiveMismatchError": "hang",
+    # checkpoint (save/load/latest stay under ratlib.checkpoint: the names are too generic here)
+    "CheckpointError": "checkpoint",
+    # memory
+    "memory_report": "memory",
+    "reset_peak_memory": "memory",
+    "MemoryReport": "memory",
 }
 
 __all__ = ["__version__", *_SUBMODULES, *_EXPORTS]
@@ -89,10 +105,26 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from . import checkpoint, cli, coco_paths, comm, config_defaults, dist_init, doctor, hang, rank_logger, synthetic, testing
+    from . import checkpoint, cli, coco_paths, comm, config_defaults, dist_init, doctor, hang, memory, rank_logger, synthetic, testing
+    from .checkpoint import CheckpointError
+    from .hang import CollectiveMismatchError, HangError, heartbeat
+    from .memory import MemoryReport, memory_report, reset_peak_memory
     from .coco_paths import CocoPathError, CocoPaths, CocoSplit, annotation_filename, parse_split, resolve_coco
     from .comm import all_gather_object, all_reduce_mean, broadcast_object, gather_object, reduce_dict
-    from .config_defaults import ConfigError, ExperimentConfig, Finding, check_config, dump_config, load_config, to_deepspeed_config
+    from .config_defaults import (
+        ConfigError,
+        DataConfig,
+        ExperimentConfig,
+        Finding,
+        ModelConfig,
+        TrainingConfig,
+        check_config,
+        dump_config,
+        estimate_model_memory,
+        load_config,
+        probe_memory,
+        to_deepspeed_config,
+    )
     from .dist_init import (
         DistInfo,
         DistInitError,
