@@ -50,6 +50,8 @@ def _load_example():
 
 T = _load_example()
 du = sys.modules["detection_utils"]
+CPU = T.DistInfo(0, 1, 0, 1, 0, "single", None, torch.device("cpu"), None, None)  # also on a GPU machine
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # ranks on CPU and gloo, also on a GPU machine
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +140,7 @@ def test_dataset_targets_crowd_degenerate_empty_counted(tmp_path: Path, caplog: 
     assert val.ids == sorted(im["id"] for im in data["images"])[:5]  # first N, deterministic
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools and numpy 2
 def test_dataset_maps_category_ids_and_masks(tmp_path: Path, coco_root: Path) -> None:
     ids = {1: 7, 2: 3, 3: 42}
 
@@ -155,6 +158,12 @@ def test_dataset_maps_category_ids_and_masks(tmp_path: Path, coco_root: Path) ->
     anns = ds.coco.imgToAnns[target["image_id"]]
     assert sorted(ds.label_to_cat[int(lbl)] for lbl in target["labels"]) == sorted(a["category_id"] for a in anns)
     assert target["masks"].shape == (len(anns), 128, 128) and target["masks"].sum() > 0
+
+
+def test_shipped_config_loads_and_names_a_model() -> None:
+    cfg = T.load_config(EXAMPLE / "config.yaml", schema=T.DetectionConfig)
+    assert cfg.model.name in T.model_names() and cfg.data.root is None
+    assert T.DetectionConfig().model.name == "fasterrcnn_mobilenet_v3_large_fpn"  # the default without a config
 
 
 def test_limit_and_keep_empty_in_config() -> None:
@@ -358,9 +367,9 @@ def test_local_weights_load_with_a_report(tmp_path: Path, caplog: pytest.LogCapt
 def test_one_rank_learns_past_threshold(tmp_path: Path, coco_root: Path, one_thread) -> None:
     cfg = config(f"data.root={coco_root}", "training.max_steps=40")
     _, val_set = T.build_datasets(cfg, tmp_path, masks=False)
-    untrained = du.evaluate(T.build_model(cfg.model, val_set.num_classes), T.eval_loader(
-        cfg, val_set, T.ratlib.init_distributed()), val_set, torch.device("cpu"), is_main=True)
-    metrics = T.train(cfg, run_dir=tmp_path)
+    untrained = du.evaluate(T.build_model(cfg.model, val_set.num_classes), T.eval_loader(cfg, val_set, CPU),
+                            val_set, torch.device("cpu"), is_main=True)
+    metrics = T.train(cfg, run_dir=tmp_path, info=CPU)
     assert untrained["map50"] < UNTRAINED_AP50_MAX
     assert metrics["map50"] > AP50_THRESHOLD, metrics
     rows = metrics_rows(tmp_path)
@@ -376,7 +385,7 @@ def two_rank_scenario(run: str, root: str) -> int:
 
     setup_logging(log_dir=Path(run) / "logs")
     common = (f"output_dir={run}", f"data.root={root}")
-    with distributed() as info:
+    with distributed(device="cpu") as info:
         first = T.train(config(*common, "training.max_steps=20"), run_dir=run, info=info)
         resumed = T.train(config(*common, "training.max_steps=40"), run_dir=run, resume=True, info=info)
         evaluated = T.evaluate_checkpoint(config(*common), run_dir=run, info=info)
@@ -389,7 +398,7 @@ def two_rank_scenario(run: str, root: str) -> int:
 @pytest.mark.distributed
 def test_two_ranks_learn_resume_and_evaluate_like_one_rank(tmp_path: Path, coco_root: Path, one_thread) -> None:
     run = tmp_path / "run"
-    run_on_ranks(two_rank_scenario, 2, args=(str(run), str(coco_root)), timeout=300).check()
+    run_on_ranks(two_rank_scenario, 2, args=(str(run), str(coco_root)), env=NO_GPU, timeout=300).check()
     rows = metrics_rows(run)
     first = [r for r in rows if r["step"] <= 20]
     assert first[-1]["step"] == 20 and first[-1]["epoch"] == 4  # 4 steps per epoch (32 images, 2 x 4)
@@ -406,7 +415,7 @@ def test_two_ranks_learn_resume_and_evaluate_like_one_rank(tmp_path: Path, coco_
     # The final checkpoint evaluated on 2 ranks (each predicting its half of val), and here on 1 rank:
     # the same figures, equal to the 2-rank evaluation that ended training (buffers synced first).
     two = returned[0]["evaluated"]
-    one = T.evaluate_checkpoint(config(f"data.root={coco_root}", f"output_dir={run}"), run_dir=run)
+    one = T.evaluate_checkpoint(config(f"data.root={coco_root}", f"output_dir={run}"), run_dir=run, info=CPU)
     assert two["eval_images"] == one["eval_images"] == 16
     for key in du.STAT_NAMES:
         assert one[key] == pytest.approx(two[key], abs=1e-9), key
@@ -419,8 +428,10 @@ def test_smoke_on_two_ranks_trains_on_exactly_the_limit(tmp_path: Path, one_thre
     run = tmp_path / "run"
     result = run_on_ranks(TRAIN_PY, 2, args=[f"output_dir={run}", *TINY, "smoke=true", "data.limit=7",
                                              "data.synthetic.train_images=20", "data.synthetic.val_images=8",
-                                             "model.width=8"], timeout=240).check()
+                                             "model.width=8"], env=NO_GPU, timeout=240).check()
     (row,) = metrics_rows(run)
     assert row["train_images"] == 7 and row["train_unique_images"] == 7
     assert row["eval_images"] == 7 and row["step"] == 1  # 7 images, batch 4 on 2 ranks: one step per epoch
+    assert len(row["peak_memory_gib"]) == 2 and row["peak_memory_kind"] == "rss"  # every rank's peak (#13)
+    assert row["peak_memory_max_gib"] == max(row["peak_memory_gib"]) and row["peak_memory_max_rank"] in (0, 1)
     assert math.isfinite(row["train_loss"]) and result.returncodes == [0, 0]

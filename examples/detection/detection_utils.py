@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ratlib import gather_object, get_logger, progress
+from ratlib.hang import heartbeat
 
 log = get_logger(__name__)
 
@@ -348,6 +349,7 @@ def predict(model: nn.Module, loader: Any, label_to_cat: Sequence[int], device: 
             outputs = model([img.to(device, non_blocking=True) for img in images])
         image_ids = [t["image_id"] for t in targets]
         ids += image_ids
+        heartbeat(-1)  # progress for ratlib.hang's stall watchdog (step -1: evaluating)
         rows.append(to_coco_results(outputs, image_ids, label_to_cat))
     return ids, (np.concatenate(rows) if rows else np.zeros((0, 7)))
 

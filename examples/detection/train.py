@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +52,8 @@ from ratlib import (
     to_deepspeed_config,
 )
 from ratlib.config_defaults import DataConfig, ModelConfig
+from ratlib import checkpoint, memory
+from ratlib.hang import heartbeat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # detection_utils.py sits beside this file
 import detection_utils as du  # noqa: E402
@@ -278,27 +281,20 @@ def sync_buffers(model: nn.Module) -> None:
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], info: DistInfo) -> None:
-    """Rank 0 writes checkpoints/epoch{E}.pt atomically; the others wait."""
-    if info.is_main:
-        folder = run_dir / "checkpoints"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".epoch{state['epoch']:04d}.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(folder / f"epoch{state['epoch']:04d}.pt")
-    barrier()
+    """checkpoints/epoch{E}.pt, written by rank 0 atomically (ratlib.checkpoint.save); all ranks wait."""
+    checkpoint.save(state, run_dir / "checkpoints" / f"epoch{state['epoch']:04d}.pt")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    files = sorted((run_dir / "checkpoints").glob("epoch*.pt"))
-    return files[-1] if files else None
+    return checkpoint.latest(run_dir / "checkpoints", "epoch*.pt")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Every rank reads the checkpoint onto the CPU."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as exc:
-        raise UsageError(f"checkpoint {path}: cannot be read ({exc}); give a checkpoints/epoch*.pt file") from exc
+        return checkpoint.load(path, map_location="cpu")
+    except checkpoint.CheckpointError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def write_metrics(run_dir: Path, record: dict[str, Any], info: DistInfo) -> None:
@@ -306,6 +302,8 @@ def write_metrics(run_dir: Path, record: dict[str, Any], info: DistInfo) -> None
     if info.is_main:
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # a row that was logged survives a crash right after
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,6 +365,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         step += 1
+        heartbeat(step)  # for distributed.stall_timeout_s (ratlib.hang): nearly free
         if step % t.log_every == 0 or step == max_steps:
             value = loss.item()  # a device sync, only every log_every steps
             if not math.isfinite(value):
@@ -481,6 +480,8 @@ def train(cfg: DetectionConfig, *, run_dir: str | Path | None = None, resume: bo
                 if scaler is not None and state.get("scaler"):
                     scaler.load_state_dict(state["scaler"])
             start_epoch, step = state["epoch"] + 1, state["step"]
+            if state.get("rng"):
+                checkpoint.set_rng_state(state["rng"])
             log.info("resumed from %s: epoch %d done, step %d", path, state["epoch"], step)
 
     def run_eval() -> dict[str, float]:
@@ -494,6 +495,7 @@ def train(cfg: DetectionConfig, *, run_dir: str | Path | None = None, resume: bo
         if t.max_steps is not None and step >= t.max_steps:
             break
         sampler.set_epoch(epoch)
+        memory.reset_peak_memory(device)  # per-epoch peaks, on every rank
         epoch_start = time.perf_counter()
         step, losses, seen = train_one_epoch(train_model, optimizer, scheduler, train_loader, device, cfg, epoch=epoch,
                                              step=step, max_steps=t.max_steps, autocast=autocast, scaler=scaler,
@@ -505,8 +507,9 @@ def train(cfg: DetectionConfig, *, run_dir: str | Path | None = None, resume: bo
         stopping = epoch == last_epoch or (t.max_steps is not None and step >= t.max_steps)
         metrics = run_eval() if stopping or (epoch + 1) % cfg.eval.every_epochs == 0 else {}
 
+        mem = memory.memory_report(device, warn_fraction=t.memory_warning_fraction)  # every rank's peak, gathered
         record: dict[str, Any] = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                                  **{f"train_{k}": v for k, v in losses.items()}, **metrics}
+                                  **{f"train_{k}": v for k, v in losses.items()}, **metrics, **mem.to_metrics()}
         if info.is_main:
             assert seen_by_rank is not None
             images = [i for rank_ids in seen_by_rank for i in rank_ids]
@@ -524,7 +527,7 @@ def train(cfg: DetectionConfig, *, run_dir: str | Path | None = None, resume: bo
                                   "optimizer": optimizer.state_dict() if engine is None else None,
                                   "scheduler": scheduler.state_dict() if engine is None else None,
                                   "scaler": scaler.state_dict() if scaler is not None else None,
-                                  "epoch": epoch, "step": step, "metrics": metrics,
+                                  "epoch": epoch, "step": step, "metrics": metrics, "rng": checkpoint.rng_state(),
                                   "config": cfg.model_dump(mode="json")}, info)
         if stopping:
             break
@@ -552,6 +555,12 @@ def evaluate_checkpoint(cfg: DetectionConfig, checkpoint: str | Path | None = No
     if info.is_main:
         (run_dir / "eval.json").write_text(json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")
     return broadcast_object(metrics)
+
+
+# What the ablation runner (examples/ablation/run.py) reads from an example.
+CONFIG_SCHEMA = DetectionConfig
+MAIN_METRIC = "map"
+METRIC_MODE = "max"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
