@@ -20,6 +20,8 @@ $(UV):
 
 $(STAMP): $(UV) pyproject.toml uv.lock
 	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen $(EXTRAS)
+	# DeepSpeed builds against the torch installed by the first sync (no build isolation).
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen $(EXTRAS) --extra deepspeed
 	touch $@
 
 venv: $(STAMP)

@@ -1139,8 +1139,10 @@ def to_deepspeed_config(
         total = min(total, t.max_steps) if t.max_steps is not None else total
         warmup = min(total, round(s.warmup_epochs * steps_per_epoch))
         if s.name == "cosine":
+            # DeepSpeed refuses warmup_num_steps=0: no warmup is one step that starts at the full rate.
             ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
-                "total_num_steps": total, "warmup_num_steps": warmup, "warmup_min_ratio": 0.0,
+                "total_num_steps": total, "warmup_num_steps": max(1, warmup),
+                "warmup_min_ratio": 0.0 if warmup else 1.0,
                 "cos_min_ratio": s.min_lr / o.lr, "warmup_type": "linear"}}
         elif s.name == "constant" and warmup > 0:
             ds["scheduler"] = {"type": "WarmupLR", "params": {

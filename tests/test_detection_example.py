@@ -435,3 +435,30 @@ def test_smoke_on_two_ranks_trains_on_exactly_the_limit(tmp_path: Path, one_thre
     assert len(row["peak_memory_gib"]) == 2 and row["peak_memory_kind"] == "rss"  # every rank's peak (#13)
     assert row["peak_memory_max_gib"] == max(row["peak_memory_gib"]) and row["peak_memory_max_rank"] in (0, 1)
     assert math.isfinite(row["train_loss"]) and result.returncodes == [0, 0]
+
+
+def deepspeed_scenario(run: str) -> int:
+    """2 ranks, DeepSpeed ZeRO stage 2 on the CPU: train one epoch, then resume for a second one."""
+    from ratlib import distributed, setup_logging
+
+    setup_logging(log_dir=Path(run) / "logs")
+    ds = (f"output_dir={run}", *TINY, "model.width=8", "training.deepspeed.enabled=true",
+          "training.deepspeed.zero_stage=2", "data.synthetic.train_images=16", "data.synthetic.val_images=8")
+    with distributed(device="cpu") as info:
+        T.train(config(*ds, "training.num_epochs=1"), run_dir=run, info=info)
+        T.train(config(*ds, "training.num_epochs=2"), run_dir=run, resume=True, info=info)
+    return 0
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_deepspeed_zero2_on_two_cpu_ranks_trains_saves_and_resumes(tmp_path: Path, one_thread) -> None:
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install 'ratlib[deepspeed]'")
+    run = tmp_path / "run"
+    result = run_on_ranks(deepspeed_scenario, 2, args=(str(run),), env={**NO_GPU, "DS_ACCELERATOR": "cpu"},
+                          timeout=420).check()
+    rows = metrics_rows(run)
+    assert [(r["epoch"], r["step"]) for r in rows] == [(0, 2), (1, 4)]  # 16 images / (2 ranks x 4): 2 steps
+    assert all(math.isfinite(r["train_loss"]) for r in rows) and rows[1]["train_unique_images"] == 16
+    assert (run / "checkpoints" / "deepspeed" / "epoch0001").is_dir()
+    assert "resumed from" in result.outputs[0] and "epoch 0 done, step 2" in result.outputs[0]

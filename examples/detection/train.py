@@ -479,6 +479,13 @@ def train(cfg: DetectionConfig, *, run_dir: str | Path | None = None, resume: bo
                 scheduler.load_state_dict(state["scheduler"])
                 if scaler is not None and state.get("scaler"):
                     scaler.load_state_dict(state["scaler"])
+            else:  # the engine's own checkpoint holds its (possibly partitioned) optimizer and schedule
+                tag = f"epoch{state['epoch']:04d}"
+                loaded, _ = engine.load_checkpoint(str(run_dir / "checkpoints" / "deepspeed"), tag=tag)
+                if loaded is None:
+                    raise UsageError(f"--resume: {path} has no DeepSpeed checkpoint {tag} beside it under "
+                                     f"{run_dir / 'checkpoints' / 'deepspeed'}; resume with the same "
+                                     "training.deepspeed.enabled as the run that wrote it")
             start_epoch, step = state["epoch"] + 1, state["step"]
             if state.get("rng"):
                 checkpoint.set_rng_state(state["rng"])
