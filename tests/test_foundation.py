@@ -19,7 +19,8 @@ def test_import_ratlib_is_light() -> None:
     code = (
         "import sys, ratlib\n"
         "dir(ratlib)\n"
-        "import ratlib.rank_logger, ratlib.coco_paths, ratlib.config_defaults, ratlib.dist_init\n"
+        "import ratlib.rank_logger, ratlib.coco_paths, ratlib.config_defaults, ratlib.dist_init, ratlib.comm\n"
+        "import ratlib.hang, ratlib.checkpoint, ratlib.memory, ratlib.synthetic, ratlib.doctor, ratlib.cli\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
