@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from ratlib._atomic import write_atomic
 from ratlib.coco_paths import CocoPaths, CocoSplit, annotation_filename, parse_split
 
 # (category name, RGB colour, polygon corners): distinct shapes and high-contrast colours
@@ -28,20 +29,6 @@ SHAPES: tuple[tuple[str, tuple[int, int, int], int], ...] = (
 _GENERATOR = "ratlib.synthetic.make_coco_detection"
 _FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 _ROBOFLOW = {"train": "train", "val": "valid", "test": "test"}
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _paths(root: Path, split: CocoSplit, layout: str) -> tuple[Path, Path]:
@@ -172,7 +159,7 @@ def _save_image(path: Path, pixels: Any, ext: str) -> None:
         options: dict[str, Any] = {"format": "PNG", "pnginfo": info}
     else:
         options = {"format": "JPEG", "quality": 95, "subsampling": 0, "comment": _GENERATOR}
-    _atomic_write(path, lambda f: image.save(f, **options))
+    write_atomic(path, lambda f: image.save(f, **options))
 
 
 def _place(rng: random.Random, width: int, height: int, lo: int, hi: int,
@@ -302,5 +289,5 @@ def make_coco_detection(
     }
     if ann_path.name.startswith("image_info_"):  # COCO's test splits carry no labels
         del data["annotations"]
-    _atomic_write(ann_path, lambda f: f.write(json.dumps(data).encode("utf-8")))
+    write_atomic(ann_path, lambda f: f.write(json.dumps(data).encode("utf-8")))
     return CocoPaths(image_dir, ann_path, s, layout)

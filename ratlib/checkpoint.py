@@ -21,14 +21,14 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ratlib._atomic import TMP_PREFIX, write_atomic
+
 __all__ = ["CheckpointError", "latest", "load", "rng_state", "save", "set_rng_state", "unwrap_model"]
 
-TMP_PREFIX = ".tmp-"  # temporary files start with this; latest() ignores them
 
 # Test hook: called with the temporary path after it is written and fsynced, before the rename.
 _before_rename: Callable[[Path], None] | None = None
@@ -42,19 +42,6 @@ def _is_main() -> bool:
     from ratlib.dist_init import is_main_process
 
     return is_main_process()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - file systems that refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 def _natural_key(path: Path) -> tuple[Any, ...]:
@@ -86,21 +73,8 @@ def save(state: Mapping[str, Any], path: str | os.PathLike[str], *, keep: int | 
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise ValueError(f"checkpoint.save: keep={keep!r}; expected a whole number >= 1 or None (keep all)")
     if _is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(dict(state), f)
-                f.flush()
-                os.fsync(f.fileno())
-            if _before_rename is not None:
-                _before_rename(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        # Looked up at call time, so that tests can set the hook on this module.
+        write_atomic(path, lambda f: torch.save(dict(state), f), before_rename=_before_rename)
         if keep is not None:
             _prune(path, keep)
     if sync:

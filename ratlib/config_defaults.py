@@ -26,7 +26,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -49,6 +48,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from ratlib._atomic import write_atomic
 
 __all__ = [
     "SMOKE_DEFAULTS",
@@ -1169,14 +1170,5 @@ def dump_config(cfg: BaseModel, path: str | os.PathLike[str]) -> Path | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     text = ("# Resolved config (every key, defaults included), written by ratlib.dump_config.\n"
             + yaml.dump(cfg.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False))
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(target, text)
     return target

@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from ratlib._atomic import write_atomic
 from ratlib.config_defaults import (
     ConfigError,
     ExperimentConfig,
@@ -199,19 +199,6 @@ def _indent(text: str) -> int:
     return 2
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def fix_config(path: Path, schema: type[BaseModel] = ExperimentConfig) -> list[str]:
     """Append the schema's missing sections (those with keys) with their defaults to a YAML config,
     keeping everything already there, comments and key order included; ``PATH.bak`` first. The
@@ -234,7 +221,7 @@ def fix_config(path: Path, schema: type[BaseModel] = ExperimentConfig) -> list[s
         f"\n# Added by `ratlib doctor --fix`: the defaults of {', '.join(missing)}.\n" + block
     backup = path.with_name(path.name + ".bak")
     shutil.copy2(path, backup)
-    _write_atomic(path, new)
+    write_atomic(path, new)
     try:
         after = load_config(path, schema=schema)
     except ConfigError:

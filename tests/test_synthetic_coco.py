@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ratlib._synthetic_coco import SHAPES, _atomic_write
+from ratlib._synthetic_coco import SHAPES
 from ratlib.coco_paths import CocoSplit, resolve_coco, validate_annotations
 from ratlib.synthetic import make_coco_detection
 
@@ -161,19 +161,6 @@ def test_reruns_replace_their_own_output_and_nothing_else(tmp_path: Path) -> Non
         make_coco_detection(foreign, "val", num_images=2)
     assert Image.open(foreign / "val2017" / "000000000001.png").size == (8, 8)
     assert make_coco_detection(foreign, "val", num_images=2, overwrite=True).annotations.is_file()
-
-
-def test_atomic_write_leaves_the_old_file_on_failure(tmp_path: Path) -> None:
-    target = tmp_path / "a.json"
-    target.write_text("old")
-
-    def fail(f) -> None:
-        f.write(b"half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        _atomic_write(target, fail)
-    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
 def test_argument_errors_name_every_bad_input(tmp_path: Path) -> None:
