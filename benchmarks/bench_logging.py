@@ -54,7 +54,15 @@ def dropped(calls: int, repeats: int) -> dict[str, float]:
         from accelerate.logging import get_logger as acc_get_logger
         from accelerate.state import PartialState
 
-        PartialState(cpu=True)
+        # accelerate would start a process group for WORLD_SIZE=2: build its state as one process, then
+        # make it rank 1 (the logging call path reads only process_index, as on a real rank 1).
+        saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+        try:
+            state = PartialState(cpu=True)
+        finally:
+            os.environ.update(saved)
+        state._shared_state.update(process_index=1, local_process_index=1)
+        assert not state.is_main_process
         acc = acc_get_logger("bench.acc", log_level="INFO")
         out["accelerate dropped info"] = _per_call(lambda: acc.info("step %d", 1, main_process_only=True), calls,
                                                    repeats)
@@ -62,7 +70,9 @@ def dropped(calls: int, repeats: int) -> dict[str, float]:
         out["accelerate dropped info"] = float("nan")
         print(f"(accelerate skipped: {type(exc).__name__}: {exc})", file=sys.stderr)
     try:
-        from lightning_utilities.core.rank_zero import rank_zero_info
+        from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_only
+
+        rank_zero_only.rank = int(os.environ["RANK"])  # what Lightning sets at start-up
 
         out["lightning rank_zero_info (rank 1)"] = _per_call(lambda: rank_zero_info("step %d", 1), calls, repeats)
     except Exception as exc:
