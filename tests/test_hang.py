@@ -297,18 +297,6 @@ def test_collective_check_is_a_no_op_in_one_process() -> None:
     assert comm.all_reduce_mean(2.0) == 2.0 and comm.broadcast_object("x") == "x"
 
 
-def test_heartbeat_is_well_under_a_microsecond() -> None:
-    n = 200_000
-    beat = hang.heartbeat
-    samples = []
-    for _ in range(5):
-        start = time.perf_counter_ns()
-        for i in range(n):
-            beat(i)
-        samples.append((time.perf_counter_ns() - start) / n)
-    assert sorted(samples)[2] < 500, f"heartbeat costs {sorted(samples)[2]:.0f} ns"
-
-
 def test_import_is_light_and_heartbeat_works_uninstalled() -> None:
     code = ("import sys, ratlib.hang as h; h.heartbeat(3); h.before_collective('x'); "
             "bad = [m for m in ('torch', 'numpy') if m in sys.modules]; assert not bad, bad")
