@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -70,6 +71,12 @@ def coco_split_spellings(split: str | CocoSplit | None = None, year: int | None 
     ``instances_``/``person_keypoints_``/``image_info_`` prefixes, ``.json`` suffixes, an
     ``annotations/`` folder, Roboflow's ``valid/_annotations.coco.json`` and surrounding spaces.
     """
+    return _spellings(split, year)
+
+
+@functools.lru_cache(maxsize=None)
+def _spellings(split: str | CocoSplit | None, year: int | None) -> st.SearchStrategy[tuple[str, CocoSplit]]:
+    """Built once per (split, year): a new composite per call costs ~15 ms and slows hypothesis' explain phase."""
     splits = _choices(split, year)
 
     @st.composite
