@@ -1,0 +1,509 @@
+"""Ablation studies over an example's config: every run on every rank, results that survive a crash.
+
+    torchrun --nproc_per_node 2 examples/ablation/run.py --config examples/ablation/ablation.yaml
+    python examples/ablation/run.py --config ... seeds=[0,1,2] training.num_epochs=4   # study keys, run-wide keys
+    torchrun ... examples/ablation/run.py --config ... --resume      # after a crash: only what is not recorded
+    torchrun ... examples/ablation/run.py --config ... --resume --retry-failed
+    python examples/ablation/run.py --config ... --dry-run           # validate every variant, print the plan
+
+The study file (ablation.yaml) names a base example (segmentation, detection, or a path to a train.py),
+variants as a grid over dotted config keys and/or an explicit list, and optionally seeds. The main rank
+names every run and its folder, validates every run's config with ``load_config`` before the first one
+trains, and hands that plan to the other ranks. Every rank then trains every run in lockstep through the
+example's own ``train()`` (imported, in this process). After each run the ranks exchange how it went;
+the main rank appends one line to results.jsonl (fsynced) and refreshes summary.md and summary.png.
+
+A run that raises on any rank is recorded as failed (rank, error) and the study goes on: the failing
+rank tears down its process group, which makes the others' pending collectives fail at once (gloo), the
+ranks exchange their outcomes through the rendezvous store, and all of them start a fresh group for the
+next run. A rank that dies, or hangs inside a collective, stops the study at ``distributed.timeout_s``;
+everything recorded so far stays, and ``--resume`` runs the rest (docs/examples/ablation.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ratlib import (
+    ConfigError,
+    DistInfo,
+    broadcast_object,
+    distributed,
+    get_logger,
+    heartbeat,
+    is_main_process,
+    load_config,
+    setup_logging,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ablation_utils.py sits beside this file
+import ablation_utils as au  # noqa: E402
+from ablation_utils import StudyError  # noqa: E402
+
+log = get_logger("ablation")
+GIB = 1024**3
+
+
+class StudyStopped(RuntimeError):
+    """The ranks lost each other (a rank died or hangs): the study cannot go on in this launch."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The base example: examples/<name>/train.py, imported by path
+
+
+_EXAMPLES: dict[Path, Any] = {}
+
+
+def load_example(path: Path) -> Any:
+    """Import an example's train.py (its folder first on sys.path: it may import a sibling module) and
+    check that it follows the contract: CONFIG_SCHEMA, MAIN_METRIC, train(cfg, *, run_dir, resume, info)."""
+    path = path.resolve()
+    if path in _EXAMPLES:
+        return _EXAMPLES[path]
+    sys.path.insert(0, str(path.parent))
+    name = f"ablation_base_{path.parent.name}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    missing = [a for a in ("CONFIG_SCHEMA", "MAIN_METRIC", "train") if not hasattr(module, a)]
+    if missing:
+        raise StudyError(f"{path} does not follow the ablation contract: it lacks {', '.join(missing)}. An example "
+                         "needs CONFIG_SCHEMA (its ExperimentConfig subclass), MAIN_METRIC, optionally METRIC_MODE "
+                         "('max'/'min'), and train(cfg, *, run_dir=None, resume=False, info=None) -> dict")
+    _EXAMPLES[path] = module
+    return module
+
+
+@contextlib.contextmanager
+def quiet(name: str = "ratlib.config") -> Iterator[None]:
+    """load_config logs the keys it took from defaults on every call: once per study is enough."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# The study: read on every rank (for the process-group settings); planned by the main rank alone
+
+
+@dataclass
+class Study:
+    """The study file and the base example, as every rank reads them before the process group exists."""
+
+    cfg: au.StudyConfig
+    file: Path
+    example_path: Path
+    example: Any
+    config: str | None  # the base example's config file
+    common: list[str]  # run-wide overrides: the study's `overrides` and the command line's config keys
+    base_cfg: Any  # the base config with the run-wide overrides: its `distributed` section sets up the group
+
+
+def read_study(config: str, overrides: Sequence[str]) -> Study:
+    study_items = [o for o in overrides if o.partition("=")[0].strip().split(".")[0] in au.STUDY_KEYS]
+    with quiet():
+        cfg = load_config(config, overrides=study_items, schema=au.StudyConfig)
+    file = Path(config)
+    path = au.example_path(cfg.base, file)
+    example = load_example(path)
+    _, run_items = au.split_overrides(overrides, example.CONFIG_SCHEMA.model_fields)
+    base_config = cfg.config
+    if base_config is None:
+        beside = path.parent / "config.yaml"
+        base_config = str(beside) if beside.is_file() else None
+    else:
+        base_config = str(au.resolve_input(base_config, file))
+    common = [f"{k}={au.json_value(v)}" for k, v in au.flatten(cfg.overrides).items()] + run_items
+    with quiet():
+        base_cfg = load_config(base_config, overrides=common, schema=example.CONFIG_SCHEMA)
+    return Study(cfg, file, path, example, base_config, common, base_cfg)
+
+
+@dataclass
+class Plan:
+    """What the main rank decided and every rank follows: names, folders, which runs to train."""
+
+    name: str
+    example: str
+    config: str | None
+    common: list[str]
+    metric: str
+    mode: str
+    output_dir: str
+    runs: list[au.Run]
+    todo: list[int]  # indices into runs
+    nonce: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # this launch's keys in the store
+
+    @property
+    def results(self) -> Path:
+        return Path(self.output_dir) / "results.jsonl"
+
+
+def make_plan(study: Study, *, resume: bool, retry_failed: bool) -> Plan:
+    """Expand the variants, validate every run's config (all problems at once, before anything trains), and
+    with --resume leave out the runs already recorded."""
+    s = study.cfg
+    runs = au.make_runs(s)
+    metric = s.metric or study.example.MAIN_METRIC
+    mode = s.mode or getattr(study.example, "METRIC_MODE", "max")
+    problems = []
+    with quiet():
+        for run in runs:
+            try:
+                cfg = load_config(study.config, overrides=run.override_strings(study.common),
+                                  schema=study.example.CONFIG_SCHEMA)
+                run.config_hash = au.config_hash(cfg)
+            except ConfigError as exc:
+                problems.append(f"run {run.run} ({au.overrides_text(run.overrides)}):\n    " +
+                                str(exc).replace("\n", "\n    "))
+    if problems:
+        raise StudyError(f"{len(problems)} of {len(runs)} runs have an invalid config; nothing was trained:\n  " +
+                         "\n  ".join(problems))
+    plan = Plan(s.name, str(study.example_path), study.config, study.common, metric, mode, s.output_dir, runs,
+                [r.index for r in runs])
+    records = au.latest_records(au.read_jsonl(plan.results))
+    existing = [r.run for r in runs if Path(r.dir).exists()]
+    if not resume:
+        if records or existing:
+            raise StudyError(f"{s.output_dir} already holds a study ({len(records)} recorded runs, "
+                             f"{len(existing)} run folders): pass --resume to continue it (and --retry-failed to "
+                             "run failed runs again), or choose another output_dir")
+        return plan
+    changed = [f"{r.run} (recorded {records[r.run].get('config_hash')}, now {r.config_hash})" for r in runs
+               if r.run in records and records[r.run].get("config_hash") != r.config_hash]
+    if changed:
+        raise StudyError(f"--resume: the config of {len(changed)} recorded run(s) differs from the study file now: "
+                         f"{', '.join(changed)}. Put the study file back as it was, or start a new output_dir")
+    todo, done, failed = [], [], []
+    for run in runs:
+        status = records.get(run.run, {}).get("status")
+        if status == "finished":
+            done.append(run.run)
+        elif status == "failed" and not retry_failed:
+            failed.append(run.run)
+        else:
+            if status == "failed" and Path(run.dir).exists():  # a clean folder for the new attempt
+                aside = _free_name(Path(run.dir), ".failed")
+                Path(run.dir).rename(aside)
+                log.info("--retry-failed: moved the failed attempt of %s to %s", run.run, aside)
+            else:
+                run.resume = Path(run.dir).exists()  # interrupted: continue from its checkpoint
+            todo.append(run.index)
+    plan.todo = todo
+    log.info("--resume: %d of %d runs recorded as finished%s; %d to run%s", len(done), len(runs),
+             f", {len(failed)} failed and not retried (--retry-failed runs them): {', '.join(failed)}"
+             if failed else "", len(todo),
+             f" ({sum(runs[i].resume for i in todo)} continue from their checkpoint)" if todo else "")
+    return plan
+
+
+def _free_name(path: Path, suffix: str) -> Path:
+    k = 1
+    while path.with_name(f"{path.name}{suffix}{k}").exists():
+        k += 1
+    return path.with_name(f"{path.name}{suffix}{k}")
+
+
+# ----------------------------------------------------------------------------------------------
+# How ranks tell each other how a run went, also when the process group is broken
+
+
+class Channel:
+    """An all-gather through the rendezvous store (it works whatever state the process group is in), and a
+    fresh process group after a failure.
+
+    Why not a collective on the process group: a rank that fails alone leaves the others inside a collective
+    it will never join (DDP's broadcast, an allreduce). It tears its group down instead; with gloo the others'
+    pending collective then fails at once ("connection closed"), they record that, and every rank meets here.
+    """
+
+    def __init__(self, info: DistInfo, nonce: str, timeout_s: float) -> None:
+        self.info, self.ns, self.generation = info, f"ratlib-ablation/{nonce}", 0
+        self.timeout = timedelta(seconds=timeout_s)
+        self.wait = timedelta(seconds=2 * timeout_s + 60)  # a healthy rank may sit out a whole collective timeout
+        self.store = None
+        if info.world_size > 1:
+            import torch.distributed as dist
+
+            self.dist = dist
+            self.backend = dist.get_backend()
+            self.store = dist.distributed_c10d._get_default_store()  # held here, it outlives the groups
+
+    def all_gather(self, key: str, obj: Any) -> list[Any]:
+        if self.store is None:
+            return [obj]
+        prefix = f"{self.ns}/{key}/"
+        self.store.set(prefix + str(self.info.rank), json.dumps(obj))
+        keys = [prefix + str(r) for r in range(self.info.world_size)]
+        try:
+            self.store.wait(keys, self.wait)
+        except Exception as exc:
+            missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
+            raise StudyStopped(f"rank(s) {missing} did not report within {self.wait.total_seconds():.0f} s: they "
+                               f"died, or hang inside a collective ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        return [json.loads(self.store.get(k)) for k in keys]
+
+    def count_failure(self, key: str) -> int:
+        """1 for the first rank to fail in this run, 2 for the next...: the first is the cause."""
+        return 1 if self.store is None else int(self.store.add(f"{self.ns}/{key}/failures", 1))
+
+    def release_peers(self) -> None:
+        """Tear this rank's group down so that peers waiting in a collective for it fail now, not at the
+        timeout. Only works if nothing else holds the group: hence gc first (the failed model's cycles)."""
+        if self.store is not None and self.dist.is_initialized():
+            gc.collect()
+            self.dist.destroy_process_group()
+
+    def rebuild(self) -> None:
+        """Every rank, after a failed run: a new default group under a new prefix of the same store."""
+        if self.store is None:
+            return
+        self.release_peers()
+        self.generation += 1
+        kwargs: dict[str, Any] = {}
+        if self.backend == "nccl":
+            kwargs["device_id"] = self.info.device
+        self.dist.init_process_group(self.backend, store=self.dist.PrefixStore(f"{self.ns}/group{self.generation}/",
+                                                                               self.store),
+                                     rank=self.info.rank, world_size=self.info.world_size, timeout=self.timeout,
+                                     **kwargs)
+        log.info("fresh process group %d after the failed run", self.generation)
+
+
+# ----------------------------------------------------------------------------------------------
+# One run, on every rank
+
+
+def _message(exc: BaseException) -> str:
+    text = " ".join(str(exc).strip().splitlines()[:3]) or type(exc).__name__
+    return text[:500]
+
+
+def train_run(example: Any, plan: Plan, run: au.Run, info: DistInfo, channel: Channel) -> dict[str, Any]:
+    """Load the run's config and train it through the example's train(); never raises (but on Ctrl-C)."""
+    from ratlib import memory
+
+    start = time.perf_counter()
+    memory.reset_peak_memory(info.device)
+    outcome: dict[str, Any] = {"run": run.run, "rank": info.rank, "ok": True, "final": {}, "error": None}
+    failed = False
+    try:
+        with quiet():
+            cfg = load_config(plan.config, overrides=run.override_strings(plan.common), schema=example.CONFIG_SCHEMA)
+        metrics = example.train(cfg, run_dir=run.dir, resume=run.resume, info=info)
+        outcome["final"] = au.numbers(metrics or {})
+    except Exception as exc:  # recorded; the study goes on
+        failed = True
+        outcome["ok"] = False
+        outcome["error"] = {"rank": info.rank, "type": type(exc).__name__, "message": _message(exc),
+                            "order": channel.count_failure(f"run{run.index}")}
+        log.error("run %s raised on rank %d", run.run, info.rank, exc_info=exc, main_process_only=False)
+    if failed:  # after the except block: the traceback, and the model in its frames, are gone by now
+        channel.release_peers()
+    outcome["wall_time_s"] = round(time.perf_counter() - start, 3)
+    peak = memory.peak_memory(info.device)
+    outcome["peak_memory_gib"], outcome["peak_memory_kind"] = round(peak.peak / GIB, 4), peak.kind
+    return outcome
+
+
+def make_record(plan: Plan, run: au.Run, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results.jsonl line for one run, from every rank's outcome and the run's metrics.jsonl."""
+    ok = all(o["ok"] for o in outcomes)
+    rows = au.read_metric_rows(run.dir)
+    best = au.best_row(rows, plan.metric, plan.mode) if ok else None
+    final = outcomes[0]["final"] if ok else {}
+    peaks = [o["peak_memory_gib"] for o in outcomes]  # what the runner saw on each rank
+    for row in rows:  # and what the example recorded per epoch (it resets the peak each epoch)
+        for r, value in enumerate(row.get("peak_memory_gib") or []):
+            if r < len(peaks) and isinstance(value, (int, float)):
+                peaks[r] = max(peaks[r], float(value))
+    errors = sorted((o["error"] for o in outcomes if o["error"]), key=lambda e: e["order"])
+    return {
+        "run": run.run, "name": run.name, "seed": run.seed, "index": run.index,
+        "status": "finished" if ok else "failed",
+        "overrides": run.overrides, "metric": plan.metric, "mode": plan.mode,
+        "final": final,
+        "best": ({"epoch": best.get("epoch"), "step": best.get("step"),
+                  **{k: v for k, v in au.numbers(best).items() if k in final or k == plan.metric}}
+                 if best else {}),
+        "wall_time_s": outcomes[0]["wall_time_s"],
+        "peak_memory_gib": peaks, "peak_memory_max_gib": max(peaks), "peak_memory_max_rank": peaks.index(max(peaks)),
+        "peak_memory_kind": outcomes[0]["peak_memory_kind"],
+        "error": ({k: v for k, v in errors[0].items() if k != "order"} if errors else None),
+        "errors": errors,
+        "resumed": run.resume, "world_size": len(outcomes), "dir": run.dir, "config_hash": run.config_hash,
+        "finished_at": au.now(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary (main rank)
+
+
+def write_summary(plan: Plan, world_size: int, *, final: bool = False) -> tuple[str, bool]:
+    """summary.md and summary.png from results.jsonl; returns the table and whether the PNG was written."""
+    out = Path(plan.output_dir)
+    records = au.latest_records(au.read_jsonl(plan.results))
+    rows = au.summary_rows(records, plan.runs, plan.metric, plan.mode)
+    finished = sum(r.get("status") == "finished" for r in records.values())
+    failed = sum(r.get("status") == "failed" for r in records.values())
+    seeds = sorted({r.seed for r in plan.runs if r.seed is not None})
+    header = [f"- base example: `{plan.example}`, config `{plan.config or '(defaults)'}`",
+              f"- main metric: `{plan.metric}` ({'higher' if plan.mode == 'max' else 'lower'} is better); "
+              f"{world_size} rank(s)" + (f"; seeds {seeds}" if seeds else ""),
+              f"- run-wide overrides: `{' '.join(plan.common)}`" if plan.common else "- run-wide overrides: none",
+              f"- {finished} finished, {failed} failed, {len(plan.runs) - finished - failed} not run "
+              f"{'(study ended)' if final else 'yet'}; updated {au.now()}; every run: `results.jsonl`"]
+    table = au.summary_table(rows, plan.metric, plan.mode)
+    text = au.summary_markdown(rows, title=plan.name, metric=plan.metric, mode=plan.mode, header=header)
+    au.write_atomic(out / "summary.md", text.encode())
+    png = au.summary_png(rows, out / "summary.png", title=plan.name, metric=plan.metric, mode=plan.mode)
+    return table, png
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="the study file, e.g. examples/ablation/ablation.yaml")
+    parser.add_argument("--resume", action="store_true", help="skip the runs recorded as finished in results.jsonl")
+    parser.add_argument("--retry-failed", action="store_true", help="with --resume: run failed runs again too")
+    parser.add_argument("--dry-run", action="store_true", help="validate every run and print the plan; train nothing")
+    parser.add_argument("overrides", nargs="*", help="study keys (seeds=[0,1], output_dir=...) or config keys "
+                        "for every run (training.num_epochs=2)")
+    args = parser.parse_intermixed_args(argv)
+    resume = args.resume or args.retry_failed
+    setup_logging()
+
+    # 1. Every rank reads the study and imports the example (no collective yet: an error ends every rank).
+    try:
+        study = read_study(args.config, args.overrides)
+        if args.dry_run:
+            return dry_run(study, resume=resume, retry_failed=args.retry_failed)
+    except (ConfigError, StudyError) as exc:
+        if is_main_process():
+            log.error("%s", exc)
+        return 2
+    d = study.base_cfg.distributed
+    # torch._dynamo keeps references to the process group that exists when it is first imported (DDP imports
+    # it); a group held like that cannot be torn down to release the other ranks after a failure. Import it
+    # before there is a group.
+    with contextlib.suppress(ImportError):
+        import torch._dynamo  # noqa: F401
+
+    with distributed(d.backend, timeout=d.timeout_s, connect_timeout=d.connect_timeout_s,
+                     stall_timeout=d.stall_timeout_s, device=study.cfg.device) as info:
+        # 2. The main rank decides names, folders and what is left to run; the others receive the plan.
+        plan, error = None, None
+        if info.is_main:
+            try:
+                plan = make_plan(study, resume=resume, retry_failed=args.retry_failed)
+            except (ConfigError, StudyError, OSError) as exc:
+                error = str(exc)
+        plan, error = broadcast_object((plan, error))
+        if error is not None:
+            if info.is_main:
+                log.error("%s", error)
+            return 2
+        assert plan is not None
+        out = Path(plan.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        setup_logging(log_dir=out / "logs")  # every rank: logs/rank{R}.log, all runs
+        if info.is_main:
+            au.write_atomic(out / "study.yaml", yaml.safe_dump(study.cfg.model_dump(mode="json"), sort_keys=False)
+                            .encode())
+            log.info("study %s: %d runs of %s (%d to run), %d rank(s) on %s; output %s", plan.name, len(plan.runs),
+                     plan.example, len(plan.todo), info.world_size, info.device, out)
+        channel = Channel(info, plan.nonce, d.timeout_s)
+
+        # 3. Every rank trains every run, in lockstep; the main rank records each one as it ends.
+        try:
+            for k, index in enumerate(plan.todo, 1):
+                run = plan.runs[index]
+                heartbeat(0)
+                log.info("[%d/%d] %s: %s -> %s%s", k, len(plan.todo), run.run, au.overrides_text(run.overrides),
+                         run.dir, " (continuing from its checkpoint)" if run.resume else "")
+                outcome = train_run(study.example, plan, run, info, channel)
+                outcomes = channel.all_gather(f"run{index}", outcome)
+                if {o["run"] for o in outcomes} != {run.run}:
+                    raise StudyStopped(f"ranks are out of step: {[o['run'] for o in outcomes]}")
+                if not all(o["ok"] for o in outcomes):
+                    channel.rebuild()
+                heartbeat(0)
+                if info.is_main:
+                    record = make_record(plan, run, outcomes)
+                    au.append_jsonl(plan.results, record)
+                    report(record, k, len(plan.todo))
+                    write_summary(plan, info.world_size)
+        except StudyStopped as exc:
+            log.error("study stopped: %s. Every run recorded so far is in %s; run the same command with --resume "
+                      "to go on", exc, plan.results, main_process_only=False)
+            return 1
+
+        # 4. The summary.
+        if info.is_main:
+            table, png = write_summary(plan, info.world_size, final=True)
+            print(f"\n{table}\n", flush=True)
+            print(f"results: {plan.results}\nsummary: {out / 'summary.md'}", flush=True)
+            print(f"plot:    {out / 'summary.png'}" if png else
+                  "plot:    skipped: matplotlib is not installed (pip install 'ratlib[plot]')", flush=True)
+            print(f"runs:    {out}/<variant>/ (config.yaml, metrics.jsonl, checkpoints/); logs: {out / 'logs'}",
+                  flush=True)
+    return 0
+
+
+def report(record: dict[str, Any], k: int, n: int) -> None:
+    if record["status"] == "finished":
+        value = record["final"].get(record["metric"])
+        shown = f"{record['metric']} {value:.4f}" if value is not None else f"no {record['metric']!r} returned"
+        log.info("[%d/%d] %s finished in %.1f s: %s, peak memory %.2f GiB", k, n, record["run"],
+                 record["wall_time_s"], shown, record["peak_memory_max_gib"])
+        if value is None:
+            log.warning("train() returned %s, without the main metric %r: set `metric:` in the study file",
+                        sorted(record["final"]), record["metric"])
+    else:
+        err = record["error"]
+        log.warning("[%d/%d] %s failed on rank %d: %s: %s (recorded; going on)", k, n, record["run"], err["rank"],
+                    err["type"], err["message"])
+
+
+def dry_run(study: Study, *, resume: bool, retry_failed: bool) -> int:
+    """Validate every run and print the plan (main rank; no process group, nothing trained)."""
+    if not is_main_process():
+        return 0
+    plan = make_plan(study, resume=resume, retry_failed=retry_failed)
+    todo = set(plan.todo)
+    print(f"study {plan.name}: {len(plan.runs)} runs of {plan.example} (config {plan.config or 'defaults'}), "
+          f"main metric {plan.metric} ({plan.mode}); every config is valid")
+    for run in plan.runs:
+        state = ("continue" if run.resume else "run") if run.index in todo else "recorded: skip"
+        print(f"  {run.index:>3}  {run.run:<40} {state:<15} {au.overrides_text(run.overrides)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

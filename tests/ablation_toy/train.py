@@ -1,0 +1,154 @@
+"""A toy example that follows the ablation runner's contract, small enough for tests (well under a second
+a run on a CPU): a small MLP regressing fixed random data, trained with DDP on the caller's process group.
+
+The contract (docs/examples/ablation.md): ``CONFIG_SCHEMA``, ``MAIN_METRIC``, ``METRIC_MODE`` and
+``train(cfg, *, run_dir=None, resume=False, info=None) -> dict[str, float]`` that writes run_dir/config.yaml,
+metrics.jsonl (one row per epoch, memory keys included) and checkpoints/, and returns the final metrics
+on every rank. ``fault`` makes a run raise on one rank, at a chosen place, to test failure handling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ratlib import (
+    DataConfig,
+    DistInfo,
+    ExperimentConfig,
+    ModelConfig,
+    all_reduce_mean,
+    broadcast_object,
+    dump_config,
+    heartbeat,
+    init_distributed,
+    memory_report,
+    reset_peak_memory,
+)
+from ratlib import checkpoint
+
+
+class ToyModel(ModelConfig):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    hidden: int = Field(8, ge=1)
+    depth: int = Field(1, ge=1)  # hidden layers
+
+
+class ToyData(DataConfig):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    num_samples: int = Field(256, ge=8)
+    dim: int = Field(8, ge=1)
+    noise: float = Field(0.1, ge=0)
+
+
+class Fault(BaseModel):
+    """Make the run raise on one rank: at "build" (before any collective of the run: the other ranks go on
+    into DDP's first broadcast), "step" (between two steps of the first epoch) or "end" (after the last
+    collective). ``sleep_s``: every epoch takes at least this long (for the kill-and-resume test)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: int | None = None
+    at: Literal["build", "step", "end"] = "build"
+    sleep_s: float = Field(0.0, ge=0)
+
+
+class ToyConfig(ExperimentConfig):
+    output_dir: str = "runs/toy"
+    model: ToyModel = ToyModel()
+    data: ToyData = ToyData()
+    fault: Fault = Fault()
+
+
+CONFIG_SCHEMA = ToyConfig
+MAIN_METRIC = "score"  # R^2 on the validation split
+METRIC_MODE = "max"
+
+
+def make_data(d: ToyData) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1234)  # the same data for every run and rank
+    x = torch.randn(d.num_samples, d.dim, generator=g)
+    w = torch.randn(d.dim, 1, generator=g)
+    y = torch.tanh(x @ w) + d.noise * torch.randn(d.num_samples, 1, generator=g)
+    n_val = d.num_samples // 4
+    return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
+
+
+def build_model(m: ToyModel, dim: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    width = dim
+    for _ in range(m.depth):
+        layers += [nn.Linear(width, m.hidden), nn.ReLU()]
+        width = m.hidden
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
+def train(cfg: ToyConfig, *, run_dir: str | Path | None = None, resume: bool = False,
+          info: DistInfo | None = None) -> dict[str, float]:
+    info = info or init_distributed()
+    t, fault = cfg.training, cfg.fault
+    run_dir = Path(run_dir if run_dir is not None else cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    if fault.rank == info.rank and fault.at == "build":
+        raise ValueError(f"toy fault on rank {info.rank} while building the model")
+    torch.manual_seed(t.seed)
+    x, y, x_val, y_val = make_data(cfg.data)
+    x, y = x[info.rank::info.world_size], y[info.rank::info.world_size]  # this rank's shard
+    model = build_model(cfg.model, cfg.data.dim)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.optimizer.lr, weight_decay=t.optimizer.weight_decay)
+    start_epoch, step = 0, 0
+    path = checkpoint.latest(run_dir / "checkpoints", "epoch*.pt") if resume else None
+    if path is not None:
+        state = checkpoint.load(path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+    ddp = nn.parallel.DistributedDataParallel(model) if info.world_size > 1 else model
+    steps_per_epoch = math.ceil(len(x) / t.batch_size)
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, t.num_epochs):
+        reset_peak_memory(info.device)
+        began = time.perf_counter()
+        g = torch.Generator().manual_seed(t.seed * 1000 + epoch)
+        order = torch.randperm(len(x), generator=g)
+        total = 0.0
+        for i in range(steps_per_epoch):
+            if fault.rank == info.rank and fault.at == "step" and epoch == start_epoch and i == 2:
+                raise RuntimeError(f"toy fault on rank {info.rank} at step {step}")
+            idx = order[i * t.batch_size:(i + 1) * t.batch_size]
+            loss = nn.functional.mse_loss(ddp(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            step += 1
+            heartbeat(step)
+            if t.max_steps is not None and step >= t.max_steps:
+                break
+        time.sleep(max(0.0, fault.sleep_s - (time.perf_counter() - began)))
+        with torch.no_grad():
+            mse = nn.functional.mse_loss(model(x_val), y_val).item()
+        score = 1.0 - mse / y_val.var().item()
+        metrics = {"score": all_reduce_mean(score), "val_mse": all_reduce_mean(mse)}
+        record = {"epoch": epoch, "step": step, "train_loss": all_reduce_mean(total / steps_per_epoch), **metrics,
+                  **memory_report(info.device, warn_fraction=None).to_metrics()}
+        if info.is_main:
+            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                         "step": step}, run_dir / "checkpoints" / f"epoch{epoch:04d}.pt")
+        if t.max_steps is not None and step >= t.max_steps:
+            break
+    if fault.rank == info.rank and fault.at == "end":
+        raise ValueError(f"toy fault on rank {info.rank} after training")
+    return broadcast_object(metrics)
