@@ -45,6 +45,7 @@ from ratlib import (
     broadcast_object,
     distributed,
     get_logger,
+    get_world_size,
     heartbeat,
     is_main_process,
     load_config,
@@ -161,13 +162,10 @@ class Plan:
         return Path(self.output_dir) / "results.jsonl"
 
 
-def make_plan(study: Study, *, resume: bool, retry_failed: bool) -> Plan:
-    """Expand the variants, validate every run's config (all problems at once, before anything trains), and
-    with --resume leave out the runs already recorded."""
-    s = study.cfg
-    runs = au.make_runs(s)
-    metric = s.metric or study.example.MAIN_METRIC
-    mode = s.mode or getattr(study.example, "METRIC_MODE", "max")
+def validate_runs(study: Study) -> list[au.Run]:
+    """Every run of the study, each config loaded with load_config: all problems in one error, before the
+    process group exists and anything trains."""
+    runs = au.make_runs(study.cfg)
     problems = []
     with quiet():
         for run in runs:
@@ -181,6 +179,15 @@ def make_plan(study: Study, *, resume: bool, retry_failed: bool) -> Plan:
     if problems:
         raise StudyError(f"{len(problems)} of {len(runs)} runs have an invalid config; nothing was trained:\n  " +
                          "\n  ".join(problems))
+    return runs
+
+
+def make_plan(study: Study, *, resume: bool, retry_failed: bool) -> Plan:
+    """The main rank's decisions: every run's name and folder, and with --resume which runs are left."""
+    s = study.cfg
+    runs = validate_runs(study)
+    metric = s.metric or study.example.MAIN_METRIC
+    mode = s.mode or getattr(study.example, "METRIC_MODE", "max")
     plan = Plan(s.name, str(study.example_path), study.config, study.common, metric, mode, s.output_dir, runs,
                 [r.index for r in runs])
     records = au.latest_records(au.read_jsonl(plan.results))
@@ -255,19 +262,29 @@ class Channel:
         if self.store is None:
             return [obj]
         prefix = f"{self.ns}/{key}/"
-        self.store.set(prefix + str(self.info.rank), json.dumps(obj))
         keys = [prefix + str(r) for r in range(self.info.world_size)]
         try:
+            self.store.set(keys[self.info.rank], json.dumps(obj))
             self.store.wait(keys, self.wait)
-        except Exception as exc:
-            missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
-            raise StudyStopped(f"rank(s) {missing} did not report within {self.wait.total_seconds():.0f} s: they "
-                               f"died, or hang inside a collective ({type(exc).__name__}: {str(exc)[:200]})") from exc
-        return [json.loads(self.store.get(k)) for k in keys]
+            return [json.loads(self.store.get(k)) for k in keys]
+        except Exception as exc:  # a timeout, or the store is gone (its host, torchrun's agent or rank 0, died)
+            missing = None
+            with contextlib.suppress(Exception):
+                missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
+            if missing is not None:
+                raise StudyStopped(f"rank(s) {missing} did not report within {self.wait.total_seconds():.0f} s: "
+                                   "they died, or hang inside a collective") from exc
+            raise StudyStopped(f"the rendezvous store cannot be reached ({type(exc).__name__}: {str(exc)[:200]}): "
+                               "the launcher (torchrun) or rank 0 died") from exc
 
     def count_failure(self, key: str) -> int:
         """1 for the first rank to fail in this run, 2 for the next...: the first is the cause."""
-        return 1 if self.store is None else int(self.store.add(f"{self.ns}/{key}/failures", 1))
+        if self.store is None:
+            return 1
+        try:
+            return int(self.store.add(f"{self.ns}/{key}/failures", 1))
+        except Exception:  # the store is gone: all_gather says so next
+            return 0
 
     def release_peers(self) -> None:
         """Tear this rank's group down so that peers waiting in a collective for it fail now, not at the
@@ -399,21 +416,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     resume = args.resume or args.retry_failed
     setup_logging()
 
-    # 1. Every rank reads the study and imports the example (no collective yet: an error ends every rank).
+    # 1. Every rank reads the study, imports the example and validates every run (no collective yet).
     try:
         study = read_study(args.config, args.overrides)
         if args.dry_run:
             return dry_run(study, resume=resume, retry_failed=args.retry_failed)
+        validate_runs(study)  # every variant, on every rank: a typo ends the study before the group exists
     except (ConfigError, StudyError) as exc:
         if is_main_process():
             log.error("%s", exc)
         return 2
     d = study.base_cfg.distributed
-    # torch._dynamo keeps references to the process group that exists when it is first imported (DDP imports
-    # it); a group held like that cannot be torn down to release the other ranks after a failure. Import it
-    # before there is a group.
-    with contextlib.suppress(ImportError):
-        import torch._dynamo  # noqa: F401
+    if get_world_size() > 1:
+        # torch._dynamo keeps references to the process group that exists when it is first imported (DDP
+        # imports it); a group held like that cannot be torn down to release the other ranks after a failure.
+        # So import it before there is a group (DDP would import it anyway).
+        with contextlib.suppress(ImportError):
+            import torch._dynamo  # noqa: F401
 
     with distributed(d.backend, timeout=d.timeout_s, connect_timeout=d.connect_timeout_s,
                      stall_timeout=d.stall_timeout_s, device=study.cfg.device) as info:

@@ -4,7 +4,8 @@ a run on a CPU): a small MLP regressing fixed random data, trained with DDP on t
 The contract (docs/examples/ablation.md): ``CONFIG_SCHEMA``, ``MAIN_METRIC``, ``METRIC_MODE`` and
 ``train(cfg, *, run_dir=None, resume=False, info=None) -> dict[str, float]`` that writes run_dir/config.yaml,
 metrics.jsonl (one row per epoch, memory keys included) and checkpoints/, and returns the final metrics
-on every rank. ``fault`` makes a run raise on one rank, at a chosen place, to test failure handling.
+on every rank. ``fault`` makes a run raise on one rank, at a chosen place, to test failure handling;
+the environment variable ABLATION_TOY_NO_FAULTS=1 turns faults off (a "fixed" bug, for --retry-failed).
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def train(cfg: ToyConfig, *, run_dir: str | Path | None = None, resume: bool = F
           info: DistInfo | None = None) -> dict[str, float]:
     info = info or init_distributed()
     t, fault = cfg.training, cfg.fault
+    if os.environ.get("ABLATION_TOY_NO_FAULTS") == "1":
+        fault = Fault(sleep_s=fault.sleep_s)
     run_dir = Path(run_dir if run_dir is not None else cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
