@@ -74,7 +74,11 @@ def all_reduce_mean(x: T) -> T:
         if not (t.is_floating_point() or t.is_complex()):
             t = t.to(torch.int64)  # an exact sum; the division below makes it floating point
         if dist is not None:
+            home, where = t.device, _device(dist)
+            if home != where:  # e.g. a CPU tensor under nccl: reduce on the GPU, hand it back where it was
+                t = t.to(where)
             dist.all_reduce(t)
+            t = t.to(home)
         return t / world  # type: ignore[return-value]
     if not _is_number(x):
         raise TypeError(f"all_reduce_mean: expected a tensor or a real number, got {type(x).__name__} ({x!r}); "

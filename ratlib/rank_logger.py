@@ -288,6 +288,8 @@ def _install_hooks() -> None:
         if not issubclass(exc_type, KeyboardInterrupt):
             logging.getLogger("ratlib").critical("uncaught %s on %s: %s", exc_type.__name__, rank_tag(), exc,
                                                  exc_info=(exc_type, exc, tb), extra={_ALL_RANKS: True})
+            if previous_sys is sys.__excepthook__ and _STATE.handlers:
+                return  # our console handler printed it, tagged: Python's default would print it again
         previous_sys(exc_type, exc, tb)
 
     def thread_hook(args: threading.ExceptHookArgs) -> None:
@@ -296,6 +298,8 @@ def _install_hooks() -> None:
             logging.getLogger("ratlib").critical(
                 "uncaught %s in thread %s on %s: %s", args.exc_type.__name__, name, rank_tag(), args.exc_value,
                 exc_info=(args.exc_type, args.exc_value, args.exc_traceback), extra={_ALL_RANKS: True})
+            if previous_thread is threading.__excepthook__ and _STATE.handlers:
+                return  # printed, tagged, by our console handler
         previous_thread(args)
 
     sys.excepthook, threading.excepthook = sys_hook, thread_hook
@@ -331,6 +335,7 @@ class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
             self.logger._log(level, msg, args, **kwargs)
 
     def _in_order(self, level: int, msg: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = {**kwargs, "stacklevel": kwargs["stacklevel"] + 1}  # this frame too: the record names the caller
         dist = _dist_module()
         if dist is None or dist.get_world_size() == 1:
             self.logger._log(level, msg, args, **kwargs)

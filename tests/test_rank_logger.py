@@ -55,6 +55,8 @@ def test_in_order_prints_rank_by_rank(tmp_path: Path) -> None:
     assert all(len(_lines(e, "ordered")) == 1 for e in run.stderrs)
     stamps = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
     assert all("ordered" in s for s in stamps)
+    ordered = [line for s in stamps for line in s.splitlines() if line.endswith("ordered")]
+    assert len(ordered) == 2 and all("[logger_targets.py:" in line for line in ordered), ordered  # the caller
 
 
 @pytest.mark.distributed
@@ -70,6 +72,7 @@ def test_uncaught_exception_is_logged_with_rank(tmp_path: Path) -> None:
     run = run_on_ranks(logger_targets.crash, 2, args=(str(tmp_path),), timeout=60)
     assert run.returncodes[0] == 0 and run.returncodes[1] != 0
     assert "[rank 1/2] CRITICAL ratlib: uncaught RuntimeError" in run.stderrs[1]
+    assert run.stderrs[1].count("Traceback (most recent call last)") == 1  # tagged once, not again untagged
     assert "boom on one rank" in (tmp_path / "rank1.log").read_text()
 
 
