@@ -26,8 +26,13 @@ $(STAMP): $(UV) pyproject.toml uv.lock
 
 venv: $(STAMP)
 
+# The main job: the study in examples/ablation/ablation.yaml (the segmentation UNet on its synthetic task)
+# on 2 ranks on the CPU (torchrun, gloo), from scratch in runs/ablation-demo; prints the summary table and
+# the paths of the results. A GPU machine runs it on the CPU too (CUDA_VISIBLE_DEVICES is emptied).
 demo: $(STAMP)
-	$(VENV)/bin/ratlib env
+	rm -rf runs/ablation-demo
+	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 \
+		examples/ablation/run.py --config examples/ablation/ablation.yaml output_dir=runs/ablation-demo
 
 env: $(STAMP)
 	$(VENV)/bin/ratlib env
