@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import importlib.util
 import json
@@ -120,6 +121,7 @@ class Study:
     config: str | None  # the base example's config file
     common: list[str]  # run-wide overrides: the study's `overrides` and the command line's config keys
     base_cfg: Any  # the base config with the run-wide overrides: its `distributed` section sets up the group
+    runs: list[au.Run] = field(default_factory=list)  # every run, validated (validate_runs)
 
 
 def read_study(config: str, overrides: Sequence[str]) -> Study:
@@ -179,19 +181,31 @@ def validate_runs(study: Study) -> list[au.Run]:
     if problems:
         raise StudyError(f"{len(problems)} of {len(runs)} runs have an invalid config; nothing was trained:\n  " +
                          "\n  ".join(problems))
+    same: dict[str, list[str]] = {}
+    for run in runs:
+        same.setdefault(run.config_hash, []).append(run.run)
+    for names in same.values():
+        if len(names) > 1 and is_main_process():
+            log.warning("runs %s have the same config: they train the same thing (a grid value equal to the base's?)",
+                        ", ".join(names))
     return runs
 
 
-def make_plan(study: Study, *, resume: bool, retry_failed: bool) -> Plan:
-    """The main rank's decisions: every run's name and folder, and with --resume which runs are left."""
+def make_plan(study: Study, *, resume: bool, retry_failed: bool, dry: bool = False) -> Plan:
+    """The main rank's decisions: every run's name and folder, and with --resume which runs are left.
+    ``dry``: change nothing on disk (--dry-run)."""
     s = study.cfg
-    runs = validate_runs(study)
+    runs = copy.deepcopy(study.runs) if study.runs else validate_runs(study)
     metric = s.metric or study.example.MAIN_METRIC
     mode = s.mode or getattr(study.example, "METRIC_MODE", "max")
     plan = Plan(s.name, str(study.example_path), study.config, study.common, metric, mode, s.output_dir, runs,
                 [r.index for r in runs])
     records = au.latest_records(au.read_jsonl(plan.results))
     existing = [r.run for r in runs if Path(r.dir).exists()]
+    if not resume and (records or existing) and dry:
+        log.warning("%s already holds a study: a real run needs --resume; showing what --resume would do",
+                    s.output_dir)
+        resume = True
     if not resume:
         if records or existing:
             raise StudyError(f"{s.output_dir} already holds a study ({len(records)} recorded runs, "
@@ -213,8 +227,10 @@ def make_plan(study: Study, *, resume: bool, retry_failed: bool) -> Plan:
         else:
             if status == "failed" and Path(run.dir).exists():  # a clean folder for the new attempt
                 aside = _free_name(Path(run.dir), ".failed")
-                Path(run.dir).rename(aside)
-                log.info("--retry-failed: moved the failed attempt of %s to %s", run.run, aside)
+                if not dry:
+                    Path(run.dir).rename(aside)
+                log.info("--retry-failed: %s the failed attempt of %s to %s", "would move" if dry else "moved",
+                         run.run, aside)
             else:
                 run.resume = Path(run.dir).exists()  # interrupted: continue from its checkpoint
             todo.append(run.index)
@@ -419,9 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 1. Every rank reads the study, imports the example and validates every run (no collective yet).
     try:
         study = read_study(args.config, args.overrides)
+        study.runs = validate_runs(study)  # every run, on every rank: a typo ends the study before the group exists
         if args.dry_run:
             return dry_run(study, resume=resume, retry_failed=args.retry_failed)
-        validate_runs(study)  # every variant, on every rank: a typo ends the study before the group exists
     except (ConfigError, StudyError) as exc:
         if is_main_process():
             log.error("%s", exc)
@@ -514,7 +530,7 @@ def dry_run(study: Study, *, resume: bool, retry_failed: bool) -> int:
     """Validate every run and print the plan (main rank; no process group, nothing trained)."""
     if not is_main_process():
         return 0
-    plan = make_plan(study, resume=resume, retry_failed=retry_failed)
+    plan = make_plan(study, resume=resume, retry_failed=retry_failed, dry=True)
     todo = set(plan.todo)
     print(f"study {plan.name}: {len(plan.runs)} runs of {plan.example} (config {plan.config or 'defaults'}), "
           f"main metric {plan.metric} ({plan.mode}); every config is valid")
