@@ -267,20 +267,22 @@ def test_a_run_that_raises_on_rank_1_only_is_recorded_and_the_study_goes_on(tmp_
     study = write_study(tmp_path, variants=[
         {"name": "fails-building", "overrides": {"fault.rank": 1, "fault.at": "build"}},  # rank 0 waits in DDP
         {"name": "fails-mid-epoch", "overrides": {"fault.rank": 1, "fault.at": "step"}},  # rank 0 in an allreduce
+        {"name": "rank-0-fails-at-end", "overrides": {"fault.rank": 0, "fault.at": "end"}},  # rank 1 in a broadcast
         {"overrides": {"model.hidden": 16}},
     ])
     run = run_study(run_on_ranks, study).check()
     assert run.duration < TIMEOUT_S  # nobody waited for a collective's timeout
     recs = {r["run"]: r for r in results(tmp_path)}
-    assert list(recs) == ["base", "fails-building", "fails-mid-epoch", "hidden=16"]
+    assert list(recs) == ["base", "fails-building", "fails-mid-epoch", "rank-0-fails-at-end", "hidden=16"]
     assert recs["base"]["status"] == recs["hidden=16"]["status"] == "finished"
     assert recs["fails-building"]["error"] == {"rank": 1, "type": "ValueError",
                                                "message": "toy fault on rank 1 while building the model"}
     assert recs["fails-mid-epoch"]["error"]["rank"] == 1
     assert recs["fails-mid-epoch"]["error"]["message"].startswith("toy fault on rank 1 at step")
-    for name in ("fails-building", "fails-mid-epoch"):
+    assert recs["rank-0-fails-at-end"]["error"]["rank"] == 0
+    for name, order in (("fails-building", [1, 0]), ("fails-mid-epoch", [1, 0]), ("rank-0-fails-at-end", [0, 1])):
         assert recs[name]["status"] == "failed" and recs[name]["final"] == {}
-        assert [e["rank"] for e in recs[name]["errors"]] == [1, 0]  # rank 0's error follows from rank 1's
+        assert [e["rank"] for e in recs[name]["errors"]] == order  # the other rank's error follows from the cause
     assert "toy fault on rank 1 while building the model" in run.outputs[1]  # the traceback, on rank 1
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "`fails-building`: rank 1: ValueError: toy fault on rank 1 while building the model" in summary
