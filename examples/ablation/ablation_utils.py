@@ -7,7 +7,6 @@ outcome (a :class:`Plan`) to the other ranks.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import hashlib
 import itertools
@@ -18,7 +17,7 @@ import re
 import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -524,7 +523,3 @@ def summary_png(rows: Sequence[Row], path: Path, *, title: str, metric: str, mod
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def as_dict(run: Run) -> dict[str, Any]:
-    return copy.deepcopy(asdict(run))

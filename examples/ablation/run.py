@@ -84,7 +84,12 @@ def load_example(path: Path) -> Any:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as exc:  # a missing extra, most often: the message says which
+        del sys.modules[name]
+        raise StudyError(f"base={path}: importing it failed: {exc} (the detection example needs "
+                         "'ratlib[detection]', segmentation 'ratlib[medical]')") from exc
     missing = [a for a in ("CONFIG_SCHEMA", "MAIN_METRIC", "train") if not hasattr(module, a)]
     if missing:
         raise StudyError(f"{path} does not follow the ablation contract: it lacks {', '.join(missing)}. An example "
