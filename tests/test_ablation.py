@@ -225,10 +225,12 @@ def test_single_process_study_resume_and_retry_failed(tmp_path: Path, monkeypatc
 
 
 def test_dry_run_validates_and_prints_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    study = write_study(tmp_path, grid={"model.hidden": [4, 16]})
+    (tmp_path / "base.yaml").write_text("model: {depth: 2}\n")  # a base config without a training section
+    study = write_study(tmp_path, config="base.yaml", grid={"model.hidden": [4, 16]})  # relative to the study
     assert R.main(["--config", str(study), "--dry-run", "seeds=[0,1]", "training.num_epochs=1"]) == 0
     out = capsys.readouterr().out
     assert "6 runs of" in out and "hidden=16/seed1" in out and "every config is valid" in out
+    assert f"config {tmp_path / 'base.yaml'}" in out
     assert not (tmp_path / "out").exists()
 
 
