@@ -163,6 +163,12 @@ def _syntax_errors(root: Path, report: Report) -> None:
 # Configs
 
 
+def _is_ablation_study(data: Any) -> bool:
+    """examples/ablation's study files (base + grid/variants) are not experiment configs: the runner
+    validates every variant itself (``run.py --config STUDY --dry-run``)."""
+    return isinstance(data, dict) and "base" in data and ("grid" in data or "variants" in data)
+
+
 def _looks_like_config(path: Path, schema: type[BaseModel]) -> bool:
     """A YAML file whose top level has a key of the schema (or one close to it): CI files,
     docker-compose and the like are left alone when a folder is searched."""
@@ -170,7 +176,7 @@ def _looks_like_config(path: Path, schema: type[BaseModel]) -> bool:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, OSError, UnicodeDecodeError):
         return True  # broken YAML: let load_config report where
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or _is_ablation_study(data):
         return False
     known = list(schema.model_fields)
     return any(str(k) in known or difflib.get_close_matches(str(k), known, n=1, cutoff=0.75) for k in data)
@@ -178,6 +184,13 @@ def _looks_like_config(path: Path, schema: type[BaseModel]) -> bool:
 
 def _find_configs(path: Path, schema: type[BaseModel], report: Report) -> list[Path]:
     if path.is_file():
+        try:
+            study = _is_ablation_study(yaml.safe_load(path.read_text(encoding="utf-8")))
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            study = False  # load_config reports what is wrong with it
+        if study:
+            report.skipped.append(str(path))
+            return []
         return [path]
     found = []
     for folder, files in _walk(path):

@@ -179,3 +179,14 @@ def test_diagnose_in_process_detects_the_device(tmp_path: Path) -> None:
     assert report.configs == [str(cfg)] and "cuda_available" in report.environment
     cuda = report.environment["cuda_available"]
     assert any(r.finding.key == "training.mixed_precision" for r in report.findings) is (not cuda)
+
+
+def test_ablation_study_files_are_skipped_not_misread(tmp_path: Path) -> None:
+    study = tmp_path / "ablation.yaml"
+    study.write_text("base: segmentation\nseeds: [0, 1]\ngrid:\n  model.feature_dims: [8, 16]\n")
+    (tmp_path / "exp.yaml").write_text("training:\n  lr: 1e-4\n")  # a real config with a misplaced key
+    alone = _doctor(str(study))
+    assert alone.returncode == 0 and "checked 0 config(s), skipped 1" in alone.stdout, alone.stdout
+    folder = _doctor(str(tmp_path))
+    assert folder.returncode == 1 and "checked 1 config(s), skipped 1" in folder.stdout, folder.stdout
+    assert "training.lr" in folder.stdout and "ablation.yaml" not in folder.stdout.split("skipped")[0]
