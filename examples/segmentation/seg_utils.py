@@ -1,0 +1,447 @@
+"""Data, sampling, model, loss and Dice for examples/segmentation/train.py.
+
+In one file beside the loop, so that train.py reads top to bottom:
+
+- ``read_task``: a Medical Segmentation Decathlon task (``dataset.json``, ``imagesTr/``, ``labelsTr/``) as
+  case lists, with errors that name the file and the fix; ``split_cases``: the train/val split by case,
+  deterministic by seed, the same on every rank.
+- ``preprocess``: a case read with nibabel, turned to the closest canonical (RAS) orientation,
+  intensity-normalised, and cached as ``.npy`` slices-first so every rank and loader worker memory-maps
+  it; ``SliceDataset``: the 2D slices of those volumes, with random crops and flips for training.
+- ``ShardedBatchSampler``: every training slice of an epoch exactly once across ranks, the same number
+  of steps on every rank; ``eval_positions``: which of DistributedSampler's samples are padding.
+- ``UNet``, ``dice_ce_loss``, ``confusion`` and ``dice_scores``: the model, its loss, and Dice per class
+  from summed counts (exact across ranks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ratlib import get_logger
+
+log = get_logger(__name__)
+
+CACHE_VERSION = 1  # bump when preprocess() changes what it writes
+
+
+class TaskError(ValueError):
+    """A Decathlon task that cannot be read as given: the message names the file and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The task: dataset.json and its cases
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # file name without .nii.gz, e.g. spleen_19
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class Task:
+    root: Path
+    name: str
+    modalities: list[str]  # by channel, from dataset.json "modality"
+    class_names: list[str]  # by label value, from dataset.json "labels" (0: background)
+    cases: list[Case]  # training cases (with labels), sorted by name
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def read_task(root: str | os.PathLike[str]) -> Task:
+    """The labelled cases of the Decathlon task in ``root``, from its ``dataset.json`` (never a glob of
+    ``imagesTr/``: the Decathlon's archives hold macOS ``._*`` files there)."""
+    root = Path(root).expanduser()
+    path = root / "dataset.json"
+    if not path.is_file():
+        near = sorted(p.parent.name for p in root.glob("*/dataset.json")) if root.is_dir() else []
+        hint = (f"; these folders under it are tasks: {', '.join(near[:5])} (set data.root to one of them)" if near
+                else "; data.root is the task folder (e.g. /data/Task09_Spleen) that holds dataset.json, imagesTr/ "
+                     "and labelsTr/")
+        raise TaskError(f"{path} not found{hint}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TaskError(f"{path}: cannot be read as JSON ({exc}); restore the task's dataset.json") from None
+    problems = [k for k in ("labels", "modality", "training") if not isinstance(meta.get(k), (dict, list))]
+    if problems:
+        raise TaskError(f"{path}: no {', '.join(problems)} entr{'ies' if len(problems) > 1 else 'y'}; a Decathlon "
+                        "dataset.json has 'modality', 'labels' and 'training' (a list of image/label pairs)")
+    try:
+        labels = {int(k): str(v) for k, v in meta["labels"].items()}
+        modalities = [str(meta["modality"][k]) for k in sorted(meta["modality"], key=int)]
+    except (AttributeError, ValueError):
+        raise TaskError(f"{path}: 'labels' and 'modality' must map numbers to names, e.g. "
+                        "{\"0\": \"background\", \"1\": \"spleen\"}") from None
+    if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
+        raise TaskError(f"{path}: labels {sorted(labels)}; expected 0 (background), 1, ... without gaps")
+    cases, missing = [], []
+    for entry in meta["training"]:
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise TaskError(f"{path}: training entry {entry!r}; expected {{'image': ..., 'label': ...}}")
+        image, label = (root / entry["image"]).resolve(), (root / entry["label"]).resolve()
+        missing += [str(p) for p in (image, label) if not p.is_file()]
+        cases.append(Case(image.name.removesuffix(".gz").removesuffix(".nii"), image, label))
+    if missing:
+        raise TaskError(f"{path} lists {len(missing)} file(s) that do not exist, e.g. {missing[0]}; extract the "
+                        "whole task archive (imagesTr/ and labelsTr/) next to dataset.json")
+    if not cases:
+        raise TaskError(f"{path}: 'training' is empty; a task needs labelled cases to train on")
+    return Task(root, str(meta.get("name", root.name)), modalities, [labels[i] for i in range(len(labels))],
+                sorted(cases, key=lambda c: c.name))
+
+
+def split_cases(cases: Sequence[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """Train and validation cases: by case (slices of one patient never straddle the split), shuffled
+    by ``seed`` from the sorted list, so every rank and every rerun gets the same split."""
+    if len(cases) < 2:
+        raise TaskError(f"{len(cases)} labelled case(s); the train/validation split needs at least 2")
+    order = sorted(cases, key=lambda c: c.name)
+    random.Random(f"ratlib-msd-split/{seed}").shuffle(order)
+    n_val = min(len(order) - 1, max(1, round(val_fraction * len(order))))
+    return sorted(order[n_val:], key=lambda c: c.name), sorted(order[:n_val], key=lambda c: c.name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading, normalising and caching volumes
+
+
+def normalise(image: np.ndarray, mode: str, window: Sequence[float]) -> np.ndarray:
+    """Per channel (axis 0): ``zscore`` clips to the 0.5-99.5 percentiles and standardises (MR, and
+    CT without air); ``window`` clips to ``window`` (e.g. an abdominal CT window) and scales to [-1, 1]."""
+    out = np.empty(image.shape, dtype=np.float32)
+    for c in range(image.shape[0]):
+        x = image[c].astype(np.float32)
+        if mode == "window":
+            lo, hi = float(window[0]), float(window[1])
+            out[c] = (np.clip(x, lo, hi) - lo) / (hi - lo) * 2 - 1
+        else:
+            lo, hi = np.percentile(x, [0.5, 99.5])
+            x = np.clip(x, lo, hi)
+            out[c] = (x - x.mean()) / max(float(x.std()), 1e-6)
+    return out
+
+
+def _load_case(case: Case, num_classes: int, num_modalities: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image as (C, X, Y, Z) float, label as (X, Y, Z) uint8), both in the closest canonical orientation."""
+    import nibabel as nib
+
+    try:
+        image_nii = nib.as_closest_canonical(nib.load(case.image))
+        label_nii = nib.as_closest_canonical(nib.load(case.label))
+        image = np.asarray(image_nii.dataobj, dtype=np.float32)
+        label = np.asarray(label_nii.dataobj)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a damaged file
+        raise TaskError(f"case {case.name}: cannot read {case.image} / {case.label} ({type(exc).__name__}: {exc}); "
+                        "re-extract the task") from exc
+    image = image[None] if image.ndim == 3 else np.moveaxis(image, -1, 0)  # 4D: modality is the last axis
+    if image.shape[0] != num_modalities or image.shape[1:] != label.shape:
+        raise TaskError(f"case {case.name}: image {case.image} has shape {image_nii.shape}, label {case.label} "
+                        f"{label.shape}; expected the same voxels and {num_modalities} modality channel(s) as "
+                        "dataset.json's 'modality' lists")
+    if not np.allclose(image_nii.affine, label_nii.affine, atol=1e-3):
+        log.warning("case %s: the image and label affines differ; the voxels are used as they are", case.name)
+    values = np.unique(label)
+    if values.min() < 0 or values.max() >= num_classes or not np.all(values == np.round(values)):
+        raise TaskError(f"case {case.name}: label values {values.tolist()[:10]} in {case.label}; dataset.json's "
+                        f"'labels' allows 0 to {num_classes - 1}")
+    return image, label.astype(np.uint8)
+
+
+def preprocess(case: Case, cache_dir: Path, num_classes: int, num_modalities: int, mode: str,
+               window: Sequence[float]) -> tuple[Path, Path]:
+    """The case's cached ``.npy`` files (image ``(Z, C, X, Y)`` float32, label ``(Z, X, Y)`` uint8):
+    written once (atomically) when missing; the name holds a hash of the source files and settings, so
+    a changed file or setting makes a new cache entry instead of reading a stale one."""
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (case.image, case.label)]
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, stats, mode, list(window) if mode == "window" else None]).encode()
+                       ).hexdigest()[:12]
+    image_path, label_path = cache_dir / f"{case.name}-{key}.image.npy", cache_dir / f"{case.name}-{key}.label.npy"
+    if image_path.is_file() and label_path.is_file():
+        return image_path, label_path
+    image, label = _load_case(case, num_classes, num_modalities)
+    image = normalise(image, mode, window)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for path, array in ((image_path, np.ascontiguousarray(np.moveaxis(image, -1, 0))),
+                        (label_path, np.ascontiguousarray(np.moveaxis(label, -1, 0)))):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    return image_path, label_path
+
+
+# ----------------------------------------------------------------------------------------------
+# 2D slices
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """The axial slices of preprocessed volumes as ``(image (C, H, W) float32, label (H, W) int64, index)``.
+
+    ``volumes``: ``(image.npy, label.npy)`` pairs from :func:`preprocess`, memory-mapped on first use in
+    each process. ``limit`` keeps the first N slices (volume by volume, slice by slice). Training
+    (``train=True``): ``empty_slices`` is the share of slices without foreground that is kept (chosen
+    by ``seed``); items are fetched by ``(index, augmentation seed)`` keys (see ``ShardedBatchSampler``)
+    and get a random crop to ``patch_size`` (padding first when a slice is smaller) and random flips
+    along both axes, drawn from that seed, so augmentation is the same with any number of loader
+    workers and after a resume.
+    """
+
+    def __init__(self, volumes: Sequence[tuple[Path, Path]], *, train: bool, limit: int | None = None,
+                 patch_size: Sequence[int] | None = None, flip: bool = True, empty_slices: float = 1.0,
+                 seed: int = 0) -> None:
+        self.volumes = list(volumes)
+        self.train, self.flip = train, flip
+        self.patch_size = tuple(patch_size) if patch_size is not None else None
+        self._arrays: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self.volumes)
+        index: list[tuple[int, int]] = []
+        rng = random.Random(f"ratlib-msd-slices/{seed}")
+        self.dropped_empty = 0
+        for v in range(len(self.volumes)):
+            label = self._volume(v)[1]
+            has_fg = label.reshape(label.shape[0], -1).max(axis=1) > 0
+            for z in range(label.shape[0]):
+                if train and not has_fg[z] and empty_slices < 1.0 and rng.random() >= empty_slices:
+                    self.dropped_empty += 1
+                    continue
+                index.append((v, z))
+        self.total = len(index)
+        self.index = index[:limit] if limit is not None else index
+        if not self.index:
+            raise TaskError(f"no slices to {'train' if train else 'validate'} on ({len(self.volumes)} volumes, "
+                            f"data.limit={limit}, data.empty_slices={empty_slices})")
+        self._arrays = [None] * len(self.volumes)  # opened again in each loader worker
+
+    def _volume(self, v: int) -> tuple[np.ndarray, np.ndarray]:
+        arrays = self._arrays[v]
+        if arrays is None:
+            image_path, label_path = self.volumes[v]
+            arrays = self._arrays[v] = (np.load(image_path, mmap_mode="r"), np.load(label_path, mmap_mode="r"))
+        return arrays
+
+    @property
+    def in_channels(self) -> int:
+        return int(self._volume(0)[0].shape[1])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        index, aug_seed = key if isinstance(key, tuple) else (key, None)
+        v, z = self.index[index]
+        image_vol, label_vol = self._volume(v)
+        image, label = np.array(image_vol[z], dtype=np.float32), np.array(label_vol[z], dtype=np.int64)  # copies
+        if self.train and aug_seed is not None:
+            rng = np.random.default_rng(aug_seed)
+            if self.patch_size is not None:
+                image, label = _random_crop(image, label, self.patch_size, rng)
+            if self.flip:
+                for axis in (0, 1):
+                    if rng.random() < 0.5:
+                        image, label = np.flip(image, axis + 1), np.flip(label, axis)
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label)), index
+
+
+def _random_crop(image: np.ndarray, label: np.ndarray, size: Sequence[int], rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    h, w = label.shape
+    ph, pw = max(0, size[0] - h), max(0, size[1] - w)
+    if ph or pw:  # pad a small slice (image with its minimum, label as ignored)
+        pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+        image = np.pad(image, ((0, 0), *pads), constant_values=float(image.min()))
+        label = np.pad(label, pads, constant_values=-1)
+        h, w = label.shape
+    y, x = int(rng.integers(0, h - size[0] + 1)), int(rng.integers(0, w - size[1] + 1))
+    return image[:, y:y + size[0], x:x + size[1]], label[y:y + size[0], x:x + size[1]]
+
+
+def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]], multiple: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack slices, padded to a common size that is a multiple of ``multiple`` (the UNet halves the
+    size ``num_blocks - 1`` times): images with zeros, labels with -1, which loss and Dice ignore."""
+    h = max(x[1].shape[0] for x in batch)
+    w = max(x[1].shape[1] for x in batch)
+    h, w = math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple
+    images = torch.zeros((len(batch), batch[0][0].shape[0], h, w), dtype=torch.float32)
+    labels = torch.full((len(batch), h, w), -1, dtype=torch.int64)
+    for i, (image, label, _) in enumerate(batch):
+        images[i, :, :image.shape[1], :image.shape[2]] = image
+        labels[i, :label.shape[0], :label.shape[1]] = label
+    return images, labels, torch.tensor([x[2] for x in batch], dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
+    """Training batches for one rank: every slice of the epoch exactly once across all ranks.
+
+    Each epoch the indices are shuffled (the same on every rank: seed and epoch) and cut into global
+    batches of ``batch_size x world_size``; rank r takes every world_size-th slice of each, so all ranks
+    take the same number of steps and their batch sizes differ by at most one. A last global batch too
+    small to give every rank a slice joins the one before (a few ranks then take one more). Nothing is
+    padded or repeated, unlike DistributedSampler. Items are ``(index, augmentation seed)`` pairs: the
+    seeds come from the same generator, so augmentation depends on seed and epoch only.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"ShardedBatchSampler: batch_size={batch_size}, rank={rank}, world_size={world_size}; "
+                             "expected batch_size >= 1 and 0 <= rank < world_size")
+        if num_samples < world_size:
+            raise TaskError(f"{num_samples} training slice(s) for {world_size} ranks; every rank needs at least one: "
+                            "raise data.limit or use fewer ranks")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size * self.world_size)
+        return full + (1 if rest >= self.world_size or full == 0 else 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
+        aug = rng.integers(0, 2**62, size=self.num_samples)
+        step = self.batch_size * self.world_size
+        bounds = [i * step for i in range(len(self))] + [self.num_samples]
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            mine = order[start:end][self.rank::self.world_size]
+            yield [(int(i), int(aug[i])) for i in mine]
+
+
+def eval_positions(num_samples: int, num_local: int, rank: int, world_size: int) -> np.ndarray:
+    """Whether each of this rank's ``num_local`` samples from ``DistributedSampler(shuffle=False)`` is real
+    (True) or one of the repeats it pads with to even out the ranks (False): its k-th sample sits at
+    global position ``rank + k * world_size``, real when below ``num_samples``."""
+    return rank + world_size * np.arange(num_local) < num_samples
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def widths(feature_dims: int | Sequence[int], num_blocks: int) -> list[int]:
+    """Channels per level: an int doubles per level (16 -> 16, 32, 64, 128); a list is taken as given."""
+    if isinstance(feature_dims, int):
+        return [feature_dims * 2**i for i in range(num_blocks)]
+    return list(feature_dims)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    return nn.InstanceNorm2d(channels, affine=True)
+
+
+def conv_block(cin: int, cout: int, norm: str) -> nn.Sequential:
+    """Two (3x3 conv, norm, LeakyReLU) layers, as nnU-Net's."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.LeakyReLU(0.01, inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.LeakyReLU(0.01, inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """A 2D UNet: ``len(widths)`` levels (the last is the bottleneck), max-pool down, transposed
+    convolution up, skip connections by concatenation, a 1x1 head to ``num_classes`` logits. Input
+    sides must be multiples of ``2 ** (len(widths) - 1)`` (``pad_collate`` pads to that)."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int], norm: str = "instance") -> None:
+        super().__init__()
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for w in widths:
+            self.down.append(conv_block(cin, w, norm))
+            cin = w
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+                                for i in reversed(range(len(widths) - 1)))
+        self.decode = nn.ModuleList(conv_block(2 * widths[i], widths[i], norm) for i in reversed(range(len(widths) - 1)))
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+        self.multiple = 2 ** (len(widths) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = self.pool(x)
+            x = block(x)
+            skips.append(x)
+        skips.pop()
+        for up, decode in zip(self.up, self.decode):
+            x = decode(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and metric
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Cross-entropy plus (1 - soft Dice), the Dice over the whole batch per foreground class (nnU-Net's
+    batch Dice), averaged over the classes present in the batch: a class absent from every slice of
+    the batch would score 0 whatever the model does (most slices show no organ), so only the
+    cross-entropy speaks for it there. Pixels labelled -1 (padding) count in neither. In float32."""
+    logits = logits.float()
+    num_classes = logits.shape[1]
+    ce = F.cross_entropy(logits, target, ignore_index=-1)
+    valid = (target >= 0).unsqueeze(1)
+    probs = logits.softmax(dim=1) * valid
+    onehot = F.one_hot(target.clamp(min=0), num_classes).permute(0, 3, 1, 2) * valid
+    dims = (0, 2, 3)
+    intersection = (probs * onehot).sum(dims)
+    denominator = probs.sum(dims) + onehot.sum(dims)
+    dice = (2 * intersection + eps) / (denominator + eps)
+    present = (onehot.sum(dims) > 0)[1:].float()  # no .nonzero(): no host sync
+    return ce + ((1 - dice[1:]) * present).sum() / present.sum().clamp(min=1)
+
+
+def confusion(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``num_classes x num_classes`` pixel counts (int64; rows: truth, columns: prediction) of the samples
+    in ``keep`` (a bool per sample; None: all), pixels labelled -1 left out."""
+    k = logits.shape[1]
+    pred = logits.argmax(dim=1)
+    valid = target >= 0
+    if keep is not None:
+        valid &= keep.view(-1, 1, 1)
+    return torch.bincount((target[valid] * k + pred[valid]), minlength=k * k).view(k, k)
+
+
+def dice_scores(conf: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """Dice per foreground class from a summed confusion matrix, ``2 TP / (2 TP + FP + FN)``, as
+    ``dice_1``, ``dice_2``, ...; ``dice`` is their mean. A class absent from both truth and prediction
+    scores 1.0 (nothing to find, nothing found)."""
+    conf = np.asarray(conf, dtype=np.int64)
+    out: dict[str, float] = {}
+    for c in range(1, conf.shape[0]):
+        tp = int(conf[c, c])
+        denominator = int(conf[c, :].sum() + conf[:, c].sum())
+        out[f"dice_{c}"] = 2 * tp / denominator if denominator else 1.0
+    out = {"dice": float(np.mean(list(out.values()))), **out}
+    return out
