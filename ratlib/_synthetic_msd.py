@@ -111,7 +111,7 @@ def _case(seed: int, kind: str, index: int, shape: tuple[int, int, int], num_cla
     grid = np.meshgrid(*(np.arange(n, dtype=np.float64) + 0.5 for n in shape), indexing="ij")
     label = np.zeros(shape, dtype=np.uint8)
     for cls in range(1, num_classes):
-        for attempt in range(30):  # organs do not touch: a new blob goes where the others are not
+        for attempt in range(30):  # organs do not overlap: a new blob goes where the others are not
             mask = _blob(rng, grid, shape)
             if attempt < 29 and (not mask.any() or (label > 0)[mask].any()):
                 continue
@@ -202,7 +202,7 @@ def make_msd_segmentation(
 
     ``shape``: voxels along x, y, z (z: the slice axis). ``num_classes`` counts background, like the
     ``labels`` of dataset.json: 3 gives background and two organs. Every case holds one lumpy blob per
-    foreground class, the blobs never touching, each class a step brighter than the one before over
+    foreground class, the blobs not overlapping, each class a step brighter than the one before over
     soft tissue with noise and a smooth drift: CT volumes are int16 Hounsfield-like units, other
     modalities float32; two or more ``modalities`` give 4D images (x, y, z, modality) as the
     Decathlon's multi-modal tasks have. Labels are uint8 with the image's affine (``spacing`` in mm,
