@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 import ratlib
@@ -92,28 +92,12 @@ class SegmentationData(DataConfig):
     cache_dir: str | None = None  # preprocessed volumes; null: run folder/cache
     synthetic: SyntheticData = SyntheticData()
 
-    @model_validator(mode="after")
-    def _window_order(self) -> SegmentationData:
-        if self.window[0] >= self.window[1]:
-            raise ValueError(f"data.window={list(self.window)}: expected [low, high] with low < high")
-        return self
-
 
 class SegmentationModel(ModelConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     feature_dims: int | list[int] = 16  # channels of the first level (doubling per level), or one per level
     num_blocks: int = Field(4, ge=1, le=8)  # levels, the bottleneck included: 4 = 3 poolings
     norm: Literal["batch", "instance", "group"] = "batch"
-
-    @model_validator(mode="after")
-    def _widths_match_levels(self) -> SegmentationModel:
-        dims = self.feature_dims
-        if isinstance(dims, list) and (len(dims) != self.num_blocks or min(dims) < 1):
-            raise ValueError(f"model.feature_dims={dims} gives {len(dims)} level widths but model.num_blocks="
-                             f"{self.num_blocks}: give one positive width per level, or one int (doubled per level)")
-        if isinstance(dims, int) and dims < 1:
-            raise ValueError(f"model.feature_dims={dims}: expected a positive int")
-        return self
 
 
 class EvalConfig(BaseModel):
@@ -138,6 +122,20 @@ class SegmentationConfig(ExperimentConfig):
 CONFIG_SCHEMA = SegmentationConfig
 MAIN_METRIC = "dice"  # mean Dice over the foreground classes, on the validation cases
 METRIC_MODE = "max"
+
+
+def check_settings(cfg: SegmentationConfig) -> None:
+    """Settings that depend on each other (checked here, before any work, with a message that says what
+    to change)."""
+    dims, levels = cfg.model.feature_dims, cfg.model.num_blocks
+    if isinstance(dims, list) and (len(dims) != levels or min(dims, default=0) < 1):
+        raise UsageError(f"model.feature_dims={dims} gives {len(dims)} level width(s) but model.num_blocks={levels}: "
+                         "give one positive width per level, or one int (doubled per level)")
+    if isinstance(dims, int) and dims < 1:
+        raise UsageError(f"model.feature_dims={dims}: expected a positive int (channels of the first level)")
+    low, high = cfg.data.window
+    if low >= high:
+        raise UsageError(f"data.window=[{low}, {high}]: expected [low, high] with low < high, e.g. [-175, 250]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,6 +386,22 @@ def write_metrics(run_dir: Path, record: dict[str, Any], info: DistInfo) -> None
             f.write(json.dumps(record) + "\n")
 
 
+def trim_metrics(run_dir: Path, last_epoch: int, info: DistInfo) -> None:
+    """On resume: drop the metrics.jsonl rows of epochs after the checkpoint (work that was lost when the
+    run died), so that the file reads as one run."""
+    path = run_dir / "metrics.jsonl"
+    if not info.is_main or not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", -1) <= last_epoch]
+    if len(kept) != len(lines):
+        log.info("--resume: dropped %d metrics.jsonl row(s) after epoch %d (not in the checkpoint)",
+                 len(lines) - len(kept), last_epoch)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+
+
 def prune_deepspeed(run_dir: Path, keep: int | None, info: DistInfo) -> None:
     """Keep DeepSpeed's tag folders in step with checkpoint.keep (DeepSpeed never deletes them)."""
     folder = checkpoint_dir(run_dir) / "deepspeed"
@@ -409,6 +423,7 @@ def train(cfg: SegmentationConfig, *, run_dir: str | Path | None = None, resume:
     ``info``: the ``DistInfo`` from the caller's ``distributed()``; by default ``init_distributed()``
     (idempotent) gives it. ``resume``: continue from the latest checkpoint under ``run_dir``.
     """
+    check_settings(cfg)
     info = info or ratlib.init_distributed()
     device, t = info.device, cfg.training
     cuda = device.type == "cuda"
@@ -503,6 +518,7 @@ def train(cfg: SegmentationConfig, *, run_dir: str | Path | None = None, resume:
                     scaler.load_state_dict(state["scaler"])
             ratlib.checkpoint.set_rng_state(state["rng"])
             start_epoch, step = state["epoch"] + 1, state["step"]
+            trim_metrics(run_dir, state["epoch"], info)
             log.info("resumed from %s: epoch %d done, step %d", path, state["epoch"], step)
 
     def run_eval() -> dict[str, float]:
@@ -565,6 +581,7 @@ def evaluate_checkpoint(cfg: SegmentationConfig, checkpoint: str | Path | None =
                         run_dir: str | Path | None = None, info: DistInfo | None = None) -> dict[str, float]:
     """``--eval-only``: Dice of a checkpoint (default: the run folder's latest) on the validation cases;
     the figures also go to ``run_dir/eval.json``."""
+    check_settings(cfg)
     info = info or ratlib.init_distributed()
     run_dir = Path(run_dir if run_dir is not None else cfg.output_dir)
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
