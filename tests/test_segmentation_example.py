@@ -163,6 +163,19 @@ def test_training_augmentation_depends_on_the_seed_only(msd_root: Path, tmp_path
     assert image.shape == (1, 80, 70) and (label == -1).sum() == 80 * 70 - 64 * 64
 
 
+def test_a_multimodal_task_with_odd_sizes_trains(tmp_path: Path, one_thread) -> None:
+    """4D images (two modalities, as BrainTumour and Prostate have), slices of 50 x 38 (padded to
+    multiples of 4 for the UNet, the padding left out of loss and Dice)."""
+    root = make_msd_segmentation(tmp_path / "Task05_Like", 3, (50, 38, 6), 2, modalities=("T2", "ADC"),
+                                 name="Prostate")
+    metrics = T.train(config(f"data.root={root}", "smoke=true"), run_dir=tmp_path / "run", info=CPU)
+    (row,) = metrics_rows(tmp_path / "run")
+    assert set(metrics) >= {"dice", "dice_1"} and "dice_2" not in metrics and math.isfinite(row["loss"])
+    assert row["train_samples"] == 12 and row["val_samples"] == 6  # 2 train cases and 1 val case of 6 slices
+    state = ratlib.checkpoint.load(ratlib.checkpoint.latest(tmp_path / "run" / "checkpoints"))
+    assert state["model"]["down.0.0.weight"].shape[1] == 2  # one input channel per modality
+
+
 def test_pad_collate_pads_to_the_unet_multiple() -> None:
     batch = [(torch.ones(2, 30, 17), torch.zeros(30, 17, dtype=torch.int64), 3),
              (torch.ones(2, 25, 20), torch.ones(25, 20, dtype=torch.int64), 9)]
