@@ -29,7 +29,8 @@ def test_decathlon_layout_and_dataset_json(tmp_path: Path) -> None:
     assert meta["tensorImageSize"] == "3D" and meta["modality"] == {"0": "CT"}
     assert meta["labels"] == {"0": "background", "1": "liver", "2": "spleen"}
     assert meta["numTraining"] == 3 and meta["numTest"] == 2
-    assert meta["training"][0] == {"image": "./imagesTr/synthetic_001.nii.gz", "label": "./labelsTr/synthetic_001.nii.gz"}
+    assert meta["training"][0] == {"image": "./imagesTr/synthetic_001.nii.gz",
+                                   "label": "./labelsTr/synthetic_001.nii.gz"}
     assert meta["test"] == ["./imagesTs/synthetic_004.nii.gz", "./imagesTs/synthetic_005.nii.gz"]
     listed = {p for pair in meta["training"] for p in pair.values()} | set(meta["test"])
     on_disk = {f"./{p.relative_to(root).as_posix()}" for p in root.rglob("*.nii.gz")}

@@ -24,7 +24,6 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -380,9 +379,9 @@ class UNet(nn.Module):
             self.down.append(conv_block(cin, w, norm))
             cin = w
         self.pool = nn.MaxPool2d(2)
-        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
-                                for i in reversed(range(len(widths) - 1)))
-        self.decode = nn.ModuleList(conv_block(2 * widths[i], widths[i], norm) for i in reversed(range(len(widths) - 1)))
+        levels = list(reversed(range(len(widths) - 1)))  # decoder order: deepest skip first
+        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in levels)
+        self.decode = nn.ModuleList(conv_block(2 * widths[i], widths[i], norm) for i in levels)
         self.head = nn.Conv2d(widths[0], num_classes, 1)
         self.multiple = 2 ** (len(widths) - 1)
 

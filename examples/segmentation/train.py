@@ -38,8 +38,10 @@ import ratlib.memory
 from ratlib import (
     CheckpointError,
     ConfigError,
+    DataConfig,
     DistInfo,
     ExperimentConfig,
+    ModelConfig,
     all_gather_object,
     broadcast_object,
     check_config,
@@ -53,7 +55,6 @@ from ratlib import (
     setup_logging,
     to_deepspeed_config,
 )
-from ratlib.config_defaults import DataConfig, ModelConfig
 from ratlib.hang import heartbeat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # seg_utils.py sits beside this file
