@@ -11,6 +11,13 @@ from typing import IO
 TMP_PREFIX = ".tmp-"  # temporary files start with this; readers that list folders skip them
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it: there is no other portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable (a no-op where directories cannot be opened or synced)."""
     try:
@@ -31,6 +38,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str | Callable[[IO[
 
     The bytes go to a temporary file in the same folder, which is fsynced and renamed over ``path``;
     the folder is then fsynced. A process killed at any point leaves ``path`` as it was or complete.
+    The file gets the permissions ``open()`` would give a new file (0o666 less the umask), not the
+    owner-only 0o600 of a bare temporary file, so teammates can read shared checkpoints and results.
     On an exception the temporary file is removed and the exception propagates. ``before_rename`` is
     a test hook, called with the temporary path just before the rename.
     """
@@ -39,6 +48,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str | Callable[[IO[
     fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
     tmp = Path(name)
     try:
+        if hasattr(os, "fchmod"):  # POSIX; Windows has no fchmod and no mode bits to fix
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)

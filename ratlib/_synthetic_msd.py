@@ -18,25 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._atomic import write_atomic
+
 _GENERATOR = "ratlib.synthetic.make_msd_segmentation"  # also written into each NIfTI header's descrip
 _ORGANS = ("liver", "spleen", "kidney", "pancreas", "tumour", "vessel", "lesion")
 # Mean intensity of background tissue and of organ class c (CT: Hounsfield units); MR gets other values.
 _CT_TISSUE, _CT_STEP, _CT_NOISE = 20.0, 100.0, 15.0
 _MR_TISSUE, _MR_STEP, _MR_NOISE = 300.0, 150.0, 30.0
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write through a temp file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _check_args(num_cases: Any, shape: Any, num_classes: Any, num_test: Any, spacing: Any,
@@ -245,11 +233,11 @@ def make_msd_segmentation(
     affine = _affine(dims, spacing)
     for index, file in enumerate(train_names):
         image, label = _case(seed, "train", index, dims, num_classes, modalities)
-        _atomic_write(root / "imagesTr" / file, _nifti_bytes(image, affine))
-        _atomic_write(root / "labelsTr" / file, _nifti_bytes(label, affine, intent="label"))
+        write_atomic(root / "imagesTr" / file, _nifti_bytes(image, affine))
+        write_atomic(root / "labelsTr" / file, _nifti_bytes(label, affine, intent="label"))
     for index, file in enumerate(test_names):
         image, _ = _case(seed, "test", index, dims, num_classes, modalities)
-        _atomic_write(root / "imagesTs" / file, _nifti_bytes(image, affine))
+        write_atomic(root / "imagesTs" / file, _nifti_bytes(image, affine))
 
     listed = {f"./{p.relative_to(root).as_posix()}" for p in targets}
     for stale in sorted(set(old_files) - listed):  # listed by our earlier run, and still marked as ours
@@ -275,5 +263,5 @@ def make_msd_segmentation(
                            "num_test": num_test, "spacing": [float(v) for v in spacing],
                            "modalities": list(modalities), "name": name},
     }
-    _atomic_write(json_path, (json.dumps(data, indent=4) + "\n").encode("utf-8"))
+    write_atomic(json_path, (json.dumps(data, indent=4) + "\n").encode("utf-8"))
     return root

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,19 @@ def test_before_rename_sees_the_complete_temporary(tmp_path: Path) -> None:
     seen: list[bytes] = []
     write_atomic(tmp_path / "x", b"payload", before_rename=lambda tmp: seen.append(tmp.read_bytes()))
     assert seen == [b"payload"] and (tmp_path / "x").read_bytes() == b"payload"
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_new_files_get_the_permissions_open_would_give(tmp_path: Path, umask: int) -> None:
+    # A bare temporary file is 0o600: a checkpoint or results file written that way is unreadable by the
+    # rest of the team on a shared file system. The file gets 0o666 less the umask, as open() gives.
+    old = os.umask(umask)
+    try:
+        written = write_atomic(tmp_path / f"m{umask:o}.json", b"{}")
+        plain = tmp_path / f"plain{umask:o}.json"
+        plain.write_bytes(b"{}")
+        assert os.umask(umask) == umask  # the writer left the umask as it found it
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask

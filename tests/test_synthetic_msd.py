@@ -104,7 +104,7 @@ def test_interrupted_run_leaves_no_dataset_json_and_a_rerun_completes(tmp_path: 
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     make_msd_segmentation(tmp_path, 3, SMALL)
     writes = []
-    real_write = impl._atomic_write
+    real_write = impl.write_atomic
 
     def failing(path: Path, data: bytes) -> None:
         writes.append(path)
@@ -112,12 +112,12 @@ def test_interrupted_run_leaves_no_dataset_json_and_a_rerun_completes(tmp_path: 
             raise KeyboardInterrupt("killed")
         real_write(path, data)
 
-    monkeypatch.setattr(impl, "_atomic_write", failing)
+    monkeypatch.setattr(impl, "write_atomic", failing)
     with pytest.raises(KeyboardInterrupt):
         make_msd_segmentation(tmp_path, 3, SMALL, seed=9)
     assert not (tmp_path / "dataset.json").exists()  # written last: its absence says "incomplete"
     assert not list(tmp_path.rglob(".*tmp-*"))
-    monkeypatch.setattr(impl, "_atomic_write", real_write)
+    monkeypatch.setattr(impl, "write_atomic", real_write)
     make_msd_segmentation(tmp_path, 3, SMALL, seed=9)  # its own half-written output is replaced, not refused
     assert json.loads((tmp_path / "dataset.json").read_text())["generator_args"]["seed"] == 9
 
