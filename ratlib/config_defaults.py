@@ -572,6 +572,14 @@ def _section_problems(data: dict[str, Any], schema: type[BaseModel]) -> list[tup
     return problems
 
 
+def _validator_message(msg: str) -> str:
+    """A validator's own words, without pydantic's "Value error, " / "Assertion failed, " prefix."""
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return msg
+
+
 def _validation_problems(exc: ValidationError, schema: type[BaseModel], data: dict[str, Any]
                          ) -> list[tuple[tuple[str, ...], str]]:
     grouped: dict[tuple[str, ...], list[Any]] = {}
@@ -591,8 +599,14 @@ def _validation_problems(exc: ValidationError, schema: type[BaseModel], data: di
             continue
         expected = _expected_at(schema, loc)
         custom = [e["msg"] for e in errs if e["type"] == "min_lr_not_below_lr"]
+        # A project's own validators (ValueError / assert in a field or model validator) say what is wrong
+        # in their own words: show those, never replace them with the field's type.
+        own = list(dict.fromkeys(_validator_message(e["msg"]) for e in errs
+                                 if e["type"] in ("value_error", "assertion_error")))
         if custom:
             message = custom[0]
+        elif own:
+            message = "; ".join(own) + ("" if value is _MISSING else f" (got {value!r})")
         elif "missing" in types_ and value is _MISSING:
             message = "required key is missing; add it" + (f" ({expected})" if expected else "")
         elif expected is not None:

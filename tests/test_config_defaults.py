@@ -498,3 +498,38 @@ def test_probe_memory_extrapolates_a_measured_peak() -> None:
     assert math.isclose(probe.predict(32), measured.peak_bytes[1], rel_tol=0.15), (probe, measured)
     with pytest.raises(ValueError, match="batch_sizes="):
         probe_memory(net(), batch, batch_sizes=(4, 4))
+
+
+def test_a_projects_own_validator_messages_reach_the_user() -> None:
+    # A project's field and model validators know what is wrong; the error must carry their words, with the
+    # key and the value, not a generic "expected a mapping" / "expected an integer".
+    from pydantic import BaseModel, field_validator, model_validator
+
+    class Model(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        feature_dims: int = 8
+        num_blocks: int = 3
+
+        @field_validator("num_blocks")
+        @classmethod
+        def _depth(cls, v: int) -> int:
+            if v > 6:
+                raise ValueError("num_blocks above 6 pools a 64-pixel slice to nothing")
+            return v
+
+        @model_validator(mode="after")
+        def _size(self) -> Model:
+            assert self.feature_dims * self.num_blocks <= 100, "feature_dims x num_blocks must stay <= 100"
+            return self
+
+    class Project(ExperimentConfig):
+        model: Model = Model()
+
+    with pytest.raises(ConfigError) as err:
+        load_config({}, overrides=["model.num_blocks=7"], schema=Project)
+    assert "model.num_blocks (override 'model.num_blocks=7'): num_blocks above 6 pools" in str(err.value)
+    assert "(got 7)" in str(err.value) and "expected an integer" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config({"model": {"feature_dims": 50}}, schema=Project)
+    assert "model: feature_dims x num_blocks must stay <= 100" in str(err.value)
+    assert "expected a mapping" not in str(err.value)
