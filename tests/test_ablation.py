@@ -125,6 +125,17 @@ def test_command_line_overrides_split_into_study_and_run_keys() -> None:
         au.split_overrides(["seedz=[0]"], ["training"])
 
 
+def test_smoke_on_the_command_line_wins_over_the_studys_run_wide_epochs() -> None:
+    smoke_keys = ["data.limit", "training.max_steps", "training.num_epochs"]
+    study = {"training.num_epochs": 10, "training.optimizer.lr": 0.01}
+    assert au.smoke_common(study, ["smoke=true"], smoke_keys) == ({"training.optimizer.lr": 0.01},
+                                                                  ["training.num_epochs"])
+    # a key given on the command line stays theirs; smoke=false or no smoke changes nothing
+    assert au.smoke_common(study, ["smoke=true", "training.num_epochs=2"], smoke_keys) == (study, [])
+    assert au.smoke_common(study, ["smoke=false"], smoke_keys) == (study, [])
+    assert au.smoke_common(study, ["training.num_epochs=2"], smoke_keys) == (study, [])
+
+
 def test_study_file_typo_names_the_line_and_closest_key(tmp_path: Path) -> None:
     path = write_study(tmp_path, seed=[0, 1])
     with pytest.raises(R.ConfigError, match=r"seed \(line \d+\): unknown key; did you mean 'seeds'"):
@@ -397,3 +408,23 @@ def test_segmentation_study_on_two_ranks(tmp_path: Path, run_on_ranks) -> None:
     assert all(r["status"] == "finished" and r["metric"] == "dice" and 0 <= r["final"]["dice"] <= 1 for r in recs)
     assert all((tmp_path / "out" / r["run"] / "metrics.jsonl").is_file() for r in recs)
     assert "| **base** |" in run.stdouts[0]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.skipif(not SEGMENTATION.is_file(), reason="examples/segmentation/train.py is not there yet")
+def test_shipped_study_with_smoke_on_two_ranks_is_one_short_epoch_per_run(tmp_path: Path, run_on_ranks) -> None:
+    # The shipped study sets training.num_epochs: 10 for every run; smoke=true on the command line is a quick
+    # pass over every variant: one epoch of at most 10 steps on 16 slices, one metrics row with both ranks'
+    # peak memory.
+    study = ROOT / "examples" / "ablation" / "ablation.yaml"
+    run = run_on_ranks(RUN_PY, 2, args=["--config", str(study), f"output_dir={tmp_path / 'out'}", "seeds=[0]",
+                                        "smoke=true", "distributed.timeout_s=120"], env=NO_GPU, timeout=240).check()
+    recs = results(tmp_path)
+    assert len(recs) == 7 and all(r["status"] == "finished" for r in recs)
+    assert all(r["wall_time_s"] < 30 for r in recs), [r["wall_time_s"] for r in recs]
+    for rec in recs:
+        rows = [json.loads(line) for line in (Path(rec["dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 1 and rows[0]["epoch"] == 0 and rows[0]["train_samples"] == 16
+        assert len(rows[0]["peak_memory_gib"]) == 2 and rows[0]["peak_memory_max_rank"] in (0, 1)
+    assert "leaving out the study's training.num_epochs=10" in "".join(run.stdouts + run.stderrs)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from ratlib import get_logger
@@ -102,6 +103,19 @@ def split_overrides(items: Sequence[str], config_keys: Iterable[str]) -> tuple[l
     if bad:
         raise StudyError("command-line overrides:\n  " + "\n  ".join(bad))
     return study, runs
+
+
+def smoke_common(study_overrides: dict[str, Any], cli_items: Sequence[str],
+                 smoke_keys: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
+    """``smoke=true`` on the command line is a quick pass over every variant: the study's run-wide
+    ``overrides`` of the keys smoke fills (``training.num_epochs: 10``, ...) would otherwise win over it
+    (smoke only fills keys that are not set), so they are left out. Keys given on the command line stay.
+    Returns the overrides to apply and the keys left out."""
+    given = {item.partition("=")[0].strip(): item.partition("=")[2].strip() for item in cli_items}
+    if "smoke" not in given or yaml.safe_load(given["smoke"] or "null") is not True:
+        return study_overrides, []
+    dropped = [k for k in study_overrides if k in set(smoke_keys) and k not in given]
+    return {k: v for k, v in study_overrides.items() if k not in dropped}, dropped
 
 
 def resolve_input(path: str, study_file: Path | None) -> Path:
