@@ -53,7 +53,8 @@ _ALIASES = {"valid": "val", "validation": "val", "testdev": "test-dev", "unlabel
 _WORDS = {"train", "val", "valid", "validation", "test", "dev", "testdev", "unlabeled", "unlabelled", "mini",
           "minival", "minus", "valminusminival"}
 _SEP = r"[\s_\-]"
-_SPELLING = re.compile(rf"^(?:(\d{{4}}){_SEP}*)?([a-z][a-z\s_\-]*?)(?:{_SEP}*(\d{{4}}))?$")
+# [year] name [year [year]]: a year may be written twice (train2017_2017) as long as the years agree
+_SPELLING = re.compile(rf"^(?:(\d{{4}}){_SEP}*)?([a-z][a-z\s_\-]*?)(?:{_SEP}*(\d{{4}}))?(?:{_SEP}*(\d{{4}}))?$")
 # Roboflow export folders per split (Roboflow names the validation folder "valid")
 _ROBOFLOW = {"train": ("train",), "val": ("valid", "val"), "test": ("test",)}
 
@@ -160,10 +161,12 @@ def parse_split(split: str | CocoSplit, year: int | str | None = None) -> CocoSp
     if m is None or name is None:
         raise ValueError(f"unknown COCO split {split!r}; closest valid names: {_suggest(text)}. Expected a split "
                          f"name ({', '.join(SPLITS)}) with an optional year, e.g. train2017")
-    year_a, year_b = m.group(1), m.group(3)
-    if year_a and year_b and year_a != year_b:
-        raise ValueError(f"split {split!r} names two different years ({year_a} and {year_b}); keep one")
-    in_name = _year(year_a or year_b, f"the year in split {split!r}")
+    years = list(dict.fromkeys(y for y in (m.group(1), m.group(3), m.group(4)) if y))
+    if len(years) > 1:
+        valid = [f"{name}{y}" for y in years if y.isdigit() and int(y) in SPLITS[name]]
+        raise ValueError(f"split {split!r} names different years ({' and '.join(years)}); keep one. "
+                         f"Closest valid names: {', '.join(valid) if valid else _suggest(name)}")
+    in_name = _year(years[0] if years else None, f"the year in split {split!r}")
     if in_name is not None and given is not None and in_name != given:
         raise ValueError(f"split {split!r} says {in_name} but year={given} was given; the years disagree. "
                          f"Pass split={name!r} with year={given}, or drop year")

@@ -82,12 +82,21 @@ def _make_root(factory: pytest.TempPathFactory, split: CocoSplit) -> Path:
     return root
 
 
+@pytest.mark.parametrize("spelling", ["train20172017", "train2017_2017", "2017_train_2017", "TRAIN-2017-2017",
+                                      "instances_train2017_2017.json"])
+def test_a_year_written_twice_that_agrees_is_fine(spelling: str) -> None:
+    assert parse_split(spelling) == CocoSplit("train", 2017)
+    assert annotation_filename(spelling) == "instances_train2017.json"  # never instances_train20172017.json
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(coco_trees(), st.booleans())
-def test_resolve_on_generated_trees(tree, auto: bool) -> None:
-    """Existing, expected paths or CocoPathError: never another exception, never a decoy file."""
+@given(coco_trees(), st.booleans(), st.data())
+def test_resolve_on_generated_trees(tree, auto: bool, data: st.DataObject) -> None:
+    """Existing, expected paths or CocoPathError: never another exception, never a decoy file. The split is
+    given in any spelling that parse_split accepts (train2017, 2017_train, instances_train2017.json, ...)."""
+    spelling, _ = data.draw(coco_split_spellings(split=tree.split.name, year=tree.split.year), label="spelling")
     try:
-        paths = resolve_coco(tree.root, str(tree.split), kind=tree.kind, layout="auto" if auto else tree.layout)
+        paths = resolve_coco(tree.root, spelling, kind=tree.kind, layout="auto" if auto else tree.layout)
     except CocoPathError as exc:
         assert tree.expected is None, f"should have resolved to {tree.expected}: {exc}"
         assert str(tree.split) in str(exc) and str(tree.root) in str(exc)
@@ -170,7 +179,11 @@ def test_spellings(spelling: str, expected: str) -> None:
                     "split name (train, val, test, test-dev, unlabeled, minival, valminusminival) with an "
                     "optional year, e.g. train2017"),
     ("2017", None, "split '2017' is only a year; name the split too, e.g. train2017, val2017"),
-    ("2014_train2017", None, "split '2014_train2017' names two different years (2014 and 2017); keep one"),
+    ("2014_train2017", None, "split '2014_train2017' names different years (2014 and 2017); keep one. "
+                             "Closest valid names: train2014, train2017"),
+    ("train20142017", None, "names different years (2014 and 2017); keep one. Closest valid names: train2014, "
+                            "train2017"),
+    ("minival2014_2017", None, "Closest valid names: minival2014"),
     ("train", "17", "year='17' is not a year; expected a four-digit year such as 2017 or 2014"),
     ("_annotations.coco.json", None, "is Roboflow's annotation file name, not a split; pass the folder"),
 ])
