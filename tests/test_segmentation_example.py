@@ -529,3 +529,27 @@ def test_limit_seven_trains_on_exactly_seven_slices_across_two_ranks(tmp_path: P
     assert all(r["val_samples"] == r["val_unique_samples"] == 7 for r in rows)
     one = T.evaluate_checkpoint(config(f"data.root={msd_root}", "data.limit=7"), run_dir=run, info=CPU)
     assert one["val_samples"] == 7 and all(one[k] == rows[-1][k] for k in ("dice", "dice_1", "dice_2"))
+
+
+@pytest.mark.parametrize("empty_slices", [1.0, 0.3])
+def test_limit_reads_only_the_cases_it_needs_and_picks_the_same_slices(msd_root: Path, tmp_path: Path,
+                                                                       empty_slices: float) -> None:
+    # A smoke run on a real task must not preprocess every volume: with data.limit the cases after the first
+    # `limit` slices are never read. The slices are those the full read would have picked.
+    task = su.read_task(msd_root)
+    read: list[str] = []
+
+    def prep(case):
+        read.append(case.name)
+        return su.preprocess(case, tmp_path, task.num_classes, len(task.modalities), "zscore", (0, 1))
+
+    def make(limit):
+        return lambda vols: su.SliceDataset(vols, train=True, limit=limit, empty_slices=empty_slices, seed=3)
+
+    depth = 16  # slices per synthetic volume (msd_root's shape)
+    limited, n = T.limited_dataset(task.cases, prep, depth + 3, make(depth + 3))
+    assert len(limited) == depth + 3 and n == len(set(read)) < len(task.cases)
+    full, n_all = T.limited_dataset(task.cases, prep, None, make(depth + 3))
+    assert n_all == len(task.cases) and limited.index == full.index
+    for i in (0, len(full) - 1):
+        assert torch.equal(limited[i][0], full[i][0]) and torch.equal(limited[i][1], full[i][1])

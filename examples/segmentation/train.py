@@ -170,19 +170,41 @@ def build_datasets(cfg: SegmentationConfig, run_dir: Path) -> tuple[su.Task, su.
     task = resolve_task(cfg, run_dir)
     train_cases, val_cases = su.split_cases(task.cases, d.val_fraction, d.split_seed)
     cache = Path(d.cache_dir).expanduser() if d.cache_dir else run_dir / "cache"
+    def prep(case: su.Case) -> tuple[Path, Path]:
+        return su.preprocess(case, cache, task.num_classes, len(task.modalities), d.normalize, d.window)
+
     with main_process_first():  # rank 0 writes the cache, the others then read it
-        volumes = {c.name: su.preprocess(c, cache, task.num_classes, len(task.modalities), d.normalize, d.window)
-                   for c in (*train_cases, *val_cases)}
-    train_set = su.SliceDataset([volumes[c.name] for c in train_cases], train=True, limit=d.limit,
-                                patch_size=d.patch_size, flip=d.flip, empty_slices=d.empty_slices,
-                                seed=d.split_seed)
-    val_set = su.SliceDataset([volumes[c.name] for c in val_cases], train=False, limit=d.limit)
-    log.info("task %s (%s): %d classes (%s), %d modalities; %d train cases -> %d slices%s, %d val cases -> %d "
-             "slices", task.name, task.root, task.num_classes, ", ".join(task.class_names), len(task.modalities),
-             len(train_cases), len(train_set),
-             f" (data.limit={d.limit} of {train_set.total})" if d.limit and d.limit < train_set.total else "",
-             len(val_cases), len(val_set))
+        train_set, train_read = limited_dataset(train_cases, prep, d.limit, partial(
+            su.SliceDataset, train=True, limit=d.limit, patch_size=d.patch_size, flip=d.flip,
+            empty_slices=d.empty_slices, seed=d.split_seed))
+        val_set, val_read = limited_dataset(val_cases, prep, d.limit, partial(su.SliceDataset, train=False,
+                                                                              limit=d.limit))
+    read = f" (data.limit={d.limit}: {train_read} and {val_read} cases read)" if d.limit is not None else ""
+    log.info("task %s (%s): %d classes (%s), %d modalities; %d train cases -> %d slices, %d val cases -> %d "
+             "slices%s", task.name, task.root, task.num_classes, ", ".join(task.class_names), len(task.modalities),
+             len(train_cases), len(train_set), len(val_cases), len(val_set), read)
     return task, train_set, val_set
+
+
+def limited_dataset(cases: list[su.Case], prep: Callable[[su.Case], tuple[Path, Path]], limit: int | None,
+                    make: Callable[[list[tuple[Path, Path]]], su.SliceDataset]) -> tuple[su.SliceDataset, int]:
+    """Preprocess a split's cases in order and build its dataset; returns it and the number of cases read.
+    With ``data.limit`` the cases after the first ``limit`` slices are never read or preprocessed: a smoke
+    run on a real task costs a volume or two, not the whole task. The slices are the same as with every case
+    read (``SliceDataset`` picks them volume by volume, in order)."""
+    volumes: list[tuple[Path, Path]] = []
+    raw = 0  # slices in the volumes read so far, before empty slices are dropped
+    for case in cases:
+        volumes.append(prep(case))
+        raw += int(np.load(volumes[-1][1], mmap_mode="r").shape[0])
+        if limit is not None and raw >= limit and len(volumes) < len(cases):
+            try:
+                dataset = make(volumes)
+            except su.TaskError:  # every slice read so far dropped as empty: read on
+                continue
+            if len(dataset) >= limit:
+                return dataset, len(volumes)
+    return make(volumes), len(volumes)
 
 
 def eval_loader(cfg: SegmentationConfig, val_set: su.SliceDataset, info: DistInfo, multiple: int
