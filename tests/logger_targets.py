@@ -52,3 +52,52 @@ def crash(log_dir: str) -> int:
     if os.environ["RANK"] == "1":
         raise RuntimeError("boom on one rank")
     return 0
+
+
+def in_order_stamps(log_dir: str, stamp_file: str) -> int:
+    """Each rank appends its rank to one shared O_APPEND file at the moment its in_order record is
+    emitted. Lower ranks reach the call later, so without the rank-by-rank barriers the file would read
+    in reverse order."""
+    import logging
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    class Stamp(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("ordered-"):
+                fd = os.open(stamp_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, f"{record.getMessage()} rank={dist.get_rank()}\n".encode())
+                finally:
+                    os.close(fd)
+
+    setup_logging("INFO", log_dir=log_dir)
+    logging.getLogger().addHandler(Stamp())
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for round_ in range(2):
+        dist.barrier()
+        time.sleep(0.15 * (world - 1 - rank))  # rank 0 arrives last
+        log.info("ordered-%d", round_, in_order=True)
+    dist.destroy_process_group()
+    return 0
+
+
+def thread_crash(log_dir: str) -> int:
+    """Rank 1 dies in a non-main thread; the process itself goes on and exits 0."""
+    import os
+    import threading
+
+    setup_logging("INFO", log_dir=log_dir)
+
+    def work() -> None:
+        if os.environ["RANK"] == "1":
+            raise RuntimeError("thread boom on one rank")
+
+    worker = threading.Thread(target=work, name="loader-worker")
+    worker.start()
+    worker.join()
+    log.warning("main-thread-still-alive")
+    return 0

@@ -65,6 +65,11 @@ def test_rank_known_only_after_init(tmp_path: Path) -> None:
                        env=lambda r: {"MY_RANK": str(r)}, timeout=120).check()
     assert [len(_lines(e, "main-only-after-init")) for e in run.stderrs] == [1, 0]
     assert "[rank 1/2] WARNING" in _lines(run.stderrs[1], "tagged-after-init")[0]
+    # nothing was logged before init, so the lazily opened files carry the ranks from the process group:
+    # no stray rank0.log written by rank 1 (that would have been a duplicate, rank0.dup-pid*.log)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.log", "rank1.log"]
+    assert "tagged-after-init" in (tmp_path / "rank1.log").read_text()
+    assert "[rank 1/2]" not in (tmp_path / "rank0.log").read_text()
 
 
 @pytest.mark.distributed
@@ -74,6 +79,35 @@ def test_uncaught_exception_is_logged_with_rank(tmp_path: Path) -> None:
     assert "[rank 1/2] CRITICAL ratlib: uncaught RuntimeError" in run.stderrs[1]
     assert run.stderrs[1].count("Traceback (most recent call last)") == 1  # tagged once, not again untagged
     assert "boom on one rank" in (tmp_path / "rank1.log").read_text()
+
+
+@pytest.mark.distributed
+def test_in_order_emits_in_rank_order(tmp_path: Path) -> None:
+    stamps = tmp_path / "stamps.txt"
+    run = run_on_ranks(logger_targets.in_order_stamps, 4, args=(str(tmp_path / "logs"), str(stamps)),
+                       timeout=120).check()
+    # lower ranks reach each call later (rank 0 last), yet the records are emitted 0, 1, 2, 3, every time
+    expected = [f"ordered-{n} rank={r}" for n in range(2) for r in range(4)]
+    assert stamps.read_text().splitlines() == expected
+    for r in range(4):
+        lines = _lines(run.stderrs[r], "ordered-")
+        assert len(lines) == 2 and all(f"[rank {r}/4] INFO lib.module: ordered-" in ln for ln in lines), lines
+
+
+@pytest.mark.distributed
+def test_uncaught_exception_in_thread_is_logged_with_rank(tmp_path: Path) -> None:
+    run = run_on_ranks(logger_targets.thread_crash, 2, args=(str(tmp_path),), timeout=60).check()
+    assert run.returncodes == [0, 0]  # a dying thread does not end the process
+    head = "[rank 1/2] CRITICAL ratlib: uncaught RuntimeError in thread loader-worker on [rank 1/2]: " \
+           "thread boom on one rank"
+    assert len(_lines(run.stderrs[1], head)) == 1, run.stderrs[1]
+    assert run.stderrs[1].count("Traceback (most recent call last)") == 1  # not printed again by Python
+    assert "RuntimeError: thread boom on one rank" in run.stderrs[1]
+    assert "thread boom" not in run.stderrs[0]
+    text = (tmp_path / "rank1.log").read_text()
+    assert "CRITICAL ratlib" in text and "in thread loader-worker" in text and "Traceback" in text
+    assert "thread boom" not in (tmp_path / "rank0.log").read_text()
+    assert _lines(run.stderrs[1], "main-thread-still-alive")
 
 
 def _child(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -194,3 +228,66 @@ def test_dictconfig_and_user_handlers_coexist() -> None:
         for handler in rank_logger._STATE.handlers:
             root.removeHandler(handler)
         rank_logger._STATE.handlers = []
+
+
+def test_hooks_installed_before_setup_still_run() -> None:
+    code = ("import sys, threading\n"
+            "def mine(t, e, tb): print('user-sys-hook', t.__name__, e, flush=True)\n"
+            "def mine_thread(args): print('user-thread-hook', args.exc_type.__name__, args.exc_value, flush=True)\n"
+            "sys.excepthook, threading.excepthook = mine, mine_thread\n"
+            "from ratlib.rank_logger import setup_logging\n"
+            "setup_logging()\n"
+            "def work(): raise ValueError('in-thread')\n"
+            "t = threading.Thread(target=work, name='w1'); t.start(); t.join()\n"
+            "raise KeyError('in-main')")
+    out = _child(code, {"RANK": "1", "WORLD_SIZE": "2"})
+    assert out.returncode == 1
+    # ours logged each one, tagged, then the user's hook ran
+    assert "[rank 1/2] CRITICAL ratlib: uncaught ValueError in thread w1 on [rank 1/2]: in-thread" in out.stderr
+    assert "[rank 1/2] CRITICAL ratlib: uncaught KeyError on [rank 1/2]: 'in-main'" in out.stderr
+    assert out.stdout.splitlines() == ["user-thread-hook ValueError in-thread", "user-sys-hook KeyError 'in-main'"]
+
+
+def test_log_dir_created_and_file_opened_at_first_record(tmp_path: Path) -> None:
+    log_dir = tmp_path / "a" / "b"
+    code = ("import os, sys\n"
+            "from ratlib.rank_logger import get_logger, log_file_path, setup_logging\n"
+            f"d = {str(log_dir)!r}\n"
+            "setup_logging('INFO', log_dir=d); setup_logging('INFO', log_dir=d)\n"
+            "print('after-setup', os.path.isdir(d), sorted(os.listdir(d)), log_file_path().name)\n"
+            "log = get_logger('t'); log.debug('below-level')\n"
+            "print('after-debug', sorted(os.listdir(d)))\n"
+            "log.info('first-record')\n"
+            "print('after-info', sorted(os.listdir(d)), log_file_path().name)\n")
+    assert not (tmp_path / "a").exists()
+    out = _child(code, {"RANK": "1", "WORLD_SIZE": "2"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["after-setup True [] rank1.log",  # folder made, no file yet
+                                       "after-debug []",  # a record below the file level opens nothing
+                                       "after-info ['rank1.log'] rank1.log"]  # no rank0.log, no rank-pending.log
+    assert "first-record" in (log_dir / "rank1.log").read_text()
+    assert "first-record" not in out.stderr  # INFO on rank 1: the file only
+
+
+def test_progress_is_a_tqdm_bar_on_the_main_rank() -> None:
+    code = ("import io; from tqdm.std import tqdm\n"
+            "from ratlib.rank_logger import progress\n"
+            "f = io.StringIO(); bar = progress(range(3), desc='epoch 1', file=f)\n"
+            "print(isinstance(bar, tqdm), list(bar), bar.n, 'epoch 1' in f.getvalue())")
+    out = _child(code)
+    assert out.stdout.strip() == "True [0, 1, 2] 3 True", out.stderr
+
+
+def test_progress_is_the_plain_iterable_elsewhere() -> None:
+    code = ("from ratlib.rank_logger import progress\n"
+            "items = iter([1, 2])\n"
+            "print(progress(items, desc='x') is items, list(progress(items)))")
+    # a non-main rank, from the launcher's variables (no process group)
+    for env in ({"RANK": "1", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "2", "SLURM_NTASKS": "3",
+                                                   "SLURM_JOB_NODELIST": "n1"}):
+        out = _child(code, env)
+        assert out.stdout.strip() == "True [1, 2]", (env, out.stderr)
+        assert not out.stderr, out.stderr  # no bar drawn
+    # the main rank without tqdm installed
+    out = _child("import sys; sys.modules['tqdm'] = None\n" + code)
+    assert out.stdout.strip() == "True [1, 2]" and not out.stderr, out.stderr
