@@ -372,14 +372,39 @@ class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     def critical(self, msg: Any, *args: Any, **kwargs: Any) -> None:
         self.log(logging.CRITICAL, msg, *args, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:  # handlers, addHandler, propagate, ...: the stdlib logger's
-        return getattr(self.logger, name)
-
     def __repr__(self) -> str:
         return f"<RankLogger {self.logger.name} ({logging.getLevelName(self.logger.getEffectiveLevel())})>"
 
 
+def _forwarding(name: str) -> property:
+    return property(lambda self: getattr(self.logger, name),
+                    lambda self, value: setattr(self.logger, name, value),
+                    doc=f"The stdlib logger's ``{name}`` (read and set through this adapter).")
+
+
+def _add_forwards(cls: type, logger: logging.Logger) -> None:
+    """Give ``cls`` a forwarding property for each public name of ``logger`` that it lacks (handlers,
+    addHandler, propagate, ...). Properties, not ``__getattr__``: a class with ``__getattr__`` defeats
+    CPython's attribute-lookup specialisation and makes every dropped ``log.info`` call ~70 ns slower;
+    and ``log.propagate = False`` now reaches the logger instead of setting an attribute on the adapter."""
+    for name in sorted(set(dir(logger)) - set(dir(cls))):
+        if not name.startswith("__"):
+            setattr(cls, name, _forwarding(name))
+
+
+_add_forwards(RankLogger, logging.Logger("ratlib-sample"))
+_ADAPTERS: dict[type, type[RankLogger]] = {logging.Logger: RankLogger, logging.RootLogger: RankLogger}
 _LOGGERS: dict[str | None, RankLogger] = {}
+
+
+def _adapter(logger: logging.Logger) -> RankLogger:
+    """A RankLogger for ``logger``; for a custom logger class (``logging.setLoggerClass``) a subclass that
+    also forwards that class's own names."""
+    cls = _ADAPTERS.get(type(logger))
+    if cls is None:
+        cls = _ADAPTERS[type(logger)] = type(f"RankLogger[{type(logger).__name__}]", (RankLogger,), {})
+        _add_forwards(cls, logger)
+    return cls(logger)
 
 
 def get_logger(name: str | None = None) -> RankLogger:
@@ -388,7 +413,7 @@ def get_logger(name: str | None = None) -> RankLogger:
     if logger is None:
         if not _STATE.resolved:
             _resolve()
-        logger = _LOGGERS.setdefault(name, RankLogger(logging.getLogger(name)))
+        logger = _LOGGERS.setdefault(name, _adapter(logging.getLogger(name)))
     return logger
 
 

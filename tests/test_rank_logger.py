@@ -291,3 +291,28 @@ def test_progress_is_the_plain_iterable_elsewhere() -> None:
     # the main rank without tqdm installed
     out = _child("import sys; sys.modules['tqdm'] = None\n" + code)
     assert out.stdout.strip() == "True [1, 2]" and not out.stderr, out.stderr
+
+
+def test_the_adapter_forwards_the_stdlib_loggers_names_both_ways() -> None:
+    # Reading and setting go to the stdlib logger (setting used to land on the adapter and do nothing), and a
+    # custom logger class's own methods are reachable, without a __getattr__ on the hot path.
+    log = rank_logger.get_logger("ratlib.test.forward")
+    plain = logging.getLogger("ratlib.test.forward")
+    assert log.handlers is plain.handlers and log.parent is plain.parent
+    log.propagate = False
+    try:
+        assert plain.propagate is False and "propagate" not in vars(log)
+    finally:
+        plain.propagate = True
+    assert "__getattr__" not in vars(type(log))
+
+    class TraceLogger(logging.Logger):
+        def trace(self, msg: str) -> str:
+            return f"trace {msg}"
+
+    logging.setLoggerClass(TraceLogger)
+    try:
+        custom = rank_logger.get_logger("ratlib.test.forward.custom")
+    finally:
+        logging.setLoggerClass(logging.Logger)
+    assert custom.trace("x") == "trace x" and isinstance(custom, type(log))
