@@ -290,6 +290,153 @@ def test_master_address_errors(clean_env: pytest.MonkeyPatch) -> None:
     assert "MASTER_ADDR='no-such-host.invalid' does not resolve" in text
 
 
+def test_rank0_store_failure_of_another_kind_is_wrapped(clean_env: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    cause = RuntimeError("The server socket has failed to listen on any local network address. (errno: 13 - "
+                         "Permission denied)\nException raised from ...")
+
+    def no_server(*args, **kwargs):
+        raise cause
+
+    clean_env.setattr(dist, "TCPStore", no_server)
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "80"}.items():
+        clean_env.setenv(key, value)
+    with pytest.raises(DistInitError) as info:
+        init_distributed(device="cpu", connect_timeout=1)
+    text = str(info.value)
+    assert text.startswith("rank 0/2 (launcher env): cannot open the rendezvous on MASTER_PORT=80: The server "
+                           "socket has failed to listen on any local network address. (errno: 13 - Permission "
+                           "denied). Variables read: "), text
+    assert "Fix: choose another MASTER_PORT, or check that this host may listen on it" in text
+    assert info.value.__cause__ is cause and "Exception raised from" not in text
+
+
+@pytest.fixture
+def store_host():
+    """A real TCPStore server on a free port of 127.0.0.1 for a 2-rank job, standing in for rank 0, so that
+    rank 1 in this process goes through the real rendezvous (resolve, probe, connect) before init."""
+    import torch.distributed as dist
+
+    server = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
+    yield server.port
+    del server
+
+
+def _as_rank1(env: pytest.MonkeyPatch, port: int, **extra: str) -> None:
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       **extra}.items():
+        env.setenv(key, value)
+
+
+def test_init_process_group_failure_is_wrapped_with_its_cause(clean_env: pytest.MonkeyPatch,
+                                                              store_host: int) -> None:
+    import torch.distributed as dist
+
+    boom = RuntimeError("boom\nsecond line of torch's message")
+    calls: list[dict] = []
+
+    def failing_init(**kwargs):
+        calls.append(kwargs)
+        raise boom
+
+    clean_env.setattr(dist, "init_process_group", failing_init)
+    _as_rank1(clean_env, store_host)
+    with pytest.raises(DistInitError) as info:
+        init_distributed(device="cpu", connect_timeout=5)
+    text = str(info.value)
+    assert len(calls) == 1 and calls[0]["store"] is not None and calls[0]["backend"] == "gloo"  # after the store
+    assert (calls[0]["rank"], calls[0]["world_size"]) == (1, 2) and "device_id" not in calls[0]
+    assert text.startswith(f"rank 1/2 (launcher env): init_process_group(backend='gloo') failed after the "
+                           f"rendezvous at 127.0.0.1:{store_host}: RuntimeError: boom. Variables read: "), text
+    assert "second line" not in text and "Fix: all ranks must agree on MASTER_ADDR, MASTER_PORT and WORLD_SIZE" in text
+    assert info.value.__cause__ is boom
+    assert dist_init._INFO is None and not dist.is_initialized()  # nothing left half set up
+    assert (dist_init.get_rank(), dist_init.get_world_size()) == (1, 2)  # from the launcher, no group
+
+
+@pytest.fixture
+def fake_cuda(clean_env: pytest.MonkeyPatch):
+    """CUDA paths on a CPU machine: 2 visible GPUs, nccl available, and a record of every call, in order."""
+    import torch
+    import torch.distributed as dist
+
+    calls: list[tuple[str, object]] = []
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_env.setattr(torch.cuda, "device_count", lambda: 2)
+    clean_env.setattr(torch.cuda, "set_device", lambda dev: calls.append(("set_device", dev)))
+    clean_env.setattr(dist, "is_nccl_available", lambda: True)
+    clean_env.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    return calls
+
+
+def test_local_rank_without_a_visible_gpu_names_cuda_visible_devices(clean_env: pytest.MonkeyPatch,
+                                                                      fake_cuda: list) -> None:
+    text, _ = _failing_init(clean_env, {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "2",
+                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, 1, "auto")
+    assert text.startswith("rank 2/3 (launcher env): local rank 2 has no GPU: 2 visible (CUDA_VISIBLE_DEVICES=0,1). "
+                           "Variables read: RANK='2', WORLD_SIZE='3', LOCAL_RANK='2'"), text
+    assert "Fix: start at most 2 processes per node (torchrun --nproc_per_node=2), or make more GPUs visible " \
+           "(CUDA_VISIBLE_DEVICES)" in text
+    assert fake_cuda == []  # no device was set
+    clean_env.delenv("CUDA_VISIBLE_DEVICES")
+    text, _ = _failing_init(clean_env, {"LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "6", "WORLD_SIZE": "6"}, 1, "cuda")
+    assert "local rank 5 has no GPU: 2 visible (CUDA_VISIBLE_DEVICES=<unset>)" in text, text
+
+
+def _recording_init(calls: list, signature_of: object = None):
+    """A stand-in for init_process_group that records its arguments; ``signature_of`` lends it a signature
+    (the implementation passes device_id only where init_process_group's signature has it)."""
+    import functools
+
+    def fake(backend=None, *, store=None, rank=-1, world_size=-1, timeout=None):  # torch before device_id
+        calls.append(("init_process_group", {"backend": backend, "store": store, "rank": rank,
+                                             "world_size": world_size, "timeout": timeout}))
+
+    def recording(**kwargs):
+        calls.append(("init_process_group", kwargs))
+
+    return functools.wraps(signature_of)(recording) if signature_of is not None else fake
+
+
+@pytest.mark.parametrize("signature", ["installed torch", "torch without device_id"])
+def test_cuda_rank_is_pinned_before_init_and_device_id_passed_where_supported(
+        clean_env: pytest.MonkeyPatch, fake_cuda: list, store_host: int, signature: str) -> None:
+    import inspect
+
+    import torch
+    import torch.distributed as dist
+
+    real = dist.init_process_group
+    clean_env.setattr(dist, "init_process_group",
+                      _recording_init(fake_cuda, real if signature == "installed torch" else None))
+    _as_rank1(clean_env, store_host, LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
+    info = init_distributed(connect_timeout=5)  # device auto: CUDA "available", so nccl on cuda:1
+    assert (info.backend, info.device, info.local_rank) == ("nccl", torch.device("cuda", 1), 1)
+    assert [name for name, _ in fake_cuda] == ["set_device", "init_process_group"]  # pinned first
+    assert fake_cuda[0][1] == torch.device("cuda", 1)
+    kwargs = fake_cuda[1][1]
+    assert (kwargs["backend"], kwargs["rank"], kwargs["world_size"]) == ("nccl", 1, 2)
+    supported = signature == "installed torch" and "device_id" in inspect.signature(real).parameters
+    assert kwargs.get("device_id") == (torch.device("cuda", 1) if supported else None), kwargs
+    assert ("device_id" in kwargs) is supported
+    if signature == "installed torch" and tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 3):
+        assert supported  # init_process_group has had device_id since torch 2.3
+
+
+def test_gloo_on_cuda_pins_the_device_but_passes_no_device_id(clean_env: pytest.MonkeyPatch, fake_cuda: list,
+                                                              store_host: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    clean_env.setattr(dist, "init_process_group", _recording_init(fake_cuda, dist.init_process_group))
+    _as_rank1(clean_env, store_host, LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
+    info = init_distributed("gloo", connect_timeout=5)  # an explicit backend wins over the device's
+    assert (info.backend, info.device) == ("gloo", torch.device("cuda", 1))
+    assert [name for name, _ in fake_cuda] == ["set_device", "init_process_group"]
+    assert fake_cuda[1][1]["backend"] == "gloo" and "device_id" not in fake_cuda[1][1]
+
+
 @pytest.mark.gpu
 def test_cuda_pins_the_local_rank_and_names_missing_gpus(clean_env: pytest.MonkeyPatch) -> None:
     import torch
