@@ -279,7 +279,7 @@ def test_rank0_errors_name_the_port_in_use_and_the_missing_ranks(clean_env: pyte
     assert f"rank 0/2 (launcher env): MASTER_PORT={port} is already in use on this host" in text
     port = free_port()  # rank 0 alone: WORLD_SIZE promises a rank that never comes
     text, elapsed = _failing_init(clean_env, {"MASTER_PORT": str(port)}, connect_timeout=1)
-    assert "not every rank reached the rendezvous" in text and "1/2 clients joined" in text, text
+    assert "not every rank reached the rendezvous" in text and "(1/2 ranks joined, rank 0 included)" in text, text
     assert elapsed < 1 + 3, elapsed
 
 
