@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from example_helpers import _restore_logging, load_script  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "examples" / "ablation" / "run.py"
@@ -26,28 +26,8 @@ NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # ranks on CPU and gloo, also on a GPU ma
 TIMEOUT_S = 60  # distributed.timeout_s of the toy studies: a study that waits for it fails the duration checks
 
 
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("ablation_run", RUN_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ablation_run"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-R = _load_runner()
+R = load_script(RUN_PY, "ablation_run")
 au = sys.modules["ablation_utils"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() configures logging on the root logger of this process: undo that after each test."""
-    root = logging.getLogger()
-    before, level = list(root.handlers), root.level
-    yield
-    for handler in [h for h in root.handlers if h not in before]:
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(level)
 
 
 def write_study(tmp_path: Path, name: str = "study.yaml", **keys) -> Path:

@@ -23,6 +23,8 @@ from ratlib.synthetic import make_coco_detection
 from ratlib.testing.ranks import run_on_ranks
 from ratlib.testing.strategies import coco_split_spellings
 
+from example_helpers import _restore_logging, load_script, one_thread  # noqa: F401  (fixtures)
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "detection"
 TRAIN_PY = EXAMPLE / "train.py"
 
@@ -40,15 +42,7 @@ TINY = [
 ]
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("detection_train", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["detection_train"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _load_example()
+T = load_script(TRAIN_PY, "detection_train")
 du = sys.modules["detection_utils"]
 CPU = T.DistInfo(0, 1, 0, 1, 0, "single", None, torch.device("cpu"), None, None)  # also on a GPU machine
 NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # ranks on CPU and gloo, also on a GPU machine
@@ -61,29 +55,6 @@ def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_coco_detection(root, "train2017", num_images=32, seed=0)
     make_coco_detection(root, "val2017", num_images=16, seed=0)
     return root
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() configures logging on the root logger of this process: undo that after each test."""
-    import logging
-
-    root = logging.getLogger()
-    before, level = list(root.handlers), root.level
-    yield
-    for handler in [h for h in root.handlers if h not in before]:
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(level)
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread, as each rank gets: steadier timings on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def config(*overrides: str):

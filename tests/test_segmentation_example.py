@@ -27,6 +27,8 @@ import ratlib.checkpoint  # noqa: E402
 from ratlib.synthetic import make_msd_segmentation  # noqa: E402
 from ratlib.testing.ranks import run_on_ranks  # noqa: E402
 
+from example_helpers import _restore_logging, load_script, one_thread  # noqa: E402, F401  (fixtures)
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "segmentation"
 TRAIN_PY = EXAMPLE / "train.py"
 CONFIG = EXAMPLE / "config.yaml"
@@ -40,15 +42,7 @@ UNTRAINED_DICE_MAX = 0.3
 TINY = ["data.num_workers=0", "training.log_every=100"]
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("segmentation_train", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["segmentation_train"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _load_example()
+T = load_script(TRAIN_PY, "segmentation_train")
 su = sys.modules["seg_utils"]
 CPU = T.DistInfo(0, 1, 0, 1, 0, "single", None, torch.device("cpu"), None, None)  # also on a GPU machine
 NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # ranks on CPU and gloo, also on a GPU machine
@@ -70,29 +64,6 @@ def metrics_rows(run_dir: Path | str) -> list[dict]:
 def msd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic default task (what train.py writes with data.root=null)."""
     return make_msd_segmentation(tmp_path_factory.mktemp("msd") / "Task99_Synthetic", 8, (64, 64, 16), 3, seed=0)
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() configures logging on the root logger of this process: undo that after each test."""
-    import logging
-
-    root = logging.getLogger()
-    before, level = list(root.handlers), root.level
-    yield
-    for handler in [h for h in root.handlers if h not in before]:
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(level)
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread, as each rank gets: steadier timings on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------
