@@ -12,7 +12,15 @@ TMP_PREFIX = ".tmp-"  # temporary files start with this; readers that list folde
 
 
 def _umask() -> int:
-    """The process umask (read by setting and restoring it: there is no other portable way)."""
+    """The process umask: from /proc on Linux (Umask: line, kernel 4.7+); elsewhere by setting and restoring it,
+    which briefly changes it for the other threads too, the only portable way."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
