@@ -212,9 +212,49 @@ def _indent(text: str) -> int:
     return 2
 
 
+def _section_model(annotation_default: Any) -> type[BaseModel] | None:
+    """The model of a schema field whose default is a section with keys (training, optimizer, ...)."""
+    if isinstance(annotation_default, BaseModel) and type(annotation_default).model_fields:
+        return type(annotation_default)
+    return None
+
+
+def _last_line(node: yaml.Node) -> int:
+    """The 0-based index of the last text line that belongs to ``node`` (comments after it excluded)."""
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and not node.flow_style and node.value:
+        last = node.value[-1]
+        return _last_line(last[1] if isinstance(node, yaml.MappingNode) else last)
+    end = node.end_mark
+    return end.line - 1 if end.column == 0 and end.line > node.start_mark.line else end.line
+
+
+def _nested_missing(node: yaml.MappingNode, data: dict[str, Any], model: BaseModel, prefix: str
+                    ) -> list[tuple[int, int, str, dict[str, Any]]]:
+    """Sections missing inside the block mappings the user wrote (``training:`` without ``optimizer:``):
+    (insert after this line, at this column, dotted name, defaults), deepest first per section."""
+    found = []
+    for key_node, value_node in node.value:
+        name = key_node.value
+        field = type(model).model_fields.get(name)
+        sub = _section_model(field.default) if field is not None else None
+        if sub is None or not isinstance(value_node, yaml.MappingNode) or value_node.flow_style:
+            continue
+        if not value_node.value:
+            continue  # an empty `training: {}` is rare; left alone
+        given = data.get(name) if isinstance(data.get(name), dict) else {}
+        found += _nested_missing(value_node, given, field.default, f"{prefix}{name}.")
+        column = value_node.value[0][0].start_mark.column
+        for sub_name, sub_field in sub.model_fields.items():
+            if sub_name not in given and _section_model(sub_field.default) is not None:
+                found.append((_last_line(value_node), column, f"{prefix}{name}.{sub_name}",
+                              {sub_name: sub_field.default.model_dump(mode="json")}))
+    return found
+
+
 def fix_config(path: Path, schema: type[BaseModel] = ExperimentConfig) -> list[str]:
-    """Append the schema's missing sections (those with keys) with their defaults to a YAML config,
-    keeping everything already there, comments and key order included; ``PATH.bak`` first. The
+    """Add the schema's missing sections (those with keys) with their defaults to a YAML config: top-level
+    ones appended at the end, nested ones (``training.optimizer``) at the end of the section the user
+    wrote. Everything already there stays, comments and key order included; ``PATH.bak`` first. The
     result must load to the same config as before, or the file is restored. Returns what changed."""
     text = path.read_text(encoding="utf-8")
     root = yaml.compose(text)
@@ -223,15 +263,27 @@ def fix_config(path: Path, schema: type[BaseModel] = ExperimentConfig) -> list[s
                           "block-style configs ('training:' on its own line)")
     data = yaml.safe_load(text) or {}
     missing = [name for name, info in schema.model_fields.items()
-               if name not in data and isinstance(info.default, BaseModel) and type(info.default).model_fields]
-    if not missing:
+               if name not in data and _section_model(info.default) is not None]
+    nested = _nested_missing(root, data, schema.model_construct(), "") if root is not None else []
+    if not missing and not nested:
         return []
     before = load_config(path, schema=schema)
     indent = _indent(text)
-    block = yaml.dump({name: schema.model_fields[name].default.model_dump(mode="json") for name in missing},
-                      Dumper=_Dumper, sort_keys=False, indent=indent)
-    new = text + ("" if text.endswith("\n") or not text else "\n") + \
-        f"\n# Added by `ratlib doctor --fix`: the defaults of {', '.join(missing)}.\n" + block
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    # bottom up, so earlier line numbers stay valid; at one line in reverse, so they end up in schema order
+    for after, column, dotted, defaults in [nested[i] for i in sorted(range(len(nested)),
+                                                                  key=lambda i: (nested[i][0], i), reverse=True)]:
+        pad = " " * column
+        block = yaml.dump(defaults, Dumper=_Dumper, sort_keys=False, indent=indent)
+        lines[after + 1:after + 1] = [f"{pad}# Added by `ratlib doctor --fix`: the defaults of {dotted}.\n",
+                                      *(f"{pad}{line}\n" for line in block.splitlines())]
+    new = "".join(lines)
+    if missing:
+        block = yaml.dump({name: schema.model_fields[name].default.model_dump(mode="json") for name in missing},
+                          Dumper=_Dumper, sort_keys=False, indent=indent)
+        new += f"\n# Added by `ratlib doctor --fix`: the defaults of {', '.join(missing)}.\n" + block
     backup = path.with_name(path.name + ".bak")
     shutil.copy2(path, backup)
     write_atomic(path, new)
@@ -243,7 +295,8 @@ def fix_config(path: Path, schema: type[BaseModel] = ExperimentConfig) -> list[s
     if after != before:
         shutil.copy2(backup, path)
         raise ConfigError(f"{path}: --fix would change the loaded config; the file was restored from {backup}")
-    return [f"{path}: added section(s) {', '.join(missing)} with their defaults (backup: {backup})"]
+    added = [*missing, *sorted(dotted for _, _, dotted, _ in nested)]
+    return [f"{path}: added section(s) {', '.join(added)} with their defaults (backup: {backup})"]
 
 
 def _check_one(path: Path, report: Report, schema: type[BaseModel], world_size: int,

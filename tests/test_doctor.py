@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ratlib.config_defaults import load_config
-from ratlib.doctor import diagnose, missing_init_files
+from ratlib.doctor import diagnose, fix_config, missing_init_files
 from ratlib.synthetic import make_coco_detection
 
 BAD = "# ablation: lr sweep\ntraining:\n  optimizer:\n    lr: 1e-4\n    weigth_decay: 0.1\n"
@@ -115,6 +115,29 @@ def test_fix_appends_sections_keeps_comments_and_creates_init_files(tmp_path: Pa
     assert [c for c in report["changes"] if "bad.yaml" not in c] == []
     assert {f["path"] for f in report["findings"] if f["severity"] == "error"} == {"configs/bad.yaml",
                                                                                    "configs/big.yaml"}
+
+
+@pytest.mark.parametrize("indent", [2, 4])
+def test_fix_fills_sections_missing_inside_the_users_sections(tmp_path: Path, indent: int) -> None:
+    # `training:` without `scheduler:` and `deepspeed:`: they go at the end of the user's training block, at its
+    # indentation, in schema order; every line the user wrote stays, in order; the config loads the same.
+    pad = " " * indent
+    original = (f"# my experiment\ntraining:\n{pad}num_epochs: 3   # short\n{pad}optimizer:\n{pad}{pad}lr: 1.0e-3\n"
+                f"{pad}gradient_clip: 1.0\n\n# the model\nmodel:\n{pad}name: unet\noutput_dir: runs/x\n")
+    path = tmp_path / "exp.yaml"
+    path.write_text(original)
+    before = load_config(path)
+    changes = fix_config(path)
+    assert changes == [f"{path}: added section(s) distributed, data, training.deepspeed, training.scheduler with "
+                       f"their defaults (backup: {path}.bak)"]
+    text = path.read_text()
+    lines = text.splitlines()
+    rest = iter(lines)
+    assert all(any(line == mine for line in rest) for mine in original.splitlines())  # in order, untouched
+    assert lines.index(f"{pad}gradient_clip: 1.0") < lines.index(f"{pad}scheduler:") < \
+        lines.index(f"{pad}deepspeed:") < lines.index("# the model")
+    assert f"{pad}{pad}name: cosine" in lines and load_config(path) == before
+    assert fix_config(path) == []  # a second run changes nothing
 
 
 def test_coco_splits_world_size_and_yaml_errors(tmp_path: Path) -> None:
