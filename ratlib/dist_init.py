@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import importlib
 import os
 import re
@@ -656,9 +657,15 @@ def _init_parameters(dist: Any) -> tuple[str, ...]:
 
 
 def shutdown() -> None:
-    """Destroy the process group if one exists; safe to call any number of times (also runs at exit)."""
+    """Destroy the process group if one exists; safe to call any number of times (also runs at exit).
+
+    Garbage is collected first: a DDP model or pending gloo work left in reference cycles would otherwise
+    be freed during interpreter shutdown, after the group, which can abort the process
+    ("terminate called without an active exception") once training has already finished.
+    """
     global _INFO, _INIT_ARGS
     if _group_ready():
+        gc.collect()
         sys.modules["torch.distributed"].destroy_process_group()
     _INFO, _INIT_ARGS = None, None
 
