@@ -492,7 +492,7 @@ _JOINED = "ratlib/dist_init/joined"  # each client rank adds 1 once connected; r
 def _server_store(launch: LaunchEnv, connect_timeout: float) -> Any:
     """Rank 0 hosts the store and waits up to ``connect_timeout`` for every other rank to join.
 
-    The wait is ours (the clients count themselves in ``_JOINED``, polled every millisecond), not
+    The wait is ours (the clients count themselves in ``_JOINED``, polled every 0.5 ms), not
     TCPStore's ``wait_for_workers``, which polls every 10 ms: a client arriving a moment after the first
     poll cost every job start 10 ms, a third of a 2-rank gloo set-up.
     """

@@ -238,9 +238,7 @@ def _nested_missing(node: yaml.MappingNode, data: dict[str, Any], model: BaseMod
         field = type(model).model_fields.get(name)
         sub = _section_model(field.default) if field is not None else None
         if sub is None or not isinstance(value_node, yaml.MappingNode) or value_node.flow_style:
-            continue
-        if not value_node.value:
-            continue  # an empty `training: {}` is rare; left alone
+            continue  # not a section, or `training: {...}` in flow style: left alone
         given = data.get(name) if isinstance(data.get(name), dict) else {}
         found += _nested_missing(value_node, given, field.default, f"{prefix}{name}.")
         column = value_node.value[0][0].start_mark.column

@@ -114,7 +114,8 @@ def smoke_common(study_overrides: dict[str, Any], cli_items: Sequence[str],
     given = {item.partition("=")[0].strip(): item.partition("=")[2].strip() for item in cli_items}
     if "smoke" not in given or yaml.safe_load(given["smoke"] or "null") is not True:
         return study_overrides, []
-    dropped = [k for k in study_overrides if k in set(smoke_keys) and k not in given]
+    smoke_set = set(smoke_keys)
+    dropped = [k for k in study_overrides if k in smoke_set and k not in given]
     return {k: v for k, v in study_overrides.items() if k not in dropped}, dropped
 
 

@@ -144,10 +144,11 @@ def read_study(config: str, overrides: Sequence[str]) -> Study:
         base_config = str(beside) if beside.is_file() else None
     else:
         base_config = str(au.resolve_input(base_config, file))
-    study_overrides, dropped = au.smoke_common(au.flatten(cfg.overrides), run_items, SMOKE_DEFAULTS)
+    flat = au.flatten(cfg.overrides)
+    study_overrides, dropped = au.smoke_common(flat, run_items, SMOKE_DEFAULTS)
     if dropped and is_main_process():
         log.info("smoke=true: leaving out the study's %s (smoke sets these keys)",
-                 ", ".join(f"{k}={au.json_value(au.flatten(cfg.overrides)[k])}" for k in dropped))
+                 ", ".join(f"{k}={au.json_value(flat[k])}" for k in dropped))
     common = [f"{k}={au.json_value(v)}" for k, v in study_overrides.items()] + run_items
     with quiet():
         base_cfg = load_config(base_config, overrides=common, schema=example.CONFIG_SCHEMA)
