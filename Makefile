@@ -12,7 +12,7 @@ EXTRAS := --extra dev --extra detection --extra medical --extra plot
 STAMP := $(VENV)/.ratlib-synced
 PYTEST_ARGS ?=
 
-.PHONY: demo test env venv lock build clean bench
+.PHONY: demo test lint env venv lock build clean bench
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -36,6 +36,10 @@ demo: $(STAMP)
 
 env: $(STAMP)
 	$(VENV)/bin/ratlib env
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

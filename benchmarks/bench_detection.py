@@ -7,9 +7,10 @@
 Same model, optimiser, data, batch and precision (bf16 autocast and channels_last on CUDA) for both
 loops. ``--data memory`` (the default) feeds both the same batches held in memory, so the ratio
 measures the loops and not the loader; ``--data loader`` gives each its DataLoader (the example's
-sharded batch sampler, a shuffling one for the plain loop) with ``--workers`` processes. The plain loop is torchvision's references/detection ``train_one_epoch`` without its per-step
-loss all-reduce and ``.item()`` (so the plain loop is the faster baseline): move to the device,
-forward, sum the losses, backward, clip, step, schedule. The example's loop is
+sharded batch sampler, a shuffling one for the plain loop) with ``--workers`` processes. The plain
+loop is torchvision's references/detection ``train_one_epoch`` without its per-step loss all-reduce
+and ``.item()`` (so the plain loop is the faster baseline): move to the device, forward, sum the
+losses, backward, clip, step, schedule. The example's loop is
 ``train.train_one_epoch`` (exactly-once sharded batches, accumulation bookkeeping, loss sums on the
 device, a ``.item()`` every ``log_every`` steps). The two alternate (A B A B ...) after a warm-up;
 images/s medians and their ratio are printed (target >= 0.98). Then the model's predictions on the
@@ -45,8 +46,10 @@ def plain_epoch(model, optimizer, scheduler, loader, device, autocast, clip, max
     images_seen = 0
     for step, (images, targets) in enumerate(loader):
         images = [img.to(device, non_blocking=True) for img in images]
-        targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-                   for t in targets]
+        targets = [
+            {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+            for t in targets
+        ]
         with autocast():
             loss_dict = model(images, targets)
             loss = sum(loss_dict.values())
@@ -73,8 +76,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5, help="rounds of (example, plain)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--precision", choices=("auto", "fp32"), default="auto", help="auto: bf16 on CUDA")
-    p.add_argument("--data", choices=("memory", "loader"), default="memory",
-                   help="memory: the same batches from memory for both loops; loader: a DataLoader each")
+    p.add_argument(
+        "--data",
+        choices=("memory", "loader"),
+        default="memory",
+        help="memory: the same batches from memory for both loops; loader: a DataLoader each",
+    )
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,11 +91,21 @@ def main() -> int:
     n_val = max(16, args.images // 4)
     make_coco_detection(tmp, "train2017", num_images=args.images, image_size=args.image_size)
     make_coco_detection(tmp, "val2017", num_images=n_val, image_size=args.image_size)
-    cfg = T.load_config(None, schema=T.DetectionConfig, overrides=[
-        f"model.name={args.model}", f"model.min_size={args.image_size}", f"model.max_size={args.image_size}",
-        f"training.batch_size={args.batch_size}", f"training.mixed_precision={args.precision == 'auto'}",
-        "training.optimizer.lr=1e-4", f"data.num_workers={args.workers}", f"data.root={tmp}",
-        f"output_dir={tmp / 'run'}"])
+    cfg = T.load_config(
+        None,
+        schema=T.DetectionConfig,
+        overrides=[
+            f"model.name={args.model}",
+            f"model.min_size={args.image_size}",
+            f"model.max_size={args.image_size}",
+            f"training.batch_size={args.batch_size}",
+            f"training.mixed_precision={args.precision == 'auto'}",
+            "training.optimizer.lr=1e-4",
+            f"data.num_workers={args.workers}",
+            f"data.root={tmp}",
+            f"output_dir={tmp / 'run'}",
+        ],
+    )
     train_set, val_set = T.build_datasets(cfg, tmp, masks=False)
     model = T.build_model(cfg.model, train_set.num_classes).to(device)
     if cuda:
@@ -96,12 +113,15 @@ def main() -> int:
     optimizer = T.make_optimizer(cfg, [q for q in model.parameters() if q.requires_grad], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     autocast = T.autocast_for(cfg, device)
-    loader_kw = dict(num_workers=args.workers, collate_fn=du.collate, pin_memory=cuda,
-                     persistent_workers=args.workers > 0)
+    loader_kw = dict(
+        num_workers=args.workers, collate_fn=du.collate, pin_memory=cuda, persistent_workers=args.workers > 0
+    )
     example_loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=du.ShardedBatchSampler(train_set.aspect_groups(), args.batch_size), **loader_kw)
-    plain_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                               **loader_kw)
+        train_set, batch_sampler=du.ShardedBatchSampler(train_set.aspect_groups(), args.batch_size), **loader_kw
+    )
+    plain_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, **loader_kw
+    )
     steps = min(args.steps, len(plain_loader))
     if args.data == "memory":  # the same pre-collated batches for both loops
         held = [batch for _, batch in zip(range(steps), example_loader)]
@@ -119,8 +139,18 @@ def main() -> int:
         sync()
         start = time.perf_counter()
         with contextlib.redirect_stderr(devnull):
-            _, _, seen = T.train_one_epoch(model, optimizer, scheduler, example_loader, device, cfg, epoch=0, step=0,
-                                           max_steps=n, autocast=autocast)
+            _, _, seen = T.train_one_epoch(
+                model,
+                optimizer,
+                scheduler,
+                example_loader,
+                device,
+                cfg,
+                epoch=0,
+                step=0,
+                max_steps=n,
+                autocast=autocast,
+            )
         sync()
         return len(seen) / (time.perf_counter() - start)
 
@@ -142,13 +172,17 @@ def main() -> int:
         pl.append(plain(steps))
     ratios = [a / b for a, b in zip(ex, pl)]
     name = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"device {name}, {args.model}, {args.image_size} px, batch {args.batch_size}, "
-          f"{'bf16 autocast + channels_last' if cuda and args.precision == 'auto' else 'fp32'}, "
-          f"{steps} steps x {args.rounds} rounds, data from {args.data}")
+    print(
+        f"device {name}, {args.model}, {args.image_size} px, batch {args.batch_size}, "
+        f"{'bf16 autocast + channels_last' if cuda and args.precision == 'auto' else 'fp32'}, "
+        f"{steps} steps x {args.rounds} rounds, data from {args.data}"
+    )
     print(f"example loop: {statistics.median(ex):8.1f} images/s   (rounds: {', '.join(f'{v:.1f}' for v in ex)})")
     print(f"plain loop:   {statistics.median(pl):8.1f} images/s   (rounds: {', '.join(f'{v:.1f}' for v in pl)})")
-    print(f"ratio example/plain: median {statistics.median(ratios):.3f} (per round: "
-          f"{', '.join(f'{r:.3f}' for r in ratios)}; target >= 0.98)")
+    print(
+        f"ratio example/plain: median {statistics.median(ratios):.3f} (per round: "
+        f"{', '.join(f'{r:.3f}' for r in ratios)}; target >= 0.98)"
+    )
 
     loader = T.eval_loader(cfg, val_set, T.DistInfo(0, 1, 0, 1, 0, "single", None, device, None, None))
     with contextlib.redirect_stderr(devnull):

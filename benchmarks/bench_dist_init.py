@@ -77,14 +77,27 @@ def unreachable(code: str, cap: float) -> tuple[float, bool, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
+    env = {
+        **os.environ,
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     prelude = "import time, torch\nt = time.perf_counter()\ntry:\n"
-    post = "\nexcept Exception as e:\n    print('ERR', type(e).__name__, str(e).splitlines()[0][:160])\n" \
-           "print('SECONDS', time.perf_counter() - t)\n"
+    post = (
+        "\nexcept Exception as e:\n    print('ERR', type(e).__name__, str(e).splitlines()[0][:160])\n"
+        "print('SECONDS', time.perf_counter() - t)\n"
+    )
     try:
-        out = subprocess.run([sys.executable, "-c", prelude + "    " + code + post], capture_output=True, text=True,
-                             env=env, timeout=cap + 20)
+        out = subprocess.run(
+            [sys.executable, "-c", prelude + "    " + code + post],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=cap + 20,
+        )
     except subprocess.TimeoutExpired:
         return cap, True, "(killed at the cap)"
     lines = out.stdout.splitlines()
@@ -111,17 +124,24 @@ def main() -> None:
             env = {"START_AT": str(time.time() + 8)}
             store.append(_seconds(run_on_ranks(__file__, 2, args=("--rank-mode", mode), env=env, timeout=120).check()))
     m_ours, m_bare = statistics.median(ours), statistics.median(bare)
-    print(f"set-up on 2 gloo ranks, median of {args.repeats}: ratlib {m_ours * 1e3:.1f} ms "
-          f"({min(ours) * 1e3:.1f}-{max(ours) * 1e3:.1f}), bare torch {m_bare * 1e3:.1f} ms "
-          f"({min(bare) * 1e3:.1f}-{max(bare) * 1e3:.1f}), ratio {m_ours / m_bare:.2f}x (requirement <= 1.1x)")
+    print(
+        f"set-up on 2 gloo ranks, median of {args.repeats}: ratlib {m_ours * 1e3:.1f} ms "
+        f"({min(ours) * 1e3:.1f}-{max(ours) * 1e3:.1f}), bare torch {m_bare * 1e3:.1f} ms "
+        f"({min(bare) * 1e3:.1f}-{max(bare) * 1e3:.1f}), ratio {m_ours / m_bare:.2f}x (requirement <= 1.1x)"
+    )
 
-    ours_s, _, ours_msg = unreachable("from ratlib.dist_init import init_distributed\n"
-                                      "    init_distributed(device='cpu', connect_timeout=5)", args.cap)
+    ours_s, _, ours_msg = unreachable(
+        "from ratlib.dist_init import init_distributed\n    init_distributed(device='cpu', connect_timeout=5)", args.cap
+    )
     bare_s, hit, bare_msg = unreachable(
         f"import datetime, torch.distributed as dist\n"
-        f"    dist.init_process_group('gloo', timeout=datetime.timedelta(seconds={args.cap}))", args.cap)
+        f"    dist.init_process_group('gloo', timeout=datetime.timedelta(seconds={args.cap}))",
+        args.cap,
+    )
     print(f"unreachable master, ratlib connect_timeout=5: error after {ours_s:.1f} s (requirement <= 6 s): {ours_msg}")
-    cap_note = f" (hit the cap of {args.cap:g} s; torch's default timeout is 30 min)" if hit or bare_s >= args.cap else ""
+    cap_note = (
+        f" (hit the cap of {args.cap:g} s; torch's default timeout is 30 min)" if hit or bare_s >= args.cap else ""
+    )
     print(f"unreachable master, bare torch (timeout={args.cap:g} s): {bare_s:.1f} s{cap_note}: {bare_msg}")
 
 

@@ -50,8 +50,9 @@ def bench_training_loop(steps: int, repeats: int) -> dict[str, float]:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
-                                torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
 
@@ -114,8 +115,12 @@ def bench_collective_check(collectives: int, repeats: int) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        run = run_on_ranks(os.path.abspath(__file__), 2, timeout=600,
-                           args=["--worker", "--collectives", collectives, "--repeats", repeats, "--out", out])
+        run = run_on_ranks(
+            os.path.abspath(__file__),
+            2,
+            timeout=600,
+            args=["--worker", "--collectives", collectives, "--repeats", repeats, "--out", out],
+        )
         run.check()
         with open(out) as f:
             return json.load(f)
@@ -123,8 +128,10 @@ def bench_collective_check(collectives: int, repeats: int) -> dict[str, float]:
 
 def _print(title: str, unit: str, results: dict[str, float]) -> None:
     (base_name, base), (name, value) = results.items()
-    print(f"{title}\n  {base_name:<22} {base:10.1f} {unit}\n  {name:<22} {value:10.1f} {unit}"
-          f"   ratio {value / base:.3f}   difference {value - base:+.1f} {unit}")
+    print(
+        f"{title}\n  {base_name:<22} {base:10.1f} {unit}\n  {name:<22} {value:10.1f} {unit}"
+        f"   ratio {value / base:.3f}   difference {value - base:+.1f} {unit}"
+    )
 
 
 def main() -> int:
@@ -140,10 +147,16 @@ def main() -> int:
         return collective_worker(args.collectives, args.repeats, args.out)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, medians of {args.repeats} repeats\n")
     _print(f"1. heartbeat(step), {args.calls} calls", "ns/call", bench_heartbeat(args.calls, args.repeats))
-    _print(f"2. CPU training step (MLP 256-512-512-10, batch 64), {args.steps} steps", "us/step",
-           bench_training_loop(args.steps, args.repeats))
-    _print(f"3. all_reduce_mean over gloo, 2 ranks, {args.collectives} calls", "us/call",
-           bench_collective_check(args.collectives, args.repeats))
+    _print(
+        f"2. CPU training step (MLP 256-512-512-10, batch 64), {args.steps} steps",
+        "us/step",
+        bench_training_loop(args.steps, args.repeats),
+    )
+    _print(
+        f"3. all_reduce_mean over gloo, 2 ranks, {args.collectives} calls",
+        "us/call",
+        bench_collective_check(args.collectives, args.repeats),
+    )
     return 0
 
 

@@ -48,8 +48,14 @@ def dropped(calls: int, repeats: int) -> dict[str, float]:
     ours = get_logger("bench.ratlib")
     plain = logging.getLogger("bench.plain")
     plain.setLevel(logging.INFO)
-    out = _paired({"stdlib disabled debug": lambda: plain.debug("step %d", 1),
-                   "ratlib dropped info (rank 1)": lambda: ours.info("step %d", 1)}, calls, repeats)
+    out = _paired(
+        {
+            "stdlib disabled debug": lambda: plain.debug("step %d", 1),
+            "ratlib dropped info (rank 1)": lambda: ours.info("step %d", 1),
+        },
+        calls,
+        repeats,
+    )
     try:
         from accelerate.logging import get_logger as acc_get_logger
         from accelerate.state import PartialState
@@ -64,8 +70,9 @@ def dropped(calls: int, repeats: int) -> dict[str, float]:
         state._shared_state.update(process_index=1, local_process_index=1)
         assert not state.is_main_process
         acc = acc_get_logger("bench.acc", log_level="INFO")
-        out["accelerate dropped info"] = _per_call(lambda: acc.info("step %d", 1, main_process_only=True), calls,
-                                                   repeats)
+        out["accelerate dropped info"] = _per_call(
+            lambda: acc.info("step %d", 1, main_process_only=True), calls, repeats
+        )
     except Exception as exc:  # not installed, or cannot start here
         out["accelerate dropped info"] = float("nan")
         print(f"(accelerate skipped: {type(exc).__name__}: {exc})", file=sys.stderr)
@@ -130,12 +137,27 @@ def main() -> None:
         print(json.dumps(fn(args.calls, args.repeats)))
         return
     results = {}
-    for child, env in (("dropped", {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}),
-                       ("emitted", {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})):
+    for child, env in (
+        ("dropped", {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}),
+        ("emitted", {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}),
+    ):
         full = {**os.environ, **env}
-        out = subprocess.run([sys.executable, __file__, "--child", child, "--repeats", str(args.repeats),
-                              "--calls", str(args.calls if child == "dropped" else args.calls // 10)],
-                             capture_output=True, text=True, env=full, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                child,
+                "--repeats",
+                str(args.repeats),
+                "--calls",
+                str(args.calls if child == "dropped" else args.calls // 10),
+            ],
+            capture_output=True,
+            text=True,
+            env=full,
+            check=True,
+        )
         sys.stderr.write(out.stderr)
         results.update(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{'call':40s} {'ns/call':>10s}")

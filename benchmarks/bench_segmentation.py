@@ -75,8 +75,12 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
     p.add_argument("--precision", choices=("auto", "fp32"), default="auto", help="auto: bf16 on CUDA")
-    p.add_argument("--data", choices=("memory", "loader"), default="memory",
-                   help="memory: the same batches from memory for both loops; loader: a DataLoader each")
+    p.add_argument(
+        "--data",
+        choices=("memory", "loader"),
+        default="memory",
+        help="memory: the same batches from memory for both loops; loader: a DataLoader each",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,11 +90,21 @@ def main() -> int:
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench_seg_"))
     make_msd_segmentation(tmp / "task", args.cases, (args.size, args.size, args.slices), 3, seed=0)
-    cfg = T.load_config(None, schema=T.SegmentationConfig, overrides=[
-        f"model.feature_dims={args.feature_dims}", f"model.num_blocks={args.num_blocks}",
-        f"training.batch_size={args.batch_size}", f"training.mixed_precision={args.precision == 'auto'}",
-        "training.optimizer.lr=1e-3", f"data.num_workers={args.workers}", f"data.root={tmp / 'task'}",
-        f"output_dir={tmp / 'run'}", "training.log_every=10"])
+    cfg = T.load_config(
+        None,
+        schema=T.SegmentationConfig,
+        overrides=[
+            f"model.feature_dims={args.feature_dims}",
+            f"model.num_blocks={args.num_blocks}",
+            f"training.batch_size={args.batch_size}",
+            f"training.mixed_precision={args.precision == 'auto'}",
+            "training.optimizer.lr=1e-3",
+            f"data.num_workers={args.workers}",
+            f"data.root={tmp / 'task'}",
+            f"output_dir={tmp / 'run'}",
+            "training.log_every=10",
+        ],
+    )
     task, train_set, _ = T.build_datasets(cfg, tmp / "run")
     model = T.build_model(cfg, train_set.in_channels, task.num_classes).to(device)
     memory_format = torch.channels_last if T.channels_last(cfg, device) else torch.contiguous_format
@@ -101,9 +115,11 @@ def main() -> int:
     collate = partial(su.pad_collate, multiple=model.multiple)
     loader_kw = dict(num_workers=args.workers, collate_fn=collate, pin_memory=cuda, persistent_workers=args.workers > 0)
     example_loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=su.ShardedBatchSampler(len(train_set), args.batch_size), **loader_kw)
-    plain_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                               **loader_kw)
+        train_set, batch_sampler=su.ShardedBatchSampler(len(train_set), args.batch_size), **loader_kw
+    )
+    plain_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, **loader_kw
+    )
     steps = min(args.steps, len(plain_loader))
     if args.data == "memory":  # the same pre-collated batches for both loops
         held = [batch for _, batch in zip(range(steps), example_loader)]
@@ -121,16 +137,28 @@ def main() -> int:
         sync()
         start = time.perf_counter()
         with contextlib.redirect_stderr(devnull):
-            _, _, seen = T.train_one_epoch(model, optimizer, scheduler, example_loader, device, cfg, epoch=0, step=0,
-                                           max_steps=n, autocast=autocast, memory_format=memory_format)
+            _, _, seen = T.train_one_epoch(
+                model,
+                optimizer,
+                scheduler,
+                example_loader,
+                device,
+                cfg,
+                epoch=0,
+                step=0,
+                max_steps=n,
+                autocast=autocast,
+                memory_format=memory_format,
+            )
         sync()
         return len(seen) / (time.perf_counter() - start)
 
     def plain(n: int) -> float:
         sync()
         start = time.perf_counter()
-        seen = plain_epoch(model, optimizer, scheduler, plain_loader, device, autocast, cfg.training.gradient_clip,
-                           memory_format, n)
+        seen = plain_epoch(
+            model, optimizer, scheduler, plain_loader, device, autocast, cfg.training.gradient_clip, memory_format, n
+        )
         sync()
         return seen / (time.perf_counter() - start)
 
@@ -146,13 +174,17 @@ def main() -> int:
     ratios = [a / b for a, b in zip(ex, pl)]
     name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     widths = su.widths(args.feature_dims, args.num_blocks)
-    print(f"device {name}, UNet {widths}, {args.size}x{args.size} slices, batch {args.batch_size}, "
-          f"{'bf16 autocast + channels_last' if cuda and args.precision == 'auto' else 'fp32'}, "
-          f"{steps} steps x {args.rounds} rounds, data from {args.data}")
+    print(
+        f"device {name}, UNet {widths}, {args.size}x{args.size} slices, batch {args.batch_size}, "
+        f"{'bf16 autocast + channels_last' if cuda and args.precision == 'auto' else 'fp32'}, "
+        f"{steps} steps x {args.rounds} rounds, data from {args.data}"
+    )
     print(f"example loop: {statistics.median(ex):8.1f} images/s   (rounds: {', '.join(f'{v:.1f}' for v in ex)})")
     print(f"plain loop:   {statistics.median(pl):8.1f} images/s   (rounds: {', '.join(f'{v:.1f}' for v in pl)})")
-    print(f"ratio example/plain: median {statistics.median(ratios):.3f} (per round: "
-          f"{', '.join(f'{r:.3f}' for r in ratios)}); target >= 0.98")
+    print(
+        f"ratio example/plain: median {statistics.median(ratios):.3f} (per round: "
+        f"{', '.join(f'{r:.3f}' for r in ratios)}); target >= 0.98"
+    )
     return 0
 
 

@@ -105,10 +105,21 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from . import checkpoint, cli, coco_paths, comm, config_defaults, dist_init, doctor, hang, memory, rank_logger, synthetic, testing
+    from . import (
+        checkpoint,
+        cli,
+        coco_paths,
+        comm,
+        config_defaults,
+        dist_init,
+        doctor,
+        hang,
+        memory,
+        rank_logger,
+        synthetic,
+        testing,
+    )
     from .checkpoint import CheckpointError
-    from .hang import CollectiveMismatchError, HangError, heartbeat
-    from .memory import MemoryReport, memory_report, reset_peak_memory
     from .coco_paths import CocoPathError, CocoPaths, CocoSplit, annotation_filename, parse_split, resolve_coco
     from .comm import all_gather_object, all_reduce_mean, broadcast_object, gather_object, reduce_dict
     from .config_defaults import (
@@ -139,4 +150,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         main_process_first,
         shutdown,
     )
+    from .hang import CollectiveMismatchError, HangError, heartbeat
+    from .memory import MemoryReport, memory_report, reset_peak_memory
     from .rank_logger import get_logger, progress, rank_zero_only, setup_logging

@@ -15,8 +15,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ratlib._atomic import write_atomic
 from ratlib.coco_paths import CocoPaths, CocoSplit, annotation_filename, parse_split
+from ratlib.io import write_atomic
 
 # (category name, RGB colour, polygon corners): distinct shapes and high-contrast colours
 SHAPES: tuple[tuple[str, tuple[int, int, int], int], ...] = (
@@ -38,12 +38,13 @@ def _paths(root: Path, split: CocoSplit, layout: str) -> tuple[Path, Path]:
         return _paths(root / "coco", split, "coco")
     if layout == "roboflow":
         if split.name not in _ROBOFLOW:
-            raise ValueError(f"make_coco_detection: the roboflow layout has no {split.name} split (from {split}); "
-                             "it has train/, valid/ and test/: use split train, val or test")
+            raise ValueError(
+                f"make_coco_detection: the roboflow layout has no {split.name} split (from {split}); "
+                "it has train/, valid/ and test/: use split train, val or test"
+            )
         folder = root / _ROBOFLOW[split.name]
         return folder / "_annotations.coco.json", folder
-    raise ValueError(f"make_coco_detection: layout={layout!r} is unknown; expected 'coco', 'roboflow' or "
-                     "'detectron2'")
+    raise ValueError(f"make_coco_detection: layout={layout!r} is unknown; expected 'coco', 'roboflow' or 'detectron2'")
 
 
 def _polygon(shape: int, x0: float, y0: float, size: float) -> list[tuple[float, float]]:
@@ -55,8 +56,10 @@ def _polygon(shape: int, x0: float, y0: float, size: float) -> list[tuple[float,
     if SHAPES[shape][0] == "triangle":
         return [(cx, y0), (x0 + size, y0 + size), (x0, y0 + size)]
     start = -math.pi / 2  # a diamond and a hexagon stand on a corner
-    return [(cx + r * math.cos(start + 2 * math.pi * k / corners), cy + r * math.sin(start + 2 * math.pi * k / corners))
-            for k in range(corners)]
+    return [
+        (cx + r * math.cos(start + 2 * math.pi * k / corners), cy + r * math.sin(start + 2 * math.pi * k / corners))
+        for k in range(corners)
+    ]
 
 
 def _rasterise(poly: list[tuple[float, float]], width: int, height: int) -> Any:
@@ -86,19 +89,30 @@ def _rle(mask: Any) -> dict[str, Any]:
 def _sizes(image_size: int | tuple[int, int]) -> tuple[int, int]:
     width, height = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if not all(isinstance(v, int) and 32 <= v <= 4096 for v in (width, height)):
-        raise ValueError(f"make_coco_detection: image_size={image_size!r}; expected an int or a (width, height) "
-                         "pair of ints from 32 to 4096, e.g. 160 or (192, 128)")
+        raise ValueError(
+            f"make_coco_detection: image_size={image_size!r}; expected an int or a (width, height) "
+            "pair of ints from 32 to 4096, e.g. 160 or (192, 128)"
+        )
     return width, height
 
 
-def _check_args(num_images: int, num_categories: int, min_objects: int, max_objects: int, object_size: Any,
-                crowd_fraction: float, empty_images: int, image_format: str) -> None:
+def _check_args(
+    num_images: int,
+    num_categories: int,
+    min_objects: int,
+    max_objects: int,
+    object_size: Any,
+    crowd_fraction: float,
+    empty_images: int,
+    image_format: str,
+) -> None:
     problems = []
     if not (isinstance(num_images, int) and num_images >= 1):
         problems.append(f"num_images={num_images!r} (expected an int >= 1)")
     if not 1 <= num_categories <= len(SHAPES):
-        problems.append(f"num_categories={num_categories!r} (expected 1 to {len(SHAPES)}: "
-                        f"{', '.join(s[0] for s in SHAPES)})")
+        problems.append(
+            f"num_categories={num_categories!r} (expected 1 to {len(SHAPES)}: {', '.join(s[0] for s in SHAPES)})"
+        )
     if not 0 <= min_objects <= max_objects <= 20:
         problems.append(f"min_objects={min_objects!r}, max_objects={max_objects!r} (expected 0 <= min <= max <= 20)")
     try:
@@ -106,8 +120,10 @@ def _check_args(num_images: int, num_categories: int, min_objects: int, max_obje
     except (TypeError, ValueError):
         lo, hi = -1.0, -1.0
     if not 0.05 <= lo <= hi <= 0.6:
-        problems.append(f"object_size={object_size!r} (expected (low, high) fractions of the shorter image side, "
-                        "0.05 <= low <= high <= 0.6)")
+        problems.append(
+            f"object_size={object_size!r} (expected (low, high) fractions of the shorter image side, "
+            "0.05 <= low <= high <= 0.6)"
+        )
     if not 0.0 <= crowd_fraction <= 1.0:
         problems.append(f"crowd_fraction={crowd_fraction!r} (expected 0.0 to 1.0)")
     if not 0 <= empty_images <= num_images:
@@ -129,10 +145,13 @@ def _previous_run(ann_path: Path, overwrite: bool) -> list[str]:
     except (OSError, ValueError, AttributeError):
         data, ours = {}, False
     if not ours and not overwrite:
-        raise FileExistsError(f"make_coco_detection: {ann_path} exists and was not written by make_coco_detection; "
-                              "refusing to replace it. Choose another root, or pass overwrite=True")
-    return [im["file_name"] for im in data.get("images", []) if isinstance(im, dict) and "file_name" in im] \
-        if ours else []
+        raise FileExistsError(
+            f"make_coco_detection: {ann_path} exists and was not written by make_coco_detection; "
+            "refusing to replace it. Choose another root, or pass overwrite=True"
+        )
+    return (
+        [im["file_name"] for im in data.get("images", []) if isinstance(im, dict) and "file_name" in im] if ours else []
+    )
 
 
 def _is_ours(path: Path) -> bool:
@@ -162,8 +181,9 @@ def _save_image(path: Path, pixels: Any, ext: str) -> None:
     write_atomic(path, lambda f: image.save(f, **options))
 
 
-def _place(rng: random.Random, width: int, height: int, lo: int, hi: int,
-           taken: list[tuple[float, float, float, float]]) -> tuple[float, float, int] | None:
+def _place(
+    rng: random.Random, width: int, height: int, lo: int, hi: int, taken: list[tuple[float, float, float, float]]
+) -> tuple[float, float, int] | None:
     """A free square (x0, y0, size) at least 2 px from the boxes taken, or None after 30 tries."""
     for _ in range(30):
         size = rng.randint(lo, hi)
@@ -210,12 +230,14 @@ def make_coco_detection(
         import numpy as np
         import PIL  # noqa: F401
     except ImportError as exc:
-        raise ImportError(f"make_coco_detection needs numpy and Pillow ({exc}); install them with "
-                          "pip install 'ratlib[detection]'") from exc
+        raise ImportError(
+            f"make_coco_detection needs numpy and Pillow ({exc}); install them with pip install 'ratlib[detection]'"
+        ) from exc
 
     width, height = _sizes(image_size)
-    _check_args(num_images, num_categories, min_objects, max_objects, object_size, crowd_fraction, empty_images,
-                image_format)
+    _check_args(
+        num_images, num_categories, min_objects, max_objects, object_size, crowd_fraction, empty_images, image_format
+    )
     s = parse_split(split)
     ann_path, image_dir = _paths(Path(root), s, layout)
     ext = "jpg" if image_format.lower() in ("jpg", "jpeg") else "png"
@@ -223,9 +245,11 @@ def make_coco_detection(
     old_files = _previous_run(ann_path, overwrite)
     foreign = [n for n in names if (image_dir / n).exists() and not _is_ours(image_dir / n)]
     if foreign and not overwrite:
-        raise FileExistsError(f"make_coco_detection: {image_dir} already holds {len(foreign)} file(s) it would "
-                              f"replace (e.g. {foreign[0]}) that make_coco_detection did not write; choose "
-                              "another root, or pass overwrite=True")
+        raise FileExistsError(
+            f"make_coco_detection: {image_dir} already holds {len(foreign)} file(s) it would "
+            f"replace (e.g. {foreign[0]}) that make_coco_detection did not write; choose "
+            "another root, or pass overwrite=True"
+        )
     if ann_path.exists():  # no window where an old annotation file describes new images
         ann_path.unlink()
     ann_path.parent.mkdir(parents=True, exist_ok=True)
@@ -265,23 +289,30 @@ def make_coco_detection(
             pixels[mask] = SHAPES[cat][1]
             rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
             left, top = int(cols[0]), int(rows[0])
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": cat + 1,
-                "bbox": [float(left), float(top), float(cols[-1] + 1 - left), float(rows[-1] + 1 - top)],
-                "area": float(mask.sum()),
-                "iscrowd": int(crowd),
-                "segmentation": _rle(mask) if crowd else [[round(v, 2) for xy in polys[0] for v in xy]],
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": cat + 1,
+                    "bbox": [float(left), float(top), float(cols[-1] + 1 - left), float(rows[-1] + 1 - top)],
+                    "area": float(mask.sum()),
+                    "iscrowd": int(crowd),
+                    "segmentation": _rle(mask) if crowd else [[round(v, 2) for xy in polys[0] for v in xy]],
+                }
+            )
         _save_image(image_dir / names[index], pixels, ext)
         images.append({"id": image_id, "file_name": names[index], "width": width, "height": height})
     for stale in sorted(set(old_files) - set(names)):  # listed by our earlier run, and still marked as ours
         if _is_ours(image_dir / stale):
             (image_dir / stale).unlink()
     data: dict[str, Any] = {
-        "info": {"description": f"ratlib synthetic COCO detection, {s}, seed {seed}", "version": "1.0",
-                 "generator": _GENERATOR, "seed": seed, "split": str(s)},
+        "info": {
+            "description": f"ratlib synthetic COCO detection, {s}, seed {seed}",
+            "version": "1.0",
+            "generator": _GENERATOR,
+            "seed": seed,
+            "split": str(s),
+        },
         "licenses": [],
         "images": images,
         "annotations": annotations,

@@ -27,24 +27,33 @@ _CT_TISSUE, _CT_STEP, _CT_NOISE = 20.0, 100.0, 15.0
 _MR_TISSUE, _MR_STEP, _MR_NOISE = 300.0, 150.0, 30.0
 
 
-def _check_args(num_cases: Any, shape: Any, num_classes: Any, num_test: Any, spacing: Any,
-                modalities: Any) -> tuple[int, int, int]:
+def _check_args(
+    num_cases: Any, shape: Any, num_classes: Any, num_test: Any, spacing: Any, modalities: Any
+) -> tuple[int, int, int]:
     problems = []
     if not (isinstance(num_cases, int) and not isinstance(num_cases, bool) and num_cases >= 1):
         problems.append(f"num_cases={num_cases!r} (expected an int >= 1)")
     try:
         dims = tuple(int(v) for v in shape)
-        ok = len(dims) == 3 and all(d == v for d, v in zip(dims, shape)) and all(8 <= d <= 1024 for d in dims[:2]) \
+        ok = (
+            len(dims) == 3
+            and all(d == v for d, v in zip(dims, shape))
+            and all(8 <= d <= 1024 for d in dims[:2])
             and 4 <= dims[2] <= 1024
+        )
     except (TypeError, ValueError):
         dims, ok = (0, 0, 0), False
     if not ok:
-        problems.append(f"shape={shape!r} (expected (x, y, z) ints: 8 to 1024 in-plane, 4 to 1024 slices, "
-                        "e.g. (64, 64, 16))")
-    if not (isinstance(num_classes, int) and not isinstance(num_classes, bool)
-            and 2 <= num_classes <= len(_ORGANS) + 1):
-        problems.append(f"num_classes={num_classes!r} (expected 2 to {len(_ORGANS) + 1}, background included, "
-                        "as the labels of dataset.json count them)")
+        problems.append(
+            f"shape={shape!r} (expected (x, y, z) ints: 8 to 1024 in-plane, 4 to 1024 slices, e.g. (64, 64, 16))"
+        )
+    if not (
+        isinstance(num_classes, int) and not isinstance(num_classes, bool) and 2 <= num_classes <= len(_ORGANS) + 1
+    ):
+        problems.append(
+            f"num_classes={num_classes!r} (expected 2 to {len(_ORGANS) + 1}, background included, "
+            "as the labels of dataset.json count them)"
+        )
     if not (isinstance(num_test, int) and not isinstance(num_test, bool) and num_test >= 0):
         problems.append(f"num_test={num_test!r} (expected an int >= 0)")
     try:
@@ -55,8 +64,9 @@ def _check_args(num_cases: Any, shape: Any, num_classes: Any, num_test: Any, spa
     if not ok:
         problems.append(f"spacing={spacing!r} (expected three voxel sizes in mm, each > 0, e.g. (0.8, 0.8, 2.5))")
     if isinstance(modalities, str) or not modalities or not all(isinstance(m, str) and m for m in modalities):
-        problems.append(f"modalities={modalities!r} (expected a non-empty sequence of names, e.g. ('CT',) or "
-                        "('T2', 'ADC'))")
+        problems.append(
+            f"modalities={modalities!r} (expected a non-empty sequence of names, e.g. ('CT',) or ('T2', 'ADC'))"
+        )
     if problems:
         raise ValueError("make_msd_segmentation: " + "; ".join(problems))
     return dims[0], dims[1], dims[2]
@@ -85,13 +95,15 @@ def _blob(rng: Any, grid: tuple[Any, Any, Any], shape: tuple[int, int, int]) -> 
     for _ in range(3):
         c = centre + rng.uniform(-0.5, 0.5, 3) * radii
         r = radii * rng.uniform(0.7, 1.1, 3)
-        field = np.maximum(field, np.exp(-(((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2
-                                          + ((z - c[2]) / r[2]) ** 2)))
+        field = np.maximum(
+            field, np.exp(-(((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2))
+        )
     return field > math.exp(-1.0)  # inside the 1-radius surface of at least one ellipsoid
 
 
-def _case(seed: int, kind: str, index: int, shape: tuple[int, int, int], num_classes: int,
-          modalities: Sequence[str]) -> tuple[Any, Any]:
+def _case(
+    seed: int, kind: str, index: int, shape: tuple[int, int, int], num_classes: int, modalities: Sequence[str]
+) -> tuple[Any, Any]:
     """One case: (image, label) arrays; the image is (x, y, z) for one modality, (x, y, z, m) for more."""
     import numpy as np
 
@@ -106,8 +118,9 @@ def _case(seed: int, kind: str, index: int, shape: tuple[int, int, int], num_cla
             label[mask & (label == 0)] = cls
             break
     channels = []
-    drift = np.sin(grid[0] / shape[0] * math.pi * rng.uniform(0.5, 1.5) + rng.uniform(0, math.pi)) \
-        * np.cos(grid[1] / shape[1] * math.pi * rng.uniform(0.5, 1.5))
+    drift = np.sin(grid[0] / shape[0] * math.pi * rng.uniform(0.5, 1.5) + rng.uniform(0, math.pi)) * np.cos(
+        grid[1] / shape[1] * math.pi * rng.uniform(0.5, 1.5)
+    )
     for m, name in enumerate(modalities):
         ct = name.upper() == "CT"
         tissue, step, noise = (_CT_TISSUE, _CT_STEP, _CT_NOISE) if ct else (_MR_TISSUE, _MR_STEP, _MR_NOISE)
@@ -160,9 +173,11 @@ def _previous_run(json_path: Path, overwrite: bool) -> list[str]:
     except (OSError, ValueError):
         data, ours = {}, False
     if not ours and not overwrite:
-        raise FileExistsError(f"make_msd_segmentation: {json_path} exists and was not written by "
-                              "make_msd_segmentation (a real Decathlon task?); refusing to replace it. Choose "
-                              "another root, or pass overwrite=True")
+        raise FileExistsError(
+            f"make_msd_segmentation: {json_path} exists and was not written by "
+            "make_msd_segmentation (a real Decathlon task?); refusing to replace it. Choose "
+            "another root, or pass overwrite=True"
+        )
     if not ours:
         return []
     files = [p for pair in data.get("training", []) if isinstance(pair, dict) for p in pair.values()]
@@ -205,26 +220,29 @@ def make_msd_segmentation(
         import nibabel  # noqa: F401
         import numpy  # noqa: F401
     except ImportError as exc:
-        raise ImportError(f"make_msd_segmentation needs numpy and nibabel ({exc}); install them with "
-                          "pip install 'ratlib[medical]'") from exc
+        raise ImportError(
+            f"make_msd_segmentation needs numpy and nibabel ({exc}); install them with pip install 'ratlib[medical]'"
+        ) from exc
 
     dims = _check_args(num_cases, shape, num_classes, num_test, spacing, modalities)
     if not isinstance(name, str) or not name.replace("_", "").isalnum():
-        raise ValueError(f"make_msd_segmentation: name={name!r} (expected letters, digits and '_', e.g. "
-                         "'Spleen')")
+        raise ValueError(f"make_msd_segmentation: name={name!r} (expected letters, digits and '_', e.g. 'Spleen')")
     root = Path(root)
     json_path = root / "dataset.json"
     prefix = name.lower()
     train_names = [f"{prefix}_{i + 1:03d}.nii.gz" for i in range(num_cases)]
     test_names = [f"{prefix}_{num_cases + i + 1:03d}.nii.gz" for i in range(num_test)]
-    targets = [root / d / n for d in ("imagesTr", "labelsTr") for n in train_names] + \
-              [root / "imagesTs" / n for n in test_names]
+    targets = [root / d / n for d in ("imagesTr", "labelsTr") for n in train_names] + [
+        root / "imagesTs" / n for n in test_names
+    ]
     old_files = _previous_run(json_path, overwrite)
     foreign = [p for p in targets if p.exists() and not _is_ours(p)]
     if foreign and not overwrite:
-        raise FileExistsError(f"make_msd_segmentation: {root} already holds {len(foreign)} file(s) it would "
-                              f"replace (e.g. {foreign[0].relative_to(root)}) that make_msd_segmentation did not "
-                              "write; choose another root, or pass overwrite=True")
+        raise FileExistsError(
+            f"make_msd_segmentation: {root} already holds {len(foreign)} file(s) it would "
+            f"replace (e.g. {foreign[0].relative_to(root)}) that make_msd_segmentation did not "
+            "write; choose another root, or pass overwrite=True"
+        )
     if json_path.exists():  # no window where an old dataset.json describes new volumes
         json_path.unlink()
     for folder in ("imagesTr", "labelsTr", *(("imagesTs",) if num_test else ())):
@@ -247,7 +265,7 @@ def make_msd_segmentation(
     data: dict[str, Any] = {
         "name": name,
         "description": f"ratlib synthetic segmentation task: {num_classes - 1} blob-shaped organ class(es), "
-                       f"seed {seed}",
+        f"seed {seed}",
         "reference": "ratlib",
         "licence": "CC0 1.0",
         "release": "1.0",
@@ -259,9 +277,16 @@ def make_msd_segmentation(
         "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in train_names],
         "test": [f"./imagesTs/{n}" for n in test_names],
         "generator": _GENERATOR,
-        "generator_args": {"num_cases": num_cases, "shape": list(dims), "num_classes": num_classes, "seed": seed,
-                           "num_test": num_test, "spacing": [float(v) for v in spacing],
-                           "modalities": list(modalities), "name": name},
+        "generator_args": {
+            "num_cases": num_cases,
+            "shape": list(dims),
+            "num_classes": num_classes,
+            "seed": seed,
+            "num_test": num_test,
+            "spacing": [float(v) for v in spacing],
+            "modalities": list(modalities),
+            "name": name,
+        },
     }
     write_atomic(json_path, (json.dumps(data, indent=4) + "\n").encode("utf-8"))
     return root

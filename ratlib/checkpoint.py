@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ratlib._atomic import TMP_PREFIX, write_atomic
+from ratlib.io import TMP_PREFIX, write_atomic
 
 __all__ = ["CheckpointError", "latest", "load", "rng_state", "save", "set_rng_state", "unwrap_model"]
 
@@ -59,8 +59,7 @@ def _listing(folder: Path, pattern: str) -> str:
     return f"{len(found)} {pattern} file(s) in {folder}: {'..., ' if len(found) > 8 else ''}{shown}"
 
 
-def save(state: Mapping[str, Any], path: str | os.PathLike[str], *, keep: int | None = None,
-         sync: bool = True) -> Path:
+def save(state: Mapping[str, Any], path: str | os.PathLike[str], *, keep: int | None = None, sync: bool = True) -> Path:
     """Write ``state`` to ``path`` on the main rank, atomically; returns ``path``.
 
     ``keep``: after the save, delete the oldest files of the same name pattern (the name with its numbers
@@ -116,17 +115,22 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu", *, weights_onl
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist ({_listing(path.parent, '*.pt')}). "
-                              "Give an existing file, or use ratlib.checkpoint.latest(folder) to find one.")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist ({_listing(path.parent, '*.pt')}). "
+            "Give an existing file, or use ratlib.checkpoint.latest(folder) to find one."
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
-                              f"it may be truncated or not a torch checkpoint. {_listing(path.parent, '*.pt')}; "
-                              "load an earlier one.") from exc
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
+            f"it may be truncated or not a torch checkpoint. {_listing(path.parent, '*.pt')}; "
+            "load an earlier one."
+        ) from exc
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected the dict that "
-                              "ratlib.checkpoint.save writes")
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(state).__name__}, expected the dict that ratlib.checkpoint.save writes"
+        )
     return state
 
 
@@ -140,8 +144,7 @@ def rng_state() -> dict[str, Any]:
 
     from ratlib.comm import all_gather_object
 
-    mine: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                            "torch": torch.get_rng_state()}
+    mine: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         mine["cuda"] = torch.cuda.get_rng_state_all()
     ranks = all_gather_object(mine)
@@ -161,15 +164,22 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
     ranks = state.get("ranks") if isinstance(state, Mapping) else None
     if not ranks:
-        raise ValueError("set_rng_state: expected the dict that ratlib.checkpoint.rng_state() returns "
-                         f"({{'world_size': W, 'ranks': [...]}}), got {type(state).__name__}")
+        raise ValueError(
+            "set_rng_state: expected the dict that ratlib.checkpoint.rng_state() returns "
+            f"({{'world_size': W, 'ranks': [...]}}), got {type(state).__name__}"
+        )
     rank, world = get_rank(), get_world_size()
     if len(ranks) != world:
         from ratlib.rank_logger import get_logger
 
-        get_logger(__name__).warning("RNG states were saved by %d rank(s), this job has %d: rank %d takes "
-                                     "saved rank %d's; random draws will differ from an uninterrupted run",
-                                     len(ranks), world, rank, rank % len(ranks))
+        get_logger(__name__).warning(
+            "RNG states were saved by %d rank(s), this job has %d: rank %d takes "
+            "saved rank %d's; random draws will differ from an uninterrupted run",
+            len(ranks),
+            world,
+            rank,
+            rank % len(ranks),
+        )
     mine = ranks[rank % len(ranks)]
     random.setstate(mine["python"])
     np.random.set_state(mine["numpy"])

@@ -133,15 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="config files or project folders")
     p.add_argument("--json", action="store_true", help="print findings as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
-    p.add_argument("--fix", action="store_true",
-                   help="append missing config sections with defaults (writes FILE.bak first), create missing __init__.py")
+    p.add_argument(
+        "--fix",
+        action="store_true",
+        help="append missing config sections with defaults (writes FILE.bak first), create missing __init__.py",
+    )
     p.add_argument("--world-size", type=int, default=1, metavar="N", help="ranks the run will use (global batch, ZeRO)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="device the run will use; auto: this machine's (imports torch)")
-    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
-                   help="GPU memory of the training machines, when checking from a machine without them")
-    p.add_argument("--schema", default=None, metavar="MODULE:CLASS",
-                   help="validate with a project's ExperimentConfig subclass, e.g. myproj.config:SegConfig")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="device the run will use; auto: this machine's (imports torch)",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="GPU memory of the training machines, when checking from a machine without them",
+    )
+    p.add_argument(
+        "--schema",
+        default=None,
+        metavar="MODULE:CLASS",
+        help="validate with a project's ExperimentConfig subclass, e.g. myproj.config:SegConfig",
+    )
     p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("coco", help="resolve COCO annotation and image paths, or say what is there")

@@ -50,8 +50,21 @@ LAYOUTS = ("coco", "roboflow", "detectron2")
 # other names people use, after separators are removed
 _ALIASES = {"valid": "val", "validation": "val", "testdev": "test-dev", "unlabelled": "unlabeled"}
 # the words a split name may be written in, with separators between them ("test-dev", "val_minus_minival")
-_WORDS = {"train", "val", "valid", "validation", "test", "dev", "testdev", "unlabeled", "unlabelled", "mini",
-          "minival", "minus", "valminusminival"}
+_WORDS = {
+    "train",
+    "val",
+    "valid",
+    "validation",
+    "test",
+    "dev",
+    "testdev",
+    "unlabeled",
+    "unlabelled",
+    "mini",
+    "minival",
+    "minus",
+    "valminusminival",
+}
 _SEP = r"[\s_\-]"
 # [year] name [year [year]]: a year may be written twice (train2017_2017) as long as the years agree
 _SPELLING = re.compile(rf"^(?:(\d{{4}}){_SEP}*)?([a-z][a-z\s_\-]*?)(?:{_SEP}*(\d{{4}}))?(?:{_SEP}*(\d{{4}}))?$")
@@ -79,11 +92,15 @@ class CocoSplit:
 
     def __post_init__(self) -> None:
         if self.name not in SPLITS or isinstance(self.year, bool) or not isinstance(self.year, int):
-            raise ValueError(f"CocoSplit(name={self.name!r}, year={self.year!r}) is not a COCO split; name must be "
-                             f"one of {', '.join(SPLITS)} and year an int. Use parse_split() for other spellings")
+            raise ValueError(
+                f"CocoSplit(name={self.name!r}, year={self.year!r}) is not a COCO split; name must be "
+                f"one of {', '.join(SPLITS)} and year an int. Use parse_split() for other spellings"
+            )
         if self.year not in SPLITS[self.name]:
-            raise ValueError(f"COCO has no split {self.name}{self.year}; {self.name} exists as: "
-                             + ", ".join(f"{self.name}{y}" for y in SPLITS[self.name]))
+            raise ValueError(
+                f"COCO has no split {self.name}{self.year}; {self.name} exists as: "
+                + ", ".join(f"{self.name}{y}" for y in SPLITS[self.name])
+            )
 
     def __str__(self) -> str:
         return f"{self.name}{self.year}"
@@ -136,45 +153,54 @@ def parse_split(split: str | CocoSplit, year: int | str | None = None) -> CocoSp
     given = _year(year, "year")
     if isinstance(split, CocoSplit):
         if given is not None and given != split.year:
-            raise ValueError(f"split {str(split)!r} has year {split.year} but year={given} was given; "
-                             "drop one of them")
+            raise ValueError(f"split {str(split)!r} has year {split.year} but year={given} was given; drop one of them")
         return split
     if not isinstance(split, str):
         raise TypeError(f"parse_split: split must be a str or CocoSplit, got {type(split).__name__} ({split!r})")
     parts = re.split(r"[/\\]+", split.strip().rstrip("/\\"))
     if parts[-1].lower() == "_annotations.coco.json":  # Roboflow: the split is the folder's name
         if len(parts) < 2:
-            raise ValueError(f"split {split!r} is Roboflow's annotation file name, not a split; pass the folder "
-                             "it is in (train, valid or test), or the path 'valid/_annotations.coco.json'")
+            raise ValueError(
+                f"split {split!r} is Roboflow's annotation file name, not a split; pass the folder "
+                "it is in (train, valid or test), or the path 'valid/_annotations.coco.json'"
+            )
         parts.pop()
     text = parts[-1].lower().strip()
     for suffix in (".coco.json", ".json"):
         text = text.removesuffix(suffix)
     for kind in sorted(KINDS, key=len, reverse=True):
         if re.match(rf"{kind}[_\-]", text):
-            text = text[len(kind) + 1:]
+            text = text[len(kind) + 1 :]
             break
     if re.fullmatch(r"\d{4}", text):
         raise ValueError(f"split {split!r} is only a year; name the split too, e.g. train{text}, val{text}")
     m = _SPELLING.match(text)
     name = _split_name(m.group(2)) if m else None
     if m is None or name is None:
-        raise ValueError(f"unknown COCO split {split!r}; closest valid names: {_suggest(text)}. Expected a split "
-                         f"name ({', '.join(SPLITS)}) with an optional year, e.g. train2017")
+        raise ValueError(
+            f"unknown COCO split {split!r}; closest valid names: {_suggest(text)}. Expected a split "
+            f"name ({', '.join(SPLITS)}) with an optional year, e.g. train2017"
+        )
     years = list(dict.fromkeys(y for y in (m.group(1), m.group(3), m.group(4)) if y))
     if len(years) > 1:
         valid = [f"{name}{y}" for y in years if y.isdigit() and int(y) in SPLITS[name]]
-        raise ValueError(f"split {split!r} names different years ({' and '.join(years)}); keep one. "
-                         f"Closest valid names: {', '.join(valid) if valid else _suggest(name)}")
+        raise ValueError(
+            f"split {split!r} names different years ({' and '.join(years)}); keep one. "
+            f"Closest valid names: {', '.join(valid) if valid else _suggest(name)}"
+        )
     in_name = _year(years[0] if years else None, f"the year in split {split!r}")
     if in_name is not None and given is not None and in_name != given:
-        raise ValueError(f"split {split!r} says {in_name} but year={given} was given; the years disagree. "
-                         f"Pass split={name!r} with year={given}, or drop year")
+        raise ValueError(
+            f"split {split!r} says {in_name} but year={given} was given; the years disagree. "
+            f"Pass split={name!r} with year={given}, or drop year"
+        )
     chosen = in_name if in_name is not None else given if given is not None else SPLITS[name][0]
     if chosen not in SPLITS[name]:
-        raise ValueError(f"COCO has no split {name}{chosen} (from {split!r}); {name} exists as: "
-                         f"{', '.join(f'{name}{y}' for y in SPLITS[name])}. "
-                         f"Closest valid names: {_suggest(f'{name}{chosen}')}")
+        raise ValueError(
+            f"COCO has no split {name}{chosen} (from {split!r}); {name} exists as: "
+            f"{', '.join(f'{name}{y}' for y in SPLITS[name])}. "
+            f"Closest valid names: {_suggest(f'{name}{chosen}')}"
+        )
     return CocoSplit(name, chosen)
 
 
@@ -195,12 +221,15 @@ def annotation_filename(split: str | CocoSplit, year: int | str | None = None, k
     _check_kind(kind)
     if s.is_test or s.name == "unlabeled":
         if kind not in ("instances", "image_info"):
-            raise ValueError(f"{s} has no {kind} annotations (test and unlabeled splits only have "
-                             f"image_info_{s}.json); use kind='image_info'")
+            raise ValueError(
+                f"{s} has no {kind} annotations (test and unlabeled splits only have "
+                f"image_info_{s}.json); use kind='image_info'"
+            )
         return f"image_info_{s}.json"
     if kind == "image_info":
-        raise ValueError(f"{s} has no image_info file (those exist for test and unlabeled splits); "
-                         "use kind='instances'")
+        raise ValueError(
+            f"{s} has no image_info file (those exist for test and unlabeled splits); use kind='instances'"
+        )
     if kind == "panoptic" and (s.year != 2017 or s.name not in ("train", "val")):
         raise ValueError(f"COCO panoptic annotations exist for train2017 and val2017 only, not {s}")
     return f"{kind}_{s}.json"
@@ -221,9 +250,17 @@ class CocoPathError(FileNotFoundError):
     """A split's files are not where any layout puts them. The message lists the paths tried, the
     annotation files that do exist under the root and the closest one; so do the attributes."""
 
-    def __init__(self, message: str, *, root: Path | None = None, split: CocoSplit | None = None,
-                 layout: str | None = None, tried: list[Path] | None = None, found: list[Path] | None = None,
-                 closest: Path | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        root: Path | None = None,
+        split: CocoSplit | None = None,
+        layout: str | None = None,
+        tried: list[Path] | None = None,
+        found: list[Path] | None = None,
+        closest: Path | None = None,
+    ) -> None:
         super().__init__(message)
         self.root, self.split, self.layout = root, split, layout
         self.tried: list[Path] = list(tried or [])
@@ -292,8 +329,11 @@ def _default_root(layout: str) -> tuple[Path, str]:
         return _expand(os.environ["COCO_ROOT"]), layout
     if os.environ.get("DETECTRON2_DATASETS"):
         return _expand(os.environ["DETECTRON2_DATASETS"]), "detectron2" if layout == "auto" else layout
-    raise CocoPathError("resolve_coco: no root given and neither COCO_ROOT nor DETECTRON2_DATASETS is set; "
-                        "pass root=, or export COCO_ROOT=/path/to/coco", layout=layout)
+    raise CocoPathError(
+        "resolve_coco: no root given and neither COCO_ROOT nor DETECTRON2_DATASETS is set; "
+        "pass root=, or export COCO_ROOT=/path/to/coco",
+        layout=layout,
+    )
 
 
 def resolve_coco(
@@ -324,8 +364,9 @@ def resolve_coco(
     if layout != "auto" and layout not in LAYOUTS:
         close = difflib.get_close_matches(str(layout), LAYOUTS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"resolve_coco: layout={layout!r} is unknown{hint}; expected 'auto' or one of "
-                         f"{', '.join(LAYOUTS)}")
+        raise ValueError(
+            f"resolve_coco: layout={layout!r} is unknown{hint}; expected 'auto' or one of {', '.join(LAYOUTS)}"
+        )
     ann = _expand(annotations) if annotations is not None else None
     img = _expand(images) if images is not None else None
     if ann is not None and img is not None:
@@ -351,8 +392,12 @@ def _check_explicit(path: Path, what: str, split: CocoSplit) -> None:
         return
     if path.exists():
         problem = "is a file, expected the image folder" if want_dir else "is a folder, expected a .json file"
-        raise CocoPathError(f"resolve_coco: {what}={str(path)!r} {problem} (split {split})", split=split,
-                            layout="explicit", tried=[path])
+        raise CocoPathError(
+            f"resolve_coco: {what}={str(path)!r} {problem} (split {split})",
+            split=split,
+            layout="explicit",
+            tried=[path],
+        )
     near = next((p for p in path.parents if p.is_dir()), None)
     lines = [f"resolve_coco: {what}={str(path)!r} was given explicitly and does not exist (split {split})."]
     found: list[Path] = []
@@ -367,12 +412,12 @@ def _check_explicit(path: Path, what: str, split: CocoSplit) -> None:
     elif near is not None:
         lines.append(f"The nearest existing parent is {near}.")
     lines.append(f"Fix: correct {what}=, or leave it out to look it up under root.")
-    raise CocoPathError("\n".join(lines), split=split, layout="explicit", tried=[path], found=found,
-                        closest=closest)
+    raise CocoPathError("\n".join(lines), split=split, layout="explicit", tried=[path], found=found, closest=closest)
 
 
-def _search(root: Path, split: CocoSplit, kind: str, layout: str, check: bool, *, has_ann: bool = False,
-            has_img: bool = False) -> CocoPaths:
+def _search(
+    root: Path, split: CocoSplit, kind: str, layout: str, check: bool, *, has_ann: bool = False, has_img: bool = False
+) -> CocoPaths:
     """Walk the layouts' candidates; with ``has_ann``/``has_img`` that part is given and not needed."""
     layouts = LAYOUTS if layout == "auto" else (layout,)
     tried: list[Path] = []
@@ -396,13 +441,24 @@ def _search(root: Path, split: CocoSplit, kind: str, layout: str, check: bool, *
             raise CocoPathError(
                 f"resolve_coco: found {ann} ({name} layout) for split {split}, but no image folder; tried "
                 f"{', '.join(map(str, image_dirs))}.\nFix: put the {split} images in {image_dirs[0]}, or "
-                f"pass images=", root=root, split=split, layout=name, tried=tried)
+                f"pass images=",
+                root=root,
+                split=split,
+                layout=name,
+                tried=tried,
+            )
     if not check and first is not None:
         return first
     if has_ann:
-        raise CocoPathError(f"resolve_coco: annotations= was given but no image folder for split {split} "
-                            f"exists under {root} (layout={layout!r}); tried {', '.join(map(str, tried))}.\n"
-                            "Fix: pass images= too", root=root, split=split, layout=layout, tried=tried)
+        raise CocoPathError(
+            f"resolve_coco: annotations= was given but no image folder for split {split} "
+            f"exists under {root} (layout={layout!r}); tried {', '.join(map(str, tried))}.\n"
+            "Fix: pass images= too",
+            root=root,
+            split=split,
+            layout=layout,
+            tried=tried,
+        )
     raise _not_found(root, split, kind, layout, tried)
 
 
@@ -413,16 +469,20 @@ def _not_found(root: Path, split: CocoSplit, kind: str, layout: str, tried: list
     same_name = [p for p in found if p.name == expected]
     close = difflib.get_close_matches(expected, names, n=1, cutoff=0.3)
     closest = same_name[0] if same_name else found[names.index(close[0])] if close else None
-    lines = [f"resolve_coco: no {kind} annotations for split {split} (parsed as name={split.name!r}, "
-             f"year={split.year}) under {root} (layout={layout!r}).", "Paths tried:"]
+    lines = [
+        f"resolve_coco: no {kind} annotations for split {split} (parsed as name={split.name!r}, "
+        f"year={split.year}) under {root} (layout={layout!r}).",
+        "Paths tried:",
+    ]
     lines += [f"  {p}" for p in tried] or ["  (none)"]
     if layout == "roboflow" and not tried:
-        lines.append(f"The roboflow layout has only train/, valid/ and test/ folders with instances "
-                     f"annotations; it has nothing for {split} ({kind}).")
+        lines.append(
+            f"The roboflow layout has only train/, valid/ and test/ folders with instances "
+            f"annotations; it has nothing for {split} ({kind})."
+        )
     if not root.exists():
         near = next((p for p in root.parents if p.is_dir()), None)
-        lines.append(f"The root {root} does not exist" + (f"; its nearest existing parent is {near}." if near
-                                                            else "."))
+        lines.append(f"The root {root} does not exist" + (f"; its nearest existing parent is {near}." if near else "."))
     elif not root.is_dir():
         lines.append(f"The root {root} is a file; pass the folder that holds the dataset.")
     elif found:
@@ -431,20 +491,25 @@ def _not_found(root: Path, split: CocoSplit, kind: str, layout: str, tried: list
         if len(found) > 12:
             lines.append(f"  ... and {len(found) - 12} more")
         if same_name and same_name[0].parent.name == "annotations":
-            lines.append(f"Closest match: {closest}; it has the expected name, so the dataset root is probably "
-                         f"root={str(same_name[0].parent.parent)!r}.")
+            lines.append(
+                f"Closest match: {closest}; it has the expected name, so the dataset root is probably "
+                f"root={str(same_name[0].parent.parent)!r}."
+            )
         elif closest is not None:
             lines.append(f"Closest match: {closest}; if that is the file, pass annotations={str(closest)!r}.")
     else:
         lines.append("No .json file exists under the root (3 levels searched).")
     if (root / "_annotations.coco.json").is_file():
-        lines.append(f"{root} holds _annotations.coco.json itself: it looks like one Roboflow split folder; "
-                     f"pass its parent {root.parent} as root.")
+        lines.append(
+            f"{root} holds _annotations.coco.json itself: it looks like one Roboflow split folder; "
+            f"pass its parent {root.parent} as root."
+        )
     if root.name == "annotations":
         lines.append(f"The root is an annotations/ folder; pass its parent {root.parent} as root.")
     lines.append("Fix: check root and split, or pass annotations= and images= explicitly.")
-    return CocoPathError("\n".join(lines), root=root, split=split, layout=layout, tried=tried, found=found,
-                         closest=closest)
+    return CocoPathError(
+        "\n".join(lines), root=root, split=split, layout=layout, tried=tried, found=found, closest=closest
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,8 +532,9 @@ class ValidationReport:
 
     def __str__(self) -> str:
         counts = ", ".join(f"{v} {k}" for k, v in self.counts.items()) or "nothing counted"
-        lines = [f"{self.annotations} ({self.kind}): {counts}; {len(self.errors)} error(s), "
-                 f"{len(self.warnings)} warning(s)"]
+        lines = [
+            f"{self.annotations} ({self.kind}): {counts}; {len(self.errors)} error(s), {len(self.warnings)} warning(s)"
+        ]
         lines += [f"  error: {e}" for e in self.errors[:50]]
         if len(self.errors) > 50:
             lines.append(f"  ... and {len(self.errors) - 50} more errors (all in .errors)")
@@ -512,10 +578,10 @@ def _check_box(report: ValidationReport, where: str, box: Any, image: dict[str, 
 def _check_segmentation(report: ValidationReport, where: str, seg: Any) -> None:
     if isinstance(seg, list):
         for poly in seg:
-            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0
-                    and all(_number(v) for v in poly)):
-                report.errors.append(f"{where}: segmentation polygon must be a flat list of at least 3 x,y "
-                                     f"pairs, got {str(poly)[:60]}")
+            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0 and all(_number(v) for v in poly)):
+                report.errors.append(
+                    f"{where}: segmentation polygon must be a flat list of at least 3 x,y pairs, got {str(poly)[:60]}"
+                )
                 return
     elif isinstance(seg, dict):
         size = seg.get("size")
@@ -542,8 +608,13 @@ def _check_ids(report: ValidationReport, what: str, entries: list[dict[str, Any]
             report.errors.append(f"{what} {key} {value!r} appears {n} times; it must be unique")
 
 
-def _check_annotation(report: ValidationReport, kind: str, ann: dict[str, Any], image: dict[str, Any] | None,
-                      cats: dict[Any, dict[str, Any]]) -> None:
+def _check_annotation(
+    report: ValidationReport,
+    kind: str,
+    ann: dict[str, Any],
+    image: dict[str, Any] | None,
+    cats: dict[Any, dict[str, Any]],
+) -> None:
     """One annotation of ``kind`` (its image_id is checked by the caller)."""
     where = f"annotation {ann.get('id')!r}"
     if kind == "captions":
@@ -573,12 +644,14 @@ def _check_annotation(report: ValidationReport, kind: str, ann: dict[str, Any], 
         expected = 3 * len((cats.get(ann.get("category_id")) or {}).get("keypoints") or [])
         if not (isinstance(points, list) and len(points) == expected):
             got = len(points) if isinstance(points, list) else repr(points)
-            report.errors.append(f"{where}: keypoints has {got} values; expected {expected} "
-                                 "(3 per keypoint of its category)")
+            report.errors.append(
+                f"{where}: keypoints has {got} values; expected {expected} (3 per keypoint of its category)"
+            )
 
 
-def validate_annotations(annotations: str | os.PathLike[str], images: str | os.PathLike[str] | None = None,
-                         *, kind: str | None = None) -> ValidationReport:
+def validate_annotations(
+    annotations: str | os.PathLike[str], images: str | os.PathLike[str] | None = None, *, kind: str | None = None
+) -> ValidationReport:
     """Light check of a COCO annotation file: JSON parses, required keys are there, ids are unique,
     every annotation's image_id and category_id exist, boxes have positive size inside their image,
     polygons and RLE are well formed, and (with ``images``) image files exist. ``kind`` defaults to the
@@ -597,11 +670,13 @@ def validate_annotations(annotations: str | os.PathLike[str], images: str | os.P
         report.errors.append(f"cannot read: {exc}")
         return report
     if not isinstance(data, dict):
-        report.errors.append(f"top level is a {type(data).__name__}; expected an object with images, "
-                             "annotations and categories")
+        report.errors.append(
+            f"top level is a {type(data).__name__}; expected an object with images, annotations and categories"
+        )
         return report
-    for key in ["images"] + (["annotations"] if kind != "image_info" else []) + \
-            (["categories"] if kind != "captions" else []):
+    for key in (
+        ["images"] + (["annotations"] if kind != "image_info" else []) + (["categories"] if kind != "captions" else [])
+    ):
         if not isinstance(data.get(key), list):
             hint = " (a test split's image_info file? pass kind='image_info')" if key == "annotations" else ""
             report.errors.append(f"missing or non-list key {key!r}{hint}")
@@ -625,8 +700,10 @@ def validate_annotations(annotations: str | os.PathLike[str], images: str | os.P
         report.counts["crowd annotations"] = sum(ann.get("iscrowd") == 1 for ann in anns)
     unused = len(set(imgs) - {ann.get("image_id") for ann in anns})
     if anns and unused:
-        report.warnings.append(f"{unused} image(s) have no annotations (fine for negatives; torchvision's "
-                               "detection references drop them from training)")
+        report.warnings.append(
+            f"{unused} image(s) have no annotations (fine for negatives; torchvision's "
+            "detection references drop them from training)"
+        )
     if images is not None:
         _check_image_files(report, Path(images), images_list)
     return report
@@ -657,27 +734,43 @@ def cli_main(args: argparse.Namespace) -> int:
         if args.json:
             out: dict[str, Any] = {"ok": False, "error": str(exc)}
             if isinstance(exc, CocoPathError):
-                out.update(split=str(exc.split) if exc.split else None, layout=exc.layout,
-                           tried=[str(p) for p in exc.tried], found=[str(p) for p in exc.found],
-                           closest=str(exc.closest) if exc.closest else None)
+                out.update(
+                    split=str(exc.split) if exc.split else None,
+                    layout=exc.layout,
+                    tried=[str(p) for p in exc.tried],
+                    found=[str(p) for p in exc.found],
+                    closest=str(exc.closest) if exc.closest else None,
+                )
             print(json.dumps(out, indent=2))
         print(f"error: {exc}", file=sys.stderr)
         return 1
     ok = report is None or report.ok
     if args.json:
-        result: dict[str, Any] = {"ok": ok, "split": str(paths.split), "layout": paths.layout,
-                                  "annotations": str(paths.annotations), "images": str(paths.images)}
+        result: dict[str, Any] = {
+            "ok": ok,
+            "split": str(paths.split),
+            "layout": paths.layout,
+            "annotations": str(paths.annotations),
+            "images": str(paths.images),
+        }
         if report is not None:
-            result["check"] = {"kind": report.kind, "counts": report.counts, "errors": report.errors,
-                               "warnings": report.warnings}
+            result["check"] = {
+                "kind": report.kind,
+                "counts": report.counts,
+                "errors": report.errors,
+                "warnings": report.warnings,
+            }
         print(json.dumps(result, indent=2))
     else:
-        print(f"split        {paths.split}\nlayout       {paths.layout}\nannotations  {paths.annotations}\n"
-              f"images       {paths.images}")
+        print(
+            f"split        {paths.split}\nlayout       {paths.layout}\nannotations  {paths.annotations}\n"
+            f"images       {paths.images}"
+        )
         if report is not None:
             print(f"check        {report}")
     if not ok:
         assert report is not None
-        print(f"error: {len(report.errors)} problem(s) in {paths.annotations}; first: {report.errors[0]}",
-              file=sys.stderr)
+        print(
+            f"error: {len(report.errors)} problem(s) in {paths.annotations}; first: {report.errors[0]}", file=sys.stderr
+        )
     return 0 if ok else 1

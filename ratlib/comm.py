@@ -57,8 +57,9 @@ def _is_number(x: Any) -> bool:
 
 def _check_rank_arg(name: str, value: int, world: int, fn: str) -> None:
     if not isinstance(value, int) or not 0 <= value < world:
-        raise ValueError(f"{fn}: {name}={value!r} is not a rank of this job (world size {world}); "
-                         f"expected 0..{world - 1}")
+        raise ValueError(
+            f"{fn}: {name}={value!r} is not a rank of this job (world size {world}); expected 0..{world - 1}"
+        )
 
 
 def all_reduce_mean(x: T) -> T:
@@ -81,8 +82,10 @@ def all_reduce_mean(x: T) -> T:
             t = t.to(home)
         return t / world  # type: ignore[return-value]
     if not _is_number(x):
-        raise TypeError(f"all_reduce_mean: expected a tensor or a real number, got {type(x).__name__} ({x!r}); "
-                        "reduce each value separately, or use reduce_dict for a dict of them")
+        raise TypeError(
+            f"all_reduce_mean: expected a tensor or a real number, got {type(x).__name__} ({x!r}); "
+            "reduce each value separately, or use reduce_dict for a dict of them"
+        )
     if dist is None:
         return float(x)  # type: ignore[arg-type, return-value]
     import torch
@@ -103,11 +106,15 @@ def _scalar_values(d: Mapping[str, Any]) -> list[str]:
             if value.is_complex():
                 raise TypeError(f"reduce_dict: d[{key!r}] is a complex tensor; expected a real number")
             if value.numel() != 1:
-                raise ValueError(f"reduce_dict: d[{key!r}] has shape {tuple(value.shape)}; expected one element "
-                                 "(reduce larger tensors with all_reduce_mean)")
+                raise ValueError(
+                    f"reduce_dict: d[{key!r}] has shape {tuple(value.shape)}; expected one element "
+                    "(reduce larger tensors with all_reduce_mean)"
+                )
         elif not _is_number(value):
-            raise TypeError(f"reduce_dict: d[{key!r}] is a {type(value).__name__} ({value!r}); expected a number "
-                            "or a one-element tensor")
+            raise TypeError(
+                f"reduce_dict: d[{key!r}] is a {type(value).__name__} ({value!r}); expected a number "
+                "or a one-element tensor"
+            )
     return sorted(d)
 
 
@@ -124,8 +131,9 @@ def _check_same_keys(dist: Any, keys: list[str], device: Any) -> None:
     every: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every, keys)
     shown = "; ".join(f"rank {r}: {k}" for r, k in enumerate(every))
-    raise ValueError(f"reduce_dict: ranks passed different keys ({shown}); every rank must reduce the same keys, "
-                     "in any order")
+    raise ValueError(
+        f"reduce_dict: ranks passed different keys ({shown}); every rank must reduce the same keys, in any order"
+    )
 
 
 def reduce_dict(d: Mapping[str, Any], average: bool = True) -> dict[str, Any]:
@@ -145,8 +153,14 @@ def reduce_dict(d: Mapping[str, Any], average: bool = True) -> dict[str, Any]:
 
     device = _device(dist)
     _check_same_keys(dist, keys, device)
-    values = torch.stack([d[k].detach().to(device=device, dtype=torch.float64).reshape(()) if _is_tensor(d[k])
-                          else torch.tensor(float(d[k]), dtype=torch.float64, device=device) for k in keys])
+    values = torch.stack(
+        [
+            d[k].detach().to(device=device, dtype=torch.float64).reshape(())
+            if _is_tensor(d[k])
+            else torch.tensor(float(d[k]), dtype=torch.float64, device=device)
+            for k in keys
+        ]
+    )
     dist.all_reduce(values)
     world = dist.get_world_size()
     return {k: _result(d[k], v, average, world) for k, v in zip(keys, values)}

@@ -49,7 +49,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ratlib._atomic import write_atomic
+from ratlib.io import write_atomic
 
 __all__ = [
     "SMOKE_DEFAULTS",
@@ -260,8 +260,12 @@ class _Loader(yaml.SafeLoader):
                     continue
                 if key_node.value in seen:
                     raise _DuplicateKeyError(
-                        None, None, f"key {key_node.value!r} is given twice (first on line {seen[key_node.value]}); "
-                        "keep one of them", key_node.start_mark)
+                        None,
+                        None,
+                        f"key {key_node.value!r} is given twice (first on line {seen[key_node.value]}); "
+                        "keep one of them",
+                        key_node.start_mark,
+                    )
                 seen[key_node.value] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
@@ -282,8 +286,9 @@ class _Dumper(yaml.SafeDumper):
     """Safe dumper that writes lists in flow style (``betas: [0.9, 0.999]``), as people write them."""
 
 
-_Dumper.add_representer(list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value,
-                                                                               flow_style=True))
+_Dumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True)
+)
 
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:
@@ -312,8 +317,9 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found (relative paths start at {os.getcwd()}); "
-                          "check the path") from None
+        raise ConfigError(
+            f"{path}: config file not found (relative paths start at {os.getcwd()}); check the path"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the config ({exc}); pass a UTF-8 YAML file") from None
     try:
@@ -323,16 +329,21 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         what = "; ".join(str(p) for p in (exc.context, exc.problem) if p)
-        fix = "" if isinstance(exc, _DuplicateKeyError) else \
-            "; fix the syntax there (indentation, a ':' after each key, closing brackets and quotes)"
+        fix = (
+            ""
+            if isinstance(exc, _DuplicateKeyError)
+            else "; fix the syntax there (indentation, a ':' after each key, closing brackets and quotes)"
+        )
         raise ConfigError(f"{where}: invalid YAML: {what}{fix}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if data is None:
         return {}, lines
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level is a {type(data).__name__} ({str(data)[:40]!r}); expected a "
-                          "mapping of sections such as 'training: {batch_size: 32}'")
+        raise ConfigError(
+            f"{path}: the top level is a {type(data).__name__} ({str(data)[:40]!r}); expected a "
+            "mapping of sections such as 'training: {batch_size: 32}'"
+        )
     return data, lines
 
 
@@ -348,8 +359,9 @@ def _parse_override(item: Any) -> tuple[tuple[str, ...], Any]:
         value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or exc
-        raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); quote it, "
-                          f"e.g. {key}='\"{raw}\"'") from None
+        raise ConfigError(
+            f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); quote it, e.g. {key}='\"{raw}\"'"
+        ) from None
     return keys, value
 
 
@@ -361,8 +373,9 @@ def _set(data: dict[str, Any], keys: tuple[str, ...], value: Any, item: str) -> 
             child = node[key] = {}
         if not isinstance(child, dict):
             path = ".".join(keys[: i + 1])
-            raise ConfigError(f"override {item!r}: {path} is {child!r}, not a section; "
-                              f"set it whole instead ({path}=...)")
+            raise ConfigError(
+                f"override {item!r}: {path} is {child!r}, not a section; set it whole instead ({path}=...)"
+            )
         node = child
     node[keys[-1]] = value
 
@@ -411,17 +424,47 @@ def _clean_loc(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, ...]
 
 
 _ALIASES = {
-    "learning_rate": "lr", "base_lr": "lr", "wd": "weight_decay", "epochs": "num_epochs", "n_epochs": "num_epochs",
-    "max_epochs": "num_epochs", "batch": "batch_size", "bs": "batch_size", "per_device_batch_size": "batch_size",
-    "grad_accum": "gradient_accumulation_steps", "accumulate_grad_batches": "gradient_accumulation_steps",
-    "accumulation_steps": "gradient_accumulation_steps", "grad_clip": "gradient_clip",
-    "clip_grad_norm": "gradient_clip", "max_grad_norm": "gradient_clip", "gradient_clipping": "gradient_clip",
-    "amp": "mixed_precision", "precision": "mixed_precision", "fp16": "mixed_precision", "bf16": "mixed_precision",
-    "warmup": "warmup_epochs", "warmup_steps": "warmup_epochs", "eta_min": "min_lr", "stage": "zero_stage",
-    "zero": "zero_stage", "type": "name", "optim": "optimizer", "lr_scheduler": "scheduler", "sched": "scheduler",
-    "workers": "num_workers", "timeout": "timeout_s", "output": "output_dir", "out_dir": "output_dir",
-    "run_dir": "output_dir", "dist": "distributed", "ds": "deepspeed", "torch_compile": "compile",
-    "max_iters": "max_steps", "num_steps": "max_steps", "data_root": "root", "path": "root",
+    "learning_rate": "lr",
+    "base_lr": "lr",
+    "wd": "weight_decay",
+    "epochs": "num_epochs",
+    "n_epochs": "num_epochs",
+    "max_epochs": "num_epochs",
+    "batch": "batch_size",
+    "bs": "batch_size",
+    "per_device_batch_size": "batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "accumulate_grad_batches": "gradient_accumulation_steps",
+    "accumulation_steps": "gradient_accumulation_steps",
+    "grad_clip": "gradient_clip",
+    "clip_grad_norm": "gradient_clip",
+    "max_grad_norm": "gradient_clip",
+    "gradient_clipping": "gradient_clip",
+    "amp": "mixed_precision",
+    "precision": "mixed_precision",
+    "fp16": "mixed_precision",
+    "bf16": "mixed_precision",
+    "warmup": "warmup_epochs",
+    "warmup_steps": "warmup_epochs",
+    "eta_min": "min_lr",
+    "stage": "zero_stage",
+    "zero": "zero_stage",
+    "type": "name",
+    "optim": "optimizer",
+    "lr_scheduler": "scheduler",
+    "sched": "scheduler",
+    "workers": "num_workers",
+    "timeout": "timeout_s",
+    "output": "output_dir",
+    "out_dir": "output_dir",
+    "run_dir": "output_dir",
+    "dist": "distributed",
+    "ds": "deepspeed",
+    "torch_compile": "compile",
+    "max_iters": "max_steps",
+    "num_steps": "max_steps",
+    "data_root": "root",
+    "path": "root",
 }
 
 
@@ -566,9 +609,17 @@ def _section_problems(data: dict[str, Any], schema: type[BaseModel]) -> list[tup
             problems.append(((str(key),), f"unknown section; did you mean {close[0]!r}?"))
         elif not isinstance(value, dict):
             hint = _suggest(schema, (str(key),))
-            problems.append(((str(key),), f"unknown top-level key with value {value!r}; "
-                             + (hint if hint.startswith("did you") else
-                                f"top-level keys are {', '.join(known)}, or project sections (mappings)")))
+            problems.append(
+                (
+                    (str(key),),
+                    f"unknown top-level key with value {value!r}; "
+                    + (
+                        hint
+                        if hint.startswith("did you")
+                        else f"top-level keys are {', '.join(known)}, or project sections (mappings)"
+                    ),
+                )
+            )
     return problems
 
 
@@ -576,12 +627,13 @@ def _validator_message(msg: str) -> str:
     """A validator's own words, without pydantic's "Value error, " / "Assertion failed, " prefix."""
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            return msg[len(prefix):]
+            return msg[len(prefix) :]
     return msg
 
 
-def _validation_problems(exc: ValidationError, schema: type[BaseModel], data: dict[str, Any]
-                         ) -> list[tuple[tuple[str, ...], str]]:
+def _validation_problems(
+    exc: ValidationError, schema: type[BaseModel], data: dict[str, Any]
+) -> list[tuple[tuple[str, ...], str]]:
     grouped: dict[tuple[str, ...], list[Any]] = {}
     for err in exc.errors(include_url=False):
         loc = _clean_loc(schema, tuple(err["loc"]))
@@ -601,8 +653,9 @@ def _validation_problems(exc: ValidationError, schema: type[BaseModel], data: di
         custom = [e["msg"] for e in errs if e["type"] == "min_lr_not_below_lr"]
         # A project's own validators (ValueError / assert in a field or model validator) say what is wrong
         # in their own words: show those, never replace them with the field's type.
-        own = list(dict.fromkeys(_validator_message(e["msg"]) for e in errs
-                                 if e["type"] in ("value_error", "assertion_error")))
+        own = list(
+            dict.fromkeys(_validator_message(e["msg"]) for e in errs if e["type"] in ("value_error", "assertion_error"))
+        )
         if custom:
             message = custom[0]
         elif own:
@@ -612,17 +665,25 @@ def _validation_problems(exc: ValidationError, schema: type[BaseModel], data: di
         elif expected is not None:
             message = f"got {value!r}; expected {expected}"
             if isinstance(value, bool) and "true" not in expected:
-                message += (" (YAML reads yes/no/on/off/true/false as booleans: quote the value if you meant text)"
-                            if "a string" in expected else " (a boolean is not a number)")
+                message += (
+                    " (YAML reads yes/no/on/off/true/false as booleans: quote the value if you meant text)"
+                    if "a string" in expected
+                    else " (a boolean is not a number)"
+                )
         else:
-            message = "; ".join(dict.fromkeys(e["msg"] for e in errs)) + \
-                ("" if value is _MISSING else f" (got {value!r})")
+            message = "; ".join(dict.fromkeys(e["msg"] for e in errs)) + (
+                "" if value is _MISSING else f" (got {value!r})"
+            )
         problems.append((loc, message))
     return problems
 
 
-def _error(name: str, problems: list[tuple[tuple[str, ...], str]], lines: Mapping[tuple[str, ...], int],
-           overrides: Mapping[tuple[str, ...], str]) -> ConfigError:
+def _error(
+    name: str,
+    problems: list[tuple[tuple[str, ...], str]],
+    lines: Mapping[tuple[str, ...], int],
+    overrides: Mapping[tuple[str, ...], str],
+) -> ConfigError:
     def where(loc: tuple[str, ...]) -> tuple[float, str]:
         for n in range(len(loc), 0, -1):
             if loc[:n] in overrides:
@@ -702,13 +763,17 @@ def load_config(
 def _log_defaults(name: str, defaults: list[str], smoke: list[str], data: dict[str, Any]) -> None:
     from ratlib.rank_logger import get_logger
 
-    shown = ", ".join(defaults[:10]) + (f", ... ({len(defaults) - 10} more in cfg.defaults_applied)"
-                                        if len(defaults) > 10 else "")
+    shown = ", ".join(defaults[:10]) + (
+        f", ... ({len(defaults) - 10} more in cfg.defaults_applied)" if len(defaults) > 10 else ""
+    )
     log = get_logger("ratlib.config")
     log.info("config %s: %d key(s) from defaults: %s", name, len(defaults), shown or "none")
     if smoke:
-        log.info("config %s: smoke mode set %s", name,
-                 ", ".join(f"{p}={_value_at(data, tuple(p.split('.')))}" for p in smoke))
+        log.info(
+            "config %s: smoke mode set %s",
+            name,
+            ", ".join(f"{p}={_value_at(data, tuple(p.split('.')))}" for p in smoke),
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -738,10 +803,12 @@ class MemoryEstimate:
 
     def __str__(self) -> str:
         gib = 2**30
-        return (f"{self.total_bytes / gib:.2f} GiB per GPU (params {self.params_bytes / gib:.2f}, gradients "
-                f"{self.gradients_bytes / gib:.2f}, optimizer {self.optimizer_bytes / gib:.2f}) for "
-                f"{self.num_params / 1e6:.1f}M parameters, {self.precision}, {self.optimizer}, ZeRO stage "
-                f"{self.zero_stage}{' + offload' if self.offload else ''}, {self.world_size} rank(s)")
+        return (
+            f"{self.total_bytes / gib:.2f} GiB per GPU (params {self.params_bytes / gib:.2f}, gradients "
+            f"{self.gradients_bytes / gib:.2f}, optimizer {self.optimizer_bytes / gib:.2f}) for "
+            f"{self.num_params / 1e6:.1f}M parameters, {self.precision}, {self.optimizer}, ZeRO stage "
+            f"{self.zero_stage}{' + offload' if self.offload else ''}, {self.world_size} rank(s)"
+        )
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -781,8 +848,10 @@ def estimate_model_memory(
         total, largest = count_parameters(model)
         largest = largest_layer_params if largest_layer_params is not None else largest
     if world_size < 1 or zero_stage not in (0, 1, 2, 3) or precision not in ("fp32", "mixed"):
-        raise ValueError(f"estimate_model_memory: world_size={world_size!r}, zero_stage={zero_stage!r}, "
-                         f"precision={precision!r}; expected world_size >= 1, zero_stage 0-3, 'fp32' or 'mixed'")
+        raise ValueError(
+            f"estimate_model_memory: world_size={world_size!r}, zero_stage={zero_stage!r}, "
+            f"precision={precision!r}; expected world_size >= 1, zero_stage 0-3, 'fp32' or 'mixed'"
+        )
     moments = {"adamw": 2, "adam": 2, "sgd": 1 if momentum > 0 else 0}[optimizer]
     weight = grad = 2 if precision == "mixed" else 4
     opt = 4 * moments + (8 if precision == "mixed" else 0)
@@ -796,8 +865,19 @@ def estimate_model_memory(
         if zero_stage == 3:
             cpu += weight * total / n
             params = (weight + grad) * largest
-    return MemoryEstimate(total, largest, n, zero_stage, precision, optimizer, offload and zero_stage >= 1,
-                          int(params), int(grads), int(optim), int(cpu))
+    return MemoryEstimate(
+        total,
+        largest,
+        n,
+        zero_stage,
+        precision,
+        optimizer,
+        offload and zero_stage >= 1,
+        int(params),
+        int(grads),
+        int(optim),
+        int(cpu),
+    )
 
 
 @dataclass(frozen=True)
@@ -861,9 +941,11 @@ def probe_memory(
 
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise ValueError(f"probe_memory measures CUDA memory; got device={str(device)!r} with CUDA "
-                         f"{'available' if torch.cuda.is_available() else 'unavailable'}. Without a GPU use "
-                         "estimate_model_memory (model states only)")
+        raise ValueError(
+            f"probe_memory measures CUDA memory; got device={str(device)!r} with CUDA "
+            f"{'available' if torch.cuda.is_available() else 'unavailable'}. Without a GPU use "
+            "estimate_model_memory (model states only)"
+        )
     b1, b2 = batch_sizes
     if not 0 < b1 < b2:
         raise ValueError(f"probe_memory: batch_sizes={batch_sizes!r}; expected two increasing sizes >= 1")
@@ -893,8 +975,9 @@ def probe_memory(
         torch.cuda.synchronize(device)
         peaks.append(torch.cuda.max_memory_allocated(device))
     if peaks[1] <= peaks[0]:
-        raise ValueError(f"probe_memory: peak memory did not grow from batch {b1} to {b2} ({peaks}); "
-                         "probe larger batch sizes")
+        raise ValueError(
+            f"probe_memory: peak memory did not grow from batch {b1} to {b2} ({peaks}); probe larger batch sizes"
+        )
     capacity = torch.cuda.get_device_properties(device).total_memory
     return MemoryProbe((b1, b2), (peaks[0], peaks[1]), capacity, fraction)
 
@@ -948,28 +1031,45 @@ def _split_batch(batch: int, accumulation: int, target: int) -> tuple[int, int]:
 def _stage_that_fits(model: Any, cfg: ExperimentConfig, world_size: int, budget: float) -> str:
     t = cfg.training
     for stage, offload in ((1, False), (2, False), (3, False), (2, True), (3, True)):
-        est = estimate_model_memory(model, world_size=world_size, precision="mixed" if t.mixed_precision else "fp32",
-                                    optimizer=t.optimizer.name, momentum=t.optimizer.momentum, zero_stage=stage,
-                                    offload=offload)
+        est = estimate_model_memory(
+            model,
+            world_size=world_size,
+            precision="mixed" if t.mixed_precision else "fp32",
+            optimizer=t.optimizer.name,
+            momentum=t.optimizer.momentum,
+            zero_stage=stage,
+            offload=offload,
+        )
         if est.total_bytes <= budget:
-            return (f"enable DeepSpeed ZeRO stage {stage}{' with offload' if offload else ''} "
-                    f"(training.deepspeed.enabled=true, zero_stage={stage}{', offload=true' if offload else ''}): "
-                    f"{est.total_bytes / 2**30:.1f} GiB per GPU at {world_size} rank(s)")
+            return (
+                f"enable DeepSpeed ZeRO stage {stage}{' with offload' if offload else ''} "
+                f"(training.deepspeed.enabled=true, zero_stage={stage}{', offload=true' if offload else ''}): "
+                f"{est.total_bytes / 2**30:.1f} GiB per GPU at {world_size} rank(s)"
+            )
     return "no ZeRO stage fits at this world size: use more GPUs, or a smaller model"
 
 
 def _data_findings(data: DataConfig) -> list[Finding]:
     findings = []
     paths = {"root": data.root} if data.root is not None else {}
-    paths.update({k: v for k, v in (data.model_extra or {}).items()
-                  if isinstance(v, str) and k.endswith(("_path", "_dir", "_root", "_file"))})
+    paths.update(
+        {
+            k: v
+            for k, v in (data.model_extra or {}).items()
+            if isinstance(v, str) and k.endswith(("_path", "_dir", "_root", "_file"))
+        }
+    )
     for key, value in paths.items():
         resolved = Path(os.path.expandvars(value)).expanduser()
         if not resolved.exists():
-            findings.append(Finding("error", f"data.{key}",
-                                    f"{value!r} does not exist (resolved to {resolved.absolute()})",
-                                    "fix the path" + (", or drop data.root to use the synthetic default"
-                                                      if key == "root" else "")))
+            findings.append(
+                Finding(
+                    "error",
+                    f"data.{key}",
+                    f"{value!r} does not exist (resolved to {resolved.absolute()})",
+                    "fix the path" + (", or drop data.root to use the synthetic default" if key == "root" else ""),
+                )
+            )
     extra = data.model_extra or {}
     splits = {k: v for k, v in extra.items() if k in ("split", "train_split", "val_split", "test_split")}
     if data.root is not None and splits and Path(os.path.expandvars(data.root)).expanduser().is_dir():
@@ -979,9 +1079,14 @@ def _data_findings(data: DataConfig) -> list[Finding]:
             try:
                 resolve_coco(os.path.expandvars(data.root), str(split))
             except (CocoPathError, ValueError) as exc:
-                findings.append(Finding("error", f"data.{key}", f"COCO split {split!r} under {data.root!r}: "
-                                        + str(exc).splitlines()[0].rstrip("."),
-                                        f"run `ratlib coco {data.root} {split}` for the paths tried and found"))
+                findings.append(
+                    Finding(
+                        "error",
+                        f"data.{key}",
+                        f"COCO split {split!r} under {data.root!r}: " + str(exc).splitlines()[0].rstrip("."),
+                        f"run `ratlib coco {data.root} {split}` for the paths tried and found",
+                    )
+                )
     return findings
 
 
@@ -1017,82 +1122,152 @@ def check_config(
         memory = device_memory_gib if device_memory_gib is not None else _cuda_memory_gib()
         device = "cuda" if memory is not None else "cpu"
     else:
-        memory = device_memory_gib if device_memory_gib is not None else (
-            _cuda_memory_gib() if device == "cuda" else None)
+        memory = (
+            device_memory_gib if device_memory_gib is not None else (_cuda_memory_gib() if device == "cuda" else None)
+        )
     budget_gib = memory if memory is not None else 80.0
     assumed = "" if memory is not None else " (80 GiB assumed: no GPU seen here; pass device_memory_gib)"
 
     global_batch = t.batch_size * t.gradient_accumulation_steps * world_size
-    findings.append(Finding("info", "training.batch_size",
-                            f"global batch {global_batch} = {t.batch_size} per device x "
-                            f"{t.gradient_accumulation_steps} accumulation x {world_size} rank(s)",
-                            "batch_size is per device; scale the learning rate with the global batch"))
-    small, accum = _split_batch(t.batch_size, t.gradient_accumulation_steps,
-                                probe.max_batch_size if probe is not None else max(1, max_batch_size * 3 // 4))
-    keep = (f"set training.batch_size={small} and training.gradient_accumulation_steps={accum} "
-            f"(global batch {small * accum * world_size})")
+    findings.append(
+        Finding(
+            "info",
+            "training.batch_size",
+            f"global batch {global_batch} = {t.batch_size} per device x "
+            f"{t.gradient_accumulation_steps} accumulation x {world_size} rank(s)",
+            "batch_size is per device; scale the learning rate with the global batch",
+        )
+    )
+    small, accum = _split_batch(
+        t.batch_size,
+        t.gradient_accumulation_steps,
+        probe.max_batch_size if probe is not None else max(1, max_batch_size * 3 // 4),
+    )
+    keep = (
+        f"set training.batch_size={small} and training.gradient_accumulation_steps={accum} "
+        f"(global batch {small * accum * world_size})"
+    )
     if probe is not None and t.batch_size > probe.max_batch_size:
         need = probe.predict(t.batch_size) / 2**30
-        findings.append(Finding(
-            "error" if probe.predict(t.batch_size) > probe.capacity_bytes else "warning", "training.batch_size",
-            f"per-device batch {t.batch_size} needs about {need:.1f} GiB by the measured probe; "
-            f"{probe.max_batch_size} fits in {probe.fraction:.0%} of {probe.capacity_bytes / 2**30:.0f} GiB", keep))
+        findings.append(
+            Finding(
+                "error" if probe.predict(t.batch_size) > probe.capacity_bytes else "warning",
+                "training.batch_size",
+                f"per-device batch {t.batch_size} needs about {need:.1f} GiB by the measured probe; "
+                f"{probe.max_batch_size} fits in {probe.fraction:.0%} of {probe.capacity_bytes / 2**30:.0f} GiB",
+                keep,
+            )
+        )
     elif probe is None and t.batch_size > max_batch_size:
-        findings.append(Finding("warning", "training.batch_size",
-                                f"per-device batch {t.batch_size} is above max_batch_size={max_batch_size}, "
-                                "likely to run out of memory (batch_size is per device, not global)",
-                                keep + "; or measure with probe_memory and a smoke run"))
+        findings.append(
+            Finding(
+                "warning",
+                "training.batch_size",
+                f"per-device batch {t.batch_size} is above max_batch_size={max_batch_size}, "
+                "likely to run out of memory (batch_size is per device, not global)",
+                keep + "; or measure with probe_memory and a smoke run",
+            )
+        )
 
     budget = 0.5 * budget_gib * 2**30  # half for model states, half for activations
     if model is not None:
         stage = t.deepspeed.zero_stage if t.deepspeed.enabled else 0
-        est = estimate_model_memory(model, world_size=world_size,
-                                    precision="mixed" if t.deepspeed.enabled and t.mixed_precision else "fp32",
-                                    optimizer=t.optimizer.name, momentum=t.optimizer.momentum, zero_stage=stage,
-                                    offload=t.deepspeed.enabled and t.deepspeed.offload)
+        est = estimate_model_memory(
+            model,
+            world_size=world_size,
+            precision="mixed" if t.deepspeed.enabled and t.mixed_precision else "fp32",
+            optimizer=t.optimizer.name,
+            momentum=t.optimizer.momentum,
+            zero_stage=stage,
+            offload=t.deepspeed.enabled and t.deepspeed.offload,
+        )
         if est.total_bytes > budget:
-            findings.append(Finding("error" if est.total_bytes > budget_gib * 2**30 else "warning", "model",
-                                    f"model states need {est}, over half of {budget_gib:.0f} GiB{assumed}",
-                                    _stage_that_fits(model, cfg, world_size, budget)))
+            findings.append(
+                Finding(
+                    "error" if est.total_bytes > budget_gib * 2**30 else "warning",
+                    "model",
+                    f"model states need {est}, over half of {budget_gib:.0f} GiB{assumed}",
+                    _stage_that_fits(model, cfg, world_size, budget),
+                )
+            )
     else:
         dims, blocks = _extra(cfg.model, "feature_dims"), _extra(cfg.model, "num_blocks")
         width = max(dims) if isinstance(dims, list) and all(isinstance(d, int) for d in dims) and dims else dims
         too_wide = isinstance(width, int) and width > 512
         too_deep = isinstance(blocks, int) and blocks > 8
         if (too_wide or too_deep) and not t.deepspeed.enabled:
-            findings.append(Finding("warning", "model",
-                                    f"feature_dims={dims} and num_blocks={blocks} are past the size plain data "
-                                    "parallelism handles (feature_dims > 512 or num_blocks > 8)",
-                                    "enable DeepSpeed ZeRO stage 2 (training.deepspeed.enabled=true, zero_stage=2), "
-                                    "or 3 with offload=true if that is not enough; pass model= to check_config "
-                                    "for a per-stage estimate"))
+            findings.append(
+                Finding(
+                    "warning",
+                    "model",
+                    f"feature_dims={dims} and num_blocks={blocks} are past the size plain data "
+                    "parallelism handles (feature_dims > 512 or num_blocks > 8)",
+                    "enable DeepSpeed ZeRO stage 2 (training.deepspeed.enabled=true, zero_stage=2), "
+                    "or 3 with offload=true if that is not enough; pass model= to check_config "
+                    "for a per-stage estimate",
+                )
+            )
     findings += _data_findings(cfg.data)
     if device == "cpu":
         if t.mixed_precision:
-            findings.append(Finding("info", "training.mixed_precision",
-                                    f"mixed_precision={t.mixed_precision!r} on CPU: autocast there is slow or "
-                                    "unsupported",
-                                    "set training.mixed_precision=false for CPU runs"))
+            findings.append(
+                Finding(
+                    "info",
+                    "training.mixed_precision",
+                    f"mixed_precision={t.mixed_precision!r} on CPU: autocast there is slow or unsupported",
+                    "set training.mixed_precision=false for CPU runs",
+                )
+            )
         if t.compile:
-            findings.append(Finding("info", "training.compile", "torch.compile on CPU takes long to compile",
-                                    "keep training.compile=false for short CPU runs"))
+            findings.append(
+                Finding(
+                    "info",
+                    "training.compile",
+                    "torch.compile on CPU takes long to compile",
+                    "keep training.compile=false for short CPU runs",
+                )
+            )
     if t.deepspeed.enabled:
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
-            findings.append(Finding("error", "training.deepspeed.enabled", "DeepSpeed is enabled but not installed",
-                                    "pip install 'ratlib[deepspeed]', or set training.deepspeed.enabled=false"))
+            findings.append(
+                Finding(
+                    "error",
+                    "training.deepspeed.enabled",
+                    "DeepSpeed is enabled but not installed",
+                    "pip install 'ratlib[deepspeed]', or set training.deepspeed.enabled=false",
+                )
+            )
         if t.deepspeed.offload and t.deepspeed.zero_stage == 0:
-            findings.append(Finding("warning", "training.deepspeed.offload", "offload needs ZeRO stage 1 or higher",
-                                    "set training.deepspeed.zero_stage=2 (or 3)"))
+            findings.append(
+                Finding(
+                    "warning",
+                    "training.deepspeed.offload",
+                    "offload needs ZeRO stage 1 or higher",
+                    "set training.deepspeed.zero_stage=2 (or 3)",
+                )
+            )
     if t.scheduler.name != "constant" and t.scheduler.warmup_epochs >= t.num_epochs:
-        findings.append(Finding("warning", "training.scheduler.warmup_epochs",
-                                f"warmup_epochs={t.scheduler.warmup_epochs} is not below num_epochs={t.num_epochs}: "
-                                "the schedule never gets past warmup", "shorten the warmup"))
+        findings.append(
+            Finding(
+                "warning",
+                "training.scheduler.warmup_epochs",
+                f"warmup_epochs={t.scheduler.warmup_epochs} is not below num_epochs={t.num_epochs}: "
+                "the schedule never gets past warmup",
+                "shorten the warmup",
+            )
+        )
     cpus = os.cpu_count() or 1
     if cfg.data.num_workers > cpus:
-        findings.append(Finding("warning", "data.num_workers", f"num_workers={cfg.data.num_workers} per rank is "
-                                f"more than the {cpus} CPUs here", f"set data.num_workers to at most {cpus}"))
+        findings.append(
+            Finding(
+                "warning",
+                "data.num_workers",
+                f"num_workers={cfg.data.num_workers} per rank is more than the {cpus} CPUs here",
+                f"set data.num_workers to at most {cpus}",
+            )
+        )
     return findings
 
 
@@ -1115,8 +1290,10 @@ def to_deepspeed_config(
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"to_deepspeed_config: world_size={world_size!r}; expected a positive int")
     if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
-        raise ValueError(f"to_deepspeed_config: steps_per_epoch={steps_per_epoch!r}; expected a positive int "
-                         "(optimiser steps per epoch: batches per rank // gradient_accumulation_steps)")
+        raise ValueError(
+            f"to_deepspeed_config: steps_per_epoch={steps_per_epoch!r}; expected a positive int "
+            "(optimiser steps per epoch: batches per rank // gradient_accumulation_steps)"
+        )
     t, o, s = cfg.training, cfg.training.optimizer, cfg.training.scheduler
     zero: dict[str, Any] = {"stage": t.deepspeed.zero_stage}
     if t.deepspeed.offload and t.deepspeed.zero_stage >= 1:
@@ -1135,8 +1312,15 @@ def to_deepspeed_config(
         "wall_clock_breakdown": False,
     }
     if t.mixed_precision == "fp16":
-        ds["fp16"].update({"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                           "hysteresis": 2, "min_loss_scale": 1})
+        ds["fp16"].update(
+            {
+                "loss_scale": 0,
+                "initial_scale_power": 16,
+                "loss_scale_window": 1000,
+                "hysteresis": 2,
+                "min_loss_scale": 1,
+            }
+        )
     if o.name in ("adamw", "adam"):
         params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": 1e-8, "weight_decay": o.weight_decay}
         if o.name == "adam":
@@ -1145,8 +1329,10 @@ def to_deepspeed_config(
             params["torch_adam"] = True
         ds["optimizer"] = {"type": "AdamW" if o.name == "adamw" else "Adam", "params": params}
     else:
-        ds["optimizer"] = {"type": "SGD", "params": {"lr": o.lr, "momentum": o.momentum,
-                                                     "weight_decay": o.weight_decay}}
+        ds["optimizer"] = {
+            "type": "SGD",
+            "params": {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay},
+        }
         if t.deepspeed.zero_stage >= 1:
             ds["zero_allow_untested_optimizer"] = True  # torch.optim.SGD is outside DeepSpeed's tested list
     if steps_per_epoch is not None:
@@ -1155,13 +1341,26 @@ def to_deepspeed_config(
         warmup = min(total, round(s.warmup_epochs * steps_per_epoch))
         if s.name == "cosine":
             # DeepSpeed refuses warmup_num_steps=0: no warmup is one step that starts at the full rate.
-            ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
-                "total_num_steps": total, "warmup_num_steps": max(1, warmup),
-                "warmup_min_ratio": 0.0 if warmup else 1.0,
-                "cos_min_ratio": s.min_lr / o.lr, "warmup_type": "linear"}}
+            ds["scheduler"] = {
+                "type": "WarmupCosineLR",
+                "params": {
+                    "total_num_steps": total,
+                    "warmup_num_steps": max(1, warmup),
+                    "warmup_min_ratio": 0.0 if warmup else 1.0,
+                    "cos_min_ratio": s.min_lr / o.lr,
+                    "warmup_type": "linear",
+                },
+            }
         elif s.name == "constant" and warmup > 0:
-            ds["scheduler"] = {"type": "WarmupLR", "params": {
-                "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_num_steps": warmup, "warmup_type": "linear"}}
+            ds["scheduler"] = {
+                "type": "WarmupLR",
+                "params": {
+                    "warmup_min_lr": 0.0,
+                    "warmup_max_lr": o.lr,
+                    "warmup_num_steps": warmup,
+                    "warmup_type": "linear",
+                },
+            }
     return ds
 
 
@@ -1182,7 +1381,8 @@ def dump_config(cfg: BaseModel, path: str | os.PathLike[str]) -> Path | None:
         return None
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    text = ("# Resolved config (every key, defaults included), written by ratlib.dump_config.\n"
-            + yaml.dump(cfg.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False))
+    text = "# Resolved config (every key, defaults included), written by ratlib.dump_config.\n" + yaml.dump(
+        cfg.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False
+    )
     write_atomic(target, text)
     return target

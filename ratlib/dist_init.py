@@ -1,8 +1,6 @@
-"""Launcher detection, process-group set-up and teardown, rank helpers.
+"""Process-group set-up and teardown, rank helpers; re-exports launcher detection from ``ratlib.launch``.
 
-``detect_launch_env`` is the one place where launcher variables are parsed (torchrun, DeepSpeed,
-Kubeflow, SLURM, Open MPI, MVAPICH, MPICH / Intel MPI / PMI(x), or a single process); it is pure and
-imports no torch. ``init_distributed`` pins the rank to its GPU, checks that the rendezvous is
+``init_distributed`` pins the rank to its GPU, checks that the rendezvous is
 reachable before it blocks, and turns every failure into a ``DistInitError`` that names the launcher,
 the variables, the rank, the cause and the fix. Torch is imported only inside the functions that need it.
 """
@@ -14,16 +12,24 @@ import contextlib
 import gc
 import importlib
 import os
-import re
 import socket
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+from ratlib.launch import (
+    _MASTER,
+    DistInitError,
+    LaunchEnv,
+    detect_launch_env,
+    expand_slurm_nodelist,
+    expand_slurm_tasks_per_node,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -44,30 +50,6 @@ __all__ = [
     "main_process_first",
     "shutdown",
 ]
-
-
-class DistInitError(RuntimeError):
-    """Process-group set-up failed; the message names the launcher, variables, rank, cause and fix."""
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    """What the launcher told this process, parsed from environment variables (no torch)."""
-
-    # "torchrun", "deepspeed", "kubeflow", "env", "slurm", "openmpi", "mvapich", "mpich", "single"
-    launcher: str
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-    node_rank: int = 0
-    master_addr: str | None = None
-    master_port: int | None = None
-    variables: Mapping[str, str] = field(default_factory=dict)  # the variables read, for messages
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
 
 
 @dataclass(frozen=True)
@@ -92,298 +74,6 @@ class DistInfo:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Launcher environment parsing (pure, torch-free)
-
-_MASTER = ("MASTER_ADDR", "MASTER_PORT")
-_TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "LOCAL_SIZE", "CROSS_RANK",
-               "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "KUBERNETES_SERVICE_HOST", *_MASTER)
-_SLURM_VARS = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_LOCALID",
-               "SLURM_NODEID", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_STEP_NODELIST",
-               "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_JOB_ID", "SLURM_STEP_ID", *_MASTER)
-
-
-@dataclass(frozen=True)
-class _Mpi:
-    """Variable names of an MPI-style launcher: rank, size, local rank, local size, node rank."""
-
-    rank: tuple[str, ...]
-    size: str
-    local_rank: str
-    local_size: str
-    node: str | None
-    fix: str
-
-
-_MPI = {
-    "openmpi": _Mpi(("OMPI_COMM_WORLD_RANK",), "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-                    "OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_NODE_RANK", "start every process with mpirun"),
-    "mvapich": _Mpi(("MV2_COMM_WORLD_RANK",), "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK",
-                    "MV2_COMM_WORLD_LOCAL_SIZE", None, "start every process with mpirun_rsh or mpiexec"),
-    "mpich": _Mpi(("PMI_RANK", "PMIX_RANK"), "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", None,
-                  "start every process with mpiexec (MPICH, Intel MPI), or set RANK and WORLD_SIZE instead"),
-}
-
-
-def _fail(launcher: str, read: Mapping[str, str], problem: str, fix: str) -> DistInitError:
-    shown = ", ".join(f"{k}={v!r}" for k, v in read.items()) or "none"
-    return DistInitError(f"{launcher} environment: {problem}. Variables read: {shown}. Fix: {fix}")
-
-
-def _read(env: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
-    return {k: str(env[k]) for k in names if k in env}
-
-
-def _int(read: Mapping[str, str], name: str, launcher: str, *, minimum: int = 0) -> int:
-    raw = read[name]
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise _fail(launcher, read, f"{name}={raw!r} is not an integer",
-                    f"set {name} to a whole number, or unset it") from None
-    if value < minimum:
-        raise _fail(launcher, read, f"{name}={raw!r} is below {minimum}", f"set {name} to at least {minimum}")
-    return value
-
-
-def _port(read: Mapping[str, str], launcher: str) -> int | None:
-    if "MASTER_PORT" not in read:
-        return None
-    port = _int(read, "MASTER_PORT", launcher, minimum=1)
-    if port > 65535:
-        raise _fail(launcher, read, f"MASTER_PORT={read['MASTER_PORT']!r} is not a TCP port",
-                    "choose a free port between 1024 and 65535")
-    return port
-
-
-def _first(read: Mapping[str, str], names: tuple[str, ...]) -> str | None:
-    return next((n for n in names if n in read), None)
-
-
-def _check(launcher: str, read: Mapping[str, str], values: tuple[int, int, int, int],
-           names: tuple[str, str, str, str]) -> None:
-    """rank < world, local rank < local world <= world; ``names`` are the variables behind each value."""
-    rank, world, local_rank, local_world = values
-    if rank >= world:
-        raise _fail(launcher, read, f"{names[0]}={rank} is not below {names[1]}={world}",
-                    "each rank must lie in [0, world size); check the launcher's arguments")
-    if local_rank >= local_world:
-        raise _fail(launcher, read, f"{names[2]}={local_rank} is not below {names[3]}={local_world}",
-                    "the local rank must lie in [0, processes on this node)")
-    if local_world > world:
-        raise _fail(launcher, read, f"{names[3]}={local_world} exceeds {names[1]}={world}",
-                    "a node cannot hold more processes than the job")
-
-
-def _half_set(launcher: str, read: Mapping[str, str], present: str, missing: str, fix: str) -> DistInitError:
-    return _fail(launcher, read, f"{present} is set but {missing} is not (a half-set launcher)", fix)
-
-
-def _torch_style(env: Mapping[str, str]) -> LaunchEnv:
-    """torchrun / torchelastic, DeepSpeed's launcher, Kubeflow, or RANK/WORLD_SIZE set by hand."""
-    read = _read(env, _TORCH_VARS)
-    if "TORCHELASTIC_RUN_ID" in read or "GROUP_RANK" in read:
-        launcher = "torchrun"
-    elif "LOCAL_SIZE" in read or "CROSS_RANK" in read:
-        launcher = "deepspeed"
-    elif "LOCAL_RANK" not in read and "KUBERNETES_SERVICE_HOST" in read:
-        launcher = "kubeflow"  # PyTorchJob: one process per pod, RANK is the pod's index
-    else:
-        launcher = "env"
-    for present, missing in (("RANK", "WORLD_SIZE"), ("WORLD_SIZE", "RANK")):
-        if missing not in read:
-            raise _half_set(launcher, read, present, missing,
-                            "set RANK and WORLD_SIZE together (torchrun does), or unset both for one process")
-    rank, world = _int(read, "RANK", launcher), _int(read, "WORLD_SIZE", launcher, minimum=1)
-    local_world_name = _first(read, ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"))
-    if local_world_name:
-        local_world = _int(read, local_world_name, launcher, minimum=1)
-    else:  # no per-node count: one process per pod on Kubeflow, else assume a single node
-        local_world = 1 if launcher == "kubeflow" else world
-    local_rank = _int(read, "LOCAL_RANK", launcher) if "LOCAL_RANK" in read else rank % local_world
-    node_name = _first(read, ("GROUP_RANK", "CROSS_RANK"))
-    node = _int(read, node_name, launcher) if node_name else rank // local_world
-    _check(launcher, read, (rank, world, local_rank, local_world),
-           ("RANK", "WORLD_SIZE", "LOCAL_RANK", local_world_name or "LOCAL_WORLD_SIZE"))
-    return LaunchEnv(launcher, rank, world, local_rank, local_world, node, read.get("MASTER_ADDR") or None,
-                     _port(read, launcher), read)
-
-
-def _mpi(env: Mapping[str, str], launcher: str) -> LaunchEnv:
-    """Open MPI, MVAPICH or MPICH / Intel MPI / PMI(x): per-process variables set by mpirun / mpiexec."""
-    spec = _MPI[launcher]
-    read = _read(env, (*spec.rank, spec.size, spec.local_rank, spec.local_size, *filter(None, (spec.node,)),
-                       *_MASTER))
-    rank_name = _first(read, spec.rank) or spec.rank[0]
-    if rank_name not in read:
-        raise _half_set(launcher, read, spec.size, rank_name, spec.fix)
-    if spec.size not in read:
-        raise _half_set(launcher, read, rank_name, spec.size, spec.fix)
-    rank, world = _int(read, rank_name, launcher), _int(read, spec.size, launcher, minimum=1)
-    local_world = _int(read, spec.local_size, launcher, minimum=1) if spec.local_size in read else world
-    local_rank = _int(read, spec.local_rank, launcher) if spec.local_rank in read else rank % local_world
-    node = _int(read, spec.node, launcher) if spec.node and spec.node in read else rank // local_world
-    _check(launcher, read, (rank, world, local_rank, local_world),
-           (rank_name, spec.size, spec.local_rank, spec.local_size))
-    return LaunchEnv(launcher, rank, world, local_rank, local_world, node, read.get("MASTER_ADDR") or None,
-                     _port(read, launcher), read)
-
-
-_HOST_ITEM = re.compile(r"[^\[\],]*(?:\[[^\[\]]*\][^\[\],]*)*")
-
-
-def _nodelist_items(nodelist: str) -> list[list[str | list[tuple[str, str]]]]:
-    """Parse a SLURM host list into items of literal text and range lists, validating all of it
-    without expanding (``n[0-99999]`` costs nothing here)."""
-    items: list[list[str | list[tuple[str, str]]]] = []
-    pos = 0
-    while pos <= len(nodelist):
-        m = _HOST_ITEM.match(nodelist, pos)
-        text = m.group(0) if m else ""
-        end = pos + len(text)
-        if end < len(nodelist) and nodelist[end] != ",":
-            raise ValueError(f"SLURM node list {nodelist!r}: unbalanced bracket at position {end}")
-        if text.strip():
-            parts: list[str | list[tuple[str, str]]] = []
-            for piece in re.split(r"(\[[^\]]*\])", text.strip()):
-                if not piece.startswith("["):
-                    parts.append(piece)
-                    continue
-                ranges = []
-                for part in piece[1:-1].split(","):
-                    lo, _, hi = part.strip().partition("-")
-                    if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
-                        raise ValueError(f"SLURM node list {nodelist!r}: range {part!r} is not N or N-M with N <= M")
-                    ranges.append((lo, hi or lo))
-                parts.append(ranges)
-            items.append(parts)
-        pos = end + 1
-    return items
-
-
-def _expand_item(parts: list[str | list[tuple[str, str]]]) -> Iterator[str]:
-    if not parts:
-        yield ""
-        return
-    head, rest = parts[0], parts[1:]
-    heads = [head] if isinstance(head, str) else (
-        str(i).zfill(len(lo)) for lo, hi in head for i in range(int(lo), int(hi) + 1))
-    for h in heads:
-        for tail in _expand_item(rest):
-            yield h + tail
-
-
-def expand_slurm_nodelist(nodelist: str) -> list[str]:
-    """Expand SLURM's compressed host list, e.g. ``gpu[01-03,07],cpu3`` -> gpu01 gpu02 gpu03 gpu07 cpu3.
-
-    Raises ``ValueError`` naming the part that is not ``host`` or ``prefix[ranges]suffix``.
-    """
-    return [host for item in _nodelist_items(nodelist) for host in _expand_item(item)]
-
-
-def _first_slurm_host(nodelist: str) -> str | None:
-    items = _nodelist_items(nodelist)
-    return next(_expand_item(items[0]), None) if items else None
-
-
-def _tasks_per_node(spec: str, name: str = "SLURM_TASKS_PER_NODE") -> list[tuple[int, int]]:
-    out = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
-        if not m:
-            raise ValueError(f"{name}={spec!r}: {part!r} is not N or N(xM)")
-        out.append((int(m.group(1)), int(m.group(2) or 1)))
-    return out
-
-
-def expand_slurm_tasks_per_node(spec: str) -> list[int]:
-    """Expand SLURM_TASKS_PER_NODE, e.g. ``4(x2),3`` -> [4, 4, 3]."""
-    return [count for count, repeat in _tasks_per_node(spec) for _ in range(repeat)]
-
-
-def _tasks_on_node(spec: str, node: int, name: str) -> tuple[int, int] | None:
-    """(tasks on node ``node``, rank of its first task) per SLURM_TASKS_PER_NODE, without expanding
-    it; None past the last node."""
-    offset = 0
-    for count, repeat in _tasks_per_node(spec, name):
-        if node < repeat:
-            return count, offset + node * count
-        node -= repeat
-        offset += count * repeat
-    return None
-
-
-def _slurm(env: Mapping[str, str]) -> LaunchEnv:
-    """srun: SLURM's per-task variables; the step's counts win over the allocation's."""
-    read = _read(env, _SLURM_VARS)
-    launcher, fix = "slurm", "start every task with srun (in sbatch scripts too), or unset SLURM_PROCID"
-    world_name = _first(read, ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"))
-    if world_name is None:
-        raise _half_set(launcher, read, "SLURM_PROCID", "SLURM_NTASKS", fix)
-    rank, world = _int(read, "SLURM_PROCID", launcher), _int(read, world_name, launcher, minimum=1)
-    node = _int(read, "SLURM_NODEID", launcher) if "SLURM_NODEID" in read else 0
-    per_node_name = _first(read, ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"))
-    local_world, first_on_node = world, 0  # without a per-node count: one node
-    if per_node_name:
-        try:
-            on_node = _tasks_on_node(read[per_node_name], node, per_node_name)
-        except ValueError as exc:
-            raise _fail(launcher, read, str(exc), "SLURM sets this variable; do not set it by hand") from None
-        if on_node is None:
-            raise _fail(launcher, read, f"SLURM_NODEID={node} but {per_node_name}={read[per_node_name]!r} lists fewer "
-                        "nodes", fix)
-        local_world, first_on_node = on_node
-    if "SLURM_LOCALID" in read:
-        local_rank = _int(read, "SLURM_LOCALID", launcher)
-    else:  # srun always sets it; derived the way srun's default block distribution places tasks
-        local_rank = rank - first_on_node if 0 <= rank - first_on_node < local_world else rank % local_world
-    _check(launcher, read, (rank, world, local_rank, local_world),
-           ("SLURM_PROCID", world_name, "SLURM_LOCALID", per_node_name or world_name))
-    addr = read.get("MASTER_ADDR") or None
-    nodelist_name = _first(read, ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
-    if addr is None and nodelist_name:
-        try:
-            addr = _first_slurm_host(read[nodelist_name])
-        except ValueError as exc:
-            raise _fail(launcher, read, f"{nodelist_name}: {exc}", "set MASTER_ADDR to the first node's host name") \
-                from None
-    port = _port(read, launcher)
-    if port is None and "SLURM_JOB_ID" in read:  # the same on every task, different across jobs and steps
-        step = _int(read, "SLURM_STEP_ID", launcher) if "SLURM_STEP_ID" in read else 0
-        port = 15000 + (_int(read, "SLURM_JOB_ID", launcher) + 7919 * step) % 20000
-    return LaunchEnv(launcher, rank, world, local_rank, local_world, node, addr, port, read)
-
-
-def _pmi_disagrees_with_slurm(env: Mapping[str, str]) -> bool:
-    """MPI started inside an allocation (mpiexec over srun): SLURM_PROCID is then the proxy's, not ours."""
-    rank = env.get("PMI_RANK", env.get("PMIX_RANK"))
-    world = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS"))
-    return "PMI_SIZE" in env and (str(rank).strip(), str(env["PMI_SIZE"]).strip()) != (
-        str(env["SLURM_PROCID"]).strip(), str(world).strip())
-
-
-def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
-    """Parse the launcher's variables from ``environ`` (default ``os.environ``). Pure and torch-free.
-
-    The most specific variables win: torch-style RANK/WORLD_SIZE (torchrun, also inside SLURM;
-    DeepSpeed; Kubeflow), then MPI's per-process ranks (Open MPI, MVAPICH, MPICH / Intel MPI / PMI),
-    then SLURM (srun), else a single process. Inconsistent values raise ``DistInitError``.
-    """
-    env = os.environ if environ is None else environ
-    if "RANK" in env or "WORLD_SIZE" in env:
-        return _torch_style(env)
-    if "OMPI_COMM_WORLD_RANK" in env or "OMPI_COMM_WORLD_SIZE" in env:
-        return _mpi(env, "openmpi")
-    if "MV2_COMM_WORLD_RANK" in env or "MV2_COMM_WORLD_SIZE" in env:
-        return _mpi(env, "mvapich")
-    pmi = "PMI_RANK" in env or "PMIX_RANK" in env
-    if "SLURM_PROCID" in env and not (pmi and _pmi_disagrees_with_slurm(env)):
-        return _slurm(env)
-    if pmi:
-        return _mpi(env, "mpich")
-    return LaunchEnv("single", variables=_read(env, _MASTER))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,20 +137,29 @@ def _client_store(launch: LaunchEnv, deadline: float, connect_timeout: float) ->
     """A TCPStore client, within ``deadline``: resolve, probe the port, then connect in a thread,
     because torch's handshake waits forever on a port held by a program that never answers."""
     addr, port = str(launch.master_addr), int(launch.master_port or 0)
-    reach_fix = ("rank 0 has not started or crashed (check its log); MASTER_ADDR must be rank 0's address as seen "
-                 "from this node; every rank needs the same MASTER_PORT; a firewall may block the port; or raise "
-                 "connect_timeout when ranks start far apart")
+    reach_fix = (
+        "rank 0 has not started or crashed (check its log); MASTER_ADDR must be rank 0's address as seen "
+        "from this node; every rank needs the same MASTER_PORT; a firewall may block the port; or raise "
+        "connect_timeout when ranks start far apart"
+    )
     try:
         socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise _init_error(launch, f"MASTER_ADDR={addr!r} does not resolve ({exc.strerror})",
-                          "set MASTER_ADDR to rank 0's host name or IP address as seen from this node") from exc
+        raise _init_error(
+            launch,
+            f"MASTER_ADDR={addr!r} does not resolve ({exc.strerror})",
+            "set MASTER_ADDR to rank 0's host name or IP address as seen from this node",
+        ) from exc
     start = time.monotonic()
     error = _probe(addr, port, deadline)
     if error is not None:
-        raise _init_error(launch, f"cannot reach the rendezvous at MASTER_ADDR={addr}:MASTER_PORT={port} within "
-                          f"connect_timeout={connect_timeout:g}s (gave up after {time.monotonic() - start:.1f}s; "
-                          f"last error: {error})", reach_fix)
+        raise _init_error(
+            launch,
+            f"cannot reach the rendezvous at MASTER_ADDR={addr}:MASTER_PORT={port} within "
+            f"connect_timeout={connect_timeout:g}s (gave up after {time.monotonic() - start:.1f}s; "
+            f"last error: {error})",
+            reach_fix,
+        )
     dist, box = _torch_dist(), {}
 
     def connect() -> None:
@@ -478,12 +177,18 @@ def _client_store(launch: LaunchEnv, deadline: float, connect_timeout: float) ->
             box["store"].add(_JOINED, 1)  # rank 0 waits for this (see _server_store)
         return box["store"]
     if "error" in box:
-        raise _init_error(launch, f"the rendezvous at MASTER_ADDR={addr}:MASTER_PORT={port} refused this rank: "
-                          f"{_first_line(box['error'])}", reach_fix) from box["error"]
-    raise _init_error(launch, f"MASTER_ADDR={addr}:MASTER_PORT={port} accepts connections but does not answer as "
-                      f"a rendezvous store within connect_timeout={connect_timeout:g}s",
-                      "another program holds that port, or rank 0 is stuck: choose another MASTER_PORT "
-                      f"(`ss -ltnp | grep {port}` on {addr} shows who holds it)")
+        raise _init_error(
+            launch,
+            f"the rendezvous at MASTER_ADDR={addr}:MASTER_PORT={port} refused this rank: {_first_line(box['error'])}",
+            reach_fix,
+        ) from box["error"]
+    raise _init_error(
+        launch,
+        f"MASTER_ADDR={addr}:MASTER_PORT={port} accepts connections but does not answer as "
+        f"a rendezvous store within connect_timeout={connect_timeout:g}s",
+        "another program holds that port, or rank 0 is stuck: choose another MASTER_PORT "
+        f"(`ss -ltnp | grep {port}` on {addr} shows who holds it)",
+    )
 
 
 _JOINED = "ratlib/dist_init/joined"  # each client rank adds 1 once connected; rank 0 waits for world_size - 1
@@ -498,26 +203,42 @@ def _server_store(launch: LaunchEnv, connect_timeout: float) -> Any:
     """
     port = int(launch.master_port or 0)
     try:
-        store = _torch_dist().TCPStore(launch.master_addr, port, launch.world_size, True,
-                                       timeout=timedelta(seconds=connect_timeout), wait_for_workers=False,
-                                       multi_tenant=True)
+        store = _torch_dist().TCPStore(
+            launch.master_addr,
+            port,
+            launch.world_size,
+            True,
+            timeout=timedelta(seconds=connect_timeout),
+            wait_for_workers=False,
+            multi_tenant=True,
+        )
     except Exception as exc:
         text = _first_line(exc)
         if "EADDRINUSE" in text or "already in use" in text.lower():
-            raise _init_error(launch, f"MASTER_PORT={port} is already in use on this host (another job, or a "
-                              "previous run that still holds it)", "choose another MASTER_PORT (torchrun "
-                              f"--master_port), or stop the process holding it (`ss -ltnp | grep {port}`)") from exc
-        raise _init_error(launch, f"cannot open the rendezvous on MASTER_PORT={port}: {text}",
-                          "choose another MASTER_PORT, or check that this host may listen on it") from exc
+            raise _init_error(
+                launch,
+                f"MASTER_PORT={port} is already in use on this host (another job, or a "
+                "previous run that still holds it)",
+                "choose another MASTER_PORT (torchrun "
+                f"--master_port), or stop the process holding it (`ss -ltnp | grep {port}`)",
+            ) from exc
+        raise _init_error(
+            launch,
+            f"cannot open the rendezvous on MASTER_PORT={port}: {text}",
+            "choose another MASTER_PORT, or check that this host may listen on it",
+        ) from exc
     deadline = time.monotonic() + connect_timeout
     while (joined := store.add(_JOINED, 0)) < launch.world_size - 1:
         if time.monotonic() >= deadline:
-            raise _init_error(launch, f"not every rank reached the rendezvous on MASTER_PORT={port} within "
-                              f"connect_timeout={connect_timeout:g}s ({joined + 1}/{launch.world_size} ranks "
-                              "joined, rank 0 included)",
-                              f"start all {launch.world_size} ranks (WORLD_SIZE must match how many you start); "
-                              "check the other ranks' logs for their own error; give every rank the same "
-                              "MASTER_ADDR/MASTER_PORT; or raise connect_timeout when ranks start far apart")
+            raise _init_error(
+                launch,
+                f"not every rank reached the rendezvous on MASTER_PORT={port} within "
+                f"connect_timeout={connect_timeout:g}s ({joined + 1}/{launch.world_size} ranks "
+                "joined, rank 0 included)",
+                f"start all {launch.world_size} ranks (WORLD_SIZE must match how many you start); "
+                "check the other ranks' logs for their own error; give every rank the same "
+                "MASTER_ADDR/MASTER_PORT; or raise connect_timeout when ranks start far apart",
+            )
         time.sleep(0.0005)  # a poll is one local round trip (~50 us)
     store.delete_key(_JOINED)  # a later group on this port (multi_tenant) counts afresh
     return store
@@ -529,8 +250,11 @@ def _make_store(launch: LaunchEnv, connect_timeout: float, timeout: timedelta) -
     missing = [name for name, value in zip(_MASTER, (launch.master_addr, launch.master_port)) if not value]
     if missing:
         names = " and ".join(missing)
-        raise _init_error(launch, f"{names} not set for a {launch.world_size}-process job",
-                          f"export {names} (rank 0's host and a free port on it), or launch with torchrun")
+        raise _init_error(
+            launch,
+            f"{names} not set for a {launch.world_size}-process job",
+            f"export {names} (rank 0's host and a free port on it), or launch with torchrun",
+        )
     if launch.rank == 0 and not _uses_agent_store(launch):
         store = _server_store(launch, connect_timeout)
     else:
@@ -550,15 +274,20 @@ def _resolve_device(device: str, launch: LaunchEnv) -> torch.device:
     if device == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise _init_error(launch, "device='cuda' but torch.cuda.is_available() is False",
-                          "pass device='cpu' (with backend='gloo'), or install a CUDA build of torch")
+        raise _init_error(
+            launch,
+            "device='cuda' but torch.cuda.is_available() is False",
+            "pass device='cpu' (with backend='gloo'), or install a CUDA build of torch",
+        )
     count = torch.cuda.device_count()
     if launch.local_rank >= count:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
-        raise _init_error(launch, f"local rank {launch.local_rank} has no GPU: {count} visible "
-                          f"(CUDA_VISIBLE_DEVICES={visible})",
-                          f"start at most {count} processes per node (torchrun --nproc_per_node={count}), or "
-                          "make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+        raise _init_error(
+            launch,
+            f"local rank {launch.local_rank} has no GPU: {count} visible (CUDA_VISIBLE_DEVICES={visible})",
+            f"start at most {count} processes per node (torchrun --nproc_per_node={count}), or "
+            "make more GPUs visible (CUDA_VISIBLE_DEVICES)",
+        )
     dev = torch.device("cuda", launch.local_rank)
     torch.cuda.set_device(dev)
     return dev
@@ -567,20 +296,35 @@ def _resolve_device(device: str, launch: LaunchEnv) -> torch.device:
 def _check_backend(backend: str, dev: torch.device, launch: LaunchEnv) -> None:
     dist = _torch_dist()
     if backend == "nccl" and dev.type != "cuda":
-        raise _init_error(launch, f"backend='nccl' needs CUDA, but the device is {dev}",
-                          "use backend='gloo' on CPU (or leave backend=None to choose), or run on GPUs")
+        raise _init_error(
+            launch,
+            f"backend='nccl' needs CUDA, but the device is {dev}",
+            "use backend='gloo' on CPU (or leave backend=None to choose), or run on GPUs",
+        )
     available = getattr(dist, f"is_{backend}_available", None)
     if not dist.is_available() or (available is not None and not available()):
-        raise _init_error(launch, f"backend={backend!r} is not available in this torch build",
-                          "leave backend=None to choose, or install a torch build with that backend")
+        raise _init_error(
+            launch,
+            f"backend={backend!r} is not available in this torch build",
+            "leave backend=None to choose, or install a torch build with that backend",
+        )
 
 
 def _adopt_group(launch: LaunchEnv, dev: torch.device) -> DistInfo:
     """DistInfo for a group someone else created: the group's rank, size and backend are the truth."""
     dist = sys.modules["torch.distributed"]
-    return DistInfo(dist.get_rank(), dist.get_world_size(), launch.local_rank, launch.local_world_size,
-                    launch.node_rank, launch.launcher, str(dist.get_backend()), dev, launch.master_addr,
-                    launch.master_port)
+    return DistInfo(
+        dist.get_rank(),
+        dist.get_world_size(),
+        launch.local_rank,
+        launch.local_world_size,
+        launch.node_rank,
+        launch.launcher,
+        str(dist.get_backend()),
+        dev,
+        launch.master_addr,
+        launch.master_port,
+    )
 
 
 def init_distributed(
@@ -604,16 +348,27 @@ def init_distributed(
     global _INFO, _INIT_ARGS, _ATEXIT_REGISTERED
     td = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
     if td.total_seconds() <= 0 or not connect_timeout > 0:
-        raise ValueError(f"init_distributed: timeout={timeout!r}, connect_timeout={connect_timeout!r}; both must "
-                         "be positive (seconds, or a timedelta for timeout)")
+        raise ValueError(
+            f"init_distributed: timeout={timeout!r}, connect_timeout={connect_timeout!r}; both must "
+            "be positive (seconds, or a timedelta for timeout)"
+        )
     if backend is not None and backend not in _BACKENDS:
         raise ValueError(f"init_distributed: backend={backend!r}; expected one of {_BACKENDS} or None to choose")
-    args = {"backend": backend, "timeout": td, "connect_timeout": connect_timeout, "device": device,
-            "stall_timeout": stall_timeout, "check_collectives": check_collectives}
+    args = {
+        "backend": backend,
+        "timeout": td,
+        "connect_timeout": connect_timeout,
+        "device": device,
+        "stall_timeout": stall_timeout,
+        "check_collectives": check_collectives,
+    }
     if _INFO is not None and (_INFO.world_size == 1 or _group_ready()):
         if args != _INIT_ARGS:
-            warnings.warn(f"init_distributed called again with different arguments {args} (first call: "
-                          f"{_INIT_ARGS}); the first call's set-up stays in force", stacklevel=2)
+            warnings.warn(
+                f"init_distributed called again with different arguments {args} (first call: "
+                f"{_INIT_ARGS}); the first call's set-up stays in force",
+                stacklevel=2,
+            )
         return _INFO
     launch = detect_launch_env()
     dev = _resolve_device(device, launch)
@@ -626,20 +381,37 @@ def init_distributed(
         if launch.world_size > 1:
             store = _make_store(launch, connect_timeout, td)
             dist = _torch_dist()
-            kwargs: dict[str, Any] = {"backend": chosen, "store": store, "rank": launch.rank,
-                                      "world_size": launch.world_size, "timeout": td}
+            kwargs: dict[str, Any] = {
+                "backend": chosen,
+                "store": store,
+                "rank": launch.rank,
+                "world_size": launch.world_size,
+                "timeout": td,
+            }
             if chosen == "nccl" and "device_id" in _init_parameters(dist):
                 kwargs["device_id"] = dev
             try:
                 dist.init_process_group(**kwargs)
             except Exception as exc:
-                raise _init_error(launch, f"init_process_group(backend={chosen!r}) failed after the rendezvous at "
-                                  f"{launch.master_addr}:{launch.master_port}: {type(exc).__name__}: "
-                                  f"{_first_line(exc)}", "all ranks must agree on MASTER_ADDR, MASTER_PORT and "
-                                  f"WORLD_SIZE, and start within timeout={td}") from exc
-        info = DistInfo(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size,
-                        launch.node_rank, launch.launcher, chosen if launch.world_size > 1 else None, dev,
-                        launch.master_addr, launch.master_port)
+                raise _init_error(
+                    launch,
+                    f"init_process_group(backend={chosen!r}) failed after the rendezvous at "
+                    f"{launch.master_addr}:{launch.master_port}: {type(exc).__name__}: "
+                    f"{_first_line(exc)}",
+                    f"all ranks must agree on MASTER_ADDR, MASTER_PORT and WORLD_SIZE, and start within timeout={td}",
+                ) from exc
+        info = DistInfo(
+            launch.rank,
+            launch.world_size,
+            launch.local_rank,
+            launch.local_world_size,
+            launch.node_rank,
+            launch.launcher,
+            chosen if launch.world_size > 1 else None,
+            dev,
+            launch.master_addr,
+            launch.master_port,
+        )
     _INFO, _INIT_ARGS = info, args
     if not _ATEXIT_REGISTERED:
         atexit.register(shutdown)
@@ -694,8 +466,9 @@ def _log_failure(info: DistInfo, exc: BaseException) -> None:
     except ImportError:
         print(message % (info.rank, info.world_size, type(exc).__name__), file=sys.stderr)
         return
-    get_logger("ratlib.dist_init").error(message, info.rank, info.world_size, type(exc).__name__, exc_info=exc,
-                                         main_process_only=False)
+    get_logger("ratlib.dist_init").error(
+        message, info.rank, info.world_size, type(exc).__name__, exc_info=exc, main_process_only=False
+    )
 
 
 # ----------------------------------------------------------------------------------------------

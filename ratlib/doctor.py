@@ -26,7 +26,6 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from ratlib._atomic import write_atomic
 from ratlib.config_defaults import (
     ConfigError,
     ExperimentConfig,
@@ -36,11 +35,24 @@ from ratlib.config_defaults import (
     check_config,
     load_config,
 )
+from ratlib.io import write_atomic
 
 __all__ = ["Report", "Reported", "cli_main", "diagnose", "missing_init_files"]
 
-_SKIP = {".git", ".venv", "venv", "env", "__pycache__", "node_modules", ".tox", ".nox", "build", "dist",
-         "site-packages", ".eggs"}
+_SKIP = {
+    ".git",
+    ".venv",
+    "venv",
+    "env",
+    "__pycache__",
+    "node_modules",
+    ".tox",
+    ".nox",
+    "build",
+    "dist",
+    "site-packages",
+    ".eggs",
+}
 _CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
@@ -70,8 +82,9 @@ class Report:
     def count(self, severity: str) -> int:
         return sum(r.finding.severity == severity for r in self.findings)
 
-    def add(self, path: Path | str, severity: str, key: str, message: str, advice: str,
-            line: int | None = None) -> None:
+    def add(
+        self, path: Path | str, severity: str, key: str, message: str, advice: str, line: int | None = None
+    ) -> None:
         finding = Finding(severity, key, message, advice)  # type: ignore[arg-type]
         self.findings.append(Reported(str(path), line, finding))
 
@@ -84,8 +97,11 @@ def _walk(root: Path) -> list[tuple[Path, list[str]]]:
     """(folder, file names) under root, skipping hidden folders, virtual environments and build output."""
     out = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP and not d.startswith(".")
-                         and not (Path(folder, d) / "pyvenv.cfg").exists())
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if d not in _SKIP and not d.startswith(".") and not (Path(folder, d) / "pyvenv.cfg").exists()
+        )
         out.append((Path(folder), sorted(files)))
     return out
 
@@ -138,12 +154,20 @@ def missing_init_files(root: Path) -> list[tuple[Path, str, str]]:
                 for base in [folder, *folder.parents]:
                     for depth in range(1, len(parts)):
                         candidate = base.joinpath(*parts[:depth])
-                        if candidate in modules and candidate not in has_init and candidate not in found \
-                                and (candidate.joinpath(*parts[depth:depth + 1]).with_suffix(".py").exists()
-                                     or candidate.joinpath(parts[depth]).is_dir()):
+                        if (
+                            candidate in modules
+                            and candidate not in has_init
+                            and candidate not in found
+                            and (
+                                candidate.joinpath(*parts[depth : depth + 1]).with_suffix(".py").exists()
+                                or candidate.joinpath(parts[depth]).is_dir()
+                            )
+                        ):
                             rel = (folder / name).relative_to(root)
-                            found[candidate] = ("warning", f"{rel} line {line} imports it as "
-                                                           f"{'.'.join(parts[:depth + 1])!r}")
+                            found[candidate] = (
+                                "warning",
+                                f"{rel} line {line} imports it as {'.'.join(parts[: depth + 1])!r}",
+                            )
                     if base == root:
                         break
     return sorted((folder, sev, why) for folder, (sev, why) in found.items())
@@ -155,8 +179,13 @@ def _syntax_errors(root: Path, report: Report) -> None:
             if name.endswith(".py"):
                 error = _imports(folder / name)[2]
                 if error:
-                    report.add(folder / name, "warning", "python", f"cannot be parsed ({error})",
-                               "fix the syntax; the package checks skipped this file")
+                    report.add(
+                        folder / name,
+                        "warning",
+                        "python",
+                        f"cannot be parsed ({error})",
+                        "fix the syntax; the package checks skipped this file",
+                    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,8 +257,9 @@ def _last_line(node: yaml.Node) -> int:
     return end.line - 1 if end.column == 0 and end.line > node.start_mark.line else end.line
 
 
-def _nested_missing(node: yaml.MappingNode, data: dict[str, Any], model: BaseModel, prefix: str
-                    ) -> list[tuple[int, int, str, dict[str, Any]]]:
+def _nested_missing(
+    node: yaml.MappingNode, data: dict[str, Any], model: BaseModel, prefix: str
+) -> list[tuple[int, int, str, dict[str, Any]]]:
     """Sections missing inside the block mappings the user wrote (``training:`` without ``optimizer:``):
     (insert after this line, at this column, dotted name, defaults), deepest first per section."""
     found = []
@@ -244,8 +274,14 @@ def _nested_missing(node: yaml.MappingNode, data: dict[str, Any], model: BaseMod
         column = value_node.value[0][0].start_mark.column
         for sub_name, sub_field in sub.model_fields.items():
             if sub_name not in given and _section_model(sub_field.default) is not None:
-                found.append((_last_line(value_node), column, f"{prefix}{name}.{sub_name}",
-                              {sub_name: sub_field.default.model_dump(mode="json")}))
+                found.append(
+                    (
+                        _last_line(value_node),
+                        column,
+                        f"{prefix}{name}.{sub_name}",
+                        {sub_name: sub_field.default.model_dump(mode="json")},
+                    )
+                )
     return found
 
 
@@ -257,11 +293,16 @@ def fix_config(path: Path, schema: type[BaseModel] = ExperimentConfig) -> list[s
     text = path.read_text(encoding="utf-8")
     root = yaml.compose(text)
     if root is not None and (not isinstance(root, yaml.MappingNode) or root.flow_style):
-        raise ConfigError(f"{path}: the top level is not a block mapping; --fix only appends sections to "
-                          "block-style configs ('training:' on its own line)")
+        raise ConfigError(
+            f"{path}: the top level is not a block mapping; --fix only appends sections to "
+            "block-style configs ('training:' on its own line)"
+        )
     data = yaml.safe_load(text) or {}
-    missing = [name for name, info in schema.model_fields.items()
-               if name not in data and _section_model(info.default) is not None]
+    missing = [
+        name
+        for name, info in schema.model_fields.items()
+        if name not in data and _section_model(info.default) is not None
+    ]
     nested = _nested_missing(root, data, schema.model_construct(), "") if root is not None else []
     if not missing and not nested:
         return []
@@ -271,16 +312,23 @@ def fix_config(path: Path, schema: type[BaseModel] = ExperimentConfig) -> list[s
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"
     # bottom up, so earlier line numbers stay valid; at one line in reverse, so they end up in schema order
-    for after, column, dotted, defaults in [nested[i] for i in sorted(range(len(nested)),
-                                                                  key=lambda i: (nested[i][0], i), reverse=True)]:
+    for after, column, dotted, defaults in [
+        nested[i] for i in sorted(range(len(nested)), key=lambda i: (nested[i][0], i), reverse=True)
+    ]:
         pad = " " * column
         block = yaml.dump(defaults, Dumper=_Dumper, sort_keys=False, indent=indent)
-        lines[after + 1:after + 1] = [f"{pad}# Added by `ratlib doctor --fix`: the defaults of {dotted}.\n",
-                                      *(f"{pad}{line}\n" for line in block.splitlines())]
+        lines[after + 1 : after + 1] = [
+            f"{pad}# Added by `ratlib doctor --fix`: the defaults of {dotted}.\n",
+            *(f"{pad}{line}\n" for line in block.splitlines()),
+        ]
     new = "".join(lines)
     if missing:
-        block = yaml.dump({name: schema.model_fields[name].default.model_dump(mode="json") for name in missing},
-                          Dumper=_Dumper, sort_keys=False, indent=indent)
+        block = yaml.dump(
+            {name: schema.model_fields[name].default.model_dump(mode="json") for name in missing},
+            Dumper=_Dumper,
+            sort_keys=False,
+            indent=indent,
+        )
         new += f"\n# Added by `ratlib doctor --fix`: the defaults of {', '.join(missing)}.\n" + block
     backup = path.with_name(path.name + ".bak")
     shutil.copy2(path, backup)
@@ -297,8 +345,9 @@ def fix_config(path: Path, schema: type[BaseModel] = ExperimentConfig) -> list[s
     return [f"{path}: added section(s) {', '.join(added)} with their defaults (backup: {backup})"]
 
 
-def _check_one(path: Path, report: Report, schema: type[BaseModel], world_size: int,
-               device: str | None, memory: float | None) -> None:
+def _check_one(
+    path: Path, report: Report, schema: type[BaseModel], world_size: int, device: str | None, memory: float | None
+) -> None:
     report.configs.append(str(path))
     try:
         lines = _key_lines(path.read_text(encoding="utf-8"))
@@ -310,8 +359,14 @@ def _check_one(path: Path, report: Report, schema: type[BaseModel], world_size: 
         if not exc.problems:  # the file itself: missing, unreadable, not YAML
             report.add(path, "error", "config", str(exc), "fix the file; see the position above")
         for key, message in exc.problems:
-            report.add(path, "error", key, message, "fix or delete the key (deleted keys take their defaults)",
-                       lines.get(tuple(key.split("."))))
+            report.add(
+                path,
+                "error",
+                key,
+                message,
+                "fix or delete the key (deleted keys take their defaults)",
+                lines.get(tuple(key.split("."))),
+            )
         return
     for finding in check_config(cfg, world_size, device=device, device_memory_gib=memory):  # type: ignore[arg-type]
         report.findings.append(Reported(str(path), lines.get(tuple(finding.key.split("."))), finding))
@@ -329,9 +384,13 @@ def _version(name: str) -> str | None:
 
 
 def _environment(report: Report, device: str | None) -> None:
-    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                           "packages": {n: _version(n) for n in ("torch", "torchvision", "deepspeed", "pycocotools",
-                                                                 "pydantic", "PyYAML")}}
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {
+            n: _version(n) for n in ("torch", "torchvision", "deepspeed", "pycocotools", "pydantic", "PyYAML")
+        },
+    }
     torch = sys.modules.get("torch")  # imported by device detection; never imported just for this
     if torch is not None:
         env["cuda_available"] = torch.cuda.is_available()
@@ -343,8 +402,13 @@ def _environment(report: Report, device: str | None) -> None:
         env["launcher"] = {"name": launch.launcher, "rank": launch.rank, "world_size": launch.world_size}
     except DistInitError as exc:
         env["launcher"] = {"error": str(exc).splitlines()[0]}
-        report.add("environment", "error", "launcher", str(exc).splitlines()[0],
-                   "fix or unset the launcher variables it names (see `ratlib env`)")
+        report.add(
+            "environment",
+            "error",
+            "launcher",
+            str(exc).splitlines()[0],
+            "fix or unset the launcher variables it names (see `ratlib env`)",
+        )
     if env["packages"]["torch"] is None:
         report.add("environment", "error", "torch", "torch is not installed", "install PyTorch for your CUDA version")
     env["device"] = device or "auto"
@@ -363,9 +427,10 @@ def _load_schema(spec: str | None) -> type[BaseModel]:
     try:
         schema = getattr(importlib.import_module(module_name), attr or "")
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"--schema {spec!r}: cannot load it ({type(exc).__name__}: {exc}); expected "
-                          "MODULE:CLASS with MODULE importable from the current folder, e.g. myproj.config:SegConfig") \
-            from None
+        raise ConfigError(
+            f"--schema {spec!r}: cannot load it ({type(exc).__name__}: {exc}); expected "
+            "MODULE:CLASS with MODULE importable from the current folder, e.g. myproj.config:SegConfig"
+        ) from None
     finally:
         sys.path.remove(os.getcwd())
     if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
@@ -373,9 +438,15 @@ def _load_schema(spec: str | None) -> type[BaseModel]:
     return schema
 
 
-def diagnose(paths: list[str], *, world_size: int = 1, device: str | None = None,
-             device_memory_gib: float | None = None, schema: type[BaseModel] = ExperimentConfig,
-             fix: bool = False) -> Report:
+def diagnose(
+    paths: list[str],
+    *,
+    world_size: int = 1,
+    device: str | None = None,
+    device_memory_gib: float | None = None,
+    schema: type[BaseModel] = ExperimentConfig,
+    fix: bool = False,
+) -> Report:
     """Check every config file and folder in ``paths``; with ``fix``, repair what can be repaired
     first (missing sections, missing ``__init__.py``) and report the state after it."""
     report = Report()
@@ -390,16 +461,26 @@ def diagnose(paths: list[str], *, world_size: int = 1, device: str | None = None
                 try:
                     report.changes += fix_config(config, schema)
                 except (ConfigError, yaml.YAMLError) as exc:  # nothing was written; the check below says more
-                    report.add(config, "info", "--fix", f"not fixed: {str(exc).splitlines()[0]}",
-                               "fix the errors reported for this file, then run --fix again")
+                    report.add(
+                        config,
+                        "info",
+                        "--fix",
+                        f"not fixed: {str(exc).splitlines()[0]}",
+                        "fix the errors reported for this file, then run --fix again",
+                    )
         if path.is_dir():
             for folder, severity, why in missing_init_files(path):
                 if fix:
                     (folder / "__init__.py").touch()
                     report.changes.append(f"{folder}: created __init__.py ({why})")
                     continue
-                report.add(folder, severity, "__init__.py", f"Python modules used as a package ({why}) but no "
-                           "__init__.py", f"create {folder / '__init__.py'} (empty is enough), or run with --fix")
+                report.add(
+                    folder,
+                    severity,
+                    "__init__.py",
+                    f"Python modules used as a package ({why}) but no __init__.py",
+                    f"create {folder / '__init__.py'} (empty is enough), or run with --fix",
+                )
             _syntax_errors(path, report)
         for config in configs:
             _check_one(config, report, schema, world_size, device, device_memory_gib)
@@ -418,9 +499,11 @@ def _print(report: Report) -> None:
     launcher = env["launcher"]
     where = launcher.get("error") or f"{launcher['name']} (rank {launcher['rank']} of {launcher['world_size']})"
     print(f"environment: python {env['python']}, {packages}{gpus}; launcher: {where}")
-    print(f"checked {len(report.configs)} config(s)"
-          + (f", skipped {len(report.skipped)} other YAML file(s)" if report.skipped else "")
-          + f": {report.count('error')} error(s), {report.count('warning')} warning(s), {report.count('info')} info")
+    print(
+        f"checked {len(report.configs)} config(s)"
+        + (f", skipped {len(report.skipped)} other YAML file(s)" if report.skipped else "")
+        + f": {report.count('error')} error(s), {report.count('warning')} warning(s), {report.count('info')} info"
+    )
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -431,16 +514,30 @@ def cli_main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ratlib doctor: {exc}", file=sys.stderr)
         return 2
-    report = diagnose(list(args.paths), world_size=getattr(args, "world_size", 1), device=device,
-                      device_memory_gib=getattr(args, "gpu_memory", None), schema=schema,
-                      fix=getattr(args, "fix", False))
+    report = diagnose(
+        list(args.paths),
+        world_size=getattr(args, "world_size", 1),
+        device=device,
+        device_memory_gib=getattr(args, "gpu_memory", None),
+        schema=schema,
+        fix=getattr(args, "fix", False),
+    )
     errors, warnings = report.count("error"), report.count("warning")
     if args.json:
-        print(json.dumps({
-            "errors": errors, "warnings": warnings,
-            "findings": [{"path": r.path, "line": r.line, **asdict(r.finding)} for r in report.findings],
-            "configs": report.configs, "skipped": report.skipped, "changes": report.changes,
-            "environment": report.environment}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "errors": errors,
+                    "warnings": warnings,
+                    "findings": [{"path": r.path, "line": r.line, **asdict(r.finding)} for r in report.findings],
+                    "configs": report.configs,
+                    "skipped": report.skipped,
+                    "changes": report.changes,
+                    "environment": report.environment,
+                },
+                indent=2,
+            )
+        )
     else:
         _print(report)
     return 1 if errors or (args.strict and warnings) else 0

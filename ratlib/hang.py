@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 from types import FrameType
 from typing import Any
 
@@ -140,10 +140,13 @@ def install(
     calls it for you. ``dump_signal=None`` installs no signal handler. With ``abort_after_dump=False``
     a stall is reported (dump, summary) and the process goes on.
     """
-    if stall_timeout is not None and (isinstance(stall_timeout, bool) or not isinstance(stall_timeout, (int, float))
-                                      or not stall_timeout > 0):
-        raise ValueError(f"ratlib.hang.install: stall_timeout={stall_timeout!r}; expected a number of seconds > 0 "
-                         "(longer than your slowest step, e.g. 300) or None for no watchdog")
+    if stall_timeout is not None and (
+        isinstance(stall_timeout, bool) or not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0
+    ):
+        raise ValueError(
+            f"ratlib.hang.install: stall_timeout={stall_timeout!r}; expected a number of seconds > 0 "
+            "(longer than your slowest step, e.g. 300) or None for no watchdog"
+        )
     signum = _signal_number(dump_signal)
     with _LOCK:
         _teardown()
@@ -155,16 +158,24 @@ def install(
             _register_signal(signum)
         if stall_timeout is not None:
             _S.watch_store = _clone_store()
-            _S.watchdog = threading.Thread(target=_watch, args=(_S.stop, float(stall_timeout)),
-                                           name="ratlib-hang-watchdog", daemon=True)
+            _S.watchdog = threading.Thread(
+                target=_watch, args=(_S.stop, float(stall_timeout)), name="ratlib-hang-watchdog", daemon=True
+            )
             _S.watchdog.start()
         _S.installed = True
-    parts = [f"stall watchdog {stall_timeout:g} s (armed by the first heartbeat)" if stall_timeout else
-             "no stall watchdog", f"{_signame(signum)} dumps stacks" if signum else "no dump signal",
-             "collective check on" if check_collectives else "collective check off"]
-    where = "" if _S.watch_store is not None or stall_timeout is None or _world() == 1 else (
-        "; no process-group store yet: the cross-rank summary needs init_distributed() before a stall, "
-        "otherwise each rank reports alone")
+    parts = [
+        f"stall watchdog {stall_timeout:g} s (armed by the first heartbeat)" if stall_timeout else "no stall watchdog",
+        f"{_signame(signum)} dumps stacks" if signum else "no dump signal",
+        "collective check on" if check_collectives else "collective check off",
+    ]
+    where = (
+        ""
+        if _S.watch_store is not None or stall_timeout is None or _world() == 1
+        else (
+            "; no process-group store yet: the cross-rank summary needs init_distributed() before a stall, "
+            "otherwise each rank reports alone"
+        )
+    )
     log.info("ratlib.hang installed: %s%s", ", ".join(parts), where)
 
 
@@ -206,8 +217,10 @@ def _signal_number(value: str | int | signal.Signals | None) -> int | None:
         return int(number)
     if value == "SIGUSR1" and sys.platform == "win32":  # pragma: no cover - no user signals on Windows
         return None
-    raise ValueError(f"ratlib.hang.install: dump_signal={value!r} is not a signal on this platform; "
-                     "use e.g. 'SIGUSR1' or 'SIGUSR2', or None for no signal handler")
+    raise ValueError(
+        f"ratlib.hang.install: dump_signal={value!r} is not a signal on this platform; "
+        "use e.g. 'SIGUSR1' or 'SIGUSR2', or None for no signal handler"
+    )
 
 
 def _signame(signum: int) -> str:
@@ -234,11 +247,14 @@ def _register_signal(signum: int) -> None:
     except (RuntimeError, ValueError, OSError) as exc:
         os.close(read_fd)
         os.close(write_fd)
-        raise ValueError(f"ratlib.hang.install: cannot dump stacks on signal {signum} ({exc}); "
-                         "choose a user signal such as 'SIGUSR1' or 'SIGUSR2'") from exc
+        raise ValueError(
+            f"ratlib.hang.install: cannot dump stacks on signal {signum} ({exc}); "
+            "choose a user signal such as 'SIGUSR1' or 'SIGUSR2'"
+        ) from exc
     _S.signum, _S.pipe = signum, (read_fd, write_fd)
-    _S.tee = threading.Thread(target=_copy_dumps, args=(read_fd, _signame(signum)),
-                              name="ratlib-hang-dump", daemon=True)
+    _S.tee = threading.Thread(
+        target=_copy_dumps, args=(read_fd, _signame(signum)), name="ratlib-hang-dump", daemon=True
+    )
     _S.tee.start()
 
 
@@ -255,9 +271,14 @@ def _copy_dumps(read_fd: int, signame: str) -> None:
                     break
                 parts.append(more)
             text = b"".join(parts).decode("utf-8", "replace")
-            log.warning("%s stack dump on %s (pid %d on %s); the process goes on. All threads, most recent "
-                        "call first:\n%s", rank_tag(), signame, os.getpid(), socket.gethostname(),
-                        _name_threads(text))
+            log.warning(
+                "%s stack dump on %s (pid %d on %s); the process goes on. All threads, most recent call first:\n%s",
+                rank_tag(),
+                signame,
+                os.getpid(),
+                socket.gethostname(),
+                _name_threads(text),
+            )
     finally:
         os.close(read_fd)
 
@@ -285,15 +306,21 @@ def _name_threads(text: str) -> str:
 
 def dump_stacks(reason: str = "on request") -> None:
     """Log every thread's stack now (WARNING, into the rank log and stderr)."""
-    log.warning("%s stack dump %s (pid %d on %s). All threads, most recent call first:\n%s", rank_tag(), reason,
-                os.getpid(), socket.gethostname(), _stack_text())
+    log.warning(
+        "%s stack dump %s (pid %d on %s). All threads, most recent call first:\n%s",
+        rank_tag(),
+        reason,
+        os.getpid(),
+        socket.gethostname(),
+        _stack_text(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Where a thread is
 
 
-@lru_cache(maxsize=None)
+@cache
 def _is_library(filename: str) -> bool:
     if filename.startswith("<frozen"):
         return True
@@ -372,10 +399,12 @@ def _clone_store() -> Any | None:
 def _require_store(what: str) -> Any | None:
     store = _clone_store()
     if store is None and _world() > 1:
-        raise RuntimeError(f"ratlib.hang: {what} needs the process group's store, but "
-                           f"{'torch.distributed is not initialised' if _group() is None else 'none was found'} "
-                           f"on {rank_tag()}. Call install() after init_distributed(), or pass "
-                           "init_distributed(check_collectives=True)")
+        raise RuntimeError(
+            f"ratlib.hang: {what} needs the process group's store, but "
+            f"{'torch.distributed is not initialised' if _group() is None else 'none was found'} "
+            f"on {rank_tag()}. Call install() after init_distributed(), or pass "
+            "init_distributed(check_collectives=True)"
+        )
     return store
 
 
@@ -408,9 +437,18 @@ def before_collective(op: str) -> None:
     site, site_id = _call_site()
     seq = _S.seq
     _S.seq += 1
-    _agree(store, int(dist.get_rank()), int(dist.get_world_size()), seq,
-           {"op": op, "site": site, "id": site_id, "step": _step if isinstance(_step, (int, float)) else
-            (None if _step is None else str(_step))})
+    _agree(
+        store,
+        int(dist.get_rank()),
+        int(dist.get_world_size()),
+        seq,
+        {
+            "op": op,
+            "site": site,
+            "id": site_id,
+            "step": _step if isinstance(_step, (int, float)) else (None if _step is None else str(_step)),
+        },
+    )
 
 
 def _agree(store: Any, rank: int, world: int, seq: int, record: dict[str, Any]) -> None:
@@ -428,7 +466,8 @@ def _agree(store: Any, rank: int, world: int, seq: int, record: dict[str, Any]) 
             f"ratlib collective #{seq} ({record['op']} at {record['site']}, step {record['step']}): "
             f"{_ranks(missing)} never reached it within the store timeout ({exc.__class__.__name__}). "
             "They are in a collective that is not from ratlib.comm, stuck, or dead: see their logs "
-            "(install(stall_timeout=...) dumps their stacks)") from None
+            "(install(stall_timeout=...) dumps their stacks)"
+        ) from None
     if seq >= 2:
         with contextlib.suppress(Exception):  # every rank has read collective seq-2's records by now
             store.delete_key(f"{_PREFIX}coll/{seq - 2}/{rank}")
@@ -444,10 +483,12 @@ def _mismatch_message(seq: int, records: list[dict[str, Any]]) -> str:
     lines = [f"ratlib collective #{seq} differs across ranks (check_collectives=True):"]
     for (op, site, step), ranks in sorted(groups.items(), key=lambda kv: kv[1][0]):
         lines.append(f"  {_ranks(ranks)}: {op} at {site} (step {step})")
-    lines.append("Every rank must call the same collectives in the same order and step; without this check "
-                 "the job would hang or silently pair different collectives here. Look for a branch that "
-                 "differs by rank before these call sites (a data-dependent if, an uneven last batch, an "
-                 "exception caught on one rank).")
+    lines.append(
+        "Every rank must call the same collectives in the same order and step; without this check "
+        "the job would hang or silently pair different collectives here. Look for a branch that "
+        "differs by rank before these call sites (a data-dependent if, an uneven last batch, an "
+        "exception caught on one rank)."
+    )
     return "\n".join(lines)
 
 
@@ -512,8 +553,9 @@ def _odd_ranks(reports: dict[int, StallReport], world_size: int) -> tuple[dict[i
     return odd, f"odd one out: {_ranks(odd)}"
 
 
-def format_summary(reports: Iterable[StallReport], world_size: int, stall_timeout: float,
-                   now: float | None = None) -> tuple[str, list[int]]:
+def format_summary(
+    reports: Iterable[StallReport], world_size: int, stall_timeout: float, now: float | None = None
+) -> tuple[str, list[int]]:
     """The hang summary table, and the odd ranks (those not at the majority's step and place)."""
     by_rank = {r.rank: r for r in reports}
     now = time.time() if now is None else now
@@ -525,17 +567,39 @@ def format_summary(reports: Iterable[StallReport], world_size: int, stall_timeou
         mark = ">>" if rank in odd else ""
         note = f"<- {odd[rank]}" if rank in odd else ""
         if rep is None:
-            rows.append([mark, str(rank), "?", "?", "(no report: still running, dead, or blocked holding the GIL)",
-                         "", "", note])
+            rows.append(
+                [
+                    mark,
+                    str(rank),
+                    "?",
+                    "?",
+                    "(no report: still running, dead, or blocked holding the GIL)",
+                    "",
+                    "",
+                    note,
+                ]
+            )
             continue
         site = "same" if rep.site == rep.frame else rep.site
-        rows.append([mark, str(rank), str(rep.step), f"{max(now - rep.beat_time, 0):.1f}s", rep.frame, site,
-                     f"{rep.host}:{rep.pid}", note])
+        rows.append(
+            [
+                mark,
+                str(rank),
+                str(rep.step),
+                f"{max(now - rep.beat_time, 0):.1f}s",
+                rep.frame,
+                site,
+                f"{rep.host}:{rep.pid}",
+                note,
+            ]
+        )
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
     table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head, *rows]]
-    text = (f"hang summary: {len(by_rank)} of {world_size} rank(s) stalled (no heartbeat for {stall_timeout:g} s); "
-            f"{verdict}.\n" + "\n".join(table) + "\nEvery stalled rank's log has the stacks of all its threads. "
-            "Ranks blocked in a collective are usually waiting for the odd one: look at its innermost frame.")
+    text = (
+        f"hang summary: {len(by_rank)} of {world_size} rank(s) stalled (no heartbeat for {stall_timeout:g} s); "
+        f"{verdict}.\n" + "\n".join(table) + "\nEvery stalled rank's log has the stacks of all its threads. "
+        "Ranks blocked in a collective are usually waiting for the odd one: look at its innermost frame."
+    )
     return text, sorted(odd)
 
 
@@ -574,27 +638,45 @@ def _on_stall(age: float, stall_timeout: float) -> None:
     rank = current_rank()[0]
     world = _world()
     me = StallReport(rank, step, time.time() - age, frame, site, socket.gethostname(), os.getpid())
-    log.error("%s no heartbeat for %.1f s (stall_timeout=%g s): last step %s; main thread at %s%s. "
-              "Stacks of all threads, most recent call first:\n%s", rank_tag(), age, stall_timeout, step, frame,
-              "" if site == frame else f", called from {site}", _stack_text())
+    log.error(
+        "%s no heartbeat for %.1f s (stall_timeout=%g s): last step %s; main thread at %s%s. "
+        "Stacks of all threads, most recent call first:\n%s",
+        rank_tag(),
+        age,
+        stall_timeout,
+        step,
+        frame,
+        "" if site == frame else f", called from {site}",
+        _stack_text(),
+    )
     if _S.abort:
         _take_excepthook()
     summary = _share(me, world, stall_timeout)
     odd = summary.get("odd", [])
-    odd_text = (f"Odd one out: {_ranks(odd)}{' (this rank)' if rank in odd else ''}" if odd else
-                "No single odd rank")
+    odd_text = f"Odd one out: {_ranks(odd)}{' (this rank)' if rank in odd else ''}" if odd else "No single odd rank"
     printer = summary.get("printer")
-    table_at = ("this log" if printer == rank else f"rank {printer}'s log" if printer is not None
-                else "not printed (no rank could)")
-    message = (f"{rank_tag()} no heartbeat for {age:.1f} s (stall_timeout={stall_timeout:g} s): last step {step}, "
-               f"main thread at {site}. {odd_text}. Summary table: {table_at}; stacks: {log_file_path() or 'stderr'}.")
+    table_at = (
+        "this log"
+        if printer == rank
+        else f"rank {printer}'s log"
+        if printer is not None
+        else "not printed (no rank could)"
+    )
+    message = (
+        f"{rank_tag()} no heartbeat for {age:.1f} s (stall_timeout={stall_timeout:g} s): last step {step}, "
+        f"main thread at {site}. {odd_text}. Summary table: {table_at}; stacks: {log_file_path() or 'stderr'}."
+    )
     if not _S.abort:
         log.error("%s Going on (abort_after_dump=False).", message)
         _S.finished.set()
         return
-    log.critical("%s ending this process with exit code %d, so that the job fails now instead of waiting for the "
-                 "collective timeout (install(abort_after_dump=False) only reports)", rank_tag(), HANG_EXIT_CODE,
-                 exc_info=(HangError, HangError(message), None))
+    log.critical(
+        "%s ending this process with exit code %d, so that the job fails now instead of waiting for the "
+        "collective timeout (install(abort_after_dump=False) only reports)",
+        rank_tag(),
+        HANG_EXIT_CODE,
+        exc_info=(HangError, HangError(message), None),
+    )
     _leave(summary, rank)
 
 
@@ -609,8 +691,11 @@ def _share(me: StallReport, world: int, stall_timeout: float) -> dict[str, Any]:
         return _share_through(store, me, world, stall_timeout)
     except Exception as exc:  # the store's host died: report alone
         text, odd = format_summary([me], world, stall_timeout)
-        log.error("%s\n(the store is unreachable: %s; the other ranks' reports are in their own logs)", text,
-                  str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        log.error(
+            "%s\n(the store is unreachable: %s; the other ranks' reports are in their own logs)",
+            text,
+            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+        )
         return {"printer": me.rank, "odd": odd}
 
 
@@ -657,9 +742,14 @@ def _leave(summary: dict[str, Any], rank: int) -> None:
 
 def _take_excepthook() -> None:
     """Once a hang is declared, a peer's exit breaks this rank's collective: end with the hang's exit code."""
+
     def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
-        log.warning("%s main thread raised %s after the hang was declared (a peer rank ended): %s", rank_tag(),
-                    exc_type.__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+        log.warning(
+            "%s main thread raised %s after the hang was declared (a peer rank ended): %s",
+            rank_tag(),
+            exc_type.__name__,
+            str(exc).splitlines()[0][:300] if str(exc) else "",
+        )
         _S.finished.wait(_REPORT_WINDOW_CAP + 15)
         _exit()
 

@@ -25,9 +25,11 @@ from typing import Any
 __all__ = ["MemoryReport", "RankMemory", "memory_report", "peak_memory", "reset_peak_memory"]
 
 GIB = 1024**3
-REMEDIES = ("a smaller per-device training.batch_size (raise training.gradient_accumulation_steps to keep "
-            "the global batch), activation checkpointing, or DeepSpeed ZeRO (training.deepspeed.enabled=true, "
-            "zero_stage 2 or 3); ratlib.check_config / `ratlib doctor` estimate the memory a config needs")
+REMEDIES = (
+    "a smaller per-device training.batch_size (raise training.gradient_accumulation_steps to keep "
+    "the global batch), activation checkpointing, or DeepSpeed ZeRO (training.deepspeed.enabled=true, "
+    "zero_stage 2 or 3); ratlib.check_config / `ratlib doctor` estimate the memory a config needs"
+)
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,10 @@ class MemoryReport:
         for r in self.ranks:
             share = f"{r.fraction:6.1%}" if r.fraction is not None else "     ?"
             mark = "  <- peak" if r.rank == top and len(self.ranks) > 1 else ""
-            lines.append(f"{r.rank:>4}  {r.kind:<4}  {r.device:<7}  {r.peak / GIB:8.3f}  "
-                         f"{r.peak_allocated / GIB:13.3f}  {share}{mark}")
+            lines.append(
+                f"{r.rank:>4}  {r.kind:<4}  {r.device:<7}  {r.peak / GIB:8.3f}  "
+                f"{r.peak_allocated / GIB:13.3f}  {share}{mark}"
+            )
         return "\n".join(lines)
 
 
@@ -163,14 +167,21 @@ def peak_memory(device: Any = None) -> RankMemory:
     if dev.type == "cuda":
         import torch
 
-        return RankMemory(get_rank(), "cuda", str(dev), torch.cuda.max_memory_allocated(dev),
-                          torch.cuda.max_memory_reserved(dev), torch.cuda.get_device_properties(dev).total_memory)
+        return RankMemory(
+            get_rank(),
+            "cuda",
+            str(dev),
+            torch.cuda.max_memory_allocated(dev),
+            torch.cuda.max_memory_reserved(dev),
+            torch.cuda.get_device_properties(dev).total_memory,
+        )
     rss = _peak_rss()
     return RankMemory(get_rank(), "rss", str(dev), rss, rss, _host_memory())
 
 
-def memory_report(device: Any = None, *, warn_fraction: float | None = 0.9, reset: bool = False,
-                  logger: Any = None) -> MemoryReport:
+def memory_report(
+    device: Any = None, *, warn_fraction: float | None = 0.9, reset: bool = False, logger: Any = None
+) -> MemoryReport:
     """Every rank's peak memory, gathered (a collective: call it on every rank); the same report on all.
 
     When a rank's peak passes ``warn_fraction`` of its capacity (None: never), the main rank logs a
@@ -180,8 +191,10 @@ def memory_report(device: Any = None, *, warn_fraction: float | None = 0.9, rese
     from ratlib.dist_init import is_main_process
 
     if warn_fraction is not None and not 0 < warn_fraction <= 1:
-        raise ValueError(f"memory_report: warn_fraction={warn_fraction!r}; expected a fraction in (0, 1], "
-                         "e.g. 0.9, or None for no warning")
+        raise ValueError(
+            f"memory_report: warn_fraction={warn_fraction!r}; expected a fraction in (0, 1], "
+            "e.g. 0.9, or None for no warning"
+        )
     report = MemoryReport(sorted(all_gather_object(peak_memory(device)), key=lambda r: r.rank))
     if warn_fraction is not None and is_main_process():
         if logger is None:
@@ -190,9 +203,18 @@ def memory_report(device: Any = None, *, warn_fraction: float | None = 0.9, rese
             logger = get_logger(__name__)
         for r in report.over(warn_fraction):
             what = "GPU memory (reserved)" if r.kind == "cuda" else "host memory (peak RSS)"
-            logger.warning("rank %d peak %s is %.2f GiB of %.2f GiB on %s (%.0f%%, above %.0f%%): it is close to "
-                           "running out. Remedies: %s", r.rank, what, r.peak / GIB, (r.capacity or 0) / GIB,
-                           r.device, 100 * (r.fraction or 0), 100 * warn_fraction, REMEDIES)
+            logger.warning(
+                "rank %d peak %s is %.2f GiB of %.2f GiB on %s (%.0f%%, above %.0f%%): it is close to "
+                "running out. Remedies: %s",
+                r.rank,
+                what,
+                r.peak / GIB,
+                (r.capacity or 0) / GIB,
+                r.device,
+                100 * (r.fraction or 0),
+                100 * warn_fraction,
+                REMEDIES,
+            )
     if reset:
         reset_peak_memory(device)
     return report

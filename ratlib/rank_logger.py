@@ -97,8 +97,11 @@ def _resolve() -> None:
             _STATE.rank, _STATE.world, _STATE.known = -1, -1, False
             if not _STATE.warned_bad_env:
                 _STATE.warned_bad_env = True
-                print(f"ratlib.rank_logger: cannot tell this process's rank ({exc}); every record is printed, "
-                      "tagged [rank ?/?]", file=sys.stderr)
+                print(
+                    f"ratlib.rank_logger: cannot tell this process's rank ({exc}); every record is printed, "
+                    "tagged [rank ?/?]",
+                    file=sys.stderr,
+                )
         _STATE.from_dist = False
     _STATE.resolved = True
     if _STATE.world == 1:
@@ -191,9 +194,12 @@ class _RankFileHandler(logging.FileHandler):
             stream.close()
             taken = self.baseFilename
             self.baseFilename = str(self.log_dir / f"{name}.dup-pid{os.getpid()}.log")
-            print(f"ratlib.rank_logger: {taken} is already being written by another live process, so two "
-                  f"processes claim rank {rank}; this one (pid {os.getpid()}) writes {self.baseFilename} instead. "
-                  "Check the launcher: every process needs its own RANK.", file=sys.stderr)
+            print(
+                f"ratlib.rank_logger: {taken} is already being written by another live process, so two "
+                f"processes claim rank {rank}; this one (pid {os.getpid()}) writes {self.baseFilename} instead. "
+                "Check the launcher: every process needs its own RANK.",
+                file=sys.stderr,
+            )
             stream = open(self.baseFilename, self.mode, encoding=self.encoding)
         return stream
 
@@ -238,16 +244,21 @@ def setup_logging(
     """
     lvl, other = _level(level, "level"), _level(other_ranks, "other_ranks")
     if other < lvl:
-        raise ValueError(f"setup_logging: other_ranks={other_ranks!r} is below level={level!r}; other ranks "
-                         "would print more than the main rank. Use other_ranks >= level (default WARNING)")
+        raise ValueError(
+            f"setup_logging: other_ranks={other_ranks!r} is below level={level!r}; other ranks "
+            "would print more than the main rank. Use other_ranks >= level (default WARNING)"
+        )
     directory: Path | None = None
     if log_dir is not None:
         directory = Path(log_dir).expanduser()
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OSError(exc.errno, f"setup_logging: log_dir={os.fspath(log_dir)!r} cannot be created "
-                          f"({exc.strerror}); pass a writable folder or log_dir=None") from exc
+            raise OSError(
+                exc.errno,
+                f"setup_logging: log_dir={os.fspath(log_dir)!r} cannot be created "
+                f"({exc.strerror}); pass a writable folder or log_dir=None",
+            ) from exc
         if not os.access(directory, os.W_OK):
             raise OSError(f"setup_logging: log_dir={os.fspath(log_dir)!r} is not writable; pass a writable folder")
     with _LOCK:
@@ -268,8 +279,11 @@ def setup_logging(
             fh = _RankFileHandler(directory)
             fh.setLevel(lvl)
             fh.addFilter(RankFilter())
-            fh.setFormatter(logging.Formatter("%(asctime)s %(rank_tag)s%(levelname)s %(name)s "
-                                              "[%(filename)s:%(lineno)d]: %(message)s", DATE_FORMAT))
+            fh.setFormatter(
+                logging.Formatter(
+                    "%(asctime)s %(rank_tag)s%(levelname)s %(name)s [%(filename)s:%(lineno)d]: %(message)s", DATE_FORMAT
+                )
+            )
             _STATE.handlers.append(fh)
             _STATE.file_handler = fh
         for handler in _STATE.handlers:
@@ -286,8 +300,14 @@ def _install_hooks() -> None:
 
     def sys_hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
         if not issubclass(exc_type, KeyboardInterrupt):
-            logging.getLogger("ratlib").critical("uncaught %s on %s: %s", exc_type.__name__, rank_tag(), exc,
-                                                 exc_info=(exc_type, exc, tb), extra={_ALL_RANKS: True})
+            logging.getLogger("ratlib").critical(
+                "uncaught %s on %s: %s",
+                exc_type.__name__,
+                rank_tag(),
+                exc,
+                exc_info=(exc_type, exc, tb),
+                extra={_ALL_RANKS: True},
+            )
             if previous_sys is sys.__excepthook__ and _STATE.handlers:
                 return  # our console handler printed it, tagged: Python's default would print it again
         previous_sys(exc_type, exc, tb)
@@ -296,8 +316,14 @@ def _install_hooks() -> None:
         if args.exc_type is not SystemExit:
             name = args.thread.name if args.thread is not None else "?"
             logging.getLogger("ratlib").critical(
-                "uncaught %s in thread %s on %s: %s", args.exc_type.__name__, name, rank_tag(), args.exc_value,
-                exc_info=(args.exc_type, args.exc_value, args.exc_traceback), extra={_ALL_RANKS: True})
+                "uncaught %s in thread %s on %s: %s",
+                args.exc_type.__name__,
+                name,
+                rank_tag(),
+                args.exc_value,
+                exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+                extra={_ALL_RANKS: True},
+            )
             if previous_thread is threading.__excepthook__ and _STATE.handlers:
                 return  # printed, tagged, by our console handler
         previous_thread(args)
@@ -320,8 +346,9 @@ class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         return msg, kwargs
 
-    def log(self, level: int, msg: Any, *args: Any, main_process_only: bool = True, in_order: bool = False,
-            **kwargs: Any) -> None:
+    def log(
+        self, level: int, msg: Any, *args: Any, main_process_only: bool = True, in_order: bool = False, **kwargs: Any
+    ) -> None:
         if main_process_only and level < _STATE.drop_below and not in_order:
             return  # the hot path on non-main ranks: one comparison, nothing else
         if not self.logger.isEnabledFor(level):
@@ -377,9 +404,11 @@ class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 def _forwarding(name: str) -> property:
-    return property(lambda self: getattr(self.logger, name),
-                    lambda self, value: setattr(self.logger, name, value),
-                    doc=f"The stdlib logger's ``{name}`` (read and set through this adapter).")
+    return property(
+        lambda self: getattr(self.logger, name),
+        lambda self, value: setattr(self.logger, name, value),
+        doc=f"The stdlib logger's ``{name}`` (read and set through this adapter).",
+    )
 
 
 def _add_forwards(cls: type, logger: logging.Logger) -> None:

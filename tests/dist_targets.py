@@ -51,8 +51,11 @@ def full_cycle(expected_launcher: str) -> int:
                 assert os.path.exists(marker), "a non-main rank ran the block before the main rank finished it"
         dist_init.barrier()
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "unset")
-        print(f"OK rank={r} world={w} local={info.local_rank}/{info.local_world_size} node={info.node_rank} "
-              f"agent_store={agent}", flush=True)
+        print(
+            f"OK rank={r} world={w} local={info.local_rank}/{info.local_world_size} node={info.node_rank} "
+            f"agent_store={agent}",
+            flush=True,
+        )
     assert not torch.distributed.is_initialized()
     assert dist_init.get_rank() == r  # after teardown, from the launcher again
     return 0
@@ -70,8 +73,11 @@ def init_and_leave_to_atexit(expected_launcher: str) -> int:
     info = dist_init.init_distributed(connect_timeout=60)
     assert info.launcher == expected_launcher and info.is_distributed, info
     _check_collectives(info.rank, info.world_size)
-    print(f"OK rank={info.rank} world={info.world_size} local={info.local_rank}/{info.local_world_size} "
-          f"master={info.master_addr}:{info.master_port}", flush=True)
+    print(
+        f"OK rank={info.rank} world={info.world_size} local={info.local_rank}/{info.local_world_size} "
+        f"master={info.master_addr}:{info.master_port}",
+        flush=True,
+    )
     return 0
 
 
@@ -91,14 +97,17 @@ def comm_edge_cases() -> int:
 
     info = dist_init.init_distributed(connect_timeout=60)
     r, w = info.rank, info.world_size
-    half = comm.reduce_dict({"n": torch.tensor([r], dtype=torch.int32), "x": torch.tensor(2.0 * r,
-                            dtype=torch.bfloat16)})
+    half = comm.reduce_dict(
+        {"n": torch.tensor([r], dtype=torch.int32), "x": torch.tensor(2.0 * r, dtype=torch.bfloat16)}
+    )
     assert half["n"].dtype == torch.float32 and half["n"].shape == (1,) and half["n"].item() == sum(range(w)) / w
     assert half["x"].dtype == torch.bfloat16 and half["x"].item() == 2.0 * sum(range(w)) / w, half
     total = comm.reduce_dict({"n": torch.tensor(r + 1)}, average=False)
     assert total["n"].dtype == torch.int64 and total["n"].item() == w * (w + 1) // 2, total
-    assert comm.all_reduce_mean(torch.tensor([True, False]) if r == 0 else torch.tensor([True, True])).tolist() == \
-        [1.0, 0.5 if w == 2 else (w - 1) / w]
+    assert comm.all_reduce_mean(torch.tensor([True, False]) if r == 0 else torch.tensor([True, True])).tolist() == [
+        1.0,
+        0.5 if w == 2 else (w - 1) / w,
+    ]
     assert comm.gather_object(r, dst=w - 1) == (list(range(w)) if r == w - 1 else None)
     assert comm.broadcast_object(f"from {r}", src=w - 1) == f"from {w - 1}"
     for call in (lambda: comm.gather_object(r, dst=w), lambda: comm.broadcast_object(r, src=-1)):

@@ -21,7 +21,7 @@ def policy(log_dir: str) -> int:
     log.debug("debug-never")
     dist.init_process_group("gloo")
     log.info("ordered", in_order=True)
-    warnings.warn("careful-v")
+    warnings.warn("careful-v", stacklevel=1)
     third = get_logger("thirdparty")
     third.logger.info("noise-from-library")  # a plain stdlib call from another library
     dist.destroy_process_group()

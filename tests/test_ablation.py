@@ -32,9 +32,17 @@ au = sys.modules["ablation_utils"]
 
 def write_study(tmp_path: Path, name: str = "study.yaml", **keys) -> Path:
     """A study of the toy example: 2 epochs of a few steps each, results under tmp_path/out."""
-    study = {"name": "toy", "base": str(TOY), "output_dir": str(tmp_path / "out"),
-             "overrides": {"training.num_epochs": 2, "training.batch_size": 32, "training.optimizer.lr": 1e-2,
-                           "distributed.timeout_s": TIMEOUT_S}}
+    study = {
+        "name": "toy",
+        "base": str(TOY),
+        "output_dir": str(tmp_path / "out"),
+        "overrides": {
+            "training.num_epochs": 2,
+            "training.batch_size": 32,
+            "training.optimizer.lr": 1e-2,
+            "distributed.timeout_s": TIMEOUT_S,
+        },
+    }
     study.update(keys)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(study, sort_keys=False))
@@ -59,47 +67,70 @@ def study_cfg(**keys) -> au.StudyConfig:
 
 
 def test_grid_variants_and_seeds_give_stable_readable_names_and_folders() -> None:
-    s = study_cfg(output_dir="out", seeds=[0, 1],
-                  grid={"model": {"feature_dims": [16, 32]}, "training.optimizer.lr": [1e-3, 3e-4]},
-                  variants=[{"overrides": {"model.num_blocks": 2}}, {"name": "no-flip", "overrides": {"data.flip": False}}])
+    s = study_cfg(
+        output_dir="out",
+        seeds=[0, 1],
+        grid={"model": {"feature_dims": [16, 32]}, "training.optimizer.lr": [1e-3, 3e-4]},
+        variants=[{"overrides": {"model.num_blocks": 2}}, {"name": "no-flip", "overrides": {"data.flip": False}}],
+    )
     runs = au.make_runs(s)
     names = list(dict.fromkeys(r.name for r in runs))
-    assert names == ["base", "feature_dims=16,lr=0.001", "feature_dims=16,lr=0.0003", "feature_dims=32,lr=0.001",
-                     "feature_dims=32,lr=0.0003", "num_blocks=2", "no-flip"]
+    assert names == [
+        "base",
+        "feature_dims=16,lr=0.001",
+        "feature_dims=16,lr=0.0003",
+        "feature_dims=32,lr=0.001",
+        "feature_dims=32,lr=0.0003",
+        "num_blocks=2",
+        "no-flip",
+    ]
     assert [r.run for r in runs[:3]] == ["base/seed0", "base/seed1", "feature_dims=16,lr=0.001/seed0"]
     assert runs[2].dir == str(Path("out") / "feature_dims=16,lr=0.001" / "seed0")
     assert runs[2].overrides == {"model.feature_dims": 16, "training.optimizer.lr": 0.001}
     assert [r.run for r in au.make_runs(s)] == [r.run for r in runs]  # the same study, the same names
     strings = runs[2].override_strings(["training.num_epochs=1"])
-    assert strings == ["training.num_epochs=1", "model.feature_dims=16", "training.optimizer.lr=0.001",
-                       "training.seed=0", f"output_dir={json.dumps(runs[2].dir)}"]
+    assert strings == [
+        "training.num_epochs=1",
+        "model.feature_dims=16",
+        "training.optimizer.lr=0.001",
+        "training.seed=0",
+        f"output_dir={json.dumps(runs[2].dir)}",
+    ]
     # two keys with the same last part are named in full; values of every kind make safe folder names
     shorts = au.short_keys(["model.width", "data.width", "model.norm"])
     assert shorts == {"model.width": "model.width", "data.width": "data.width", "model.norm": "norm"}
-    assert au.variant_name({"model.dims": [8, 16], "x.flag": True, "x.path": "a b/c", "x.n": None},
-                           {}) == "model.dims=8_16,x.flag=true,x.path=a-b-c,x.n=null"
+    assert (
+        au.variant_name({"model.dims": [8, 16], "x.flag": True, "x.path": "a b/c", "x.n": None}, {})
+        == "model.dims=8_16,x.flag=true,x.path=a-b-c,x.n=null"
+    )
     long = au.variant_name({f"k{i}": "v" * 10 for i in range(20)}, {})
     assert len(long) <= au.NAME_MAX and long == au.variant_name({f"k{i}": "v" * 10 for i in range(20)}, {})
 
 
-@pytest.mark.parametrize("keys,expected", [
-    ({"variants": [{"name": "a", "overrides": {"x.y": 1}}, {"name": "a", "overrides": {"x.y": 2}}]},
-     r"already used by variants\[0\]"),
-    ({"variants": [{"name": "logs"}]}, "reserved"),
-    ({"variants": [{"name": "a/b"}]}, "folder name"),
-    ({"grid": {"distributed.timeout_s": [1, 2]}}, "cannot vary"),
-    ({"grid": {"model.width": 8}}, "expected a non-empty list"),
-    ({"seeds": [0, 1], "variants": [{"overrides": {"training.seed": 3}}]}, "use one of them"),
-    ({"include_base": False}, "nothing to run"),
-])
+@pytest.mark.parametrize(
+    "keys,expected",
+    [
+        (
+            {"variants": [{"name": "a", "overrides": {"x.y": 1}}, {"name": "a", "overrides": {"x.y": 2}}]},
+            r"already used by variants\[0\]",
+        ),
+        ({"variants": [{"name": "logs"}]}, "reserved"),
+        ({"variants": [{"name": "a/b"}]}, "folder name"),
+        ({"grid": {"distributed.timeout_s": [1, 2]}}, "cannot vary"),
+        ({"grid": {"model.width": 8}}, "expected a non-empty list"),
+        ({"seeds": [0, 1], "variants": [{"overrides": {"training.seed": 3}}]}, "use one of them"),
+        ({"include_base": False}, "nothing to run"),
+    ],
+)
 def test_invalid_studies_are_one_message(keys: dict, expected: str) -> None:
     with pytest.raises(au.StudyError, match=expected):
         au.make_runs(study_cfg(**keys))
 
 
 def test_command_line_overrides_split_into_study_and_run_keys() -> None:
-    study, runs = au.split_overrides(["seeds=[0,1]", "output_dir=/tmp/x", "training.num_epochs=1"],
-                                     ["training", "model", "output_dir"])
+    study, runs = au.split_overrides(
+        ["seeds=[0,1]", "output_dir=/tmp/x", "training.num_epochs=1"], ["training", "model", "output_dir"]
+    )
     assert study == ["seeds=[0,1]", "output_dir=/tmp/x"] and runs == ["training.num_epochs=1"]
     with pytest.raises(au.StudyError, match="did you mean 'seeds'"):
         au.split_overrides(["seedz=[0]"], ["training"])
@@ -108,8 +139,10 @@ def test_command_line_overrides_split_into_study_and_run_keys() -> None:
 def test_smoke_on_the_command_line_wins_over_the_studys_run_wide_epochs() -> None:
     smoke_keys = ["data.limit", "training.max_steps", "training.num_epochs"]
     study = {"training.num_epochs": 10, "training.optimizer.lr": 0.01}
-    assert au.smoke_common(study, ["smoke=true"], smoke_keys) == ({"training.optimizer.lr": 0.01},
-                                                                  ["training.num_epochs"])
+    assert au.smoke_common(study, ["smoke=true"], smoke_keys) == (
+        {"training.optimizer.lr": 0.01},
+        ["training.num_epochs"],
+    )
     # a key given on the command line stays theirs; smoke=false or no smoke changes nothing
     assert au.smoke_common(study, ["smoke=true", "training.num_epochs=2"], smoke_keys) == (study, [])
     assert au.smoke_common(study, ["smoke=false"], smoke_keys) == (study, [])
@@ -135,15 +168,24 @@ def test_results_append_survives_a_torn_line(tmp_path: Path, caplog: pytest.LogC
     records = au.read_jsonl(path)
     assert [r["run"] for r in records] == ["a", "c"] and records[0]["final"]["x"] is None
     assert "line 2 is not JSON" in caplog.text
-    assert au.latest_records([{"run": "a", "status": "failed"}, {"run": "a", "status": "finished"}])["a"]["status"] \
+    assert (
+        au.latest_records([{"run": "a", "status": "failed"}, {"run": "a", "status": "finished"}])["a"]["status"]
         == "finished"
+    )
 
 
 def _record(run: str, name: str, value: float | None, *, status: str = "finished", overrides=None) -> dict:
-    return {"run": run, "name": name, "status": status, "overrides": overrides or {}, "final": {} if value is None
-            else {"dice": value}, "best": {} if value is None else {"dice": value + 0.01}, "wall_time_s": 2.0,
-            "peak_memory_max_gib": 1.5, "error": {"rank": 1, "type": "ValueError", "message": "boom"}
-            if status == "failed" else None}
+    return {
+        "run": run,
+        "name": name,
+        "status": status,
+        "overrides": overrides or {},
+        "final": {} if value is None else {"dice": value},
+        "best": {} if value is None else {"dice": value + 0.01},
+        "wall_time_s": 2.0,
+        "peak_memory_max_gib": 1.5,
+        "error": {"rank": 1, "type": "ValueError", "message": "boom"} if status == "failed" else None,
+    }
 
 
 def test_summary_sorts_by_metric_with_deltas_and_seed_spread(tmp_path: Path) -> None:
@@ -180,22 +222,30 @@ def test_summary_png_is_skipped_without_matplotlib(tmp_path: Path, monkeypatch: 
 # One process (in this process): a whole study, --resume, --retry-failed, no matplotlib
 
 
-def test_single_process_study_resume_and_retry_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_single_process_study_resume_and_retry_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     try:
-        study = write_study(tmp_path, grid={"model.hidden": [4, 16]},
-                            variants=[{"name": "broken", "overrides": {"fault.rank": 0, "fault.at": "step"}}])
+        study = write_study(
+            tmp_path,
+            grid={"model.hidden": [4, 16]},
+            variants=[{"name": "broken", "overrides": {"fault.rank": 0, "fault.at": "step"}}],
+        )
         assert R.main(["--config", str(study)]) == 0
         out = capsys.readouterr().out
         assert "| **base** |" in out and "skipped: matplotlib is not installed (pip install 'ratlib[plot]')" in out
         recs = results(tmp_path)
-        assert [(r["run"], r["status"]) for r in recs] == [("base", "finished"), ("hidden=4", "finished"),
-                                                          ("hidden=16", "finished"), ("broken", "failed")]
+        assert [(r["run"], r["status"]) for r in recs] == [
+            ("base", "finished"),
+            ("hidden=4", "finished"),
+            ("hidden=16", "finished"),
+            ("broken", "failed"),
+        ]
         assert recs[3]["error"] == {"rank": 0, "type": "RuntimeError", "message": "toy fault on rank 0 at step 2"}
         assert recs[0]["world_size"] == 1 and recs[0]["final"]["score"] == recs[0]["best"]["score"]
         assert recs[0]["best"]["epoch"] == 1 and recs[0]["peak_memory_max_gib"] > 0
@@ -239,8 +289,16 @@ def test_four_variants_on_two_ranks_give_four_result_lines(tmp_path: Path, run_o
     assert all(r["status"] == "finished" and r["world_size"] == 2 and len(r["peak_memory_gib"]) == 2 for r in recs)
     assert all(0 < r["final"]["score"] <= 1 and r["wall_time_s"] > 0 for r in recs)
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} >= {"base", "hidden=4", "hidden=16", "depth=2", "logs", "results.jsonl",
-                                               "summary.md", "study.yaml"}
+    assert {p.name for p in out.iterdir()} >= {
+        "base",
+        "hidden=4",
+        "hidden=16",
+        "depth=2",
+        "logs",
+        "results.jsonl",
+        "summary.md",
+        "study.yaml",
+    }
     for name in ("base", "depth=2"):
         assert (out / name / "config.yaml").is_file() and (out / name / "metrics.jsonl").is_file()
     assert {"rank0.log", "rank1.log"} <= {p.name for p in (out / "logs").iterdir()}
@@ -257,19 +315,25 @@ def test_four_variants_on_two_ranks_give_four_result_lines(tmp_path: Path, run_o
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_a_run_that_raises_on_rank_1_only_is_recorded_and_the_study_goes_on(tmp_path: Path, run_on_ranks) -> None:
-    study = write_study(tmp_path, variants=[
-        {"name": "fails-building", "overrides": {"fault.rank": 1, "fault.at": "build"}},  # rank 0 waits in DDP
-        {"name": "fails-mid-epoch", "overrides": {"fault.rank": 1, "fault.at": "step"}},  # rank 0 in an allreduce
-        {"name": "rank-0-fails-at-end", "overrides": {"fault.rank": 0, "fault.at": "end"}},  # rank 1 in a broadcast
-        {"overrides": {"model.hidden": 16}},
-    ])
+    study = write_study(
+        tmp_path,
+        variants=[
+            {"name": "fails-building", "overrides": {"fault.rank": 1, "fault.at": "build"}},  # rank 0 waits in DDP
+            {"name": "fails-mid-epoch", "overrides": {"fault.rank": 1, "fault.at": "step"}},  # rank 0 in an allreduce
+            {"name": "rank-0-fails-at-end", "overrides": {"fault.rank": 0, "fault.at": "end"}},  # rank 1 in a broadcast
+            {"overrides": {"model.hidden": 16}},
+        ],
+    )
     run = run_study(run_on_ranks, study).check()
     assert run.duration < TIMEOUT_S  # nobody waited for a collective's timeout
     recs = {r["run"]: r for r in results(tmp_path)}
     assert list(recs) == ["base", "fails-building", "fails-mid-epoch", "rank-0-fails-at-end", "hidden=16"]
     assert recs["base"]["status"] == recs["hidden=16"]["status"] == "finished"
-    assert recs["fails-building"]["error"] == {"rank": 1, "type": "ValueError",
-                                               "message": "toy fault on rank 1 while building the model"}
+    assert recs["fails-building"]["error"] == {
+        "rank": 1,
+        "type": "ValueError",
+        "message": "toy fault on rank 1 while building the model",
+    }
     assert recs["fails-mid-epoch"]["error"]["rank"] == 1
     assert recs["fails-mid-epoch"]["error"]["message"].startswith("toy fault on rank 1 at step")
     assert recs["rank-0-fails-at-end"]["error"]["rank"] == 0
@@ -306,16 +370,31 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc")
 def test_sigkill_after_two_runs_then_resume_runs_only_the_rest(tmp_path: Path, run_on_ranks) -> None:
-    study = write_study(tmp_path, grid={"model.hidden": [4, 8, 16]},  # 4 runs, 0.6 s or more each
-                        overrides={"training.num_epochs": 2, "training.batch_size": 32, "fault.sleep_s": 0.3,
-                                   "distributed.timeout_s": TIMEOUT_S})
+    study = write_study(
+        tmp_path,
+        grid={"model.hidden": [4, 8, 16]},  # 4 runs, 0.6 s or more each
+        overrides={
+            "training.num_epochs": 2,
+            "training.batch_size": 32,
+            "fault.sleep_s": 0.3,
+            "distributed.timeout_s": TIMEOUT_S,
+        },
+    )
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(NO_GPU, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo")
     log = open(tmp_path / "first.log", "wb")
-    launcher = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", str(RUN_PY), "--config",
-                                 str(study)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    launcher = subprocess.Popen(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(RUN_PY), "--config", str(study)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 120
@@ -353,10 +432,14 @@ def test_sigkill_after_two_runs_then_resume_runs_only_the_rest(tmp_path: Path, r
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_invalid_variants_are_reported_before_anything_trains(tmp_path: Path, run_on_ranks) -> None:
-    study = write_study(tmp_path, grid={"model.hidden": [4, 16]}, variants=[
-        {"name": "typo", "overrides": {"model.hiden": 8}},
-        {"name": "negative-lr", "overrides": {"training.optimizer.lr": -1}},
-    ])
+    study = write_study(
+        tmp_path,
+        grid={"model.hidden": [4, 16]},
+        variants=[
+            {"name": "typo", "overrides": {"model.hiden": 8}},
+            {"name": "negative-lr", "overrides": {"training.optimizer.lr": -1}},
+        ],
+    )
     run = run_study(run_on_ranks, study)
     assert run.returncodes == [2, 2] and not run.timed_out
     err = run.outputs[0]
@@ -376,12 +459,23 @@ def test_invalid_variants_are_reported_before_anything_trains(tmp_path: Path, ru
 @pytest.mark.skipif(not SEGMENTATION.is_file(), reason="examples/segmentation/train.py is not there yet")
 def test_segmentation_study_on_two_ranks(tmp_path: Path, run_on_ranks) -> None:
     study = tmp_path / "seg.yaml"
-    study.write_text(yaml.safe_dump({
-        "name": "seg", "base": "segmentation", "output_dir": str(tmp_path / "out"),
-        "overrides": {"training.num_epochs": 1, "data.synthetic.num_cases": 4, "data.synthetic.shape": [32, 32, 8],
-                      "model.num_blocks": 2, "distributed.timeout_s": 120},
-        "grid": {"model.feature_dims": [4, 8]},
-    }))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "seg",
+                "base": "segmentation",
+                "output_dir": str(tmp_path / "out"),
+                "overrides": {
+                    "training.num_epochs": 1,
+                    "data.synthetic.num_cases": 4,
+                    "data.synthetic.shape": [32, 32, 8],
+                    "model.num_blocks": 2,
+                    "distributed.timeout_s": 120,
+                },
+                "grid": {"model.feature_dims": [4, 8]},
+            }
+        )
+    )
     run = run_on_ranks(RUN_PY, 2, args=["--config", str(study)], env=NO_GPU, timeout=240).check()
     recs = results(tmp_path)
     assert [r["run"] for r in recs] == ["base", "feature_dims=4", "feature_dims=8"]
@@ -398,8 +492,20 @@ def test_shipped_study_with_smoke_on_two_ranks_is_one_short_epoch_per_run(tmp_pa
     # pass over every variant: one epoch of at most 10 steps on 16 slices, one metrics row with both ranks'
     # peak memory.
     study = ROOT / "examples" / "ablation" / "ablation.yaml"
-    run = run_on_ranks(RUN_PY, 2, args=["--config", str(study), f"output_dir={tmp_path / 'out'}", "seeds=[0]",
-                                        "smoke=true", "distributed.timeout_s=120"], env=NO_GPU, timeout=240).check()
+    run = run_on_ranks(
+        RUN_PY,
+        2,
+        args=[
+            "--config",
+            str(study),
+            f"output_dir={tmp_path / 'out'}",
+            "seeds=[0]",
+            "smoke=true",
+            "distributed.timeout_s=120",
+        ],
+        env=NO_GPU,
+        timeout=240,
+    ).check()
     recs = results(tmp_path)
     assert len(recs) == 7 and all(r["status"] == "finished" for r in recs)
     assert all(r["wall_time_s"] < 30 for r in recs), [r["wall_time_s"] for r in recs]

@@ -127,8 +127,10 @@ def two_rank_checkpoint(folder: str) -> int:
         saved_rng = checkpoint.rng_state()  # a collective: every rank's generators
         expected = torch.rand(2).tolist()
         # Every rank calls save; only rank 0 writes (its own rank in the file proves it), all wait.
-        path = checkpoint.save({"writer": info.rank, "rng": saved_rng,
-                                "model": checkpoint.unwrap_model(model).state_dict()}, Path(folder) / "epoch1.pt")
+        path = checkpoint.save(
+            {"writer": info.rank, "rng": saved_rng, "model": checkpoint.unwrap_model(model).state_dict()},
+            Path(folder) / "epoch1.pt",
+        )
         state = checkpoint.load(path)  # on every rank, right after the barrier
         assert state["writer"] == 0 and set(state["model"]) == {"weight", "bias"}, state["writer"]
         assert state["rng"]["world_size"] == 2
@@ -144,4 +146,3 @@ def test_two_ranks_rank_zero_writes_everyone_loads_own_rng(tmp_path: Path, run_o
     run = run_on_ranks(two_rank_checkpoint, 2, args=(str(tmp_path),), env={"CUDA_VISIBLE_DEVICES": ""}).check()
     assert "rank 0 ok" in run.outputs[0] and "rank 1 ok" in run.outputs[1]
     assert [p.name for p in tmp_path.iterdir()] == ["epoch1.pt"]
-

@@ -60,8 +60,9 @@ def test_every_spelling_parses_to_its_split_and_round_trips(pair: tuple[str, Coc
 
 @settings(max_examples=40, deadline=None)
 @given(st.data())
-def test_spellings_of_one_split_resolve_to_the_same_paths(tmp_path_factory: pytest.TempPathFactory,
-                                                          data: st.DataObject) -> None:
+def test_spellings_of_one_split_resolve_to_the_same_paths(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
     split = data.draw(st.sampled_from([CocoSplit("train", 2017), CocoSplit("val", 2014), CocoSplit("minival", 2014)]))
     root = _DATASET_ROOTS.get(split) or _make_root(tmp_path_factory, split)
     a, _ = data.draw(coco_split_spellings(split=split.name, year=split.year))
@@ -82,8 +83,10 @@ def _make_root(factory: pytest.TempPathFactory, split: CocoSplit) -> Path:
     return root
 
 
-@pytest.mark.parametrize("spelling", ["train20172017", "train2017_2017", "2017_train_2017", "TRAIN-2017-2017",
-                                      "instances_train2017_2017.json"])
+@pytest.mark.parametrize(
+    "spelling",
+    ["train20172017", "train2017_2017", "2017_train_2017", "TRAIN-2017-2017", "instances_train2017_2017.json"],
+)
 def test_a_year_written_twice_that_agrees_is_fine(spelling: str) -> None:
     assert parse_split(spelling) == CocoSplit("train", 2017)
     assert annotation_filename(spelling) == "instances_train2017.json"  # never instances_train20172017.json
@@ -118,6 +121,7 @@ def test_strategy_arguments_are_checked_at_once() -> None:
 
 def test_the_strategies_catch_the_doubled_year_bug() -> None:
     """The f-string this module exists for, and a resolver that only knows 'train2017', fail fast."""
+
     def doubled(split: str) -> str:
         return f"instances_{split.strip().lower()}2017.json"
 
@@ -125,8 +129,11 @@ def test_the_strategies_catch_the_doubled_year_bug() -> None:
         return f"instances_{split.strip().lower().removeprefix('instances_').removesuffix('.json')}.json"
 
     for buggy in (doubled, naive):
-        spelling, split = find(coco_split_spellings(), lambda p, f=buggy: f(p[0]) != annotation_filename(p[1]),
-                               settings=settings(max_examples=100, database=None))
+        spelling, split = find(
+            coco_split_spellings(),
+            lambda p, f=buggy: f(p[0]) != annotation_filename(p[1]),
+            settings=settings(max_examples=100, database=None),
+        )
         assert buggy(spelling) != annotation_filename(split)
 
 
@@ -157,36 +164,74 @@ def test_a_disagreeing_year_is_refused(pair: tuple[str, CocoSplit], year: int) -
 # parse_split and annotation_filename, by example
 
 
-@pytest.mark.parametrize("spelling,expected", [
-    ("train", "train2017"), ("val", "val2017"), ("test", "test2017"), ("minival", "minival2014"),
-    (" TRAIN_2014 ", "train2014"), ("2017_val", "val2017"), ("instances_val2014.json", "val2014"),
-    ("annotations/person_keypoints_train2017.json", "train2017"), ("image_info_test-dev2017.json", "test-dev2017"),
-    ("testdev2015", "test-dev2015"), ("val_minus_minival_2014", "valminusminival2014"), ("valid", "val2017"),
-    ("export/valid/_annotations.coco.json", "val2017"), ("unlabelled", "unlabeled2017"), ("train/", "train2017"),
-])
+@pytest.mark.parametrize(
+    "spelling,expected",
+    [
+        ("train", "train2017"),
+        ("val", "val2017"),
+        ("test", "test2017"),
+        ("minival", "minival2014"),
+        (" TRAIN_2014 ", "train2014"),
+        ("2017_val", "val2017"),
+        ("instances_val2014.json", "val2014"),
+        ("annotations/person_keypoints_train2017.json", "train2017"),
+        ("image_info_test-dev2017.json", "test-dev2017"),
+        ("testdev2015", "test-dev2015"),
+        ("val_minus_minival_2014", "valminusminival2014"),
+        ("valid", "val2017"),
+        ("export/valid/_annotations.coco.json", "val2017"),
+        ("unlabelled", "unlabeled2017"),
+        ("train/", "train2017"),
+    ],
+)
 def test_spellings(spelling: str, expected: str) -> None:
     assert str(parse_split(spelling)) == expected
 
 
-@pytest.mark.parametrize("bad,year,message", [
-    ("train2017", 2014, "split 'train2017' says 2017 but year=2014 was given; the years disagree. "
-                        "Pass split='train' with year=2014, or drop year"),
-    ("minival2017", None, "COCO has no split minival2017 (from 'minival2017'); minival exists as: minival2014. "
-                          "Closest valid names: minival2014"),
-    ("test-dev2014", None, "COCO has no split test-dev2014 (from 'test-dev2014'); test-dev exists as: "
-                           "test-dev2017, test-dev2015."),
-    ("trian", None, "unknown COCO split 'trian'; closest valid names: train, train2017, train2014. Expected a "
-                    "split name (train, val, test, test-dev, unlabeled, minival, valminusminival) with an "
-                    "optional year, e.g. train2017"),
-    ("2017", None, "split '2017' is only a year; name the split too, e.g. train2017, val2017"),
-    ("2014_train2017", None, "split '2014_train2017' names different years (2014 and 2017); keep one. "
-                             "Closest valid names: train2014, train2017"),
-    ("train20142017", None, "names different years (2014 and 2017); keep one. Closest valid names: train2014, "
-                            "train2017"),
-    ("minival2014_2017", None, "Closest valid names: minival2014"),
-    ("train", "17", "year='17' is not a year; expected a four-digit year such as 2017 or 2014"),
-    ("_annotations.coco.json", None, "is Roboflow's annotation file name, not a split; pass the folder"),
-])
+@pytest.mark.parametrize(
+    "bad,year,message",
+    [
+        (
+            "train2017",
+            2014,
+            "split 'train2017' says 2017 but year=2014 was given; the years disagree. "
+            "Pass split='train' with year=2014, or drop year",
+        ),
+        (
+            "minival2017",
+            None,
+            "COCO has no split minival2017 (from 'minival2017'); minival exists as: minival2014. "
+            "Closest valid names: minival2014",
+        ),
+        (
+            "test-dev2014",
+            None,
+            "COCO has no split test-dev2014 (from 'test-dev2014'); test-dev exists as: test-dev2017, test-dev2015.",
+        ),
+        (
+            "trian",
+            None,
+            "unknown COCO split 'trian'; closest valid names: train, train2017, train2014. Expected a "
+            "split name (train, val, test, test-dev, unlabeled, minival, valminusminival) with an "
+            "optional year, e.g. train2017",
+        ),
+        ("2017", None, "split '2017' is only a year; name the split too, e.g. train2017, val2017"),
+        (
+            "2014_train2017",
+            None,
+            "split '2014_train2017' names different years (2014 and 2017); keep one. "
+            "Closest valid names: train2014, train2017",
+        ),
+        (
+            "train20142017",
+            None,
+            "names different years (2014 and 2017); keep one. Closest valid names: train2014, train2017",
+        ),
+        ("minival2014_2017", None, "Closest valid names: minival2014"),
+        ("train", "17", "year='17' is not a year; expected a four-digit year such as 2017 or 2014"),
+        ("_annotations.coco.json", None, "is Roboflow's annotation file name, not a split; pass the folder"),
+    ],
+)
 def test_parse_errors(bad: str, year: str | int | None, message: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_split(bad, year=year)
@@ -213,12 +258,16 @@ def test_annotation_filenames() -> None:
     assert annotation_filename("test-dev2017", kind="image_info") == "image_info_test-dev2017.json"
     assert annotation_filename("unlabeled") == "image_info_unlabeled2017.json"
     assert annotation_filename("minival") == "instances_minival2014.json"
-    for kind, bad, message in [("instance", "train",
-                                "annotation kind 'instance' is unknown (did you mean 'instances'?)"),
-                               ("captions", "test2017", "test2017 has no captions annotations (test and unlabeled "
-                                                        "splits only have image_info_test2017.json)"),
-                               ("panoptic", "val2014", "panoptic annotations exist for train2017 and val2017 only"),
-                               ("image_info", "val", "val2017 has no image_info file")]:
+    for kind, bad, message in [
+        ("instance", "train", "annotation kind 'instance' is unknown (did you mean 'instances'?)"),
+        (
+            "captions",
+            "test2017",
+            "test2017 has no captions annotations (test and unlabeled splits only have image_info_test2017.json)",
+        ),
+        ("panoptic", "val2014", "panoptic annotations exist for train2017 and val2017 only"),
+        ("image_info", "val", "val2017 has no image_info file"),
+    ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             annotation_filename(bad, kind=kind)
 
@@ -238,23 +287,63 @@ def _touch(root: Path, *files: str) -> Path:
     return root
 
 
-@pytest.mark.parametrize("layout,files,split,kind,annotations,images", [
-    ("coco", ["annotations/instances_train2017.json", "train2017/"], "train", "instances",
-     "annotations/instances_train2017.json", "train2017"),
-    ("coco", ["annotations/instances_val2014.json", "images/val2014/"], "val2014", "instances",
-     "annotations/instances_val2014.json", "images/val2014"),
-    ("coco", ["annotations/person_keypoints_minival2014.json", "val2014/"], "minival", "person_keypoints",
-     "annotations/person_keypoints_minival2014.json", "val2014"),
-    ("coco", ["annotations/image_info_test-dev2017.json", "test2017/"], "test-dev", "instances",
-     "annotations/image_info_test-dev2017.json", "test2017"),
-    ("roboflow", ["train/_annotations.coco.json", "valid/_annotations.coco.json"], "val", "instances",
-     "valid/_annotations.coco.json", "valid"),
-    ("roboflow", ["val/_annotations.coco.json"], "val2017", "instances", "val/_annotations.coco.json", "val"),
-    ("detectron2", ["coco/annotations/instances_val2017.json", "coco/val2017/"], "val", "instances",
-     "coco/annotations/instances_val2017.json", "coco/val2017"),
-])
-def test_layouts(tmp_path: Path, layout: str, files: list[str], split: str, kind: str, annotations: str,
-                 images: str) -> None:
+@pytest.mark.parametrize(
+    "layout,files,split,kind,annotations,images",
+    [
+        (
+            "coco",
+            ["annotations/instances_train2017.json", "train2017/"],
+            "train",
+            "instances",
+            "annotations/instances_train2017.json",
+            "train2017",
+        ),
+        (
+            "coco",
+            ["annotations/instances_val2014.json", "images/val2014/"],
+            "val2014",
+            "instances",
+            "annotations/instances_val2014.json",
+            "images/val2014",
+        ),
+        (
+            "coco",
+            ["annotations/person_keypoints_minival2014.json", "val2014/"],
+            "minival",
+            "person_keypoints",
+            "annotations/person_keypoints_minival2014.json",
+            "val2014",
+        ),
+        (
+            "coco",
+            ["annotations/image_info_test-dev2017.json", "test2017/"],
+            "test-dev",
+            "instances",
+            "annotations/image_info_test-dev2017.json",
+            "test2017",
+        ),
+        (
+            "roboflow",
+            ["train/_annotations.coco.json", "valid/_annotations.coco.json"],
+            "val",
+            "instances",
+            "valid/_annotations.coco.json",
+            "valid",
+        ),
+        ("roboflow", ["val/_annotations.coco.json"], "val2017", "instances", "val/_annotations.coco.json", "val"),
+        (
+            "detectron2",
+            ["coco/annotations/instances_val2017.json", "coco/val2017/"],
+            "val",
+            "instances",
+            "coco/annotations/instances_val2017.json",
+            "coco/val2017",
+        ),
+    ],
+)
+def test_layouts(
+    tmp_path: Path, layout: str, files: list[str], split: str, kind: str, annotations: str, images: str
+) -> None:
     _touch(tmp_path, *files)
     for asked in ("auto", layout):
         paths = resolve_coco(tmp_path, split, kind=kind, layout=asked)
@@ -285,7 +374,8 @@ def test_explicit_paths_win_and_are_checked(tmp_path: Path) -> None:
         f"resolve_coco: annotations='{tmp_path / 'mine/label.json'}' was given explicitly and does not exist "
         f"(split train2017).\n{tmp_path / 'mine'} exists and holds: labels.json.\n"
         f"Closest match: {tmp_path / 'mine/labels.json'}.\nFix: correct annotations=, or leave it out to look it "
-        "up under root.")
+        "up under root."
+    )
     with pytest.raises(CocoPathError, match="is a folder, expected a .json file"):
         resolve_coco(tmp_path, "train", annotations=tmp_path / "mine", images=tmp_path / "mine/pics")
     with pytest.raises(CocoPathError, match="annotations= was given but no image folder for split val2017"):
@@ -307,8 +397,11 @@ def test_root_from_environment_and_expansion(tmp_path: Path, monkeypatch: pytest
     assert resolve_coco("$MYDATA/coco", "train").layout == "coco"
     monkeypatch.delenv("COCO_ROOT")
     monkeypatch.delenv("DETECTRON2_DATASETS")
-    with pytest.raises(CocoPathError, match="no root given and neither COCO_ROOT nor DETECTRON2_DATASETS is set; "
-                                            "pass root=, or export COCO_ROOT=/path/to/coco"):
+    with pytest.raises(
+        CocoPathError,
+        match="no root given and neither COCO_ROOT nor DETECTRON2_DATASETS is set; "
+        "pass root=, or export COCO_ROOT=/path/to/coco",
+    ):
         resolve_coco(None, "train")
 
 
@@ -318,20 +411,22 @@ def test_not_found_lists_what_exists(tmp_path: Path) -> None:
         resolve_coco(tmp_path, "instances_train2017.json")
     error = info.value
     ann = tmp_path / "annotations"
-    assert str(error) == "\n".join([
-        f"resolve_coco: no instances annotations for split train2017 (parsed as name='train', year=2017) under "
-        f"{tmp_path} (layout='auto').",
-        "Paths tried:",
-        f"  {ann / 'instances_train2017.json'}",
-        f"  {tmp_path / 'train/_annotations.coco.json'}",
-        f"  {tmp_path / 'coco/annotations/instances_train2017.json'}",
-        "Annotation files that exist under the root:",
-        f"  {ann / 'instances_train20172017.json'}",
-        f"  {ann / 'instances_val2017.json'}",
-        f"Closest match: {ann / 'instances_train20172017.json'}; if that is the file, pass "
-        f"annotations='{ann / 'instances_train20172017.json'}'.",
-        "Fix: check root and split, or pass annotations= and images= explicitly.",
-    ])
+    assert str(error) == "\n".join(
+        [
+            f"resolve_coco: no instances annotations for split train2017 (parsed as name='train', year=2017) under "
+            f"{tmp_path} (layout='auto').",
+            "Paths tried:",
+            f"  {ann / 'instances_train2017.json'}",
+            f"  {tmp_path / 'train/_annotations.coco.json'}",
+            f"  {tmp_path / 'coco/annotations/instances_train2017.json'}",
+            "Annotation files that exist under the root:",
+            f"  {ann / 'instances_train20172017.json'}",
+            f"  {ann / 'instances_val2017.json'}",
+            f"Closest match: {ann / 'instances_train20172017.json'}; if that is the file, pass "
+            f"annotations='{ann / 'instances_train20172017.json'}'.",
+            "Fix: check root and split, or pass annotations= and images= explicitly.",
+        ]
+    )
     assert isinstance(error, FileNotFoundError) and error.split == CocoSplit("train", 2017)
     assert error.layout == "auto" and len(error.tried) == 3 and len(error.found) == 2
     clone = pickle.loads(pickle.dumps(error))  # crosses process boundaries (loader workers) intact
@@ -339,10 +434,13 @@ def test_not_found_lists_what_exists(tmp_path: Path) -> None:
 
 
 def test_error_hints_for_a_misplaced_root(tmp_path: Path) -> None:
-    _touch(tmp_path, "coco2017/annotations/instances_val2017.json", "coco2017/val2017/",
-           "rf/valid/_annotations.coco.json")
-    with pytest.raises(CocoPathError, match=re.escape(
-            f"it has the expected name, so the dataset root is probably root='{tmp_path / 'coco2017'}'")):
+    _touch(
+        tmp_path, "coco2017/annotations/instances_val2017.json", "coco2017/val2017/", "rf/valid/_annotations.coco.json"
+    )
+    with pytest.raises(
+        CocoPathError,
+        match=re.escape(f"it has the expected name, so the dataset root is probably root='{tmp_path / 'coco2017'}'"),
+    ):
         resolve_coco(tmp_path, "val")
     with pytest.raises(CocoPathError, match="The root is an annotations/ folder; pass its parent"):
         resolve_coco(tmp_path / "coco2017/annotations", "val")
@@ -363,7 +461,8 @@ def test_missing_image_folder_and_check_false(tmp_path: Path) -> None:
     assert str(info.value) == (
         f"resolve_coco: found {tmp_path / 'annotations/instances_train2017.json'} (coco layout) for split "
         f"train2017, but no image folder; tried {tmp_path / 'train2017'}, {tmp_path / 'images/train2017'}.\n"
-        f"Fix: put the train2017 images in {tmp_path / 'train2017'}, or pass images=")
+        f"Fix: put the train2017 images in {tmp_path / 'train2017'}, or pass images="
+    )
     assert resolve_coco(tmp_path, "train", check=False).images == tmp_path / "train2017"
     unchecked = resolve_coco(tmp_path / "empty", "val2014", check=False)  # nothing there: COCO's own layout
     assert unchecked.annotations == tmp_path / "empty/annotations/instances_val2014.json"
@@ -382,8 +481,9 @@ def test_validation_reports_every_problem(tmp_path: Path) -> None:
     data["annotations"][1]["bbox"] = [0, 0, 0, 5]
     data["annotations"][2]["bbox"] = [0, 0, "5", 5]
     data["annotations"][3]["segmentation"] = [[1, 2, 3]]
-    data["annotations"].append({"id": 1000, "image_id": 42, "category_id": 1, "bbox": [100, 100, 50, 50],
-                                "area": 0, "iscrowd": 2})
+    data["annotations"].append(
+        {"id": 1000, "image_id": 42, "category_id": 1, "bbox": [100, 100, 50, 50], "area": 0, "iscrowd": 2}
+    )
     data["annotations"].append({"id": 1000, "image_id": 1, "category_id": 1, "bbox": [120, 120, 50, 50], "area": 9})
     data["images"].append("000000000009.png")
     written.annotations.write_text(json.dumps(data))
@@ -391,18 +491,25 @@ def test_validation_reports_every_problem(tmp_path: Path) -> None:
     with pytest.raises(CocoValidationError) as info:
         resolve_coco(tmp_path, "train", validate=True)
     report = info.value.report
-    assert report.counts == {"images": 3, "annotations": len(data["annotations"]), "categories": 3,
-                             "crowd annotations": 0}
+    assert report.counts == {
+        "images": 3,
+        "annotations": len(data["annotations"]),
+        "categories": 3,
+        "crowd annotations": 0,
+    }
     errors = "\n".join(report.errors)
-    for expected in ["annotation id 1000 appears 2 times; it must be unique", "images[3] is a str, expected an object",
-                     "annotation 1: category_id 99 is not in categories",
-                     "annotation 2: bbox [0, 0, 0, 5] has non-positive size",
-                     "annotation 3: bbox [0, 0, '5', 5] is not [x, y, width, height] numbers",
-                     "annotation 4: segmentation polygon must be a flat list of at least 3 x,y pairs, got [1, 2, 3]",
-                     "annotation 1000: image_id 42 is not in images",
-                     "annotation 1000: iscrowd is 2; expected 0 or 1",
-                     "annotation 1000: bbox [120, 120, 50, 50] lies outside its image (128x128)",
-                     f"image file {written.images / first} does not exist (image id 2)"]:
+    for expected in [
+        "annotation id 1000 appears 2 times; it must be unique",
+        "images[3] is a str, expected an object",
+        "annotation 1: category_id 99 is not in categories",
+        "annotation 2: bbox [0, 0, 0, 5] has non-positive size",
+        "annotation 3: bbox [0, 0, '5', 5] is not [x, y, width, height] numbers",
+        "annotation 4: segmentation polygon must be a flat list of at least 3 x,y pairs, got [1, 2, 3]",
+        "annotation 1000: image_id 42 is not in images",
+        "annotation 1000: iscrowd is 2; expected 0 or 1",
+        "annotation 1000: bbox [120, 120, 50, 50] lies outside its image (128x128)",
+        f"image file {written.images / first} does not exist (image id 2)",
+    ]:
         assert expected in errors
     assert "annotation 1000: area 0 is not positive; COCOeval's area ranges skip it" in report.warnings
     assert len(report.errors) == 10, errors
@@ -421,19 +528,37 @@ def test_validation_knows_the_kinds(tmp_path: Path) -> None:
     plain = tmp_path / "labels.json"
     plain.write_text(info.read_text())
     assert validate_annotations(plain).errors == [
-        "missing or non-list key 'annotations' (a test split's image_info file? pass kind='image_info')"]
+        "missing or non-list key 'annotations' (a test split's image_info file? pass kind='image_info')"
+    ]
     keypoints = tmp_path / "person_keypoints_val2017.json"
-    keypoints.write_text(json.dumps({"images": [image], "categories": [{"id": 1, "keypoints": ["a", "b"]}],
-                                     "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2],
-                                                      "area": 4, "keypoints": [1, 1, 2]}]}))
+    keypoints.write_text(
+        json.dumps(
+            {
+                "images": [image],
+                "categories": [{"id": 1, "keypoints": ["a", "b"]}],
+                "annotations": [
+                    {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2], "area": 4, "keypoints": [1, 1, 2]}
+                ],
+            }
+        )
+    )
     assert validate_annotations(keypoints).errors == [
-        "annotation 1: keypoints has 3 values; expected 6 (3 per keypoint of its category)"]
+        "annotation 1: keypoints has 3 values; expected 6 (3 per keypoint of its category)"
+    ]
     panoptic = tmp_path / "panoptic_val2017.json"
     segments = [{"id": 5, "category_id": 1, "bbox": [0, 0, 4, 4]}, {"id": 6, "category_id": 3, "bbox": [0, 0, 4, 4]}]
-    panoptic.write_text(json.dumps({"images": [image], "categories": [{"id": 1, "name": "a"}],
-                                    "annotations": [{"image_id": 1, "file_name": "a.png", "segments_info": segments}]}))
+    panoptic.write_text(
+        json.dumps(
+            {
+                "images": [image],
+                "categories": [{"id": 1, "name": "a"}],
+                "annotations": [{"image_id": 1, "file_name": "a.png", "segments_info": segments}],
+            }
+        )
+    )
     assert validate_annotations(panoptic).errors == [
-        "annotation of image 1, segment 6: category_id 3 is not in categories"]
+        "annotation of image 1, segment 6: category_id 3 is not in categories"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 import types
 
+import dist_targets
 import pytest
 import torch
 
-import dist_targets
 from ratlib import comm
 from ratlib.testing import run_on_ranks
 

@@ -53,9 +53,19 @@ def test_complete_defaults_for_a_config_without_training_section() -> None:
     assert (t.optimizer.name, t.optimizer.lr, t.optimizer.weight_decay) == ("adamw", 1e-4, 0.01)
     assert (t.scheduler.name, t.scheduler.min_lr, t.mixed_precision, t.gradient_clip) == ("cosine", 1e-6, True, 1.0)
     assert (t.compile, t.channels_last, t.deepspeed.enabled, t.max_steps, t.memory_warning_fraction) == (
-        False, None, False, None, 0.9)
+        False,
+        None,
+        False,
+        None,
+        0.9,
+    )
     assert (cfg.output_dir, cfg.smoke, cfg.distributed.backend, cfg.data.root, cfg.data.limit) == (
-        "runs/default", False, None, None, None)
+        "runs/default",
+        False,
+        None,
+        None,
+        None,
+    )
     assert cfg.model.model_extra == {"name": "unet"}  # project section passes through
     assert "training.batch_size" in cfg.defaults_applied and "training.optimizer.lr" in cfg.defaults_applied
     assert not any(p.startswith("model") for p in cfg.defaults_applied)
@@ -67,22 +77,25 @@ def test_empty_yaml_sections_take_defaults(tmp_path: Path) -> None:
     assert cfg.training.batch_size == 48 and cfg.data.num_workers == 2
 
 
-@pytest.mark.parametrize("text,path,expected", [
-    ("training:\n  optimizer:\n    lr: 1e-4\n", ("training", "optimizer", "lr"), 1e-4),
-    ("training:\n  optimizer:\n    lr: 1E-4\n", ("training", "optimizer", "lr"), 1e-4),
-    ("training:\n  optimizer:\n    lr: 5e3\n", ("training", "optimizer", "lr"), 5000.0),
-    ("training:\n  optimizer:\n    weight_decay: .5\n", ("training", "optimizer", "weight_decay"), 0.5),
-    ("training:\n  batch_size: '32'\n", ("training", "batch_size"), 32),
-    ("training:\n  batch_size: 1_024\n", ("training", "batch_size"), 1024),
-    ("training:\n  gradient_clip: null\n", ("training", "gradient_clip"), None),
-    ("training:\n  gradient_clip: ~\n", ("training", "gradient_clip"), None),
-    ("training:\n  gradient_clip:\n", ("training", "gradient_clip"), None),
-    ("smoke: yes\n", ("smoke",), True),
-    ("training:\n  compile: no\n", ("training", "compile"), False),
-    ("training:\n  mixed_precision: off\n", ("training", "mixed_precision"), False),
-    ("training:\n  mixed_precision: bf16\n", ("training", "mixed_precision"), "bf16"),
-    ("model:\n  dropout: 1e-4\n", ("model", "dropout"), 1e-4),  # the numeric fix reaches project sections
-])
+@pytest.mark.parametrize(
+    "text,path,expected",
+    [
+        ("training:\n  optimizer:\n    lr: 1e-4\n", ("training", "optimizer", "lr"), 1e-4),
+        ("training:\n  optimizer:\n    lr: 1E-4\n", ("training", "optimizer", "lr"), 1e-4),
+        ("training:\n  optimizer:\n    lr: 5e3\n", ("training", "optimizer", "lr"), 5000.0),
+        ("training:\n  optimizer:\n    weight_decay: .5\n", ("training", "optimizer", "weight_decay"), 0.5),
+        ("training:\n  batch_size: '32'\n", ("training", "batch_size"), 32),
+        ("training:\n  batch_size: 1_024\n", ("training", "batch_size"), 1024),
+        ("training:\n  gradient_clip: null\n", ("training", "gradient_clip"), None),
+        ("training:\n  gradient_clip: ~\n", ("training", "gradient_clip"), None),
+        ("training:\n  gradient_clip:\n", ("training", "gradient_clip"), None),
+        ("smoke: yes\n", ("smoke",), True),
+        ("training:\n  compile: no\n", ("training", "compile"), False),
+        ("training:\n  mixed_precision: off\n", ("training", "mixed_precision"), False),
+        ("training:\n  mixed_precision: bf16\n", ("training", "mixed_precision"), "bf16"),
+        ("model:\n  dropout: 1e-4\n", ("model", "dropout"), 1e-4),  # the numeric fix reaches project sections
+    ],
+)
 def test_yaml_edge_cases(tmp_path: Path, text: str, path: tuple[str, ...], expected: object) -> None:
     value = load_config(_write(tmp_path, text)).model_dump()
     for key in path:
@@ -90,62 +103,90 @@ def test_yaml_edge_cases(tmp_path: Path, text: str, path: tuple[str, ...], expec
     assert value == expected and type(value) is type(expected)
 
 
-@pytest.mark.parametrize("text,key,fragment", [
-    ("training:\n  gradient_clip: 'null'\n", "training.gradient_clip", "got 'null'; expected a number > 0 or null"),
-    ("output_dir: no\n", "output_dir", "got False; expected a string (YAML reads yes/no"),
-    ("training:\n  batch_size: yes\n", "training.batch_size", "got True; expected an integer > 0"),
-    ("training:\n  seed: 1.5\n", "training.seed", "got 1.5; expected an integer >= 0"),
-    ("training:\n  optimizer:\n    lr: .nan\n", "training.optimizer.lr", "expected a number > 0"),
-])
+@pytest.mark.parametrize(
+    "text,key,fragment",
+    [
+        ("training:\n  gradient_clip: 'null'\n", "training.gradient_clip", "got 'null'; expected a number > 0 or null"),
+        ("output_dir: no\n", "output_dir", "got False; expected a string (YAML reads yes/no"),
+        ("training:\n  batch_size: yes\n", "training.batch_size", "got True; expected an integer > 0"),
+        ("training:\n  seed: 1.5\n", "training.seed", "got 1.5; expected an integer >= 0"),
+        ("training:\n  optimizer:\n    lr: .nan\n", "training.optimizer.lr", "expected a number > 0"),
+    ],
+)
 def test_yaml_values_that_must_be_rejected(tmp_path: Path, text: str, key: str, fragment: str) -> None:
     ((path, message),) = _problems(_write(tmp_path, text))
     assert path == key and fragment in message
 
 
 def test_unknown_key_names_path_line_and_closest(tmp_path: Path) -> None:
-    path = _write(tmp_path, "training:\n  batch_size: 8\n  optimizer:\n"
-                            "    learning_rate: 1e-3\n    weigth_decay: 0.1\n")
+    path = _write(
+        tmp_path, "training:\n  batch_size: 8\n  optimizer:\n    learning_rate: 1e-3\n    weigth_decay: 0.1\n"
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     text = str(info.value)
     assert text.startswith(f"invalid config {path}: 2 problems")
     assert "training.optimizer.learning_rate (line 4): unknown key; did you mean 'training.optimizer.lr'?" in text
-    assert "training.optimizer.weigth_decay (line 5): unknown key; did you mean 'training.optimizer.weight_decay'?" \
-        in text
+    assert (
+        "training.optimizer.weigth_decay (line 5): unknown key; did you mean 'training.optimizer.weight_decay'?" in text
+    )
     assert "docs/config_defaults.md" in text
 
 
-@pytest.mark.parametrize("data,key,message", [
-    ({"trainig": {"batch_size": 4}}, "trainig", "unknown section; did you mean 'training'?"),
-    ({"epochs": 3}, "epochs", "unknown top-level key with value 3; did you mean 'training.num_epochs'?"),
-    ({"training": {"betas": [0.9, 0.9]}}, "training.betas", "did you mean 'training.optimizer.betas'?"),
-    ({"training": {"batch_size": "abc"}}, "training.batch_size", "got 'abc'; expected an integer > 0"),
-    ({"training": {"batch_size": 0}}, "training.batch_size", "got 0; expected an integer > 0"),
-    ({"training": {"optimizer": {"lr": 0}}}, "training.optimizer.lr", "got 0; expected a number > 0"),
-    ({"training": {"optimizer": {"lr": -1e-3}}}, "training.optimizer.lr", "got -0.001; expected a number > 0"),
-    ({"training": {"optimizer": {"name": "adamx"}}}, "training.optimizer.name", "expected 'adamw', 'adam' or 'sgd'"),
-    ({"training": {"optimizer": {"betas": [0.9, "x"]}}}, "training.optimizer.betas.1", "got 'x'; expected a number"),
-    ({"training": {"deepspeed": {"zero_stage": 4}}}, "training.deepspeed.zero_stage", "expected 0, 1, 2 or 3"),
-    ({"training": {"mixed_precision": "bf32"}}, "training.mixed_precision",
-     "got 'bf32'; expected true, false, 'bf16' or 'fp16'"),
-    ({"training": {"optimizer": {"lr": 1e-6}, "scheduler": {"min_lr": 1e-6}}}, "training.scheduler.min_lr",
-     "needs min_lr below training.optimizer.lr=1e-06"),
-    ({"training": 5}, "training", "got 5; expected a mapping (section)"),
-    ({"distributed": {"backend": "mpi"}}, "distributed.backend", "expected 'gloo', 'nccl' or null"),
-    ({"data": {"limit": 0}}, "data.limit", "got 0; expected an integer > 0 or null"),
-])
+@pytest.mark.parametrize(
+    "data,key,message",
+    [
+        ({"trainig": {"batch_size": 4}}, "trainig", "unknown section; did you mean 'training'?"),
+        ({"epochs": 3}, "epochs", "unknown top-level key with value 3; did you mean 'training.num_epochs'?"),
+        ({"training": {"betas": [0.9, 0.9]}}, "training.betas", "did you mean 'training.optimizer.betas'?"),
+        ({"training": {"batch_size": "abc"}}, "training.batch_size", "got 'abc'; expected an integer > 0"),
+        ({"training": {"batch_size": 0}}, "training.batch_size", "got 0; expected an integer > 0"),
+        ({"training": {"optimizer": {"lr": 0}}}, "training.optimizer.lr", "got 0; expected a number > 0"),
+        ({"training": {"optimizer": {"lr": -1e-3}}}, "training.optimizer.lr", "got -0.001; expected a number > 0"),
+        (
+            {"training": {"optimizer": {"name": "adamx"}}},
+            "training.optimizer.name",
+            "expected 'adamw', 'adam' or 'sgd'",
+        ),
+        (
+            {"training": {"optimizer": {"betas": [0.9, "x"]}}},
+            "training.optimizer.betas.1",
+            "got 'x'; expected a number",
+        ),
+        ({"training": {"deepspeed": {"zero_stage": 4}}}, "training.deepspeed.zero_stage", "expected 0, 1, 2 or 3"),
+        (
+            {"training": {"mixed_precision": "bf32"}},
+            "training.mixed_precision",
+            "got 'bf32'; expected true, false, 'bf16' or 'fp16'",
+        ),
+        (
+            {"training": {"optimizer": {"lr": 1e-6}, "scheduler": {"min_lr": 1e-6}}},
+            "training.scheduler.min_lr",
+            "needs min_lr below training.optimizer.lr=1e-06",
+        ),
+        ({"training": 5}, "training", "got 5; expected a mapping (section)"),
+        ({"distributed": {"backend": "mpi"}}, "distributed.backend", "expected 'gloo', 'nccl' or null"),
+        ({"data": {"limit": 0}}, "data.limit", "got 0; expected an integer > 0 or null"),
+    ],
+)
 def test_every_error_kind(data: dict, key: str, message: str) -> None:
     ((path, text),) = _problems(data)
     assert path == key and message in text, text
 
 
 def test_all_problems_reported_together_in_file_order(tmp_path: Path) -> None:
-    path = _write(tmp_path, "trainig: {}\ntraining:\n  batch_size: 0\n  optimizer: {lr: abc}\n"
-                            "distributed:\n  timeout_s: -1\n")
+    path = _write(
+        tmp_path, "trainig: {}\ntraining:\n  batch_size: 0\n  optimizer: {lr: abc}\ndistributed:\n  timeout_s: -1\n"
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path, overrides=["training.num_epochs=0"])
     assert [p for p, _ in info.value.problems] == [
-        "trainig", "training.batch_size", "training.optimizer.lr", "distributed.timeout_s", "training.num_epochs"]
+        "trainig",
+        "training.batch_size",
+        "training.optimizer.lr",
+        "distributed.timeout_s",
+        "training.num_epochs",
+    ]
     text = str(info.value)
     assert "training.optimizer.lr (line 4): got 'abc'" in text  # flow style keeps its line
     assert "training.num_epochs (override 'training.num_epochs=0'): got 0" in text
@@ -174,9 +215,18 @@ def test_file_level_errors(tmp_path: Path) -> None:
 
 
 def test_overrides_are_yaml_values() -> None:
-    cfg = load_config({"training": {"batch_size": 8}}, overrides=[
-        "training.optimizer.lr=3e-4", "training.batch_size=4", "model.feature_dims=[16, 32]",
-        "training.gradient_clip=null", "training.mixed_precision=fp16", "data.root=/data/coco", "model.depth=3"])
+    cfg = load_config(
+        {"training": {"batch_size": 8}},
+        overrides=[
+            "training.optimizer.lr=3e-4",
+            "training.batch_size=4",
+            "model.feature_dims=[16, 32]",
+            "training.gradient_clip=null",
+            "training.mixed_precision=fp16",
+            "data.root=/data/coco",
+            "model.depth=3",
+        ],
+    )
     assert cfg.training.optimizer.lr == 3e-4 and cfg.training.batch_size == 4
     assert cfg.model.model_extra == {"feature_dims": [16, 32], "depth": 3}
     assert cfg.training.gradient_clip is None and cfg.training.mixed_precision == "fp16"
@@ -184,19 +234,23 @@ def test_overrides_are_yaml_values() -> None:
     assert "training.optimizer.lr" not in cfg.defaults_applied and "training.seed" in cfg.defaults_applied
 
 
-@pytest.mark.parametrize("override,message", [
-    ("lr", "expected dotted.key=value"),
-    ("training..lr=1", "expected dotted.key=value"),
-    ("training.optimizer.lr=[1", "is not valid YAML"),
-    ("training.batch_size.x=1", "training.batch_size is 48, not a section"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("lr", "expected dotted.key=value"),
+        ("training..lr=1", "expected dotted.key=value"),
+        ("training.optimizer.lr=[1", "is not valid YAML"),
+        ("training.batch_size.x=1", "training.batch_size is 48, not a section"),
+    ],
+)
 def test_bad_overrides(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config({"training": {"batch_size": 48}}, overrides=[override])
     with pytest.raises(ConfigError, match="is one string"):
         load_config(None, overrides="training.batch_size=4")  # type: ignore[arg-type]
-    assert _problems(None, overrides=["training.optimizr.lr=1"])[0][1] == \
-        "unknown key; did you mean 'training.optimizer'?"
+    assert (
+        _problems(None, overrides=["training.optimizr.lr=1"])[0][1] == "unknown key; did you mean 'training.optimizer'?"
+    )
 
 
 def test_smoke_fills_unset_keys_and_records_them() -> None:
@@ -225,15 +279,23 @@ def test_project_schema_validates_its_sections() -> None:
     assert isinstance(cfg, ProjectConfig) and cfg.model.feature_dims == 64 and cfg.model.num_blocks == 4
     assert "model.num_blocks" in cfg.defaults_applied and "model.feature_dims" not in cfg.defaults_applied
     assert _problems({"model": {"feture_dims": 8}}, schema=ProjectConfig) == [
-        ("model.feture_dims", "unknown key; did you mean 'model.feature_dims'?")]
+        ("model.feture_dims", "unknown key; did you mean 'model.feature_dims'?")
+    ]
 
 
 def test_defaults_are_logged_once_on_the_main_rank() -> None:
-    code = ("from ratlib.rank_logger import setup_logging\nfrom ratlib.config_defaults import load_config\n"
-            "setup_logging()\nload_config({'training': {'batch_size': 4}}, overrides=['smoke=true'])")
+    code = (
+        "from ratlib.rank_logger import setup_logging\nfrom ratlib.config_defaults import load_config\n"
+        "setup_logging()\nload_config({'training': {'batch_size': 4}}, overrides=['smoke=true'])"
+    )
     for rank, expected in (("0", 1), ("1", 0)):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**os.environ, "RANK": rank, "WORLD_SIZE": "2"})
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "RANK": rank, "WORLD_SIZE": "2"},
+        )
         logs = out.stdout + out.stderr
         assert logs.count("key(s) from defaults") == expected, logs
         assert logs.count("smoke mode set data.limit=16") == expected
@@ -278,12 +340,21 @@ def _keys(findings) -> set[tuple[str, str]]:
 
 
 def test_check_config_flags_the_old_failures(tmp_path: Path) -> None:
-    risky = load_config({"training": {"batch_size": 80, "mixed_precision": "bf16"},
-                         "model": {"feature_dims": 1024, "num_blocks": 12},
-                         "data": {"root": str(tmp_path / "missing"), "ann_file": str(tmp_path / "nope.json")}})
+    risky = load_config(
+        {
+            "training": {"batch_size": 80, "mixed_precision": "bf16"},
+            "model": {"feature_dims": 1024, "num_blocks": 12},
+            "data": {"root": str(tmp_path / "missing"), "ann_file": str(tmp_path / "nope.json")},
+        }
+    )
     findings = check_config(risky, world_size=4, device="cpu")
-    assert {("warning", "training.batch_size"), ("warning", "model"), ("error", "data.root"),
-            ("error", "data.ann_file"), ("info", "training.mixed_precision")} <= _keys(findings)
+    assert {
+        ("warning", "training.batch_size"),
+        ("warning", "model"),
+        ("error", "data.root"),
+        ("error", "data.ann_file"),
+        ("info", "training.mixed_precision"),
+    } <= _keys(findings)
     batch = next(f for f in findings if f.severity == "warning" and f.key == "training.batch_size")
     assert "training.batch_size=40 and training.gradient_accumulation_steps=2 (global batch 320)" in batch.advice
     info = next(f for f in findings if f.severity == "info" and f.key == "training.batch_size")
@@ -292,10 +363,12 @@ def test_check_config_flags_the_old_failures(tmp_path: Path) -> None:
     assert "zero_stage=2" in model.advice
     clean = load_config({"training": {"mixed_precision": False}})
     assert [f for f in check_config(clean, device="cpu") if f.severity != "info"] == []
-    assert check_config(load_config({"training": {"batch_size": 80}}), max_batch_size=96, device="cpu") == \
-        check_config(load_config({"training": {"batch_size": 80}}), max_batch_size=96, device="cpu")
+    assert check_config(load_config({"training": {"batch_size": 80}}), max_batch_size=96, device="cpu") == check_config(
+        load_config({"training": {"batch_size": 80}}), max_batch_size=96, device="cpu"
+    )
     assert ("warning", "training.batch_size") not in _keys(
-        check_config(load_config({"training": {"batch_size": 80}}), max_batch_size=96, device="cpu"))
+        check_config(load_config({"training": {"batch_size": 80}}), max_batch_size=96, device="cpu")
+    )
 
 
 def test_check_config_resolves_coco_splits(tmp_path: Path) -> None:
@@ -310,20 +383,26 @@ def test_check_config_with_a_model_size_and_a_probe() -> None:
     big = 2_000_000_000  # 2B parameters, 16 bytes each in plain fp32 AdamW: 30 GiB of model states
     (finding,) = [f for f in check_config(cfg, 8, model=big, device="cuda", device_memory_gib=40) if f.key == "model"]
     assert finding.severity == "warning" and "ZeRO stage 1" in finding.advice and "zero_stage=1" in finding.advice
-    assert not [f for f in check_config(cfg, 8, model=10_000_000, device="cuda", device_memory_gib=40)
-                if f.key == "model"]
+    assert not [
+        f for f in check_config(cfg, 8, model=10_000_000, device="cuda", device_memory_gib=40) if f.key == "model"
+    ]
     probe = MemoryProbe(batch_sizes=(2, 4), peak_bytes=(6 * 2**30, 8 * 2**30), capacity_bytes=40 * 2**30, fraction=0.9)
     assert probe.max_batch_size == 32 and probe.predict(64) == 68 * 2**30
-    (finding,) = [f for f in check_config(cfg, probe=probe, device="cuda", device_memory_gib=40)
-                  if f.key == "training.batch_size" and f.severity != "info"]
+    (finding,) = [
+        f
+        for f in check_config(cfg, probe=probe, device="cuda", device_memory_gib=40)
+        if f.key == "training.batch_size" and f.severity != "info"
+    ]
     assert finding.severity == "error" and "about 68.0 GiB by the measured probe; 32 fits" in finding.message
     assert "training.batch_size=32 and training.gradient_accumulation_steps=2" in finding.advice
 
 
 def test_memory_estimate_counts_like_deepspeed() -> None:
     p, n = 1_000_000, 4
-    mixed = {s: estimate_model_memory(p, world_size=n, precision="mixed", zero_stage=s, largest_layer_params=1000)
-             for s in range(4)}
+    mixed = {
+        s: estimate_model_memory(p, world_size=n, precision="mixed", zero_stage=s, largest_layer_params=1000)
+        for s in range(4)
+    }
     # DeepSpeed's estimate_zero2_model_states_mem_needs (no offload): 4P + 16P/N
     assert mixed[1].total_bytes == 4 * p + 16 * p // n
     assert mixed[0].total_bytes == 20 * p
@@ -358,8 +437,16 @@ def test_memory_estimate_of_a_module_on_the_meta_device() -> None:
 @pytest.mark.parametrize("world", [1, 2, 8])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_to_deepspeed_config_batch_invariant_and_zero(world: int, stage: int) -> None:
-    cfg = load_config({"training": {"batch_size": 6, "gradient_accumulation_steps": 3, "mixed_precision": "fp16",
-                                    "deepspeed": {"enabled": True, "zero_stage": stage, "offload": True}}})
+    cfg = load_config(
+        {
+            "training": {
+                "batch_size": 6,
+                "gradient_accumulation_steps": 3,
+                "mixed_precision": "fp16",
+                "deepspeed": {"enabled": True, "zero_stage": stage, "offload": True},
+            }
+        }
+    )
     ds = to_deepspeed_config(cfg, world)
     assert ds["train_batch_size"] == 6 * 3 * world
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
@@ -372,8 +459,10 @@ def test_to_deepspeed_config_batch_invariant_and_zero(world: int, stage: int) ->
 
 def test_to_deepspeed_config_optimizers_schedulers_and_errors() -> None:
     ds = to_deepspeed_config(load_config(None), 2)
-    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                           "weight_decay": 0.01}}
+    assert ds["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01},
+    }
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
     adam = to_deepspeed_config(load_config({"training": {"optimizer": {"name": "adam"}}}), 1, device="cpu")
     assert adam["optimizer"]["type"] == "Adam" and adam["optimizer"]["params"]["adam_w_mode"] is False
@@ -383,10 +472,16 @@ def test_to_deepspeed_config_optimizers_schedulers_and_errors() -> None:
     assert sgd["zero_allow_untested_optimizer"] is True and sgd["gradient_clipping"] == 0.0
     cosine = load_config({"training": {"num_epochs": 5, "scheduler": {"warmup_epochs": 0.5}}})
     sched = to_deepspeed_config(cosine, 4, steps_per_epoch=100)["scheduler"]
-    assert sched == {"type": "WarmupCosineLR", "params": {"total_num_steps": 500, "warmup_num_steps": 50,
-                                                          "warmup_min_ratio": 0.0,
-                                                          "cos_min_ratio": pytest.approx(0.01),
-                                                          "warmup_type": "linear"}}
+    assert sched == {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": 500,
+            "warmup_num_steps": 50,
+            "warmup_min_ratio": 0.0,
+            "cos_min_ratio": pytest.approx(0.01),
+            "warmup_type": "linear",
+        },
+    }
     no_warmup = load_config({"training": {"scheduler": {"warmup_epochs": 0}}})
     params = to_deepspeed_config(no_warmup, 1, steps_per_epoch=10)["scheduler"]["params"]
     assert (params["warmup_num_steps"], params["warmup_min_ratio"]) == (1, 1.0)  # DeepSpeed refuses 0 steps
@@ -404,8 +499,15 @@ def test_to_deepspeed_config_optimizers_schedulers_and_errors() -> None:
 def test_deepspeed_accepts_the_config_when_installed() -> None:
     ds_config = pytest.importorskip("deepspeed.runtime.config", reason="deepspeed is not installed here")
     for stage in (0, 1, 2, 3):
-        cfg = load_config({"training": {"batch_size": 4, "gradient_accumulation_steps": 2,
-                                        "deepspeed": {"enabled": True, "zero_stage": stage}}})
+        cfg = load_config(
+            {
+                "training": {
+                    "batch_size": 4,
+                    "gradient_accumulation_steps": 2,
+                    "deepspeed": {"enabled": True, "zero_stage": stage},
+                }
+            }
+        )
         # Without a process group DeepSpeedConfig checks the batch invariant at world size 1; the 2-rank
         # case is checked by deepspeed.initialize in the test below.
         parsed = ds_config.DeepSpeedConfig(to_deepspeed_config(cfg, 1, steps_per_epoch=10))
@@ -420,10 +522,14 @@ def _deepspeed_three_steps(stage: int) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 2)
-    cfg = load_config({"training": {"batch_size": 4, "mixed_precision": False,
-                                    "deepspeed": {"enabled": True, "zero_stage": stage}}})
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=to_deepspeed_config(cfg, 2, steps_per_epoch=3, device="cpu"))
+    cfg = load_config(
+        {"training": {"batch_size": 4, "mixed_precision": False, "deepspeed": {"enabled": True, "zero_stage": stage}}}
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        config=to_deepspeed_config(cfg, 2, steps_per_epoch=3, device="cpu"),
+    )
     for _ in range(3):
         loss = engine(torch.randn(4, 8)).pow(2).mean()
         engine.backward(loss)
@@ -446,19 +552,24 @@ def test_deepspeed_initialize_on_two_cpu_ranks(stage: int, run_on_ranks) -> None
 
 
 def test_dump_config_round_trip_atomic_and_main_rank_only(tmp_path: Path) -> None:
-    cfg = load_config({"training": {"batch_size": 7, "mixed_precision": "bf16"}, "model": {"feature_dims": 48},
-                       "smoke": True}, schema=ProjectConfig)
+    cfg = load_config(
+        {"training": {"batch_size": 7, "mixed_precision": "bf16"}, "model": {"feature_dims": 48}, "smoke": True},
+        schema=ProjectConfig,
+    )
     path = dump_config(cfg, tmp_path / "run" / "config.yaml")
     assert path == tmp_path / "run" / "config.yaml"
     assert load_config(path, schema=ProjectConfig) == cfg
     assert yaml.safe_load(path.read_text())["training"]["optimizer"]["lr"] == 1e-4
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]  # no temporary file left
-    code = ("from ratlib.config_defaults import load_config, dump_config\n"
-            f"print(dump_config(load_config(None), {str(tmp_path / 'other.yaml')!r}))")
+    code = (
+        "from ratlib.config_defaults import load_config, dump_config\n"
+        f"print(dump_config(load_config(None), {str(tmp_path / 'other.yaml')!r}))"
+    )
     for env in ({"RANK": "1", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}):
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "OMPI_"))}
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**clean, **env})
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**clean, **env}
+        )
         assert out.stdout.strip() == "None" and not (tmp_path / "other.yaml").exists(), out.stderr
 
 
@@ -486,8 +597,13 @@ def test_probe_memory_extrapolates_a_measured_peak() -> None:
     from ratlib.config_defaults import probe_memory
 
     def net() -> torch.nn.Module:
-        return torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
-                                   torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 1, 1))
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 32, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 1, 1),
+        )
 
     def batch(b: int) -> torch.Tensor:
         return torch.randn(b, 3, 128, 128)

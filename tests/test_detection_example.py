@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from example_helpers import _restore_logging, load_script, one_thread  # noqa: F401  (fixtures)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratlib.synthetic import make_coco_detection
 from ratlib.testing.ranks import run_on_ranks
 from ratlib.testing.strategies import coco_split_spellings
-
-from example_helpers import _restore_logging, load_script, one_thread  # noqa: F401  (fixtures)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "detection"
 TRAIN_PY = EXAMPLE / "train.py"
@@ -34,11 +33,18 @@ AP50_THRESHOLD = 0.5
 UNTRAINED_AP50_MAX = 0.05
 
 TINY = [
-    "model.name=fasterrcnn_tiny", "model.min_size=128", "model.max_size=128",
-    "training.batch_size=4", "training.mixed_precision=false",
-    "training.optimizer.lr=2e-3", "training.optimizer.weight_decay=1e-4",
-    "training.scheduler.warmup_epochs=0.5", "training.scheduler.min_lr=1e-5",
-    "training.log_every=10", "data.num_workers=0", "eval.every_epochs=100",
+    "model.name=fasterrcnn_tiny",
+    "model.min_size=128",
+    "model.max_size=128",
+    "training.batch_size=4",
+    "training.mixed_precision=false",
+    "training.optimizer.lr=2e-3",
+    "training.optimizer.weight_decay=1e-4",
+    "training.scheduler.warmup_epochs=0.5",
+    "training.scheduler.min_lr=1e-5",
+    "training.log_every=10",
+    "data.num_workers=0",
+    "eval.every_epochs=100",
 ]
 
 
@@ -101,8 +107,11 @@ def test_dataset_targets_crowd_degenerate_empty_counted(tmp_path: Path, caplog: 
     boxes = target["boxes"]
     assert boxes.shape[1] == 4 and (boxes[:, 2:] > boxes[:, :2]).all()
     assert target["labels"].min() >= 1 and target["labels"].max() <= 3
-    usable = [a for a in data["annotations"] if a["image_id"] == target["image_id"] and not a["iscrowd"]
-              and a["id"] != victim["id"]]
+    usable = [
+        a
+        for a in data["annotations"]
+        if a["image_id"] == target["image_id"] and not a["iscrowd"] and a["id"] != victim["id"]
+    ]
     assert len(boxes) == len(usable)
 
     keep = du.CocoDetection(paths.images, paths.annotations, train=True, keep_empty=True)
@@ -122,8 +131,13 @@ def test_dataset_maps_category_ids_and_masks(tmp_path: Path, coco_root: Path) ->
             a["category_id"] = ids[a["category_id"]]
 
     root = _with_edits(coco_root, tmp_path, remap)
-    ds = du.CocoDetection(root / "val2017", root / "annotations" / "instances_val2017.json", train=True,
-                          masks=True, transforms=du.make_transforms(False))
+    ds = du.CocoDetection(
+        root / "val2017",
+        root / "annotations" / "instances_val2017.json",
+        train=True,
+        masks=True,
+        transforms=du.make_transforms(False),
+    )
     assert ds.label_to_cat == [0, 3, 7, 42] and ds.num_classes == 4
     _, target = ds[0]
     anns = ds.coco.imgToAnns[target["image_id"]]
@@ -149,10 +163,16 @@ def test_limit_and_keep_empty_in_config() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 70), world=st.integers(1, 4), batch=st.integers(1, 6), epoch=st.integers(0, 3),
-       portrait=st.lists(st.booleans(), min_size=70, max_size=70))
-def test_sharded_batches_cover_each_image_once_in_step(n: int, world: int, batch: int, epoch: int,
-                                                       portrait: list[bool]) -> None:
+@given(
+    n=st.integers(1, 70),
+    world=st.integers(1, 4),
+    batch=st.integers(1, 6),
+    epoch=st.integers(0, 3),
+    portrait=st.lists(st.booleans(), min_size=70, max_size=70),
+)
+def test_sharded_batches_cover_each_image_once_in_step(
+    n: int, world: int, batch: int, epoch: int, portrait: list[bool]
+) -> None:
     if n < world:
         return
     groups = [int(p) for p in portrait[:n]]
@@ -201,15 +221,21 @@ class Oracle(torch.nn.Module):
             boxes, labels, _ = self.targets[self.pos]
             self.pos += 1
             labels = [(lbl - 1 + self.shift) % self.k + 1 for lbl in labels]
-            out.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                        "labels": torch.tensor(labels, dtype=torch.int64), "scores": torch.ones(len(labels))})
+            out.append(
+                {
+                    "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                    "labels": torch.tensor(labels, dtype=torch.int64),
+                    "scores": torch.ones(len(labels)),
+                }
+            )
         return out
 
 
 def _evaluate_oracle(ds, shift: int = 0) -> dict[str, float]:
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=du.collate)
-    metrics = du.evaluate(Oracle(ds, list(range(len(ds))), shift), loader, ds, torch.device("cpu"), is_main=True,
-                          backend="pycocotools")
+    metrics = du.evaluate(
+        Oracle(ds, list(range(len(ds))), shift), loader, ds, torch.device("cpu"), is_main=True, backend="pycocotools"
+    )
     assert metrics is not None and metrics["eval_images"] == len(ds)
     return metrics
 
@@ -224,8 +250,12 @@ def test_ground_truth_as_predictions_scores_one_and_shuffled_labels_low(tmp_path
             a["category_id"] = ids[a["category_id"]]
 
     root = _with_edits(coco_root, tmp_path, remap)
-    ds = du.CocoDetection(root / "val2017", root / "annotations" / "instances_val2017.json", train=False,
-                          transforms=du.make_transforms(False))
+    ds = du.CocoDetection(
+        root / "val2017",
+        root / "annotations" / "instances_val2017.json",
+        train=False,
+        transforms=du.make_transforms(False),
+    )
     perfect = _evaluate_oracle(ds)
     assert perfect["map"] == pytest.approx(1.0) and perfect["map50"] == pytest.approx(1.0)
     assert perfect["mar_100"] == pytest.approx(1.0)
@@ -234,12 +264,15 @@ def test_ground_truth_as_predictions_scores_one_and_shuffled_labels_low(tmp_path
 
 
 def test_coco_results_rows_and_merge_drops_padding_duplicates() -> None:
-    out = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]), "scores": torch.tensor([0.5]),
-           "labels": torch.tensor([2])}
+    out = {
+        "boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]),
+        "scores": torch.tensor([0.5]),
+        "labels": torch.tensor([2]),
+    }
     rows = du.to_coco_results([out], [9], [0, 7, 42])
     assert rows.tolist() == [[9.0, 10.0, 20.0, 20.0, 40.0, 0.5, 42.0]]  # xywh, category id 42
-    r0 = (np.array([[1, 0, 0, 5, 5, 0.9, 7], [3, 0, 0, 5, 5, 0.8, 7]], dtype=float))
-    r1 = (np.array([[2, 0, 0, 5, 5, 0.7, 7], [1, 0, 0, 5, 5, 0.6, 7]], dtype=float))
+    r0 = np.array([[1, 0, 0, 5, 5, 0.9, 7], [3, 0, 0, 5, 5, 0.8, 7]], dtype=float)
+    r1 = np.array([[2, 0, 0, 5, 5, 0.7, 7], [1, 0, 0, 5, 5, 0.6, 7]], dtype=float)
     ids, merged, duplicates = du.merge_rank_results([([1, 3], r0), ([2, 1], r1)])  # image 1 twice (padding)
     assert ids == [1, 2, 3] and duplicates == 1
     assert sorted(merged[:, 0].tolist()) == [1.0, 2.0, 3.0] and 0.6 not in merged[:, 5]
@@ -260,8 +293,12 @@ def test_empty_predictions_score_zero(coco_root: Path) -> None:
 def test_faster_coco_eval_agrees_with_pycocotools(coco_root: Path) -> None:
     ds = du.CocoDetection(coco_root / "val2017", coco_root / "annotations" / "instances_val2017.json", train=False)
     rng = np.random.default_rng(0)
-    rows = np.array([[a["image_id"], *(np.array(a["bbox"]) + rng.normal(0, 2, 4)), rng.random(),
-                      a["category_id"]] for a in ds.coco.dataset["annotations"]])
+    rows = np.array(
+        [
+            [a["image_id"], *(np.array(a["bbox"]) + rng.normal(0, 2, 4)), rng.random(), a["category_id"]]
+            for a in ds.coco.dataset["annotations"]
+        ]
+    )
     a, _ = du.coco_eval(ds.coco, rows, ds.ids, backend="pycocotools")
     b, _ = du.coco_eval(ds.coco, rows, ds.ids, backend="faster_coco_eval")
     assert a == pytest.approx(b, abs=1e-6)
@@ -279,8 +316,9 @@ def spelling_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
     roots = {}
     for layout in ("coco", "roboflow", "detectron2"):
         root = tmp_path_factory.mktemp(f"spellings-{layout}")
-        paths = make_coco_detection(root, "train2017", num_images=6, layout=layout, seed=1, empty_images=1,
-                                    crowd_fraction=0.3)
+        paths = make_coco_detection(
+            root, "train2017", num_images=6, layout=layout, seed=1, empty_images=1, crowd_fraction=0.3
+        )
         make_coco_detection(root, "val2017", num_images=4, layout=layout, seed=1)
         data = json.loads(paths.annotations.read_text())
         usable: dict[int, int] = {}
@@ -293,10 +331,12 @@ def spelling_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
 
 
 @settings(max_examples=30, deadline=None)
-@given(spelling=coco_split_spellings(split="train", year=2017),
-       layout=st.sampled_from(["coco", "roboflow", "detectron2"]))
-def test_every_train_split_spelling_resolves_to_the_dataset(coco_root: Path, spelling_roots, spelling,
-                                                            layout: str) -> None:
+@given(
+    spelling=coco_split_spellings(split="train", year=2017), layout=st.sampled_from(["coco", "roboflow", "detectron2"])
+)
+def test_every_train_split_spelling_resolves_to_the_dataset(
+    coco_root: Path, spelling_roots, spelling, layout: str
+) -> None:
     """Issue 8: every data.train_split spelling that coco_paths accepts trains. Each spelling resolves to
     the annotation file, and the training set train() builds from it has the expected images, a batch
     of well-formed targets through the sampler and collate train() uses."""
@@ -331,13 +371,32 @@ def test_a_spelling_trains_end_to_end(tmp_path: Path, layout: str, spelling: str
     root = tmp_path / "data"
     make_coco_detection(root, "train2017", num_images=6, layout=layout)
     make_coco_detection(root, "val2017", num_images=4, layout=layout)
-    rc = T.main([f"output_dir={tmp_path / 'run'}", f"data.root={root}", f"data.train_split={spelling}",
-                 "data.val_split=valid", "training.max_steps=1", "model.width=8", *TINY])
+    rc = T.main(
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.root={root}",
+            f"data.train_split={spelling}",
+            "data.val_split=valid",
+            "training.max_steps=1",
+            "model.width=8",
+            *TINY,
+        ]
+    )
     assert rc == 0
     (row,) = metrics_rows(tmp_path / "run")
     assert row["step"] == 1 and row["eval_images"] == 4
-    rc = T.main([f"output_dir={tmp_path / 'run'}", f"data.root={root}", f"data.train_split={spelling}",
-                 "data.val_split=valid", "training.max_steps=2", "model.width=8", *TINY, "--resume"])
+    rc = T.main(
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.root={root}",
+            f"data.train_split={spelling}",
+            "data.val_split=valid",
+            "training.max_steps=2",
+            "model.width=8",
+            *TINY,
+            "--resume",
+        ]
+    )
     assert rc == 0
     assert [r["step"] for r in metrics_rows(tmp_path / "run")] == [1, 2]  # continued, not restarted
 
@@ -350,14 +409,18 @@ def test_wrong_root_reports_the_coco_path_error(tmp_path: Path, capsys: pytest.C
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("data.train_split=trian", "closest valid names: train"),
-    ("model.name=fasterrcnn_resnet_fpn", "closest: fasterrcnn_resnet50_fpn"),
-    ("training.deepspeed.enabled=true", "pip install 'ratlib[deepspeed]'"),
-    ("model.weights=/no/such/weights.pt", "no such file"),
-])
-def test_input_errors_are_one_message(tmp_path: Path, coco_root: Path, capsys: pytest.CaptureFixture[str],
-                                      override: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("data.train_split=trian", "closest valid names: train"),
+        ("model.name=fasterrcnn_resnet_fpn", "closest: fasterrcnn_resnet50_fpn"),
+        ("training.deepspeed.enabled=true", "pip install 'ratlib[deepspeed]'"),
+        ("model.weights=/no/such/weights.pt", "no such file"),
+    ],
+)
+def test_input_errors_are_one_message(
+    tmp_path: Path, coco_root: Path, capsys: pytest.CaptureFixture[str], override: str, expected: str
+) -> None:
     if override.startswith("training.deepspeed") and importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("DeepSpeed is installed here")
     rc = T.main([f"output_dir={tmp_path / 'run'}", f"data.root={coco_root}", *TINY, override])
@@ -383,8 +446,13 @@ def test_local_weights_load_with_a_report(tmp_path: Path, caplog: pytest.LogCapt
 def test_one_rank_learns_past_threshold(tmp_path: Path, coco_root: Path, one_thread) -> None:
     cfg = config(f"data.root={coco_root}", "training.max_steps=40")
     _, val_set = T.build_datasets(cfg, tmp_path, masks=False)
-    untrained = du.evaluate(T.build_model(cfg.model, val_set.num_classes), T.eval_loader(cfg, val_set, CPU),
-                            val_set, torch.device("cpu"), is_main=True)
+    untrained = du.evaluate(
+        T.build_model(cfg.model, val_set.num_classes),
+        T.eval_loader(cfg, val_set, CPU),
+        val_set,
+        torch.device("cpu"),
+        is_main=True,
+    )
     metrics = T.train(cfg, run_dir=tmp_path, info=CPU)
     assert untrained["map50"] < UNTRAINED_AP50_MAX
     assert metrics["map50"] > AP50_THRESHOLD, metrics
@@ -396,10 +464,10 @@ def test_one_rank_learns_past_threshold(tmp_path: Path, coco_root: Path, one_thr
 
 @pytest.mark.slow
 def test_eval_only_on_the_command_line_evaluates_the_checkpoint_without_training(
-        tmp_path: Path, one_thread, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, one_thread, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
-    args = [f"output_dir={run}", *TINY, "model.width=8", "data.synthetic.train_images=8",
-            "data.synthetic.val_images=4"]
+    args = [f"output_dir={run}", *TINY, "model.width=8", "data.synthetic.train_images=8", "data.synthetic.val_images=4"]
     assert T.main([*args, "training.max_steps=1"]) == 0
     (row,) = metrics_rows(run)
     assert row["step"] == 1
@@ -415,16 +483,16 @@ def test_eval_only_on_the_command_line_evaluates_the_checkpoint_without_training
     for key in du.STAT_NAMES:  # COCOeval gives -1 where an area range has no ground truth
         assert result[key] == -1.0 or 0.0 <= result[key] <= 1.0, (key, result[key])
         assert result[key] == pytest.approx(row[key], abs=1e-9), key  # the figures training logged for it
-    after = {c: c.read_bytes() for c in sorted((run / "checkpoints").glob("*.pt"))}, \
-        (run / "metrics.jsonl").read_text()
+    after = {c: c.read_bytes() for c in sorted((run / "checkpoints").glob("*.pt"))}, (run / "metrics.jsonl").read_text()
     assert after == before  # no training: no new checkpoint, no new metrics row, the checkpoint untouched
     assert "optimiser steps per epoch" not in capsys.readouterr().err  # train() never started
 
     (run / "eval.json").unlink()
     assert T.main([*args, "--eval-only", "--checkpoint", str(ckpts[0])]) == 0  # the flag, explicitly
     again = json.loads((run / "eval.json").read_text())
-    assert {k: again[k] for k in ("checkpoint", "eval_images", *du.STAT_NAMES)} == \
-        {k: result[k] for k in ("checkpoint", "eval_images", *du.STAT_NAMES)}
+    assert {k: again[k] for k in ("checkpoint", "eval_images", *du.STAT_NAMES)} == {
+        k: result[k] for k in ("checkpoint", "eval_images", *du.STAT_NAMES)
+    }
     assert T.main([f"output_dir={tmp_path / 'empty'}", *TINY, "--eval-only"]) == 2  # nothing to evaluate
     err = capsys.readouterr().err
     assert "--eval-only: checkpoint" in err and "not found" in err and "Traceback" not in err
@@ -478,9 +546,21 @@ def test_two_ranks_learn_resume_and_evaluate_like_one_rank(tmp_path: Path, coco_
 @pytest.mark.distributed
 def test_smoke_on_two_ranks_trains_on_exactly_the_limit(tmp_path: Path, one_thread) -> None:
     run = tmp_path / "run"
-    result = run_on_ranks(TRAIN_PY, 2, args=[f"output_dir={run}", *TINY, "smoke=true", "data.limit=7",
-                                             "data.synthetic.train_images=20", "data.synthetic.val_images=8",
-                                             "model.width=8"], env=NO_GPU, timeout=240).check()
+    result = run_on_ranks(
+        TRAIN_PY,
+        2,
+        args=[
+            f"output_dir={run}",
+            *TINY,
+            "smoke=true",
+            "data.limit=7",
+            "data.synthetic.train_images=20",
+            "data.synthetic.val_images=8",
+            "model.width=8",
+        ],
+        env=NO_GPU,
+        timeout=240,
+    ).check()
     (row,) = metrics_rows(run)
     assert row["train_images"] == 7 and row["train_unique_images"] == 7
     assert row["eval_images"] == 7 and row["step"] == 1  # 7 images, batch 4 on 2 ranks: one step per epoch
@@ -497,8 +577,15 @@ def deepspeed_scenario(run: str) -> int:
     from ratlib import distributed, setup_logging
 
     setup_logging(log_dir=Path(run) / "logs")
-    ds = (f"output_dir={run}", *TINY, "model.width=8", "training.deepspeed.enabled=true",
-          "training.deepspeed.zero_stage=2", "data.synthetic.train_images=16", "data.synthetic.val_images=8")
+    ds = (
+        f"output_dir={run}",
+        *TINY,
+        "model.width=8",
+        "training.deepspeed.enabled=true",
+        "training.deepspeed.zero_stage=2",
+        "data.synthetic.train_images=16",
+        "data.synthetic.val_images=8",
+    )
     with distributed(device="cpu") as info:
         T.train(config(*ds, "training.num_epochs=1"), run_dir=run, info=info)
         T.train(config(*ds, "training.num_epochs=2"), run_dir=run, resume=True, info=info)
@@ -510,8 +597,9 @@ def deepspeed_scenario(run: str) -> int:
 def test_deepspeed_zero2_on_two_cpu_ranks_trains_saves_and_resumes(tmp_path: Path, one_thread) -> None:
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install 'ratlib[deepspeed]'")
     run = tmp_path / "run"
-    result = run_on_ranks(deepspeed_scenario, 2, args=(str(run),), env={**NO_GPU, "DS_ACCELERATOR": "cpu"},
-                          timeout=420).check()
+    result = run_on_ranks(
+        deepspeed_scenario, 2, args=(str(run),), env={**NO_GPU, "DS_ACCELERATOR": "cpu"}, timeout=420
+    ).check()
     rows = metrics_rows(run)
     assert [(r["epoch"], r["step"]) for r in rows] == [(0, 2), (1, 4)]  # 16 images / (2 ranks x 4): 2 steps
     assert all(math.isfinite(r["train_loss"]) for r in rows) and rows[1]["train_unique_images"] == 16

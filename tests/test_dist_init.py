@@ -10,11 +10,11 @@ import time
 import types
 from pathlib import Path
 
+import dist_targets
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import dist_targets
 from ratlib import comm, dist_init
 from ratlib.dist_init import (
     DistInitError,
@@ -30,44 +30,147 @@ from ratlib.testing.strategies import launch_envs
 M = {"MASTER_ADDR": "h", "MASTER_PORT": "29500"}
 VALID = {
     "single": ({}, ("single", 0, 1, 0, 1, 0, None, None)),
-    "torchrun": ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "0",
-                  "TORCHELASTIC_RUN_ID": "x", **M}, ("torchrun", 3, 8, 3, 4, 0, "h", 29500)),
+    "torchrun": (
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "3",
+            "LOCAL_WORLD_SIZE": "4",
+            "GROUP_RANK": "0",
+            "TORCHELASTIC_RUN_ID": "x",
+            **M,
+        },
+        ("torchrun", 3, 8, 3, 4, 0, "h", 29500),
+    ),
     "by-hand": ({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "5", **M}, ("env", 5, 8, 5, 8, 0, "h", 29500)),
-    "deepspeed": ({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_SIZE": "4", "CROSS_RANK": "1",
-                   "CROSS_SIZE": "2", **M}, ("deepspeed", 5, 8, 1, 4, 1, "h", 29500)),
-    "kubeflow": ({"RANK": "2", "WORLD_SIZE": "4", "KUBERNETES_SERVICE_HOST": "10.96.0.1", **M},
-                 ("kubeflow", 2, 4, 0, 1, 2, "h", 29500)),
-    "torchrun-in-slurm": ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "RANK": "6",
-                           "WORLD_SIZE": "8", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
-                           "MASTER_ADDR": "a", "MASTER_PORT": "2"}, ("torchrun", 6, 8, 2, 4, 1, "a", 2)),
-    "slurm": ({"SLURM_PROCID": "9", "SLURM_NTASKS": "11", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
-               "SLURM_TASKS_PER_NODE": "4(x2),3", "SLURM_JOB_NODELIST": "gpu[01-02,07]", "SLURM_JOB_ID": "123"},
-              ("slurm", 9, 11, 1, 3, 2, "gpu01", 15123)),
-    "slurm-step": ({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
-                    "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_TASKS_PER_NODE": "8(x2)",
-                    "SLURM_STEP_NODELIST": "n[3-4]", "SLURM_JOB_NODELIST": "n[1-4]", "SLURM_JOB_ID": "10",
-                    "SLURM_STEP_ID": "1"}, ("slurm", 3, 4, 1, 2, 1, "n3", 15000 + 10 + 7919)),
-    "slurm-no-localid": ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_NODEID": "1",
-                          "SLURM_TASKS_PER_NODE": "4(x2)"}, ("slurm", 5, 8, 1, 4, 1, None, None)),
-    "slurm-master-set": ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_TASKS_PER_NODE":
-                          "2", "SLURM_JOB_NODELIST": "n1", "MASTER_ADDR": "m", "MASTER_PORT": "40000"},
-                         ("slurm", 0, 2, 0, 2, 0, "m", 40000)),
-    "openmpi": ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
-                 "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OMPI_COMM_WORLD_NODE_RANK": "1"},
-                ("openmpi", 2, 4, 0, 2, 1, None, None)),
-    "openmpi-in-slurm": ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK":
-                          "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
-                          "SLURM_LOCALID": "0"}, ("openmpi", 3, 4, 1, 2, 1, None, None)),
-    "mvapich": ({"MV2_COMM_WORLD_RANK": "3", "MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_LOCAL_RANK": "1",
-                 "MV2_COMM_WORLD_LOCAL_SIZE": "2", **M}, ("mvapich", 3, 4, 1, 2, 1, "h", 29500)),
-    "mpich": ({"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"},
-              ("mpich", 3, 4, 1, 2, 1, None, None)),
+    "deepspeed": (
+        {
+            "RANK": "5",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "LOCAL_SIZE": "4",
+            "CROSS_RANK": "1",
+            "CROSS_SIZE": "2",
+            **M,
+        },
+        ("deepspeed", 5, 8, 1, 4, 1, "h", 29500),
+    ),
+    "kubeflow": (
+        {"RANK": "2", "WORLD_SIZE": "4", "KUBERNETES_SERVICE_HOST": "10.96.0.1", **M},
+        ("kubeflow", 2, 4, 0, 1, 2, "h", 29500),
+    ),
+    "torchrun-in-slurm": (
+        {
+            "SLURM_PROCID": "1",
+            "SLURM_NTASKS": "2",
+            "SLURM_LOCALID": "0",
+            "RANK": "6",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "2",
+            "LOCAL_WORLD_SIZE": "4",
+            "GROUP_RANK": "1",
+            "MASTER_ADDR": "a",
+            "MASTER_PORT": "2",
+        },
+        ("torchrun", 6, 8, 2, 4, 1, "a", 2),
+    ),
+    "slurm": (
+        {
+            "SLURM_PROCID": "9",
+            "SLURM_NTASKS": "11",
+            "SLURM_LOCALID": "1",
+            "SLURM_NODEID": "2",
+            "SLURM_TASKS_PER_NODE": "4(x2),3",
+            "SLURM_JOB_NODELIST": "gpu[01-02,07]",
+            "SLURM_JOB_ID": "123",
+        },
+        ("slurm", 9, 11, 1, 3, 2, "gpu01", 15123),
+    ),
+    "slurm-step": (
+        {
+            "SLURM_PROCID": "3",
+            "SLURM_STEP_NUM_TASKS": "4",
+            "SLURM_NTASKS": "16",
+            "SLURM_LOCALID": "1",
+            "SLURM_NODEID": "1",
+            "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+            "SLURM_TASKS_PER_NODE": "8(x2)",
+            "SLURM_STEP_NODELIST": "n[3-4]",
+            "SLURM_JOB_NODELIST": "n[1-4]",
+            "SLURM_JOB_ID": "10",
+            "SLURM_STEP_ID": "1",
+        },
+        ("slurm", 3, 4, 1, 2, 1, "n3", 15000 + 10 + 7919),
+    ),
+    "slurm-no-localid": (
+        {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_NODEID": "1", "SLURM_TASKS_PER_NODE": "4(x2)"},
+        ("slurm", 5, 8, 1, 4, 1, None, None),
+    ),
+    "slurm-master-set": (
+        {
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "2",
+            "SLURM_LOCALID": "0",
+            "SLURM_TASKS_PER_NODE": "2",
+            "SLURM_JOB_NODELIST": "n1",
+            "MASTER_ADDR": "m",
+            "MASTER_PORT": "40000",
+        },
+        ("slurm", 0, 2, 0, 2, 0, "m", 40000),
+    ),
+    "openmpi": (
+        {
+            "OMPI_COMM_WORLD_RANK": "2",
+            "OMPI_COMM_WORLD_SIZE": "4",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+            "OMPI_COMM_WORLD_NODE_RANK": "1",
+        },
+        ("openmpi", 2, 4, 0, 2, 1, None, None),
+    ),
+    "openmpi-in-slurm": (
+        {
+            "OMPI_COMM_WORLD_RANK": "3",
+            "OMPI_COMM_WORLD_SIZE": "4",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+            "SLURM_PROCID": "1",
+            "SLURM_NTASKS": "2",
+            "SLURM_LOCALID": "0",
+        },
+        ("openmpi", 3, 4, 1, 2, 1, None, None),
+    ),
+    "mvapich": (
+        {
+            "MV2_COMM_WORLD_RANK": "3",
+            "MV2_COMM_WORLD_SIZE": "4",
+            "MV2_COMM_WORLD_LOCAL_RANK": "1",
+            "MV2_COMM_WORLD_LOCAL_SIZE": "2",
+            **M,
+        },
+        ("mvapich", 3, 4, 1, 2, 1, "h", 29500),
+    ),
+    "mpich": (
+        {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"},
+        ("mpich", 3, 4, 1, 2, 1, None, None),
+    ),
     "pmix": ({"PMIX_RANK": "1", "PMI_SIZE": "2"}, ("mpich", 1, 2, 1, 2, 0, None, None)),
-    "mpiexec-in-slurm": ({"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4",
-                          "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"},
-                         ("mpich", 5, 8, 1, 4, 1, None, None)),
-    "srun-with-pmix": ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "PMIX_RANK": "1",
-                        "SLURM_JOB_NODELIST": "a,b"}, ("slurm", 1, 2, 1, 2, 0, "a", None)),
+    "mpiexec-in-slurm": (
+        {
+            "PMI_RANK": "5",
+            "PMI_SIZE": "8",
+            "MPI_LOCALRANKID": "1",
+            "MPI_LOCALNRANKS": "4",
+            "SLURM_PROCID": "1",
+            "SLURM_NTASKS": "2",
+            "SLURM_LOCALID": "0",
+        },
+        ("mpich", 5, 8, 1, 4, 1, None, None),
+    ),
+    "srun-with-pmix": (
+        {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "PMIX_RANK": "1", "SLURM_JOB_NODELIST": "a,b"},
+        ("slurm", 1, 2, 1, 2, 0, "a", None),
+    ),
 }
 
 
@@ -75,8 +178,16 @@ VALID = {
 def test_detect_launch_env_table(name: str) -> None:
     environ, expected = VALID[name]
     env = detect_launch_env(environ)
-    assert (env.launcher, env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank,
-            env.master_addr, env.master_port) == expected
+    assert (
+        env.launcher,
+        env.rank,
+        env.world_size,
+        env.local_rank,
+        env.local_world_size,
+        env.node_rank,
+        env.master_addr,
+        env.master_port,
+    ) == expected
     assert set(env.variables) <= set(environ)
 
 
@@ -87,18 +198,34 @@ INVALID = [
     ({"RANK": "1"}, "RANK is set but WORLD_SIZE is not"),
     ({"WORLD_SIZE": "2"}, "WORLD_SIZE is set but RANK is not"),
     ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE='0' is below 1"),
-    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
-     "LOCAL_RANK=2 is not below LOCAL_WORLD_SIZE=2"),
-    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4"},
-     "LOCAL_WORLD_SIZE=4 exceeds WORLD_SIZE=2"),
+    (
+        {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
+        "LOCAL_RANK=2 is not below LOCAL_WORLD_SIZE=2",
+    ),
+    (
+        {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4"},
+        "LOCAL_WORLD_SIZE=4 exceeds WORLD_SIZE=2",
+    ),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "99999"}, "MASTER_PORT='99999' is not a TCP port"),
     ({"SLURM_PROCID": "1"}, "SLURM_PROCID is set but SLURM_NTASKS is not"),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_NODEID": "3",
-      "SLURM_TASKS_PER_NODE": "2(x2)"}, "SLURM_NODEID=3 but SLURM_TASKS_PER_NODE='2(x2)' lists fewer nodes"),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_TASKS_PER_NODE": "2(2)"},
-     "SLURM_TASKS_PER_NODE='2(2)': '2(2)' is not N or N(xM)"),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "gpu[0a]"},
-     "SLURM_JOB_NODELIST: SLURM node list 'gpu[0a]': range '0a' is not N or N-M"),
+    (
+        {
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "4",
+            "SLURM_LOCALID": "0",
+            "SLURM_NODEID": "3",
+            "SLURM_TASKS_PER_NODE": "2(x2)",
+        },
+        "SLURM_NODEID=3 but SLURM_TASKS_PER_NODE='2(x2)' lists fewer nodes",
+    ),
+    (
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_TASKS_PER_NODE": "2(2)"},
+        "SLURM_TASKS_PER_NODE='2(2)': '2(2)' is not N or N(xM)",
+    ),
+    (
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "gpu[0a]"},
+        "SLURM_JOB_NODELIST: SLURM node list 'gpu[0a]': range '0a' is not N or N-M",
+    ),
     ({"OMPI_COMM_WORLD_RANK": "2"}, "OMPI_COMM_WORLD_RANK is set but OMPI_COMM_WORLD_SIZE is not"),
     ({"MV2_COMM_WORLD_SIZE": "2"}, "MV2_COMM_WORLD_SIZE is set but MV2_COMM_WORLD_RANK is not"),
     ({"PMI_RANK": "0"}, "PMI_RANK is set but PMI_SIZE is not"),
@@ -119,10 +246,25 @@ def test_detect_launch_env_rejects(environ: dict[str, str], message: str) -> Non
 @given(launch_envs(valid=True))
 def test_any_valid_environment_parses_to_what_it_describes(case) -> None:
     env = detect_launch_env(case.environ)
-    assert (env.launcher, env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank,
-            env.master_addr, env.master_port) == (case.launcher, case.rank, case.world_size, case.local_rank,
-                                                  case.local_world_size, case.node_rank, case.master_addr,
-                                                  case.master_port), case.environ
+    assert (
+        env.launcher,
+        env.rank,
+        env.world_size,
+        env.local_rank,
+        env.local_world_size,
+        env.node_rank,
+        env.master_addr,
+        env.master_port,
+    ) == (
+        case.launcher,
+        case.rank,
+        case.world_size,
+        case.local_rank,
+        case.local_world_size,
+        case.node_rank,
+        case.master_addr,
+        case.master_port,
+    ), case.environ
 
 
 @settings(max_examples=200, deadline=None)
@@ -134,13 +276,41 @@ def test_any_corrupted_environment_raises_naming_the_variable(case) -> None:
     assert case.bad_variable in problem, (case.note, case.environ, str(info.value))
 
 
-NAMES = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "LOCAL_SIZE", "CROSS_RANK",
-         "MASTER_PORT", "MASTER_ADDR", "KUBERNETES_SERVICE_HOST", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
-         "SLURM_NODEID", "SLURM_TASKS_PER_NODE", "SLURM_JOB_NODELIST", "SLURM_JOB_ID", "SLURM_STEP_ID",
-         "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMIX_RANK",
-         "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"]
-VALUES = st.one_of(st.integers(-3, 70000).map(str), st.text(max_size=12),
-                   st.sampled_from(["4(x2),3", "gpu[01-03]", "n[3-1]", "a[", " 2 ", "1e3", "２"]))
+NAMES = [
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "LOCAL_SIZE",
+    "CROSS_RANK",
+    "MASTER_PORT",
+    "MASTER_ADDR",
+    "KUBERNETES_SERVICE_HOST",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_NODEID",
+    "SLURM_TASKS_PER_NODE",
+    "SLURM_JOB_NODELIST",
+    "SLURM_JOB_ID",
+    "SLURM_STEP_ID",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "PMI_RANK",
+    "PMIX_RANK",
+    "PMI_SIZE",
+    "MPI_LOCALRANKID",
+    "MPI_LOCALNRANKS",
+    "MV2_COMM_WORLD_RANK",
+    "MV2_COMM_WORLD_SIZE",
+]
+VALUES = st.one_of(
+    st.integers(-3, 70000).map(str),
+    st.text(max_size=12),
+    st.sampled_from(["4(x2),3", "gpu[01-03]", "n[3-1]", "a[", " 2 ", "1e3", "２"]),
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -167,14 +337,22 @@ def test_slurm_lists() -> None:
     with pytest.raises(ValueError, match=r"not N or N\(xM\)"):
         expand_slurm_tasks_per_node("4(2)")
     start = time.perf_counter()  # the master host comes from the first node, without expanding the rest
-    env = detect_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "n[0-999999999]",
-                             "SLURM_TASKS_PER_NODE": "1(x999999999)"})
+    env = detect_launch_env(
+        {
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "1",
+            "SLURM_JOB_NODELIST": "n[0-999999999]",
+            "SLURM_TASKS_PER_NODE": "1(x999999999)",
+        }
+    )
     assert env.master_addr == "n0" and time.perf_counter() - start < 0.5
 
 
 def test_detect_is_torch_free() -> None:
-    code = ("import sys; from ratlib.dist_init import detect_launch_env, get_rank, is_main_process\n"
-            "detect_launch_env(); get_rank(); is_main_process(); print('torch' in sys.modules)")
+    code = (
+        "import sys; from ratlib.dist_init import detect_launch_env, get_rank, is_main_process\n"
+        "detect_launch_env(); get_rank(); is_main_process(); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -209,14 +387,19 @@ def test_single_process_needs_no_group(clean_env: pytest.MonkeyPatch) -> None:
     with pytest.raises(DistInitError, match="backend='nccl' needs CUDA, but the device is cpu") as err:
         init_distributed("nccl", device="cpu")
     assert "Fix: use backend='gloo'" in str(err.value)
-    for kwargs, message in (({"backend": "nclc"}, "backend='nclc'"), ({"device": "gpu"}, "device='gpu'"),
-                            ({"timeout": 0}, "must be positive"), ({"connect_timeout": -1}, "must be positive")):
+    for kwargs, message in (
+        ({"backend": "nclc"}, "backend='nclc'"),
+        ({"device": "gpu"}, "device='gpu'"),
+        ({"timeout": 0}, "must be positive"),
+        ({"connect_timeout": -1}, "must be positive"),
+    ):
         with pytest.raises(ValueError, match=message):
             init_distributed(**kwargs)
 
 
-def test_distributed_context_logs_and_tears_down(clean_env: pytest.MonkeyPatch,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_distributed_context_logs_and_tears_down(
+    clean_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     with pytest.raises(KeyError):
         with dist_init.distributed(device="cpu") as info:
             assert dist_init._INFO is info
@@ -238,8 +421,9 @@ def test_stall_timeout_and_check_collectives_install_hang(clean_env: pytest.Monk
     assert calls == [{"stall_timeout": 30.0, "check_collectives": True}]
 
 
-def _failing_init(env: pytest.MonkeyPatch, variables: dict[str, str], connect_timeout: float,
-                  device: str = "cpu") -> tuple[str, float]:
+def _failing_init(
+    env: pytest.MonkeyPatch, variables: dict[str, str], connect_timeout: float, device: str = "cpu"
+) -> tuple[str, float]:
     for key, value in variables.items():
         env.setenv(key, value)
     start = time.monotonic()
@@ -251,8 +435,11 @@ def _failing_init(env: pytest.MonkeyPatch, variables: dict[str, str], connect_ti
 
 def test_unreachable_master_fails_within_connect_timeout(clean_env: pytest.MonkeyPatch) -> None:
     port = free_port()  # closed: nobody listens there
-    text, elapsed = _failing_init(clean_env, {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                              "MASTER_PORT": str(port)}, connect_timeout=2)
+    text, elapsed = _failing_init(
+        clean_env,
+        {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+        connect_timeout=2,
+    )
     assert f"rank 1/2 (launcher env): cannot reach the rendezvous at MASTER_ADDR=127.0.0.1:MASTER_PORT={port}" in text
     assert "within connect_timeout=2s" in text and "Connection refused" in text
     assert 2 <= elapsed < 2 + 3, elapsed  # it retried until connect_timeout, and gave up then
@@ -263,8 +450,11 @@ def test_port_held_by_a_silent_program_fails_within_connect_timeout(clean_env: p
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        text, elapsed = _failing_init(clean_env, {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                                  "MASTER_PORT": str(port)}, connect_timeout=1.5)
+        text, elapsed = _failing_init(
+            clean_env,
+            {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+            connect_timeout=1.5,
+        )
     assert f"MASTER_PORT={port} accepts connections but does not answer as a rendezvous store" in text
     assert elapsed < 1.5 + 3, elapsed
 
@@ -274,8 +464,11 @@ def test_rank0_errors_name_the_port_in_use_and_the_missing_ranks(clean_env: pyte
         taken.bind(("", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        text, _ = _failing_init(clean_env, {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                            "MASTER_PORT": str(port)}, connect_timeout=1)
+        text, _ = _failing_init(
+            clean_env,
+            {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+            connect_timeout=1,
+        )
     assert f"rank 0/2 (launcher env): MASTER_PORT={port} is already in use on this host" in text
     port = free_port()  # rank 0 alone: WORLD_SIZE promises a rank that never comes
     text, elapsed = _failing_init(clean_env, {"MASTER_PORT": str(port)}, connect_timeout=1)
@@ -293,8 +486,10 @@ def test_master_address_errors(clean_env: pytest.MonkeyPatch) -> None:
 def test_rank0_store_failure_of_another_kind_is_wrapped(clean_env: pytest.MonkeyPatch) -> None:
     import torch.distributed as dist
 
-    cause = RuntimeError("The server socket has failed to listen on any local network address. (errno: 13 - "
-                         "Permission denied)\nException raised from ...")
+    cause = RuntimeError(
+        "The server socket has failed to listen on any local network address. (errno: 13 - "
+        "Permission denied)\nException raised from ..."
+    )
 
     def no_server(*args, **kwargs):
         raise cause
@@ -305,9 +500,11 @@ def test_rank0_store_failure_of_another_kind_is_wrapped(clean_env: pytest.Monkey
     with pytest.raises(DistInitError) as info:
         init_distributed(device="cpu", connect_timeout=1)
     text = str(info.value)
-    assert text.startswith("rank 0/2 (launcher env): cannot open the rendezvous on MASTER_PORT=80: The server "
-                           "socket has failed to listen on any local network address. (errno: 13 - Permission "
-                           "denied). Variables read: "), text
+    assert text.startswith(
+        "rank 0/2 (launcher env): cannot open the rendezvous on MASTER_PORT=80: The server "
+        "socket has failed to listen on any local network address. (errno: 13 - Permission "
+        "denied). Variables read: "
+    ), text
     assert "Fix: choose another MASTER_PORT, or check that this host may listen on it" in text
     assert info.value.__cause__ is cause and "Exception raised from" not in text
 
@@ -324,13 +521,17 @@ def store_host():
 
 
 def _as_rank1(env: pytest.MonkeyPatch, port: int, **extra: str) -> None:
-    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       **extra}.items():
+    for key, value in {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        **extra,
+    }.items():
         env.setenv(key, value)
 
 
-def test_init_process_group_failure_is_wrapped_with_its_cause(clean_env: pytest.MonkeyPatch,
-                                                              store_host: int) -> None:
+def test_init_process_group_failure_is_wrapped_with_its_cause(clean_env: pytest.MonkeyPatch, store_host: int) -> None:
     import torch.distributed as dist
 
     boom = RuntimeError("boom\nsecond line of torch's message")
@@ -347,8 +548,10 @@ def test_init_process_group_failure_is_wrapped_with_its_cause(clean_env: pytest.
     text = str(info.value)
     assert len(calls) == 1 and calls[0]["store"] is not None and calls[0]["backend"] == "gloo"  # after the store
     assert (calls[0]["rank"], calls[0]["world_size"]) == (1, 2) and "device_id" not in calls[0]
-    assert text.startswith(f"rank 1/2 (launcher env): init_process_group(backend='gloo') failed after the "
-                           f"rendezvous at 127.0.0.1:{store_host}: RuntimeError: boom. Variables read: "), text
+    assert text.startswith(
+        f"rank 1/2 (launcher env): init_process_group(backend='gloo') failed after the "
+        f"rendezvous at 127.0.0.1:{store_host}: RuntimeError: boom. Variables read: "
+    ), text
     assert "second line" not in text and "Fix: all ranks must agree on MASTER_ADDR, MASTER_PORT and WORLD_SIZE" in text
     assert info.value.__cause__ is boom
     assert dist_init._INFO is None and not dist.is_initialized()  # nothing left half set up
@@ -370,14 +573,23 @@ def fake_cuda(clean_env: pytest.MonkeyPatch):
     return calls
 
 
-def test_local_rank_without_a_visible_gpu_names_cuda_visible_devices(clean_env: pytest.MonkeyPatch,
-                                                                      fake_cuda: list) -> None:
-    text, _ = _failing_init(clean_env, {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "2",
-                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, 1, "auto")
-    assert text.startswith("rank 2/3 (launcher env): local rank 2 has no GPU: 2 visible (CUDA_VISIBLE_DEVICES=0,1). "
-                           "Variables read: RANK='2', WORLD_SIZE='3', LOCAL_RANK='2'"), text
-    assert "Fix: start at most 2 processes per node (torchrun --nproc_per_node=2), or make more GPUs visible " \
-           "(CUDA_VISIBLE_DEVICES)" in text
+def test_local_rank_without_a_visible_gpu_names_cuda_visible_devices(
+    clean_env: pytest.MonkeyPatch, fake_cuda: list
+) -> None:
+    text, _ = _failing_init(
+        clean_env,
+        {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+        1,
+        "auto",
+    )
+    assert text.startswith(
+        "rank 2/3 (launcher env): local rank 2 has no GPU: 2 visible (CUDA_VISIBLE_DEVICES=0,1). "
+        "Variables read: RANK='2', WORLD_SIZE='3', LOCAL_RANK='2'"
+    ), text
+    assert (
+        "Fix: start at most 2 processes per node (torchrun --nproc_per_node=2), or make more GPUs visible "
+        "(CUDA_VISIBLE_DEVICES)" in text
+    )
     assert fake_cuda == []  # no device was set
     clean_env.delenv("CUDA_VISIBLE_DEVICES")
     text, _ = _failing_init(clean_env, {"LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "6", "WORLD_SIZE": "6"}, 1, "cuda")
@@ -390,8 +602,12 @@ def _recording_init(calls: list, signature_of: object = None):
     import functools
 
     def fake(backend=None, *, store=None, rank=-1, world_size=-1, timeout=None):  # torch before device_id
-        calls.append(("init_process_group", {"backend": backend, "store": store, "rank": rank,
-                                             "world_size": world_size, "timeout": timeout}))
+        calls.append(
+            (
+                "init_process_group",
+                {"backend": backend, "store": store, "rank": rank, "world_size": world_size, "timeout": timeout},
+            )
+        )
 
     def recording(**kwargs):
         calls.append(("init_process_group", kwargs))
@@ -401,15 +617,17 @@ def _recording_init(calls: list, signature_of: object = None):
 
 @pytest.mark.parametrize("signature", ["installed torch", "torch without device_id"])
 def test_cuda_rank_is_pinned_before_init_and_device_id_passed_where_supported(
-        clean_env: pytest.MonkeyPatch, fake_cuda: list, store_host: int, signature: str) -> None:
+    clean_env: pytest.MonkeyPatch, fake_cuda: list, store_host: int, signature: str
+) -> None:
     import inspect
 
     import torch
     import torch.distributed as dist
 
     real = dist.init_process_group
-    clean_env.setattr(dist, "init_process_group",
-                      _recording_init(fake_cuda, real if signature == "installed torch" else None))
+    clean_env.setattr(
+        dist, "init_process_group", _recording_init(fake_cuda, real if signature == "installed torch" else None)
+    )
     _as_rank1(clean_env, store_host, LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
     info = init_distributed(connect_timeout=5)  # device auto: CUDA "available", so nccl on cuda:1
     assert (info.backend, info.device, info.local_rank) == ("nccl", torch.device("cuda", 1), 1)
@@ -424,8 +642,9 @@ def test_cuda_rank_is_pinned_before_init_and_device_id_passed_where_supported(
         assert supported  # init_process_group has had device_id since torch 2.3
 
 
-def test_gloo_on_cuda_pins_the_device_but_passes_no_device_id(clean_env: pytest.MonkeyPatch, fake_cuda: list,
-                                                              store_host: int) -> None:
+def test_gloo_on_cuda_pins_the_device_but_passes_no_device_id(
+    clean_env: pytest.MonkeyPatch, fake_cuda: list, store_host: int
+) -> None:
     import torch
     import torch.distributed as dist
 
@@ -446,8 +665,18 @@ def test_cuda_pins_the_local_rank_and_names_missing_gpus(clean_env: pytest.Monke
     assert comm.all_reduce_mean(torch.ones(2, device="cuda")).device == info.device
     shutdown()
     n = torch.cuda.device_count()
-    text, _ = _failing_init(clean_env, {"RANK": str(n), "WORLD_SIZE": str(n + 1), "LOCAL_RANK": str(n),
-                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}, 1, "auto")
+    text, _ = _failing_init(
+        clean_env,
+        {
+            "RANK": str(n),
+            "WORLD_SIZE": str(n + 1),
+            "LOCAL_RANK": str(n),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        },
+        1,
+        "auto",
+    )
     assert f"local rank {n} has no GPU: {n} visible (CUDA_VISIBLE_DEVICES=" in text
     assert f"--nproc_per_node={n}" in text
 
@@ -455,8 +684,13 @@ def test_cuda_pins_the_local_rank_and_names_missing_gpus(clean_env: pytest.Monke
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_four_ranks_torchrun_style_full_cycle(tmp_path: Path) -> None:
-    run = run_on_ranks(dist_targets.full_cycle, 4, args=("torchrun",), timeout=150,
-                       env={"MARKER_DIR": str(tmp_path), "TORCHELASTIC_RUN_ID": "t"}).check()
+    run = run_on_ranks(
+        dist_targets.full_cycle,
+        4,
+        args=("torchrun",),
+        timeout=150,
+        env={"MARKER_DIR": str(tmp_path), "TORCHELASTIC_RUN_ID": "t"},
+    ).check()
     for r in range(4):
         assert f"OK rank={r} world=4 local={r}/4 node=0" in run.stdouts[r]
 
@@ -466,8 +700,17 @@ def test_four_ranks_torchrun_style_full_cycle(tmp_path: Path) -> None:
 def test_two_ranks_under_real_torchrun(tmp_path: Path) -> None:
     """torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE): rank 0 must join it, not bind the port."""
     env = {**os.environ, "MARKER_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           dist_targets.__file__, "full_cycle", "torchrun"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        dist_targets.__file__,
+        "full_cycle",
+        "torchrun",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
     assert out.returncode == 0, out.stdout + out.stderr
     for r in range(2):
@@ -476,8 +719,14 @@ def test_two_ranks_under_real_torchrun(tmp_path: Path) -> None:
 
 @pytest.mark.distributed
 def test_two_ranks_from_slurm_variables_only() -> None:
-    run = run_on_ranks(dist_targets.init_and_leave_to_atexit, 2, args=("slurm",), launcher="slurm", timeout=120,
-                       env={"MASTER_ADDR": None}).check()  # the master comes from SLURM_JOB_NODELIST=localhost
+    run = run_on_ranks(
+        dist_targets.init_and_leave_to_atexit,
+        2,
+        args=("slurm",),
+        launcher="slurm",
+        timeout=120,
+        env={"MASTER_ADDR": None},
+    ).check()  # the master comes from SLURM_JOB_NODELIST=localhost
     for r in range(2):
         assert f"OK rank={r} world=2 local={r}/2 master=localhost:{run.port}" in run.stdouts[r]
         assert "AT EXIT group_initialized=False" in run.stdouts[r]  # torn down by ratlib's exit hook

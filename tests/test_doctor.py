@@ -15,15 +15,19 @@ from ratlib.doctor import diagnose, fix_config, missing_init_files
 from ratlib.synthetic import make_coco_detection
 
 BAD = "# ablation: lr sweep\ntraining:\n  optimizer:\n    lr: 1e-4\n    weigth_decay: 0.1\n"
-BIG = ("model:\n  feature_dims: 1024  # wide\n  num_blocks: 12\ntraining:\n  batch_size: 80\n"
-       "  mixed_precision: false\ndata:\n  root: /no/such/data\n")
-NO_TRAINING = ("# keep this comment\nmodel:\n  name: unet   # and this one\n  feature_dims: [16, 32]\n"
-               "output_dir: runs/x\n")
+BIG = (
+    "model:\n  feature_dims: 1024  # wide\n  num_blocks: 12\ntraining:\n  batch_size: 80\n"
+    "  mixed_precision: false\ndata:\n  root: /no/such/data\n"
+)
+NO_TRAINING = (
+    "# keep this comment\nmodel:\n  name: unet   # and this one\n  feature_dims: [16, 32]\noutput_dir: runs/x\n"
+)
 
 
 def _doctor(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ratlib", "doctor", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "ratlib", "doctor", *args], capture_output=True, text=True, cwd=cwd, env=env
+    )
 
 
 def _project(root: Path) -> Path:
@@ -80,8 +84,10 @@ def test_text_report_and_strict(tmp_path: Path) -> None:
     bad.write_text(BAD)
     out = _doctor(str(bad), "--device", "cpu")
     assert out.returncode == 1
-    assert (f"{bad}:5: ERROR training.optimizer.weigth_decay: unknown key; did you mean "
-            "'training.optimizer.weight_decay'? fix or delete the key") in out.stdout
+    assert (
+        f"{bad}:5: ERROR training.optimizer.weigth_decay: unknown key; did you mean "
+        "'training.optimizer.weight_decay'? fix or delete the key"
+    ) in out.stdout
     assert "checked 1 config(s): 1 error(s), 0 warning(s)" in out.stdout and "environment: python" in out.stdout
     ok = tmp_path / "ok.yaml"
     ok.write_text("training:\n  batch_size: 8\n  mixed_precision: false\n")
@@ -103,8 +109,9 @@ def test_fix_appends_sections_keeps_comments_and_creates_init_files(tmp_path: Pa
     assert fixed.startswith(original)  # comments, order and values kept: only appended
     assert "# keep this comment" in fixed and "# and this one" in fixed and "\ntraining:\n  num_epochs: 10\n" in fixed
     assert (root / "configs" / "no_training.yaml.bak").read_text() == original
-    assert load_config(root / "configs" / "no_training.yaml") == load_config({"model": {
-        "name": "unet", "feature_dims": [16, 32]}, "output_dir": "runs/x"})
+    assert load_config(root / "configs" / "no_training.yaml") == load_config(
+        {"model": {"name": "unet", "feature_dims": [16, 32]}, "output_dir": "runs/x"}
+    )
     for folder in ("experiments/ablation", "tools", "lib", "lib/core"):
         assert (root / folder / "__init__.py").exists()
     assert not (root / "scripts" / "__init__.py").exists() and not (root / ".venv" / "lib" / "__init__.py").exists()
@@ -113,8 +120,10 @@ def test_fix_appends_sections_keeps_comments_and_creates_init_files(tmp_path: Pa
     again = _doctor(".", "--fix", "--json", "--device", "cpu", cwd=root)
     report = json.loads(again.stdout)
     assert [c for c in report["changes"] if "bad.yaml" not in c] == []
-    assert {f["path"] for f in report["findings"] if f["severity"] == "error"} == {"configs/bad.yaml",
-                                                                                   "configs/big.yaml"}
+    assert {f["path"] for f in report["findings"] if f["severity"] == "error"} == {
+        "configs/bad.yaml",
+        "configs/big.yaml",
+    }
 
 
 @pytest.mark.parametrize("indent", [2, 4])
@@ -122,20 +131,28 @@ def test_fix_fills_sections_missing_inside_the_users_sections(tmp_path: Path, in
     # `training:` without `scheduler:` and `deepspeed:`: they go at the end of the user's training block, at its
     # indentation, in schema order; every line the user wrote stays, in order; the config loads the same.
     pad = " " * indent
-    original = (f"# my experiment\ntraining:\n{pad}num_epochs: 3   # short\n{pad}optimizer:\n{pad}{pad}lr: 1.0e-3\n"
-                f"{pad}gradient_clip: 1.0\n\n# the model\nmodel:\n{pad}name: unet\noutput_dir: runs/x\n")
+    original = (
+        f"# my experiment\ntraining:\n{pad}num_epochs: 3   # short\n{pad}optimizer:\n{pad}{pad}lr: 1.0e-3\n"
+        f"{pad}gradient_clip: 1.0\n\n# the model\nmodel:\n{pad}name: unet\noutput_dir: runs/x\n"
+    )
     path = tmp_path / "exp.yaml"
     path.write_text(original)
     before = load_config(path)
     changes = fix_config(path)
-    assert changes == [f"{path}: added section(s) distributed, data, training.deepspeed, training.scheduler with "
-                       f"their defaults (backup: {path}.bak)"]
+    assert changes == [
+        f"{path}: added section(s) distributed, data, training.deepspeed, training.scheduler with "
+        f"their defaults (backup: {path}.bak)"
+    ]
     text = path.read_text()
     lines = text.splitlines()
     rest = iter(lines)
     assert all(any(line == mine for line in rest) for mine in original.splitlines())  # in order, untouched
-    assert lines.index(f"{pad}gradient_clip: 1.0") < lines.index(f"{pad}scheduler:") < \
-        lines.index(f"{pad}deepspeed:") < lines.index("# the model")
+    assert (
+        lines.index(f"{pad}gradient_clip: 1.0")
+        < lines.index(f"{pad}scheduler:")
+        < lines.index(f"{pad}deepspeed:")
+        < lines.index("# the model")
+    )
     assert f"{pad}{pad}name: cosine" in lines and load_config(path) == before
     assert fix_config(path) == []  # a second run changes nothing
 
@@ -143,8 +160,10 @@ def test_fix_fills_sections_missing_inside_the_users_sections(tmp_path: Path, in
 def test_coco_splits_world_size_and_yaml_errors(tmp_path: Path) -> None:
     make_coco_detection(tmp_path / "coco", "val2017", num_images=2)
     det = tmp_path / "det.yaml"
-    det.write_text(f"training:\n  mixed_precision: false\ndata:\n  root: {tmp_path / 'coco'}\n"
-                   "  train_split: train2017\n  val_split: val\n")
+    det.write_text(
+        f"training:\n  mixed_precision: false\ndata:\n  root: {tmp_path / 'coco'}\n"
+        "  train_split: train2017\n  val_split: val\n"
+    )
     broken = tmp_path / "broken.yaml"
     broken.write_text("training:\n  batch_size: [1\n")
     out = _doctor(str(det), str(broken), "--json", "--device", "cpu", "--world-size", "8")
@@ -154,19 +173,23 @@ def test_coco_splits_world_size_and_yaml_errors(tmp_path: Path) -> None:
     assert errors == [("det.yaml", 5, "data.train_split"), ("broken.yaml", None, "config")]
     assert f"{broken}:3:1: invalid YAML" in findings[-1]["message"]
     assert "global batch 384 = 48 per device x 1 accumulation x 8 rank(s)" in [
-        f["message"] for f in findings if f["key"] == "training.batch_size"]
+        f["message"] for f in findings if f["key"] == "training.batch_size"
+    ]
 
 
 def test_project_schema_and_bad_schema_argument(tmp_path: Path) -> None:
     (tmp_path / "myproj.py").write_text(
         "from pydantic import ConfigDict\nfrom ratlib.config_defaults import ExperimentConfig, ModelConfig\n"
         "class SegModel(ModelConfig):\n    model_config = ConfigDict(extra='forbid')\n    feature_dims: int = 32\n"
-        "class SegConfig(ExperimentConfig):\n    model: SegModel = SegModel()\n")
+        "class SegConfig(ExperimentConfig):\n    model: SegModel = SegModel()\n"
+    )
     (tmp_path / "seg.yaml").write_text("training:\n  mixed_precision: false\nmodel:\n  feature_dim: 64\n")
     assert _doctor("seg.yaml", "--device", "cpu", cwd=tmp_path).returncode == 0  # model passes through by default
     out = _doctor("seg.yaml", "--device", "cpu", "--schema", "myproj:SegConfig", cwd=tmp_path)
-    assert out.returncode == 1 and "seg.yaml:4: ERROR model.feature_dim: unknown key; did you mean " \
-        "'model.feature_dims'?" in out.stdout
+    assert (
+        out.returncode == 1
+        and "seg.yaml:4: ERROR model.feature_dim: unknown key; did you mean 'model.feature_dims'?" in out.stdout
+    )
     bad = _doctor("seg.yaml", "--schema", "myproj:Nope", cwd=tmp_path)
     assert bad.returncode == 2 and "--schema 'myproj:Nope': cannot load it" in bad.stderr
 

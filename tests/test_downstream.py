@@ -37,25 +37,41 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     """The sample project's folder (tests and pyproject, no sources) and an environment that has it installed."""
     tmp = tmp_path_factory.mktemp("downstream")
     proj = tmp / "downstream_proj"
-    shutil.copytree(SAMPLE, proj, ignore=shutil.ignore_patterns(
-        "__pycache__", "build", "dist", "*.egg-info", ".hypothesis", ".pytest_cache"))
-    built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp / "dist"),
-                            str(proj)], capture_output=True, text=True, timeout=300)
+    shutil.copytree(
+        SAMPLE,
+        proj,
+        ignore=shutil.ignore_patterns("__pycache__", "build", "dist", "*.egg-info", ".hypothesis", ".pytest_cache"),
+    )
+    built = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp / "dist"), str(proj)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stdout + built.stderr
     (wheel,) = (tmp / "dist").glob("downstream_proj-*.whl")
     _install_wheel(wheel, tmp / "site")
     shutil.rmtree(proj / "src")
     shutil.rmtree(proj / "build", ignore_errors=True)
 
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "DOWNSTREAM_RESOLVER")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "DOWNSTREAM_RESOLVER")
+    }
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp / "site"), env.get("PYTHONPATH")) if p)
     return proj, env
 
 
 def _pytest(proj: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=proj, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=proj,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_sample_project_passes_with_the_installed_plugin(project: tuple[Path, dict[str, str]]) -> None:
@@ -66,17 +82,25 @@ def test_sample_project_passes_with_the_installed_plugin(project: tuple[Path, di
     plugins = re.search(r"^plugins: (.*)$", out, re.M)
     assert plugins and "ratlib-" in plugins.group(1), out  # loaded through the pytest11 entry point
     assert re.search(r"^rootdir: .*downstream_proj$", out, re.M), out  # the project's own pytest settings
-    for test in ("test_mean_metric_on_two_ranks_weighs_every_value_once",
-                 "test_every_spelling_of_a_split_resolves_to_the_same_file",
-                 "test_eval_shard_follows_the_launcher"):
+    for test in (
+        "test_mean_metric_on_two_ranks_weighs_every_value_once",
+        "test_every_spelling_of_a_split_resolves_to_the_same_file",
+        "test_eval_shard_follows_the_launcher",
+    ):
         assert re.search(rf"::{test} PASSED", out), out
     assert re.search(r"\b6 passed\b", out), out
 
 
 def test_property_test_catches_the_doubled_year_resolver(project: tuple[Path, dict[str, str]]) -> None:
     proj, env = project
-    run = _pytest(proj, {**env, "DOWNSTREAM_RESOLVER": "doubled_year"}, "tests/test_paths.py", "-k", "every_spelling",
-                  "--hypothesis-show-statistics")
+    run = _pytest(
+        proj,
+        {**env, "DOWNSTREAM_RESOLVER": "doubled_year"},
+        "tests/test_paths.py",
+        "-k",
+        "every_spelling",
+        "--hypothesis-show-statistics",
+    )
     out = run.stdout + run.stderr
     assert run.returncode == 1, out  # tests failed (not an error in collection or usage)
     assert re.search(r"\b1 failed\b", out), out

@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 import rank_targets
+
 from ratlib.testing import run_on_ranks
 
 HEAVY = ("torch", "torchvision", "deepspeed", "pycocotools", "nibabel", "matplotlib")
@@ -41,10 +41,17 @@ def test_unknown_attribute_raises() -> None:
 
 
 def test_env_command_json() -> None:
-    env = {"PATH": "/usr/bin:/bin", "RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1",
-           "MASTER_PORT": "29500"}
-    out = subprocess.run([sys.executable, "-m", "ratlib", "env", "--json"], capture_output=True, text=True,
-                         check=True, env=env)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "ratlib", "env", "--json"], capture_output=True, text=True, check=True, env=env
+    )
     info = json.loads(out.stdout)
     assert info["python"].startswith(f"{sys.version_info.major}.{sys.version_info.minor}")
     assert info["packages"]["torch"] is not None

@@ -17,9 +17,9 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import hang_targets
 import pytest
 
-import hang_targets
 from ratlib import hang
 from ratlib.hang import CollectiveMismatchError, StallReport, format_summary
 from ratlib.testing import run_on_ranks
@@ -72,7 +72,7 @@ def test_stalled_ranks_dump_summarize_and_fail(tmp_path: Path) -> None:
         assert "ratlib.hang.HangError: " in run.stderrs[r], run.stderrs[r]  # on the console too, tagged
         assert f"[rank {r}/3]" in run.stderrs[r]
 
-    summary = logs[0][logs[0].index("hang summary"):]
+    summary = logs[0][logs[0].index("hang summary") :]
     assert "3 of 3 rank(s) stalled" in summary and "odd one out: rank 2" in summary, summary
     rows = {int(m.group(2)): m.group(0) for m in re.finditer(r"^(>>)?\s+(\d)\s+.*$", summary, re.MULTILINE)}
     assert sorted(rows) == [0, 1, 2], summary
@@ -104,10 +104,12 @@ def test_mismatched_collectives_raise_naming_ranks_and_sites(kind: str) -> None:
     run = run_on_ranks(hang_targets.mismatched_collectives, 2, args=(kind,), timeout=60)
     assert run.returncodes == [3, 3], run
     if kind == "op":
-        expected = [f"rank 0: all_reduce_mean at tests/hang_targets.py:{line_of('OP_ALL_REDUCE')} in "
-                    "mismatched_collectives (step 2)",
-                    f"rank 1: broadcast_object at tests/hang_targets.py:{line_of('BROADCAST')} in "
-                    "mismatched_collectives (step 2)"]
+        expected = [
+            f"rank 0: all_reduce_mean at tests/hang_targets.py:{line_of('OP_ALL_REDUCE')} in "
+            "mismatched_collectives (step 2)",
+            f"rank 1: broadcast_object at tests/hang_targets.py:{line_of('BROADCAST')} in "
+            "mismatched_collectives (step 2)",
+        ]
     else:
         site = f"all_reduce_mean at tests/hang_targets.py:{line_of('SKIP_ALL_REDUCE')} in mismatched_collectives"
         expected = [f"rank 0: {site} (step 2)", f"rank 1: {site} (step 3)"]
@@ -151,11 +153,17 @@ def test_agree_passes_matching_records_and_names_differences() -> None:
 
     def rank_fn(rank: int) -> str:
         for seq in range(5):
-            hang._agree(stores[rank], rank, 3, seq, {"op": "all_reduce_mean", "site": "t.py:9 in f", "id": "t.py:9:f",
-                                                     "step": seq})
+            hang._agree(
+                stores[rank],
+                rank,
+                3,
+                seq,
+                {"op": "all_reduce_mean", "site": "t.py:9 in f", "id": "t.py:9:f", "step": seq},
+            )
         op = "broadcast_object" if rank == 1 else "all_reduce_mean"
-        hang._agree(stores[rank], rank, 3, 5, {"op": op, "site": f"t.py:{10 + rank} in f", "id": f"t:{10 + rank}",
-                                               "step": 5})
+        hang._agree(
+            stores[rank], rank, 3, 5, {"op": op, "site": f"t.py:{10 + rank} in f", "id": f"t:{10 + rank}", "step": 5}
+        )
         return "no error"
 
     results = _run_threads(rank_fn, (0, 1, 2))
@@ -182,13 +190,21 @@ def test_share_through_store_prints_one_summary_marking_the_odd_rank(caplog: pyt
     now = time.time()
 
     def rank_fn(rank: int) -> dict:
-        report = StallReport(rank, 2 if rank == 2 else 3, now - 3.5, "c10d.py:1 in all_reduce" if rank != 2 else
-                             "t.py:5 in save", "t.py:4 in loop" if rank != 2 else "t.py:5 in save", "h", 100 + rank)
+        report = StallReport(
+            rank,
+            2 if rank == 2 else 3,
+            now - 3.5,
+            "c10d.py:1 in all_reduce" if rank != 2 else "t.py:5 in save",
+            "t.py:4 in loop" if rank != 2 else "t.py:5 in save",
+            "h",
+            100 + rank,
+        )
         return hang._share_through(server.clone(), report, 3, 2.0)
 
     results = _run_threads(rank_fn, (0, 1, 2))
-    assert all(isinstance(results[r], dict) and results[r]["odd"] == [2] and results[r]["printer"] == 0
-               for r in range(3)), results
+    assert all(
+        isinstance(results[r], dict) and results[r]["odd"] == [2] and results[r]["printer"] == 0 for r in range(3)
+    ), results
     tables = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hang summary")]
     assert len(tables) == 1 and "3 of 3 rank(s) stalled" in tables[0], tables
 
@@ -198,9 +214,15 @@ def test_share_through_store_marks_a_silent_rank_after_the_window(caplog: pytest
     caplog.set_level(logging.INFO, logger="ratlib.hang")
     server = _tcp_store()
     start = time.monotonic()
-    results = _run_threads(lambda rank: hang._share_through(
-        server.clone(), StallReport(rank, 5, time.time() - 1, "c10d.py:1 in barrier", "t.py:4 in loop", "h", rank),
-        3, 1.0), ranks=(0, 2))
+    results = _run_threads(
+        lambda rank: hang._share_through(
+            server.clone(),
+            StallReport(rank, 5, time.time() - 1, "c10d.py:1 in barrier", "t.py:4 in loop", "h", rank),
+            3,
+            1.0,
+        ),
+        ranks=(0, 2),
+    )
     assert 1.0 <= time.monotonic() - start < 15
     assert results[0]["odd"] == [1] == results[2]["odd"] and results[2]["printer"] == 0, results
     (table,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hang summary")]
@@ -264,12 +286,15 @@ def test_dump_stacks_on_request(caplog: pytest.LogCaptureFixture) -> None:
     assert "test_dump_stacks_on_request" in text
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"stall_timeout": 0}, "stall_timeout=0; expected a number of seconds > 0"),
-    ({"stall_timeout": "5"}, "stall_timeout='5'"),
-    ({"dump_signal": "SIGNOPE"}, "dump_signal='SIGNOPE' is not a signal on this platform"),
-    ({"dump_signal": "SIGSEGV"}, "cannot dump stacks on signal 11"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stall_timeout": 0}, "stall_timeout=0; expected a number of seconds > 0"),
+        ({"stall_timeout": "5"}, "stall_timeout='5'"),
+        ({"dump_signal": "SIGNOPE"}, "dump_signal='SIGNOPE' is not a signal on this platform"),
+        ({"dump_signal": "SIGSEGV"}, "cannot dump stacks on signal 11"),
+    ],
+)
 def test_install_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         hang.install(**kwargs)
@@ -298,8 +323,10 @@ def test_collective_check_is_a_no_op_in_one_process() -> None:
 
 
 def test_import_is_light_and_heartbeat_works_uninstalled() -> None:
-    code = ("import sys, ratlib.hang as h; h.heartbeat(3); h.before_collective('x'); "
-            "bad = [m for m in ('torch', 'numpy') if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys, ratlib.hang as h; h.heartbeat(3); h.before_collective('x'); "
+        "bad = [m for m in ('torch', 'numpy') if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -318,8 +345,11 @@ def test_summary_marks_the_rank_at_another_step_and_place() -> None:
     assert odd == [2]
     assert "4 of 4 rank(s) stalled (no heartbeat for 5 s); odd one out: rank 2." in text
     row = next(line for line in text.splitlines() if line.startswith(">>"))
-    assert re.match(r">>\s+2\s+6\s+9\.0s\s+loader.py:12 in next_batch\s+train.py:31 in main\s+node1:12\s+"
-                    r"<- step 6 \(others 7\), elsewhere$", row), row
+    assert re.match(
+        r">>\s+2\s+6\s+9\.0s\s+loader.py:12 in next_batch\s+train.py:31 in main\s+node1:12\s+"
+        r"<- step 6 \(others 7\), elsewhere$",
+        row,
+    ), row
     assert sum(line.startswith(">>") for line in text.splitlines()) == 1
 
 

@@ -32,14 +32,20 @@ def test_cpu_peak_rss_grows_with_an_allocation_and_resets() -> None:
 
 
 def test_report_metrics_table_and_warning(caplog: pytest.LogCaptureFixture) -> None:
-    ranks = [RankMemory(0, "cuda", "cuda:0", 10 * GIB, 12 * GIB, 80 * GIB),
-             RankMemory(1, "cuda", "cuda:1", 70 * GIB, 75 * GIB, 80 * GIB)]
+    ranks = [
+        RankMemory(0, "cuda", "cuda:0", 10 * GIB, 12 * GIB, 80 * GIB),
+        RankMemory(1, "cuda", "cuda:1", 70 * GIB, 75 * GIB, 80 * GIB),
+    ]
     report = MemoryReport(ranks)
     assert report.max.rank == 1 and report.over(0.9) == [ranks[1]]
     metrics = report.to_metrics()
-    assert metrics == {"peak_memory_kind": "cuda", "peak_memory_gib": [12.0, 75.0],
-                       "peak_memory_allocated_gib": [10.0, 70.0], "peak_memory_max_gib": 75.0,
-                       "peak_memory_max_rank": 1}
+    assert metrics == {
+        "peak_memory_kind": "cuda",
+        "peak_memory_gib": [12.0, 75.0],
+        "peak_memory_allocated_gib": [10.0, 70.0],
+        "peak_memory_max_gib": 75.0,
+        "peak_memory_max_rank": 1,
+    }
     json.dumps(metrics)
     assert "<- peak" in report.table().splitlines()[2]
     with pytest.raises(ValueError, match="warn_fraction=1.5"):
@@ -74,8 +80,12 @@ def rank_one_allocates_more() -> int:
 @pytest.mark.distributed
 def test_two_ranks_the_gathered_report_names_the_rank_that_allocated_more(run_on_ranks) -> None:
     run = run_on_ranks(rank_one_allocates_more, 2, env={"CUDA_VISIBLE_DEVICES": ""}).check()
-    reports = [json.loads(line.split("REPORT ", 1)[1]) for out in run.stdouts for line in out.splitlines()
-               if line.startswith("REPORT ")]
+    reports = [
+        json.loads(line.split("REPORT ", 1)[1])
+        for out in run.stdouts
+        for line in out.splitlines()
+        if line.startswith("REPORT ")
+    ]
     assert len(reports) == 2 and reports[0] == reports[1]  # the same report on every rank
     report = reports[0]
     assert report["peak_memory_max_rank"] == 1 and report["peak_memory_kind"] == "rss"

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import logger_targets
 import pytest
 
-import logger_targets
 from ratlib import rank_logger
 from ratlib.testing import run_on_ranks
 
@@ -61,8 +61,14 @@ def test_in_order_prints_rank_by_rank(tmp_path: Path) -> None:
 
 @pytest.mark.distributed
 def test_rank_known_only_after_init(tmp_path: Path) -> None:
-    run = run_on_ranks(logger_targets.spawned_rank, 2, args=(str(tmp_path),), launcher="none",
-                       env=lambda r: {"MY_RANK": str(r)}, timeout=120).check()
+    run = run_on_ranks(
+        logger_targets.spawned_rank,
+        2,
+        args=(str(tmp_path),),
+        launcher="none",
+        env=lambda r: {"MY_RANK": str(r)},
+        timeout=120,
+    ).check()
     assert [len(_lines(e, "main-only-after-init")) for e in run.stderrs] == [1, 0]
     assert "[rank 1/2] WARNING" in _lines(run.stderrs[1], "tagged-after-init")[0]
     # nothing was logged before init, so the lazily opened files carry the ranks from the process group:
@@ -84,8 +90,9 @@ def test_uncaught_exception_is_logged_with_rank(tmp_path: Path) -> None:
 @pytest.mark.distributed
 def test_in_order_emits_in_rank_order(tmp_path: Path) -> None:
     stamps = tmp_path / "stamps.txt"
-    run = run_on_ranks(logger_targets.in_order_stamps, 4, args=(str(tmp_path / "logs"), str(stamps)),
-                       timeout=120).check()
+    run = run_on_ranks(
+        logger_targets.in_order_stamps, 4, args=(str(tmp_path / "logs"), str(stamps)), timeout=120
+    ).check()
     # lower ranks reach each call later (rank 0 last), yet the records are emitted 0, 1, 2, 3, every time
     expected = [f"ordered-{n} rank={r}" for n in range(2) for r in range(4)]
     assert stamps.read_text().splitlines() == expected
@@ -98,8 +105,10 @@ def test_in_order_emits_in_rank_order(tmp_path: Path) -> None:
 def test_uncaught_exception_in_thread_is_logged_with_rank(tmp_path: Path) -> None:
     run = run_on_ranks(logger_targets.thread_crash, 2, args=(str(tmp_path),), timeout=60).check()
     assert run.returncodes == [0, 0]  # a dying thread does not end the process
-    head = "[rank 1/2] CRITICAL ratlib: uncaught RuntimeError in thread loader-worker on [rank 1/2]: " \
-           "thread boom on one rank"
+    head = (
+        "[rank 1/2] CRITICAL ratlib: uncaught RuntimeError in thread loader-worker on [rank 1/2]: "
+        "thread boom on one rank"
+    )
     assert len(_lines(run.stderrs[1], head)) == 1, run.stderrs[1]
     assert run.stderrs[1].count("Traceback (most recent call last)") == 1  # not printed again by Python
     assert "RuntimeError: thread boom on one rank" in run.stderrs[1]
@@ -119,13 +128,17 @@ def _child(code: str, env: dict[str, str] | None = None) -> subprocess.Completed
 
 
 def test_rank_from_launcher_variables_without_torch() -> None:
-    code = ("import sys; from ratlib.rank_logger import get_logger, setup_logging, current_rank\n"
-            "setup_logging(); log = get_logger('t'); log.info('hidden'); log.warning('shown')\n"
-            "print(current_rank(), 'torch' in sys.modules)")
-    cases = {"slurm": {"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_JOB_NODELIST": "n1"},
-             "openmpi": {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3"},
-             "mpich": {"PMI_RANK": "2", "PMI_SIZE": "3"},
-             "torchrun": {"RANK": "2", "WORLD_SIZE": "3"}}
+    code = (
+        "import sys; from ratlib.rank_logger import get_logger, setup_logging, current_rank\n"
+        "setup_logging(); log = get_logger('t'); log.info('hidden'); log.warning('shown')\n"
+        "print(current_rank(), 'torch' in sys.modules)"
+    )
+    cases = {
+        "slurm": {"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_JOB_NODELIST": "n1"},
+        "openmpi": {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3"},
+        "mpich": {"PMI_RANK": "2", "PMI_SIZE": "3"},
+        "torchrun": {"RANK": "2", "WORLD_SIZE": "3"},
+    }
     for name, env in cases.items():
         out = _child(code, env)
         assert out.stdout.strip() == "(2, 3) False", (name, out.stderr)
@@ -133,21 +146,27 @@ def test_rank_from_launcher_variables_without_torch() -> None:
 
 
 def test_invalid_launcher_variables_never_break_logging() -> None:
-    out = _child("from ratlib.rank_logger import get_logger, setup_logging\nsetup_logging()\n"
-                 "get_logger('t').info('still-printed')", {"RANK": "5", "WORLD_SIZE": "2"})
+    out = _child(
+        "from ratlib.rank_logger import get_logger, setup_logging\nsetup_logging()\n"
+        "get_logger('t').info('still-printed')",
+        {"RANK": "5", "WORLD_SIZE": "2"},
+    )
     assert out.returncode == 0
     assert "cannot tell this process's rank" in out.stderr and "[rank ?/?] INFO t: still-printed" in out.stderr
 
 
 def test_same_rank_claimed_twice_is_detected(tmp_path: Path) -> None:
-    code = ("import time; from ratlib.rank_logger import get_logger, setup_logging\n"
-            f"setup_logging(log_dir={str(tmp_path)!r}); get_logger('t').warning('hello'); time.sleep(3)")
+    code = (
+        "import time; from ratlib.rank_logger import get_logger, setup_logging\n"
+        f"setup_logging(log_dir={str(tmp_path)!r}); get_logger('t').warning('hello'); time.sleep(3)"
+    )
     env = {"RANK": "1", "WORLD_SIZE": "2"}
     import os
 
     full = {**os.environ, **env}
-    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=full)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=full) for _ in range(2)
+    ]
     errs = [p.communicate(timeout=60)[1] for p in procs]
     assert sum("two processes claim rank 1" in e for e in errs) == 1, errs
     assert (tmp_path / "rank1.log").exists() and list(tmp_path.glob("rank1.dup-pid*.log"))
@@ -206,9 +225,11 @@ def test_rank_zero_only_and_progress_single_process() -> None:
 
 
 def test_rank_zero_only_and_progress_on_other_rank() -> None:
-    out = _child("from ratlib.rank_logger import rank_zero_only, progress\n"
-                 "print(rank_zero_only(lambda: 'ran')(), type(progress([1, 2])).__name__)",
-                 {"RANK": "1", "WORLD_SIZE": "2"})
+    out = _child(
+        "from ratlib.rank_logger import rank_zero_only, progress\n"
+        "print(rank_zero_only(lambda: 'ran')(), type(progress([1, 2])).__name__)",
+        {"RANK": "1", "WORLD_SIZE": "2"},
+    )
     assert out.stdout.strip() == "None list"
 
 
@@ -231,15 +252,17 @@ def test_dictconfig_and_user_handlers_coexist() -> None:
 
 
 def test_hooks_installed_before_setup_still_run() -> None:
-    code = ("import sys, threading\n"
-            "def mine(t, e, tb): print('user-sys-hook', t.__name__, e, flush=True)\n"
-            "def mine_thread(args): print('user-thread-hook', args.exc_type.__name__, args.exc_value, flush=True)\n"
-            "sys.excepthook, threading.excepthook = mine, mine_thread\n"
-            "from ratlib.rank_logger import setup_logging\n"
-            "setup_logging()\n"
-            "def work(): raise ValueError('in-thread')\n"
-            "t = threading.Thread(target=work, name='w1'); t.start(); t.join()\n"
-            "raise KeyError('in-main')")
+    code = (
+        "import sys, threading\n"
+        "def mine(t, e, tb): print('user-sys-hook', t.__name__, e, flush=True)\n"
+        "def mine_thread(args): print('user-thread-hook', args.exc_type.__name__, args.exc_value, flush=True)\n"
+        "sys.excepthook, threading.excepthook = mine, mine_thread\n"
+        "from ratlib.rank_logger import setup_logging\n"
+        "setup_logging()\n"
+        "def work(): raise ValueError('in-thread')\n"
+        "t = threading.Thread(target=work, name='w1'); t.start(); t.join()\n"
+        "raise KeyError('in-main')"
+    )
     out = _child(code, {"RANK": "1", "WORLD_SIZE": "2"})
     assert out.returncode == 1
     # ours logged each one, tagged, then the user's hook ran
@@ -250,41 +273,51 @@ def test_hooks_installed_before_setup_still_run() -> None:
 
 def test_log_dir_created_and_file_opened_at_first_record(tmp_path: Path) -> None:
     log_dir = tmp_path / "a" / "b"
-    code = ("import os, sys\n"
-            "from ratlib.rank_logger import get_logger, log_file_path, setup_logging\n"
-            f"d = {str(log_dir)!r}\n"
-            "setup_logging('INFO', log_dir=d); setup_logging('INFO', log_dir=d)\n"
-            "print('after-setup', os.path.isdir(d), sorted(os.listdir(d)), log_file_path().name)\n"
-            "log = get_logger('t'); log.debug('below-level')\n"
-            "print('after-debug', sorted(os.listdir(d)))\n"
-            "log.info('first-record')\n"
-            "print('after-info', sorted(os.listdir(d)), log_file_path().name)\n")
+    code = (
+        "import os, sys\n"
+        "from ratlib.rank_logger import get_logger, log_file_path, setup_logging\n"
+        f"d = {str(log_dir)!r}\n"
+        "setup_logging('INFO', log_dir=d); setup_logging('INFO', log_dir=d)\n"
+        "print('after-setup', os.path.isdir(d), sorted(os.listdir(d)), log_file_path().name)\n"
+        "log = get_logger('t'); log.debug('below-level')\n"
+        "print('after-debug', sorted(os.listdir(d)))\n"
+        "log.info('first-record')\n"
+        "print('after-info', sorted(os.listdir(d)), log_file_path().name)\n"
+    )
     assert not (tmp_path / "a").exists()
     out = _child(code, {"RANK": "1", "WORLD_SIZE": "2"})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["after-setup True [] rank1.log",  # folder made, no file yet
-                                       "after-debug []",  # a record below the file level opens nothing
-                                       "after-info ['rank1.log'] rank1.log"]  # no rank0.log, no rank-pending.log
+    assert out.stdout.splitlines() == [
+        "after-setup True [] rank1.log",  # folder made, no file yet
+        "after-debug []",  # a record below the file level opens nothing
+        "after-info ['rank1.log'] rank1.log",
+    ]  # no rank0.log, no rank-pending.log
     assert "first-record" in (log_dir / "rank1.log").read_text()
     assert "first-record" not in out.stderr  # INFO on rank 1: the file only
 
 
 def test_progress_is_a_tqdm_bar_on_the_main_rank() -> None:
-    code = ("import io; from tqdm.std import tqdm\n"
-            "from ratlib.rank_logger import progress\n"
-            "f = io.StringIO(); bar = progress(range(3), desc='epoch 1', file=f)\n"
-            "print(isinstance(bar, tqdm), list(bar), bar.n, 'epoch 1' in f.getvalue())")
+    code = (
+        "import io; from tqdm.std import tqdm\n"
+        "from ratlib.rank_logger import progress\n"
+        "f = io.StringIO(); bar = progress(range(3), desc='epoch 1', file=f)\n"
+        "print(isinstance(bar, tqdm), list(bar), bar.n, 'epoch 1' in f.getvalue())"
+    )
     out = _child(code)
     assert out.stdout.strip() == "True [0, 1, 2] 3 True", out.stderr
 
 
 def test_progress_is_the_plain_iterable_elsewhere() -> None:
-    code = ("from ratlib.rank_logger import progress\n"
-            "items = iter([1, 2])\n"
-            "print(progress(items, desc='x') is items, list(progress(items)))")
+    code = (
+        "from ratlib.rank_logger import progress\n"
+        "items = iter([1, 2])\n"
+        "print(progress(items, desc='x') is items, list(progress(items)))"
+    )
     # a non-main rank, from the launcher's variables (no process group)
-    for env in ({"RANK": "1", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "2", "SLURM_NTASKS": "3",
-                                                   "SLURM_JOB_NODELIST": "n1"}):
+    for env in (
+        {"RANK": "1", "WORLD_SIZE": "2"},
+        {"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_JOB_NODELIST": "n1"},
+    ):
         out = _child(code, env)
         assert out.stdout.strip() == "True [1, 2]", (env, out.stderr)
         assert not out.stderr, out.stderr  # no bar drawn

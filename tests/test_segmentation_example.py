@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 
 pytest.importorskip("nibabel", reason="nibabel is not installed (pip install 'ratlib[medical]')")
 
+from example_helpers import _restore_logging, load_script, one_thread  # noqa: E402, F401  (fixtures)
+
 import ratlib.checkpoint  # noqa: E402
 from ratlib.synthetic import make_msd_segmentation  # noqa: E402
 from ratlib.testing.ranks import run_on_ranks  # noqa: E402
-
-from example_helpers import _restore_logging, load_script, one_thread  # noqa: E402, F401  (fixtures)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "segmentation"
 TRAIN_PY = EXAMPLE / "train.py"
@@ -137,8 +137,7 @@ def test_training_augmentation_depends_on_the_seed_only(msd_root: Path, tmp_path
 def test_a_multimodal_task_with_odd_sizes_trains(tmp_path: Path, one_thread) -> None:
     """4D images (two modalities, as BrainTumour and Prostate have), slices of 50 x 38 (padded to
     multiples of 4 for the UNet, the padding left out of loss and Dice)."""
-    root = make_msd_segmentation(tmp_path / "Task05_Like", 3, (50, 38, 6), 2, modalities=("T2", "ADC"),
-                                 name="Prostate")
+    root = make_msd_segmentation(tmp_path / "Task05_Like", 3, (50, 38, 6), 2, modalities=("T2", "ADC"), name="Prostate")
     metrics = T.train(config(f"data.root={root}", "smoke=true"), run_dir=tmp_path / "run", info=CPU)
     (row,) = metrics_rows(tmp_path / "run")
     assert set(metrics) >= {"dice", "dice_1"} and "dice_2" not in metrics and math.isfinite(row["loss"])
@@ -148,8 +147,10 @@ def test_a_multimodal_task_with_odd_sizes_trains(tmp_path: Path, one_thread) -> 
 
 
 def test_pad_collate_pads_to_the_unet_multiple() -> None:
-    batch = [(torch.ones(2, 30, 17), torch.zeros(30, 17, dtype=torch.int64), 3),
-             (torch.ones(2, 25, 20), torch.ones(25, 20, dtype=torch.int64), 9)]
+    batch = [
+        (torch.ones(2, 30, 17), torch.zeros(30, 17, dtype=torch.int64), 3),
+        (torch.ones(2, 25, 20), torch.ones(25, 20, dtype=torch.int64), 9),
+    ]
     images, labels, index = su.pad_collate(batch, multiple=8)
     assert images.shape == (2, 2, 32, 24) and labels.shape == (2, 32, 24) and index.tolist() == [3, 9]
     assert (labels[0, 30:] == -1).all() and (labels[1, :25, :20] == 1).all() and images[1, :, 25:].sum() == 0
@@ -229,7 +230,9 @@ def test_dice_from_summed_counts_not_an_average_of_per_rank_dice() -> None:
     conf = su.confusion(logits_for(pred), target)
     # class 1: TP 2, FP 3, FN 1 -> 4/8; class 2: TP 1, FN 2 -> 2/4
     assert su.dice_scores(conf) == pytest.approx({"dice": 0.5, "dice_1": 0.5, "dice_2": 0.5})
-    per_sample = [su.dice_scores(su.confusion(logits_for(pred[i:i + 1]), target[i:i + 1]))["dice_1"] for i in (0, 1)]
+    per_sample = [
+        su.dice_scores(su.confusion(logits_for(pred[i : i + 1]), target[i : i + 1]))["dice_1"] for i in (0, 1)
+    ]
     assert per_sample == pytest.approx([2 / 3, 2 / 5])  # their mean (0.53) is not the Dice of the set
     keep = torch.tensor([True, False])  # a padding repeat is left out
     assert torch.equal(su.confusion(logits_for(pred), target, keep), su.confusion(logits_for(pred[:1]), target[:1]))
@@ -258,13 +261,17 @@ def test_loss_prefers_the_truth_and_ignores_padding() -> None:
 # Errors through main()
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("data.root={tmp}/no/Task09_Spleen", "data.root is the task folder"),
-    ("model.feature_dims=[4,8]", "one positive width per level"),
-    ("training.deepspeed.enabled=true", "pip install 'ratlib[deepspeed]'"),
-])
-def test_input_errors_are_one_message(tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str,
-                                      expected: str) -> None:
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("data.root={tmp}/no/Task09_Spleen", "data.root is the task folder"),
+        ("model.feature_dims=[4,8]", "one positive width per level"),
+        ("training.deepspeed.enabled=true", "pip install 'ratlib[deepspeed]'"),
+    ],
+)
+def test_input_errors_are_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, expected: str
+) -> None:
     if override.startswith("training.deepspeed") and importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("DeepSpeed is installed here: the missing-DeepSpeed message cannot be shown")
     rc = T.main(["--config", str(CONFIG), f"output_dir={tmp_path / 'run'}", *TINY, override.format(tmp=tmp_path)])
@@ -301,8 +308,11 @@ def test_one_rank_learns_past_threshold(tmp_path: Path, msd_root: Path, one_thre
     for key in ("lr", "images_per_s", "peak_memory_gib", "peak_memory_max_gib", "peak_memory_max_rank"):
         assert key in rows[-1], key
     assert (tmp_path / "config.yaml").is_file()
-    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("*.pt"))] == \
-        ["epoch0007.pt", "epoch0008.pt", "epoch0009.pt"]  # checkpoint.keep=3
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("*.pt"))] == [
+        "epoch0007.pt",
+        "epoch0008.pt",
+        "epoch0009.pt",
+    ]  # checkpoint.keep=3
 
 
 def two_rank_learning(run: str, root: str) -> int:
@@ -340,8 +350,9 @@ def test_two_ranks_learn_and_equal_a_one_rank_evaluation(tmp_path: Path, msd_roo
 # Resume, crash mid-save
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path: Path, msd_root: Path,
-                                                              monkeypatch: pytest.MonkeyPatch, one_thread) -> None:
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(
+    tmp_path: Path, msd_root: Path, monkeypatch: pytest.MonkeyPatch, one_thread
+) -> None:
     common = (f"data.root={msd_root}", "training.num_epochs=4", "data.limit=48")
     T.train(config(*common), run_dir=tmp_path / "whole", info=CPU)
 
@@ -373,6 +384,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path: Path, ms
 def crash_during_save(run: str, root: str) -> int:
     """One process: train 3 epochs, but die (os._exit) while epoch 1's checkpoint is between its write
     and its rename."""
+
     def die(tmp: Path) -> None:
         if "epoch0001" in tmp.name:
             os._exit(17)
@@ -395,8 +407,9 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path, ms
     state = ratlib.checkpoint.load(folder / "epoch0000.pt")
     assert state["epoch"] == 0 and state["optimizer"] is not None and "rng" in state
     assert [r["epoch"] for r in metrics_rows(run)] == [0, 1]  # epoch 1's row was written, its checkpoint not
-    metrics = T.train(config(f"data.root={msd_root}", "training.num_epochs=3", "data.limit=16"), run_dir=run,
-                      resume=True, info=CPU)
+    metrics = T.train(
+        config(f"data.root={msd_root}", "training.num_epochs=3", "data.limit=16"), run_dir=run, resume=True, info=CPU
+    )
     # epoch 1's row (written before the save that died) is dropped on resume: the file reads as one run
     assert [r["epoch"] for r in metrics_rows(run)] == [0, 1, 2] and math.isfinite(metrics["dice"])
     assert ratlib.checkpoint.latest(folder, "epoch*.pt") == folder / "epoch0002.pt"
@@ -421,8 +434,13 @@ def deepspeed_scenario(run: str, root: str) -> int:
         return NO_DEEPSPEED
     torch.set_num_threads(1)
     setup_logging(log_dir=Path(run) / "logs")
-    common = (f"data.root={root}", "training.deepspeed.enabled=true", "training.deepspeed.zero_stage=2",
-              "training.num_epochs=2", "data.limit=48")
+    common = (
+        f"data.root={root}",
+        "training.deepspeed.enabled=true",
+        "training.deepspeed.zero_stage=2",
+        "training.num_epochs=2",
+        "data.limit=48",
+    )
     save = T.save_checkpoint
 
     def save_then_die(run_dir: Path, state: dict, keep: int | None) -> Path:
@@ -447,8 +465,9 @@ def test_deepspeed_zero2_on_two_cpu_ranks_saves_and_resumes(tmp_path: Path, msd_
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install 'ratlib[deepspeed]')")
     run = tmp_path / "run"
-    result = run_on_ranks(deepspeed_scenario, 2, args=(str(run), str(msd_root)),
-                          env={**NO_GPU, "DS_ACCELERATOR": "cpu"}, timeout=300)
+    result = run_on_ranks(
+        deepspeed_scenario, 2, args=(str(run), str(msd_root)), env={**NO_GPU, "DS_ACCELERATOR": "cpu"}, timeout=300
+    )
     if result.returncodes == [NO_DEEPSPEED] * 2:  # imported in the ranks only: it is slow and prints a lot
         pytest.skip(next(line for line in result.outputs[0].splitlines() if line.startswith("SKIP: "))[6:])
     result.check()
@@ -468,8 +487,13 @@ def test_deepspeed_zero2_on_two_cpu_ranks_saves_and_resumes(tmp_path: Path, msd_
 @pytest.mark.distributed
 def test_smoke_on_two_ranks_finishes_in_seconds(tmp_path: Path, msd_root: Path, one_thread) -> None:
     run = tmp_path / "run"
-    result = run_on_ranks(TRAIN_PY, 2, args=["--config", str(CONFIG), f"output_dir={run}", f"data.root={msd_root}",
-                                             "smoke=true", *TINY], env=NO_GPU, timeout=120).check()
+    result = run_on_ranks(
+        TRAIN_PY,
+        2,
+        args=["--config", str(CONFIG), f"output_dir={run}", f"data.root={msd_root}", "smoke=true", *TINY],
+        env=NO_GPU,
+        timeout=120,
+    ).check()
     (row,) = metrics_rows(run)
     assert row["train_samples"] == row["train_unique_samples"] == 16 and row["step"] == 1  # 16 / (8 x 2)
     assert row["val_samples"] == 16 and math.isfinite(row["loss"]) and math.isfinite(row["dice"])
@@ -489,8 +513,9 @@ def limit_seven(run: str, root: str) -> int:
 
 
 @pytest.mark.distributed
-def test_limit_seven_trains_on_exactly_seven_slices_across_two_ranks(tmp_path: Path, msd_root: Path,
-                                                                     one_thread) -> None:
+def test_limit_seven_trains_on_exactly_seven_slices_across_two_ranks(
+    tmp_path: Path, msd_root: Path, one_thread
+) -> None:
     run = tmp_path / "run"
     run_on_ranks(limit_seven, 2, args=(str(run), str(msd_root)), env=NO_GPU, timeout=120).check()
     rows = metrics_rows(run)
@@ -503,8 +528,9 @@ def test_limit_seven_trains_on_exactly_seven_slices_across_two_ranks(tmp_path: P
 
 
 @pytest.mark.parametrize("empty_slices", [1.0, 0.3])
-def test_limit_reads_only_the_cases_it_needs_and_picks_the_same_slices(msd_root: Path, tmp_path: Path,
-                                                                       empty_slices: float) -> None:
+def test_limit_reads_only_the_cases_it_needs_and_picks_the_same_slices(
+    msd_root: Path, tmp_path: Path, empty_slices: float
+) -> None:
     # A smoke run on a real task must not preprocess every volume: with data.limit the cases after the first
     # `limit` slices are never read. The slices are those the full read would have picked.
     task = su.read_task(msd_root)

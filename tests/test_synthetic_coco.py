@@ -42,7 +42,7 @@ def _check_pixels(paths) -> list[float]:
         x, y, w, h = map(int, ann["bbox"])
         assert [x, y, w, h] == ann["bbox"] and w > 0 and h > 0
         drawn = np.zeros(pixels.shape[:2], dtype=bool)  # boxes never overlap: only this object is inside
-        drawn[y:y + h, x:x + w] = (pixels[y:y + h, x:x + w] == SHAPES[ann["category_id"] - 1][1]).all(axis=-1)
+        drawn[y : y + h, x : x + w] = (pixels[y : y + h, x : x + w] == SHAPES[ann["category_id"] - 1][1]).all(axis=-1)
         ys, xs = np.nonzero(drawn)
         assert (xs.min(), ys.min(), xs.max() + 1 - x, ys.max() + 1 - y) == (x, y, w, h), ann["id"]
         assert drawn.sum() == ann["area"]
@@ -64,13 +64,29 @@ def _check_pixels(paths) -> list[float]:
     split=st.sampled_from(["train", "val2014", "val"]),
     seed=st.integers(0, 2**32),
 )
-def test_generated_datasets_are_valid_and_exact(tmp_path_factory: pytest.TempPathFactory, size, categories: int,
-                                                objects: list[int], crowd: float, layout: str, split: str,
-                                                seed: int) -> None:
+def test_generated_datasets_are_valid_and_exact(
+    tmp_path_factory: pytest.TempPathFactory,
+    size,
+    categories: int,
+    objects: list[int],
+    crowd: float,
+    layout: str,
+    split: str,
+    seed: int,
+) -> None:
     root = tmp_path_factory.mktemp("gen")
-    written = make_coco_detection(root, split, num_images=3, layout=layout, seed=seed, image_size=size,
-                                  num_categories=categories, min_objects=objects[0], max_objects=objects[1],
-                                  crowd_fraction=crowd)
+    written = make_coco_detection(
+        root,
+        split,
+        num_images=3,
+        layout=layout,
+        seed=seed,
+        image_size=size,
+        num_categories=categories,
+        min_objects=objects[0],
+        max_objects=objects[1],
+        crowd_fraction=crowd,
+    )
     assert resolve_coco(root, split) == written  # what it wrote is what resolve_coco finds
     report = validate_annotations(written.annotations, written.images)
     assert report.ok, report
@@ -84,8 +100,9 @@ def test_generated_datasets_are_valid_and_exact(tmp_path_factory: pytest.TempPat
 
 
 def test_round_trip_through_pycocotools(tmp_path: Path) -> None:
-    written = make_coco_detection(tmp_path, "val2017", num_images=12, seed=0, image_size=(160, 128),
-                                  crowd_fraction=0.2, empty_images=2)
+    written = make_coco_detection(
+        tmp_path, "val2017", num_images=12, seed=0, image_size=(160, 128), crowd_fraction=0.2, empty_images=2
+    )
     assert written == resolve_coco(tmp_path, "val") and written.layout == "coco"
     assert written.annotations == tmp_path / "annotations" / "instances_val2017.json"
     coco = _coco(written.annotations)
@@ -153,7 +170,8 @@ def test_reruns_replace_their_own_output_and_nothing_else(tmp_path: Path) -> Non
         make_coco_detection(foreign, "val")
     assert str(info.value) == (
         f"make_coco_detection: {foreign / 'annotations/instances_val2017.json'} exists and was not written by "
-        "make_coco_detection; refusing to replace it. Choose another root, or pass overwrite=True")
+        "make_coco_detection; refusing to replace it. Choose another root, or pass overwrite=True"
+    )
     (foreign / "val2017").mkdir()
     Image.new("RGB", (8, 8)).save(foreign / "val2017" / "000000000001.png")  # someone's own image
     (foreign / "annotations" / "instances_val2017.json").unlink()
@@ -165,14 +183,24 @@ def test_reruns_replace_their_own_output_and_nothing_else(tmp_path: Path) -> Non
 
 def test_argument_errors_name_every_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as info:
-        make_coco_detection(tmp_path, "train", num_images=0, num_categories=9, min_objects=3, max_objects=1,
-                            crowd_fraction=2.0, image_format="gif", object_size=(0.5, 0.1))
+        make_coco_detection(
+            tmp_path,
+            "train",
+            num_images=0,
+            num_categories=9,
+            min_objects=3,
+            max_objects=1,
+            crowd_fraction=2.0,
+            image_format="gif",
+            object_size=(0.5, 0.1),
+        )
     assert str(info.value) == (
         "make_coco_detection: num_images=0 (expected an int >= 1); num_categories=9 (expected 1 to 5: square, "
         "circle, triangle, diamond, hexagon); min_objects=3, max_objects=1 (expected 0 <= min <= max <= 20); "
         "object_size=(0.5, 0.1) (expected (low, high) fractions of the shorter image side, 0.05 <= low <= high "
         "<= 0.6); crowd_fraction=2.0 (expected 0.0 to 1.0); "
-        "image_format='gif' (expected 'png' or 'jpg')")
+        "image_format='gif' (expected 'png' or 'jpg')"
+    )
     with pytest.raises(ValueError, match="image_size=\\(16, 64\\); expected an int or a \\(width, height\\) pair"):
         make_coco_detection(tmp_path, "train", image_size=(16, 64))
     with pytest.raises(ValueError, match="unknown COCO split 'trian'"):
@@ -183,8 +211,10 @@ def test_argument_errors_name_every_bad_input(tmp_path: Path) -> None:
 
 
 def test_import_is_light() -> None:
-    code = ("import sys, ratlib._synthetic_coco, ratlib.synthetic\n"
-            "print(','.join(m for m in ('PIL', 'numpy', 'torch', 'pycocotools', 'torchvision') if m in sys.modules))")
+    code = (
+        "import sys, ratlib._synthetic_coco, ratlib.synthetic\n"
+        "print(','.join(m for m in ('PIL', 'numpy', 'torch', 'pycocotools', 'torchvision') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == ""
 

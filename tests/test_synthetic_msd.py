@@ -29,8 +29,10 @@ def test_decathlon_layout_and_dataset_json(tmp_path: Path) -> None:
     assert meta["tensorImageSize"] == "3D" and meta["modality"] == {"0": "CT"}
     assert meta["labels"] == {"0": "background", "1": "liver", "2": "spleen"}
     assert meta["numTraining"] == 3 and meta["numTest"] == 2
-    assert meta["training"][0] == {"image": "./imagesTr/synthetic_001.nii.gz",
-                                   "label": "./labelsTr/synthetic_001.nii.gz"}
+    assert meta["training"][0] == {
+        "image": "./imagesTr/synthetic_001.nii.gz",
+        "label": "./labelsTr/synthetic_001.nii.gz",
+    }
     assert meta["test"] == ["./imagesTs/synthetic_004.nii.gz", "./imagesTs/synthetic_005.nii.gz"]
     listed = {p for pair in meta["training"] for p in pair.values()} | set(meta["test"])
     on_disk = {f"./{p.relative_to(root).as_posix()}" for p in root.rglob("*.nii.gz")}
@@ -100,8 +102,9 @@ def test_refuses_foreign_files_and_replaces_its_own(tmp_path: Path) -> None:
     assert json.loads((ours / "dataset.json").read_text())["generator_args"]["seed"] == 5
 
 
-def test_interrupted_run_leaves_no_dataset_json_and_a_rerun_completes(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_leaves_no_dataset_json_and_a_rerun_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     make_msd_segmentation(tmp_path, 3, SMALL)
     writes = []
     real_write = impl.write_atomic
@@ -122,16 +125,19 @@ def test_interrupted_run_leaves_no_dataset_json_and_a_rerun_completes(tmp_path: 
     assert json.loads((tmp_path / "dataset.json").read_text())["generator_args"]["seed"] == 9
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"num_cases": 0}, "num_cases=0"),
-    ({"shape": (64, 64)}, "shape=(64, 64)"),
-    ({"shape": (4, 64, 16)}, "8 to 1024 in-plane"),
-    ({"num_classes": 1}, "background included"),
-    ({"num_test": -1}, "num_test=-1"),
-    ({"spacing": (1, 0, 1)}, "spacing="),
-    ({"modalities": "CT"}, "modalities='CT'"),
-    ({"name": "my task"}, "name='my task'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"num_cases": 0}, "num_cases=0"),
+        ({"shape": (64, 64)}, "shape=(64, 64)"),
+        ({"shape": (4, 64, 16)}, "8 to 1024 in-plane"),
+        ({"num_classes": 1}, "background included"),
+        ({"num_test": -1}, "num_test=-1"),
+        ({"spacing": (1, 0, 1)}, "spacing="),
+        ({"modalities": "CT"}, "modalities='CT'"),
+        ({"name": "my task"}, "name='my task'"),
+    ],
+)
 def test_argument_errors(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make_msd_segmentation(tmp_path, **{"num_cases": 2, "shape": SMALL, **kwargs})
@@ -150,5 +156,10 @@ def test_wrapper_has_the_real_signature_and_doc() -> None:
     import ratlib.synthetic
 
     assert "Decathlon" in (ratlib.synthetic.make_msd_segmentation.__doc__ or "")
-    assert list(inspect.signature(ratlib.synthetic.make_msd_segmentation).parameters)[:5] == \
-        ["root", "num_cases", "shape", "num_classes", "seed"]
+    assert list(inspect.signature(ratlib.synthetic.make_msd_segmentation).parameters)[:5] == [
+        "root",
+        "num_cases",
+        "shape",
+        "num_classes",
+        "seed",
+    ]

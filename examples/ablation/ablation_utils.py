@@ -98,15 +98,18 @@ def split_overrides(items: Sequence[str], config_keys: Iterable[str]) -> tuple[l
             runs.append(item)
         else:
             close = difflib.get_close_matches(first, [*STUDY_KEYS, *sorted(config_keys)], n=1)
-            bad.append(f"{item!r}: {first!r} is neither a study key ({', '.join(STUDY_KEYS)}) nor a section of the "
-                       f"base config" + (f"; did you mean {close[0]!r}?" if close else ""))
+            bad.append(
+                f"{item!r}: {first!r} is neither a study key ({', '.join(STUDY_KEYS)}) nor a section of the "
+                f"base config" + (f"; did you mean {close[0]!r}?" if close else "")
+            )
     if bad:
         raise StudyError("command-line overrides:\n  " + "\n  ".join(bad))
     return study, runs
 
 
-def smoke_common(study_overrides: dict[str, Any], cli_items: Sequence[str],
-                 smoke_keys: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
+def smoke_common(
+    study_overrides: dict[str, Any], cli_items: Sequence[str], smoke_keys: Iterable[str]
+) -> tuple[dict[str, Any], list[str]]:
     """``smoke=true`` on the command line is a quick pass over every variant: the study's run-wide
     ``overrides`` of the keys smoke fills (``training.num_epochs: 10``, ...) would otherwise win over it
     (smoke only fills keys that are not set), so they are left out. Keys given on the command line stay.
@@ -135,13 +138,17 @@ def example_path(base: str, study_file: Path | None) -> Path:
         path = EXAMPLES / base / "train.py"
         if not path.is_file():
             known = sorted(p.parent.name for p in EXAMPLES.glob("*/train.py"))
-            raise StudyError(f"base={base!r}: no example of that name (known: {', '.join(known)}); or give the path "
-                             "to a train.py that follows the ablation contract (docs/examples/ablation.md)")
+            raise StudyError(
+                f"base={base!r}: no example of that name (known: {', '.join(known)}); or give the path "
+                "to a train.py that follows the ablation contract (docs/examples/ablation.md)"
+            )
         return path
     path = resolve_input(base, study_file)
     if not path.is_file():
-        raise StudyError(f"base={base!r}: {path} does not exist (relative paths start at the study file's folder, "
-                         "then at the working folder)")
+        raise StudyError(
+            f"base={base!r}: {path} does not exist (relative paths start at the study file's folder, "
+            "then at the working folder)"
+        )
     return path
 
 
@@ -201,15 +208,22 @@ class Run:
 
     def override_strings(self, common: Sequence[str]) -> list[str]:
         seed = [f"training.seed={self.seed}"] if self.seed is not None else []
-        return [*common, *(f"{k}={json_value(v)}" for k, v in self.overrides.items()), *seed,
-                f"output_dir={json_value(self.dir)}"]
+        return [
+            *common,
+            *(f"{k}={json_value(v)}" for k, v in self.overrides.items()),
+            *seed,
+            f"output_dir={json_value(self.dir)}",
+        ]
 
 
 def expand_variants(study: StudyConfig) -> list[tuple[str, dict[str, Any]]]:
     """(name, overrides) of every variant: the base, the grid's combinations, then the explicit list."""
     grid = flatten(study.grid)
-    problems = [f"grid.{k}: expected a non-empty list of values, got {v!r}" for k, v in grid.items()
-                if not isinstance(v, list) or not v]
+    problems = [
+        f"grid.{k}: expected a non-empty list of values, got {v!r}"
+        for k, v in grid.items()
+        if not isinstance(v, list) or not v
+    ]
     explicit = [flatten(v.overrides) for v in study.variants]
     shorts = short_keys([*grid, *(k for o in explicit for k in o)])
     out: list[tuple[str, dict[str, Any], str]] = []
@@ -221,18 +235,23 @@ def expand_variants(study: StudyConfig) -> list[tuple[str, dict[str, Any]]]:
             out.append((variant_name(overrides, shorts), overrides, "grid"))
     for i, (spec, overrides) in enumerate(zip(study.variants, explicit)):
         if spec.name is not None and not NAME_OK.match(spec.name):
-            problems.append(f"variants[{i}].name={spec.name!r}: use letters, digits and . _ , = + - (it is a "
-                            "folder name), starting with a letter or digit")
+            problems.append(
+                f"variants[{i}].name={spec.name!r}: use letters, digits and . _ , = + - (it is a "
+                "folder name), starting with a letter or digit"
+            )
         out.append((spec.name or variant_name(overrides, shorts), overrides, f"variants[{i}]"))
     seen: dict[str, str] = {}
     for name, overrides, where in out:
         for key in overrides:
             if key == "output_dir" or key.startswith("distributed."):
-                problems.append(f"{where} ({name}): {key} cannot vary: the runner sets output_dir per run, and the "
-                                "process group (distributed.*) is set up once for the whole study")
+                problems.append(
+                    f"{where} ({name}): {key} cannot vary: the runner sets output_dir per run, and the "
+                    "process group (distributed.*) is set up once for the whole study"
+                )
         if name in seen:
-            problems.append(f"{where}: the name {name!r} is already used by {seen[name]}; give variants distinct "
-                            "names or overrides")
+            problems.append(
+                f"{where}: the name {name!r} is already used by {seen[name]}; give variants distinct names or overrides"
+            )
         elif name.lower() in RESERVED:
             problems.append(f"{where}: the name {name!r} is reserved for the study's own files; choose another")
         seen.setdefault(name, where)
@@ -252,7 +271,7 @@ def make_runs(study: StudyConfig) -> list[Run]:
     runs: list[Run] = []
     root = Path(study.output_dir)
     for name, overrides in expand_variants(study):
-        for seed in (study.seeds or [None]):
+        for seed in study.seeds or [None]:
             run = name if seed is None else f"{name}/seed{seed}"
             runs.append(Run(len(runs), run, name, seed, overrides, str(root / run)))
     return runs
@@ -286,7 +305,7 @@ def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
                     data = b"\n" + data  # a torn line from a crash: leave it alone on its own line
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -411,8 +430,7 @@ class Row:
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
 
-def summary_rows(records: Mapping[str, Mapping[str, Any]], runs: Sequence[Run], metric: str, mode: str
-                 ) -> list[Row]:
+def summary_rows(records: Mapping[str, Mapping[str, Any]], runs: Sequence[Run], metric: str, mode: str) -> list[Row]:
     """One row per variant over its runs (seeds), sorted best first; variants with no finished run last."""
     rows: dict[str, Row] = {}
     for run in runs:
@@ -458,8 +476,17 @@ def summary_table(rows: Sequence[Row], metric: str, mode: str, base: str | None 
     base_row = next((r for r in rows if r.name == base), None)
     base_mean = base_row.mean if base_row is not None else None
     seeds = any(r.planned > 1 or len(r.values) > 1 for r in rows)
-    head = ["#", "variant", "overrides", metric + (" (mean ± sd)" if seeds else ""), "Δ vs base",
-            f"best {metric}", "runs", "time (s)", "peak mem (GiB)"]
+    head = [
+        "#",
+        "variant",
+        "overrides",
+        metric + (" (mean ± sd)" if seeds else ""),
+        "Δ vs base",
+        f"best {metric}",
+        "runs",
+        "time (s)",
+        "peak mem (GiB)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(rows, 1):
         value = _fmt(r.mean) + (f" ± {_fmt(r.sd)}" if r.sd is not None else "")
@@ -469,30 +496,46 @@ def summary_table(rows: Sequence[Row], metric: str, mode: str, base: str | None 
         done = f"{len(r.values)}/{max(r.planned, len(r.values) + len(r.failed))}"
         if r.failed:
             done += f" ({len(r.failed)} failed)"
-        lines.append("| " + " | ".join([
-            str(i) if r.mean is not None else "", name, overrides_text(r.overrides).replace("|", "\\|"), value,
-            "" if r.name == base else _delta(r.mean, base_mean), _fmt(max(r.best) if mode == "max" else min(r.best))
-            if r.best else "-", done, _fmt(statistics.fmean(r.times), 1) if r.times else "-",
-            _fmt(max(r.peaks), 2) if r.peaks else "-"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(i) if r.mean is not None else "",
+                    name,
+                    overrides_text(r.overrides).replace("|", "\\|"),
+                    value,
+                    "" if r.name == base else _delta(r.mean, base_mean),
+                    _fmt(max(r.best) if mode == "max" else min(r.best)) if r.best else "-",
+                    done,
+                    _fmt(statistics.fmean(r.times), 1) if r.times else "-",
+                    _fmt(max(r.peaks), 2) if r.peaks else "-",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
-def summary_markdown(rows: Sequence[Row], *, title: str, metric: str, mode: str, header: Sequence[str],
-                     base: str | None = "base") -> str:
+def summary_markdown(
+    rows: Sequence[Row], *, title: str, metric: str, mode: str, header: Sequence[str], base: str | None = "base"
+) -> str:
     failures = [(r.name, rec) for r in rows for rec in r.failed]
     parts = [f"# Ablation: {title}", "", *header, "", summary_table(rows, metric, mode, base), ""]
     if failures:
         parts += ["## Failed runs", ""]
-        for name, rec in failures:
+        for _name, rec in failures:
             err = rec.get("error") or {}
-            parts.append(f"- `{rec['run']}`: rank {err.get('rank', '?')}: {err.get('type', 'Error')}: "
-                         f"{err.get('message', '')}".rstrip())
+            parts.append(
+                f"- `{rec['run']}`: rank {err.get('rank', '?')}: {err.get('type', 'Error')}: "
+                f"{err.get('message', '')}".rstrip()
+            )
         parts.append("")
     return "\n".join(parts)
 
 
-def summary_png(rows: Sequence[Row], path: Path, *, title: str, metric: str, mode: str, base: str | None = "base"
-                ) -> bool:
+def summary_png(
+    rows: Sequence[Row], path: Path, *, title: str, metric: str, mode: str, base: str | None = "base"
+) -> bool:
     """The main metric per variant, best on top: the mean (a dot), mean ± sd and each seed's value when the
     variants are repeated over seeds, the base's value as a dashed line. False without matplotlib (the
     ``plot`` extra). Points, not bars: the axis need not start at zero."""
@@ -514,19 +557,30 @@ def summary_png(rows: Sequence[Row], path: Path, *, title: str, metric: str, mod
         if len(r.values) > 1:
             ax.scatter(r.values, [y] * len(r.values), color="black", s=9, alpha=0.6, zorder=3)
         ax.scatter([r.mean], [y], color=color, s=48, zorder=4, edgecolors="white", linewidths=0.5)
-        ax.annotate(f"{r.mean:.4f}", (r.mean, y), textcoords="offset points", xytext=(0, 7), ha="center",
-                    fontsize=7, color="0.3")
+        ax.annotate(
+            f"{r.mean:.4f}",
+            (r.mean, y),
+            textcoords="offset points",
+            xytext=(0, 7),
+            ha="center",
+            fontsize=7,
+            color="0.3",
+        )
     base_row = next((r for r in shown if r.name == base), None)
     if base_row is not None:
         ax.axvline(base_row.mean, color="tab:orange", linestyle="--", linewidth=1, label=f"base {base_row.mean:.4f}")
         ax.legend(loc="best", fontsize=7, frameon=False)
     ax.set_yticks(ys, [r.name for r in shown], fontsize=8)
     ax.set_ylim(-0.7, len(shown) - 0.3)
-    ax.set_xlabel(f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)"
-                  + ("; mean ± sd over seeds, small dots: each seed" if seeds else ""), fontsize=8)
+    ax.set_xlabel(
+        f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)"
+        + ("; mean ± sd over seeds, small dots: each seed" if seeds else ""),
+        fontsize=8,
+    )
     failed = [r.name for r in rows if r.mean is None and r.failed]
-    ax.set_title(f"{title}: {metric} per variant" + (f" ({len(failed)} failed, not shown)" if failed else ""),
-                 fontsize=10)
+    ax.set_title(
+        f"{title}: {metric} per variant" + (f" ({len(failed)} failed, not shown)" if failed else ""), fontsize=10
+    )
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")

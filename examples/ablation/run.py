@@ -89,13 +89,17 @@ def load_example(path: Path) -> Any:
         spec.loader.exec_module(module)
     except ImportError as exc:  # a missing extra, most often: the message says which
         del sys.modules[name]
-        raise StudyError(f"base={path}: importing it failed: {exc} (the detection example needs "
-                         "'ratlib[detection]', segmentation 'ratlib[medical]')") from exc
+        raise StudyError(
+            f"base={path}: importing it failed: {exc} (the detection example needs "
+            "'ratlib[detection]', segmentation 'ratlib[medical]')"
+        ) from exc
     missing = [a for a in ("CONFIG_SCHEMA", "MAIN_METRIC", "train") if not hasattr(module, a)]
     if missing:
-        raise StudyError(f"{path} does not follow the ablation contract: it lacks {', '.join(missing)}. An example "
-                         "needs CONFIG_SCHEMA (its ExperimentConfig subclass), MAIN_METRIC, optionally METRIC_MODE "
-                         "('max'/'min'), and train(cfg, *, run_dir=None, resume=False, info=None) -> dict")
+        raise StudyError(
+            f"{path} does not follow the ablation contract: it lacks {', '.join(missing)}. An example "
+            "needs CONFIG_SCHEMA (its ExperimentConfig subclass), MAIN_METRIC, optionally METRIC_MODE "
+            "('max'/'min'), and train(cfg, *, run_dir=None, resume=False, info=None) -> dict"
+        )
     _EXAMPLES[path] = module
     return module
 
@@ -147,8 +151,10 @@ def read_study(config: str, overrides: Sequence[str]) -> Study:
     flat = au.flatten(cfg.overrides)
     study_overrides, dropped = au.smoke_common(flat, run_items, SMOKE_DEFAULTS)
     if dropped and is_main_process():
-        log.info("smoke=true: leaving out the study's %s (smoke sets these keys)",
-                 ", ".join(f"{k}={au.json_value(flat[k])}" for k in dropped))
+        log.info(
+            "smoke=true: leaving out the study's %s (smoke sets these keys)",
+            ", ".join(f"{k}={au.json_value(flat[k])}" for k in dropped),
+        )
     common = [f"{k}={au.json_value(v)}" for k, v in study_overrides.items()] + run_items
     with quiet():
         base_cfg = load_config(base_config, overrides=common, schema=example.CONFIG_SCHEMA)
@@ -183,22 +189,28 @@ def validate_runs(study: Study) -> list[au.Run]:
     with quiet():
         for run in runs:
             try:
-                cfg = load_config(study.config, overrides=run.override_strings(study.common),
-                                  schema=study.example.CONFIG_SCHEMA)
+                cfg = load_config(
+                    study.config, overrides=run.override_strings(study.common), schema=study.example.CONFIG_SCHEMA
+                )
                 run.config_hash = au.config_hash(cfg)
             except ConfigError as exc:
-                problems.append(f"run {run.run} ({au.overrides_text(run.overrides)}):\n    " +
-                                str(exc).replace("\n", "\n    "))
+                problems.append(
+                    f"run {run.run} ({au.overrides_text(run.overrides)}):\n    " + str(exc).replace("\n", "\n    ")
+                )
     if problems:
-        raise StudyError(f"{len(problems)} of {len(runs)} runs have an invalid config; nothing was trained:\n  " +
-                         "\n  ".join(problems))
+        raise StudyError(
+            f"{len(problems)} of {len(runs)} runs have an invalid config; nothing was trained:\n  "
+            + "\n  ".join(problems)
+        )
     same: dict[str, list[str]] = {}
     for run in runs:
         same.setdefault(run.config_hash, []).append(run.run)
     for names in same.values():
         if len(names) > 1 and is_main_process():
-            log.warning("runs %s have the same config: they train the same thing (a grid value equal to the base's?)",
-                        ", ".join(names))
+            log.warning(
+                "runs %s have the same config: they train the same thing (a grid value equal to the base's?)",
+                ", ".join(names),
+            )
     return runs
 
 
@@ -209,25 +221,40 @@ def make_plan(study: Study, *, resume: bool, retry_failed: bool, dry: bool = Fal
     runs = copy.deepcopy(study.runs) if study.runs else validate_runs(study)
     metric = s.metric or study.example.MAIN_METRIC
     mode = s.mode or getattr(study.example, "METRIC_MODE", "max")
-    plan = Plan(s.name, str(study.example_path), study.config, study.common, metric, mode, s.output_dir, runs,
-                [r.index for r in runs])
+    plan = Plan(
+        s.name,
+        str(study.example_path),
+        study.config,
+        study.common,
+        metric,
+        mode,
+        s.output_dir,
+        runs,
+        [r.index for r in runs],
+    )
     records = au.latest_records(au.read_jsonl(plan.results))
     existing = [r.run for r in runs if Path(r.dir).exists()]
     if not resume and (records or existing) and dry:
-        log.warning("%s already holds a study: a real run needs --resume; showing what --resume would do",
-                    s.output_dir)
+        log.warning("%s already holds a study: a real run needs --resume; showing what --resume would do", s.output_dir)
         resume = True
     if not resume:
         if records or existing:
-            raise StudyError(f"{s.output_dir} already holds a study ({len(records)} recorded runs, "
-                             f"{len(existing)} run folders): pass --resume to continue it (and --retry-failed to "
-                             "run failed runs again), or choose another output_dir")
+            raise StudyError(
+                f"{s.output_dir} already holds a study ({len(records)} recorded runs, "
+                f"{len(existing)} run folders): pass --resume to continue it (and --retry-failed to "
+                "run failed runs again), or choose another output_dir"
+            )
         return plan
-    changed = [f"{r.run} (recorded {records[r.run].get('config_hash')}, now {r.config_hash})" for r in runs
-               if r.run in records and records[r.run].get("config_hash") != r.config_hash]
+    changed = [
+        f"{r.run} (recorded {records[r.run].get('config_hash')}, now {r.config_hash})"
+        for r in runs
+        if r.run in records and records[r.run].get("config_hash") != r.config_hash
+    ]
     if changed:
-        raise StudyError(f"--resume: the config of {len(changed)} recorded run(s) differs from the study file now: "
-                         f"{', '.join(changed)}. Put the study file back as it was, or start a new output_dir")
+        raise StudyError(
+            f"--resume: the config of {len(changed)} recorded run(s) differs from the study file now: "
+            f"{', '.join(changed)}. Put the study file back as it was, or start a new output_dir"
+        )
     todo, done, failed = [], [], []
     for run in runs:
         status = records.get(run.run, {}).get("status")
@@ -240,16 +267,24 @@ def make_plan(study: Study, *, resume: bool, retry_failed: bool, dry: bool = Fal
                 aside = _free_name(Path(run.dir), ".failed")
                 if not dry:
                     Path(run.dir).rename(aside)
-                log.info("--retry-failed: %s the failed attempt of %s to %s", "would move" if dry else "moved",
-                         run.run, aside)
+                log.info(
+                    "--retry-failed: %s the failed attempt of %s to %s",
+                    "would move" if dry else "moved",
+                    run.run,
+                    aside,
+                )
             else:
                 run.resume = Path(run.dir).exists()  # interrupted: continue from its checkpoint
             todo.append(run.index)
     plan.todo = todo
-    log.info("--resume: %d of %d runs recorded as finished%s; %d to run%s", len(done), len(runs),
-             f", {len(failed)} failed and not retried (--retry-failed runs them): {', '.join(failed)}"
-             if failed else "", len(todo),
-             f" ({sum(runs[i].resume for i in todo)} continue from their checkpoint)" if todo else "")
+    log.info(
+        "--resume: %d of %d runs recorded as finished%s; %d to run%s",
+        len(done),
+        len(runs),
+        f", {len(failed)} failed and not retried (--retry-failed runs them): {', '.join(failed)}" if failed else "",
+        len(todo),
+        f" ({sum(runs[i].resume for i in todo)} continue from their checkpoint)" if todo else "",
+    )
     return plan
 
 
@@ -299,10 +334,14 @@ class Channel:
             with contextlib.suppress(Exception):
                 missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
             if missing is not None:
-                raise StudyStopped(f"rank(s) {missing} did not report within {self.wait.total_seconds():.0f} s: "
-                                   "they died, or hang inside a collective") from exc
-            raise StudyStopped(f"the rendezvous store cannot be reached ({type(exc).__name__}: {str(exc)[:200]}): "
-                               "the launcher (torchrun) or rank 0 died") from exc
+                raise StudyStopped(
+                    f"rank(s) {missing} did not report within {self.wait.total_seconds():.0f} s: "
+                    "they died, or hang inside a collective"
+                ) from exc
+            raise StudyStopped(
+                f"the rendezvous store cannot be reached ({type(exc).__name__}: {str(exc)[:200]}): "
+                "the launcher (torchrun) or rank 0 died"
+            ) from exc
 
     def count_failure(self, key: str) -> int:
         """1 for the first rank to fail in this run, 2 for the next...: the first is the cause."""
@@ -329,10 +368,14 @@ class Channel:
         kwargs: dict[str, Any] = {}
         if self.backend == "nccl":
             kwargs["device_id"] = self.info.device
-        self.dist.init_process_group(self.backend, store=self.dist.PrefixStore(f"{self.ns}/group{self.generation}/",
-                                                                               self.store),
-                                     rank=self.info.rank, world_size=self.info.world_size, timeout=self.timeout,
-                                     **kwargs)
+        self.dist.init_process_group(
+            self.backend,
+            store=self.dist.PrefixStore(f"{self.ns}/group{self.generation}/", self.store),
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            timeout=self.timeout,
+            **kwargs,
+        )
         log.info("fresh process group %d after the failed run", self.generation)
 
 
@@ -361,8 +404,12 @@ def train_run(example: Any, plan: Plan, run: au.Run, info: DistInfo, channel: Ch
     except Exception as exc:  # recorded; the study goes on
         failed = True
         outcome["ok"] = False
-        outcome["error"] = {"rank": info.rank, "type": type(exc).__name__, "message": _message(exc),
-                            "order": channel.count_failure(f"run{run.index}")}
+        outcome["error"] = {
+            "rank": info.rank,
+            "type": type(exc).__name__,
+            "message": _message(exc),
+            "order": channel.count_failure(f"run{run.index}"),
+        }
         log.error("run %s raised on rank %d", run.run, info.rank, exc_info=exc, main_process_only=False)
     if failed:  # after the except block: the traceback, and the model in its frames, are gone by now
         channel.release_peers()
@@ -385,19 +432,35 @@ def make_record(plan: Plan, run: au.Run, outcomes: list[dict[str, Any]]) -> dict
                 peaks[r] = max(peaks[r], float(value))
     errors = sorted((o["error"] for o in outcomes if o["error"]), key=lambda e: e["order"])
     return {
-        "run": run.run, "name": run.name, "seed": run.seed, "index": run.index,
+        "run": run.run,
+        "name": run.name,
+        "seed": run.seed,
+        "index": run.index,
         "status": "finished" if ok else "failed",
-        "overrides": run.overrides, "metric": plan.metric, "mode": plan.mode,
+        "overrides": run.overrides,
+        "metric": plan.metric,
+        "mode": plan.mode,
         "final": final,
-        "best": ({"epoch": best.get("epoch"), "step": best.get("step"),
-                  **{k: v for k, v in au.numbers(best).items() if k in final or k == plan.metric}}
-                 if best else {}),
+        "best": (
+            {
+                "epoch": best.get("epoch"),
+                "step": best.get("step"),
+                **{k: v for k, v in au.numbers(best).items() if k in final or k == plan.metric},
+            }
+            if best
+            else {}
+        ),
         "wall_time_s": outcomes[0]["wall_time_s"],
-        "peak_memory_gib": peaks, "peak_memory_max_gib": max(peaks), "peak_memory_max_rank": peaks.index(max(peaks)),
+        "peak_memory_gib": peaks,
+        "peak_memory_max_gib": max(peaks),
+        "peak_memory_max_rank": peaks.index(max(peaks)),
         "peak_memory_kind": outcomes[0]["peak_memory_kind"],
         "error": ({k: v for k, v in errors[0].items() if k != "order"} if errors else None),
         "errors": errors,
-        "resumed": run.resume, "world_size": len(outcomes), "dir": run.dir, "config_hash": run.config_hash,
+        "resumed": run.resume,
+        "world_size": len(outcomes),
+        "dir": run.dir,
+        "config_hash": run.config_hash,
         "finished_at": au.now(),
     }
 
@@ -414,12 +477,14 @@ def write_summary(plan: Plan, world_size: int, *, final: bool = False) -> tuple[
     finished = sum(r.get("status") == "finished" for r in records.values())
     failed = sum(r.get("status") == "failed" for r in records.values())
     seeds = sorted({r.seed for r in plan.runs if r.seed is not None})
-    header = [f"- base example: `{plan.example}`, config `{plan.config or '(defaults)'}`",
-              f"- main metric: `{plan.metric}` ({'higher' if plan.mode == 'max' else 'lower'} is better); "
-              f"{world_size} rank(s)" + (f"; seeds {seeds}" if seeds else ""),
-              f"- run-wide overrides: `{' '.join(plan.common)}`" if plan.common else "- run-wide overrides: none",
-              f"- {finished} finished, {failed} failed, {len(plan.runs) - finished - failed} not run "
-              f"{'(study ended)' if final else 'yet'}; updated {au.now()}; every run: `results.jsonl`"]
+    header = [
+        f"- base example: `{plan.example}`, config `{plan.config or '(defaults)'}`",
+        f"- main metric: `{plan.metric}` ({'higher' if plan.mode == 'max' else 'lower'} is better); "
+        f"{world_size} rank(s)" + (f"; seeds {seeds}" if seeds else ""),
+        f"- run-wide overrides: `{' '.join(plan.common)}`" if plan.common else "- run-wide overrides: none",
+        f"- {finished} finished, {failed} failed, {len(plan.runs) - finished - failed} not run "
+        f"{'(study ended)' if final else 'yet'}; updated {au.now()}; every run: `results.jsonl`",
+    ]
     table = au.summary_table(rows, plan.metric, plan.mode)
     text = au.summary_markdown(rows, title=plan.name, metric=plan.metric, mode=plan.mode, header=header)
     au.write_atomic(out / "summary.md", text.encode())
@@ -437,8 +502,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="skip the runs recorded as finished in results.jsonl")
     parser.add_argument("--retry-failed", action="store_true", help="with --resume: run failed runs again too")
     parser.add_argument("--dry-run", action="store_true", help="validate every run and print the plan; train nothing")
-    parser.add_argument("overrides", nargs="*", help="study keys (seeds=[0,1], output_dir=...) or config keys "
-                        "for every run (training.num_epochs=2)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="study keys (seeds=[0,1], output_dir=...) or config keys for every run (training.num_epochs=2)",
+    )
     args = parser.parse_intermixed_args(argv)
     resume = args.resume or args.retry_failed
     setup_logging()
@@ -461,8 +529,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(ImportError):
             import torch._dynamo  # noqa: F401
 
-    with distributed(d.backend, timeout=d.timeout_s, connect_timeout=d.connect_timeout_s,
-                     stall_timeout=d.stall_timeout_s, device=study.cfg.device) as info:
+    with distributed(
+        d.backend,
+        timeout=d.timeout_s,
+        connect_timeout=d.connect_timeout_s,
+        stall_timeout=d.stall_timeout_s,
+        device=study.cfg.device,
+    ) as info:
         # 2. The main rank decides names, folders and what is left to run; the others receive the plan.
         plan, error = None, None
         if info.is_main:
@@ -480,10 +553,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         setup_logging(log_dir=out / "logs")  # every rank: logs/rank{R}.log, all runs
         if info.is_main:
-            au.write_atomic(out / "study.yaml", yaml.safe_dump(study.cfg.model_dump(mode="json"), sort_keys=False)
-                            .encode())
-            log.info("study %s: %d runs of %s (%d to run), %d rank(s) on %s; output %s", plan.name, len(plan.runs),
-                     plan.example, len(plan.todo), info.world_size, info.device, out)
+            au.write_atomic(
+                out / "study.yaml", yaml.safe_dump(study.cfg.model_dump(mode="json"), sort_keys=False).encode()
+            )
+            log.info(
+                "study %s: %d runs of %s (%d to run), %d rank(s) on %s; output %s",
+                plan.name,
+                len(plan.runs),
+                plan.example,
+                len(plan.todo),
+                info.world_size,
+                info.device,
+                out,
+            )
         channel = Channel(info, plan.nonce, d.timeout_s)
 
         # 3. Every rank trains every run, in lockstep; the main rank records each one as it ends.
@@ -491,8 +573,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             for k, index in enumerate(plan.todo, 1):
                 run = plan.runs[index]
                 heartbeat(0)
-                log.info("[%d/%d] %s: %s -> %s%s", k, len(plan.todo), run.run, au.overrides_text(run.overrides),
-                         run.dir, " (continuing from its checkpoint)" if run.resume else "")
+                log.info(
+                    "[%d/%d] %s: %s -> %s%s",
+                    k,
+                    len(plan.todo),
+                    run.run,
+                    au.overrides_text(run.overrides),
+                    run.dir,
+                    " (continuing from its checkpoint)" if run.resume else "",
+                )
                 outcome = train_run(study.example, plan, run, info, channel)
                 outcomes = channel.all_gather(f"run{index}", outcome)
                 if {o["run"] for o in outcomes} != {run.run}:
@@ -506,8 +595,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     report(record, k, len(plan.todo))
                     write_summary(plan, info.world_size)
         except StudyStopped as exc:
-            log.error("study stopped: %s. Every run recorded so far is in %s; run the same command with --resume "
-                      "to go on", exc, plan.results, main_process_only=False)
+            log.error(
+                "study stopped: %s. Every run recorded so far is in %s; run the same command with --resume to go on",
+                exc,
+                plan.results,
+                main_process_only=False,
+            )
             return 1
 
         # 4. The summary.
@@ -515,10 +608,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             table, png = write_summary(plan, info.world_size, final=True)
             print(f"\n{table}\n", flush=True)
             print(f"results: {plan.results}\nsummary: {out / 'summary.md'}", flush=True)
-            print(f"plot:    {out / 'summary.png'}" if png else
-                  "plot:    skipped: matplotlib is not installed (pip install 'ratlib[plot]')", flush=True)
-            print(f"runs:    {out}/<variant>/ (config.yaml, metrics.jsonl, checkpoints/); logs: {out / 'logs'}",
-                  flush=True)
+            print(
+                f"plot:    {out / 'summary.png'}"
+                if png
+                else "plot:    skipped: matplotlib is not installed (pip install 'ratlib[plot]')",
+                flush=True,
+            )
+            print(
+                f"runs:    {out}/<variant>/ (config.yaml, metrics.jsonl, checkpoints/); logs: {out / 'logs'}",
+                flush=True,
+            )
     return 0
 
 
@@ -526,15 +625,32 @@ def report(record: dict[str, Any], k: int, n: int) -> None:
     if record["status"] == "finished":
         value = record["final"].get(record["metric"])
         shown = f"{record['metric']} {value:.4f}" if value is not None else f"no {record['metric']!r} returned"
-        log.info("[%d/%d] %s finished in %.1f s: %s, peak memory %.2f GiB", k, n, record["run"],
-                 record["wall_time_s"], shown, record["peak_memory_max_gib"])
+        log.info(
+            "[%d/%d] %s finished in %.1f s: %s, peak memory %.2f GiB",
+            k,
+            n,
+            record["run"],
+            record["wall_time_s"],
+            shown,
+            record["peak_memory_max_gib"],
+        )
         if value is None:
-            log.warning("train() returned %s, without the main metric %r: set `metric:` in the study file",
-                        sorted(record["final"]), record["metric"])
+            log.warning(
+                "train() returned %s, without the main metric %r: set `metric:` in the study file",
+                sorted(record["final"]),
+                record["metric"],
+            )
     else:
         err = record["error"]
-        log.warning("[%d/%d] %s failed on rank %d: %s: %s (recorded; going on)", k, n, record["run"], err["rank"],
-                    err["type"], err["message"])
+        log.warning(
+            "[%d/%d] %s failed on rank %d: %s: %s (recorded; going on)",
+            k,
+            n,
+            record["run"],
+            err["rank"],
+            err["type"],
+            err["message"],
+        )
 
 
 def dry_run(study: Study, *, resume: bool, retry_failed: bool) -> int:
@@ -543,8 +659,10 @@ def dry_run(study: Study, *, resume: bool, retry_failed: bool) -> int:
         return 0
     plan = make_plan(study, resume=resume, retry_failed=retry_failed, dry=True)
     todo = set(plan.todo)
-    print(f"study {plan.name}: {len(plan.runs)} runs of {plan.example} (config {plan.config or 'defaults'}), "
-          f"main metric {plan.metric} ({plan.mode}); every config is valid")
+    print(
+        f"study {plan.name}: {len(plan.runs)} runs of {plan.example} (config {plan.config or 'defaults'}), "
+        f"main metric {plan.metric} ({plan.mode}); every config is valid"
+    )
     for run in plan.runs:
         state = ("continue" if run.resume else "run") if run.index in todo else "recorded: skip"
         print(f"  {run.index:>3}  {run.run:<40} {state:<15} {au.overrides_text(run.overrides)}")

@@ -34,8 +34,20 @@ from ratlib.hang import heartbeat
 log = get_logger(__name__)
 
 #: The 12 numbers of COCOeval.summarize(), in its order.
-STAT_NAMES = ("map", "map50", "map75", "map_small", "map_medium", "map_large",
-              "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large")
+STAT_NAMES = (
+    "map",
+    "map50",
+    "map75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,8 +62,10 @@ def _quiet_coco(annotation_file: str | os.PathLike[str]) -> Any:
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(os.fspath(annotation_file))
     except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as exc:
-        raise ValueError(f"{annotation_file}: not a COCO instances file ({type(exc).__name__}: {exc}); expected "
-                         "JSON with 'images', 'annotations' and 'categories' lists (check with `ratlib coco`)") from exc
+        raise ValueError(
+            f"{annotation_file}: not a COCO instances file ({type(exc).__name__}: {exc}); expected "
+            "JSON with 'images', 'annotations' and 'categories' lists (check with `ratlib coco`)"
+        ) from exc
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -64,9 +78,18 @@ class CocoDetection(torch.utils.data.Dataset):
     Each count is logged. ``limit`` keeps the first N images (by image id) after that filtering.
     """
 
-    def __init__(self, images: str | os.PathLike[str], annotations: str | os.PathLike[str], *, train: bool,
-                 limit: int | None = None, keep_empty: bool = False, masks: bool = False,
-                 transforms: Any = None, name: str = "") -> None:
+    def __init__(
+        self,
+        images: str | os.PathLike[str],
+        annotations: str | os.PathLike[str],
+        *,
+        train: bool,
+        limit: int | None = None,
+        keep_empty: bool = False,
+        masks: bool = False,
+        transforms: Any = None,
+        name: str = "",
+    ) -> None:
         self.images = Path(images)
         self.coco = _quiet_coco(annotations)
         self.train, self.masks, self.transforms = train, masks, transforms
@@ -100,8 +123,10 @@ class CocoDetection(torch.utils.data.Dataset):
                         degenerate_examples.append(ann["id"])
                     continue
                 if ann["category_id"] not in self.cat_to_label:
-                    raise ValueError(f"{annotations}: annotation {ann['id']} has category_id {ann['category_id']}, "
-                                     f"which is not in 'categories' ({cat_ids}); fix the export")
+                    raise ValueError(
+                        f"{annotations}: annotation {ann['id']} has category_id {ann['category_id']}, "
+                        f"which is not in 'categories' ({cat_ids}); fix the export"
+                    )
                 boxes.append([x0, y0, x1, y1])
                 labels.append(self.cat_to_label[ann["category_id"]])
                 ann_ids.append(ann["id"])
@@ -116,16 +141,32 @@ class CocoDetection(torch.utils.data.Dataset):
         if crowd:
             log.info("%s: %d crowd boxes skipped for training (iscrowd=1)", self.name, crowd)
         if degenerate:
-            log.warning("%s: dropped %d degenerate boxes (no width or height after clipping to the image), "
-                        "e.g. annotation ids %s", self.name, degenerate, degenerate_examples)
+            log.warning(
+                "%s: dropped %d degenerate boxes (no width or height after clipping to the image), "
+                "e.g. annotation ids %s",
+                self.name,
+                degenerate,
+                degenerate_examples,
+            )
         if empty:
-            log.info("%s: %d images without usable boxes left out of training (data.keep_empty=true keeps them "
-                     "as negatives)", self.name, empty)
+            log.info(
+                "%s: %d images without usable boxes left out of training (data.keep_empty=true keeps them "
+                "as negatives)",
+                self.name,
+                empty,
+            )
         if not self.ids:
-            raise ValueError(f"{annotations}: no images left for {'training' if train else 'evaluation'} "
-                             f"({empty} without usable boxes, limit={limit}); check the split and the annotations")
-        log.info("%s: %d images%s, %d classes", self.name, len(self.ids),
-                 f" (data.limit={limit} of {total})" if limit is not None and limit < total else "", len(cat_ids))
+            raise ValueError(
+                f"{annotations}: no images left for {'training' if train else 'evaluation'} "
+                f"({empty} without usable boxes, limit={limit}); check the split and the annotations"
+            )
+        log.info(
+            "%s: %d images%s, %d classes",
+            self.name,
+            len(self.ids),
+            f" (data.limit={limit} of {total})" if limit is not None and limit < total else "",
+            len(cat_ids),
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -150,20 +191,24 @@ class CocoDetection(torch.utils.data.Dataset):
             with Image.open(path) as f:
                 image = f.convert("RGB")
         except OSError as exc:
-            raise OSError(f"{self.name}: image {image_id} ({info['file_name']}) cannot be read at {path}: {exc}; "
-                          "check that the image folder matches the annotation file") from exc
+            raise OSError(
+                f"{self.name}: image {image_id} ({info['file_name']}) cannot be read at {path}: {exc}; "
+                "check that the image folder matches the annotation file"
+            ) from exc
         boxes, labels, ann_ids = self.targets[image_id]
         size = (image.height, image.width)
         target: dict[str, Any] = {
-            "boxes": tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                                              format="XYXY", canvas_size=size),
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=size
+            ),
             "labels": torch.tensor(labels, dtype=torch.int64),
             "image_id": image_id,
         }
         if self.masks:
             masks = [self.coco.annToMask(self.coco.anns[a]) for a in ann_ids]
-            target["masks"] = tv_tensors.Mask(torch.from_numpy(np.stack(masks)) if masks else
-                                              torch.zeros((0, *size), dtype=torch.uint8))
+            target["masks"] = tv_tensors.Mask(
+                torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, *size), dtype=torch.uint8)
+            )
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -212,14 +257,26 @@ class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
     uneven split) are its own images repeated, with a warning.
     """
 
-    def __init__(self, groups: Sequence[int], batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        groups: Sequence[int],
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"ShardedBatchSampler: batch_size={batch_size}, rank={rank}, world_size={world_size}; "
-                             "expected batch_size >= 1 and 0 <= rank < world_size")
+            raise ValueError(
+                f"ShardedBatchSampler: batch_size={batch_size}, rank={rank}, world_size={world_size}; "
+                "expected batch_size >= 1 and 0 <= rank < world_size"
+            )
         if len(groups) < world_size:
-            raise ValueError(f"ShardedBatchSampler: {len(groups)} training images for {world_size} ranks; every "
-                             "rank needs at least one: use more images (data.limit) or fewer ranks")
+            raise ValueError(
+                f"ShardedBatchSampler: {len(groups)} training images for {world_size} ranks; every "
+                "rank needs at least one: use more images (data.limit) or fewer ranks"
+            )
         self.groups, self.batch_size = list(groups), batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.epoch = 0
@@ -233,15 +290,24 @@ class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.groups), generator=g).tolist() if self.shuffle else list(range(len(self.groups)))
-        shard = order[self.rank::self.world_size]
+        order = (
+            torch.randperm(len(self.groups), generator=g).tolist() if self.shuffle else list(range(len(self.groups)))
+        )
+        shard = order[self.rank :: self.world_size]
         shard.sort(key=lambda i: self.groups[i])  # stable: random order within a group
         steps = len(self)
         self.repeated = max(0, steps - len(shard))
         if self.repeated:
-            log.warning("rank %d: %d images in its shard for %d steps (batch_size=%d): %d images repeated this "
-                        "epoch to keep the ranks in step", self.rank, len(shard), steps, self.batch_size,
-                        self.repeated, main_process_only=False)
+            log.warning(
+                "rank %d: %d images in its shard for %d steps (batch_size=%d): %d images repeated this "
+                "epoch to keep the ranks in step",
+                self.rank,
+                len(shard),
+                steps,
+                self.batch_size,
+                self.repeated,
+                main_process_only=False,
+            )
             shard = (shard * steps)[:steps]
         batches = _split_even(shard, steps)
         if self.shuffle:
@@ -258,8 +324,9 @@ def eval_shard(num_images: int, rank: int, world_size: int) -> list[int]:
 # Evaluation
 
 
-def to_coco_results(outputs: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int],
-                    label_to_cat: Sequence[int]) -> np.ndarray:
+def to_coco_results(
+    outputs: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int], label_to_cat: Sequence[int]
+) -> np.ndarray:
     """Model outputs as COCO results rows ``[image_id, x, y, w, h, score, category_id]`` (float64), the
     array form that ``COCO.loadRes`` reads; labels are mapped back to the file's category ids."""
     lookup = torch.tensor(label_to_cat, dtype=torch.float64)
@@ -269,9 +336,17 @@ def to_coco_results(outputs: Sequence[dict[str, torch.Tensor]], image_ids: Seque
         if boxes.numel() == 0:
             continue
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
-        rows.append(torch.cat([torch.full((len(boxes), 1), float(image_id), dtype=torch.float64), xywh,
-                               out["scores"].detach().to("cpu", torch.float64)[:, None],
-                               lookup[out["labels"].detach().cpu()][:, None]], dim=1))
+        rows.append(
+            torch.cat(
+                [
+                    torch.full((len(boxes), 1), float(image_id), dtype=torch.float64),
+                    xywh,
+                    out["scores"].detach().to("cpu", torch.float64)[:, None],
+                    lookup[out["labels"].detach().cpu()][:, None],
+                ],
+                dim=1,
+            )
+        )
     return torch.cat(rows).numpy() if rows else np.zeros((0, 7))
 
 
@@ -292,8 +367,9 @@ def merge_rank_results(per_rank: Sequence[tuple[list[int], np.ndarray]]) -> tupl
     return sorted(ids), (np.concatenate(rows) if rows else np.zeros((0, 7))), duplicates
 
 
-def coco_eval(gt: Any, results: np.ndarray, image_ids: Sequence[int], *, backend: str = "auto"
-              ) -> tuple[dict[str, float], str]:
+def coco_eval(
+    gt: Any, results: np.ndarray, image_ids: Sequence[int], *, backend: str = "auto"
+) -> tuple[dict[str, float], str]:
     """Run COCOeval (bbox) once on ``results`` for ``image_ids`` of the ground truth ``gt`` (a pycocotools
     COCO). ``backend``: "pycocotools", "faster_coco_eval", or "auto" (faster-coco-eval when installed).
     Returns the 12 standard figures by ``STAT_NAMES`` and the printed summary."""
@@ -306,10 +382,13 @@ def coco_eval(gt: Any, results: np.ndarray, image_ids: Sequence[int], *, backend
             backend = "pycocotools"
     if backend == "faster_coco_eval":
         try:
-            from faster_coco_eval import COCO, COCOeval_faster as COCOeval
+            from faster_coco_eval import COCO
+            from faster_coco_eval import COCOeval_faster as COCOeval
         except ImportError as exc:
-            raise ImportError("eval.backend='faster_coco_eval' but faster-coco-eval is not installed: "
-                              "pip install faster-coco-eval, or set eval.backend=pycocotools") from exc
+            raise ImportError(
+                "eval.backend='faster_coco_eval' but faster-coco-eval is not installed: "
+                "pip install faster-coco-eval, or set eval.backend=pycocotools"
+            ) from exc
         with contextlib.redirect_stdout(io.StringIO()):
             gt = COCO(gt.dataset)
     elif backend == "pycocotools":
@@ -319,13 +398,26 @@ def coco_eval(gt: Any, results: np.ndarray, image_ids: Sequence[int], *, backend
         raise ValueError(f"coco_eval: backend={backend!r}; expected 'auto', 'pycocotools' or 'faster_coco_eval'")
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         if len(results):
-            dt = gt.loadRes(results if backend == "pycocotools" else [
-                {"image_id": int(r[0]), "bbox": [float(v) for v in r[1:5]], "score": float(r[5]),
-                 "category_id": int(r[6])} for r in results])
+            dt = gt.loadRes(
+                results
+                if backend == "pycocotools"
+                else [
+                    {
+                        "image_id": int(r[0]),
+                        "bbox": [float(v) for v in r[1:5]],
+                        "score": float(r[5]),
+                        "category_id": int(r[6]),
+                    }
+                    for r in results
+                ]
+            )
         else:  # loadRes cannot take an empty list: an empty result set scores 0
             dt = COCO()
-            dt.dataset = {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]),
-                          "annotations": []}
+            dt.dataset = {
+                "images": list(gt.dataset["images"]),
+                "categories": list(gt.dataset["categories"]),
+                "annotations": [],
+            }
             dt.createIndex()
         evaluator = COCOeval(gt, dt, "bbox")
         evaluator.params.imgIds = list(image_ids)
@@ -338,8 +430,13 @@ def coco_eval(gt: Any, results: np.ndarray, image_ids: Sequence[int], *, backend
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Any, label_to_cat: Sequence[int], device: torch.device,
-            autocast: Any = contextlib.nullcontext) -> tuple[list[int], np.ndarray]:
+def predict(
+    model: nn.Module,
+    loader: Any,
+    label_to_cat: Sequence[int],
+    device: torch.device,
+    autocast: Any = contextlib.nullcontext,
+) -> tuple[list[int], np.ndarray]:
     """This rank's predictions on its loader, as ``(image ids, COCO results rows)``."""
     model.eval()
     ids: list[int] = []
@@ -354,8 +451,16 @@ def predict(model: nn.Module, loader: Any, label_to_cat: Sequence[int], device: 
     return ids, (np.concatenate(rows) if rows else np.zeros((0, 7)))
 
 
-def evaluate(model: nn.Module, loader: Any, dataset: CocoDetection, device: torch.device, *, is_main: bool,
-             autocast: Any = contextlib.nullcontext, backend: str = "auto") -> dict[str, float] | None:
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    dataset: CocoDetection,
+    device: torch.device,
+    *,
+    is_main: bool,
+    autocast: Any = contextlib.nullcontext,
+    backend: str = "auto",
+) -> dict[str, float] | None:
     """Distributed COCO evaluation of ``dataset`` (whose shard for this rank ``loader`` yields).
 
     Every rank predicts on its shard and joins one gather of ``(image ids, results array)``; the main
@@ -372,16 +477,25 @@ def evaluate(model: nn.Module, loader: Any, dataset: CocoDetection, device: torc
     image_ids, results, duplicates = merge_rank_results(per_rank)
     missing = sorted(set(dataset.ids) - set(image_ids))
     if missing:
-        raise RuntimeError(f"evaluation of {dataset.name}: {len(missing)} of {len(dataset)} images were predicted "
-                           f"by no rank (e.g. {missing[:5]}); the evaluation loaders must cover the split "
-                           "(see eval_shard)")
+        raise RuntimeError(
+            f"evaluation of {dataset.name}: {len(missing)} of {len(dataset)} images were predicted "
+            f"by no rank (e.g. {missing[:5]}); the evaluation loaders must cover the split "
+            "(see eval_shard)"
+        )
     if duplicates:
         log.info("evaluation: %d duplicate predictions (sampler padding) dropped by image id", duplicates)
     metrics, summary = coco_eval(dataset.coco, results, image_ids, backend=backend)
-    log.info("COCO bbox evaluation of %s: %d images, %d detections, gathered from %d rank(s)\n%s", dataset.name,
-             len(image_ids), len(results), len(per_rank), summary.rstrip())
-    metrics.update(eval_images=float(len(image_ids)), eval_duplicates=float(duplicates),
-                   eval_time_s=time.perf_counter() - start)
+    log.info(
+        "COCO bbox evaluation of %s: %d images, %d detections, gathered from %d rank(s)\n%s",
+        dataset.name,
+        len(image_ids),
+        len(results),
+        len(per_rank),
+        summary.rstrip(),
+    )
+    metrics.update(
+        eval_images=float(len(image_ids)), eval_duplicates=float(duplicates), eval_time_s=time.perf_counter() - start
+    )
     return metrics
 
 
@@ -394,8 +508,14 @@ class TinyBackbone(nn.Sequential):
 
     def __init__(self, width: int = 32) -> None:
         def stage(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                                 nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, 2, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            )
 
         super().__init__(stage(3, width // 2), stage(width // 2, width), stage(width, 2 * width))
         self.out_channels = 2 * width
@@ -412,8 +532,12 @@ def fasterrcnn_tiny(num_classes: int, *, width: int = 32, **kwargs: Any) -> nn.M
     backbone = TinyBackbone(width)
     kwargs.setdefault("box_batch_size_per_image", 128)
     kwargs.setdefault("rpn_batch_size_per_image", 128)
-    return FasterRCNN(backbone, num_classes=None,
-                      rpn_anchor_generator=AnchorGenerator(((16, 32, 64),), ((0.5, 1.0, 2.0),)),
-                      box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
-                      box_head=TwoMLPHead(backbone.out_channels * 49, 256),
-                      box_predictor=FastRCNNPredictor(256, num_classes), **kwargs)
+    return FasterRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=AnchorGenerator(((16, 32, 64),), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
+        box_head=TwoMLPHead(backbone.out_channels * 49, 256),
+        box_predictor=FastRCNNPredictor(256, num_classes),
+        **kwargs,
+    )

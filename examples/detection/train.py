@@ -36,15 +36,16 @@ from ratlib import (
     ConfigError,
     DistInfo,
     ExperimentConfig,
-    barrier,
     broadcast_object,
     check_config,
+    checkpoint,
     distributed,
     dump_config,
     gather_object,
     get_logger,
     load_config,
     main_process_first,
+    memory,
     progress,
     reduce_dict,
     resolve_coco,
@@ -52,7 +53,6 @@ from ratlib import (
     to_deepspeed_config,
 )
 from ratlib.config_defaults import DataConfig, ModelConfig
-from ratlib import checkpoint, memory
 from ratlib.hang import heartbeat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # detection_utils.py sits beside this file
@@ -131,8 +131,14 @@ def resolve_splits(cfg: DetectionConfig, run_dir: Path) -> tuple[Any, Any]:
                 try:
                     resolve_coco(root, split, layout=layout)
                 except CocoPathError:
-                    ratlib.synthetic.make_coco_detection(root, split, num_images=n, layout=layout, seed=d.synthetic.seed,
-                                                         image_size=d.synthetic.image_size)
+                    ratlib.synthetic.make_coco_detection(
+                        root,
+                        split,
+                        num_images=n,
+                        layout=layout,
+                        seed=d.synthetic.seed,
+                        image_size=d.synthetic.image_size,
+                    )
                     log.info("wrote a synthetic COCO %s split (%d images) under %s", split, n, root)
     out = []
     for key, split in (("train_split", d.train_split), ("val_split", d.val_split)):
@@ -148,23 +154,42 @@ def resolve_splits(cfg: DetectionConfig, run_dir: Path) -> tuple[Any, Any]:
 def build_datasets(cfg: DetectionConfig, run_dir: Path, masks: bool) -> tuple[du.CocoDetection, du.CocoDetection]:
     train_paths, val_paths = resolve_splits(cfg, run_dir)
     log.info("data: train %s, val %s (%s layout)", train_paths.annotations, val_paths.annotations, train_paths.layout)
-    train_set = du.CocoDetection(train_paths.images, train_paths.annotations, train=True, limit=cfg.data.limit,
-                                 keep_empty=cfg.data.keep_empty, masks=masks, transforms=du.make_transforms(True),
-                                 name=str(train_paths.split))
-    val_set = du.CocoDetection(val_paths.images, val_paths.annotations, train=False, limit=cfg.data.limit,
-                               transforms=du.make_transforms(False), name=str(val_paths.split))
+    train_set = du.CocoDetection(
+        train_paths.images,
+        train_paths.annotations,
+        train=True,
+        limit=cfg.data.limit,
+        keep_empty=cfg.data.keep_empty,
+        masks=masks,
+        transforms=du.make_transforms(True),
+        name=str(train_paths.split),
+    )
+    val_set = du.CocoDetection(
+        val_paths.images,
+        val_paths.annotations,
+        train=False,
+        limit=cfg.data.limit,
+        transforms=du.make_transforms(False),
+        name=str(val_paths.split),
+    )
     if val_set.label_to_cat != train_set.label_to_cat:
-        raise UsageError(f"the categories differ between {train_paths.annotations} ({train_set.label_to_cat[1:]}) "
-                         f"and {val_paths.annotations} ({val_set.label_to_cat[1:]}); both splits need the same list")
+        raise UsageError(
+            f"the categories differ between {train_paths.annotations} ({train_set.label_to_cat[1:]}) "
+            f"and {val_paths.annotations} ({val_set.label_to_cat[1:]}); both splits need the same list"
+        )
     return train_set, val_set
 
 
 def eval_loader(cfg: DetectionConfig, val_set: du.CocoDetection, info: DistInfo) -> torch.utils.data.DataLoader:
     """This rank's shard of the validation set, each image on exactly one rank (no padding)."""
     shard = torch.utils.data.Subset(val_set, du.eval_shard(len(val_set), info.rank, info.world_size))
-    return torch.utils.data.DataLoader(shard, batch_size=cfg.eval.batch_size or cfg.training.batch_size,
-                                       num_workers=cfg.data.num_workers, collate_fn=du.collate,
-                                       pin_memory=info.device.type == "cuda")
+    return torch.utils.data.DataLoader(
+        shard,
+        batch_size=cfg.eval.batch_size or cfg.training.batch_size,
+        num_workers=cfg.data.num_workers,
+        collate_fn=du.collate,
+        pin_memory=info.device.type == "cuda",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,8 +201,14 @@ def model_names() -> list[str]:
     other targets or fixed sizes) and ``fasterrcnn_tiny``."""
     import torchvision
 
-    return sorted([n for n in torchvision.models.list_models(module=torchvision.models.detection)
-                   if not n.startswith(("keypointrcnn", "ssd"))] + ["fasterrcnn_tiny"])
+    return sorted(
+        [
+            n
+            for n in torchvision.models.list_models(module=torchvision.models.detection)
+            if not n.startswith(("keypointrcnn", "ssd"))
+        ]
+        + ["fasterrcnn_tiny"]
+    )
 
 
 def check_model_name(name: str) -> None:
@@ -185,8 +216,10 @@ def check_model_name(name: str) -> None:
         import difflib
 
         close = difflib.get_close_matches(name, model_names(), n=3)
-        raise UsageError(f"model.name={name!r} is not a detection model this example builds; expected one of "
-                         f"{', '.join(model_names())}" + (f" (closest: {', '.join(close)})" if close else ""))
+        raise UsageError(
+            f"model.name={name!r} is not a detection model this example builds; expected one of "
+            f"{', '.join(model_names())}" + (f" (closest: {', '.join(close)})" if close else "")
+        )
 
 
 def build_model(m: DetectionModel, num_classes: int) -> nn.Module:
@@ -206,8 +239,9 @@ def build_model(m: DetectionModel, num_classes: int) -> nn.Module:
         backbone = None
         if m.backbone_weights is not None and not _is_path(m.backbone_weights):
             backbone = m.backbone_weights  # a torchvision weights name: torchvision downloads or reads its cache
-        model = torchvision.models.get_model(m.name, weights=None, weights_backbone=backbone,
-                                             num_classes=num_classes, **kwargs)
+        model = torchvision.models.get_model(
+            m.name, weights=None, weights_backbone=backbone, num_classes=num_classes, **kwargs
+        )
         if m.backbone_weights is not None and backbone is None:
             _load_local(model.backbone.body, m.backbone_weights, "model.backbone_weights")
     if m.weights is not None:
@@ -216,8 +250,9 @@ def build_model(m: DetectionModel, num_classes: int) -> nn.Module:
 
 
 def _is_path(value: str) -> bool:
-    return "/" in value or "\\" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors")) \
-        or Path(value).exists()
+    return (
+        "/" in value or "\\" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(value).exists()
+    )
 
 
 def _load_local(module: nn.Module, path: str, key: str) -> None:
@@ -231,17 +266,25 @@ def _load_local(module: nn.Module, path: str, key: str) -> None:
     own = module.state_dict()
     best: dict[str, torch.Tensor] = {}
     for prefix in ("", "module.", "features.", "backbone.body.", "backbone."):
-        cand = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in own}
+        cand = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix) :] in own}
         if len(cand) > len(best):
             best = cand
     fits = {k: v for k, v in best.items() if v.shape == own[k].shape}
     skipped = sorted(set(best) - set(fits))
     if not fits:
-        raise UsageError(f"{key}={path!r}: none of its {len(state)} tensors match the model's names; is it a "
-                         f"state_dict for this architecture? (e.g. its keys: {list(state)[:3]})")
+        raise UsageError(
+            f"{key}={path!r}: none of its {len(state)} tensors match the model's names; is it a "
+            f"state_dict for this architecture? (e.g. its keys: {list(state)[:3]})"
+        )
     module.load_state_dict(fits, strict=False)
-    log.info("%s: loaded %d of %d tensors from %s%s", key, len(fits), len(own), file,
-             f"; skipped {len(skipped)} with another shape: {skipped[:4]}" if skipped else "")
+    log.info(
+        "%s: loaded %d of %d tensors from %s%s",
+        key,
+        len(fits),
+        len(own),
+        file,
+        f"; skipped {len(skipped)} with another shape: {skipped[:4]}" if skipped else "",
+    )
 
 
 def lr_lambda(step: int, cfg: DetectionConfig, steps_per_epoch: int, total_steps: int) -> float:
@@ -310,10 +353,21 @@ def write_metrics(run_dir: Path, record: dict[str, Any], info: DistInfo) -> None
 # Training
 
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any,
-                    device: torch.device, cfg: DetectionConfig, *, epoch: int, step: int, max_steps: int | None,
-                    autocast: Callable[[], Any], scaler: Any = None, engine: Any = None
-                    ) -> tuple[int, dict[str, float], list[int]]:
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loader: Any,
+    device: torch.device,
+    cfg: DetectionConfig,
+    *,
+    epoch: int,
+    step: int,
+    max_steps: int | None,
+    autocast: Callable[[], Any],
+    scaler: Any = None,
+    engine: Any = None,
+) -> tuple[int, dict[str, float], list[int]]:
     """One pass over this rank's batches; returns the optimiser step reached, this rank's mean losses and
     the image ids it trained on. Stops early at ``max_steps``."""
     t = cfg.training
@@ -327,8 +381,10 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     start = time.perf_counter()
     for i, (images, targets) in enumerate(progress(loader, desc=f"epoch {epoch}", leave=False)):
         images = [img.to(device, non_blocking=True) for img in images]
-        targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in tg.items()}
-                   for tg in targets]
+        targets = [
+            {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in tg.items()}
+            for tg in targets
+        ]
         image_ids += [tg["image_id"] for tg in targets]
         boundary = (i + 1) % accum == 0 or i + 1 == batches
         no_sync = model.no_sync() if ddp and not boundary else contextlib.nullcontext()
@@ -370,11 +426,19 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
             value = loss.item()  # a device sync, only every log_every steps
             if not math.isfinite(value):
                 raise FloatingPointError(
-                    f"epoch {epoch}, step {step}: the loss is {value} ({ {k: v.item() for k, v in loss_dict.items()} }); "
+                    f"epoch {epoch}, step {step}: the loss is {value} "
+                    f"({ {k: v.item() for k, v in loss_dict.items()} }); "
                     f"lower training.optimizer.lr (now {t.optimizer.lr}), keep training.gradient_clip on, or add "
-                    "training.scheduler.warmup_epochs")
-            log.info("epoch %d step %d: loss %.4f lr %.3g (%.2f s/step)", epoch, step, value,
-                     optimizer.param_groups[0]["lr"], (time.perf_counter() - start) / (i + 1) * accum)
+                    "training.scheduler.warmup_epochs"
+                )
+            log.info(
+                "epoch %d step %d: loss %.4f lr %.3g (%.2f s/step)",
+                epoch,
+                step,
+                value,
+                optimizer.param_groups[0]["lr"],
+                (time.perf_counter() - start) / (i + 1) * accum,
+            )
         if max_steps is not None and step >= max_steps:
             break
     return step, {k: float(v) / max(1, done) for k, v in sums.items()}, image_ids
@@ -389,8 +453,9 @@ def autocast_for(cfg: DetectionConfig, device: torch.device) -> Callable[[], Any
     return partial(torch.autocast, "cuda", dtype=dtype)
 
 
-def train(cfg: DetectionConfig, *, run_dir: str | Path | None = None, resume: bool = False,
-          info: DistInfo | None = None) -> dict[str, float]:
+def train(
+    cfg: DetectionConfig, *, run_dir: str | Path | None = None, resume: bool = False, info: DistInfo | None = None
+) -> dict[str, float]:
     """Train and evaluate on an already-initialised process group (or a single process); returns the
     final validation metrics (``map``, ``map50``, ... as ``du.STAT_NAMES``) on every rank.
 
@@ -411,15 +476,23 @@ def train(cfg: DetectionConfig, *, run_dir: str | Path | None = None, resume: bo
     # Data: each rank trains on its share of every epoch's images and predicts on its shard of val.
     masks = cfg.model.name.startswith("maskrcnn")
     train_set, val_set = build_datasets(cfg, run_dir, masks)
-    sampler = du.ShardedBatchSampler(train_set.aspect_groups(), t.batch_size, rank=info.rank, world_size=info.world_size, seed=t.seed)
+    sampler = du.ShardedBatchSampler(
+        train_set.aspect_groups(), t.batch_size, rank=info.rank, world_size=info.world_size, seed=t.seed
+    )
     cuda = device.type == "cuda"
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                               collate_fn=du.collate, pin_memory=cuda,
-                                               persistent_workers=cfg.data.num_workers > 0)
+    train_loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=du.collate,
+        pin_memory=cuda,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
     val_loader = eval_loader(cfg, val_set, info)
     steps_per_epoch = math.ceil(len(sampler) / t.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps,
-                                                                                 steps_per_epoch * t.num_epochs)
+    total_steps = (
+        steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
+    )
 
     # Model, precision, optimizer, schedule; DDP or DeepSpeed.
     model = build_model(cfg.model, train_set.num_classes).to(device)
@@ -435,31 +508,50 @@ def train(cfg: DetectionConfig, *, run_dir: str | Path | None = None, resume: bo
         log.info("training.mixed_precision=%s is off on %s (autocast on CPU is slow)", t.mixed_precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and not t.deepspeed.enabled else None
     params = [p for p in model.parameters() if p.requires_grad]
-    log.info("model %s: %.2fM parameters (%.2fM trainable), %d classes; %d ranks x batch %d x accumulation %d = "
-             "global batch %d; %d optimiser steps per epoch, %d in all; device %s%s", cfg.model.name,
-             sum(p.numel() for p in model.parameters()) / 1e6, sum(p.numel() for p in params) / 1e6,
-             train_set.num_classes - 1, info.world_size, t.batch_size, t.gradient_accumulation_steps,
-             info.world_size * t.batch_size * t.gradient_accumulation_steps, steps_per_epoch, total_steps, device,
-             f", {amp}" if amp else "")
+    log.info(
+        "model %s: %.2fM parameters (%.2fM trainable), %d classes; %d ranks x batch %d x accumulation %d = "
+        "global batch %d; %d optimiser steps per epoch, %d in all; device %s%s",
+        cfg.model.name,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(p.numel() for p in params) / 1e6,
+        train_set.num_classes - 1,
+        info.world_size,
+        t.batch_size,
+        t.gradient_accumulation_steps,
+        info.world_size * t.batch_size * t.gradient_accumulation_steps,
+        steps_per_epoch,
+        total_steps,
+        device,
+        f", {amp}" if amp else "",
+    )
     engine = None
     if t.deepspeed.enabled:
         try:
             import deepspeed
         except ImportError:
-            raise UsageError("training.deepspeed.enabled=true, but DeepSpeed is not installed: pip install "
-                             "'ratlib[deepspeed]' (needs CUDA and a compiler), or set training.deepspeed.enabled=false"
-                             ) from None
+            raise UsageError(
+                "training.deepspeed.enabled=true, but DeepSpeed is not installed: pip install "
+                "'ratlib[deepspeed]' (needs CUDA and a compiler), or set training.deepspeed.enabled=false"
+            ) from None
         ds_config = to_deepspeed_config(cfg, info.world_size, steps_per_epoch=steps_per_epoch, device=device.type)
-        scheduler_fn = None if "scheduler" in ds_config else (
-            lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, partial(lr_lambda, cfg=cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)))
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
-                                                               lr_scheduler=scheduler_fn)
+        scheduler_fn = (
+            None
+            if "scheduler" in ds_config
+            else (
+                lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                    opt, partial(lr_lambda, cfg=cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+                )
+            )
+        )
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, config=ds_config, lr_scheduler=scheduler_fn
+        )
         train_model, eval_model = engine, engine.module
     else:
         optimizer = make_optimizer(cfg, params, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, partial(lr_lambda, cfg=cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps))
+            optimizer, partial(lr_lambda, cfg=cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        )
         train_model = model
         if info.world_size > 1:
             train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
@@ -483,17 +575,20 @@ def train(cfg: DetectionConfig, *, run_dir: str | Path | None = None, resume: bo
                 tag = f"epoch{state['epoch']:04d}"
                 loaded, _ = engine.load_checkpoint(str(run_dir / "checkpoints" / "deepspeed"), tag=tag)
                 if loaded is None:
-                    raise UsageError(f"--resume: {path} has no DeepSpeed checkpoint {tag} beside it under "
-                                     f"{run_dir / 'checkpoints' / 'deepspeed'}; resume with the same "
-                                     "training.deepspeed.enabled as the run that wrote it")
+                    raise UsageError(
+                        f"--resume: {path} has no DeepSpeed checkpoint {tag} beside it under "
+                        f"{run_dir / 'checkpoints' / 'deepspeed'}; resume with the same "
+                        "training.deepspeed.enabled as the run that wrote it"
+                    )
             start_epoch, step = state["epoch"] + 1, state["step"]
             if state.get("rng"):
                 checkpoint.set_rng_state(state["rng"])
             log.info("resumed from %s: epoch %d done, step %d", path, state["epoch"], step)
 
     def run_eval() -> dict[str, float]:
-        metrics = du.evaluate(eval_model, val_loader, val_set, device, is_main=info.is_main, autocast=autocast,
-                              backend=cfg.eval.backend)
+        metrics = du.evaluate(
+            eval_model, val_loader, val_set, device, is_main=info.is_main, autocast=autocast, backend=cfg.eval.backend
+        )
         return broadcast_object(metrics)
 
     metrics: dict[str, float] = {}
@@ -504,9 +599,20 @@ def train(cfg: DetectionConfig, *, run_dir: str | Path | None = None, resume: bo
         sampler.set_epoch(epoch)
         memory.reset_peak_memory(device)  # per-epoch peaks, on every rank
         epoch_start = time.perf_counter()
-        step, losses, seen = train_one_epoch(train_model, optimizer, scheduler, train_loader, device, cfg, epoch=epoch,
-                                             step=step, max_steps=t.max_steps, autocast=autocast, scaler=scaler,
-                                             engine=engine)
+        step, losses, seen = train_one_epoch(
+            train_model,
+            optimizer,
+            scheduler,
+            train_loader,
+            device,
+            cfg,
+            epoch=epoch,
+            step=step,
+            max_steps=t.max_steps,
+            autocast=autocast,
+            scaler=scaler,
+            engine=engine,
+        )
         train_time = time.perf_counter() - epoch_start
         sync_buffers(model)
         losses = reduce_dict(losses)  # mean over ranks
@@ -515,27 +621,55 @@ def train(cfg: DetectionConfig, *, run_dir: str | Path | None = None, resume: bo
         metrics = run_eval() if stopping or (epoch + 1) % cfg.eval.every_epochs == 0 else {}
 
         mem = memory.memory_report(device, warn_fraction=t.memory_warning_fraction)  # every rank's peak, gathered
-        record: dict[str, Any] = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                                  **{f"train_{k}": v for k, v in losses.items()}, **metrics, **mem.to_metrics()}
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "step": step,
+            "lr": optimizer.param_groups[0]["lr"],
+            **{f"train_{k}": v for k, v in losses.items()},
+            **metrics,
+            **mem.to_metrics(),
+        }
         if info.is_main:
             assert seen_by_rank is not None
             images = [i for rank_ids in seen_by_rank for i in rank_ids]
-            record.update(train_images=len(images), train_unique_images=len(set(images)),
-                          train_time_s=train_time, images_per_s=len(images) / train_time)
-            log.info("epoch %d done: step %d, loss %.4f, map %s, map50 %s, %d images (%d unique) at %.1f images/s",
-                     epoch, step, record["train_loss"], *(f"{metrics[k]:.4f}" if metrics else "-" for k in
-                                                          ("map", "map50")),
-                     len(images), len(set(images)), record["images_per_s"])
+            record.update(
+                train_images=len(images),
+                train_unique_images=len(set(images)),
+                train_time_s=train_time,
+                images_per_s=len(images) / train_time,
+            )
+            log.info(
+                "epoch %d done: step %d, loss %.4f, map %s, map50 %s, %d images (%d unique) at %.1f images/s",
+                epoch,
+                step,
+                record["train_loss"],
+                *(f"{metrics[k]:.4f}" if metrics else "-" for k in ("map", "map50")),
+                len(images),
+                len(set(images)),
+                record["images_per_s"],
+            )
         write_metrics(run_dir, record, info)
         if engine is not None:
-            engine.save_checkpoint(str(run_dir / "checkpoints" / "deepspeed"), tag=f"epoch{epoch:04d}",
-                                   client_state={"epoch": epoch, "step": step})
-        save_checkpoint(run_dir, {"model": model.state_dict(),
-                                  "optimizer": optimizer.state_dict() if engine is None else None,
-                                  "scheduler": scheduler.state_dict() if engine is None else None,
-                                  "scaler": scaler.state_dict() if scaler is not None else None,
-                                  "epoch": epoch, "step": step, "metrics": metrics, "rng": checkpoint.rng_state(),
-                                  "config": cfg.model_dump(mode="json")}, info)
+            engine.save_checkpoint(
+                str(run_dir / "checkpoints" / "deepspeed"),
+                tag=f"epoch{epoch:04d}",
+                client_state={"epoch": epoch, "step": step},
+            )
+        save_checkpoint(
+            run_dir,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict() if engine is None else None,
+                "scheduler": scheduler.state_dict() if engine is None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch,
+                "step": step,
+                "metrics": metrics,
+                "rng": checkpoint.rng_state(),
+                "config": cfg.model_dump(mode="json"),
+            },
+            info,
+        )
         if stopping:
             break
     if not metrics:  # nothing left to train (a finished run resumed): evaluate what was loaded
@@ -543,22 +677,36 @@ def train(cfg: DetectionConfig, *, run_dir: str | Path | None = None, resume: bo
     return metrics
 
 
-def evaluate_checkpoint(cfg: DetectionConfig, checkpoint: str | Path | None = None, *,
-                        run_dir: str | Path | None = None, info: DistInfo | None = None) -> dict[str, float]:
+def evaluate_checkpoint(
+    cfg: DetectionConfig,
+    checkpoint: str | Path | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    info: DistInfo | None = None,
+) -> dict[str, float]:
     """``--eval-only``: COCO evaluation of a checkpoint (default: the run folder's latest) on the val split;
     the figures also go to ``run_dir/eval.json``."""
     info = info or ratlib.init_distributed()
     run_dir = Path(run_dir if run_dir is not None else cfg.output_dir)
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if path is None or not path.is_file():
-        raise UsageError(f"--eval-only: checkpoint {str(path) if path else run_dir / 'checkpoints/epoch*.pt'} not "
-                         "found; pass --checkpoint PATH or the output_dir of a finished run")
+        raise UsageError(
+            f"--eval-only: checkpoint {str(path) if path else run_dir / 'checkpoints/epoch*.pt'} not "
+            "found; pass --checkpoint PATH or the output_dir of a finished run"
+        )
     _, val_set = build_datasets(cfg, run_dir, masks=False)
     model = build_model(cfg.model, val_set.num_classes).to(info.device)
     model.load_state_dict(load_checkpoint(path)["model"])
     log.info("evaluating %s", path)
-    metrics = du.evaluate(model, eval_loader(cfg, val_set, info), val_set, info.device, is_main=info.is_main,
-                          autocast=autocast_for(cfg, info.device), backend=cfg.eval.backend)
+    metrics = du.evaluate(
+        model,
+        eval_loader(cfg, val_set, info),
+        val_set,
+        info.device,
+        is_main=info.is_main,
+        autocast=autocast_for(cfg, info.device),
+        backend=cfg.eval.backend,
+    )
     if info.is_main:
         (run_dir / "eval.json").write_text(json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")
     return broadcast_object(metrics)
@@ -587,8 +735,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(cfg.output_dir)
     setup_logging(log_dir=run_dir / "logs")
     d = cfg.distributed
-    with distributed(d.backend, timeout=d.timeout_s, connect_timeout=d.connect_timeout_s,
-                     stall_timeout=d.stall_timeout_s) as info:
+    with distributed(
+        d.backend, timeout=d.timeout_s, connect_timeout=d.connect_timeout_s, stall_timeout=d.stall_timeout_s
+    ) as info:
         try:
             if args.eval_only:
                 metrics = evaluate_checkpoint(cfg, args.checkpoint, run_dir=run_dir, info=info)

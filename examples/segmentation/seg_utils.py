@@ -72,9 +72,12 @@ def read_task(root: str | os.PathLike[str]) -> Task:
     path = root / "dataset.json"
     if not path.is_file():
         near = sorted(p.parent.name for p in root.glob("*/dataset.json")) if root.is_dir() else []
-        hint = (f"; these folders under it are tasks: {', '.join(near[:5])} (set data.root to one of them)" if near
-                else "; data.root is the task folder (e.g. /data/Task09_Spleen) that holds dataset.json, imagesTr/ "
-                     "and labelsTr/")
+        hint = (
+            f"; these folders under it are tasks: {', '.join(near[:5])} (set data.root to one of them)"
+            if near
+            else "; data.root is the task folder (e.g. /data/Task09_Spleen) that holds dataset.json, imagesTr/ "
+            "and labelsTr/"
+        )
         raise TaskError(f"{path} not found{hint}")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -82,14 +85,17 @@ def read_task(root: str | os.PathLike[str]) -> Task:
         raise TaskError(f"{path}: cannot be read as JSON ({exc}); restore the task's dataset.json") from None
     problems = [k for k in ("labels", "modality", "training") if not isinstance(meta.get(k), (dict, list))]
     if problems:
-        raise TaskError(f"{path}: no {', '.join(problems)} entr{'ies' if len(problems) > 1 else 'y'}; a Decathlon "
-                        "dataset.json has 'modality', 'labels' and 'training' (a list of image/label pairs)")
+        raise TaskError(
+            f"{path}: no {', '.join(problems)} entr{'ies' if len(problems) > 1 else 'y'}; a Decathlon "
+            "dataset.json has 'modality', 'labels' and 'training' (a list of image/label pairs)"
+        )
     try:
         labels = {int(k): str(v) for k, v in meta["labels"].items()}
         modalities = [str(meta["modality"][k]) for k in sorted(meta["modality"], key=int)]
     except (AttributeError, ValueError):
-        raise TaskError(f"{path}: 'labels' and 'modality' must map numbers to names, e.g. "
-                        "{\"0\": \"background\", \"1\": \"spleen\"}") from None
+        raise TaskError(
+            f'{path}: \'labels\' and \'modality\' must map numbers to names, e.g. {{"0": "background", "1": "spleen"}}'
+        ) from None
     if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
         raise TaskError(f"{path}: labels {sorted(labels)}; expected 0 (background), 1, ... without gaps")
     cases, missing = [], []
@@ -100,12 +106,19 @@ def read_task(root: str | os.PathLike[str]) -> Task:
         missing += [str(p) for p in (image, label) if not p.is_file()]
         cases.append(Case(image.name.removesuffix(".gz").removesuffix(".nii"), image, label))
     if missing:
-        raise TaskError(f"{path} lists {len(missing)} file(s) that do not exist, e.g. {missing[0]}; extract the "
-                        "whole task archive (imagesTr/ and labelsTr/) next to dataset.json")
+        raise TaskError(
+            f"{path} lists {len(missing)} file(s) that do not exist, e.g. {missing[0]}; extract the "
+            "whole task archive (imagesTr/ and labelsTr/) next to dataset.json"
+        )
     if not cases:
         raise TaskError(f"{path}: 'training' is empty; a task needs labelled cases to train on")
-    return Task(root, str(meta.get("name", root.name)), modalities, [labels[i] for i in range(len(labels))],
-                sorted(cases, key=lambda c: c.name))
+    return Task(
+        root,
+        str(meta.get("name", root.name)),
+        modalities,
+        [labels[i] for i in range(len(labels))],
+        sorted(cases, key=lambda c: c.name),
+    )
 
 
 def split_cases(cases: Sequence[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
@@ -149,38 +162,48 @@ def _load_case(case: Case, num_classes: int, num_modalities: int) -> tuple[np.nd
         image = np.asarray(image_nii.dataobj, dtype=np.float32)
         label = np.asarray(label_nii.dataobj)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a damaged file
-        raise TaskError(f"case {case.name}: cannot read {case.image} / {case.label} ({type(exc).__name__}: {exc}); "
-                        "re-extract the task") from exc
+        raise TaskError(
+            f"case {case.name}: cannot read {case.image} / {case.label} ({type(exc).__name__}: {exc}); "
+            "re-extract the task"
+        ) from exc
     image = image[None] if image.ndim == 3 else np.moveaxis(image, -1, 0)  # 4D: modality is the last axis
     if image.shape[0] != num_modalities or image.shape[1:] != label.shape:
-        raise TaskError(f"case {case.name}: image {case.image} has shape {image_nii.shape}, label {case.label} "
-                        f"{label.shape}; expected the same voxels and {num_modalities} modality channel(s) as "
-                        "dataset.json's 'modality' lists")
+        raise TaskError(
+            f"case {case.name}: image {case.image} has shape {image_nii.shape}, label {case.label} "
+            f"{label.shape}; expected the same voxels and {num_modalities} modality channel(s) as "
+            "dataset.json's 'modality' lists"
+        )
     if not np.allclose(image_nii.affine, label_nii.affine, atol=1e-3):
         log.warning("case %s: the image and label affines differ; the voxels are used as they are", case.name)
     values = np.unique(label)
     if values.min() < 0 or values.max() >= num_classes or not np.all(values == np.round(values)):
-        raise TaskError(f"case {case.name}: label values {values.tolist()[:10]} in {case.label}; dataset.json's "
-                        f"'labels' allows 0 to {num_classes - 1}")
+        raise TaskError(
+            f"case {case.name}: label values {values.tolist()[:10]} in {case.label}; dataset.json's "
+            f"'labels' allows 0 to {num_classes - 1}"
+        )
     return image, label.astype(np.uint8)
 
 
-def preprocess(case: Case, cache_dir: Path, num_classes: int, num_modalities: int, mode: str,
-               window: Sequence[float]) -> tuple[Path, Path]:
+def preprocess(
+    case: Case, cache_dir: Path, num_classes: int, num_modalities: int, mode: str, window: Sequence[float]
+) -> tuple[Path, Path]:
     """The case's cached ``.npy`` files (image ``(Z, C, X, Y)`` float32, label ``(Z, X, Y)`` uint8):
     written once (atomically) when missing; the name holds a hash of the source files and settings, so
     a changed file or setting makes a new cache entry instead of reading a stale one."""
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (case.image, case.label)]
-    key = hashlib.sha1(json.dumps([CACHE_VERSION, stats, mode, list(window) if mode == "window" else None]).encode()
-                       ).hexdigest()[:12]
+    key = hashlib.sha1(
+        json.dumps([CACHE_VERSION, stats, mode, list(window) if mode == "window" else None]).encode()
+    ).hexdigest()[:12]
     image_path, label_path = cache_dir / f"{case.name}-{key}.image.npy", cache_dir / f"{case.name}-{key}.label.npy"
     if image_path.is_file() and label_path.is_file():
         return image_path, label_path
     image, label = _load_case(case, num_classes, num_modalities)
     image = normalise(image, mode, window)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for path, array in ((image_path, np.ascontiguousarray(np.moveaxis(image, -1, 0))),
-                        (label_path, np.ascontiguousarray(np.moveaxis(label, -1, 0)))):
+    for path, array in (
+        (image_path, np.ascontiguousarray(np.moveaxis(image, -1, 0))),
+        (label_path, np.ascontiguousarray(np.moveaxis(label, -1, 0))),
+    ):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         with open(tmp, "wb") as f:
             np.save(f, array)
@@ -204,9 +227,17 @@ class SliceDataset(torch.utils.data.Dataset):
     workers and after a resume.
     """
 
-    def __init__(self, volumes: Sequence[tuple[Path, Path]], *, train: bool, limit: int | None = None,
-                 patch_size: Sequence[int] | None = None, flip: bool = True, empty_slices: float = 1.0,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        volumes: Sequence[tuple[Path, Path]],
+        *,
+        train: bool,
+        limit: int | None = None,
+        patch_size: Sequence[int] | None = None,
+        flip: bool = True,
+        empty_slices: float = 1.0,
+        seed: int = 0,
+    ) -> None:
         self.volumes = list(volumes)
         self.train, self.flip = train, flip
         self.patch_size = tuple(patch_size) if patch_size is not None else None
@@ -225,8 +256,10 @@ class SliceDataset(torch.utils.data.Dataset):
         self.total = len(index)
         self.index = index[:limit] if limit is not None else index
         if not self.index:
-            raise TaskError(f"no slices to {'train' if train else 'validate'} on ({len(self.volumes)} volumes, "
-                            f"data.limit={limit}, data.empty_slices={empty_slices})")
+            raise TaskError(
+                f"no slices to {'train' if train else 'validate'} on ({len(self.volumes)} volumes, "
+                f"data.limit={limit}, data.empty_slices={empty_slices})"
+            )
         self._arrays = [None] * len(self.volumes)  # opened again in each loader worker
 
     def _volume(self, v: int) -> tuple[np.ndarray, np.ndarray]:
@@ -259,8 +292,9 @@ class SliceDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label)), index
 
 
-def _random_crop(image: np.ndarray, label: np.ndarray, size: Sequence[int], rng: np.random.Generator
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _random_crop(
+    image: np.ndarray, label: np.ndarray, size: Sequence[int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     h, w = label.shape
     ph, pw = max(0, size[0] - h), max(0, size[1] - w)
     if ph or pw:  # pad a small slice (image with its minimum, label as ignored)
@@ -269,11 +303,12 @@ def _random_crop(image: np.ndarray, label: np.ndarray, size: Sequence[int], rng:
         label = np.pad(label, pads, constant_values=-1)
         h, w = label.shape
     y, x = int(rng.integers(0, h - size[0] + 1)), int(rng.integers(0, w - size[1] + 1))
-    return image[:, y:y + size[0], x:x + size[1]], label[y:y + size[0], x:x + size[1]]
+    return image[:, y : y + size[0], x : x + size[1]], label[y : y + size[0], x : x + size[1]]
 
 
-def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]], multiple: int = 1
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_collate(
+    batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]], multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack slices, padded to a common size that is a multiple of ``multiple`` (the UNet halves the
     size ``num_blocks - 1`` times): images with zeros, labels with -1, which loss and Dice ignore."""
     h = max(x[1].shape[0] for x in batch)
@@ -282,8 +317,8 @@ def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]], multipl
     images = torch.zeros((len(batch), batch[0][0].shape[0], h, w), dtype=torch.float32)
     labels = torch.full((len(batch), h, w), -1, dtype=torch.int64)
     for i, (image, label, _) in enumerate(batch):
-        images[i, :, :image.shape[1], :image.shape[2]] = image
-        labels[i, :label.shape[0], :label.shape[1]] = label
+        images[i, :, : image.shape[1], : image.shape[2]] = image
+        labels[i, : label.shape[0], : label.shape[1]] = label
     return images, labels, torch.tensor([x[2] for x in batch], dtype=torch.int64)
 
 
@@ -302,14 +337,26 @@ class ShardedBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
     seeds come from the same generator, so augmentation depends on seed and epoch only.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"ShardedBatchSampler: batch_size={batch_size}, rank={rank}, world_size={world_size}; "
-                             "expected batch_size >= 1 and 0 <= rank < world_size")
+            raise ValueError(
+                f"ShardedBatchSampler: batch_size={batch_size}, rank={rank}, world_size={world_size}; "
+                "expected batch_size >= 1 and 0 <= rank < world_size"
+            )
         if num_samples < world_size:
-            raise TaskError(f"{num_samples} training slice(s) for {world_size} ranks; every rank needs at least one: "
-                            "raise data.limit or use fewer ranks")
+            raise TaskError(
+                f"{num_samples} training slice(s) for {world_size} ranks; every rank needs at least one: "
+                "raise data.limit or use fewer ranks"
+            )
         self.num_samples, self.batch_size = num_samples, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.epoch = 0
@@ -328,7 +375,7 @@ class ShardedBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
         step = self.batch_size * self.world_size
         bounds = [i * step for i in range(len(self))] + [self.num_samples]
         for start, end in zip(bounds[:-1], bounds[1:]):
-            mine = order[start:end][self.rank::self.world_size]
+            mine = order[start:end][self.rank :: self.world_size]
             yield [(int(i), int(aug[i])) for i in mine]
 
 
@@ -361,8 +408,12 @@ def _norm(kind: str, channels: int) -> nn.Module:
 def conv_block(cin: int, cout: int, norm: str) -> nn.Sequential:
     """Two (3x3 conv, norm, LeakyReLU) layers, as nnU-Net's."""
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.LeakyReLU(0.01, inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.LeakyReLU(0.01, inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        _norm(norm, cout),
+        nn.LeakyReLU(0.01, inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        _norm(norm, cout),
+        nn.LeakyReLU(0.01, inplace=True),
     )
 
 

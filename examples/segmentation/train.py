@@ -130,8 +130,10 @@ def check_settings(cfg: SegmentationConfig) -> None:
     to change)."""
     dims, levels = cfg.model.feature_dims, cfg.model.num_blocks
     if isinstance(dims, list) and (len(dims) != levels or min(dims, default=0) < 1):
-        raise UsageError(f"model.feature_dims={dims} gives {len(dims)} level width(s) but model.num_blocks={levels}: "
-                         "give one positive width per level, or one int (doubled per level)")
+        raise UsageError(
+            f"model.feature_dims={dims} gives {len(dims)} level width(s) but model.num_blocks={levels}: "
+            "give one positive width per level, or one int (doubled per level)"
+        )
     if isinstance(dims, int) and dims < 1:
         raise UsageError(f"model.feature_dims={dims}: expected a positive int (channels of the first level)")
     low, high = cfg.data.window
@@ -158,8 +160,13 @@ def resolve_task(cfg: SegmentationConfig, run_dir: Path) -> su.Task:
                 have = {}
             if {k: have.get(k) for k in wanted} != wanted:
                 ratlib.synthetic.make_msd_segmentation(root, s.num_cases, s.shape, s.num_classes, s.seed)
-                log.info("wrote a synthetic Decathlon task (%d cases of %s, %d classes) under %s", s.num_cases,
-                         "x".join(map(str, s.shape)), s.num_classes, root)
+                log.info(
+                    "wrote a synthetic Decathlon task (%d cases of %s, %d classes) under %s",
+                    s.num_cases,
+                    "x".join(map(str, s.shape)),
+                    s.num_classes,
+                    root,
+                )
     return su.read_task(root)
 
 
@@ -170,24 +177,51 @@ def build_datasets(cfg: SegmentationConfig, run_dir: Path) -> tuple[su.Task, su.
     task = resolve_task(cfg, run_dir)
     train_cases, val_cases = su.split_cases(task.cases, d.val_fraction, d.split_seed)
     cache = Path(d.cache_dir).expanduser() if d.cache_dir else run_dir / "cache"
+
     def prep(case: su.Case) -> tuple[Path, Path]:
         return su.preprocess(case, cache, task.num_classes, len(task.modalities), d.normalize, d.window)
 
     with main_process_first():  # rank 0 writes the cache, the others then read it
-        train_set, train_read = limited_dataset(train_cases, prep, d.limit, partial(
-            su.SliceDataset, train=True, limit=d.limit, patch_size=d.patch_size, flip=d.flip,
-            empty_slices=d.empty_slices, seed=d.split_seed))
-        val_set, val_read = limited_dataset(val_cases, prep, d.limit, partial(su.SliceDataset, train=False,
-                                                                              limit=d.limit))
+        train_set, train_read = limited_dataset(
+            train_cases,
+            prep,
+            d.limit,
+            partial(
+                su.SliceDataset,
+                train=True,
+                limit=d.limit,
+                patch_size=d.patch_size,
+                flip=d.flip,
+                empty_slices=d.empty_slices,
+                seed=d.split_seed,
+            ),
+        )
+        val_set, val_read = limited_dataset(
+            val_cases, prep, d.limit, partial(su.SliceDataset, train=False, limit=d.limit)
+        )
     read = f" (data.limit={d.limit}: {train_read} and {val_read} cases read)" if d.limit is not None else ""
-    log.info("task %s (%s): %d classes (%s), %d modalities; %d train cases -> %d slices, %d val cases -> %d "
-             "slices%s", task.name, task.root, task.num_classes, ", ".join(task.class_names), len(task.modalities),
-             len(train_cases), len(train_set), len(val_cases), len(val_set), read)
+    log.info(
+        "task %s (%s): %d classes (%s), %d modalities; %d train cases -> %d slices, %d val cases -> %d slices%s",
+        task.name,
+        task.root,
+        task.num_classes,
+        ", ".join(task.class_names),
+        len(task.modalities),
+        len(train_cases),
+        len(train_set),
+        len(val_cases),
+        len(val_set),
+        read,
+    )
     return task, train_set, val_set
 
 
-def limited_dataset(cases: list[su.Case], prep: Callable[[su.Case], tuple[Path, Path]], limit: int | None,
-                    make: Callable[[list[tuple[Path, Path]]], su.SliceDataset]) -> tuple[su.SliceDataset, int]:
+def limited_dataset(
+    cases: list[su.Case],
+    prep: Callable[[su.Case], tuple[Path, Path]],
+    limit: int | None,
+    make: Callable[[list[tuple[Path, Path]]], su.SliceDataset],
+) -> tuple[su.SliceDataset, int]:
     """Preprocess a split's cases in order and build its dataset; returns it and the number of cases read.
     With ``data.limit`` the cases after the first ``limit`` slices are never read or preprocessed: a smoke
     run on a real task costs a volume or two, not the whole task. The slices are the same as with every case
@@ -207,16 +241,20 @@ def limited_dataset(cases: list[su.Case], prep: Callable[[su.Case], tuple[Path, 
     return make(volumes), len(volumes)
 
 
-def eval_loader(cfg: SegmentationConfig, val_set: su.SliceDataset, info: DistInfo, multiple: int
-                ) -> torch.utils.data.DataLoader:
+def eval_loader(
+    cfg: SegmentationConfig, val_set: su.SliceDataset, info: DistInfo, multiple: int
+) -> torch.utils.data.DataLoader:
     """This rank's part of the validation slices (DistributedSampler, no shuffling: the repeats it pads
     with are left out of the metric by ``su.eval_positions``)."""
-    sampler = torch.utils.data.DistributedSampler(val_set, num_replicas=info.world_size, rank=info.rank,
-                                                  shuffle=False)
-    return torch.utils.data.DataLoader(val_set, batch_size=cfg.eval.batch_size or cfg.training.batch_size,
-                                       sampler=sampler, num_workers=cfg.data.num_workers,
-                                       collate_fn=partial(su.pad_collate, multiple=multiple),
-                                       pin_memory=info.device.type == "cuda")
+    sampler = torch.utils.data.DistributedSampler(val_set, num_replicas=info.world_size, rank=info.rank, shuffle=False)
+    return torch.utils.data.DataLoader(
+        val_set,
+        batch_size=cfg.eval.batch_size or cfg.training.batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=partial(su.pad_collate, multiple=multiple),
+        pin_memory=info.device.type == "cuda",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,8 +281,7 @@ def lr_lambda(step: int, cfg: SegmentationConfig, steps_per_epoch: int, total_st
     return 1.0
 
 
-def make_optimizer(cfg: SegmentationConfig, params: list[nn.Parameter], device: torch.device
-                   ) -> torch.optim.Optimizer:
+def make_optimizer(cfg: SegmentationConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
     o = cfg.training.optimizer
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
@@ -276,11 +313,22 @@ def sync_buffers(model: nn.Module) -> None:
 # Training and evaluation
 
 
-def train_one_epoch(model: nn.Module, optimizer: Any, scheduler: Any, loader: Any, device: torch.device,
-                    cfg: SegmentationConfig, *, epoch: int, step: int, max_steps: int | None,
-                    autocast: Callable[[], Any], scaler: Any = None, engine: Any = None,
-                    memory_format: torch.memory_format = torch.contiguous_format
-                    ) -> tuple[int, float, list[int]]:
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    loader: Any,
+    device: torch.device,
+    cfg: SegmentationConfig,
+    *,
+    epoch: int,
+    step: int,
+    max_steps: int | None,
+    autocast: Callable[[], Any],
+    scaler: Any = None,
+    engine: Any = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[int, float, list[int]]:
     """One pass over this rank's batches; returns the optimiser step reached, this rank's mean loss and
     the slice indices it trained on. Stops early at ``max_steps``. The loss stays on the device (one
     ``.item()`` every ``log_every`` steps)."""
@@ -337,9 +385,16 @@ def train_one_epoch(model: nn.Module, optimizer: Any, scheduler: Any, loader: An
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"epoch {epoch}, step {step}: the loss is {value}; lower training.optimizer.lr (now "
-                    f"{t.optimizer.lr}), keep training.gradient_clip on, or add training.scheduler.warmup_epochs")
-            log.info("epoch %d step %d: loss %.4f lr %.3g (%.3f s/step)", epoch, step, value,
-                     optimizer.param_groups[0]["lr"], (time.perf_counter() - start) / (i + 1) * accum)
+                    f"{t.optimizer.lr}), keep training.gradient_clip on, or add training.scheduler.warmup_epochs"
+                )
+            log.info(
+                "epoch %d step %d: loss %.4f lr %.3g (%.3f s/step)",
+                epoch,
+                step,
+                value,
+                optimizer.param_groups[0]["lr"],
+                (time.perf_counter() - start) / (i + 1) * accum,
+            )
         if max_steps is not None and step >= max_steps:
             break
     indices = torch.cat(seen).tolist() if seen else []
@@ -347,9 +402,15 @@ def train_one_epoch(model: nn.Module, optimizer: Any, scheduler: Any, loader: An
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, info: DistInfo, *,
-             autocast: Callable[[], Any] = contextlib.nullcontext,
-             memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    info: DistInfo,
+    *,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> dict[str, float]:
     """Dice per class over all validation slices of all ranks, the same on every rank.
 
     Each rank counts pixels into a confusion matrix (int64) over its real samples only (the sampler's
@@ -364,7 +425,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     conf: torch.Tensor | None = None
     pos, counted, indices = 0, 0, []
     for images, labels, index in loader:
-        keep = real[pos:pos + len(labels)]
+        keep = real[pos : pos + len(labels)]
         pos += len(labels)
         with autocast():
             logits = model(images.to(device, non_blocking=True, memory_format=memory_format))
@@ -379,8 +440,11 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     total = sum(g[0] for g in gathered if g[0].size)
     all_indices = [i for g in gathered for i in g[2]]
     metrics = su.dice_scores(total)
-    metrics.update(val_samples=sum(g[1] for g in gathered), val_unique_samples=len(set(all_indices)),
-                   val_time_s=time.perf_counter() - start)
+    metrics.update(
+        val_samples=sum(g[1] for g in gathered),
+        val_unique_samples=len(set(all_indices)),
+        val_time_s=time.perf_counter() - start,
+    )
     return metrics
 
 
@@ -418,8 +482,11 @@ def trim_metrics(run_dir: Path, last_epoch: int, info: DistInfo) -> None:
     lines = path.read_text(encoding="utf-8").splitlines()
     kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", -1) <= last_epoch]
     if len(kept) != len(lines):
-        log.info("--resume: dropped %d metrics.jsonl row(s) after epoch %d (not in the checkpoint)",
-                 len(lines) - len(kept), last_epoch)
+        log.info(
+            "--resume: dropped %d metrics.jsonl row(s) after epoch %d (not in the checkpoint)",
+            len(lines) - len(kept),
+            last_epoch,
+        )
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         tmp.replace(path)
@@ -438,8 +505,9 @@ def prune_deepspeed(run_dir: Path, keep: int | None, info: DistInfo) -> None:
 # train(): the whole run
 
 
-def train(cfg: SegmentationConfig, *, run_dir: str | Path | None = None, resume: bool = False,
-          info: DistInfo | None = None) -> dict[str, float]:
+def train(
+    cfg: SegmentationConfig, *, run_dir: str | Path | None = None, resume: bool = False, info: DistInfo | None = None
+) -> dict[str, float]:
     """Train and validate on an already initialised process group (or a single process); returns the
     final validation metrics (``dice``, ``dice_1``, ...) on every rank.
 
@@ -462,16 +530,23 @@ def train(cfg: SegmentationConfig, *, run_dir: str | Path | None = None, resume:
     # Data: every training slice once per epoch across ranks; validation slices each counted once.
     task, train_set, val_set = build_datasets(cfg, run_dir)
     model = build_model(cfg, train_set.in_channels, task.num_classes).to(device)
-    sampler = su.ShardedBatchSampler(len(train_set), t.batch_size, rank=info.rank, world_size=info.world_size,
-                                     seed=t.seed)
+    sampler = su.ShardedBatchSampler(
+        len(train_set), t.batch_size, rank=info.rank, world_size=info.world_size, seed=t.seed
+    )
     collate = partial(su.pad_collate, multiple=model.multiple)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                               collate_fn=collate, pin_memory=cuda,
-                                               persistent_workers=cfg.data.num_workers > 0)
+    train_loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate,
+        pin_memory=cuda,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
     val_loader = eval_loader(cfg, val_set, info, model.multiple)
     steps_per_epoch = math.ceil(len(sampler) / t.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps,
-                                                                                 steps_per_epoch * t.num_epochs)
+    total_steps = (
+        steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
+    )
 
     # Model, precision, optimiser, schedule; DDP or DeepSpeed.
     memory_format = torch.channels_last if channels_last(cfg, device) else torch.contiguous_format
@@ -484,33 +559,52 @@ def train(cfg: SegmentationConfig, *, run_dir: str | Path | None = None, resume:
         log.info("training.mixed_precision=%s is off on %s (autocast on CPU is slow)", t.mixed_precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and not t.deepspeed.enabled else None
     params = [p for p in model.parameters() if p.requires_grad]
-    log.info("UNet %s, %s norm: %.2fM parameters; %d ranks x batch %d x accumulation %d = global batch %d; %d "
-             "optimiser steps per epoch, %d in all; device %s%s%s", su.widths(cfg.model.feature_dims,
-                                                                             cfg.model.num_blocks),
-             cfg.model.norm, sum(p.numel() for p in params) / 1e6, info.world_size, t.batch_size,
-             t.gradient_accumulation_steps, info.world_size * t.batch_size * t.gradient_accumulation_steps,
-             steps_per_epoch, total_steps, device, f", {amp}" if amp else "",
-             ", channels_last" if memory_format == torch.channels_last else "")
+    log.info(
+        "UNet %s, %s norm: %.2fM parameters; %d ranks x batch %d x accumulation %d = global batch %d; %d "
+        "optimiser steps per epoch, %d in all; device %s%s%s",
+        su.widths(cfg.model.feature_dims, cfg.model.num_blocks),
+        cfg.model.norm,
+        sum(p.numel() for p in params) / 1e6,
+        info.world_size,
+        t.batch_size,
+        t.gradient_accumulation_steps,
+        info.world_size * t.batch_size * t.gradient_accumulation_steps,
+        steps_per_epoch,
+        total_steps,
+        device,
+        f", {amp}" if amp else "",
+        ", channels_last" if memory_format == torch.channels_last else "",
+    )
     engine = None
     if t.deepspeed.enabled:
         try:
             import deepspeed
         except ImportError:
-            raise UsageError("training.deepspeed.enabled=true, but DeepSpeed is not installed: pip install "
-                             "'ratlib[deepspeed]', or set training.deepspeed.enabled=false") from None
+            raise UsageError(
+                "training.deepspeed.enabled=true, but DeepSpeed is not installed: pip install "
+                "'ratlib[deepspeed]', or set training.deepspeed.enabled=false"
+            ) from None
         ds_config = to_deepspeed_config(cfg, info.world_size, steps_per_epoch=steps_per_epoch, device=device.type)
         if not cuda:  # as with autocast: no bf16/fp16 on the CPU
             ds_config["bf16"]["enabled"] = ds_config["fp16"]["enabled"] = False
-        scheduler_fn = None if "scheduler" in ds_config else (
-            lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, partial(lr_lambda, cfg=cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)))
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
-                                                               lr_scheduler=scheduler_fn)
+        scheduler_fn = (
+            None
+            if "scheduler" in ds_config
+            else (
+                lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                    opt, partial(lr_lambda, cfg=cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+                )
+            )
+        )
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, config=ds_config, lr_scheduler=scheduler_fn
+        )
         train_model = engine
     else:
         optimizer = make_optimizer(cfg, params, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, partial(lr_lambda, cfg=cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps))
+            optimizer, partial(lr_lambda, cfg=cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        )
         train_model = model
         if info.world_size > 1:
             train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
@@ -528,12 +622,16 @@ def train(cfg: SegmentationConfig, *, run_dir: str | Path | None = None, resume:
                 tag = f"epoch{state['epoch']:04d}"
                 loaded, _ = engine.load_checkpoint(str(checkpoint_dir(run_dir) / "deepspeed"), tag=tag)
                 if loaded is None:
-                    raise UsageError(f"--resume: {path} has no DeepSpeed state ({checkpoint_dir(run_dir)}/deepspeed/"
-                                     f"{tag} is missing); resume with training.deepspeed.enabled=false, or start anew")
+                    raise UsageError(
+                        f"--resume: {path} has no DeepSpeed state ({checkpoint_dir(run_dir)}/deepspeed/"
+                        f"{tag} is missing); resume with training.deepspeed.enabled=false, or start anew"
+                    )
             else:
                 if state.get("optimizer") is None:
-                    raise UsageError(f"--resume: {path} was written by a DeepSpeed run (no optimizer state in it); "
-                                     "resume with training.deepspeed.enabled=true")
+                    raise UsageError(
+                        f"--resume: {path} was written by a DeepSpeed run (no optimizer state in it); "
+                        "resume with training.deepspeed.enabled=true"
+                    )
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
@@ -557,9 +655,21 @@ def train(cfg: SegmentationConfig, *, run_dir: str | Path | None = None, resume:
         sampler.set_epoch(epoch)
         ratlib.memory.reset_peak_memory(device)
         epoch_start = time.perf_counter()
-        step, loss, seen = train_one_epoch(train_model, optimizer, scheduler, train_loader, device, cfg, epoch=epoch,
-                                           step=step, max_steps=t.max_steps, autocast=autocast, scaler=scaler,
-                                           engine=engine, memory_format=memory_format)
+        step, loss, seen = train_one_epoch(
+            train_model,
+            optimizer,
+            scheduler,
+            train_loader,
+            device,
+            cfg,
+            epoch=epoch,
+            step=step,
+            max_steps=t.max_steps,
+            autocast=autocast,
+            scaler=scaler,
+            engine=engine,
+            memory_format=memory_format,
+        )
         if cuda:
             torch.cuda.synchronize(device)
         train_time = time.perf_counter() - epoch_start
@@ -571,25 +681,52 @@ def train(cfg: SegmentationConfig, *, run_dir: str | Path | None = None, resume:
         memory = ratlib.memory.memory_report(device, warn_fraction=t.memory_warning_fraction)
 
         samples = [i for rank_ids in seen_by_rank for i in rank_ids]
-        record: dict[str, Any] = {"epoch": epoch, "step": step, "loss": loss, "lr": lr,
-                                  "train_samples": len(samples), "train_unique_samples": len(set(samples)),
-                                  "train_time_s": train_time, "images_per_s": len(samples) / train_time,
-                                  **metrics, **memory.to_metrics()}
-        log.info("epoch %d done: step %d, loss %.4f, dice %s (%s), %d slices (%d unique) at %.1f images/s, peak "
-                 "memory %.2f GiB (rank %d)", epoch, step, loss, f"{metrics['dice']:.4f}" if metrics else "-",
-                 ", ".join(f"{task.class_names[c]} {metrics[f'dice_{c}']:.3f}" for c in range(1, task.num_classes))
-                 if metrics else "-", len(samples), len(set(samples)), record["images_per_s"],
-                 record["peak_memory_max_gib"], record["peak_memory_max_rank"])
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "train_samples": len(samples),
+            "train_unique_samples": len(set(samples)),
+            "train_time_s": train_time,
+            "images_per_s": len(samples) / train_time,
+            **metrics,
+            **memory.to_metrics(),
+        }
+        log.info(
+            "epoch %d done: step %d, loss %.4f, dice %s (%s), %d slices (%d unique) at %.1f images/s, peak "
+            "memory %.2f GiB (rank %d)",
+            epoch,
+            step,
+            loss,
+            f"{metrics['dice']:.4f}" if metrics else "-",
+            ", ".join(f"{task.class_names[c]} {metrics[f'dice_{c}']:.3f}" for c in range(1, task.num_classes))
+            if metrics
+            else "-",
+            len(samples),
+            len(set(samples)),
+            record["images_per_s"],
+            record["peak_memory_max_gib"],
+            record["peak_memory_max_rank"],
+        )
         write_metrics(run_dir, record, info)
-        state = {"model": ratlib.checkpoint.unwrap_model(model).state_dict(),
-                 "optimizer": optimizer.state_dict() if engine is None else None,
-                 "scheduler": scheduler.state_dict() if engine is None else None,
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "epoch": epoch, "step": step, "rng": ratlib.checkpoint.rng_state(), "metrics": metrics,
-                 "config": cfg.model_dump(mode="json")}
+        state = {
+            "model": ratlib.checkpoint.unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict() if engine is None else None,
+            "scheduler": scheduler.state_dict() if engine is None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch,
+            "step": step,
+            "rng": ratlib.checkpoint.rng_state(),
+            "metrics": metrics,
+            "config": cfg.model_dump(mode="json"),
+        }
         if engine is not None:  # optimiser and schedule (partitioned by ZeRO) in DeepSpeed's own format
-            engine.save_checkpoint(str(checkpoint_dir(run_dir) / "deepspeed"), tag=f"epoch{epoch:04d}",
-                                   client_state={"epoch": epoch, "step": step})
+            engine.save_checkpoint(
+                str(checkpoint_dir(run_dir) / "deepspeed"),
+                tag=f"epoch{epoch:04d}",
+                client_state={"epoch": epoch, "step": step},
+            )
         save_checkpoint(run_dir, state, cfg.checkpoint.keep)
         if engine is not None:
             prune_deepspeed(run_dir, cfg.checkpoint.keep, info)
@@ -600,8 +737,13 @@ def train(cfg: SegmentationConfig, *, run_dir: str | Path | None = None, resume:
     return broadcast_object(metrics)
 
 
-def evaluate_checkpoint(cfg: SegmentationConfig, checkpoint: str | Path | None = None, *,
-                        run_dir: str | Path | None = None, info: DistInfo | None = None) -> dict[str, float]:
+def evaluate_checkpoint(
+    cfg: SegmentationConfig,
+    checkpoint: str | Path | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    info: DistInfo | None = None,
+) -> dict[str, float]:
     """``--eval-only``: Dice of a checkpoint (default: the run folder's latest) on the validation cases;
     the figures also go to ``run_dir/eval.json``."""
     check_settings(cfg)
@@ -609,15 +751,22 @@ def evaluate_checkpoint(cfg: SegmentationConfig, checkpoint: str | Path | None =
     run_dir = Path(run_dir if run_dir is not None else cfg.output_dir)
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if path is None:
-        raise UsageError(f"--eval-only: no checkpoint under {checkpoint_dir(run_dir)}; pass --checkpoint PATH or "
-                         "the output_dir of a finished run")
+        raise UsageError(
+            f"--eval-only: no checkpoint under {checkpoint_dir(run_dir)}; pass --checkpoint PATH or "
+            "the output_dir of a finished run"
+        )
     state = ratlib.checkpoint.load(path, map_location="cpu")
     task, _, val_set = build_datasets(cfg, run_dir)
     model = build_model(cfg, val_set.in_channels, task.num_classes).to(info.device)
     model.load_state_dict(state["model"])
     log.info("evaluating %s (epoch %d, step %d)", path, state["epoch"], state["step"])
-    metrics = evaluate(model, eval_loader(cfg, val_set, info, model.multiple), info.device, info,
-                       autocast=autocast_for(cfg, info.device))
+    metrics = evaluate(
+        model,
+        eval_loader(cfg, val_set, info, model.multiple),
+        info.device,
+        info,
+        autocast=autocast_for(cfg, info.device),
+    )
     if info.is_main:
         (run_dir / "eval.json").write_text(json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")
     return metrics
@@ -640,8 +789,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(cfg.output_dir)
     setup_logging(log_dir=run_dir / "logs")
     d = cfg.distributed
-    with distributed(d.backend, timeout=d.timeout_s, connect_timeout=d.connect_timeout_s,
-                     stall_timeout=d.stall_timeout_s) as info:
+    with distributed(
+        d.backend, timeout=d.timeout_s, connect_timeout=d.connect_timeout_s, stall_timeout=d.stall_timeout_s
+    ) as info:
         try:
             if args.eval_only:
                 metrics = evaluate_checkpoint(cfg, args.checkpoint, run_dir=run_dir, info=info)

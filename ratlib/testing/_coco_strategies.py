@@ -44,11 +44,12 @@ def _choices(split: str | CocoSplit | None, year: int | None) -> list[CocoSplit]
         if has_year and year is not None and parsed.year != int(year):
             raise ValueError(f"split={split!r} and year={year!r} disagree; give the year once")
         names, fixed_year = [parsed.name], parsed.year if has_year else year
-    splits = [CocoSplit(n, y) for n in names for y in SPLITS[n]
-              if fixed_year is None or y == int(fixed_year)]
+    splits = [CocoSplit(n, y) for n in names for y in SPLITS[n] if fixed_year is None or y == int(fixed_year)]
     if not splits:
-        raise ValueError(f"COCO has no split {split or '(any name)'} in year {year}; years per split: "
-                         + ", ".join(f"{n} {'/'.join(map(str, ys))}" for n, ys in SPLITS.items()))
+        raise ValueError(
+            f"COCO has no split {split or '(any name)'} in year {year}; years per split: "
+            + ", ".join(f"{n} {'/'.join(map(str, ys))}" for n, ys in SPLITS.items())
+        )
     return splits
 
 
@@ -60,8 +61,9 @@ def _case(draw: st.DrawFn, text: str) -> str:
     return {"lower": text.lower(), "upper": text.upper(), "title": text.title()}[style]
 
 
-def coco_split_spellings(split: str | CocoSplit | None = None, year: int | None = None
-                         ) -> st.SearchStrategy[tuple[str, CocoSplit]]:
+def coco_split_spellings(
+    split: str | CocoSplit | None = None, year: int | None = None
+) -> st.SearchStrategy[tuple[str, CocoSplit]]:
     """``(spelling, CocoSplit)``: one accepted spelling of a COCO split and the split it stands for.
 
     ``split`` (any spelling; with a year it fixes the year too) and ``year`` narrow the splits drawn;
@@ -74,7 +76,7 @@ def coco_split_spellings(split: str | CocoSplit | None = None, year: int | None 
     return _spellings(split, year)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _spellings(split: str | CocoSplit | None, year: int | None) -> st.SearchStrategy[tuple[str, CocoSplit]]:
     """Built once per (split, year): a new composite per call costs ~15 ms and slows hypothesis' explain phase."""
     splits = _choices(split, year)
@@ -184,10 +186,16 @@ def coco_trees(layout: str | None = None) -> st.SearchStrategy[CocoTree]:
                 roboflow_split(other, True)
         else:
             coco_split(base, s, kind, has_ann, draw(st.sampled_from([None, "top", "images"])))
-            decoys = [(CocoSplit(s.name, y), kind) for y in SPLITS[s.name]
-                      if y != s.year and kind in _kinds_for(CocoSplit(s.name, y))]
-            decoys += [(s, k) for k in _kinds_for(s) if k != kind and annotation_filename(s, kind=k)
-                       != annotation_filename(s, kind=kind)]
+            decoys = [
+                (CocoSplit(s.name, y), kind)
+                for y in SPLITS[s.name]
+                if y != s.year and kind in _kinds_for(CocoSplit(s.name, y))
+            ]
+            decoys += [
+                (s, k)
+                for k in _kinds_for(s)
+                if k != kind and annotation_filename(s, kind=k) != annotation_filename(s, kind=kind)
+            ]
             decoys += [(CocoSplit(n, SPLITS[n][0]), "instances") for n in SPLITS if n != s.name]
             for decoy, decoy_kind in draw(st.lists(st.sampled_from(decoys), max_size=3, unique=True)):
                 coco_split(base, decoy, decoy_kind, True, draw(st.sampled_from([None, "top"])))
@@ -213,16 +221,18 @@ def coco_trees(layout: str | None = None) -> st.SearchStrategy[CocoTree]:
     return trees()
 
 
-def _expected(root: Path, layout: str, split: CocoSplit, kind: str, files: set[Path], folders: set[Path]
-              ) -> CocoPaths | None:
+def _expected(
+    root: Path, layout: str, split: CocoSplit, kind: str, files: set[Path], folders: set[Path]
+) -> CocoPaths | None:
     """What resolve_coco must return, from what was created (not from looking at the disk)."""
     if layout == "roboflow":
-        for name in (("valid", "val") if split.name == "val" else (_ROBOFLOW[split.name],)):
+        for name in ("valid", "val") if split.name == "val" else (_ROBOFLOW[split.name],):
             if root / name / "_annotations.coco.json" in files:
                 return CocoPaths(root / name, root / name / "_annotations.coco.json", split, layout)
         return None
     base = root / "coco" if layout == "detectron2" else root
     ann = base / "annotations" / annotation_filename(split, kind=kind)
-    image_dir = next((d for d in (base / split.image_folder, base / "images" / split.image_folder) if d in folders),
-                     None)
+    image_dir = next(
+        (d for d in (base / split.image_folder, base / "images" / split.image_folder) if d in folders), None
+    )
     return CocoPaths(image_dir, ann, split, layout) if ann in files and image_dir is not None else None

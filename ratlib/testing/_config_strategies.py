@@ -52,8 +52,12 @@ def _model(annotation: Any) -> type[BaseModel] | None:
 
 
 def _bounds(metadata: list[Any]) -> dict[str, Any]:
-    return {name: getattr(m, name) for m in metadata for name in ("gt", "ge", "lt", "le")
-            if isinstance(m, getattr(at, name.capitalize()))}
+    return {
+        name: getattr(m, name)
+        for m in metadata
+        for name in ("gt", "ge", "lt", "le")
+        if isinstance(m, getattr(at, name.capitalize()))
+    }
 
 
 def _leaves(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any, type]]:
@@ -90,8 +94,9 @@ def _number(kind: type, bounds: dict[str, Any]) -> st.SearchStrategy[Any]:
         return values | values.map(str)  # "48", as environment variables and YAML 1.1 may give it
     low = float(bounds.get("gt", bounds.get("ge", -1e3)))
     high = float(bounds.get("lt", bounds.get("le", 1e3)))
-    values = st.floats(low, high, allow_nan=False, allow_infinity=False,
-                       exclude_min="gt" in bounds, exclude_max="lt" in bounds)
+    values = st.floats(
+        low, high, allow_nan=False, allow_infinity=False, exclude_min="gt" in bounds, exclude_max="lt" in bounds
+    )
     return values | values.map(repr)  # "1e-05", the string YAML 1.1 makes of 1e-5
 
 
@@ -118,18 +123,22 @@ def _value(annotation: Any, metadata: list[Any]) -> st.SearchStrategy[Any] | Non
     return None  # a type this strategy does not know: the field keeps its default
 
 
-_PASS_THROUGH = st.dictionaries(st.sampled_from(["name", "depth", "extra_flag", "notes"]),
-                                st.one_of(st.integers(0, 64), st.text("abc", max_size=4), st.lists(st.integers(1, 64),
-                                                                                                    max_size=3)),
-                                max_size=2)
+_PASS_THROUGH = st.dictionaries(
+    st.sampled_from(["name", "depth", "extra_flag", "notes"]),
+    st.one_of(st.integers(0, 64), st.text("abc", max_size=4), st.lists(st.integers(1, 64), max_size=3)),
+    max_size=2,
+)
 
 
 @st.composite
 def _model_dict(draw: st.DrawFn, model: type[BaseModel]) -> dict[str, Any]:
     """A partial user dict for ``model``: each field given or left to its default."""
     out: dict[str, Any] = {}
-    if model.model_config.get("extra") == "allow" and model is not ExperimentConfig \
-            and not issubclass(model, ExperimentConfig):
+    if (
+        model.model_config.get("extra") == "allow"
+        and model is not ExperimentConfig
+        and not issubclass(model, ExperimentConfig)
+    ):
         out.update({k: v for k, v in draw(_PASS_THROUGH).items() if k not in model.model_fields})
     for name, info in model.model_fields.items():
         if not draw(st.booleans()):
@@ -160,8 +169,11 @@ def _lrs(training: dict[str, Any]) -> tuple[str, float, float]:
     """(scheduler name, lr, min_lr) a training dict resolves to, defaults included."""
     opt, sched = training.get("optimizer", {}), training.get("scheduler", {})
     defaults = TrainingConfig()
-    return (_effective(sched, "name", defaults.scheduler.name), float(_effective(opt, "lr", defaults.optimizer.lr)),
-            float(_effective(sched, "min_lr", defaults.scheduler.min_lr)))
+    return (
+        _effective(sched, "name", defaults.scheduler.name),
+        float(_effective(opt, "lr", defaults.optimizer.lr)),
+        float(_effective(sched, "min_lr", defaults.scheduler.min_lr)),
+    )
 
 
 def _repair(data: dict[str, Any], schema: type[BaseModel]) -> dict[str, Any]:
@@ -248,8 +260,12 @@ def _corrupt(draw: st.DrawFn, schema: type[BaseModel]) -> ConfigCase:
     leaves = [(p, info, owner) for p, info, owner in _leaves(schema) if _wrong_kind(info.annotation)]
     ranged = [(p, info) for p, info, _ in leaves if _out_of_range(info.annotation, info.metadata)]
     sections = _sections(schema)
-    kinds = ["type"] + (["range"] if ranged else []) + (["unknown"] if sections else []) + \
-        (["cross"] if _training_path(schema) else [])
+    kinds = (
+        ["type"]
+        + (["range"] if ranged else [])
+        + (["unknown"] if sections else [])
+        + (["cross"] if _training_path(schema) else [])
+    )
     kind = draw(st.sampled_from(kinds))
     if kind == "unknown":
         path, model = draw(st.sampled_from(sections))

@@ -26,9 +26,14 @@ _NAMES = {
     "mvapich": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"),
     "mpich": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
 }
-_LOCAL_SIZE = {"torchrun": "LOCAL_WORLD_SIZE", "deepspeed": "LOCAL_SIZE", "env": "LOCAL_WORLD_SIZE",
-               "openmpi": "OMPI_COMM_WORLD_LOCAL_SIZE", "mvapich": "MV2_COMM_WORLD_LOCAL_SIZE",
-               "mpich": "MPI_LOCALNRANKS"}
+_LOCAL_SIZE = {
+    "torchrun": "LOCAL_WORLD_SIZE",
+    "deepspeed": "LOCAL_SIZE",
+    "env": "LOCAL_WORLD_SIZE",
+    "openmpi": "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "mvapich": "MV2_COMM_WORLD_LOCAL_SIZE",
+    "mpich": "MPI_LOCALNRANKS",
+}
 _NOISE = {"HOME": "/home/user", "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "0,1,2,3", "OMP_NUM_THREADS": "4"}
 
 
@@ -116,8 +121,15 @@ def _valid(draw: st.DrawFn, launchers: tuple[str, ...], wrappers: bool = True) -
     if launcher == "kubeflow":
         world = draw(st.integers(1, 16))
         rank = draw(st.integers(0, world - 1))
-        env.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": addr, "MASTER_PORT": str(port),
-                    "KUBERNETES_SERVICE_HOST": "10.96.0.1"})
+        env.update(
+            {
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "MASTER_ADDR": addr,
+                "MASTER_PORT": str(port),
+                "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+            }
+        )
         return LaunchCase(env, "kubeflow", rank, world, 0, 1, node_rank=rank, master_addr=addr, master_port=port)
     counts, rank, node, local = draw(_layout(max_nodes=1 if launcher == "env" else 4))
     per_node, world = counts[0], sum(counts)
@@ -131,8 +143,13 @@ def _valid(draw: st.DrawFn, launchers: tuple[str, ...], wrappers: bool = True) -
     if launcher != "env" or draw(st.booleans()):
         env[_LOCAL_SIZE[launcher]] = str(per_node)
     if launcher == "torchrun":
-        env.update({"GROUP_RANK": str(node), "TORCHELASTIC_RUN_ID": draw(st.sampled_from(["none", "job-7"])),
-                    "TORCHELASTIC_RESTART_COUNT": "0"})
+        env.update(
+            {
+                "GROUP_RANK": str(node),
+                "TORCHELASTIC_RUN_ID": draw(st.sampled_from(["none", "job-7"])),
+                "TORCHELASTIC_RESTART_COUNT": "0",
+            }
+        )
         if draw(st.booleans()):
             env["TORCHELASTIC_USE_AGENT_STORE"] = "True"
     elif launcher == "deepspeed":
@@ -143,11 +160,29 @@ def _valid(draw: st.DrawFn, launchers: tuple[str, ...], wrappers: bool = True) -
         env["PMIX_RANK"] = env.pop("PMI_RANK")
     wrapped = wrappers and launcher in ("torchrun", "openmpi", "mpich") and per_node > 1 and draw(st.booleans())
     if wrapped:  # one torchrun / MPI proxy per node, started by srun: SLURM's own ids are per node
-        env.update({"SLURM_PROCID": str(node), "SLURM_NTASKS": str(len(counts)), "SLURM_LOCALID": "0",
-                    "SLURM_NODEID": str(node), "SLURM_TASKS_PER_NODE": f"1(x{len(counts)})",
-                    "SLURM_JOB_NODELIST": f"gpu[1-{len(counts)}]", "SLURM_JOB_ID": "77"})
-    return LaunchCase(env, launcher, rank, world, local, per_node, node_rank=node, master_addr=expected_addr,
-                      master_port=expected_port, note="inside SLURM" if wrapped else "")
+        env.update(
+            {
+                "SLURM_PROCID": str(node),
+                "SLURM_NTASKS": str(len(counts)),
+                "SLURM_LOCALID": "0",
+                "SLURM_NODEID": str(node),
+                "SLURM_TASKS_PER_NODE": f"1(x{len(counts)})",
+                "SLURM_JOB_NODELIST": f"gpu[1-{len(counts)}]",
+                "SLURM_JOB_ID": "77",
+            }
+        )
+    return LaunchCase(
+        env,
+        launcher,
+        rank,
+        world,
+        local,
+        per_node,
+        node_rank=node,
+        master_addr=expected_addr,
+        master_port=expected_port,
+        note="inside SLURM" if wrapped else "",
+    )
 
 
 def _slurm_case(draw: st.DrawFn, env: dict[str, str], wrappers: bool) -> LaunchCase:
@@ -155,17 +190,35 @@ def _slurm_case(draw: st.DrawFn, env: dict[str, str], wrappers: bool) -> LaunchC
     world = sum(counts)
     hosts, first = draw(_hostlist(len(counts)))
     job = draw(st.integers(1, 10**7))
-    env.update({"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(local), "SLURM_NODEID": str(node),
-                "SLURM_JOB_ID": str(job), "SLURM_NNODES": str(len(counts))})
+    env.update(
+        {
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(local),
+            "SLURM_NODEID": str(node),
+            "SLURM_JOB_ID": str(job),
+            "SLURM_NNODES": str(len(counts)),
+        }
+    )
     if draw(st.booleans()):  # a step smaller than its allocation: the step's variables must win
         extra = draw(st.integers(1, 8))
-        env.update({"SLURM_STEP_NUM_TASKS": str(world), "SLURM_NTASKS": str(world + extra),
-                    "SLURM_STEP_TASKS_PER_NODE": _compress_counts(counts),
-                    "SLURM_TASKS_PER_NODE": _compress_counts([c + extra for c in counts]),
-                    "SLURM_STEP_NODELIST": hosts, "SLURM_JOB_NODELIST": f"big[0-{len(counts) + 3}]"})
+        env.update(
+            {
+                "SLURM_STEP_NUM_TASKS": str(world),
+                "SLURM_NTASKS": str(world + extra),
+                "SLURM_STEP_TASKS_PER_NODE": _compress_counts(counts),
+                "SLURM_TASKS_PER_NODE": _compress_counts([c + extra for c in counts]),
+                "SLURM_STEP_NODELIST": hosts,
+                "SLURM_JOB_NODELIST": f"big[0-{len(counts) + 3}]",
+            }
+        )
     else:
-        env.update({"SLURM_NTASKS": str(world), "SLURM_TASKS_PER_NODE": _compress_counts(counts),
-                    draw(st.sampled_from(["SLURM_JOB_NODELIST", "SLURM_NODELIST"])): hosts})
+        env.update(
+            {
+                "SLURM_NTASKS": str(world),
+                "SLURM_TASKS_PER_NODE": _compress_counts(counts),
+                draw(st.sampled_from(["SLURM_JOB_NODELIST", "SLURM_NODELIST"])): hosts,
+            }
+        )
     if draw(st.integers(0, 4)) == 0:  # hand-made: the local rank follows from the block layout
         del env["SLURM_LOCALID"]
     step = draw(st.none() | st.integers(0, 5))
@@ -177,8 +230,9 @@ def _slurm_case(draw: st.DrawFn, env: dict[str, str], wrappers: bool) -> LaunchC
     if draw(st.booleans()):
         port = draw(st.integers(1024, 65535))
         env["MASTER_PORT"] = str(port)
-    return LaunchCase(env, "slurm", rank, world, local, counts[node], node_rank=node, master_addr=addr,
-                      master_port=port)
+    return LaunchCase(
+        env, "slurm", rank, world, local, counts[node], node_rank=node, master_addr=addr, master_port=port
+    )
 
 
 _KINDS = ("rank_too_big", "negative", "not_int", "local_too_big", "half_set", "bad_port", "bad_slurm_list")

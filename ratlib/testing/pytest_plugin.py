@@ -11,7 +11,8 @@ try:
 except ImportError as exc:  # pragma: no cover - the plugin only loads under pytest
     raise ImportError("ratlib.testing.pytest_plugin needs pytest: pip install 'ratlib[dev]'") from exc
 
-from .ranks import RankRun, run_on_ranks as _run_on_ranks
+from .ranks import RankRun
+from .ranks import run_on_ranks as _run_on_ranks
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -27,12 +27,25 @@ __all__ = ["RankRun", "run_on_ranks", "free_port", "LAUNCHER_VARIABLE_PREFIXES"]
 
 # Variables of a surrounding launcher that must not leak into the ranks we start.
 LAUNCHER_VARIABLE_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "TORCHELASTIC_", "MV2_", "HYDRA_")
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                      "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE",
-                      "NODE_RANK", "LOCAL_SIZE")
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+    "NODE_RANK",
+    "LOCAL_SIZE",
+)
 
-Target = Union[str, "os.PathLike[str]", Callable[..., Any]]
-EnvSpec = Union[Mapping[str, "str | None"], Callable[[int], Mapping[str, "str | None"]], None]
+Target = Union[str, "os.PathLike[str]", Callable[..., Any]]  # noqa: UP007  (a runtime alias: "|" on strings fails)
+EnvSpec = Union[Mapping[str, "str | None"], Callable[[int], Mapping[str, "str | None"]], None]  # noqa: UP007
 
 _BOOTSTRAP = """\
 import base64, importlib, pickle, sys
@@ -94,18 +107,39 @@ def free_port(host: str = "127.0.0.1") -> int:
 def _launcher_env(launcher: str, rank: int, world_size: int, port: int) -> dict[str, str]:
     common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     if launcher == "torchrun":
-        return {**common, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
-                "ROLE_WORLD_SIZE": str(world_size), "GROUP_WORLD_SIZE": "1"}
+        return {
+            **common,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "GROUP_RANK": "0",
+            "ROLE_RANK": str(rank),
+            "ROLE_WORLD_SIZE": str(world_size),
+            "GROUP_WORLD_SIZE": "1",
+        }
     if launcher == "slurm":
-        return {**common, "SLURM_JOB_ID": "4242", "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world_size),
-                "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_NNODES": "1",
-                "SLURM_TASKS_PER_NODE": str(world_size), "SLURM_JOB_NODELIST": "localhost",
-                "SLURM_STEP_NUM_TASKS": str(world_size)}
+        return {
+            **common,
+            "SLURM_JOB_ID": "4242",
+            "SLURM_PROCID": str(rank),
+            "SLURM_NTASKS": str(world_size),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NODEID": "0",
+            "SLURM_NNODES": "1",
+            "SLURM_TASKS_PER_NODE": str(world_size),
+            "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_STEP_NUM_TASKS": str(world_size),
+        }
     if launcher == "openmpi":
-        return {**common, "OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": str(world_size),
-                "OMPI_COMM_WORLD_LOCAL_RANK": str(rank), "OMPI_COMM_WORLD_LOCAL_SIZE": str(world_size),
-                "OMPI_COMM_WORLD_NODE_RANK": "0"}
+        return {
+            **common,
+            "OMPI_COMM_WORLD_RANK": str(rank),
+            "OMPI_COMM_WORLD_SIZE": str(world_size),
+            "OMPI_COMM_WORLD_LOCAL_RANK": str(rank),
+            "OMPI_COMM_WORLD_LOCAL_SIZE": str(world_size),
+            "OMPI_COMM_WORLD_NODE_RANK": "0",
+        }
     if launcher == "none":
         return common
     raise ValueError(f"run_on_ranks: launcher={launcher!r} is not one of 'torchrun', 'slurm', 'openmpi', 'none'")
@@ -186,8 +220,11 @@ def run_on_ranks(
     python = python or sys.executable
     cmd, extra_path = _command(target, args, python)
     port = free_port()
-    base = {k: v for k, v in os.environ.items()
-            if k not in LAUNCHER_VARIABLES and not k.startswith(LAUNCHER_VARIABLE_PREFIXES)}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCHER_VARIABLES and not k.startswith(LAUNCHER_VARIABLE_PREFIXES)
+    }
     base.setdefault("PYTHONUNBUFFERED", "1")
     base.setdefault("OMP_NUM_THREADS", "1")
     if sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo"):
@@ -210,8 +247,11 @@ def run_on_ranks(
                     rank_env[key] = str(value)
             out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
             files.append((out, err))
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=rank_env,
-                                          cwd=cwd, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=rank_env, cwd=cwd, start_new_session=True
+                )
+            )
         deadline = start + timeout
         timed_out = False
         for proc in procs:

@@ -28,13 +28,13 @@ from ratlib import (
     ModelConfig,
     all_reduce_mean,
     broadcast_object,
+    checkpoint,
     dump_config,
     heartbeat,
     init_distributed,
     memory_report,
     reset_peak_memory,
 )
-from ratlib import checkpoint
 
 
 class ToyModel(ModelConfig):
@@ -91,8 +91,9 @@ def build_model(m: ToyModel, dim: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(width, 1))
 
 
-def train(cfg: ToyConfig, *, run_dir: str | Path | None = None, resume: bool = False,
-          info: DistInfo | None = None) -> dict[str, float]:
+def train(
+    cfg: ToyConfig, *, run_dir: str | Path | None = None, resume: bool = False, info: DistInfo | None = None
+) -> dict[str, float]:
     info = info or init_distributed()
     t, fault = cfg.training, cfg.fault
     if os.environ.get("ABLATION_TOY_NO_FAULTS") == "1":
@@ -104,7 +105,7 @@ def train(cfg: ToyConfig, *, run_dir: str | Path | None = None, resume: bool = F
         raise ValueError(f"toy fault on rank {info.rank} while building the model")
     torch.manual_seed(t.seed)
     x, y, x_val, y_val = make_data(cfg.data)
-    x, y = x[info.rank::info.world_size], y[info.rank::info.world_size]  # this rank's shard
+    x, y = x[info.rank :: info.world_size], y[info.rank :: info.world_size]  # this rank's shard
     model = build_model(cfg.model, cfg.data.dim)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.optimizer.lr, weight_decay=t.optimizer.weight_decay)
     start_epoch, step = 0, 0
@@ -126,7 +127,7 @@ def train(cfg: ToyConfig, *, run_dir: str | Path | None = None, resume: bool = F
         for i in range(steps_per_epoch):
             if fault.rank == info.rank and fault.at == "step" and epoch == start_epoch and i == 2:
                 raise RuntimeError(f"toy fault on rank {info.rank} at step {step}")
-            idx = order[i * t.batch_size:(i + 1) * t.batch_size]
+            idx = order[i * t.batch_size : (i + 1) * t.batch_size]
             loss = nn.functional.mse_loss(ddp(x[idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -141,15 +142,22 @@ def train(cfg: ToyConfig, *, run_dir: str | Path | None = None, resume: bool = F
             mse = nn.functional.mse_loss(model(x_val), y_val).item()
         score = 1.0 - mse / y_val.var().item()
         metrics = {"score": all_reduce_mean(score), "val_mse": all_reduce_mean(mse)}
-        record = {"epoch": epoch, "step": step, "train_loss": all_reduce_mean(total / steps_per_epoch), **metrics,
-                  **memory_report(info.device, warn_fraction=None).to_metrics()}
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": all_reduce_mean(total / steps_per_epoch),
+            **metrics,
+            **memory_report(info.device, warn_fraction=None).to_metrics(),
+        }
         if info.is_main:
             with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "step": step}, run_dir / "checkpoints" / f"epoch{epoch:04d}.pt")
+        checkpoint.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step},
+            run_dir / "checkpoints" / f"epoch{epoch:04d}.pt",
+        )
         if t.max_steps is not None and step >= t.max_steps:
             break
     if fault.rank == info.rank and fault.at == "end":

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import ratlib
-
 from downstream_proj import eval_shard, mean_metric
+
+import ratlib
 
 
 def score_shard(num_items: int) -> None:
@@ -12,5 +12,7 @@ def score_shard(num_items: int) -> None:
     with ratlib.distributed(backend="gloo", connect_timeout=30):
         shard = eval_shard(num_items)
         scores = [float(i * i) for i in shard]
-        print(f"rank={ratlib.get_rank()} count={len(scores)} local_mean={sum(scores) / len(scores)!r} "
-              f"mean={mean_metric(scores)!r}")
+        print(
+            f"rank={ratlib.get_rank()} count={len(scores)} local_mean={sum(scores) / len(scores)!r} "
+            f"mean={mean_metric(scores)!r}"
+        )

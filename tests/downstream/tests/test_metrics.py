@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, settings
-from ratlib import DistInitError
-from ratlib.testing.strategies import launch_envs
-
 import rank_workers
 from downstream_proj import eval_shard, mean_metric
+from hypothesis import given, settings
+
+from ratlib import DistInitError
+from ratlib.testing.strategies import launch_envs
 
 
 @pytest.mark.distributed

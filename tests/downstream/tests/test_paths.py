@@ -10,15 +10,18 @@ import functools
 import os
 from pathlib import Path
 
+import downstream_proj
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from ratlib.testing.strategies import coco_split_spellings, coco_trees
 
-import downstream_proj
-
-resolve = (downstream_proj.resolve_annotations_doubled_year
-           if os.environ.get("DOWNSTREAM_RESOLVER") == "doubled_year" else downstream_proj.resolve_annotations)
+resolve = (
+    downstream_proj.resolve_annotations_doubled_year
+    if os.environ.get("DOWNSTREAM_RESOLVER") == "doubled_year"
+    else downstream_proj.resolve_annotations
+)
 
 
 # Building a strategy costs more than drawing from it: one per split, made on first use.

@@ -22,8 +22,10 @@ __all__ = ["eval_shard", "mean_metric", "resolve_annotations", "resolve_annotati
 
 def _checked(root: Path, split: CocoSplit, path: Path) -> Path:
     if split.is_test or split.name == "unlabeled":
-        raise ValueError(f"{split} has no labels, so no instances file; this project trains and evaluates on "
-                         "train, val, minival or valminusminival")
+        raise ValueError(
+            f"{split} has no labels, so no instances file; this project trains and evaluates on "
+            "train, val, minival or valminusminival"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{split}: annotation file {path} does not exist (COCO root {root})")
     return path

@@ -40,8 +40,12 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes | str | Callable[[IO[bytes]], None], *,
-                 before_rename: Callable[[Path], None] | None = None) -> Path:
+def write_atomic(
+    path: str | os.PathLike[str],
+    data: bytes | str | Callable[[IO[bytes]], None],
+    *,
+    before_rename: Callable[[Path], None] | None = None,
+) -> Path:
     """Write ``data`` (bytes, text as UTF-8, or a function given the open binary file) to ``path``.
 
     The bytes go to a temporary file in the same folder, which is fsynced and renamed over ``path``;

@@ -1,4 +1,4 @@
-"""ratlib._atomic.write_atomic: the one atomic writer behind configs, doctor --fix, synthetic data and checkpoints."""
+"""ratlib.io.write_atomic: the one atomic writer behind configs, doctor --fix, synthetic data and checkpoints."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ratlib._atomic import TMP_PREFIX, write_atomic
+from ratlib.io import TMP_PREFIX, write_atomic
 
 
 def test_writes_bytes_text_and_callables_creating_the_folder(tmp_path: Path) -> None:
