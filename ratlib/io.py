@@ -1,26 +1,29 @@
-"""One way to write a file so that a crash never leaves it half-written: temp file, fsync, rename."""
+"""Files that a crash never leaves half-written: ``write_atomic`` (temp file, fsync, rename) and
+``append_jsonl`` (one line per ``write``, fsynced; readers skip a cut-off last line)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from ratlib.errors import RatlibError, message
+
+__all__ = ["TMP_PREFIX", "JsonlError", "append_jsonl", "fsync_dir", "read_jsonl", "write_atomic"]
+
+
+class JsonlError(RatlibError, ValueError):
+    """A JSON-lines file has a broken line that is not the last one (not a cut-off write)."""
+
 
 TMP_PREFIX = ".tmp-"  # temporary files start with this; readers that list folders skip them
 
 
 def _umask() -> int:
-    """The process umask: from /proc on Linux (Umask: line, kernel 4.7+); elsewhere by setting and restoring it,
-    which briefly changes it for the other threads too, the only portable way."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
+    """The process umask (read by setting and restoring it; there is no read-only call)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -77,3 +80,45 @@ def write_atomic(
         raise
     fsync_dir(path.parent)
     return path
+
+
+def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line to ``path``, in one ``write``, then fsync.
+
+    A process killed mid-write leaves at most a cut-off last line, which ``read_jsonl`` skips. Call it
+    from one rank (the main one): appends from several processes to one file may interleave.
+    """
+    line = json.dumps(record, allow_nan=True) + "\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, line.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a missing file is empty and a cut-off last line is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:  # the last line, cut off by a crash mid-write
+                break
+            raise JsonlError(
+                message(
+                    f"{path}: line {i + 1} is not JSON ({exc.msg})",
+                    got=repr(line[:80]),
+                    fix="only the last line may be cut off; repair or remove that line",
+                )
+            ) from None
+    return records

@@ -52,3 +52,27 @@ def test_new_files_get_the_permissions_open_would_give(tmp_path: Path, umask: in
     finally:
         os.umask(old)
     assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
+
+
+def test_append_jsonl_writes_one_line_per_record_and_reads_them_back(tmp_path: Path) -> None:
+    from ratlib.io import append_jsonl, read_jsonl
+
+    path = tmp_path / "sub" / "metrics.jsonl"
+    append_jsonl(path, {"step": 1, "loss": 0.5})
+    append_jsonl(path, {"step": 2, "loss": float("nan")})
+    assert path.read_text(encoding="utf-8").count("\n") == 2
+    rows = read_jsonl(path)
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] != rows[1]["loss"]
+
+
+def test_read_jsonl_skips_a_cut_off_last_line_but_not_a_broken_middle_one(tmp_path: Path) -> None:
+    from ratlib.errors import RatlibError
+    from ratlib.io import read_jsonl
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st', encoding="utf-8")
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n', encoding="utf-8")
+    with pytest.raises(RatlibError, match="line 2 is not JSON"):
+        read_jsonl(path)
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
