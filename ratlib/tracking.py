@@ -22,7 +22,9 @@ Backend packages (tensorboard, wandb, mlflow) are imported on the worker threads
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -361,7 +363,6 @@ class _Worker:
         self.start_timeout, self.write_timeout = start_timeout, write_timeout
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self.state: dict[str, Any] = dict(run.state)
-        self.started = False
         self.dropped = False  # set once, with the one warning
         self.busy: tuple[str, float] | None = ("start", time.monotonic())  # the call running now, since when
         self._lock = threading.Lock()
@@ -388,38 +389,32 @@ class _Worker:
             with contextlib.suppress(Exception):
                 self.backend.close()
             return
-        self.started, self.busy = True, None
+        self.busy = None
         self._on_state()
         while True:
             item = self.queue.get()
             if self.dropped:
                 return
             if item is _STOP:
-                what = "close"
+                what, call = "close", self.backend.close
             elif isinstance(item, threading.Event):
-                what = "flush"
+                what, call = "flush", self.backend.flush
             else:
-                what = f"log (step {item[1]})"
+                what, call = f"log (step {item[1]})", functools.partial(self.backend.log, *item)
             self.busy = (what, time.monotonic())
             try:
-                if item is _STOP:
-                    self.backend.close()
-                elif isinstance(item, threading.Event):
-                    self.backend.flush()
-                else:
-                    self.backend.log(*item)
+                call()
             except Exception as exc:
                 self.busy = None
-                if item is _STOP:
-                    return self.drop(f"its close raised {type(exc).__name__}: {exc}")
-                with contextlib.suppress(Exception):
-                    self.backend.close()
+                if item is not _STOP:
+                    with contextlib.suppress(Exception):
+                        self.backend.close()
                 return self.drop(f"its {what} raised {type(exc).__name__}: {exc}")
             self.busy = None
-            if isinstance(item, threading.Event):
-                item.set()
             if item is _STOP:
                 return
+            if isinstance(item, threading.Event):
+                item.set()
 
     def check(self, now: float) -> bool:
         """False once dropped; drops a backend whose current call has run past its timeout."""
@@ -503,6 +498,7 @@ class Tracker:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        atexit.register(self.close)  # a script that forgets close() still flushes, within the deadline
         options = {"jsonl": jsonl, "tensorboard": tensorboard, "wandb": wandb, "mlflow": mlflow}
         resuming = bool(state)
         flat = flatten_config(config) if config is not None and not resuming else None
@@ -662,6 +658,7 @@ class Tracker:
         self._closed = True
         if not self.enabled:
             return
+        atexit.unregister(self.close)
         deadline = time.monotonic() + (self.close_timeout if timeout is None else timeout)
         live = [w for w in self._workers if w.check(time.monotonic())]
         for worker in live:

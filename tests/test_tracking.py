@@ -435,3 +435,13 @@ def test_mlflow_file_store_gives_one_run_across_a_resume(tmp_path: Path, monkeyp
     assert run.info.status == "FINISHED" and run.data.params == {"training.lr": "0.1"}
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(5)] + [(5, 50.0)]
+
+
+def test_a_script_that_forgets_close_still_writes_every_row(tmp_path: Path) -> None:
+    code = (
+        "import sys; from ratlib.tracking import Tracker\n"
+        "t = Tracker(sys.argv[1], backends=['jsonl'])\n"
+        "for s in range(200): t.log({'loss': float(s)}, s)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(200))
