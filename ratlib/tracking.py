@@ -304,7 +304,8 @@ class MlflowBackend(Backend):
         if run.config:
             from mlflow.entities import Param
 
-            params = [Param(k, json.dumps(v, default=str)[:500]) for k, v in sorted(run.config.items())]
+            text = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in run.config.items()}
+            params = [Param(k, v[:500]) for k, v in sorted(text.items())]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[i : i + 100])
         return {"run_id": self.run_id, "experiment_id": experiment_id, "tracking_uri": uri}

@@ -417,7 +417,8 @@ def test_wandb_offline_gives_one_run_across_a_resume(tmp_path: Path, monkeypatch
 def test_mlflow_file_store_gives_one_run_across_a_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     require("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with Tracker(tmp_path, backends=["mlflow"], config={"training": {"lr": 0.1}}) as tracker:
+    config = {"training": {"lr": 0.1, "optimizer": "adamw"}}
+    with Tracker(tmp_path, backends=["mlflow"], config=config) as tracker:
         for step in range(5):
             tracker.log({"loss": float(step)}, step)
         assert tracker.flush(timeout=120) and tracker.backends == ["mlflow"]
@@ -432,7 +433,7 @@ def test_mlflow_file_store_gives_one_run_across_a_resume(tmp_path: Path, monkeyp
     runs = client.search_runs(experiments)
     assert [r.info.run_id for r in runs] == [state["backends"]["mlflow"]["run_id"]]
     (run,) = runs
-    assert run.info.status == "FINISHED" and run.data.params == {"training.lr": "0.1"}
+    assert run.info.status == "FINISHED" and run.data.params == {"training.lr": "0.1", "training.optimizer": "adamw"}
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(5)] + [(5, 50.0)]
 
