@@ -502,6 +502,13 @@ class Tracker:
         atexit.register(self.close)  # a script that forgets close() still flushes, within the deadline
         options = {"jsonl": jsonl, "tensorboard": tensorboard, "wandb": wandb, "mlflow": mlflow}
         resuming = bool(state)
+        earlier = self.run_dir / ((jsonl or {}).get("filename") or "metrics.jsonl")
+        if not resuming and earlier.is_file() and earlier.stat().st_size > 0:
+            _log().warning(
+                "%s already holds metrics from an earlier run; this new run adds to it. To continue that run "
+                "pass resume=<the tracker state kept in its checkpoint>; for a separate run use a new run_dir",
+                earlier,
+            )
         flat = flatten_config(config) if config is not None and not resuming else None
         saved = state.get("backends", {})
         for backend in chosen:

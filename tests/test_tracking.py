@@ -142,6 +142,15 @@ def test_resume_drops_jsonl_rows_after_the_checkpoint_step(tmp_path: Path) -> No
     assert [r["loss"] for r in rows if r.get("step", 0) >= 4] == [104.0, 105.0]
 
 
+def test_a_new_run_in_a_used_folder_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with Tracker(tmp_path, backends=["jsonl"]) as tracker:
+        tracker.log({"loss": 1.0}, 0)
+    assert tracking_records(caplog) == []
+    Tracker(tmp_path, backends=["jsonl"]).close()
+    (warning,) = tracking_records(caplog)
+    assert "already holds metrics from an earlier run" in warning and "resume=" in warning
+
+
 def test_resume_true_reads_the_state_a_clean_close_left(tmp_path: Path) -> None:
     with Tracker(tmp_path, backends=["jsonl"]) as tracker:
         tracker.log({"loss": 1.0}, 7)
