@@ -7,7 +7,8 @@ A few conv layers on 64x64 images, batch 8, AdamW: rounds of plain steps and rou
 alike. A tracked round is timed until ``tracker.flush()`` returns, so the work the backend threads do is
 counted. Prints the median ms per step of each, the ratio (issue #21 asks for <= 1.01), and the median time
 of the ``log`` call itself (what the training thread waits for) and the ratio of process CPU time (all
-threads, the backends' included), both less noisy than wall time on a busy machine.
+threads, the backends' included), both less noisy than wall time on a busy machine; and, alone, the whole
+cost of one record (``log`` plus the backends' writes on their threads) against a plain step.
 """
 
 from __future__ import annotations
@@ -90,9 +91,25 @@ def main() -> None:
         print(f"backends still logging at the end: {tracker.backends}; steps logged: {step}")
         tracker.close()
 
+        # The whole cost of one record, alone: log() plus the backends' writes on their threads (CPU, all threads).
+        alone = Tracker(Path(tmp) / "alone", backends=args.backends.split(","))
+        alone.log({"loss": 0.0, "lr": 1e-3}, 0)
+        alone.flush(timeout=120)
+        cpu, wall, n = time.process_time(), time.perf_counter(), 500
+        for i in range(1, n + 1):
+            alone.log({"loss": float(i), "lr": 1e-3}, i)
+        alone.flush(timeout=120)
+        record_cpu, record_wall = (time.process_time() - cpu) / n, (time.perf_counter() - wall) / n
+        alone.close()
+
     p, t = statistics.median(plain), statistics.median(tracked)
     print(f"plain step:    {p * 1e3:8.3f} ms (median of {args.rounds} rounds x {args.steps} steps)")
     print(f"tracked step:  {t * 1e3:8.3f} ms  (Tracker.log every step, backends {args.backends})")
+    print(
+        f"one record alone (log + the backends' writes): {record_cpu * 1e6:.0f} us CPU, "
+        f"{record_wall * 1e6:.0f} us wall "
+        f"= {record_cpu / p:.3%} of a plain step"
+    )
     call = statistics.median(log_calls)
     print(f"Tracker.log on the training thread: {call * 1e6:.1f} us per call ({call / p:.3%} of a plain step)")
     print(f"ratio tracked/plain: {t / p:.4f}  (target <= 1.01)")
