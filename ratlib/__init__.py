@@ -21,6 +21,7 @@ _SUBMODULES = (
     "hang",
     "checkpoint",
     "memory",
+    "tracking",
     "synthetic",
     "doctor",
     "cli",
@@ -83,6 +84,9 @@ _EXPORTS = {
     "memory_report": "memory",
     "reset_peak_memory": "memory",
     "MemoryReport": "memory",
+    # tracking
+    "Tracker": "tracking",
+    "TrackingError": "tracking",
 }
 
 __all__ = ["__version__", *_SUBMODULES, *_EXPORTS]
@@ -118,6 +122,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         rank_logger,
         synthetic,
         testing,
+        tracking,
     )
     from .checkpoint import CheckpointError
     from .coco_paths import CocoPathError, CocoPaths, CocoSplit, annotation_filename, parse_split, resolve_coco
@@ -153,3 +158,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .hang import CollectiveMismatchError, HangError, heartbeat
     from .memory import MemoryReport, memory_report, reset_peak_memory
     from .rank_logger import get_logger, progress, rank_zero_only, setup_logging
+    from .tracking import Tracker, TrackingError
