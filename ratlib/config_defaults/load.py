@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ratlib.config_defaults.schema import SMOKE_DEFAULTS, ConfigError, ExperimentConfig
+from ratlib.errors import message
 from ratlib.io import write_atomic
 
 __all__ = ["dump_config", "load_config"]
@@ -145,10 +146,14 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
-            f"{path}: config file not found (relative paths start at {os.getcwd()}); check the path"
+            message(
+                f"{path}: config file not found", got=f"relative paths start at {os.getcwd()}", fix="check the path"
+            )
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the config ({exc}); pass a UTF-8 YAML file") from None
+        raise ConfigError(
+            message(f"{path}: cannot read the config", got=str(exc), fix="pass a UTF-8 YAML file")
+        ) from None
     try:
         data = yaml.load(text, Loader=_Loader)
         lines = _key_lines(text)
@@ -168,8 +173,11 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
         return {}, lines
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{path}: the top level is a {type(data).__name__} ({str(data)[:40]!r}); expected a "
-            "mapping of sections such as 'training: {batch_size: 32}'"
+            message(
+                f"{path}: the top level is a {type(data).__name__}",
+                got=repr(str(data)[:40]),
+                expected="a mapping of sections such as 'training: {batch_size: 32}'",
+            )
         )
     return data, lines
 
@@ -177,17 +185,23 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
 def _parse_override(item: Any) -> tuple[tuple[str, ...], Any]:
     """``"training.optimizer.lr=3e-4"`` -> (("training", "optimizer", "lr"), 0.0003); values are YAML."""
     if not isinstance(item, str):
-        raise ConfigError(f"override {item!r}: expected a 'dotted.key=value' string")
+        raise ConfigError(message(f"override {item!r} is not a string", expected="a 'dotted.key=value' string"))
     key, sep, raw = item.partition("=")
     keys = tuple(part.strip() for part in key.strip().split("."))
     if not sep or not all(keys):
-        raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. training.optimizer.lr=3e-4")
+        raise ConfigError(
+            message(f"override {item!r}: expected dotted.key=value", fix="write it as e.g. training.optimizer.lr=3e-4")
+        )
     try:
         value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or exc
         raise ConfigError(
-            f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); quote it, e.g. {key}='\"{raw}\"'"
+            message(
+                f"override {item!r}: the value {raw!r} is not valid YAML",
+                got=str(problem),
+                fix=f"quote it, e.g. {key}='\"{raw}\"'",
+            )
         ) from None
     return keys, value
 
@@ -201,7 +215,9 @@ def _set(data: dict[str, Any], keys: tuple[str, ...], value: Any, item: str) -> 
         if not isinstance(child, dict):
             path = ".".join(keys[: i + 1])
             raise ConfigError(
-                f"override {item!r}: {path} is {child!r}, not a section; set it whole instead ({path}=...)"
+                message(
+                    f"override {item!r}: {path} is {child!r}, not a section", fix=f"set it whole instead ({path}=...)"
+                )
             )
         node = child
     node[keys[-1]] = value
@@ -645,7 +661,7 @@ def load_config(
         data, lines = _read_yaml(Path(source))
         name = str(source)
     if isinstance(overrides, str):
-        raise ConfigError(f"overrides={overrides!r} is one string; pass a list such as [{overrides!r}]")
+        raise ConfigError(message(f"overrides={overrides!r} is one string", fix=f"pass a list such as [{overrides!r}]"))
     override_at: dict[tuple[str, ...], str] = {}
     for item in overrides:
         keys, value = _parse_override(item)
