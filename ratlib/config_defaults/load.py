@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 import os
 import re
@@ -708,7 +709,7 @@ def _log_defaults(
         log.info(
             "config %s: smoke=true on the command line wins over the config's %s",
             name,
-            ", ".join(f"{p}={v}" for p, v in replaced.items()),
+            ", ".join(f"{p}={json.dumps(v, default=str)}" for p, v in replaced.items()),
         )
 
 
