@@ -71,6 +71,7 @@ class Report:
     configs: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     skipped_why: dict[str, str] = field(default_factory=dict)
+    studies: dict[str, str] = field(default_factory=dict)  # study file -> the schema it was validated with
     changes: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
 
@@ -289,6 +290,7 @@ def _find_configs(path: Path, schema: type[BaseModel], report: Report) -> list[t
                 report.skip(candidate, study)
             else:
                 found.append((candidate, study))
+                report.studies[str(candidate)] = f"{study.__module__.removeprefix('_ratlib_doctor_')}.{study.__name__}"
         elif path.is_file() or _looks_like_config(data, schema):
             found.append((candidate, schema))
         else:
@@ -570,6 +572,8 @@ def _print(report: Report) -> None:
         print(f"fixed: {change}")
     for reported in report.findings:
         print(reported)
+    for path, schema in report.studies.items():
+        print(f"study file {path}: validated with the runner's STUDY_SCHEMA ({schema})")
     for path in report.skipped:
         print(f"skipped {path}: {report.skipped_why.get(path, 'not a config')}")
     env = report.environment
@@ -612,6 +616,7 @@ def cli_main(args: argparse.Namespace) -> int:
                     "configs": report.configs,
                     "skipped": report.skipped,
                     "skipped_why": report.skipped_why,
+                    "studies": report.studies,
                     "changes": report.changes,
                     "environment": report.environment,
                 },

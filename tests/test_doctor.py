@@ -282,6 +282,7 @@ def test_study_files_are_validated_with_the_schema_of_their_runner(tmp_path: Pat
     study.write_text("base: segmentation\nseeds: [0, 1]\ngrid:\n  model.feature_dims: [8, 16]\n")
     ok = _doctor(str(study), "--strict", "--device", "cpu")
     assert ok.returncode == 0 and "checked 1 config(s): 0 error(s), 0 warning(s)" in ok.stdout, ok.stdout
+    assert f"study file {study}: validated with the runner's STUDY_SCHEMA (run.Study)" in ok.stdout
     study.write_text("base: segmentation\nseedz: [0, 1]\ngrid:\n  model.feature_dims: [8, 16]\n")
     bad = _doctor(str(study), "--device", "cpu")
     assert bad.returncode == 1 and f"{study}:2: ERROR seedz: unknown key; did you mean 'seeds'?" in bad.stdout
