@@ -304,6 +304,8 @@ def test_cross_field_errors_come_with_field_errors(tmp_path: Path) -> None:
         load_config(path)
     assert [p for p, _ in info.value.problems] == ["training.batch_size", "training.scheduler.min_lr"]
     assert "training.scheduler.min_lr (line 4): got 1.0; the cosine schedule needs min_lr below" in str(info.value)
+    betas = {"training": {"optimizer": {"betas": [0.9, "x"]}, "scheduler": {"min_lr": 1}}}  # a bad list item
+    assert [p for p, _ in _problems(betas)] == ["training.optimizer.betas.1", "training.scheduler.min_lr"]
     # a bad key the rule reads: the rule is not judged on a default in its place
     assert [p for p, _ in _problems({"training": {"optimizer": {"lr": -1}, "scheduler": {"min_lr": 1e-3}}})] == [
         "training.optimizer.lr"

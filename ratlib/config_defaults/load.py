@@ -530,7 +530,8 @@ def _second_round(
     when every field of its model is valid): validate again with the bad keys at their defaults, and keep
     the cross-field errors that none of the bad keys feeds."""
     bad = {loc for loc, _ in first}
-    trimmed = _without(data, sorted(bad, key=len, reverse=True))
+    fields = {loc[: next((i for i, p in enumerate(loc) if p.isdigit()), len(loc))] for loc in bad}  # betas.1 -> betas
+    trimmed = _without(data, sorted(fields, key=len, reverse=True))
     try:
         schema.model_validate(trimmed)
     except ValidationError as exc:
