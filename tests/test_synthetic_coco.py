@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ratlib.synthetic.coco import SHAPES
 from ratlib.coco_paths import CocoSplit, resolve_coco, validate_annotations
 from ratlib.synthetic import make_coco_detection
+from ratlib.synthetic.coco import SHAPES
 
 # pycocotools' mask decoding warns under numpy 2 (its own code, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
