@@ -72,8 +72,7 @@ _EXPORTS = {
     "ModelConfig": "config_defaults",
     "DataConfig": "config_defaults",
     "TrainingConfig": "config_defaults",
-    "estimate_model_memory": "config_defaults",
-    "probe_memory": "config_defaults",
+    "register_check": "config_defaults",
     # hang
     "heartbeat": "hang",
     "HangError": "hang",
@@ -84,6 +83,8 @@ _EXPORTS = {
     "memory_report": "memory",
     "reset_peak_memory": "memory",
     "MemoryReport": "memory",
+    "estimate_model_memory": "memory",
+    "probe_memory": "memory",
     # tracking
     "Tracker": "tracking",
     "TrackingError": "tracking",
@@ -136,9 +137,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TrainingConfig,
         check_config,
         dump_config,
-        estimate_model_memory,
         load_config,
-        probe_memory,
+        register_check,
         to_deepspeed_config,
     )
     from .dist_init import (
@@ -156,6 +156,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         shutdown,
     )
     from .hang import CollectiveMismatchError, HangError, heartbeat
-    from .memory import MemoryReport, memory_report, reset_peak_memory
+    from .memory import MemoryReport, estimate_model_memory, memory_report, probe_memory, reset_peak_memory
     from .rank_logger import get_logger, progress, rank_zero_only, setup_logging
     from .tracking import Tracker, TrackingError

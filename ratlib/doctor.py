@@ -13,6 +13,7 @@ import argparse
 import ast
 import difflib
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -26,15 +27,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from ratlib.config_defaults import (
-    ConfigError,
-    ExperimentConfig,
-    Finding,
-    _Dumper,
-    _key_lines,
-    check_config,
-    load_config,
-)
+from ratlib.config_defaults import ConfigError, ExperimentConfig, Finding, check_config, load_config
+from ratlib.config_defaults.load import _Dumper, _key_lines
 from ratlib.io import write_atomic
 
 __all__ = ["Report", "Reported", "cli_main", "diagnose", "missing_init_files"]
@@ -76,6 +70,8 @@ class Report:
     findings: list[Reported] = field(default_factory=list)
     configs: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    skipped_why: dict[str, str] = field(default_factory=dict)
+    studies: dict[str, str] = field(default_factory=dict)  # study file -> the schema it was validated with
     changes: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
 
@@ -87,6 +83,10 @@ class Report:
     ) -> None:
         finding = Finding(severity, key, message, advice)  # type: ignore[arg-type]
         self.findings.append(Reported(str(path), line, finding))
+
+    def skip(self, path: Path | str, why: str) -> None:
+        self.skipped.append(str(path))
+        self.skipped_why[str(path)] = why
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,43 +193,108 @@ def _syntax_errors(root: Path, report: Report) -> None:
 
 
 def _is_ablation_study(data: Any) -> bool:
-    """examples/ablation's study files (base + grid/variants) are not experiment configs: the runner
-    validates every variant itself (``run.py --config STUDY --dry-run``)."""
+    """A study file (examples/ablation: a ``base`` example and a ``grid`` or ``variants``) is not an
+    experiment config: it is validated with the study schema of its runner (``_study_schema``)."""
     return isinstance(data, dict) and "base" in data and ("grid" in data or "variants" in data)
 
 
-def _looks_like_config(path: Path, schema: type[BaseModel]) -> bool:
+def _read(path: Path) -> Any:
+    """The YAML data of a file, or ``_BROKEN`` when it cannot be read or parsed (load_config says why)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return _BROKEN
+
+
+_BROKEN = object()
+
+
+def _looks_like_config(data: Any, schema: type[BaseModel]) -> bool:
     """A YAML file whose top level has a key of the schema (or one close to it): CI files,
     docker-compose and the like are left alone when a folder is searched."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+    if data is _BROKEN:
         return True  # broken YAML: let load_config report where
-    if not isinstance(data, dict) or _is_ablation_study(data):
+    if not isinstance(data, dict):
         return False
     known = list(schema.model_fields)
     return any(str(k) in known or difflib.get_close_matches(str(k), known, n=1, cutoff=0.75) for k in data)
 
 
-def _find_configs(path: Path, schema: type[BaseModel], report: Report) -> list[Path]:
-    if path.is_file():
+def _defines(tree: ast.Module, name: str) -> bool:
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return True
+    return False
+
+
+_STUDY_SCHEMAS: dict[Path, type[BaseModel] | str] = {}
+
+
+def _study_schema(path: Path) -> type[BaseModel] | str:
+    """The schema of a study file: ``STUDY_SCHEMA`` of the Python file beside it that defines it at module
+    level (found by parsing, then imported by path with its folder on ``sys.path``, as the runner runs),
+    or the reason there is none. Doctor imports no example statically: examples sit above the library."""
+    folder = path.resolve().parent
+    if folder in _STUDY_SCHEMAS:
+        return _STUDY_SCHEMAS[folder]
+    found: type[BaseModel] | str = (
+        "a study file (top-level 'base' and 'grid' or 'variants'), and no Python file beside it defines "
+        "STUDY_SCHEMA; validate it with its runner's --dry-run, or define STUDY_SCHEMA in the runner"
+    )
+    for py in sorted(folder.glob("*.py")):
         try:
-            study = _is_ablation_study(yaml.safe_load(path.read_text(encoding="utf-8")))
-        except (yaml.YAMLError, OSError, UnicodeDecodeError):
-            study = False  # load_config reports what is wrong with it
-        if study:
-            report.skipped.append(str(path))
-            return []
-        return [path]
+            if not _defines(ast.parse(py.read_text(encoding="utf-8")), "STUDY_SCHEMA"):
+                continue
+        except (SyntaxError, OSError, UnicodeDecodeError):
+            continue
+        name = f"_ratlib_doctor_{py.stem}"
+        spec = importlib.util.spec_from_file_location(name, py)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # pydantic resolves the module's annotations through sys.modules
+        sys.path.insert(0, str(folder))
+        try:
+            spec.loader.exec_module(module)
+            schema = module.STUDY_SCHEMA
+        except Exception as exc:  # the runner's own import failed: say which and why, do not crash
+            found = f"a study file; importing {py} for its STUDY_SCHEMA failed ({type(exc).__name__}: {exc})"
+        else:
+            ok = isinstance(schema, type) and issubclass(schema, BaseModel)
+            found = schema if ok else f"a study file; {py} defines STUDY_SCHEMA = {schema!r}, not a pydantic model"
+        finally:
+            sys.path.remove(str(folder))
+        break
+    _STUDY_SCHEMAS[folder] = found
+    return found
+
+
+def _find_configs(path: Path, schema: type[BaseModel], report: Report) -> list[tuple[Path, type[BaseModel]]]:
+    """(file, schema to validate it with) for the configs and study files at ``path``; the YAML files
+    left out go to ``report.skipped`` with the reason."""
+    if path.is_file():
+        candidates = [path]
+    else:
+        candidates = [
+            folder / name
+            for folder, files in _walk(path)
+            for name in files
+            if name.endswith(_CONFIG_SUFFIXES) and not name.endswith(".bak")
+        ]
     found = []
-    for folder, files in _walk(path):
-        for name in files:
-            if name.endswith(_CONFIG_SUFFIXES) and not name.endswith(".bak"):
-                candidate = folder / name
-                if _looks_like_config(candidate, schema):
-                    found.append(candidate)
-                else:
-                    report.skipped.append(str(candidate))
+    for candidate in candidates:
+        data = _read(candidate)
+        if _is_ablation_study(data):
+            study = _study_schema(candidate)
+            if isinstance(study, str):
+                report.skip(candidate, study)
+            else:
+                found.append((candidate, study))
+                report.studies[str(candidate)] = f"{study.__module__.removeprefix('_ratlib_doctor_')}.{study.__name__}"
+        elif path.is_file() or _looks_like_config(data, schema):
+            found.append((candidate, schema))
+        else:
+            report.skip(candidate, f"no top-level key of {schema.__name__} ({', '.join(schema.model_fields)})")
     return found
 
 
@@ -348,6 +413,7 @@ def fix_config(path: Path, schema: type[BaseModel] = ExperimentConfig) -> list[s
 def _check_one(
     path: Path, report: Report, schema: type[BaseModel], world_size: int, device: str | None, memory: float | None
 ) -> None:
+    """Validate one file with ``schema``; then ``check_config`` for experiment configs (not study files)."""
     report.configs.append(str(path))
     try:
         lines = _key_lines(path.read_text(encoding="utf-8"))
@@ -367,6 +433,8 @@ def _check_one(
                 "fix or delete the key (deleted keys take their defaults)",
                 lines.get(tuple(key.split("."))),
             )
+        return
+    if not isinstance(cfg, ExperimentConfig):
         return
     for finding in check_config(cfg, world_size, device=device, device_memory_gib=memory):  # type: ignore[arg-type]
         report.findings.append(Reported(str(path), lines.get(tuple(finding.key.split("."))), finding))
@@ -457,7 +525,9 @@ def diagnose(
             continue
         configs = _find_configs(path, schema, report)
         if fix:
-            for config in configs:
+            for config, own in configs:
+                if own is not schema:
+                    continue  # a study file: --fix adds experiment sections only
                 try:
                     report.changes += fix_config(config, schema)
                 except (ConfigError, yaml.YAMLError) as exc:  # nothing was written; the check below says more
@@ -482,8 +552,17 @@ def diagnose(
                     f"create {folder / '__init__.py'} (empty is enough), or run with --fix",
                 )
             _syntax_errors(path, report)
-        for config in configs:
-            _check_one(config, report, schema, world_size, device, device_memory_gib)
+        for config, own in configs:
+            _check_one(config, report, own, world_size, device, device_memory_gib)
+    if not report.configs:
+        report.add(
+            ", ".join(paths) or "(no paths)",
+            "warning",
+            "configs",
+            "nothing checked: no config or study file found"
+            + (f" (skipped {len(report.skipped)} YAML file(s), each named with the reason)" if report.skipped else ""),
+            "give a config file, or a folder that holds one",
+        )
     _environment(report, device)
     return report
 
@@ -493,6 +572,10 @@ def _print(report: Report) -> None:
         print(f"fixed: {change}")
     for reported in report.findings:
         print(reported)
+    for path, schema in report.studies.items():
+        print(f"study file {path}: validated with the runner's STUDY_SCHEMA ({schema})")
+    for path in report.skipped:
+        print(f"skipped {path}: {report.skipped_why.get(path, 'not a config')}")
     env = report.environment
     packages = ", ".join(f"{k} {v or 'not installed'}" for k, v in env["packages"].items())
     gpus = f", GPUs: {', '.join(env['gpus']) or 'none'}" if "gpus" in env else ""
@@ -532,6 +615,8 @@ def cli_main(args: argparse.Namespace) -> int:
                     "findings": [{"path": r.path, "line": r.line, **asdict(r.finding)} for r in report.findings],
                     "configs": report.configs,
                     "skipped": report.skipped,
+                    "skipped_why": report.skipped_why,
+                    "studies": report.studies,
                     "changes": report.changes,
                     "environment": report.environment,
                 },

@@ -3,7 +3,6 @@ memory estimates, the DeepSpeed bridge and dumping."""
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -18,13 +17,15 @@ from pydantic import ConfigDict
 from ratlib.config_defaults import (
     ConfigError,
     ExperimentConfig,
+    Finding,
     MemoryProbe,
     ModelConfig,
     check_config,
     dump_config,
-    estimate_model_memory,
     load_config,
+    register_check,
     to_deepspeed_config,
+    unregister_check,
 )
 from ratlib.synthetic import make_coco_detection
 from ratlib.testing.strategies import configs
@@ -264,6 +265,78 @@ def test_smoke_fills_unset_keys_and_records_them() -> None:
     assert load_config({"smoke": False}).data.limit is None
 
 
+def test_smoke_on_the_command_line_wins_over_the_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _write(tmp_path, "training:\n  num_epochs: 10\n  max_steps: 160\ndata:\n  limit: 500\n")
+    with caplog.at_level("INFO", logger="ratlib.config"):
+        cfg = load_config(path, overrides=["smoke=true"])
+    assert (cfg.data.limit, cfg.training.max_steps, cfg.training.num_epochs) == (16, 10, 1)
+    assert sorted(cfg.smoke_applied) == ["data.limit", "training.max_steps", "training.num_epochs"]
+    assert set(cfg.smoke_applied) <= set(cfg.defaults_applied)
+    wins = [r.getMessage() for r in caplog.records if "smoke=true on the command line wins" in r.getMessage()]
+    assert len(wins) == 1 and "training.num_epochs=10" in wins[0] and "data.limit=500" in wins[0], wins
+    other = load_config(path, overrides=["smoke=true", "training.max_steps=3"])  # an explicit override still wins
+    assert (other.training.max_steps, other.training.num_epochs, other.data.limit) == (3, 1, 16)
+    in_file = load_config(_write(tmp_path, "smoke: true\ntraining:\n  num_epochs: 10\n", "f.yaml"))
+    assert (in_file.training.num_epochs, in_file.training.max_steps, in_file.data.limit) == (10, 10, 16)
+    off = load_config(path, overrides=["smoke=false"])
+    assert (off.training.num_epochs, off.training.max_steps, off.data.limit) == (10, 160, 500)
+
+
+def test_an_override_typo_names_the_override_not_a_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "output_dir: runs/x\ntraining:\n  batch_size: 8\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides=["training.optimzer.lr=1"])
+    text = str(info.value)
+    assert "training.optimzer (override 'training.optimzer.lr=1'): unknown key" in text, text
+    assert "line 2" not in text
+    for source in (None, {"training": {"batch_size": 8}}):
+        with pytest.raises(ConfigError) as info:
+            load_config(source, overrides=["trainig.max_steps=3"])
+        assert "trainig (override 'trainig.max_steps=3'): unknown section" in str(info.value), str(info.value)
+    with pytest.raises(ConfigError) as info:  # a key the file has keeps its line
+        load_config(_write(tmp_path, "training:\n  optimzer:\n    lr: 1\n", "t.yaml"))
+    assert "training.optimzer (line 2): unknown key" in str(info.value)
+
+
+def test_cross_field_errors_come_with_field_errors(tmp_path: Path) -> None:
+    path = _write(tmp_path, "training:\n  batch_size: yes\n  scheduler:\n    min_lr: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p for p, _ in info.value.problems] == ["training.batch_size", "training.scheduler.min_lr"]
+    assert "training.scheduler.min_lr (line 4): got 1.0; the cosine schedule needs min_lr below" in str(info.value)
+    betas = {"training": {"optimizer": {"betas": [0.9, "x"]}, "scheduler": {"min_lr": 1}}}  # a bad list item
+    assert [p for p, _ in _problems(betas)] == ["training.optimizer.betas.1", "training.scheduler.min_lr"]
+    # a bad key the rule reads: the rule is not judged on a default in its place
+    assert [p for p, _ in _problems({"training": {"optimizer": {"lr": -1}, "scheduler": {"min_lr": 1e-3}}})] == [
+        "training.optimizer.lr"
+    ]
+    # a project's model validator comes with field errors of other sections, not of its own
+    from pydantic import BaseModel, model_validator
+
+    class Sized(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        width: int = 8
+        depth: int = 3
+
+        @model_validator(mode="after")
+        def _size(self) -> Sized:
+            assert self.width * self.depth <= 100, "width x depth must stay <= 100"
+            return self
+
+    class Project(ExperimentConfig):
+        model: Sized = Sized()
+
+    assert sorted(p for p, _ in _problems({"model": {"width": 50}, "training": {"batch_size": 0}}, schema=Project)) == [
+        "model",
+        "training.batch_size",
+    ]
+    assert [p for p, _ in _problems({"model": {"width": 50, "depth": "x"}}, schema=Project)] == ["model.depth"]
+
+
+class ProjectLoose(ExperimentConfig):
+    """A project schema whose model section passes through (for registered checks)."""
+
+
 class StrictModel(ModelConfig):
     model_config = ConfigDict(extra="forbid")
     feature_dims: int = 32
@@ -339,6 +412,14 @@ def _keys(findings) -> set[tuple[str, str]]:
     return {(f.severity, f.key) for f in findings}
 
 
+def _size_rule(cfg: ExperimentConfig, world_size: int) -> list[Finding]:
+    """The segmentation example's own size rule, registered by the example (the library has none)."""
+    dims, blocks = cfg.model.model_extra.get("feature_dims"), cfg.model.model_extra.get("num_blocks")
+    if ((dims or 0) > 512 or (blocks or 0) > 8) and not cfg.training.deepspeed.enabled:
+        return [Finding("warning", "model", f"feature_dims={dims}, num_blocks={blocks}", "set zero_stage=2")]
+    return []
+
+
 def test_check_config_flags_the_old_failures(tmp_path: Path) -> None:
     risky = load_config(
         {
@@ -347,7 +428,8 @@ def test_check_config_flags_the_old_failures(tmp_path: Path) -> None:
             "data": {"root": str(tmp_path / "missing"), "ann_file": str(tmp_path / "nope.json")},
         }
     )
-    findings = check_config(risky, world_size=4, device="cpu")
+    assert ("warning", "model") not in _keys(check_config(risky, world_size=4, device="cpu"))  # no example rule
+    findings = check_config(risky, world_size=4, device="cpu", checks=[_size_rule])
     assert {
         ("warning", "training.batch_size"),
         ("warning", "model"),
@@ -363,12 +445,64 @@ def test_check_config_flags_the_old_failures(tmp_path: Path) -> None:
     assert "zero_stage=2" in model.advice
     clean = load_config({"training": {"mixed_precision": False}})
     assert [f for f in check_config(clean, device="cpu") if f.severity != "info"] == []
-    assert check_config(load_config({"training": {"batch_size": 80}}), max_batch_size=96, device="cpu") == check_config(
-        load_config({"training": {"batch_size": 80}}), max_batch_size=96, device="cpu"
+    assert ("warning", "training.batch_size") in _keys(  # the default max_batch_size (64) warns about 80
+        check_config(load_config({"training": {"batch_size": 80}}), device="cpu")
     )
     assert ("warning", "training.batch_size") not in _keys(
         check_config(load_config({"training": {"batch_size": 80}}), max_batch_size=96, device="cpu")
     )
+
+
+def test_registered_checks_run_for_their_schema_only() -> None:
+    big = {"model": {"feature_dims": 1024, "num_blocks": 12}}
+    register_check(_size_rule, schema=ProjectLoose)
+    try:
+        assert ("warning", "model") in _keys(check_config(load_config(big, schema=ProjectLoose), device="cpu"))
+        assert ("warning", "model") not in _keys(check_config(load_config(big), device="cpu"))  # another schema
+        register_check(_size_rule, schema=ProjectLoose)  # again: still one finding, not two
+        found = check_config(load_config(big, schema=ProjectLoose), device="cpu")
+        assert [f.key for f in found].count("model") == 1
+    finally:
+        unregister_check(_size_rule)
+    assert ("warning", "model") not in _keys(check_config(load_config(big, schema=ProjectLoose), device="cpu"))
+    everywhere = register_check(_size_rule)  # no schema: every config; returns the function (a decorator)
+    try:
+        assert everywhere is _size_rule and ("warning", "model") in _keys(check_config(load_config(big)))
+    finally:
+        unregister_check(_size_rule)
+
+
+def test_check_config_findings_of_cpu_deepspeed_warmup_and_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # an import that fails, whatever is installed
+    cfg = load_config(
+        {
+            "training": {
+                "compile": True,
+                "num_epochs": 2,
+                "scheduler": {"warmup_epochs": 2},
+                "deepspeed": {"enabled": True, "zero_stage": 0, "offload": True},
+            },
+            "data": {"num_workers": (os.cpu_count() or 1) + 1},
+        }
+    )
+    found = {f.key: f for f in check_config(cfg, device="cpu")}
+    assert found["training.compile"].severity == "info" and "CPU" in found["training.compile"].message
+    assert found["training.deepspeed.enabled"].severity == "error"
+    assert "not installed" in found["training.deepspeed.enabled"].message
+    assert (
+        found["training.deepspeed.offload"].severity == "warning"
+        and "stage 1" in found["training.deepspeed.offload"].message
+    )
+    assert "warmup_epochs=2.0 is not below num_epochs=2" in found["training.scheduler.warmup_epochs"].message
+    assert f"more than the {os.cpu_count()} CPUs" in found["data.num_workers"].message
+    calm = load_config({"training": {"num_epochs": 3, "scheduler": {"warmup_epochs": 2}}, "data": {"num_workers": 0}})
+    keys = {f.key for f in check_config(calm, device="cuda", device_memory_gib=80)}
+    assert not keys & {
+        "training.compile",
+        "training.deepspeed.enabled",
+        "training.scheduler.warmup_epochs",
+        "data.num_workers",
+    }
 
 
 def test_check_config_resolves_coco_splits(tmp_path: Path) -> None:
@@ -395,39 +529,6 @@ def test_check_config_with_a_model_size_and_a_probe() -> None:
     ]
     assert finding.severity == "error" and "about 68.0 GiB by the measured probe; 32 fits" in finding.message
     assert "training.batch_size=32 and training.gradient_accumulation_steps=2" in finding.advice
-
-
-def test_memory_estimate_counts_like_deepspeed() -> None:
-    p, n = 1_000_000, 4
-    mixed = {
-        s: estimate_model_memory(p, world_size=n, precision="mixed", zero_stage=s, largest_layer_params=1000)
-        for s in range(4)
-    }
-    # DeepSpeed's estimate_zero2_model_states_mem_needs (no offload): 4P + 16P/N
-    assert mixed[1].total_bytes == 4 * p + 16 * p // n
-    assert mixed[0].total_bytes == 20 * p
-    assert mixed[2].total_bytes == 2 * p + 18 * p // n
-    assert mixed[3].total_bytes == 20 * p // n + 4 * 1000
-    offloaded = estimate_model_memory(p, world_size=n, precision="mixed", zero_stage=2, offload=True)
-    assert (offloaded.optimizer_bytes, offloaded.cpu_bytes) == (0, 16 * p // n)
-    fp32 = estimate_model_memory(p)  # plain PyTorch AdamW: weights 4 + gradients 4 + two moments 8
-    assert (fp32.params_bytes, fp32.gradients_bytes, fp32.optimizer_bytes) == (4 * p, 4 * p, 8 * p)
-    assert estimate_model_memory(p, optimizer="sgd", momentum=0.0).total_bytes == 8 * p
-    assert "0.01 GiB per GPU" in str(fp32)
-    with pytest.raises(ValueError, match="zero_stage=5"):
-        estimate_model_memory(p, zero_stage=5)
-
-
-def test_memory_estimate_of_a_module_on_the_meta_device() -> None:
-    torch = pytest.importorskip("torch")
-    with torch.device("meta"):
-        emb = torch.nn.Embedding(100, 16)
-        head = torch.nn.Linear(16, 100, bias=False)
-        head.weight = emb.weight  # tied: counted once
-        model = torch.nn.Sequential(emb, torch.nn.Linear(16, 32), head)
-    est = estimate_model_memory(model, world_size=2, zero_stage=3)
-    assert (est.num_params, est.largest_layer_params) == (1600 + 16 * 32 + 32, 1600)
-    assert est.params_bytes == 4 * est.num_params / 2 + 8 * 1600
 
 
 # ----------------------------------------------------------------------------------------------
@@ -573,6 +674,32 @@ def test_dump_config_round_trip_atomic_and_main_rank_only(tmp_path: Path) -> Non
         assert out.stdout.strip() == "None" and not (tmp_path / "other.yaml").exists(), out.stderr
 
 
+AMBIGUOUS = [
+    *("1e5", "1E5", "1e-4", "5e3", ".5", "-.5", "+.5E3", "+1", "-1", "0", "007", "1.", "1_000", "1:20"),
+    *("0x10", "0o17", "0b101", ".inf", "-.Inf", "+.INF", ".nan", ".NaN", "inf", "nan", "Infinity"),
+    *("yes", "Yes", "YES", "no", "No", "on", "On", "OFF", "off", "y", "Y", "n", "N", "true", "True", "FALSE"),
+    *("tRuE", "nO", "null", "Null", "NULL", "~", "", "=", "<<"),
+    *("2001-12-14", "2001-12-14t21:59:43.10-05:00", "2001-12-14 21:59:43.10 -5", "12:30:00"),
+]
+
+
+@pytest.mark.parametrize("text", AMBIGUOUS)
+def test_dump_config_quotes_strings_that_look_like_something_else(tmp_path: Path, text: str) -> None:
+    cfg = load_config({"output_dir": text, "model": {"name": text, "tags": [text]}, "extra": {text: 1}})
+    path = dump_config(cfg, tmp_path / "config.yaml")
+    back = load_config(path)
+    assert back == cfg and back.output_dir == text and back.model.model_extra["name"] == text
+    assert back.model.model_extra["tags"] == [text] and back.model_dump()["extra"] == {text: 1}
+    assert yaml.safe_load(path.read_text())["output_dir"] == text  # other YAML readers agree
+
+
+def test_dump_config_writes_plain_strings_unquoted(tmp_path: Path) -> None:
+    path = dump_config(load_config({"output_dir": "runs/x1", "model": {"name": "unet"}}), tmp_path / "c.yaml")
+    text = path.read_text()
+    assert "output_dir: runs/x1\n" in text and "name: unet\n" in text and "output_dir: '1e5'" not in text
+    assert "output_dir: '1e5'\n" in dump_config(load_config({"output_dir": "1e5"}), tmp_path / "d.yaml").read_text()
+
+
 def test_dump_config_leaves_the_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "config.yaml"
     target.write_text("old\n")
@@ -584,36 +711,6 @@ def test_dump_config_leaves_the_old_file_on_failure(tmp_path: Path, monkeypatch:
     with pytest.raises(OSError, match="disk full"):
         dump_config(load_config(None), target)
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
-
-
-# ----------------------------------------------------------------------------------------------
-# GPU: the measured probe
-
-
-@pytest.mark.gpu
-def test_probe_memory_extrapolates_a_measured_peak() -> None:
-    import torch
-
-    from ratlib.config_defaults import probe_memory
-
-    def net() -> torch.nn.Module:
-        return torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 3, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.Conv2d(32, 32, 3, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.Conv2d(32, 1, 1),
-        )
-
-    def batch(b: int) -> torch.Tensor:
-        return torch.randn(b, 3, 128, 128)
-
-    probe = probe_memory(net(), batch, batch_sizes=(4, 8))
-    assert probe.bytes_per_sample > 0 and probe.max_batch_size > 8
-    measured = probe_memory(net(), batch, batch_sizes=(4, 32))
-    assert math.isclose(probe.predict(32), measured.peak_bytes[1], rel_tol=0.15), (probe, measured)
-    with pytest.raises(ValueError, match="batch_sizes="):
-        probe_memory(net(), batch, batch_sizes=(4, 4))
 
 
 def test_a_projects_own_validator_messages_reach_the_user() -> None:

@@ -24,6 +24,25 @@ NO_TRAINING = (
 )
 
 
+PROJ_CONFIG = """
+from ratlib.config_defaults import ExperimentConfig, Finding, register_check
+
+
+class Config(ExperimentConfig):
+    pass
+
+
+def size_rule(cfg, world_size):
+    dims, blocks = cfg.model.model_extra.get("feature_dims", 0), cfg.model.model_extra.get("num_blocks", 0)
+    if (max(dims) if isinstance(dims, list) else dims) > 512 or blocks > 8:
+        return [Finding("warning", "model", "too big for plain data parallelism", "enable DeepSpeed ZeRO")]
+    return []
+
+
+register_check(size_rule, schema=Config)
+"""
+
+
 def _doctor(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ratlib", "doctor", *args], capture_output=True, text=True, cwd=cwd, env=env
@@ -52,12 +71,13 @@ def _project(root: Path) -> Path:
     (root / "configs" / "bad.yaml").write_text(BAD)
     (root / "configs" / "big.yaml").write_text(BIG)
     (root / "configs" / "no_training.yaml").write_text(NO_TRAINING)
+    (root / "proj_config.py").write_text(PROJ_CONFIG)  # the project's schema, which registers its size rule
     return root
 
 
 def test_fixture_project_findings_lines_and_exit_code(tmp_path: Path) -> None:
     root = _project(tmp_path / "proj")
-    out = _doctor(".", "--json", "--device", "cpu", cwd=root)
+    out = _doctor(".", "--json", "--device", "cpu", "--schema", "proj_config:Config", cwd=root)
     assert out.returncode == 1, out.stderr
     report = json.loads(out.stdout)
     found = {(f["path"], f["line"], f["key"], f["severity"]) for f in report["findings"] if f["severity"] != "info"}
@@ -73,7 +93,7 @@ def test_fixture_project_findings_lines_and_exit_code(tmp_path: Path) -> None:
     }
     assert (report["errors"], report["warnings"]) == (4, 4)
     assert sorted(report["configs"]) == ["configs/bad.yaml", "configs/big.yaml", "configs/no_training.yaml"]
-    assert report["skipped"] == ["mkdocs.yml"]
+    assert report["skipped"] == ["mkdocs.yml"] and "no top-level key of Config" in report["skipped_why"]["mkdocs.yml"]
     why = {f["path"]: f["message"] for f in report["findings"] if f["key"] == "__init__.py"}
     assert "train.py line 2 imports it as 'lib.core'" in why["lib"] and "relative import" in why["tools"]
     assert report["environment"]["packages"]["pydantic"] and report["environment"]["launcher"]["name"] == "single"
@@ -233,6 +253,54 @@ def test_ablation_study_files_are_skipped_not_misread(tmp_path: Path) -> None:
     (tmp_path / "exp.yaml").write_text("training:\n  lr: 1e-4\n")  # a real config with a misplaced key
     alone = _doctor(str(study))
     assert alone.returncode == 0 and "checked 0 config(s), skipped 1" in alone.stdout, alone.stdout
+    assert f"skipped {study}: a study file" in alone.stdout and "no Python file beside it defines" in alone.stdout
+    assert "WARNING configs: nothing checked" in alone.stdout
+    assert _doctor(str(study), "--strict").returncode == 1
     folder = _doctor(str(tmp_path))
     assert folder.returncode == 1 and "checked 1 config(s), skipped 1" in folder.stdout, folder.stdout
     assert "training.lr" in folder.stdout and "ablation.yaml" not in folder.stdout.split("skipped")[0]
+
+
+STUDY_RUNNER = """
+from pydantic import BaseModel, ConfigDict
+
+
+class Study(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base: str = "segmentation"
+    seeds: list[int] = [0]
+    grid: dict = {}
+
+
+STUDY_SCHEMA = Study
+"""
+
+
+def test_study_files_are_validated_with_the_schema_of_their_runner(tmp_path: Path) -> None:
+    (tmp_path / "run.py").write_text(STUDY_RUNNER)
+    study = tmp_path / "study.yaml"
+    study.write_text("base: segmentation\nseeds: [0, 1]\ngrid:\n  model.feature_dims: [8, 16]\n")
+    ok = _doctor(str(study), "--strict", "--device", "cpu")
+    assert ok.returncode == 0 and "checked 1 config(s): 0 error(s), 0 warning(s)" in ok.stdout, ok.stdout
+    assert f"study file {study}: validated with the runner's STUDY_SCHEMA (run.Study)" in ok.stdout
+    study.write_text("base: segmentation\nseedz: [0, 1]\ngrid:\n  model.feature_dims: [8, 16]\n")
+    bad = _doctor(str(study), "--device", "cpu")
+    assert bad.returncode == 1 and f"{study}:2: ERROR seedz: unknown key; did you mean 'seeds'?" in bad.stdout
+    (tmp_path / "run.py").write_text("import no_such_module_here\nSTUDY_SCHEMA = None\n")
+    broken = _doctor(str(study), "--device", "cpu")
+    assert "importing" in broken.stdout and "No module named 'no_such_module_here'" in broken.stdout, broken.stdout
+
+
+def test_the_shipped_ablation_study_is_validated() -> None:
+    root = Path(__file__).resolve().parents[1]
+    out = _doctor(str(root / "examples" / "ablation" / "ablation.yaml"), "--strict", "--device", "cpu")
+    assert out.returncode == 0 and "checked 1 config(s): 0 error(s)" in out.stdout, out.stdout + out.stderr
+
+
+def test_nothing_checked_is_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    out = _doctor(str(tmp_path / "empty"), "--json")
+    report = json.loads(out.stdout)
+    assert out.returncode == 0 and report["warnings"] == 1 and report["configs"] == []
+    assert [f["key"] for f in report["findings"]] == ["configs"]
+    assert _doctor(str(tmp_path / "empty"), "--strict").returncode == 1

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ratlib._synthetic_coco import SHAPES
 from ratlib.coco_paths import CocoSplit, resolve_coco, validate_annotations
 from ratlib.synthetic import make_coco_detection
+from ratlib.synthetic.coco import SHAPES
 
 # pycocotools' mask decoding warns under numpy 2 (its own code, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
@@ -212,7 +212,7 @@ def test_argument_errors_name_every_bad_input(tmp_path: Path) -> None:
 
 def test_import_is_light() -> None:
     code = (
-        "import sys, ratlib._synthetic_coco, ratlib.synthetic\n"
+        "import sys, ratlib.synthetic.coco, ratlib.synthetic\n"
         "print(','.join(m for m in ('PIL', 'numpy', 'torch', 'pycocotools', 'torchvision') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)

@@ -12,7 +12,7 @@ import pytest
 np = pytest.importorskip("numpy")
 nib = pytest.importorskip("nibabel", reason="nibabel is not installed (pip install 'ratlib[medical]')")
 
-import ratlib._synthetic_msd as impl  # noqa: E402
+import ratlib.synthetic.msd as impl  # noqa: E402
 from ratlib.synthetic import make_msd_segmentation  # noqa: E402
 
 SMALL = (24, 20, 8)

@@ -58,6 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # ablation_utils.py si
 import ablation_utils as au  # noqa: E402
 from ablation_utils import StudyError  # noqa: E402
 
+STUDY_SCHEMA = au.StudyConfig  # `ratlib doctor ablation.yaml` validates study files with it
+
 log = get_logger("ablation")
 GIB = 1024**3
 

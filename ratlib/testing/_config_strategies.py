@@ -100,6 +100,30 @@ def _number(kind: type, bounds: dict[str, Any]) -> st.SearchStrategy[Any]:
     return values | values.map(repr)  # "1e-05", the string YAML 1.1 makes of 1e-5
 
 
+# Strings a YAML reader may take for something else (a number in a YAML 1.1 or 1.2 spelling, a bool, null,
+# a date): dump_config must quote them, so they belong in every "any string" a round-trip test draws.
+_LOOKALIKES = (
+    *("1e5", "1E5", ".5", "+1", "-1", "0x10", "0o17", "0b1", "1_000", "1:20", ".inf", "-.Inf", ".nan", "nan"),
+    *("yes", "no", "on", "off", "y", "n", "true", "false", "null", "~", "", "=", "<<"),
+    *("2001-12-14", "2001-12-14t21:59:43.10-05:00", "12:30:00"),
+)
+_KEYWORDS = ("yes", "no", "on", "off", "y", "n", "true", "false", "null", "inf", "nan")
+
+
+def _any_case(word: str) -> st.SearchStrategy[str]:
+    return st.tuples(*(st.sampled_from(sorted({c.lower(), c.upper()})) for c in word)).map("".join)
+
+
+#: Any string: plain words and paths, number-like runs of digits, dots, e, signs, x, o and _, the
+#: keywords in any case, and the lookalikes above.
+TEXT: st.SearchStrategy[str] = st.one_of(
+    st.text("abcdefghij/_-", min_size=1, max_size=12),
+    st.text("0123456789.eE+-_xo:", min_size=1, max_size=8),
+    st.sampled_from(_KEYWORDS).flatmap(_any_case),
+    st.sampled_from(_LOOKALIKES),
+)
+
+
 def _value(annotation: Any, metadata: list[Any]) -> st.SearchStrategy[Any] | None:
     annotation, metadata = _unwrap(annotation, metadata)
     origin = typing.get_origin(annotation)
@@ -119,13 +143,13 @@ def _value(annotation: Any, metadata: list[Any]) -> st.SearchStrategy[Any] | Non
     if annotation in (int, float):
         return _number(annotation, _bounds(metadata))
     if annotation is str:
-        return st.text("abcdefghij/_-", min_size=1, max_size=12)
+        return TEXT
     return None  # a type this strategy does not know: the field keeps its default
 
 
 _PASS_THROUGH = st.dictionaries(
     st.sampled_from(["name", "depth", "extra_flag", "notes"]),
-    st.one_of(st.integers(0, 64), st.text("abc", max_size=4), st.lists(st.integers(1, 64), max_size=3)),
+    st.one_of(st.integers(0, 64), TEXT, st.lists(st.integers(1, 64), max_size=3)),
     max_size=2,
 )
 

@@ -1,0 +1,69 @@
+"""Training configs with complete defaults, strict validation, overrides, risk checks and a DeepSpeed bridge.
+
+``load_config("exp.yaml", overrides=["training.optimizer.lr=3e-4"])`` merges the file over complete
+defaults, reads ``1e-4`` as a float (YAML 1.1 would hand over the string "1e-4"), and rejects wrong
+types, out-of-range values and unknown keys in known sections, all of them in one ``ConfigError`` that
+names each key path, its line (or override), the value, what was expected and the closest known key.
+Project sections (``model``, ``data``, ...) pass through, or are validated by a schema the project
+supplies::
+
+    class SegModel(ModelConfig):
+        model_config = ConfigDict(extra="forbid")
+        feature_dims: int = 32
+
+    class SegConfig(ExperimentConfig):
+        model: SegModel = SegModel()
+
+    cfg = load_config("seg.yaml", schema=SegConfig)
+
+The package: ``schema`` (the sections, a docstring per field), ``load`` (YAML, overrides, messages,
+``load_config``, ``dump_config``), ``checks`` (``check_config``, ``register_check``), ``deepspeed``
+(``to_deepspeed_config``). Every public name is importable from here. The memory estimate and probe live
+in ``ratlib.memory`` and are re-exported. Imports pydantic and PyYAML only; torch is imported inside the
+functions that measure memory.
+"""
+
+from __future__ import annotations
+
+from ratlib.config_defaults.checks import Check, Finding, check_config, register_check, unregister_check
+from ratlib.config_defaults.deepspeed import to_deepspeed_config
+from ratlib.config_defaults.load import dump_config, load_config
+from ratlib.config_defaults.schema import (
+    SMOKE_DEFAULTS,
+    ConfigError,
+    DataConfig,
+    DeepSpeedConfig,
+    DistributedConfig,
+    ExperimentConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainingConfig,
+)
+from ratlib.memory import MemoryEstimate, MemoryProbe, count_parameters, estimate_model_memory, probe_memory
+
+__all__ = [
+    "SMOKE_DEFAULTS",
+    "Check",
+    "ConfigError",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "DistributedConfig",
+    "ExperimentConfig",
+    "Finding",
+    "MemoryEstimate",
+    "MemoryProbe",
+    "ModelConfig",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "TrainingConfig",
+    "check_config",
+    "count_parameters",
+    "dump_config",
+    "estimate_model_memory",
+    "load_config",
+    "probe_memory",
+    "register_check",
+    "to_deepspeed_config",
+    "unregister_check",
+]

@@ -1,0 +1,260 @@
+"""The config schema: one pydantic model per section, a docstring per field (``Field.description``).
+
+Every key has a default, so a config file only says what differs. Numbers may come as strings
+(``"1e-4"``, ``"48"``: YAML 1.1 and environment variables give strings) and are read as numbers; a
+boolean given for a number is an error (pydantic alone would take ``batch_size: yes`` as 1). The one
+cross-field rule of ratlib's own sections (cosine: ``min_lr`` below ``lr``) is a model validator of
+``TrainingConfig``; ``load_config`` reports it together with the field errors (see docs/config_defaults.md).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from ratlib.errors import RatlibError
+
+__all__ = [
+    "SMOKE_DEFAULTS",
+    "ConfigError",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "DistributedConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "TrainingConfig",
+]
+
+#: What ``smoke: true`` fills in. In a file: for the keys the file does not set. On the command line
+#: (``smoke=true`` as an override): for every key here that no other override sets, file values included.
+SMOKE_DEFAULTS: dict[str, int] = {"data.limit": 16, "training.max_steps": 10, "training.num_epochs": 1}
+
+
+class ConfigError(RatlibError, ValueError):
+    """A config is invalid. ``problems`` lists ``(key path, message)`` pairs, one per bad key; the
+    message names each with its line (or override), the value, what was expected and the fix."""
+
+    def __init__(self, message: str, problems: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.problems: list[tuple[str, str]] = list(problems)
+
+
+def _number(value: Any) -> Any:
+    """Before numeric validation: read numeric strings such as "1e-4" or "48"."""
+    if isinstance(value, str):
+        for cast in (int, float):
+            try:
+                return cast(value.strip())
+            except ValueError:
+                pass
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number), AllowInfNan(False)]
+
+
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field type accepts booleans: bool, or anything that is not a number."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_bool(a) for a in typing.get_args(annotation) if a is not type(None))
+    return annotation not in (int, float)
+
+
+class _Base(BaseModel):
+    """Base of every config section: a boolean given for a number is an error, also in the fields of
+    project subclasses. Attribute docstrings become the fields' descriptions."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _takes_bool(field.annotation):
+            raise PydanticCustomError("bool_not_number", "a boolean is not a number")
+        return value
+
+
+class _Section(_Base):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OptimizerConfig(_Section):
+    """``training.optimizer``."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    """The optimiser: AdamW (decoupled weight decay), Adam (L2 penalty) or SGD with momentum."""
+    lr: Float = Field(1e-4, gt=0)
+    """The peak learning rate (after warmup); scale it with the global batch."""
+    weight_decay: Float = Field(0.01, ge=0)
+    """Weight decay (AdamW: decoupled; Adam and SGD: an L2 penalty)."""
+    betas: tuple[Float, Float] = (0.9, 0.999)
+    """Adam and AdamW: the decay rates of the first and second moment."""
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    """SGD: the momentum (0: plain SGD)."""
+
+
+class SchedulerConfig(_Section):
+    """``training.scheduler``: the learning rate over the epochs."""
+
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    """cosine (from lr down to min_lr), step (times gamma every step_size epochs) or constant."""
+    min_lr: Float = Field(1e-6, ge=0)
+    """cosine: the learning rate at the end; must be below training.optimizer.lr."""
+    warmup_epochs: Float = Field(0.0, ge=0)
+    """Linear warmup from 0 over this many epochs (fractions allowed); 0: none."""
+    step_size: Int = Field(30, gt=0)
+    """step: epochs between decays."""
+    gamma: Float = Field(0.1, gt=0, le=1)
+    """step: the decay factor."""
+
+
+class DeepSpeedConfig(_Section):
+    """``training.deepspeed``: ZeRO through DeepSpeed instead of plain DDP."""
+
+    enabled: bool = False
+    """Train through a DeepSpeed engine (``to_deepspeed_config`` builds its config)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also the weights."""
+    offload: bool = False
+    """Keep optimizer state (and at stage 3 the weights) in CPU memory; needs stage 1 or higher."""
+
+
+class TrainingConfig(_Section):
+    """``training``: the loop's settings."""
+
+    num_epochs: Int = Field(10, gt=0)
+    """Epochs to train (``max_steps`` may stop earlier)."""
+    batch_size: Int = Field(48, gt=0)
+    """Samples per device per step, not global: the global batch is batch_size x accumulation x ranks."""
+    gradient_accumulation_steps: Int = Field(1, gt=0)
+    """Micro-batches per optimiser step."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    """The optimiser."""
+    scheduler: SchedulerConfig = SchedulerConfig()
+    """The learning-rate schedule."""
+    mixed_precision: bool | Literal["bf16", "fp16"] = True
+    """Autocast: true (bf16 on CUDA), "bf16", "fp16" (with a loss scaler) or false (fp32)."""
+    gradient_clip: Float | None = Field(1.0, gt=0)
+    """The maximum gradient norm; null: no clipping."""
+    seed: Int = Field(0, ge=0)
+    """The seed of weights, sampling and augmentation."""
+    compile: bool = False
+    """torch.compile the model (faster steps after a compile of tens of seconds)."""
+    channels_last: bool | None = None
+    """channels_last memory format for images; null: true on CUDA, false on the CPU."""
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    """DeepSpeed ZeRO."""
+    max_steps: Int | None = Field(None, gt=0)
+    """Stop after this many optimiser steps; null: train every epoch."""
+    log_every: Int = Field(10, gt=0)
+    """Optimiser steps between log lines."""
+    memory_warning_fraction: Float = Field(0.9, gt=0, le=1)
+    """Warn when a rank's peak memory passes this fraction of its device's."""
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self) -> TrainingConfig:
+        if self.scheduler.name == "cosine" and self.scheduler.min_lr >= self.optimizer.lr:
+            raise PydanticCustomError(
+                "min_lr_not_below_lr",
+                "got {min_lr}; the cosine schedule needs min_lr below training.optimizer.lr={lr}: "
+                "lower min_lr (e.g. lr/100) or raise lr",
+                # key: where to report it; uses: the keys it reads (relative to this section), so that
+                # load_config can report it next to field errors of other keys.
+                {
+                    "key": "scheduler.min_lr",
+                    "uses": "scheduler.min_lr scheduler.name optimizer.lr",
+                    "min_lr": self.scheduler.min_lr,
+                    "lr": self.optimizer.lr,
+                },
+            )
+        return self
+
+
+class DistributedConfig(_Section):
+    """``distributed``: process-group settings (``ratlib.dist_init.init_distributed``)."""
+
+    backend: Literal["gloo", "nccl"] | None = None
+    """The backend; null: nccl with CUDA, else gloo."""
+    timeout_s: Float = Field(1800.0, gt=0)
+    """Seconds a collective may wait before it fails."""
+    connect_timeout_s: Float = Field(60.0, gt=0)
+    """Seconds the rendezvous may take before the set-up fails naming the master."""
+    stall_timeout_s: Float | None = Field(None, gt=0)
+    """The ``ratlib.hang`` watchdog: seconds without a heartbeat before stacks are dumped; null: off."""
+
+
+class DataConfig(_Base):
+    """``data``: known data keys; unknown ones pass through unless a project subclass forbids them."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    root: str | None = None
+    """The dataset folder; null: the example's synthetic data."""
+    limit: Int | None = Field(None, gt=0)
+    """Use only the first N samples of every split (smoke runs); null: all."""
+    num_workers: Int = Field(2, ge=0)
+    """DataLoader worker processes per rank."""
+
+
+class ModelConfig(_Base):
+    """``model``: passes through unless a project subclass validates it."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+
+class ExperimentConfig(_Section):
+    """The whole experiment. Unknown top-level sections pass through (as dicts) unless their name is
+    close to a known key (a typo such as ``trainig``), which is an error."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    output_dir: str = "runs/default"
+    """The run folder: resolved config, logs, metrics, checkpoints."""
+    smoke: bool = False
+    """Fill data.limit, training.max_steps and training.num_epochs with small values (SMOKE_DEFAULTS):
+    in a file, for the keys the file leaves out; on the command line, over the file's values too."""
+    training: TrainingConfig = TrainingConfig()
+    """The loop."""
+    distributed: DistributedConfig = DistributedConfig()
+    """The process group."""
+    data: DataConfig = DataConfig()
+    """The data (project keys pass through)."""
+    model: ModelConfig = ModelConfig()
+    """The model (project keys pass through)."""
+    _defaults_applied: list[str] = PrivateAttr(default_factory=list)
+    _smoke_applied: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def defaults_applied(self) -> list[str]:
+        """Key paths whose values came from the defaults (or from ``smoke``), not from the user."""
+        return list(self._defaults_applied)
+
+    @property
+    def smoke_applied(self) -> list[str]:
+        """Key paths that ``smoke: true`` filled in (a subset of ``defaults_applied``)."""
+        return list(self._smoke_applied)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal values are equal configs; where they came from (``defaults_applied``) does not count."""
+        if not isinstance(other, BaseModel):
+            return NotImplemented
+        return type(self) is type(other) and self.model_dump() == other.model_dump()
