@@ -182,15 +182,17 @@ class RankSignal:
 class Preemption:
     """The installed handler's state and the cross-rank stop decision. Get it from ``install()``."""
 
-    def __init__(self, signums: tuple[int, ...], every: int, timeout: float | None) -> None:
+    def __init__(self, signums: tuple[int, ...], every: int, timeout: float | None, overlap: bool = True) -> None:
         self.signums = signums
         self.every = every
         self.timeout = timeout
+        self.overlap = overlap
         self.start_step: int | None = None  # the first step this process gave should_stop
         self.stop_step: int | None = None  # the step every rank stopped at
         self.received: tuple[RankSignal, ...] = ()  # every rank's signal, known at the stop step
         self.latency: float | None = None  # seconds from the first signal to the agreement
-        self._buf: Any = None
+        self._pending: tuple[Any, Any] | None = None  # (work, tensor) of the all-reduce in flight (overlap)
+        self._posted = False  # the first agreement has run (it blocks, so that set-up signals stop at once)
         self._group: Any = None
         self._group_for: Any = None
 
@@ -209,7 +211,8 @@ class Preemption:
 
         Call it on every rank with the same ``step`` (the number of steps done so far, e.g. at the top of
         the loop). At a step not divisible by ``every`` it answers False without communicating (or True
-        once the stop is agreed). With no process group (or world size 1) it is the local flag.
+        once the stop is agreed). With ``overlap`` the answer at an agreement step reflects the signals
+        handled by the previous one. With no process group (or world size 1) it is the local flag.
         """
         if self.stop_step is not None:
             return True
@@ -223,29 +226,50 @@ class Preemption:
                 return False
             self._stop(step, (RankSignal(dist_init.get_rank(), self.signal or "?", _FLAG.time),))
             return True
+        group = self._agreement_group(dist)
+        if self.overlap and self._pending is not None:
+            # the all-reduce posted at the last agreement step has had a whole step to finish
+            work, buf = self._pending
+            self._pending = None
+            self._wait(dist, step, lambda: work.wait())
+            if self._decide(step, buf):
+                return True
+        buf = self._local_flags(dist)
+        if self.overlap and self._posted:
+            self._pending = (dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group, async_op=True), buf)
+            return False
+        # the first agreement (a signal during set-up stops at the first step) and overlap=False: blocking
+        self._posted = True
+        self._wait(dist, step, lambda: dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group))
+        return self._decide(step, buf)
+
+    def _local_flags(self, dist: Any) -> Any:
+        """A fresh ``[2, world]`` int64 tensor with this rank's signal number and time in its column."""
         import torch
 
-        world, rank = dist.get_world_size(), dist.get_rank()
-        group = self._agreement_group(dist)
-        if self._buf is None or self._buf.shape[1] != world:
-            self._buf = torch.zeros(2, world, dtype=torch.int64)
-        buf = self._buf
-        buf.zero_()
+        buf = torch.zeros(2, dist.get_world_size(), dtype=torch.int64)
         if _FLAG.signum:
-            buf[0, rank] = _FLAG.signum
-            buf[1, rank] = int(_FLAG.time * 1e6)
+            buf[0, dist.get_rank()] = _FLAG.signum
+            buf[1, dist.get_rank()] = int(_FLAG.time * 1e6)
+        return buf
+
+    def _wait(self, dist: Any, step: int, call: Callable[[], Any]) -> None:
         try:
-            dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+            call()
         except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise PreemptError(
                 message(
-                    f"ratlib.preempt: the stop agreement at step {step} failed on rank {rank} of {world}: "
-                    "another rank is gone (it exited or was killed) or is stuck and did not reach it",
-                    got=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                    f"ratlib.preempt: the stop agreement at step {step} failed on rank {dist.get_rank()} of "
+                    f"{dist.get_world_size()}: another rank is gone (it exited or was killed) or is stuck and "
+                    "did not reach it",
+                    got=f"{type(exc).__name__}: {first}",
                     fix="look at the other ranks' logs for the first error; a stuck rank is bounded by the "
                     "process group's timeout (init_distributed(timeout=...))",
                 )
             ) from exc
+
+    def _decide(self, step: int, buf: Any) -> bool:
         signums = buf[0].tolist()
         if not any(signums):
             return False
@@ -364,7 +388,11 @@ def _dist() -> Any | None:
 
 
 def install(
-    signals: Sequence[str | int] = DEFAULT_SIGNALS, *, every: int = 1, timeout: float | None = None
+    signals: Sequence[str | int] = DEFAULT_SIGNALS,
+    *,
+    every: int = 1,
+    timeout: float | None = None,
+    overlap: bool = True,
 ) -> Preemption:
     """Handle ``signals`` by setting a flag that ``Preemption.should_stop`` agrees on across ranks.
 
@@ -373,7 +401,10 @@ def install(
     stays). An earlier Python handler on one of the signals is kept and called after the flag is set
     (not the default action or SIG_IGN: the default of SIGTERM/SIGUSR1 would end the process).
     ``timeout`` (seconds) bounds the agreement under nccl, where it runs on a gloo side group; under
-    gloo the default group's timeout applies.
+    gloo the default group's timeout applies. With ``overlap`` (the default) each agreement's all-reduce
+    is posted without waiting and read at the next agreement step, a step later, so it adds no extra
+    synchronisation point to the step: a signal stops the ranks up to ``2 * every`` steps later instead
+    of ``every`` (the first agreement blocks, so a signal during set-up stops at the first step).
     """
     global _INSTANCE
     if threading.current_thread() is not threading.main_thread():
@@ -404,14 +435,15 @@ def install(
         )
     with _LOCK:
         current = _INSTANCE
-        if current is not None and (current.signums, current.every, current.timeout) == (signums, every, timeout):
+        wanted = (signums, every, timeout, bool(overlap))
+        if current is not None and (current.signums, current.every, current.timeout, current.overlap) == wanted:
             return current
         _check_hang_conflict(signums)
         _restore()
         for signum in signums:
             previous = signal.signal(signum, _handler)
             _PREVIOUS[signum] = previous if previous is not _handler else None
-        _INSTANCE = Preemption(signums, every, timeout)
+        _INSTANCE = Preemption(signums, every, timeout, bool(overlap))
     log.info(
         "ratlib.preempt installed: %s stop every rank at one step (agreement every %d step(s))",
         "/".join(signal_name(s) or "?" for s in signums),

@@ -34,11 +34,13 @@ def _requeue_recorder(path: str) -> tuple[str, ...]:
     return (sys.executable, "-c", code, path)
 
 
-def stop_together(every: int, plan: str, requeue_log: str, start: int = 0, steps: int = 40) -> int:
+def stop_together(
+    every: int, plan: str, requeue_log: str, start: int = 0, steps: int = 40, overlap: bool = True
+) -> int:
     """Train ``steps`` toy steps from ``start``; ranks in ``plan`` signal themselves (os.kill) at a step."""
     setup_logging("INFO")
     info = dist_init.init_distributed("gloo", timeout=30, connect_timeout=30)
-    pre = preempt.install(every=every)
+    pre = preempt.install(every=every, overlap=overlap)
     signals = _plan(plan)
     w = torch.zeros(4)
     if (info.rank, -1) in signals:  # a signal during set-up, before the first step

@@ -48,17 +48,21 @@ def stop_steps(run) -> list[int]:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    ("world", "every", "plan", "expected", "who"),
+    ("world", "every", "overlap", "plan", "expected", "who"),
     [
-        (2, 1, "1:5:SIGTERM", 5, {1: "SIGTERM"}),  # a non-main rank only
-        (3, 3, "2:4:SIGTERM", 6, {2: "SIGTERM"}),  # agreement every 3 steps: the next multiple of 3
-        (2, 1, "0:7:SIGUSR1", 7, {0: "SIGUSR1"}),  # the main rank only, Slurm's usual signal
-        (3, 1, "1:4:SIGTERM,2:4:SIGUSR1", 4, {1: "SIGTERM", 2: "SIGUSR1"}),  # two ranks, two signals
+        # overlap (the default): the agreement posted at step s is read at the next agreement step
+        (2, 1, True, "1:5:SIGTERM", 6, {1: "SIGTERM"}),  # a non-main rank only
+        (3, 3, True, "2:4:SIGTERM", 9, {2: "SIGTERM"}),  # every 3 steps: posted at 6, read at 9
+        (2, 1, True, "0:7:SIGUSR1", 8, {0: "SIGUSR1"}),  # the main rank only, Slurm's usual signal
+        (3, 1, True, "1:4:SIGTERM,2:4:SIGUSR1", 5, {1: "SIGTERM", 2: "SIGUSR1"}),  # two ranks, two signals
+        # blocking: the agreement at step s already sees the signal
+        (2, 1, False, "1:5:SIGTERM", 5, {1: "SIGTERM"}),
+        (3, 3, False, "2:4:SIGTERM", 6, {2: "SIGTERM"}),
     ],
 )
-def test_every_rank_stops_at_one_step(tmp_path: Path, world, every, plan, expected, who) -> None:
+def test_every_rank_stops_at_one_step(tmp_path: Path, world, every, overlap, plan, expected, who) -> None:
     log = tmp_path / "requeue.log"
-    run = run_on_ranks(preempt_targets.stop_together, world, args=(every, plan, str(log)), timeout=120)
+    run = run_on_ranks(preempt_targets.stop_together, world, args=(every, plan, str(log), 0, 40, overlap), timeout=120)
     assert not run.timed_out, run
     assert run.returncodes == [PREEMPT_EXIT_CODE] * world, run
     assert stop_steps(run) == [expected] * world, run
@@ -86,7 +90,7 @@ def test_requeue_from_rank_0_only_under_slurm(tmp_path: Path) -> None:
         timeout=120,
     )
     assert run.returncodes == [PREEMPT_EXIT_CODE] * 2, run
-    assert stop_steps(run) == [3, 3]
+    assert stop_steps(run) == [4, 4]
     assert log.read_text() == "777\n", "one requeue, of this job, by one rank"
     assert "requeued Slurm job 777" in run.stderrs[0], run.stderrs[0]
     assert "requeued" not in run.stderrs[1]
@@ -94,7 +98,8 @@ def test_requeue_from_rank_0_only_under_slurm(tmp_path: Path) -> None:
 
 @pytest.mark.distributed
 def test_no_requeue_without_progress(tmp_path: Path) -> None:
-    """A signal during set-up after a restart at step 20: the stop is at the first step, nothing was done."""
+    """A signal during set-up after a restart at step 20: the first agreement (it blocks, also with overlap)
+    stops at the first step, nothing was done."""
     log = tmp_path / "requeue.log"
     run = run_on_ranks(
         preempt_targets.stop_together,
@@ -142,7 +147,9 @@ def test_a_rank_gone_before_the_agreement_is_an_error_not_a_hang(how: str) -> No
     assert 0 not in run.hung_ranks, f"rank 0 waited forever:\n{run}"
     assert run.returncodes[0] == 4, run
     out = run.stdouts[0]
-    assert "AGREEMENT FAILED" in out and "the stop agreement at step 3 failed on rank 0 of 2" in out, out
+    # overlap: rank 0 reads step 2's agreement at step 3 (rank 1 may exit before it completed) or step 3's at 4
+    assert "AGREEMENT FAILED" in out, out
+    assert re.search(r"the stop agreement at step [34] failed on rank 0 of 2", out), out
     assert "another rank is gone" in out and "init_distributed(timeout=...)" in out, out
 
 
@@ -225,6 +232,34 @@ def test_sigusr1_to_the_torchrun_agent_kills_it_and_leaves_the_workers(tmp_path:
         for pid in pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchrun_forwards_sigusr1_when_told(tmp_path: Path) -> None:
+    """``--signals-to-handle ...,SIGUSR1``: the agent forwards SIGUSR1 to every worker, which stop at one step."""
+    extra = ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "60"]
+    with open(tmp_path / "out.txt", "wb") as out:
+        proc = subprocess.Popen(
+            [*_torchrun(), *extra, str(TARGETS), str(tmp_path)],
+            stdout=out,
+            stderr=out,
+            env=_env(),
+            start_new_session=True,
+        )
+    try:
+        _wait_pids(tmp_path, 2)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "out.txt").read_text()
+    steps = [int(s) for s in re.findall(r"STOP rank=\d step=(\d+)", text)]
+    assert len(steps) == 2 and steps[0] == steps[1], text
+    assert "rank 0 got SIGUSR1" in text and "rank 1 got SIGUSR1" in text, text
+    assert proc.returncode != 0, "the agent ends with its SignalException"
 
 
 def _alive(pid: int) -> bool:
