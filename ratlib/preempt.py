@@ -291,7 +291,7 @@ class Preemption:
 
     def _agreement_group(self, dist: Any) -> Any:
         """The default group under gloo; under nccl a gloo side group, so the flag never syncs the GPU."""
-        default = dist.distributed_c10d._get_default_group()
+        default = dist.group.WORLD
         if "gloo" in str(dist.get_backend()):
             return None
         if self._group is None or self._group_for is not default:

@@ -79,6 +79,14 @@ def test_every_rank_stops_at_one_step(tmp_path: Path, world, every, overlap, pla
 
 
 @pytest.mark.distributed
+def test_no_signal_no_stop(tmp_path: Path) -> None:
+    """40 steps without a signal: nobody stops, and the group tears down with an agreement still in flight."""
+    run = run_on_ranks(preempt_targets.stop_together, 2, args=(1, "", str(tmp_path / "requeue.log")), timeout=120)
+    assert run.returncodes == [0, 0], run
+    assert all("FINISHED" in out and "STOP" not in out for out in run.stdouts), run
+
+
+@pytest.mark.distributed
 def test_requeue_from_rank_0_only_under_slurm(tmp_path: Path) -> None:
     log = tmp_path / "requeue.log"
     run = run_on_ranks(
