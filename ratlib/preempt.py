@@ -5,6 +5,8 @@ time. ``should_stop(step)`` turns those per-rank flags into one decision: every 
 small all-reduce (MAX) of a ``[2, world]`` int64 tensor in which each rank fills its own column with its
 signal number and the time it arrived. Every rank gets the same tensor back, so every rank answers the
 same at the same step, whichever rank (or ranks) got the signal, and every rank also learns who got what.
+By default (``overlap``) the all-reduce is posted without waiting and read at the next agreement step, so
+it adds no synchronisation point to the step; the first agreement blocks.
 ``exit()`` logs that on every rank, tears the group down, requeues the Slurm job from rank 0 where
 allowed and ends the process with ``PREEMPT_EXIT_CODE``::
 
