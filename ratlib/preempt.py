@@ -293,9 +293,12 @@ class Preemption:
 
     def _agreement_group(self, dist: Any) -> Any:
         """The default group under gloo; under nccl a gloo side group, so the flag never syncs the GPU."""
-        default = dist.group.WORLD
         if "gloo" in str(dist.get_backend()):
             return None
+        return self._side_group(dist)
+
+    def _side_group(self, dist: Any) -> Any:
+        default = dist.group.WORLD
         if self._group is None or self._group_for is not default:
             kwargs = {"timeout": timedelta(seconds=self.timeout)} if self.timeout else {}
             self._group, self._group_for = dist.new_group(backend="gloo", **kwargs), default

@@ -35,9 +35,20 @@ def _requeue_recorder(path: str) -> tuple[str, ...]:
 
 
 def stop_together(
-    every: int, plan: str, requeue_log: str, start: int = 0, steps: int = 40, overlap: bool = True
+    every: int,
+    plan: str,
+    requeue_log: str,
+    start: int = 0,
+    steps: int = 40,
+    overlap: bool = True,
+    side_group: bool = False,
 ) -> int:
-    """Train ``steps`` toy steps from ``start``; ranks in ``plan`` signal themselves (os.kill) at a step."""
+    """Train ``steps`` toy steps from ``start``; ranks in ``plan`` signal themselves (os.kill) at a step.
+
+    ``side_group``: agree on a separate gloo group, as under nccl (the path is otherwise GPU-only).
+    """
+    if side_group:
+        preempt.Preemption._agreement_group = preempt.Preemption._side_group  # type: ignore[method-assign]
     setup_logging("INFO")
     info = dist_init.init_distributed("gloo", timeout=30, connect_timeout=30)
     pre = preempt.install(every=every, overlap=overlap)
@@ -50,6 +61,7 @@ def stop_together(
             os.kill(os.getpid(), getattr(signal, signals[(info.rank, step)]))
         if pre.should_stop(step):
             print(f"STOP rank={info.rank} step={step} signal={pre.signal} received={pre.received}", flush=True)
+            print(f"SIDE GROUP {pre._group is not None}", flush=True)
             pre.exit(requeue_command=_requeue_recorder(requeue_log))
         t = torch.ones(4) * (info.rank + 1)
         torch.distributed.all_reduce(t)  # the training step's own collective

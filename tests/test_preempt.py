@@ -79,6 +79,16 @@ def test_every_rank_stops_at_one_step(tmp_path: Path, world, every, overlap, pla
 
 
 @pytest.mark.distributed
+def test_agreement_on_a_side_group_as_under_nccl(tmp_path: Path) -> None:
+    """Under nccl the agreement runs on a gloo side group (with install's timeout); forced here on gloo."""
+    log = tmp_path / "requeue.log"
+    run = run_on_ranks(preempt_targets.stop_together, 2, args=(1, "1:5:SIGTERM", str(log), 0, 40, True, True))
+    assert run.returncodes == [PREEMPT_EXIT_CODE] * 2, run
+    assert stop_steps(run) == [6, 6], run
+    assert all("SIDE GROUP True" in out for out in run.stdouts), run
+
+
+@pytest.mark.distributed
 def test_no_signal_no_stop(tmp_path: Path) -> None:
     """40 steps without a signal: nobody stops, and the group tears down with an agreement still in flight."""
     run = run_on_ranks(preempt_targets.stop_together, 2, args=(1, "", str(tmp_path / "requeue.log")), timeout=120)
