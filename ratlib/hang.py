@@ -2,9 +2,9 @@
 
 Off unless asked. ``install()`` turns on, per process:
 
-- a stack dump on ``dump_signal`` (SIGUSR1): ``faulthandler`` writes every thread's Python stack from
-  its C signal handler, so it works while the main thread is blocked inside a C++ collective; a
-  small thread copies it into the rank's log (and stderr) and the process goes on;
+- a stack dump on ``dump_signal`` (SIGUSR2; SIGUSR1 belongs to ``ratlib.preempt``): ``faulthandler``
+  writes every thread's Python stack from its C signal handler, so it works while the main thread is
+  blocked inside a C++ collective; a small thread copies it into the rank's log (and stderr) and the process goes on;
 - with ``stall_timeout``, a watchdog thread: when ``heartbeat(step)`` has not been called for that
   long, the rank dumps its stacks, publishes its last step and innermost frame to the process
   group's store, one rank logs a summary table of every rank with the odd one marked, and every
@@ -41,6 +41,7 @@ from functools import cache
 from types import FrameType
 from typing import Any
 
+from ratlib.errors import message
 from ratlib.rank_logger import current_rank, get_logger, log_file_path, rank_tag
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "format_summary",
     "heartbeat",
     "install",
+    "installed_dump_signal",
     "is_installed",
     "uninstall",
 ]
@@ -126,10 +128,31 @@ def is_installed() -> bool:
     return _S.installed
 
 
+def installed_dump_signal() -> int | None:
+    """The signal that dumps stacks while ``install()`` is in force, else None (read by ``ratlib.preempt``)."""
+    return _S.signum if _S.installed else None
+
+
+def _check_preempt_conflict(signum: int | None) -> None:
+    # ratlib.preempt is a peer: look it up, never import it (it is loaded if it handles any signal)
+    preempt = sys.modules.get("ratlib.preempt")
+    if signum is None or preempt is None or signum not in preempt.installed_signals():
+        return
+    name = _signame(signum)
+    taken = sorted(_signame(s) for s in preempt.installed_signals())
+    raise preempt.SignalConflictError(
+        message(
+            f"ratlib.hang.install: dump_signal={name} is already a ratlib.preempt stop signal",
+            got=f"hang dump_signal={name}, preempt signals {taken}",
+            fix="give each its own signal: hang.install(dump_signal='SIGUSR2') (the default), preempt SIGTERM/SIGUSR1",
+        )
+    )
+
+
 def install(
     *,
     stall_timeout: float | None = None,
-    dump_signal: str | int | signal.Signals | None = "SIGUSR1",
+    dump_signal: str | int | signal.Signals | None = "SIGUSR2",
     check_collectives: bool = False,
     abort_after_dump: bool = True,
 ) -> None:
@@ -148,6 +171,7 @@ def install(
             "(longer than your slowest step, e.g. 300) or None for no watchdog"
         )
     signum = _signal_number(dump_signal)
+    _check_preempt_conflict(signum)
     with _LOCK:
         _teardown()
         check_store = _require_store("check_collectives=True") if check_collectives else None
@@ -215,11 +239,11 @@ def _signal_number(value: str | int | signal.Signals | None) -> int | None:
     number = getattr(signal, name, None)
     if isinstance(number, int):
         return int(number)
-    if value == "SIGUSR1" and sys.platform == "win32":  # pragma: no cover - no user signals on Windows
+    if value == "SIGUSR2" and sys.platform == "win32":  # pragma: no cover - no user signals on Windows
         return None
     raise ValueError(
         f"ratlib.hang.install: dump_signal={value!r} is not a signal on this platform; "
-        "use e.g. 'SIGUSR1' or 'SIGUSR2', or None for no signal handler"
+        "use e.g. 'SIGUSR2', or None for no signal handler"
     )
 
 
@@ -249,7 +273,7 @@ def _register_signal(signum: int) -> None:
         os.close(write_fd)
         raise ValueError(
             f"ratlib.hang.install: cannot dump stacks on signal {signum} ({exc}); "
-            "choose a user signal such as 'SIGUSR1' or 'SIGUSR2'"
+            "choose a user signal such as 'SIGUSR2'"
         ) from exc
     _S.signum, _S.pipe = signum, (read_fd, write_fd)
     _S.tee = threading.Thread(

@@ -33,17 +33,17 @@ def save_predictions() -> None:
 
 
 def signal_while_blocked(log_dir: str) -> int:
-    """Rank 0 sends SIGUSR1 to rank 1 while rank 1 is blocked in an all_reduce; the job goes on."""
+    """Rank 0 sends SIGUSR2 to rank 1 while rank 1 is blocked in an all_reduce; the job goes on."""
     setup_logging("INFO", log_dir=log_dir)
     info = dist_init.init_distributed(connect_timeout=30)
-    hang.install()  # SIGUSR1, no watchdog
+    hang.install()  # SIGUSR2 (the default), no watchdog
     pids = comm.all_gather_object(os.getpid())
     total = 0.0
     for step in range(3):
         hang.heartbeat(step)
         if info.rank == 0 and step == 1:
             time.sleep(1.0)  # rank 1 is blocked in the all_reduce below by now
-            os.kill(pids[1], signal.SIGUSR1)
+            os.kill(pids[1], signal.SIGUSR2)
             time.sleep(1.0)
         total = comm.all_reduce_mean(float(step))  # <BLOCKED>
     assert total == 2.0, total

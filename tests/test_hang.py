@@ -87,14 +87,14 @@ def test_stalled_ranks_dump_summarize_and_fail(tmp_path: Path) -> None:
 
 
 @pytest.mark.distributed
-def test_sigusr1_dumps_a_blocked_rank_and_the_job_goes_on(tmp_path: Path) -> None:
+def test_dump_signal_dumps_a_blocked_rank_and_the_job_goes_on(tmp_path: Path) -> None:
     run = run_on_ranks(hang_targets.signal_while_blocked, 2, args=(str(tmp_path),), timeout=60).check()
     assert all(f"DONE rank {r}" in run.stdouts[r] for r in range(2))
     text = (tmp_path / "rank1.log").read_text()
-    assert "stack dump on SIGUSR1" in text and "the process goes on" in text, text
+    assert "stack dump on SIGUSR2" in text and "the process goes on" in text, text
     assert f'hang_targets.py", line {line_of("BLOCKED")} in signal_while_blocked' in text, text
     assert "[MainThread]" in text and "ratlib-hang" not in text.split("stack dump", 1)[1], text
-    assert "[rank 1/2]" in run.stderrs[1] and "stack dump on SIGUSR1" in run.stderrs[1]
+    assert "[rank 1/2]" in run.stderrs[1] and "stack dump on SIGUSR2" in run.stderrs[1]
     assert "stack dump" not in (tmp_path / "rank0.log").read_text()
 
 

@@ -1,0 +1,537 @@
+"""Preemption: a signal on any rank stops every rank at the same step, after a checkpoint.
+
+``install()`` puts a handler on SIGTERM and SIGUSR1 (by default) that only records the signal and its
+time. ``should_stop(step)`` turns those per-rank flags into one decision: every ``every`` steps, one
+small all-reduce (MAX) of a ``[2, world]`` int64 tensor in which each rank fills its own column with its
+signal number and the time it arrived. Every rank gets the same tensor back, so every rank answers the
+same at the same step, whichever rank (or ranks) got the signal, and every rank also learns who got what.
+By default (``overlap``) the all-reduce is posted without waiting and read at the next agreement step, so
+it adds no synchronisation point to the step; the first agreement blocks.
+``exit()`` logs that on every rank, tears the group down, requeues the Slurm job from rank 0 where
+allowed and ends the process with ``PREEMPT_EXIT_CODE``::
+
+    pre = ratlib.preempt.install()
+    for step in range(start, total):
+        if pre.should_stop(step):
+            save_checkpoint(step)  # every rank calls it; the main rank writes
+            pre.exit()
+        train_step()
+
+What it cannot do (docs/preemption.md): a rank blocked inside a collective or a CUDA/NCCL kernel runs
+no Python, so it reaches no agreement; the others wait in their next collective until the process
+group's timeout and then fail (a rank that died makes gloo fail at once: "Connection closed by peer").
+Torch is imported only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from ratlib import dist_init
+from ratlib.errors import RatlibError, message
+from ratlib.rank_logger import get_logger
+
+__all__ = [
+    "PREEMPT_EXIT_CODE",
+    "PreemptError",
+    "PreemptInputError",
+    "Preemption",
+    "SignalConflictError",
+    "check_lead_time",
+    "install",
+    "installed_signals",
+    "is_installed",
+    "uninstall",
+]
+
+# EX_TEMPFAIL from sysexits.h: "a temporary failure; the user is invited to retry". Not 0, so Slurm,
+# Kubernetes and torchrun do not mistake an unfinished run for a finished one; not 128+N, so it is
+# told apart from a process the signal killed; listed in slurm.conf's RequeueExit it requeues the job.
+PREEMPT_EXIT_CODE = 75
+
+DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
+REQUEUE_COMMAND = ("scontrol", "requeue")
+_DEFAULT_SIGNAL_LEAD = 60.0  # Slurm's --signal lead time when "@N" is left out
+
+log = get_logger("ratlib.preempt")
+
+
+class PreemptError(RatlibError, RuntimeError):
+    """The stop agreement failed (a rank is gone or stuck), or ``install()`` ran off the main thread."""
+
+
+class PreemptInputError(PreemptError, ValueError):
+    """A bad argument to ``install()``: an unknown signal, ``every < 1``."""
+
+
+class SignalConflictError(RatlibError, ValueError):
+    """One signal was given both to ``ratlib.hang`` (stack dumps) and to ``ratlib.preempt`` (stop)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Signal numbers and names
+
+
+def _signal_number(value: str | int, where: str = "ratlib.preempt.install") -> int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise PreemptInputError(
+            message(f"{where}: a signal must be a name or a number", got=repr(value), expected="e.g. 'SIGTERM'")
+        )
+    if isinstance(value, int):
+        try:
+            return int(signal.Signals(value))
+        except ValueError:
+            pass
+    else:
+        name = value.strip().upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        number = getattr(signal, name, None)
+        if isinstance(number, signal.Signals):
+            return int(number)
+    raise PreemptInputError(
+        message(
+            f"{where}: {value!r} is not a signal on this platform",
+            expected="a name such as 'SIGTERM', 'SIGUSR1', 'USR1' or a signal number",
+            fix="use the signal your scheduler sends (Slurm --signal=USR1@120, Kubernetes and torchrun: SIGTERM)",
+        )
+    )
+
+
+def signal_name(signum: int | None) -> str | None:
+    """``"SIGTERM"`` for 15; None for None or 0."""
+    if not signum:
+        return None
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The handler: record the signal and its time, chain to what was there before
+
+
+class _Flag:
+    """Written only by the signal handler (main thread, between bytecodes), read by ``should_stop``."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.time = 0.0
+
+
+_FLAG = _Flag()
+_PREVIOUS: dict[int, Any] = {}  # signum -> the handler that was there before install()
+_LOCK = threading.Lock()
+_INSTANCE: Preemption | None = None
+
+
+def _handler(signum: int, frame: Any) -> None:
+    if not _FLAG.signum:  # the first signal wins: it is the one that started the countdown
+        _FLAG.signum, _FLAG.time = signum, time.time()
+    previous = _PREVIOUS.get(signum)
+    if callable(previous) and previous is not signal.default_int_handler:  # SIG_DFL/SIG_IGN/None would kill us
+        previous(signum, frame)
+
+
+def installed_signals() -> frozenset[int]:
+    """The signals ``ratlib.preempt`` handles in this process (empty when not installed)."""
+    return frozenset(_PREVIOUS)
+
+
+def is_installed() -> bool:
+    """Whether ``install()`` is in force in this process."""
+    return _INSTANCE is not None
+
+
+def _check_hang_conflict(signums: Iterable[int]) -> None:
+    # ratlib.hang is a peer module: look it up, never import it (it is loaded if it is installed)
+    hang = sys.modules.get("ratlib.hang")
+    dump = hang.installed_dump_signal() if hang is not None and hasattr(hang, "installed_dump_signal") else None
+    if dump is not None and dump in set(signums):
+        raise SignalConflictError(
+            message(
+                f"ratlib.preempt.install: {signal_name(dump)} is already ratlib.hang's stack-dump signal",
+                got=f"preempt signals {[signal_name(s) for s in signums]}, hang dump_signal={signal_name(dump)}",
+                fix="give each its own signal: hang.install(dump_signal='SIGUSR2') (the default) and preempt "
+                "SIGTERM/SIGUSR1",
+            )
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The agreement
+
+
+@dataclass(frozen=True)
+class RankSignal:
+    """One rank's signal as every rank learnt it at the stop step."""
+
+    rank: int
+    signal: str
+    time: float  # time.time() when it arrived on that rank
+
+
+class Preemption:
+    """The installed handler's state and the cross-rank stop decision. Get it from ``install()``."""
+
+    def __init__(self, signums: tuple[int, ...], every: int, timeout: float | None, overlap: bool = True) -> None:
+        self.signums = signums
+        self.every = every
+        self.timeout = timeout
+        self.overlap = overlap
+        self.start_step: int | None = None  # the first step this process gave should_stop
+        self.stop_step: int | None = None  # the step every rank stopped at
+        self.received: tuple[RankSignal, ...] = ()  # every rank's signal, known at the stop step
+        self.latency: float | None = None  # seconds from the first signal to the agreement
+        self._pending: tuple[Any, Any] | None = None  # (work, tensor) of the all-reduce in flight (overlap)
+        self._posted = False  # the first agreement has run (it blocks, so that set-up signals stop at once)
+        self._group: Any = None
+        self._group_for: Any = None
+
+    @property
+    def signal(self) -> str | None:
+        """This rank's signal name (``"SIGTERM"``), or None when this rank got none."""
+        return signal_name(_FLAG.signum)
+
+    @property
+    def requested(self) -> bool:
+        """This rank got a signal (local, no collective)."""
+        return bool(_FLAG.signum)
+
+    def should_stop(self, step: int) -> bool:
+        """True on every rank at the same step once any rank got a signal. A collective every ``every`` steps.
+
+        Call it on every rank with the same ``step`` (the number of steps done so far, e.g. at the top of
+        the loop). At a step not divisible by ``every`` it answers False without communicating (or True
+        once the stop is agreed). With ``overlap`` the answer at an agreement step reflects the signals
+        handled by the previous one. With no process group (or world size 1) it is the local flag.
+        """
+        if self.stop_step is not None:
+            return True
+        if self.start_step is None:
+            self.start_step = step
+        if step % self.every:
+            return False
+        dist = _dist()
+        if dist is None:
+            if not _FLAG.signum:
+                return False
+            self._stop(step, (RankSignal(dist_init.get_rank(), self.signal or "?", _FLAG.time),))
+            return True
+        group = self._agreement_group(dist)
+        if self.overlap and self._pending is not None:
+            # the all-reduce posted at the last agreement step has had a whole step to finish
+            work, buf = self._pending
+            self._pending = None
+            self._wait(dist, step, lambda: work.wait())
+            if self._decide(step, buf):
+                return True
+        buf = self._local_flags(dist)
+        if self.overlap and self._posted:
+            self._pending = (dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group, async_op=True), buf)
+            return False
+        # the first agreement (a signal during set-up stops at the first step) and overlap=False: blocking
+        self._posted = True
+        self._wait(dist, step, lambda: dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group))
+        return self._decide(step, buf)
+
+    def _local_flags(self, dist: Any) -> Any:
+        """A fresh ``[2, world]`` int64 tensor with this rank's signal number and time in its column."""
+        import torch
+
+        buf = torch.zeros(2, dist.get_world_size(), dtype=torch.int64)
+        if _FLAG.signum:
+            buf[0, dist.get_rank()] = _FLAG.signum
+            buf[1, dist.get_rank()] = int(_FLAG.time * 1e6)
+        return buf
+
+    def _wait(self, dist: Any, step: int, call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise PreemptError(
+                message(
+                    f"ratlib.preempt: the stop agreement at step {step} failed on rank {dist.get_rank()} of "
+                    f"{dist.get_world_size()}: another rank is gone (it exited or was killed) or is stuck and "
+                    "did not reach it",
+                    got=f"{type(exc).__name__}: {first}",
+                    fix="look at the other ranks' logs for the first error; a stuck rank is bounded by the "
+                    "process group's timeout (init_distributed(timeout=...))",
+                )
+            ) from exc
+
+    def _decide(self, step: int, buf: Any) -> bool:
+        signums = buf[0].tolist()
+        if not any(signums):
+            return False
+        times = buf[1].tolist()
+        got = tuple(RankSignal(r, signal_name(s) or "?", t / 1e6) for r, (s, t) in enumerate(zip(signums, times)) if s)
+        self._stop(step, got)
+        return True
+
+    def _stop(self, step: int, got: tuple[RankSignal, ...]) -> None:
+        self.stop_step, self.received = step, got
+        self.latency = max(0.0, time.time() - min(g.time for g in got))
+        log.warning(
+            "preemption: stopping at step %d on every rank (%s; %.2f s after the first signal)",
+            step,
+            _who(got),
+            self.latency,
+            main_process_only=False,
+        )
+
+    def _agreement_group(self, dist: Any) -> Any:
+        """The default group under gloo; under nccl a gloo side group, so the flag never syncs the GPU."""
+        if "gloo" in str(dist.get_backend()):
+            return None
+        return self._side_group(dist)
+
+    def _side_group(self, dist: Any) -> Any:
+        default = dist.group.WORLD
+        if self._group is None or self._group_for is not default:
+            kwargs = {"timeout": timedelta(seconds=self.timeout)} if self.timeout else {}
+            self._group, self._group_for = dist.new_group(backend="gloo", **kwargs), default
+        return self._group
+
+    @property
+    def progressed(self) -> bool:
+        """Steps were done in this process before the stop (the stop step is past the first step seen)."""
+        return self.stop_step is not None and self.start_step is not None and self.stop_step > self.start_step
+
+    def exit(
+        self,
+        code: int = PREEMPT_EXIT_CODE,
+        *,
+        requeue: bool = True,
+        requeue_command: Sequence[str] = REQUEUE_COMMAND,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """After the checkpoint: log who got which signal, tear down, requeue (Slurm), exit with ``code``.
+
+        Rank 0 runs ``requeue_command $SLURM_JOB_ID`` when ``requeue`` is true, the job runs under Slurm
+        (``SLURM_JOB_ID`` is set) and this process made progress (``progressed``): a job stopped before
+        its first step since it started again is not requeued, so nothing loops. Raises ``SystemExit``,
+        so ``finally`` blocks and ``atexit`` handlers run.
+        """
+        env = os.environ if environ is None else environ
+        rank = dist_init.get_rank()
+        step = self.stop_step
+        log.warning(
+            "preemption: exiting at step %s with code %d; %s; this rank got %s",
+            step,
+            code,
+            _who(self.received) if self.received else "no signal was agreed on (exit() called directly)",
+            self.signal or "no signal",
+            main_process_only=False,
+        )
+        dist_init.shutdown()
+        if rank == 0 and requeue:
+            _requeue(self, requeue_command, env)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        raise SystemExit(code)
+
+
+def _who(got: Iterable[RankSignal]) -> str:
+    return ", ".join(f"rank {g.rank} got {g.signal}" for g in got) or "no rank got a signal"
+
+
+def _requeue(pre: Preemption, command: Sequence[str], env: Mapping[str, str]) -> bool:
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        log.info("preemption: not under Slurm (no SLURM_JOB_ID): no requeue")
+        return False
+    restarts = env.get("SLURM_RESTART_COUNT", "0")
+    if not pre.progressed:
+        log.warning(
+            "preemption: no requeue of Slurm job %s: no step done since this start (step %s, restart count %s); "
+            "requeueing again would loop",
+            job,
+            pre.start_step,
+            restarts,
+        )
+        return False
+    cmd = [*command, job]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.error("preemption: requeue failed: %s: %s", shlex.join(cmd), exc)
+        return False
+    if done.returncode != 0:
+        log.error(
+            "preemption: requeue failed: %s exited %d: %s (submit with sbatch --requeue; interactive srun "
+            "jobs cannot be requeued)",
+            shlex.join(cmd),
+            done.returncode,
+            (done.stderr or done.stdout).strip(),
+        )
+        return False
+    log.warning("preemption: requeued Slurm job %s (restart count so far %s): %s", job, restarts, shlex.join(cmd))
+    return True
+
+
+def _dist() -> Any | None:
+    dist = sys.modules.get("torch.distributed")  # no group can exist unless torch.distributed is loaded
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist
+
+
+# ----------------------------------------------------------------------------------------------
+# install / uninstall
+
+
+def install(
+    signals: Sequence[str | int] = DEFAULT_SIGNALS,
+    *,
+    every: int = 1,
+    timeout: float | None = None,
+    overlap: bool = True,
+) -> Preemption:
+    """Handle ``signals`` by setting a flag that ``Preemption.should_stop`` agrees on across ranks.
+
+    Main thread only (Python runs signal handlers there). Idempotent: a second call with the same
+    arguments returns the same ``Preemption``; with other arguments it replaces the set-up (the flag
+    stays). An earlier Python handler on one of the signals is kept and called after the flag is set
+    (not the default action or SIG_IGN: the default of SIGTERM/SIGUSR1 would end the process).
+    ``timeout`` (seconds) bounds the agreement under nccl, where it runs on a gloo side group; under
+    gloo the default group's timeout applies. With ``overlap`` (the default) each agreement's all-reduce
+    is posted without waiting and read at the next agreement step, a step later, so it adds no extra
+    synchronisation point to the step: a signal stops the ranks up to ``2 * every`` steps later instead
+    of ``every`` (the first agreement blocks, so a signal during set-up stops at the first step).
+    """
+    global _INSTANCE
+    if threading.current_thread() is not threading.main_thread():
+        raise PreemptError(
+            message(
+                "ratlib.preempt.install must run in the main thread: Python runs signal handlers only there",
+                got=f"thread {threading.current_thread().name!r}",
+                fix="call install() from the main thread before the training loop",
+            )
+        )
+    if isinstance(signals, (str, int)):
+        signals = (signals,)
+    signums = tuple(dict.fromkeys(_signal_number(s) for s in signals))
+    if not signums:
+        raise PreemptInputError(message("ratlib.preempt.install: no signals given", expected="e.g. ('SIGTERM',)"))
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise PreemptInputError(
+            message(
+                "ratlib.preempt.install: every must be a whole number of steps >= 1",
+                got=f"every={every!r}",
+                fix="every=1 agrees at each step (a few microseconds on gloo); larger values stop up to every-1 "
+                "steps later",
+            )
+        )
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise PreemptInputError(
+            message("ratlib.preempt.install: timeout must be > 0 seconds or None", got=repr(timeout))
+        )
+    with _LOCK:
+        current = _INSTANCE
+        wanted = (signums, every, timeout, bool(overlap))
+        if current is not None and (current.signums, current.every, current.timeout, current.overlap) == wanted:
+            return current
+        _check_hang_conflict(signums)
+        _restore()
+        for signum in signums:
+            previous = signal.signal(signum, _handler)
+            _PREVIOUS[signum] = previous if previous is not _handler else None
+        _INSTANCE = Preemption(signums, every, timeout, bool(overlap))
+    log.info(
+        "ratlib.preempt installed: %s stop every rank at one step (agreement every %d step(s))",
+        "/".join(signal_name(s) or "?" for s in signums),
+        every,
+    )
+    return _INSTANCE
+
+
+def _restore() -> None:
+    for signum, previous in _PREVIOUS.items():
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    _PREVIOUS.clear()
+
+
+def uninstall() -> None:
+    """Put the earlier handlers back and forget the flag (tests, or a second training run in one process)."""
+    global _INSTANCE
+    with _LOCK:
+        _restore()
+        _INSTANCE = None
+        _FLAG.signum, _FLAG.time = 0, 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Signal lead time
+
+
+def _parse_signal_spec(spec: str) -> float | None:
+    """Seconds from a Slurm ``--signal`` value ``[{R|B}:]<sig>[@sig_time]``; None when it is not one."""
+    spec = spec.strip()
+    if not spec:
+        return None
+    spec = spec.split(":", 1)[1] if ":" in spec else spec
+    if "@" not in spec:
+        return _DEFAULT_SIGNAL_LEAD
+    try:
+        return float(spec.rsplit("@", 1)[1])
+    except ValueError:
+        return None
+
+
+def check_lead_time(
+    step_seconds: float,
+    save_seconds: float,
+    *,
+    lead_seconds: float | None = None,
+    environ: Mapping[str, str] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> float | None:
+    """Warn when the signal's lead time is shorter than one step plus one checkpoint write (measured by you).
+
+    The lead time is ``lead_seconds`` if given, else ``RATLIB_SIGNAL_LEAD`` (seconds), else Slurm's
+    ``SBATCH_SIGNAL``/``SLURM_SIGNAL`` (the input variables that set ``--signal``; an ``#SBATCH --signal``
+    line is not visible inside the job, so pass it yourself then). Kubernetes' terminationGracePeriodSeconds
+    and torchrun's 30 s are not visible either. Returns the lead time used, or None when unknown.
+    """
+    env = os.environ if environ is None else environ
+    lead = lead_seconds
+    source = "lead_seconds"
+    if lead is None:
+        for name in ("RATLIB_SIGNAL_LEAD", "SBATCH_SIGNAL", "SLURM_SIGNAL"):
+            if env.get(name):
+                value = env[name]
+                lead = _parse_signal_spec(value) if name != "RATLIB_SIGNAL_LEAD" else _float_or_none(value)
+                source = f"{name}={value}"
+                if lead is not None:
+                    break
+    if lead is None:
+        log.info("preemption: signal lead time unknown (pass lead_seconds=, or set RATLIB_SIGNAL_LEAD)")
+        return None
+    need = float(step_seconds) + float(save_seconds)
+    if lead < need:
+        text = (
+            f"preemption: the signal comes {lead:g} s before the kill ({source}), but one step ({step_seconds:.1f} s) "
+            f"plus a checkpoint write ({save_seconds:.1f} s) take {need:.1f} s: the checkpoint may be cut off; "
+            f"ask for more (e.g. #SBATCH --signal=USR1@{int(need * 2) + 30})"
+        )
+        (warn or log.warning)(text)
+    return float(lead)
+
+
+def _float_or_none(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
