@@ -742,3 +742,32 @@ def test_rank_raising_inside_distributed_does_not_hang_the_others() -> None:
     assert elapsed < 90, elapsed  # far below what a hang costs; 3 torch start-ups on a loaded machine
     assert "[rank 1/3] ERROR ratlib.dist_init: rank 1/3 raised ValueError inside distributed()" in run.stderrs[1]
     assert "bad batch on rank 1" in run.stderrs[1]
+
+
+def test_rank_helpers_are_ratlib_launch_and_an_unknown_rank_is_not_main(clean_env: pytest.MonkeyPatch) -> None:
+    from ratlib import launch
+
+    assert (dist_init.get_rank, dist_init.get_world_size, dist_init.is_main_process) == (
+        launch.get_rank,
+        launch.get_world_size,
+        launch.is_main_process,
+    )
+    clean_env.setenv("RANK", "5")
+    clean_env.setenv("WORLD_SIZE", "2")
+    assert dist_init.is_main_process() is False  # not an exception, not the main rank
+    with pytest.raises(DistInitError, match="RANK=5 is not below WORLD_SIZE=2"):
+        dist_init.get_rank()  # a rank number cannot be made up
+    state = launch.rank_state()
+    assert (state.rank, state.world_size, state.known, state.is_main, state.group) == (-1, -1, False, False, False)
+
+
+def test_init_distributed_reaches_hang_through_the_hook_the_package_registers() -> None:
+    code = (
+        "import sys, ratlib.dist_init as d\n"
+        "assert 'ratlib.hang' not in sys.modules\n"
+        "d.init_distributed(device='cpu', stall_timeout=30)\n"
+        "import ratlib.hang as h\nprint(h.is_installed())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr
