@@ -334,6 +334,8 @@ def assert_same(value: Any, *, name: str = "config") -> None:
         if len(by_value) > 1:
             shown = ", ".join(f"{v} on {_ranks_text(r)}" for v, r in by_value.items())
             lines.append(f"{key or name}: {shown}")
+    if not lines:  # equal leaves, different containers or types (1 and 1.0 compare equal, [] and {} do not)
+        lines = [f"{name}: " + ", ".join(f"{type(v).__name__} on rank {r}" for r, v in enumerate(values))]
     groups: dict[int, list[int]] = {}
     for rank, v in enumerate(values):
         first = next(r for r in range(rank + 1) if values[r] == v)
