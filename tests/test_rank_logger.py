@@ -328,7 +328,7 @@ def test_progress_is_the_plain_iterable_elsewhere() -> None:
 
 def test_the_adapter_forwards_the_stdlib_loggers_names_both_ways() -> None:
     # Reading and setting go to the stdlib logger (setting used to land on the adapter and do nothing), and a
-    # custom logger class's own methods are reachable (the hot path's cost is benchmarks/bench_logging.py's).
+    # custom logger class's own methods are reachable, without a __getattr__ on the hot path.
     log = rank_logger.get_logger("ratlib.test.forward")
     plain = logging.getLogger("ratlib.test.forward")
     assert log.handlers is plain.handlers and log.parent is plain.parent
@@ -344,6 +344,9 @@ def test_the_adapter_forwards_the_stdlib_loggers_names_both_ways() -> None:
         plain.disabled = False
     with pytest.raises(AttributeError):
         log.no_such_name  # noqa: B018
+    assert not any("__getattr__" in vars(c) for c in type(log).__mro__)
+    public = {n for n in dir(plain) if not n.startswith("_")}
+    assert public <= set(dir(log)), public - set(dir(log))  # every public name of a stdlib logger is forwarded
 
     class TraceLogger(logging.Logger):
         def trace(self, msg: str) -> str:
