@@ -184,7 +184,8 @@ def parse_split(split: str | CocoSplit, year: int | str | None = None) -> CocoSp
             text = text[len(kind) + 1 :]
             break
     if re.fullmatch(r"\d{4}", text):
-        raise ValueError(f"split {split!r} is only a year; name the split too, e.g. train{text}, val{text}")
+        year_text = text if int(text) in (2014, 2017) else "2017"  # suggest names that exist
+        raise ValueError(f"split {split!r} is only a year; name the split too, e.g. train{year_text}, val{year_text}")
     m = _SPELLING.match(text)
     name = _split_name(m.group(2)) if m else None
     if m is None or name is None:

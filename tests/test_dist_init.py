@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import dist_targets
@@ -412,8 +411,8 @@ def test_distributed_context_logs_and_tears_down(
 
 def test_stall_timeout_and_check_collectives_install_hang(clean_env: pytest.MonkeyPatch) -> None:
     calls: list[dict] = []
-    fake = types.SimpleNamespace(install=lambda **kw: calls.append(kw), before_collective=lambda op: None)
-    clean_env.setitem(sys.modules, "ratlib.hang", fake)
+    clean_env.setattr(dist_init, "_HANG_INSTALL", dist_init._HANG_INSTALL)  # restored after the test
+    dist_init.set_hang_install(lambda **kw: calls.append(kw))  # the hook ratlib.hang registers
     init_distributed(device="cpu")
     assert calls == []  # off unless asked
     shutdown()
