@@ -46,7 +46,8 @@ def _on_gpus() -> bool:
 
 
 def ratlib_init() -> int:
-    import torch  # noqa: F401  - imported before the clock starts, as in bare_init
+    import torch
+    import torch.distributed  # imported before the clock starts, as in bare_init
 
     from ratlib.dist_init import init_distributed, shutdown
 
@@ -55,6 +56,7 @@ def ratlib_init() -> int:
     start = time.perf_counter()
     init_distributed("gloo", device=device, connect_timeout=30)
     print(f"SECONDS {time.perf_counter() - start:.6f}")
+    torch.distributed.barrier()  # rank 0 hosts the store: it must not leave while a rank still reads it
     shutdown()
     return 0
 
@@ -70,6 +72,7 @@ def bare_init() -> int:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("gloo")
     print(f"SECONDS {time.perf_counter() - start:.6f}")
+    dist.barrier()  # rank 0 hosts the store: it must not leave while a rank still reads it
     dist.destroy_process_group()
     return 0
 
