@@ -110,6 +110,19 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
+def _install_hang(**kwargs: Any) -> None:
+    """What ``init_distributed(stall_timeout=..., check_collectives=...)`` calls: ``ratlib.hang.install``,
+    imported only then. dist_init sits below hang and never imports it; the package wires the two here."""
+    from ratlib.hang import install
+
+    install(**kwargs)
+
+
+from ratlib import dist_init as _dist_init  # noqa: E402  (torch-free; needs the names above)
+
+_dist_init.set_hang_install(_install_hang)
+
+
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import (
         checkpoint,

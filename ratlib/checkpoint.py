@@ -39,7 +39,7 @@ class CheckpointError(FileNotFoundError):
 
 
 def _is_main() -> bool:
-    from ratlib.dist_init import is_main_process
+    from ratlib.launch import is_main_process
 
     return is_main_process()
 
@@ -160,7 +160,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     import numpy as np
     import torch
 
-    from ratlib.dist_init import get_rank, get_world_size
+    from ratlib.launch import get_rank, get_world_size
 
     ranks = state.get("ranks") if isinstance(state, Mapping) else None
     if not ranks:

@@ -26,7 +26,7 @@ def _version(dist: str) -> str | None:
 def collect_env() -> dict[str, Any]:
     """Versions, accelerators and the launcher environment, as a JSON-able dict."""
     from ratlib import __version__
-    from ratlib.dist_init import DistInitError, detect_launch_env
+    from ratlib.launch import DistInitError, detect_launch_env
 
     info: dict[str, Any] = {
         "ratlib": __version__,
@@ -101,12 +101,13 @@ def _print_env(info: dict[str, Any]) -> None:
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
+    """Exit 1 when the launcher variables are invalid (the launcher ERROR row): scripts can test it."""
     info = collect_env()
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         _print_env(info)
-    return 0
+    return 1 if "error" in info["launch"] else 0
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ratlib.errors import RatlibError, message
+
 __all__ = [
     "KINDS",
     "LAYOUTS",
@@ -28,6 +30,7 @@ __all__ = [
     "CocoPaths",
     "CocoSplit",
     "CocoValidationError",
+    "CocoYearError",
     "ValidationReport",
     "annotation_filename",
     "parse_split",
@@ -139,6 +142,14 @@ def _split_name(raw: str) -> str | None:
     return name if name in SPLITS else None
 
 
+class CocoYearError(RatlibError, ValueError):
+    """``parse_split``: the split names one year and ``year`` another (``ratlib coco`` words its fix with --year)."""
+
+    def __init__(self, text: str, *, split: str, name: str, year: int) -> None:
+        super().__init__(text)
+        self.split, self.name, self.year = split, name, year
+
+
 def parse_split(split: str | CocoSplit, year: int | str | None = None) -> CocoSplit:
     """Parse any common spelling of a COCO split into a ``CocoSplit``.
 
@@ -173,7 +184,8 @@ def parse_split(split: str | CocoSplit, year: int | str | None = None) -> CocoSp
             text = text[len(kind) + 1 :]
             break
     if re.fullmatch(r"\d{4}", text):
-        raise ValueError(f"split {split!r} is only a year; name the split too, e.g. train{text}, val{text}")
+        year_text = text if int(text) in (2014, 2017) else "2017"  # suggest names that exist
+        raise ValueError(f"split {split!r} is only a year; name the split too, e.g. train{year_text}, val{year_text}")
     m = _SPELLING.match(text)
     name = _split_name(m.group(2)) if m else None
     if m is None or name is None:
@@ -190,9 +202,12 @@ def parse_split(split: str | CocoSplit, year: int | str | None = None) -> CocoSp
         )
     in_name = _year(years[0] if years else None, f"the year in split {split!r}")
     if in_name is not None and given is not None and in_name != given:
-        raise ValueError(
+        raise CocoYearError(
             f"split {split!r} says {in_name} but year={given} was given; the years disagree. "
-            f"Pass split={name!r} with year={given}, or drop year"
+            f"Pass split={name!r} with year={given}, or drop year",
+            split=split,
+            name=name,
+            year=given,
         )
     chosen = in_name if in_name is not None else given if given is not None else SPLITS[name][0]
     if chosen not in SPLITS[name]:
@@ -246,7 +261,7 @@ class CocoPaths:
     layout: str
 
 
-class CocoPathError(FileNotFoundError):
+class CocoPathError(RatlibError, FileNotFoundError):
     """A split's files are not where any layout puts them. The message lists the paths tried, the
     annotation files that do exist under the root and the closest one; so do the attributes."""
 
@@ -330,8 +345,10 @@ def _default_root(layout: str) -> tuple[Path, str]:
     if os.environ.get("DETECTRON2_DATASETS"):
         return _expand(os.environ["DETECTRON2_DATASETS"]), "detectron2" if layout == "auto" else layout
     raise CocoPathError(
-        "resolve_coco: no root given and neither COCO_ROOT nor DETECTRON2_DATASETS is set; "
-        "pass root=, or export COCO_ROOT=/path/to/coco",
+        message(
+            "resolve_coco: no root given and neither COCO_ROOT nor DETECTRON2_DATASETS is set",
+            fix="pass root=, or export COCO_ROOT=/path/to/coco",
+        ),
         layout=layout,
     )
 
@@ -393,7 +410,7 @@ def _check_explicit(path: Path, what: str, split: CocoSplit) -> None:
     if path.exists():
         problem = "is a file, expected the image folder" if want_dir else "is a folder, expected a .json file"
         raise CocoPathError(
-            f"resolve_coco: {what}={str(path)!r} {problem} (split {split})",
+            message(f"resolve_coco: {what}={str(path)!r} {problem} (split {split})", fix=f"pass the {what} path"),
             split=split,
             layout="explicit",
             tried=[path],
@@ -439,9 +456,11 @@ def _search(
                 return CocoPaths(found_dir or image_dirs[0], ann, split, name)
             tried.extend(image_dirs)
             raise CocoPathError(
-                f"resolve_coco: found {ann} ({name} layout) for split {split}, but no image folder; tried "
-                f"{', '.join(map(str, image_dirs))}.\nFix: put the {split} images in {image_dirs[0]}, or "
-                f"pass images=",
+                message(
+                    f"resolve_coco: found {ann} ({name} layout) for split {split}, but no image folder",
+                    got=f"tried {', '.join(map(str, image_dirs))}",
+                    fix=f"put the {split} images in {image_dirs[0]}, or pass images=",
+                ),
                 root=root,
                 split=split,
                 layout=name,
@@ -451,9 +470,12 @@ def _search(
         return first
     if has_ann:
         raise CocoPathError(
-            f"resolve_coco: annotations= was given but no image folder for split {split} "
-            f"exists under {root} (layout={layout!r}); tried {', '.join(map(str, tried))}.\n"
-            "Fix: pass images= too",
+            message(
+                f"resolve_coco: annotations= was given but no image folder for split {split} "
+                f"exists under {root} (layout={layout!r})",
+                got=f"tried {', '.join(map(str, tried))}",
+                fix="pass images= too",
+            ),
             root=root,
             split=split,
             layout=layout,
@@ -544,7 +566,7 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-class CocoValidationError(ValueError):
+class CocoValidationError(RatlibError, ValueError):
     """An annotation file failed ``validate_annotations``; ``.report`` holds every problem."""
 
     def __init__(self, report: ValidationReport) -> None:
@@ -724,26 +746,38 @@ def _check_image_files(report: ValidationReport, folder: Path, images_list: list
 # `ratlib coco ROOT SPLIT`
 
 
+def _cli_error(args: argparse.Namespace, exc: Exception) -> int:
+    if args.json:
+        out: dict[str, Any] = {"ok": False, "error": str(exc)}
+        if isinstance(exc, CocoPathError):
+            out.update(
+                split=str(exc.split) if exc.split else None,
+                layout=exc.layout,
+                tried=[str(p) for p in exc.tried],
+                found=[str(p) for p in exc.found],
+                closest=str(exc.closest) if exc.closest else None,
+            )
+        print(json.dumps(out, indent=2))
+    print(f"error: {exc}", file=sys.stderr)
+    return 1
+
+
 def cli_main(args: argparse.Namespace) -> int:
     """``ratlib coco``: print the resolved paths (or the error to stderr); exit 1 on error."""
     try:
         paths = resolve_coco(args.root, args.split, year=args.year, kind=args.kind, layout=args.layout)
         kind = _kind_of(paths.annotations, args.kind)  # a test split's instances file is image_info_*.json
         report = validate_annotations(paths.annotations, paths.images, kind=kind) if args.check else None
+    except CocoYearError as exc:  # the Python form (year=...) would not help on the command line
+        exc = ValueError(
+            message(
+                f"split {exc.split!r} names another year than --year {exc.year}",
+                fix=f"run `ratlib coco {args.root} {exc.name} --year {exc.year}`, or drop --year",
+            )
+        )
+        return _cli_error(args, exc)
     except (CocoPathError, ValueError) as exc:
-        if args.json:
-            out: dict[str, Any] = {"ok": False, "error": str(exc)}
-            if isinstance(exc, CocoPathError):
-                out.update(
-                    split=str(exc.split) if exc.split else None,
-                    layout=exc.layout,
-                    tried=[str(p) for p in exc.tried],
-                    found=[str(p) for p in exc.found],
-                    closest=str(exc.closest) if exc.closest else None,
-                )
-            print(json.dumps(out, indent=2))
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _cli_error(args, exc)
     ok = report is None or report.ok
     if args.json:
         result: dict[str, Any] = {

@@ -4,9 +4,13 @@ Code written against these runs unchanged in a single process (tests, notebooks,
 torchrun: each function returns what the collective would return at world size 1 and checks its
 arguments the same way, so a mistake shows up before the job is scaled out.
 
-Every public collective starts with ``_before_collective(op)`` so that ``ratlib.hang`` (when imported
-and asked to) can check that all ranks are in the same collective from the same call site; that costs
-one dictionary lookup when ``ratlib.hang`` is not imported.
+With no process group the collectives answer as at world size 1 only when the launcher's world size is
+1: under a launcher that started several processes, a collective before ``init_distributed()`` raises
+``NoProcessGroupError`` instead of returning each rank's own value (a silently wrong metric).
+
+Every public collective first calls the collective hook, which ``ratlib.hang.install(check_collectives=True)``
+registers (``set_collective_hook``) to check that all ranks are in the same collective from the same call
+site; this module never imports ``ratlib.hang``.
 """
 
 from __future__ import annotations
@@ -14,27 +18,71 @@ from __future__ import annotations
 import hashlib
 import numbers
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["all_gather_object", "all_reduce_mean", "broadcast_object", "gather_object", "reduce_dict"]
+from ratlib.errors import RatlibError, message
+from ratlib.launch import process_group, rank_state
+
+__all__ = [
+    "NoProcessGroupError",
+    "RankMismatchError",
+    "all_gather_object",
+    "all_reduce_mean",
+    "assert_same",
+    "broadcast_object",
+    "gather_object",
+    "reduce_dict",
+    "set_collective_hook",
+]
 
 T = TypeVar("T")
 
 
+class NoProcessGroupError(RatlibError, RuntimeError):
+    """A collective was called under a multi-process launcher before the process group exists."""
+
+
+class RankMismatchError(RatlibError, ValueError):
+    """``assert_same``: the ranks hold different values; the message names the ranks and the keys."""
+
+
+_collective_hook: Callable[[str], None] | None = None
+
+
+def set_collective_hook(hook: Callable[[str], None] | None) -> None:
+    """Call ``hook(op)`` before every collective here (None: no hook). ``ratlib.hang`` registers its check."""
+    global _collective_hook
+    _collective_hook = hook
+
+
 def _before_collective(op: str) -> None:
-    # Call depth matters: public function -> _before_collective -> hang.before_collective.
-    hang = sys.modules.get("ratlib.hang")
-    if hang is not None:
-        hang.before_collective(op)
+    # Call depth matters to the hook: public function -> _before_collective -> hook.
+    if _collective_hook is not None:
+        _collective_hook(op)
 
 
-def _dist() -> Any | None:
-    """torch.distributed when a group with more than one rank exists, else None."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return None
-    return dist
+def _dist(op: str) -> Any | None:
+    """torch.distributed when a group with more than one rank exists, else None (world size 1).
+
+    Without a group, a launcher world size above 1 (or invalid launcher variables) is an error: the
+    answer would be this rank's alone.
+    """
+    dist = process_group()
+    if dist is not None:
+        return None if dist.get_world_size() == 1 else dist
+    state = rank_state()
+    if state.error is not None:
+        raise state.error
+    if state.world_size > 1:
+        raise NoProcessGroupError(
+            message(
+                f"{op}: no process group on rank {state.rank} of {state.world_size}; the launcher started "
+                f"{state.world_size} processes, so a result here would be this rank's alone",
+                fix="call ratlib.init_distributed() (or use `with ratlib.distributed():`) on every rank first",
+            )
+        )
+    return None
 
 
 def _device(dist: Any) -> Any:
@@ -66,7 +114,7 @@ def all_reduce_mean(x: T) -> T:
     """Mean of ``x`` over all ranks, for metrics: a tensor comes back as a new, detached tensor (integer
     and bool tensors as floating point, as ``t / n`` gives), a Python number as a float."""
     _before_collective("all_reduce_mean")
-    dist = _dist()
+    dist = _dist("all_reduce_mean")
     world = dist.get_world_size() if dist is not None else 1
     if _is_tensor(x):
         import torch
@@ -146,7 +194,7 @@ def reduce_dict(d: Mapping[str, Any], average: bool = True) -> dict[str, Any]:
     """
     _before_collective("reduce_dict")
     keys = _scalar_values(d)
-    dist = _dist()
+    dist = _dist("reduce_dict")
     if dist is None:
         return {k: _result(d[k], d[k], average, 1) for k in keys}
     import torch
@@ -183,7 +231,7 @@ def _result(src: Any, total: Any, average: bool, world: int) -> Any:
 def gather_object(obj: T, dst: int = 0) -> list[T] | None:
     """Picklable ``obj`` from every rank, as a list by rank on ``dst``; None on the other ranks."""
     _before_collective("gather_object")
-    dist = _dist()
+    dist = _dist("gather_object")
     if dist is None:
         _check_rank_arg("dst", dst, 1, "gather_object")
         return [obj]
@@ -196,7 +244,7 @@ def gather_object(obj: T, dst: int = 0) -> list[T] | None:
 def all_gather_object(obj: T) -> list[T]:
     """Picklable ``obj`` from every rank, as a list by rank, on every rank."""
     _before_collective("all_gather_object")
-    dist = _dist()
+    dist = _dist("all_gather_object")
     if dist is None:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
@@ -207,7 +255,7 @@ def all_gather_object(obj: T) -> list[T]:
 def broadcast_object(obj: T, src: int = 0) -> T:
     """``src``'s picklable ``obj`` on every rank (the other ranks' argument is ignored)."""
     _before_collective("broadcast_object")
-    dist = _dist()
+    dist = _dist("broadcast_object")
     if dist is None:
         _check_rank_arg("src", src, 1, "broadcast_object")
         return obj
@@ -215,3 +263,91 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# assert_same
+
+
+_MISSING = "<missing>"
+
+
+def _plain(value: Any) -> Any:
+    """A config model or dataclass as plain data, so that its fields can be compared key by key."""
+    if hasattr(value, "model_dump") and callable(value.model_dump):  # pydantic
+        return value.model_dump(mode="python")
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _flatten(value: Any, path: str, out: dict[str, Any]) -> dict[str, Any]:
+    """Leaves of nested dicts / lists by dotted path (``training.optimizer.lr``, ``argv[2]``)."""
+    value = _plain(value)
+    if isinstance(value, Mapping) and value:
+        for key, item in value.items():
+            _flatten(item, f"{path}.{key}" if path else str(key), out)
+    elif isinstance(value, (list, tuple)) and value:
+        for index, item in enumerate(value):
+            _flatten(item, f"{path}[{index}]", out)
+    else:
+        out[path] = value
+    return out
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'ranks 0-2, 5'; [3] -> 'rank 3'."""
+    spans: list[list[int]] = []
+    for r in sorted(ranks):
+        if spans and spans[-1][1] == r - 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    text = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
+    return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def assert_same(value: Any, *, name: str = "config") -> None:
+    """Check that every rank holds the same ``value`` (a config, argv, a dataset's length); a collective.
+
+    Otherwise raise ``RankMismatchError`` on every rank, naming the ranks that differ from the majority
+    and each (nested) key that differs with its value per rank. Pydantic models and dataclasses are
+    compared field by field. World size 1: nothing to compare.
+    """
+    values = all_gather_object(_plain(value))
+    if all(v == values[0] for v in values[1:]):
+        return
+    flat = [_flatten(v, "", {}) for v in values]
+    keys = sorted(set().union(*flat))
+    lines = []
+    for key in keys:
+        by_value: dict[str, list[int]] = {}
+        for rank, leaves in enumerate(flat):
+            by_value.setdefault(_short_repr(leaves.get(key, _MISSING)), []).append(rank)
+        if len(by_value) > 1:
+            shown = ", ".join(f"{v} on {_ranks_text(r)}" for v, r in by_value.items())
+            lines.append(f"{key or name}: {shown}")
+    if not lines:  # equal leaves, different containers or types (1 and 1.0 compare equal, [] and {} do not)
+        lines = [f"{name}: " + ", ".join(f"{type(v).__name__} on rank {r}" for r, v in enumerate(values))]
+    groups: dict[int, list[int]] = {}
+    for rank, v in enumerate(values):
+        first = next(r for r in range(rank + 1) if values[r] == v)
+        groups.setdefault(first, []).append(rank)
+    largest = max(len(g) for g in groups.values())
+    majority = [g for g in groups.values() if len(g) == largest]
+    odd = sorted(r for g in groups.values() if len(majority) > 1 or g is not majority[0] for r in g)
+    raise RankMismatchError(
+        message(
+            f"{name} differs across ranks: {_ranks_text(odd)} "
+            f"{'hold' if len(odd) > 1 else 'holds'} a different {name} than "
+            f"{'the others' if len(majority) == 1 else 'each other'}; differing keys: " + "; ".join(lines),
+            fix=f"start every rank with the same {name} (the same files, command-line overrides and environment)",
+        )
+    )

@@ -10,14 +10,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
-import importlib
 import os
 import socket
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,11 @@ from ratlib.launch import (
     detect_launch_env,
     expand_slurm_nodelist,
     expand_slurm_tasks_per_node,
+    get_rank,
+    get_world_size,
+    group_is_up,
+    is_main_process,
+    launch_error,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,9 +97,7 @@ def _torch_dist() -> Any:
     return dist
 
 
-def _group_ready() -> bool:
-    dist = sys.modules.get("torch.distributed")
-    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+_group_ready = group_is_up  # the one definition is ratlib.launch's
 
 
 def _where(launch: LaunchEnv) -> str:
@@ -103,8 +105,7 @@ def _where(launch: LaunchEnv) -> str:
 
 
 def _init_error(launch: LaunchEnv, problem: str, fix: str) -> DistInitError:
-    shown = ", ".join(f"{k}={v!r}" for k, v in launch.variables.items()) or "none"
-    return DistInitError(f"{_where(launch)}: {problem}. Variables read: {shown}. Fix: {fix}")
+    return launch_error(_where(launch), launch.variables, problem, fix)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -173,8 +174,8 @@ def _client_store(launch: LaunchEnv, deadline: float, connect_timeout: float) ->
     thread.start()
     thread.join(max(deadline - time.monotonic(), 1.0) + 0.5)
     if "store" in box:
-        if not _uses_agent_store(launch):
-            box["store"].add(_JOINED, 1)  # rank 0 waits for this (see _server_store)
+        if not _uses_agent_store(launch) and box["store"].add(_JOINED, 1) == launch.world_size - 1:
+            box["store"].set(_ALL_JOINED, "1")  # the last rank in wakes rank 0 (see _server_store)
         return box["store"]
     if "error" in box:
         raise _init_error(
@@ -191,15 +192,15 @@ def _client_store(launch: LaunchEnv, deadline: float, connect_timeout: float) ->
     )
 
 
-_JOINED = "ratlib/dist_init/joined"  # each client rank adds 1 once connected; rank 0 waits for world_size - 1
+_JOINED = "ratlib/dist_init/joined"  # each client rank adds 1 once connected
+_ALL_JOINED = "ratlib/dist_init/all-joined"  # set by the last client in; rank 0 waits for it
 
 
 def _server_store(launch: LaunchEnv, connect_timeout: float) -> Any:
     """Rank 0 hosts the store and waits up to ``connect_timeout`` for every other rank to join.
 
-    The wait is ours (the clients count themselves in ``_JOINED``, polled every 0.5 ms), not
-    TCPStore's ``wait_for_workers``, which polls every 10 ms: a client arriving a moment after the first
-    poll cost every job start 10 ms, a third of a 2-rank gloo set-up.
+    The clients count themselves in and the last one sets a key that rank 0 waits for in the store
+    (``store.wait``: no polling), so a failed rendezvous can say how many ranks arrived.
     """
     port = int(launch.master_port or 0)
     try:
@@ -227,20 +228,21 @@ def _server_store(launch: LaunchEnv, connect_timeout: float) -> Any:
             f"cannot open the rendezvous on MASTER_PORT={port}: {text}",
             "choose another MASTER_PORT, or check that this host may listen on it",
         ) from exc
-    deadline = time.monotonic() + connect_timeout
-    while (joined := store.add(_JOINED, 0)) < launch.world_size - 1:
-        if time.monotonic() >= deadline:
-            raise _init_error(
-                launch,
-                f"not every rank reached the rendezvous on MASTER_PORT={port} within "
-                f"connect_timeout={connect_timeout:g}s ({joined + 1}/{launch.world_size} ranks "
-                "joined, rank 0 included)",
-                f"start all {launch.world_size} ranks (WORLD_SIZE must match how many you start); "
-                "check the other ranks' logs for their own error; give every rank the same "
-                "MASTER_ADDR/MASTER_PORT; or raise connect_timeout when ranks start far apart",
-            )
-        time.sleep(0.0005)  # a poll is one local round trip (~50 us)
-    store.delete_key(_JOINED)  # a later group on this port (multi_tenant) counts afresh
+    try:
+        store.wait([_ALL_JOINED], timedelta(seconds=connect_timeout))
+    except Exception:  # torch raises its own timeout error (the type varies by version)
+        joined = store.add(_JOINED, 0)
+        raise _init_error(
+            launch,
+            f"not every rank reached the rendezvous on MASTER_PORT={port} within "
+            f"connect_timeout={connect_timeout:g}s ({joined + 1}/{launch.world_size} ranks "
+            "joined, rank 0 included)",
+            f"start all {launch.world_size} ranks (WORLD_SIZE must match how many you start); "
+            "check the other ranks' logs for their own error; give every rank the same "
+            "MASTER_ADDR/MASTER_PORT; or raise connect_timeout when ranks start far apart",
+        ) from None
+    for key in (_JOINED, _ALL_JOINED):  # a later group on this port (multi_tenant) counts afresh
+        store.delete_key(key)
     return store
 
 
@@ -417,9 +419,20 @@ def init_distributed(
         atexit.register(shutdown)
         _ATEXIT_REGISTERED = True
     if stall_timeout is not None or check_collectives:
-        hang = importlib.import_module("ratlib.hang")
-        hang.install(stall_timeout=stall_timeout, check_collectives=check_collectives)
+        if _HANG_INSTALL is None:  # pragma: no cover - ratlib/__init__.py registers it
+            raise RuntimeError("init_distributed: stall_timeout/check_collectives need ratlib.hang; import it first")
+        _HANG_INSTALL(stall_timeout=stall_timeout, check_collectives=check_collectives)
     return info
+
+
+# ratlib.hang sits above this module, so this module never imports it: hang registers its installer here.
+_HANG_INSTALL: Callable[..., None] | None = None
+
+
+def set_hang_install(install: Callable[..., None] | None) -> None:
+    """Hook for ``ratlib.hang``: what ``init_distributed(stall_timeout=..., check_collectives=...)`` calls."""
+    global _HANG_INSTALL
+    _HANG_INSTALL = install
 
 
 def _init_parameters(dist: Any) -> tuple[str, ...]:
@@ -472,26 +485,8 @@ def _log_failure(info: DistInfo, exc: BaseException) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Rank helpers: correct before init (from the launcher), with a group, and after teardown
-
-
-def get_rank() -> int:
-    """This process's global rank: from the process group when there is one, else from the launcher."""
-    if _group_ready():
-        return int(sys.modules["torch.distributed"].get_rank())
-    return detect_launch_env().rank
-
-
-def get_world_size() -> int:
-    """Number of processes: from the process group when there is one, else from the launcher."""
-    if _group_ready():
-        return int(sys.modules["torch.distributed"].get_world_size())
-    return detect_launch_env().world_size
-
-
-def is_main_process() -> bool:
-    """True on global rank 0 (and in a single process)."""
-    return get_rank() == 0
+# Rank helpers: correct before init (from the launcher), with a group, and after teardown.
+# get_rank, get_world_size and is_main_process are ratlib.launch's (imported above): one definition.
 
 
 def barrier() -> None:

@@ -463,7 +463,7 @@ def _environment(report: Report, device: str | None) -> None:
     if torch is not None:
         env["cuda_available"] = torch.cuda.is_available()
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    from ratlib.dist_init import DistInitError, detect_launch_env
+    from ratlib.launch import DistInitError, detect_launch_env
 
     try:
         launch = detect_launch_env()

@@ -41,8 +41,10 @@ from functools import cache
 from types import FrameType
 from typing import Any
 
-from ratlib.errors import message
-from ratlib.rank_logger import current_rank, get_logger, log_file_path, rank_tag
+from ratlib import comm, dist_init
+from ratlib.errors import RatlibError, message
+from ratlib.launch import process_group, rank_state
+from ratlib.rank_logger import get_logger, log_file_path, rank_tag
 
 __all__ = [
     "HANG_EXIT_CODE",
@@ -68,13 +70,13 @@ _EXIT_WAIT = 5.0  # rank 0 (usually the store's host) waits this long for the ot
 log = get_logger("ratlib.hang")
 
 
-class HangError(RuntimeError):
+class HangError(RatlibError, RuntimeError):
     """A rank made no progress (no ``heartbeat``) for ``stall_timeout`` seconds."""
 
     exit_code = HANG_EXIT_CODE
 
 
-class CollectiveMismatchError(RuntimeError):
+class CollectiveMismatchError(RatlibError, RuntimeError):
     """Ranks reached different ratlib collectives (operation, call site or step) at the same point."""
 
 
@@ -178,6 +180,8 @@ def install(
         _S.stall_timeout, _S.abort = stall_timeout, abort_after_dump
         _S.check, _S.check_store = check_collectives, check_store
         _S.stop, _S.finished, _S.had_group = threading.Event(), threading.Event(), False
+        if check_collectives:
+            comm.set_collective_hook(before_collective)  # comm calls it; it never imports this module
         if signum is not None:
             _register_signal(signum)
         if stall_timeout is not None:
@@ -212,6 +216,7 @@ def uninstall() -> None:
 def _teardown() -> None:
     _S.installed = False
     _S.check = False
+    comm.set_collective_hook(None)
     _S.stop.set()
     if _S.signum is not None:
         faulthandler.unregister(_S.signum)
@@ -387,16 +392,11 @@ def _main_frame() -> FrameType | None:
 # Process group and store (never imports torch)
 
 
-def _group() -> Any | None:
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist
-    return None
+_group = process_group  # the one definition is ratlib.launch's
 
 
 def _world() -> int:
-    dist = _group()
-    return int(dist.get_world_size()) if dist is not None else max(current_rank()[1], 1)
+    return max(rank_state().world_size, 1)
 
 
 def _default_store() -> Any | None:
@@ -487,10 +487,12 @@ def _agree(store: Any, rank: int, world: int, seq: int, record: dict[str, Any]) 
         if not missing:
             raise  # the store itself failed, not a rank
         raise CollectiveMismatchError(
-            f"ratlib collective #{seq} ({record['op']} at {record['site']}, step {record['step']}): "
-            f"{_ranks(missing)} never reached it within the store timeout ({exc.__class__.__name__}). "
-            "They are in a collective that is not from ratlib.comm, stuck, or dead: see their logs "
-            "(install(stall_timeout=...) dumps their stacks)"
+            message(
+                f"ratlib collective #{seq} ({record['op']} at {record['site']}, step {record['step']}): "
+                f"{_ranks(missing)} never reached it within the store timeout ({exc.__class__.__name__}). "
+                "They are in a collective that is not from ratlib.comm, stuck, or dead",
+                fix="see their logs (install(stall_timeout=...) dumps their stacks)",
+            )
         ) from None
     if seq >= 2:
         with contextlib.suppress(Exception):  # every rank has read collective seq-2's records by now
@@ -507,13 +509,13 @@ def _mismatch_message(seq: int, records: list[dict[str, Any]]) -> str:
     lines = [f"ratlib collective #{seq} differs across ranks (check_collectives=True):"]
     for (op, site, step), ranks in sorted(groups.items(), key=lambda kv: kv[1][0]):
         lines.append(f"  {_ranks(ranks)}: {op} at {site} (step {step})")
-    lines.append(
-        "Every rank must call the same collectives in the same order and step; without this check "
-        "the job would hang or silently pair different collectives here. Look for a branch that "
-        "differs by rank before these call sites (a data-dependent if, an uneven last batch, an "
-        "exception caught on one rank)."
+    return message(
+        "\n".join(lines)
+        + "\nEvery rank must call the same collectives in the same order and step; without this check the job "
+        "would hang or silently pair different collectives here",
+        fix="look for a branch that differs by rank before these call sites (a data-dependent if, an uneven "
+        "last batch, an exception caught on one rank)",
     )
-    return "\n".join(lines)
 
 
 def _ranks_text(ranks: Iterable[int]) -> str:
@@ -659,7 +661,7 @@ def _watch(stop: threading.Event, stall_timeout: float) -> None:
 def _on_stall(age: float, stall_timeout: float) -> None:
     step = _step
     frame, site = _locate(_main_frame())
-    rank = current_rank()[0]
+    rank = rank_state().rank
     world = _world()
     me = StallReport(rank, step, time.time() - age, frame, site, socket.gethostname(), os.getpid())
     log.error(
@@ -686,12 +688,12 @@ def _on_stall(age: float, stall_timeout: float) -> None:
         if printer is not None
         else "not printed (no rank could)"
     )
-    message = (
+    text = (
         f"{rank_tag()} no heartbeat for {age:.1f} s (stall_timeout={stall_timeout:g} s): last step {step}, "
         f"main thread at {site}. {odd_text}. Summary table: {table_at}; stacks: {log_file_path() or 'stderr'}."
     )
     if not _S.abort:
-        log.error("%s Going on (abort_after_dump=False).", message)
+        log.error("%s Going on (abort_after_dump=False).", text)
         _S.finished.set()
         return
     log.critical(
@@ -699,7 +701,7 @@ def _on_stall(age: float, stall_timeout: float) -> None:
         "collective timeout (install(abort_after_dump=False) only reports)",
         rank_tag(),
         HANG_EXIT_CODE,
-        exc_info=(HangError, HangError(message), None),
+        exc_info=(HangError, HangError(text), None),
     )
     _leave(summary, rank)
 
@@ -788,3 +790,6 @@ def _exit() -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(HANG_EXIT_CODE)
+
+
+dist_init.set_hang_install(install)  # init_distributed(stall_timeout=..., check_collectives=...) calls it

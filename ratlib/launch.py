@@ -7,19 +7,31 @@ Kubeflow, SLURM, Open MPI, MVAPICH, MPICH / Intel MPI / PMI(x), or a single proc
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from ratlib.errors import RatlibError
+from ratlib.errors import RatlibError, message
 
 __all__ = [
     "DistInitError",
     "LaunchEnv",
+    "RankState",
     "detect_launch_env",
     "expand_slurm_nodelist",
     "expand_slurm_tasks_per_node",
+    "get_local_rank",
+    "get_rank",
+    "get_world_size",
+    "group_is_up",
+    "is_main_process",
+    "launch_error",
+    "process_group",
+    "rank_state",
 ]
 
 
@@ -123,8 +135,7 @@ _MPI = {
 
 
 def _fail(launcher: str, read: Mapping[str, str], problem: str, fix: str) -> DistInitError:
-    shown = ", ".join(f"{k}={v!r}" for k, v in read.items()) or "none"
-    return DistInitError(f"{launcher} environment: {problem}. Variables read: {shown}. Fix: {fix}")
+    return launch_error(f"{launcher} environment", read, problem, fix)
 
 
 def _read(env: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
@@ -438,3 +449,123 @@ def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     if pmi:
         return _mpi(env, "mpich")
     return LaunchEnv("single", variables=_read(env, _MASTER))
+
+
+# ----------------------------------------------------------------------------------------------
+# The one error wording for launcher and set-up failures
+
+
+def launch_error(where: str, read: Mapping[str, str], problem: str, fix: str) -> DistInitError:
+    """``DistInitError`` worded as ``<where>: <problem>. Got: <variables read>. Fix: <fix>.``
+
+    ``where`` is ``"<launcher> environment"`` while parsing, ``"rank R/W (launcher L)"`` at set-up.
+    """
+    shown = ", ".join(f"{k}={v!r}" for k, v in read.items()) or "no launcher variables"
+    return DistInitError(message(f"{where}: {problem}", got=shown, fix=fix))
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank state: "is a group up, which rank am I, of how many, am I the main one", answered once
+
+
+@dataclass(frozen=True)
+class RankState:
+    """This process's place in the job: the process group's when one is up, else the launcher's.
+
+    ``rank`` and ``world_size`` are -1 when the launcher variables are invalid (``error`` says why);
+    such a process is not the main rank.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    group: bool  # a torch.distributed process group is up (rank and world size are then the group's)
+    error: DistInitError | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.rank >= 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_warned_unknown = False
+
+
+def process_group() -> Any | None:
+    """``torch.distributed`` when it is imported and a process group is up, else None. Never imports torch."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def group_is_up() -> bool:
+    """Whether a torch.distributed process group exists in this process."""
+    return process_group() is not None
+
+
+def rank_state() -> RankState:
+    """The rank, world size and local rank, from the process group when one is up, else from the launcher.
+
+    Never raises: invalid launcher variables give rank -1 (not the main rank), warned once per process.
+    """
+    global _warned_unknown
+    try:
+        env: LaunchEnv | None = detect_launch_env()
+        error = None
+    except DistInitError as exc:
+        env, error = None, exc
+    dist = process_group()
+    if dist is not None:
+        return RankState(int(dist.get_rank()), int(dist.get_world_size()), env.local_rank if env else -1, True)
+    if env is not None:
+        return RankState(env.rank, env.world_size, env.local_rank, False)
+    if not _warned_unknown:
+        _warned_unknown = True  # set first: the handlers that print this ask for the rank state too
+        logging.getLogger("ratlib.launch").warning(
+            "ratlib: cannot tell this process's rank (%s); it is not the main rank (main-rank-only work such as "
+            "rank_zero_only, progress bars and checkpoint writes is skipped here), and the logger prints every "
+            "record, tagged [rank ?/?]",
+            error,
+        )
+    return RankState(-1, -1, -1, False, error)
+
+
+def get_rank() -> int:
+    """This process's global rank: the group's when one is up, else the launcher's.
+
+    Raises ``DistInitError`` when there is no group and the launcher variables are invalid.
+    """
+    state = rank_state()
+    if state.error is not None:
+        raise state.error
+    return state.rank
+
+
+def get_world_size() -> int:
+    """How many processes the job has: the group's size when one is up, else the launcher's world size.
+
+    Before ``init_distributed()`` this is already the launcher's count (2 under ``torchrun
+    --nproc_per_node 2``), while the collectives of ``ratlib.comm`` refuse to run until the group
+    exists. Raises ``DistInitError`` when there is no group and the launcher variables are invalid.
+    """
+    state = rank_state()
+    if state.error is not None:
+        raise state.error
+    return state.world_size
+
+
+def get_local_rank() -> int:
+    """This process's rank on its node (the launcher's); raises ``DistInitError`` on invalid variables."""
+    state = rank_state()
+    if state.error is not None and state.local_rank < 0:
+        raise state.error
+    return state.local_rank
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and in a single process); False on an unknown rank (warned once)."""
+    return rank_state().is_main

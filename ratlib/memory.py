@@ -176,7 +176,7 @@ def reset_peak_memory(device: Any = None) -> None:
 
 def peak_memory(device: Any = None) -> RankMemory:
     """This rank's peak memory since the last :func:`reset_peak_memory` (not a collective)."""
-    from ratlib.dist_init import get_rank
+    from ratlib.launch import get_rank
 
     dev = _device(device)
     if dev.type == "cuda":
@@ -203,7 +203,7 @@ def memory_report(
     warning naming the rank, the figure and the usual remedies. ``reset``: start a new peak afterwards.
     """
     from ratlib.comm import all_gather_object
-    from ratlib.dist_init import is_main_process
+    from ratlib.launch import is_main_process
 
     if warn_fraction is not None and not 0 < warn_fraction <= 1:
         raise ValueError(

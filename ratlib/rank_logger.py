@@ -11,9 +11,11 @@ process group exists, while it exists and after teardown. The policy (set once b
   printed or not, for post-mortems;
 - uncaught exceptions (any thread) and ``warnings.warn`` are logged with the rank tag.
 
-The rank comes from ``torch.distributed`` once it is initialised (without importing torch), else from
-the launcher's variables (``ratlib.dist_init.detect_launch_env``), else rank 0 of 1. A dropped call on
-a non-main rank returns after one comparison: no record, no formatting, no I/O.
+The rank is ``ratlib.launch.rank_state()``'s: the process group's once it exists (torch is never
+imported here), else the launcher's variables, else rank 0 of 1. An unknown rank (invalid launcher
+variables) is not the main rank: ``rank_zero_only`` and ``progress`` skip it, and the console prints
+every record, tagged ``[rank ?/?]``. A dropped call on a non-main rank returns after one comparison:
+no record, no formatting, no I/O.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, MutableMapping
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ratlib.errors import RatlibError, message
+from ratlib.launch import process_group, rank_state
+
 __all__ = [
+    "LogDirError",
     "RankFilter",
     "RankLogger",
     "current_rank",
@@ -68,7 +75,6 @@ class _State:
         self.handlers: list[logging.Handler] = []
         self.file_handler: _RankFileHandler | None = None
         self.hooks_installed = False
-        self.warned_bad_env = False
         self.configured = False
 
 
@@ -76,33 +82,12 @@ _STATE = _State()
 _LOCK = threading.Lock()
 
 
-def _dist_module() -> Any | None:
-    dist = sys.modules.get("torch.distributed")  # never import torch ourselves
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist
-    return None
+_dist_module = process_group  # the one definition is ratlib.launch's
 
 
 def _resolve() -> None:
-    dist = _dist_module()
-    if dist is not None:
-        _STATE.rank, _STATE.world, _STATE.known, _STATE.from_dist = dist.get_rank(), dist.get_world_size(), True, True
-    else:
-        from ratlib.dist_init import DistInitError, detect_launch_env
-
-        try:
-            env = detect_launch_env()
-            _STATE.rank, _STATE.world, _STATE.known = env.rank, env.world_size, True
-        except DistInitError as exc:
-            _STATE.rank, _STATE.world, _STATE.known = -1, -1, False
-            if not _STATE.warned_bad_env:
-                _STATE.warned_bad_env = True
-                print(
-                    f"ratlib.rank_logger: cannot tell this process's rank ({exc}); every record is printed, "
-                    "tagged [rank ?/?]",
-                    file=sys.stderr,
-                )
-        _STATE.from_dist = False
+    state = rank_state()  # warns once (logger ratlib.launch) when the launcher variables are invalid
+    _STATE.rank, _STATE.world, _STATE.known, _STATE.from_dist = state.rank, state.world_size, state.known, state.group
     _STATE.resolved = True
     if _STATE.world == 1:
         _STATE.tag = ""
@@ -178,6 +163,10 @@ class _ConsolePolicy(RankFilter):
         return record.levelno >= _STATE.other_ranks or getattr(record, _ALL_RANKS, False)
 
 
+class LogDirError(RatlibError, OSError):
+    """``setup_logging(log_dir=...)``: the folder cannot be created or written."""
+
+
 class _RankFileHandler(logging.FileHandler):
     """``rank{R}.log``, opened at the first record, flushed on each one, exclusive to one process."""
 
@@ -227,6 +216,34 @@ def _level(value: int | str, arg: str) -> int:
     raise ValueError(f"setup_logging: {arg}={value!r} is not a logging level; expected one of {names} or an int")
 
 
+def _writable_dir(log_dir: str | os.PathLike[str]) -> Path:
+    """``log_dir``, created, after writing a file in it: a folder that takes no files fails here, at set-up
+    (``os.access`` says yes to root everywhere, also on /proc), not at the first log call."""
+    directory = Path(log_dir).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LogDirError(
+            exc.errno,
+            message(
+                f"setup_logging: log_dir={os.fspath(log_dir)!r} cannot be created ({exc.strerror})",
+                fix="pass a writable folder, or log_dir=None",
+            ),
+        ) from None
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".ratlib-log-probe-"):
+            pass
+    except OSError as exc:
+        raise LogDirError(
+            exc.errno,
+            message(
+                f"setup_logging: log_dir={os.fspath(log_dir)!r} is not writable ({exc.strerror})",
+                fix="pass a writable folder, or log_dir=None",
+            ),
+        ) from None
+    return directory
+
+
 def setup_logging(
     level: int | str = "INFO",
     *,
@@ -240,7 +257,8 @@ def setup_logging(
     """Configure rank-aware logging for this process. Idempotent: a second call replaces the first.
 
     Handlers go on the root logger, so third-party loggers follow the same policy. Bad arguments raise
-    here (``ValueError``, ``OSError``), never at the first log call deep inside training.
+    here (``ValueError``; ``LogDirError``, an ``OSError``, for a folder that takes no files), never at the
+    first log call deep inside training.
     """
     lvl, other = _level(level, "level"), _level(other_ranks, "other_ranks")
     if other < lvl:
@@ -250,17 +268,7 @@ def setup_logging(
         )
     directory: Path | None = None
     if log_dir is not None:
-        directory = Path(log_dir).expanduser()
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OSError(
-                exc.errno,
-                f"setup_logging: log_dir={os.fspath(log_dir)!r} cannot be created "
-                f"({exc.strerror}); pass a writable folder or log_dir=None",
-            ) from exc
-        if not os.access(directory, os.W_OK):
-            raise OSError(f"setup_logging: log_dir={os.fspath(log_dir)!r} is not writable; pass a writable folder")
+        directory = _writable_dir(log_dir)
     with _LOCK:
         root = logging.getLogger()
         for handler in _STATE.handlers:  # idempotent: never double handlers
@@ -336,6 +344,14 @@ def _install_hooks() -> None:
 # The logger
 
 
+def _forward(name: str) -> property:
+    return property(
+        lambda self: getattr(self.logger, name),
+        lambda self, value: setattr(self.logger, name, value),
+        doc=f"The stdlib logger's ``{name}``.",
+    )
+
+
 class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """A stdlib logger with two more keywords on every call: ``main_process_only`` (default True:
     below ``other_ranks`` only the main rank prints) and ``in_order`` (print rank by rank)."""
@@ -402,38 +418,39 @@ class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     def __repr__(self) -> str:
         return f"<RankLogger {self.logger.name} ({logging.getLevelName(self.logger.getEffectiveLevel())})>"
 
+    # The stdlib logger's names that LoggerAdapter lacks, read and set through the adapter. Listed, not
+    # __getattr__: CPython does not specialise attribute lookups on a class with __getattr__, which made a
+    # dropped call 1.1x-1.5x a disabled stdlib call instead of about 0.7x (benchmarks/bench_logging.py).
+    handlers = _forward("handlers")
+    filters = _forward("filters")
+    propagate = _forward("propagate")
+    disabled = _forward("disabled")
+    level = _forward("level")
+    parent = _forward("parent")
+    root = _forward("root")
+    addHandler = _forward("addHandler")
+    removeHandler = _forward("removeHandler")
+    addFilter = _forward("addFilter")
+    removeFilter = _forward("removeFilter")
+    filter = _forward("filter")
+    handle = _forward("handle")
+    callHandlers = _forward("callHandlers")
+    findCaller = _forward("findCaller")
+    makeRecord = _forward("makeRecord")
+    getChild = _forward("getChild")
+    fatal = _forward("fatal")
 
-def _forwarding(name: str) -> property:
-    return property(
-        lambda self: getattr(self.logger, name),
-        lambda self, value: setattr(self.logger, name, value),
-        doc=f"The stdlib logger's ``{name}`` (read and set through this adapter).",
-    )
+
+class _CustomRankLogger(RankLogger):
+    """For a custom logger class (``logging.setLoggerClass``): that class's own names, via ``__getattr__``."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "logger":
+            raise AttributeError(name)
+        return getattr(self.logger, name)
 
 
-def _add_forwards(cls: type, logger: logging.Logger) -> None:
-    """Give ``cls`` a forwarding property for each public name of ``logger`` that it lacks (handlers,
-    addHandler, propagate, ...). Properties, not ``__getattr__``: a class with ``__getattr__`` defeats
-    CPython's attribute-lookup specialisation and makes every dropped ``log.info`` call ~70 ns slower;
-    and ``log.propagate = False`` now reaches the logger instead of setting an attribute on the adapter."""
-    for name in sorted(set(dir(logger)) - set(dir(cls))):
-        if not name.startswith("__"):
-            setattr(cls, name, _forwarding(name))
-
-
-_add_forwards(RankLogger, logging.Logger("ratlib-sample"))
-_ADAPTERS: dict[type, type[RankLogger]] = {logging.Logger: RankLogger, logging.RootLogger: RankLogger}
 _LOGGERS: dict[str | None, RankLogger] = {}
-
-
-def _adapter(logger: logging.Logger) -> RankLogger:
-    """A RankLogger for ``logger``; for a custom logger class (``logging.setLoggerClass``) a subclass that
-    also forwards that class's own names."""
-    cls = _ADAPTERS.get(type(logger))
-    if cls is None:
-        cls = _ADAPTERS[type(logger)] = type(f"RankLogger[{type(logger).__name__}]", (RankLogger,), {})
-        _add_forwards(cls, logger)
-    return cls(logger)
 
 
 def get_logger(name: str | None = None) -> RankLogger:
@@ -442,7 +459,9 @@ def get_logger(name: str | None = None) -> RankLogger:
     if logger is None:
         if not _STATE.resolved:
             _resolve()
-        logger = _LOGGERS.setdefault(name, _adapter(logging.getLogger(name)))
+        plain = logging.getLogger(name)
+        cls = RankLogger if type(plain) in (logging.Logger, logging.RootLogger) else _CustomRankLogger
+        logger = _LOGGERS.setdefault(name, cls(plain))
     return logger
 
 
@@ -451,11 +470,12 @@ def get_logger(name: str | None = None) -> RankLogger:
 
 
 def rank_zero_only(fn: F) -> F:
-    """Decorator: ``fn`` runs on the main rank only (returns None elsewhere). The rank is read per call."""
+    """Decorator: ``fn`` runs on the main rank only (returns None elsewhere, and on an unknown rank).
+    The rank is read per call."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if current_rank()[0] in (0, -1):
+        if current_rank()[0] == 0:  # an unknown rank (-1) is not the main rank
             return fn(*args, **kwargs)
         return None
 
@@ -463,8 +483,8 @@ def rank_zero_only(fn: F) -> F:
 
 
 def progress(iterable: Iterable[T], **kwargs: Any) -> Iterable[T]:
-    """A tqdm bar on the main rank; the plain iterable on other ranks and when tqdm is not installed."""
-    if current_rank()[0] not in (0, -1):
+    """A tqdm bar on the main rank; the plain iterable on other (and unknown) ranks and without tqdm."""
+    if current_rank()[0] != 0:  # other ranks, and an unknown rank (-1)
         return iterable
     try:
         from tqdm.auto import tqdm

@@ -132,3 +132,52 @@ def comm_edge_cases() -> int:
 
 if __name__ == "__main__":
     raise SystemExit(globals()[sys.argv[1]](*sys.argv[2:]))
+
+
+def collectives_without_a_group() -> int:
+    """Launcher world size 2, no init_distributed: every collective refuses, naming the fix."""
+    from ratlib import comm
+    from ratlib.errors import RatlibError
+    from ratlib.launch import get_world_size
+
+    assert get_world_size() == 2  # the launcher's count, documented
+    calls = {
+        "all_reduce_mean": lambda: comm.all_reduce_mean(1.0),
+        "reduce_dict": lambda: comm.reduce_dict({"loss": 1.0}),
+        "gather_object": lambda: comm.gather_object(1),
+        "all_gather_object": lambda: comm.all_gather_object(1),
+        "broadcast_object": lambda: comm.broadcast_object(1),
+        "assert_same": lambda: comm.assert_same({"a": 1}),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+        except comm.NoProcessGroupError as exc:
+            assert isinstance(exc, RatlibError) and isinstance(exc, RuntimeError)
+            print(f"REFUSED {name}: {exc}", flush=True)
+        else:
+            print(f"ANSWERED {name}", flush=True)
+    return 0
+
+
+def assert_same_config(odd_rank: int) -> int:
+    """A nested config that differs on ``odd_rank`` in one key: RankMismatchError on every rank."""
+    import os
+
+    from ratlib import comm
+    from ratlib.dist_init import distributed
+
+    with distributed(device="cpu", backend="gloo"):
+        rank = int(os.environ["RANK"])
+        config = {"training": {"optimizer": {"lr": 0.001, "name": "adamw"}, "batch_size": 8}, "seed": 0}
+        comm.assert_same(config)  # all equal: passes
+        comm.assert_same(len("same"), name="dataset length")
+        if rank == odd_rank:
+            config["training"]["optimizer"]["lr"] = 0.01
+        try:
+            comm.assert_same(config)
+        except comm.RankMismatchError as exc:
+            print(f"MISMATCH {exc}", flush=True)
+        else:
+            print("NO MISMATCH", flush=True)
+    return 0

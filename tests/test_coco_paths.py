@@ -399,8 +399,8 @@ def test_root_from_environment_and_expansion(tmp_path: Path, monkeypatch: pytest
     monkeypatch.delenv("DETECTRON2_DATASETS")
     with pytest.raises(
         CocoPathError,
-        match="no root given and neither COCO_ROOT nor DETECTRON2_DATASETS is set; "
-        "pass root=, or export COCO_ROOT=/path/to/coco",
+        match="no root given and neither COCO_ROOT nor DETECTRON2_DATASETS is set. "
+        "Fix: pass root=, or export COCO_ROOT=/path/to/coco",
     ):
         resolve_coco(None, "train")
 
@@ -460,8 +460,8 @@ def test_missing_image_folder_and_check_false(tmp_path: Path) -> None:
         resolve_coco(tmp_path, "train")
     assert str(info.value) == (
         f"resolve_coco: found {tmp_path / 'annotations/instances_train2017.json'} (coco layout) for split "
-        f"train2017, but no image folder; tried {tmp_path / 'train2017'}, {tmp_path / 'images/train2017'}.\n"
-        f"Fix: put the train2017 images in {tmp_path / 'train2017'}, or pass images="
+        f"train2017, but no image folder. Got: tried {tmp_path / 'train2017'}, {tmp_path / 'images/train2017'}. "
+        f"Fix: put the train2017 images in {tmp_path / 'train2017'}, or pass images=."
     )
     assert resolve_coco(tmp_path, "train", check=False).images == tmp_path / "train2017"
     unchecked = resolve_coco(tmp_path / "empty", "val2014", check=False)  # nothing there: COCO's own layout
@@ -600,3 +600,29 @@ def test_cli(tmp_path: Path) -> None:
     broken = _cli(str(tmp_path), "val", "--check")
     assert broken.returncode == 1 and "image_id 77 is not in images" in broken.stdout
     assert broken.stderr.startswith(f"error: 1 problem(s) in {written.annotations}; first: annotation 1: image_id 77")
+
+
+def test_cli_year_conflict_suggests_the_command_line_flag(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ratlib", "coco", str(tmp_path), "train2017", "--year", "2014"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert (
+        f"error: split 'train2017' names another year than --year 2014. Fix: run `ratlib coco {tmp_path} train "
+        "--year 2014`, or drop --year." in out.stderr
+    ), out.stderr
+    assert "year=2014" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_coco_errors_are_ratlib_errors_and_builtins() -> None:
+    from ratlib.coco_paths import CocoValidationError, CocoYearError
+    from ratlib.errors import RatlibError
+
+    assert issubclass(CocoPathError, RatlibError) and issubclass(CocoPathError, FileNotFoundError)
+    assert issubclass(CocoValidationError, RatlibError) and issubclass(CocoValidationError, ValueError)
+    with pytest.raises(CocoYearError) as info:
+        parse_split("train2017", year=2014)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RatlibError)

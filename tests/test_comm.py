@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import types
 
 import dist_targets
 import pytest
@@ -57,8 +56,8 @@ def test_object_collectives_without_a_group() -> None:
         comm.broadcast_object("x", src=2)
 
 
-def test_every_collective_reports_itself_to_ratlib_hang(monkeypatch: pytest.MonkeyPatch) -> None:
-    """public function -> _before_collective -> hang.before_collective: hang reads frame 2 for the call site."""
+def test_every_collective_calls_the_registered_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """public function -> _before_collective -> the hook ratlib.hang registers: hang reads frame 2 for the call site."""
     seen: list[tuple[str, str, str]] = []
 
     def before_collective(op: str) -> None:
@@ -66,7 +65,8 @@ def test_every_collective_reports_itself_to_ratlib_hang(monkeypatch: pytest.Monk
         public = sys._getframe(2).f_code.co_name
         seen.append((op, caller, public))
 
-    monkeypatch.setitem(sys.modules, "ratlib.hang", types.SimpleNamespace(before_collective=before_collective))
+    monkeypatch.setattr(comm, "_collective_hook", None)
+    comm.set_collective_hook(before_collective)
     comm.all_reduce_mean(1.0)
     comm.reduce_dict({"a": 1.0})
     comm.gather_object(1)
@@ -74,6 +74,20 @@ def test_every_collective_reports_itself_to_ratlib_hang(monkeypatch: pytest.Monk
     comm.broadcast_object(1)
     ops = ["all_reduce_mean", "reduce_dict", "gather_object", "all_gather_object", "broadcast_object"]
     assert seen == [(op, "_before_collective", op) for op in ops]
+    comm.set_collective_hook(None)
+    comm.broadcast_object(1)
+    assert len(seen) == len(ops)  # unregistered: not called
+
+
+def test_hang_registers_its_collective_check_with_comm() -> None:
+    from ratlib import hang
+
+    hang.install(check_collectives=True, dump_signal=None)
+    try:
+        assert comm._collective_hook is hang.before_collective
+    finally:
+        hang.uninstall()
+    assert comm._collective_hook is None
 
 
 @pytest.mark.distributed
@@ -82,3 +96,51 @@ def test_collectives_over_two_open_mpi_ranks() -> None:
     run = run_on_ranks(dist_targets.comm_edge_cases, 2, launcher="openmpi", timeout=120).check()
     for r in range(2):
         assert f"OK rank={r} launcher=openmpi local={r}/2" in run.stdouts[r]
+
+
+@pytest.mark.distributed
+def test_collectives_refuse_to_run_per_rank_without_a_group() -> None:
+    """Under a 2-process launcher with no init_distributed, a collective is an error, never a per-rank answer."""
+    run = run_on_ranks(dist_targets.collectives_without_a_group, 2, timeout=120).check()
+    for r in range(2):
+        out = run.stdouts[r]
+        assert "ANSWERED" not in out, out
+        for op in ("all_reduce_mean", "reduce_dict", "gather_object", "all_gather_object", "broadcast_object"):
+            assert f"REFUSED {op}: {op}: no process group on rank {r} of 2" in out, out
+        assert "Fix: call ratlib.init_distributed() (or use `with ratlib.distributed():`) on every rank first" in out
+
+
+def test_collectives_without_a_group_at_world_size_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert comm.reduce_dict({"loss": 2.0}) == {"loss": 2.0} and comm.gather_object(3) == [3]
+    comm.assert_same({"a": 1})  # one rank: nothing to compare
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert comm.all_reduce_mean(4) == 4.0 and comm.broadcast_object("x") == "x"
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(comm.NoProcessGroupError, match="all_gather_object: no process group on rank 0 of 3"):
+        comm.all_gather_object(1)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size,odd_rank", [(2, 1), (3, 2), (3, 0)])
+def test_assert_same_names_the_ranks_and_the_nested_key(world_size: int, odd_rank: int) -> None:
+    run = run_on_ranks(dist_targets.assert_same_config, world_size, args=(odd_rank,), timeout=120).check()
+    others = [r for r in range(world_size) if r != odd_rank]
+    for r in range(world_size):
+        out = run.stdouts[r]
+        assert "NO MISMATCH" not in out and "MISMATCH config differs across ranks" in out, out
+        if world_size == 2:  # no majority: both ranks are named
+            assert "ranks 0-1 hold a different config than each other" in out, out
+        else:
+            assert f"rank {odd_rank} holds a different config than the others" in out, out
+        pairs = sorted([(others[0], f"0.001 on {_ranks(others)}"), (odd_rank, f"0.01 on rank {odd_rank}")])
+        shown = ", ".join(text for _, text in pairs)  # values in the order of the first rank holding each
+        assert f"differing keys: training.optimizer.lr: {shown}. Fix: start every rank with the same config" in out
+        assert "training.batch_size" not in out and "seed" not in out.split("MISMATCH", 1)[1], out
+
+
+def _ranks(ranks: list[int]) -> str:
+    """Consecutive ranks only, as the tests above use them: [1] -> 'rank 1', [0, 1] -> 'ranks 0-1'."""
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"

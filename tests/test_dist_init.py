@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import dist_targets
@@ -238,7 +237,7 @@ def test_detect_launch_env_rejects(environ: dict[str, str], message: str) -> Non
     with pytest.raises(DistInitError) as info:
         detect_launch_env(environ)
     text = str(info.value)
-    problem, _, rest = text.partition(". Variables read: ")
+    problem, _, rest = text.partition(". Got: ")
     assert message in problem and "Fix: " in rest, text
 
 
@@ -272,7 +271,7 @@ def test_any_valid_environment_parses_to_what_it_describes(case) -> None:
 def test_any_corrupted_environment_raises_naming_the_variable(case) -> None:
     with pytest.raises(DistInitError) as info:  # never another exception type
         detect_launch_env(case.environ)
-    problem = str(info.value).partition("Variables read:")[0]
+    problem = str(info.value).partition(". Got: ")[0]
     assert case.bad_variable in problem, (case.note, case.environ, str(info.value))
 
 
@@ -412,8 +411,8 @@ def test_distributed_context_logs_and_tears_down(
 
 def test_stall_timeout_and_check_collectives_install_hang(clean_env: pytest.MonkeyPatch) -> None:
     calls: list[dict] = []
-    fake = types.SimpleNamespace(install=lambda **kw: calls.append(kw), before_collective=lambda op: None)
-    clean_env.setitem(sys.modules, "ratlib.hang", fake)
+    clean_env.setattr(dist_init, "_HANG_INSTALL", dist_init._HANG_INSTALL)  # restored after the test
+    dist_init.set_hang_install(lambda **kw: calls.append(kw))  # the hook ratlib.hang registers
     init_distributed(device="cpu")
     assert calls == []  # off unless asked
     shutdown()
@@ -478,7 +477,7 @@ def test_rank0_errors_name_the_port_in_use_and_the_missing_ranks(clean_env: pyte
 
 def test_master_address_errors(clean_env: pytest.MonkeyPatch) -> None:
     text, _ = _failing_init(clean_env, {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}, 1)
-    assert "MASTER_ADDR not set for a 2-process job" in text and "Variables read: RANK='1'" in text
+    assert "MASTER_ADDR not set for a 2-process job" in text and "Got: RANK='1'" in text
     text, _ = _failing_init(clean_env, {"MASTER_ADDR": "no-such-host.invalid"}, 1)
     assert "MASTER_ADDR='no-such-host.invalid' does not resolve" in text
 
@@ -503,7 +502,7 @@ def test_rank0_store_failure_of_another_kind_is_wrapped(clean_env: pytest.Monkey
     assert text.startswith(
         "rank 0/2 (launcher env): cannot open the rendezvous on MASTER_PORT=80: The server "
         "socket has failed to listen on any local network address. (errno: 13 - Permission "
-        "denied). Variables read: "
+        "denied). Got: "
     ), text
     assert "Fix: choose another MASTER_PORT, or check that this host may listen on it" in text
     assert info.value.__cause__ is cause and "Exception raised from" not in text
@@ -550,7 +549,7 @@ def test_init_process_group_failure_is_wrapped_with_its_cause(clean_env: pytest.
     assert (calls[0]["rank"], calls[0]["world_size"]) == (1, 2) and "device_id" not in calls[0]
     assert text.startswith(
         f"rank 1/2 (launcher env): init_process_group(backend='gloo') failed after the "
-        f"rendezvous at 127.0.0.1:{store_host}: RuntimeError: boom. Variables read: "
+        f"rendezvous at 127.0.0.1:{store_host}: RuntimeError: boom. Got: "
     ), text
     assert "second line" not in text and "Fix: all ranks must agree on MASTER_ADDR, MASTER_PORT and WORLD_SIZE" in text
     assert info.value.__cause__ is boom
@@ -584,7 +583,7 @@ def test_local_rank_without_a_visible_gpu_names_cuda_visible_devices(
     )
     assert text.startswith(
         "rank 2/3 (launcher env): local rank 2 has no GPU: 2 visible (CUDA_VISIBLE_DEVICES=0,1). "
-        "Variables read: RANK='2', WORLD_SIZE='3', LOCAL_RANK='2'"
+        "Got: RANK='2', WORLD_SIZE='3', LOCAL_RANK='2'"
     ), text
     assert (
         "Fix: start at most 2 processes per node (torchrun --nproc_per_node=2), or make more GPUs visible "
@@ -742,3 +741,32 @@ def test_rank_raising_inside_distributed_does_not_hang_the_others() -> None:
     assert elapsed < 90, elapsed  # far below what a hang costs; 3 torch start-ups on a loaded machine
     assert "[rank 1/3] ERROR ratlib.dist_init: rank 1/3 raised ValueError inside distributed()" in run.stderrs[1]
     assert "bad batch on rank 1" in run.stderrs[1]
+
+
+def test_rank_helpers_are_ratlib_launch_and_an_unknown_rank_is_not_main(clean_env: pytest.MonkeyPatch) -> None:
+    from ratlib import launch
+
+    assert (dist_init.get_rank, dist_init.get_world_size, dist_init.is_main_process) == (
+        launch.get_rank,
+        launch.get_world_size,
+        launch.is_main_process,
+    )
+    clean_env.setenv("RANK", "5")
+    clean_env.setenv("WORLD_SIZE", "2")
+    assert dist_init.is_main_process() is False  # not an exception, not the main rank
+    with pytest.raises(DistInitError, match="RANK=5 is not below WORLD_SIZE=2"):
+        dist_init.get_rank()  # a rank number cannot be made up
+    state = launch.rank_state()
+    assert (state.rank, state.world_size, state.known, state.is_main, state.group) == (-1, -1, False, False, False)
+
+
+def test_init_distributed_reaches_hang_through_the_hook_the_package_registers() -> None:
+    code = (
+        "import sys, ratlib.dist_init as d\n"
+        "assert 'ratlib.hang' not in sys.modules\n"
+        "d.init_distributed(device='cpu', stall_timeout=30)\n"
+        "import ratlib.hang as h\nprint(h.is_installed())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr

@@ -112,3 +112,42 @@ def test_local_function_is_refused() -> None:
 
     with pytest.raises(ValueError, match="module-level function"):
         run_on_ranks(local, 2)
+
+
+def test_env_command_fails_when_it_prints_a_launcher_error() -> None:
+    env = {"PATH": "/usr/bin:/bin", "RANK": "1"}  # half-set: no WORLD_SIZE
+    out = subprocess.run([sys.executable, "-m", "ratlib", "env"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1, out.stdout
+    assert "ERROR: env environment: RANK is set but WORLD_SIZE is not (a half-set launcher)" in out.stdout
+    js = subprocess.run(
+        [sys.executable, "-m", "ratlib", "env", "--json"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert js.returncode == 1 and "half-set" in json.loads(js.stdout)["launch"]["error"]
+
+
+def test_every_ratlib_error_class_is_a_ratlib_error_and_a_builtin() -> None:
+    import inspect
+
+    from ratlib import coco_paths, comm, errors, hang, io, launch, rank_logger
+
+    classes = [
+        obj
+        for module in (coco_paths, comm, hang, io, launch, rank_logger)
+        for _, obj in inspect.getmembers(module, inspect.isclass)
+        if issubclass(obj, Exception) and obj.__module__ == module.__name__
+    ]
+    assert {c.__name__ for c in classes} >= {
+        "CocoPathError",
+        "CocoValidationError",
+        "CollectiveMismatchError",
+        "DistInitError",
+        "HangError",
+        "LogDirError",
+        "NoProcessGroupError",
+        "RankMismatchError",
+    }
+    for cls in classes:
+        builtins = [
+            b for b in cls.__mro__ if b.__module__ == "builtins" and b not in (Exception, BaseException, object)
+        ]
+        assert issubclass(cls, errors.RatlibError) and builtins, cls

@@ -337,7 +337,16 @@ def test_the_adapter_forwards_the_stdlib_loggers_names_both_ways() -> None:
         assert plain.propagate is False and "propagate" not in vars(log)
     finally:
         plain.propagate = True
-    assert "__getattr__" not in vars(type(log))
+    log.disabled = True
+    try:
+        assert plain.disabled is True and "disabled" not in vars(log)
+    finally:
+        plain.disabled = False
+    with pytest.raises(AttributeError):
+        log.no_such_name  # noqa: B018
+    assert not any("__getattr__" in vars(c) for c in type(log).__mro__)
+    public = {n for n in dir(plain) if not n.startswith("_")}
+    assert public <= set(dir(log)), public - set(dir(log))  # every public name of a stdlib logger is forwarded
 
     class TraceLogger(logging.Logger):
         def trace(self, msg: str) -> str:
@@ -349,3 +358,30 @@ def test_the_adapter_forwards_the_stdlib_loggers_names_both_ways() -> None:
     finally:
         logging.setLoggerClass(logging.Logger)
     assert custom.trace("x") == "trace x" and isinstance(custom, type(log))
+
+
+def test_an_unknown_rank_is_not_the_main_rank_and_is_warned_once() -> None:
+    code = (
+        "from ratlib.rank_logger import get_logger, progress, rank_zero_only, setup_logging\n"
+        "from ratlib.launch import is_main_process\n"
+        "setup_logging(); ran = []\n"
+        "@rank_zero_only\ndef f(): ran.append(1)\n"
+        "f(); f(); bar = progress([1, 2])\n"
+        "print(ran, type(bar).__name__, is_main_process(), is_main_process())\n"
+        "get_logger('t').info('still-printed')"
+    )
+    out = _child(code, {"RANK": "5", "WORLD_SIZE": "2"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[] list False False", out.stdout  # skipped, as on any non-main rank
+    assert out.stderr.count("cannot tell this process's rank") == 1, out.stderr
+    assert "it is not the main rank" in out.stderr and "RANK=5 is not below WORLD_SIZE=2" in out.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, a folder that takes no files")
+def test_a_log_dir_that_takes_no_files_fails_at_set_up() -> None:
+    from ratlib.errors import RatlibError
+
+    with pytest.raises(rank_logger.LogDirError, match=r"log_dir='/proc' is not writable") as info:
+        rank_logger.setup_logging(log_dir="/proc")
+    assert isinstance(info.value, RatlibError) and isinstance(info.value, OSError)
+    assert "Fix: pass a writable folder, or log_dir=None." in str(info.value)

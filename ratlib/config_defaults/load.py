@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -715,13 +714,9 @@ def _log_defaults(
 
 
 def _is_main() -> bool:
-    """Rank 0 by torch.distributed when it is imported and initialised, else by the launcher's variables."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    from ratlib.launch import detect_launch_env
+    from ratlib.launch import is_main_process  # the one definition (an unknown rank is not the main rank)
 
-    return detect_launch_env().rank == 0
+    return is_main_process()
 
 
 def dump_config(cfg: BaseModel, path: str | os.PathLike[str]) -> Path | None:

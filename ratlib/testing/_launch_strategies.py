@@ -44,7 +44,7 @@ class LaunchCase:
     Valid: ``launcher``, ``rank``, ``world_size``, ``local_rank``, ``local_world_size``, ``node_rank``,
     ``master_addr`` and ``master_port`` are the exact expected values.
     Invalid (``bad_variable`` set): the ``DistInitError`` must name ``bad_variable`` in its problem
-    statement (before "Variables read:"); ``note`` says which corruption was applied.
+    statement (before ". Got: "); ``note`` says which corruption was applied.
     """
 
     environ: dict[str, str]

@@ -45,4 +45,4 @@ def test_eval_shard_follows_the_launcher(case) -> None:
 def test_eval_shard_refuses_a_broken_launch_environment(case) -> None:
     with pytest.raises(DistInitError) as info:  # the launcher's mistake, named; never a wrong shard
         eval_shard(10, case.environ)
-    assert case.bad_variable in str(info.value).partition("Variables read:")[0], (case.note, str(info.value))
+    assert case.bad_variable in str(info.value).partition(". Got: ")[0], (case.note, str(info.value))
