@@ -558,7 +558,8 @@ def _node_index_unknown(launch: LaunchEnv) -> bool:
     given = ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID")
     if launch.launcher == "kubeflow" or any(name in launch.variables for name in given):
         return False
-    return launch.launcher == "env" or launch.local_world_size != launch.world_size
+    guessed_one_node = launch.launcher == "env" and "LOCAL_WORLD_SIZE" not in launch.variables
+    return guessed_one_node or launch.local_world_size != launch.world_size
 
 
 def _node_index(hosts: list[str], rank: int) -> int:
