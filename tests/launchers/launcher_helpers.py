@@ -76,7 +76,9 @@ def rank_infos(result: subprocess.CompletedProcess[str]) -> list[dict]:
     """The RANKINFO records of rank_info.py, ordered by rank; fails with the job's output when it failed."""
     text = result.stdout + result.stderr
     assert result.returncode == 0, f"exit {result.returncode}:\n{text[-6000:]}"
-    records = [json.loads(line.split("RANKINFO ", 1)[1]) for line in text.splitlines() if "RANKINFO " in line]
+    # raw_decode: a launcher that forwards the ranks' output may run two records into one line
+    decoder, parts = json.JSONDecoder(), text.split("RANKINFO ")[1:]
+    records = [decoder.raw_decode(part)[0] for part in parts]
     return sorted(records, key=lambda r: r["rank"])
 
 

@@ -1,7 +1,8 @@
 """Run by the launcher tests under a real launcher: prints one JSON line per rank, or fails on purpose.
 
-``--fail-rank N`` makes rank N raise after set-up; the others then wait in a collective until the launcher ends
-the job. Any other argument (``--local_rank=N`` from DeepSpeed's launcher) is ignored: ratlib reads the
+``--fail-rank N`` makes rank N raise after set-up; the others then wait in a collective until the launcher
+ends the job. ``--slurm-node-as-host`` takes the host name from SLURMD_NODENAME (n1, n2 of the local
+cluster). Other arguments (``--local_rank=N`` from DeepSpeed's launcher) are ignored: ratlib reads the
 environment.
 """
 
@@ -21,6 +22,8 @@ from ratlib.dist_init import distributed
 
 def main(argv: list[str]) -> int:
     fail_rank = int(argv[argv.index("--fail-rank") + 1]) if "--fail-rank" in argv else -1
+    if "--slurm-node-as-host" in argv:  # two Slurm "nodes" on one host: let each rank's node name be its host
+        socket.gethostname = lambda: os.environ["SLURMD_NODENAME"]
     with distributed(backend="gloo", device="cpu", connect_timeout=60, timeout=120) as info:
         total = torch.tensor([float(info.rank)])
         dist.all_reduce(total)

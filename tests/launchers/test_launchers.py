@@ -207,3 +207,33 @@ def test_a_failing_rank_ends_the_job(launcher: str, python: str, request: pytest
     assert "rank 1 fails on purpose" in text, text[-4000:]
     assert "rank 1/" in text, text[-4000:]  # distributed() logs "rank 1/N raised RuntimeError"
     print(f"{launcher}: failing job ended after {time.monotonic() - start:.1f}s")
+
+
+def _mpirun_on_two_slurm_nodes(python: str, slurm, env: dict[str, str]) -> list[str]:
+    """Open MPI inside a two-node allocation of the local cluster: a real 2-node MPI job (orted on n1 and n2,
+    OMPI_MCA_orte_num_nodes=2), one rank per node."""
+    need_tools("Open MPI", OPENMPI)
+    return ["salloc", "-N2", "-n2", OPENMPI, *OMPI_ROOT, "-np", "2", "--map-by", "node", "-x", "PYTHONPATH"]
+
+
+def test_mpirun_on_two_nodes_shares_the_address_over_mpi4py(python: str, slurm_cluster) -> None:
+    pytest.importorskip("mpi4py", reason="pip install 'ratlib[mpi]'")
+    env = _slurm_env(slurm_cluster)
+    cmd = [*_mpirun_on_two_slurm_nodes(python, slurm_cluster, env), python, str(RANK_INFO), "--slurm-node-as-host"]
+    records = rank_infos(run_job(cmd, env=env))
+    assert column(records, "rank") == [0, 1]
+    assert column(records, "local_world_size") == [1, 1]
+    assert column(records, "node_rank") == [0, 1]  # derived from the host names (n1, n2), not NODE_RANK (0, 0)
+    assert records[0]["master"] == records[1]["master"] and not records[0]["master"].startswith("None")
+    assert column(records, "sum") == [1.0, 1.0]
+
+
+def test_mpirun_on_two_nodes_without_mpi4py_names_both_fixes(python: str, slurm_cluster) -> None:
+    env = _slurm_env(slurm_cluster)
+    env["PYTHONPATH"] = f"{Path(__file__).with_name('no_mpi4py')}:{env['PYTHONPATH']}"
+    cmd = [*_mpirun_on_two_slurm_nodes(python, slurm_cluster, env), python, str(RANK_INFO)]
+    result = run_job(cmd, env=env)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0, text[-4000:]
+    assert "MASTER_ADDR and MASTER_PORT not set for a 2-process openmpi job on several nodes" in text, text[-4000:]
+    assert "mpirun -x" in text and "ratlib[mpi]" in text, text[-4000:]
