@@ -34,7 +34,9 @@ def _example(example: str):
 
 
 def _accepts_local_rank(example: str) -> bool:
-    return "local_rank" in (ROOT / "examples" / example / "train.py").read_text()
+    """The example's argparse names --local_rank / --local-rank (DeepSpeed's launcher passes it)."""
+    texts = [p.read_text() for p in (ROOT / "examples" / example).glob("*.py")]
+    return any("--local_rank" in t or "--local-rank" in t for t in texts)
 
 
 EXAMPLES = [_example(e) for e in EXAMPLES]

@@ -15,6 +15,7 @@ from launcher_helpers import (
     ROOT,
     clean_env,
     column,
+    need,
     need_tools,
     rank_infos,
     run_job,
@@ -25,6 +26,13 @@ from ratlib.testing import free_port
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300)]
 
 OMPI_ROOT = ["--allow-run-as-root", "--oversubscribe"]  # as root in CI; 2 ranks on 2 cores
+
+
+def _need_mpi4py() -> None:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        need("mpi4py", ["mpi4py"], install="pip install 'ratlib[mpi]' (make venv does)")
 
 
 def _torchrun(python: str) -> list[str]:
@@ -143,7 +151,7 @@ def test_mpirun_openmpi_without_master(python: str) -> None:
 
 def test_mpirun_openmpi_over_mpi4py(python: str) -> None:
     """The several-nodes way (rank 0's address and a free port broadcast over mpi4py), forced on one node."""
-    pytest.importorskip("mpi4py", reason="pip install 'ratlib[mpi]'")
+    _need_mpi4py()
     need_tools("Open MPI", OPENMPI)
     cmd = [OPENMPI, *OMPI_ROOT, "-x", "RATLIB_MPI_RENDEZVOUS", "-np", "2", python, str(RANK_INFO)]
     records = rank_infos(run_job(cmd, env=clean_env(RATLIB_MPI_RENDEZVOUS="mpi4py")))
@@ -217,7 +225,7 @@ def _mpirun_on_two_slurm_nodes(python: str, slurm, env: dict[str, str]) -> list[
 
 
 def test_mpirun_on_two_nodes_shares_the_address_over_mpi4py(python: str, slurm_cluster) -> None:
-    pytest.importorskip("mpi4py", reason="pip install 'ratlib[mpi]'")
+    _need_mpi4py()
     env = _slurm_env(slurm_cluster)
     cmd = [*_mpirun_on_two_slurm_nodes(python, slurm_cluster, env), python, str(RANK_INFO), "--slurm-node-as-host"]
     records = rank_infos(run_job(cmd, env=env))
