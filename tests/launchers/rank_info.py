@@ -28,6 +28,7 @@ def main(argv: list[str]) -> int:
         total = torch.tensor([float(info.rank)])
         dist.all_reduce(total)
         if info.rank == fail_rank:
+            print(f"FAILAT {time.time()}", flush=True)  # the test bounds the time from here to the job's end
             raise RuntimeError(f"rank {info.rank} fails on purpose")
         if fail_rank >= 0:
             time.sleep(0.5)
