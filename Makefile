@@ -8,7 +8,7 @@ UV_VERSION := 0.13.9
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
-EXTRAS := --extra dev --extra detection --extra medical --extra plot --extra tensorboard --extra tracking-test
+EXTRAS := --extra dev --extra detection --extra medical --extra plot --extra tensorboard --extra tracking-test --extra mpi
 STAMP := $(VENV)/.ratlib-synced
 PYTEST_ARGS ?=
 

@@ -65,6 +65,7 @@ def collect_env() -> dict[str, Any]:
             "node_rank": launch.node_rank,
             "master_addr": launch.master_addr,
             "master_port": launch.master_port,
+            "job_key": launch.job_key,  # set when the rendezvous is derived from the job (docs/launchers.md)
             "variables": dict(launch.variables),
         }
     except DistInitError as exc:
@@ -93,6 +94,8 @@ def _print_env(info: dict[str, Any]) -> None:
         rows.append(("launcher", launch["launcher"]))
         for key in ("rank", "world_size", "local_rank", "local_world_size", "node_rank", "master_addr", "master_port"):
             rows.append((f"  {key}", str(launch[key])))
+        if launch.get("job_key"):
+            rows.append(("  rendezvous", f"derived from job {launch['job_key']} (docs/launchers.md)"))
         for key, value in launch["variables"].items():
             rows.append((f"  ${key}", value))
     width = max(len(k) for k, _ in rows)

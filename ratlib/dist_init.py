@@ -17,8 +17,9 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ratlib.launch import (
@@ -32,6 +33,7 @@ from ratlib.launch import (
     get_world_size,
     group_is_up,
     is_main_process,
+    job_port,
     launch_error,
 )
 
@@ -174,6 +176,8 @@ def _client_store(launch: LaunchEnv, deadline: float, connect_timeout: float) ->
     thread.start()
     thread.join(max(deadline - time.monotonic(), 1.0) + 0.5)
     if "store" in box:
+        if launch.job_key and not _uses_agent_store(launch):
+            _check_job(launch, box["store"])
         if not _uses_agent_store(launch) and box["store"].add(_JOINED, 1) == launch.world_size - 1:
             box["store"].set(_ALL_JOINED, "1")  # the last rank in wakes rank 0 (see _server_store)
         return box["store"]
@@ -194,6 +198,34 @@ def _client_store(launch: LaunchEnv, deadline: float, connect_timeout: float) ->
 
 _JOINED = "ratlib/dist_init/joined"  # each client rank adds 1 once connected
 _ALL_JOINED = "ratlib/dist_init/all-joined"  # set by the last client in; rank 0 waits for it
+_JOB = "ratlib/dist_init/job"  # rank 0 tags a store on a port derived from the job with the job's key
+
+
+_COLLISION_FIX = (
+    "give this job its own rendezvous: export MASTER_ADDR=127.0.0.1 and MASTER_PORT=<a free port> to every "
+    "rank (mpirun -x MASTER_ADDR -x MASTER_PORT; srun passes the environment)"
+)
+
+
+def _check_job(launch: LaunchEnv, store: Any) -> None:
+    """A port derived from the job id may be another job's (1 in MPI_PORT_SPAN): its key then differs."""
+    port = launch.master_port
+    try:
+        theirs = store.get(_JOB).decode(errors="replace")
+    except Exception as exc:
+        raise _init_error(
+            launch,
+            f"the port {launch.master_addr}:{port} derived from job {launch.job_key!r} answers, but not as this "
+            f"job's rendezvous (no job key within connect_timeout: {_first_line(exc)})",
+            _COLLISION_FIX,
+        ) from exc
+    if theirs != launch.job_key:
+        raise _init_error(
+            launch,
+            f"port collision: the port {port} derived from job {launch.job_key!r} is held by another job "
+            f"({theirs!r}) on {launch.master_addr}",
+            _COLLISION_FIX,
+        )
 
 
 def _server_store(launch: LaunchEnv, connect_timeout: float) -> Any:
@@ -215,7 +247,15 @@ def _server_store(launch: LaunchEnv, connect_timeout: float) -> Any:
         )
     except Exception as exc:
         text = _first_line(exc)
-        if "EADDRINUSE" in text or "already in use" in text.lower():
+        in_use = "EADDRINUSE" in text or "already in use" in text.lower()
+        if in_use and launch.job_key:
+            raise _init_error(
+                launch,
+                f"port collision: the port {port} derived from job {launch.job_key!r} is already in use on this "
+                "host (another job derived the same port, or another program holds it)",
+                _COLLISION_FIX,
+            ) from exc
+        if in_use:
             raise _init_error(
                 launch,
                 f"MASTER_PORT={port} is already in use on this host (another job, or a "
@@ -228,6 +268,8 @@ def _server_store(launch: LaunchEnv, connect_timeout: float) -> Any:
             f"cannot open the rendezvous on MASTER_PORT={port}: {text}",
             "choose another MASTER_PORT, or check that this host may listen on it",
         ) from exc
+    if launch.job_key:
+        store.set(_JOB, launch.job_key)  # clients check it before they count themselves in
     try:
         store.wait([_ALL_JOINED], timedelta(seconds=connect_timeout))
     except Exception:  # torch raises its own timeout error (the type varies by version)
@@ -244,6 +286,92 @@ def _server_store(launch: LaunchEnv, connect_timeout: float) -> Any:
     for key in (_JOINED, _ALL_JOINED):  # a later group on this port (multi_tenant) counts afresh
         store.delete_key(key)
     return store
+
+
+_MPI_LAUNCHERS = ("openmpi", "mvapich", "mpich")
+_HYDRA_PROXIES = ("hydra_pmi_proxy", "pmi_proxy")  # MPICH's and Intel MPI's per-node proxy
+
+
+def _hydra_job_key() -> str | None:
+    """MPICH's hydra names no job in the environment; its per-node proxy, an ancestor of every rank of the job
+    on this node, does: the pid and start time of the nearest proxy above this process (Linux /proc)."""
+    pid = os.getppid()
+    for _ in range(32):  # ranks are started by the proxy, maybe through a shell or two
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        comm, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if comm in _HYDRA_PROXIES:
+            return f"mpich:{comm}-{pid}-{fields[19]}"  # fields[19] is starttime (field 22 of proc(5))
+        pid = int(fields[1])  # the parent (field 4)
+        if pid <= 1:
+            return None
+    return None
+
+
+def _host_address() -> str:
+    """This host's address for the other nodes: its first non-loopback IPv4 address, else its name."""
+    name = socket.gethostname()
+    try:
+        addrs = [a for a in socket.gethostbyname_ex(name)[2] if not a.startswith("127.")]
+    except OSError:
+        addrs = []
+    return addrs[0] if addrs else name
+
+
+def _mpi4py_rendezvous(launch: LaunchEnv) -> LaunchEnv | None:
+    """Rank 0's address and a free port on it, broadcast over MPI (mpi4py); None when mpi4py is missing."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    comm = MPI.COMM_WORLD
+    if (comm.Get_rank(), comm.Get_size()) != (launch.rank, launch.world_size):
+        raise _init_error(
+            launch,
+            f"mpi4py sees rank {comm.Get_rank()} of {comm.Get_size()}, not the launcher's "
+            f"{launch.rank} of {launch.world_size} (mpi4py built against another MPI than the one that launched)",
+            "reinstall mpi4py against this launcher's MPI (pip install --no-binary mpi4py mpi4py), or export "
+            "MASTER_ADDR and MASTER_PORT to every rank",
+        )
+    mine = None
+    if launch.rank == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        addr = _host_address()
+        mine = (addr, port, f"{launch.launcher}:mpi4py:{addr}:{port}:{os.getpid()}")
+    addr, port, key = comm.bcast(mine, root=0)
+    return replace(launch, master_addr=addr, master_port=port, job_key=key)
+
+
+def _mpi_rendezvous(launch: LaunchEnv) -> LaunchEnv:
+    """MPI without MASTER_*: on one node, loopback and the job's port; else rank 0's address over mpi4py.
+
+    ``RATLIB_MPI_RENDEZVOUS=mpi4py`` takes the mpi4py way on one node too (it is how the tests cover it).
+    """
+    if launch.launcher not in _MPI_LAUNCHERS or launch.world_size == 1:
+        return launch
+    if launch.master_addr or launch.master_port:
+        if launch.job_key is None or os.environ.get("RATLIB_MPI_RENDEZVOUS") != "mpi4py":
+            return launch  # given by hand (a half-set pair is _make_store's error), or derived from the job
+    one_node = launch.local_world_size == launch.world_size
+    if one_node and os.environ.get("RATLIB_MPI_RENDEZVOUS") != "mpi4py":
+        key = _hydra_job_key() if launch.launcher == "mpich" else None
+        if key is not None:
+            return replace(launch, master_addr="127.0.0.1", master_port=job_port(key), job_key=key)
+    shared = _mpi4py_rendezvous(launch)
+    if shared is not None:
+        return shared
+    where = "one node, with no job id to derive a port from" if one_node else "several nodes"
+    raise _init_error(
+        launch,
+        f"MASTER_ADDR and MASTER_PORT not set for a {launch.world_size}-process {launch.launcher} job on {where}",
+        "export MASTER_ADDR (rank 0's host) and MASTER_PORT (a free port on it) to every rank (mpirun -x "
+        "MASTER_ADDR -x MASTER_PORT), or pip install 'ratlib[mpi]' (mpi4py) so that rank 0 shares its address "
+        "over MPI",
+    )
 
 
 def _make_store(launch: LaunchEnv, connect_timeout: float, timeout: timedelta) -> Any:
@@ -381,6 +509,7 @@ def init_distributed(
         info = _adopt_group(launch, dev)
     else:
         if launch.world_size > 1:
+            launch = _mpi_rendezvous(launch)
             store = _make_store(launch, connect_timeout, td)
             dist = _torch_dist()
             kwargs: dict[str, Any] = {
@@ -402,6 +531,8 @@ def init_distributed(
                     f"{_first_line(exc)}",
                     f"all ranks must agree on MASTER_ADDR, MASTER_PORT and WORLD_SIZE, and start within timeout={td}",
                 ) from exc
+            if _node_index_unknown(launch):
+                launch = replace(launch, node_rank=_node_from_hosts(launch))
         info = DistInfo(
             launch.rank,
             launch.world_size,
@@ -433,6 +564,28 @@ def set_hang_install(install: Callable[..., None] | None) -> None:
     """Hook for ``ratlib.hang``: what ``init_distributed(stall_timeout=..., check_collectives=...)`` calls."""
     global _HANG_INSTALL
     _HANG_INSTALL = install
+
+
+def _node_index_unknown(launch: LaunchEnv) -> bool:
+    """No launcher variable names this node's index (MPI, RANK/WORLD_SIZE by hand) and the job may span nodes."""
+    given = ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID")
+    if launch.launcher == "kubeflow" or any(name in launch.variables for name in given):
+        return False
+    guessed_one_node = launch.launcher == "env" and "LOCAL_WORLD_SIZE" not in launch.variables
+    return guessed_one_node or launch.local_world_size != launch.world_size
+
+
+def _node_index(hosts: list[str], rank: int) -> int:
+    """The index of ``hosts[rank]`` among the distinct hosts ordered by the lowest rank on each."""
+    return list(dict.fromkeys(hosts)).index(hosts[rank])
+
+
+def _node_from_hosts(launch: LaunchEnv) -> int:
+    """This node's index from every rank's host name (one all_gather_object, once the group exists)."""
+    dist = _torch_dist()
+    hosts: list[Any] = [None] * launch.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    return _node_index([str(h) for h in hosts], launch.rank)
 
 
 def _init_parameters(dist: Any) -> tuple[str, ...]:

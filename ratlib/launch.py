@@ -7,6 +7,7 @@ Kubeflow, SLURM, Open MPI, MVAPICH, MPICH / Intel MPI / PMI(x), or a single proc
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ __all__ = [
     "get_world_size",
     "group_is_up",
     "is_main_process",
+    "job_port",
     "launch_error",
     "process_group",
     "rank_state",
@@ -53,6 +55,9 @@ class LaunchEnv:
     master_addr: str | None = None
     master_port: int | None = None
     variables: Mapping[str, str] = field(default_factory=dict)  # the variables read, for messages
+    # set when master_addr/master_port were derived from the job, not given: the store is tagged with it, so
+    # two jobs that derive one port fail with an error instead of meeting
+    job_key: str | None = None
 
     @property
     def is_distributed(self) -> bool:
@@ -96,13 +101,14 @@ _SLURM_VARS = (
 
 @dataclass(frozen=True)
 class _Mpi:
-    """Variable names of an MPI-style launcher: rank, size, local rank, local size, node rank."""
+    """Variable names of an MPI-style launcher: rank, size, local rank, local size, number of nodes, job id."""
 
     rank: tuple[str, ...]
     size: str
     local_rank: str
     local_size: str
-    node: str | None
+    nodes: str | None  # how many nodes the job spans; no MPI gives the node's index (see _mpi)
+    job: tuple[str, ...]  # a job id every rank shares and two jobs do not
     fix: str
 
 
@@ -112,7 +118,8 @@ _MPI = {
         "OMPI_COMM_WORLD_SIZE",
         "OMPI_COMM_WORLD_LOCAL_RANK",
         "OMPI_COMM_WORLD_LOCAL_SIZE",
-        "OMPI_COMM_WORLD_NODE_RANK",
+        "OMPI_MCA_orte_num_nodes",
+        ("OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE"),
         "start every process with mpirun",
     ),
     "mvapich": _Mpi(
@@ -121,6 +128,7 @@ _MPI = {
         "MV2_COMM_WORLD_LOCAL_RANK",
         "MV2_COMM_WORLD_LOCAL_SIZE",
         None,
+        (),
         "start every process with mpirun_rsh or mpiexec",
     ),
     "mpich": _Mpi(
@@ -129,6 +137,7 @@ _MPI = {
         "MPI_LOCALRANKID",
         "MPI_LOCALNRANKS",
         None,
+        ("PMI_KVSNAME", "PMIX_NAMESPACE"),  # MPICH's hydra sets neither: dist_init asks its process tree
         "start every process with mpiexec (MPICH, Intel MPI), or set RANK and WORLD_SIZE instead",
     ),
 }
@@ -253,10 +262,29 @@ def _torch_style(env: Mapping[str, str]) -> LaunchEnv:
     )
 
 
+MPI_PORT_BASE, MPI_PORT_SPAN = 20000, 10000
+
+
+def job_port(job: str) -> int:
+    """The rendezvous port of an MPI job on one node: MPI_PORT_BASE + sha256(job) mod MPI_PORT_SPAN.
+
+    Every rank of the job computes the same port from the job id; two jobs meet on one port with
+    probability 1/MPI_PORT_SPAN, and then fail with an error that says so (the store is tagged with the job).
+    """
+    digest = hashlib.sha256(job.encode()).digest()
+    return MPI_PORT_BASE + int.from_bytes(digest[:8], "big") % MPI_PORT_SPAN
+
+
 def _mpi(env: Mapping[str, str], launcher: str) -> LaunchEnv:
-    """Open MPI, MVAPICH or MPICH / Intel MPI / PMI(x): per-process variables set by mpirun / mpiexec."""
+    """Open MPI, MVAPICH or MPICH / Intel MPI / PMI(x): per-process variables set by mpirun / mpiexec.
+
+    No MPI names the node's index (Open MPI's OMPI_COMM_WORLD_NODE_RANK is the rank among the processes on
+    the node): it is 0 on one node, else rank // local size until ``init_distributed`` derives it from the
+    ranks' host names. On one node without MASTER_*, the rendezvous is 127.0.0.1 on ``job_port(job id)``.
+    """
     spec = _MPI[launcher]
-    read = _read(env, (*spec.rank, spec.size, spec.local_rank, spec.local_size, *filter(None, (spec.node,)), *_MASTER))
+    names = (*spec.rank, spec.size, spec.local_rank, spec.local_size, *filter(None, (spec.nodes,)), *spec.job)
+    read = _read(env, (*names, *_MASTER))
     rank_name = _first(read, spec.rank) or spec.rank[0]
     if rank_name not in read:
         raise _half_set(launcher, read, spec.size, rank_name, spec.fix)
@@ -265,21 +293,17 @@ def _mpi(env: Mapping[str, str], launcher: str) -> LaunchEnv:
     rank, world = _int(read, rank_name, launcher), _int(read, spec.size, launcher, minimum=1)
     local_world = _int(read, spec.local_size, launcher, minimum=1) if spec.local_size in read else world
     local_rank = _int(read, spec.local_rank, launcher) if spec.local_rank in read else rank % local_world
-    node = _int(read, spec.node, launcher) if spec.node and spec.node in read else rank // local_world
     _check(
         launcher, read, (rank, world, local_rank, local_world), (rank_name, spec.size, spec.local_rank, spec.local_size)
     )
-    return LaunchEnv(
-        launcher,
-        rank,
-        world,
-        local_rank,
-        local_world,
-        node,
-        read.get("MASTER_ADDR") or None,
-        _port(read, launcher),
-        read,
-    )
+    one_node = local_world == world or (spec.nodes in read and _int(read, spec.nodes, launcher, minimum=1) == 1)
+    node = 0 if one_node else rank // local_world
+    addr, port, job_key = read.get("MASTER_ADDR") or None, _port(read, launcher), None
+    job_name = _first(read, spec.job)
+    if addr is None and port is None and one_node and job_name and read[job_name].strip():
+        job_key = f"{launcher}:{read[job_name].strip()}"
+        addr, port = "127.0.0.1", job_port(job_key)
+    return LaunchEnv(launcher, rank, world, local_rank, local_world, node, addr, port, read, job_key)
 
 
 _HOST_ITEM = re.compile(r"[^\[\],]*(?:\[[^\[\]]*\][^\[\],]*)*")
@@ -412,11 +436,12 @@ def _slurm(env: Mapping[str, str]) -> LaunchEnv:
             raise _fail(
                 launcher, read, f"{nodelist_name}: {exc}", "set MASTER_ADDR to the first node's host name"
             ) from None
-    port = _port(read, launcher)
+    port, job_key = _port(read, launcher), None
     if port is None and "SLURM_JOB_ID" in read:  # the same on every task, different across jobs and steps
         step = _int(read, "SLURM_STEP_ID", launcher) if "SLURM_STEP_ID" in read else 0
         port = 15000 + (_int(read, "SLURM_JOB_ID", launcher) + 7919 * step) % 20000
-    return LaunchEnv(launcher, rank, world, local_rank, local_world, node, addr, port, read)
+        job_key = f"slurm:{read['SLURM_JOB_ID'].strip()}.{step}"
+    return LaunchEnv(launcher, rank, world, local_rank, local_world, node, addr, port, read, job_key)
 
 
 def _pmi_disagrees_with_slurm(env: Mapping[str, str]) -> bool:

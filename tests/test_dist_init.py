@@ -190,6 +190,74 @@ def test_detect_launch_env_table(name: str) -> None:
     assert set(env.variables) <= set(environ)
 
 
+# What a real `mpirun.openmpi -np 2 env` (Open MPI 4.1.4, one node) sets for rank 1, in the part ratlib reads.
+OMPI_RANK1 = {
+    "OMPI_COMM_WORLD_RANK": "1",
+    "OMPI_COMM_WORLD_SIZE": "2",
+    "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+    "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+    "OMPI_COMM_WORLD_NODE_RANK": "1",
+    "OMPI_MCA_orte_num_nodes": "1",
+    "OMPI_MCA_ess_base_jobid": "1268187137",
+    "PMIX_NAMESPACE": "1268187137",
+    "PMIX_RANK": "1",
+}
+
+
+def test_openmpi_node_rank_is_never_the_per_node_rank() -> None:
+    env = detect_launch_env(OMPI_RANK1)
+    assert (env.rank, env.local_rank, env.node_rank) == (1, 1, 0)  # OMPI_COMM_WORLD_NODE_RANK=1 is not the node
+    several = {**OMPI_RANK1, "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_MCA_orte_num_nodes": "2"}
+    assert detect_launch_env(several).node_rank == 1  # rank // local size until init derives it from host names
+
+
+def test_openmpi_on_one_node_derives_loopback_and_a_port_from_the_job() -> None:
+    env = detect_launch_env(OMPI_RANK1)
+    assert (env.master_addr, env.master_port) == ("127.0.0.1", dist_init.job_port("openmpi:1268187137"))
+    assert env.job_key == "openmpi:1268187137"
+    other = detect_launch_env({**OMPI_RANK1, "OMPI_MCA_ess_base_jobid": "1268252673"})
+    assert (
+        other.master_port != env.master_port
+    )  # another job, another port (a collision is an error, see tests/launchers)
+    given_by_hand = detect_launch_env({**OMPI_RANK1, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4000"})
+    assert (given_by_hand.master_addr, given_by_hand.master_port, given_by_hand.job_key) == ("10.0.0.1", 4000, None)
+    several = {**OMPI_RANK1, "OMPI_COMM_WORLD_SIZE": "4", "OMPI_MCA_orte_num_nodes": "2"}
+    assert (detect_launch_env(several).master_addr, detect_launch_env(several).master_port) == (None, None)
+
+
+def test_mpich_with_a_pmix_namespace_derives_the_port_from_it() -> None:
+    env = detect_launch_env({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "2", "PMIX_NAMESPACE": "ns-9"})
+    assert (env.master_addr, env.master_port, env.job_key) == (
+        "127.0.0.1",
+        dist_init.job_port("mpich:ns-9"),
+        "mpich:ns-9",
+    )
+    hydra = detect_launch_env({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "2"})  # hydra names no job
+    assert (hydra.master_addr, hydra.master_port) == (None, None)  # init_distributed asks the process tree
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_job_port_is_a_fixed_port_in_its_range(job: str) -> None:
+    from ratlib.launch import MPI_PORT_BASE, MPI_PORT_SPAN
+
+    port = dist_init.job_port(job)
+    assert MPI_PORT_BASE <= port < MPI_PORT_BASE + MPI_PORT_SPAN and port == dist_init.job_port(job)
+
+
+def test_slurm_derived_port_carries_the_job_key() -> None:
+    base = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "12", "SLURM_STEP_ID": "3"}
+    assert detect_launch_env(base).job_key == "slurm:12.3"
+    assert detect_launch_env({**base, "MASTER_PORT": "5000"}).job_key is None
+
+
+@pytest.mark.parametrize(
+    ("hosts", "expected"),
+    [(["a", "a", "b", "b"], [0, 0, 1, 1]), (["b", "a", "b", "a"], [0, 1, 0, 1]), (["x"], [0])],
+)
+def test_node_index_orders_hosts_by_their_lowest_rank(hosts: list[str], expected: list[int]) -> None:
+    assert [dist_init._node_index(hosts, r) for r in range(len(hosts))] == expected
+
+
 INVALID = [
     ({"RANK": "4", "WORLD_SIZE": "4"}, "RANK=4 is not below WORLD_SIZE=4"),
     ({"RANK": "-1", "WORLD_SIZE": "4"}, "RANK='-1' is below 0"),

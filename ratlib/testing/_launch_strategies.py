@@ -155,7 +155,7 @@ def _valid(draw: st.DrawFn, launchers: tuple[str, ...], wrappers: bool = True) -
     elif launcher == "deepspeed":
         env.update({"CROSS_RANK": str(node), "CROSS_SIZE": str(len(counts))})
     elif launcher == "openmpi":
-        env["OMPI_COMM_WORLD_NODE_RANK"] = str(node)
+        env["OMPI_COMM_WORLD_NODE_RANK"] = str(local)  # Open MPI's per-node rank, not the node's index
     elif launcher == "mpich" and draw(st.booleans()):  # PMIx names the rank differently
         env["PMIX_RANK"] = env.pop("PMI_RANK")
     wrapped = wrappers and launcher in ("torchrun", "openmpi", "mpich") and per_node > 1 and draw(st.booleans())

@@ -1,0 +1,87 @@
+"""Each example's smoke run (cut to 2 steps) under srun (two nodes), mpirun and DeepSpeed's launcher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from launcher_helpers import OPENMPI, ROOT, clean_env, need_tools, run_job
+from test_launchers import OMPI_ROOT, _deepspeed, _slurm_env
+
+from ratlib.testing import free_port
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(600)]
+
+EXAMPLES = ["segmentation", "detection"]
+# smoke=true, and smaller still: the point is the launcher, not the training
+TINY = ["smoke=true", "training.num_epochs=1", "training.max_steps=2", "data.limit=4"]
+
+
+def _msd_importable() -> bool:
+    try:
+        import ratlib._synthetic_msd  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _example(example: str):
+    """The example as a parameter; xfail where this branch lacks what it needs from the others (merge heals it)."""
+    marks = []
+    if example == "segmentation" and not _msd_importable():
+        marks.append(pytest.mark.xfail(strict=False, reason="needs the ratlib._synthetic_msd import fix (ratlib.io)"))
+    return pytest.param(example, marks=marks, id=example)
+
+
+def _accepts_local_rank(example: str) -> bool:
+    """The example's argparse names --local_rank / --local-rank (DeepSpeed's launcher passes it)."""
+    texts = [p.read_text() for p in (ROOT / "examples" / example).glob("*.py")]
+    return any("--local_rank" in t or "--local-rank" in t for t in texts)
+
+
+EXAMPLES = [_example(e) for e in EXAMPLES]
+
+
+def _script(example: str, out: Path) -> list[str]:
+    script = "train.py"
+    return [
+        str(ROOT / "examples" / example / script),
+        "--config",
+        str(ROOT / "examples" / example / "config.yaml"),
+        *TINY,
+        f"output_dir={out}",
+    ]
+
+
+def _check(result, out: Path) -> None:
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, f"exit {result.returncode}:\n{text[-6000:]}"
+    assert (out / "metrics.jsonl").is_file(), f"no metrics.jsonl in {out}:\n{text[-3000:]}"
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_under_srun_on_two_nodes(example: str, python: str, slurm_cluster, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run_job(["srun", "-N2", "-n2", python, *_script(example, out)], env=_slurm_env(slurm_cluster), timeout=540)
+    _check(result, out)
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_under_mpirun(example: str, python: str, tmp_path: Path) -> None:
+    need_tools("Open MPI", OPENMPI)
+    out = tmp_path / "run"
+    result = run_job([OPENMPI, *OMPI_ROOT, "-np", "2", python, *_script(example, out)], env=clean_env(), timeout=540)
+    _check(result, out)
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_under_deepspeed(example: str, python: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if not _accepts_local_rank(example):
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=False, reason="needs examples branch (DeepSpeed passes --local_rank=N to the script)"
+            )
+        )
+    out = tmp_path / "run"
+    cmd = [*_deepspeed(python), "--num_gpus", "2", "--master_port", str(free_port()), *_script(example, out)]
+    _check(run_job(cmd, env=clean_env(), timeout=540), out)
