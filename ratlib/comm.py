@@ -328,3 +328,53 @@ class StoreChannel:
             timeout=timedelta(seconds=self.timeout_s),
             **kwargs,
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Buffers and a minimal assert_same
+
+
+def broadcast_buffers(module: Any, src: int = 0) -> None:
+    """Copy ``src``'s buffers (BatchNorm running statistics) into ``module`` on every rank; a no-op with
+    one process. DDP broadcasts buffers at the start of each forward, so after the last step every rank
+    holds its own: call this before evaluating or saving what every rank must agree on."""
+    _before_collective("broadcast_buffers")
+    dist = _dist()
+    if dist is None:
+        return
+    _check_rank_arg("src", src, dist.get_world_size(), "broadcast_buffers")
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src)
+
+
+__all__ += ["broadcast_buffers"]
+
+if "assert_same" not in globals():  # a stand-in on the examples branch; the full version supersedes it
+
+    def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, Mapping):
+            out: dict[str, Any] = {}
+            for k, v in value.items():
+                out.update(_flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix.rstrip("."): value}
+
+    def assert_same(value: Any, *, name: str = "config") -> None:
+        """Every rank holds the same ``value``; otherwise a ``RatlibError`` on every rank naming the ranks
+        and the keys that differ."""
+        every = all_gather_object(value)
+        if all(v == every[0] for v in every):
+            return
+        flats = [_flat(v) for v in every]
+        keys = sorted({k for f in flats for k in f if any(f.get(k) != g.get(k) for g in flats)})
+        ranks = [r for r, v in enumerate(every) if v != every[0]]
+        shown = "; ".join(f"{k}: " + ", ".join(f"rank {r}={f.get(k)!r}" for r, f in enumerate(flats)) for k in keys[:5])
+        raise RatlibError(
+            message(
+                f"{name} differs across ranks: rank(s) {ranks} differ from rank 0",
+                got=shown,
+                fix="start every rank with the same arguments and overrides",
+            )
+        )
+
+    __all__ += ["assert_same"]
