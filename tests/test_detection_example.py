@@ -422,7 +422,7 @@ def test_a_misspelt_split_on_the_synthetic_path_is_one_message(
 def test_the_deepspeed_launcher_s_local_rank_flag_is_accepted_and_the_environment_wins(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: list[str]
 ) -> None:
-    assert T.parse_args([*flag, "a=1"]).local_rank == 3
+    assert du.parse_args([*flag, "a=1"], "").local_rank == 3
     rc = T.main([*flag, "--eval-only", f"output_dir={tmp_path / 'run'}", *TINY])  # one process: rank 0
     err = capsys.readouterr().err
     assert rc == 2 and "--eval-only: checkpoint" in err and "unrecognized arguments" not in err

@@ -259,7 +259,7 @@ def test_eval_only_without_a_checkpoint_is_one_message(tmp_path: Path, capsys: p
 def test_the_deepspeed_launcher_s_local_rank_flag_is_accepted_and_the_environment_wins(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: list[str]
 ) -> None:
-    assert T.parse_args([*flag, "a=1"]).local_rank == 3
+    assert su.parse_args([*flag, "a=1"], "").local_rank == 3
     # One process (no launcher variables): ratlib reads rank 0 from the environment, not local rank 3.
     rc = T.main(["--config", str(CONFIG), "--eval-only", *flag, f"output_dir={tmp_path / 'run'}", *TINY])
     err = capsys.readouterr().err

@@ -807,3 +807,81 @@ def trim_metrics(run_dir: Path, last_epoch: int) -> None:
     if len(kept) != len(rows) or not path.read_bytes().endswith(b"\n"):
         log.info("--resume: dropped %d metrics.jsonl row(s) after epoch %d", len(rows) - len(kept), last_epoch)
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def resume_from(run_dir: Path, model: nn.Module, stepper: Stepper, sampler: Any) -> tuple[int, int]:
+    """``--resume``: weights, optimiser, schedule, sampler position, RNGs from the latest checkpoint; drops
+    metrics rows after it. Returns the epoch to start at and the step count (0, 0 without a checkpoint)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        log.warning("--resume: no checkpoint under %s; starting from scratch", checkpoint_dir(run_dir))
+        return 0, 0
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    stepper.load(state, checkpoint_dir(run_dir) / "deepspeed", path)
+    sampler.load_state_dict(state.get("sampler") or {"epoch": state["epoch"], "position": len(sampler)})
+    if state.get("rng"):
+        checkpoint.set_rng_state(state["rng"])
+    trim_metrics(run_dir, state["epoch"])
+    log.info("resumed from %s: epoch %d done, step %d", path, state["epoch"], state["step"])
+    return state["epoch"] + 1, state["step"]
+
+
+def save_epoch(run_dir: Path, model: nn.Module, stepper: Stepper, sampler: Any, cfg: Any, **state: Any) -> None:
+    """The end-of-epoch checkpoint (every rank calls it): DeepSpeed's own state first, then epoch{E}.pt
+    with the weights, optimiser, sampler position, RNGs and ``state`` (epoch, step, metrics)."""
+    keep = cfg.checkpoint.keep
+    stepper.save(checkpoint_dir(run_dir) / "deepspeed", state["epoch"], state["step"], keep)
+    state.update(model=checkpoint.unwrap_model(model).state_dict(), **stepper.state_dict())
+    state.update(sampler=sampler.state_dict(), rng=checkpoint.rng_state(), config=cfg.model_dump(mode="json"))
+    save_checkpoint(run_dir, state, keep)
+
+
+def checkpoint_to_evaluate(run_dir: Path, path: str | Path | None) -> Path:
+    """``--eval-only``: the checkpoint given, or the run folder's latest; a UsageError when there is none."""
+    found = Path(path) if path is not None else latest_checkpoint(run_dir)
+    if found is None or not found.is_file():
+        raise UsageError(
+            f"--eval-only: checkpoint {found or checkpoint_dir(run_dir) / 'epoch*.pt'} not found (no checkpoint "
+            f"under {checkpoint_dir(run_dir)}); pass --checkpoint PATH or the output_dir of a finished run"
+        )
+    return found
+
+
+def parse_args(argv: Sequence[str] | None, description: str) -> Any:
+    """The command line of every example: --config, --resume, --eval-only, --checkpoint, key=value overrides."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config (default: all defaults)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--eval-only", action="store_true", help="only evaluate a checkpoint")
+    parser.add_argument("--checkpoint", help="with --eval-only: the checkpoint (default: the latest in output_dir)")
+    # DeepSpeed's launcher adds --local_rank=N; ratlib reads LOCAL_RANK from the environment, which wins.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.batch_size=4")
+    return parser.parse_intermixed_args(argv)
+
+
+def log_step(
+    cfg: Any, epoch: int, step: int, loss: torch.Tensor, lr: float, seconds_per_step: float, **terms: Any
+) -> None:
+    """Every ``training.log_every`` optimiser steps (and the last): the loss (the only device sync of the
+    loop) and the pace. A non-finite loss stops the run with its terms and what to change."""
+    t = cfg.training
+    if step % t.log_every and step != t.max_steps:
+        return
+    value = loss.item()
+    if not math.isfinite(value):
+        shown = f" ({ {k: v.item() for k, v in terms.items()} })" if terms else ""
+        raise FloatingPointError(
+            f"epoch {epoch}, step {step}: the loss is {value}{shown}; lower training.optimizer.lr (now "
+            f"{t.optimizer.lr}), keep training.gradient_clip on, or add training.scheduler.warmup_epochs"
+        )
+    log.info("epoch %d step %d: loss %.4f lr %.3g (%.3f s/step)", epoch, step, value, lr, seconds_per_step)
+
+
+def write_eval(run_dir: Path, path: Path, metrics: dict[str, float]) -> None:
+    """``--eval-only``'s figures in run_dir/eval.json, by the main rank."""
+    if is_main_process():
+        write_atomic(run_dir / "eval.json", json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")

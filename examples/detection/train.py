@@ -15,7 +15,6 @@ detection_utils.py. ``EXAMPLE`` at the end is what the ablation runner (and any 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -38,7 +37,6 @@ from ratlib import (
     ModelConfig,
     broadcast_object,
     check_config,
-    checkpoint,
     distributed,
     dump_config,
     gather_object,
@@ -53,7 +51,6 @@ from ratlib.comm import assert_same, broadcast_buffers
 from ratlib.data import EvalSampler, ShardedBatchSampler
 from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
-from ratlib.io import write_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # detection_utils.py sits beside this file
 import detection_utils as du  # noqa: E402
@@ -177,17 +174,8 @@ def train_one_epoch(
             continue
         step += 1
         heartbeat(step)  # the one per-step hook: ratlib.hang's watchdog (a preemption check goes here too)
-        if step % t.log_every == 0 or step == t.max_steps:
-            value = loss.item()  # a device sync, only every log_every steps
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"epoch {epoch}, step {step}: the loss is {value} "
-                    f"({ {k: v.item() for k, v in loss_dict.items()} }); "
-                    f"lower training.optimizer.lr (now {t.optimizer.lr}), keep training.gradient_clip on, or add "
-                    "training.scheduler.warmup_epochs"
-                )
-            per_step = (time.perf_counter() - start) / (i + 1) * t.gradient_accumulation_steps
-            log.info("epoch %d step %d: loss %.4f lr %.3g (%.2f s/step)", epoch, step, value, stepper.lr, per_step)
+        per_step = (time.perf_counter() - start) / (i + 1) * t.gradient_accumulation_steps
+        du.log_step(cfg, epoch, step, loss, stepper.lr, per_step, **loss_dict)
         if t.max_steps is not None and step >= t.max_steps:
             break
     return step, {k: float(v) / max(1, done) for k, v in sums.items()}, image_ids
@@ -267,21 +255,8 @@ def train(
         f"{steps_per_epoch} optimiser steps per epoch, {total_steps} in all; device {device}"
     )
 
-    # Resume: weights, optimiser, schedule, sampler, counters and random generators.
-    start_epoch, step = 0, 0
-    path = du.latest_checkpoint(run_dir) if resume else None
-    if resume and path is None:
-        log.warning("--resume: no checkpoint under %s; starting from scratch", du.checkpoint_dir(run_dir))
-    if path is not None:
-        state = du.load_checkpoint(path)
-        model.load_state_dict(state["model"])
-        stepper.load(state, du.checkpoint_dir(run_dir) / "deepspeed", path)
-        sampler.load_state_dict(state.get("sampler") or {"epoch": state["epoch"], "position": len(sampler)})
-        if state.get("rng"):
-            checkpoint.set_rng_state(state["rng"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        du.trim_metrics(run_dir, state["epoch"])
-        log.info("resumed from %s: epoch %d done, step %d", path, state["epoch"], step)
+    # Resume: weights, optimiser, schedule, sampler position, counters and random generators.
+    start_epoch, step = du.resume_from(run_dir, model, stepper, sampler) if resume else (0, 0)
 
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, t.num_epochs):
@@ -312,10 +287,7 @@ def train(
             f"{len(images)} images ({len(set(images))} unique) at {record['images_per_s']:.1f} images/s"
         )
         du.log_metrics(run_dir, record)
-        state = dict(model=model.state_dict(), **stepper.state_dict(), sampler=sampler.state_dict(), epoch=epoch)
-        state.update(step=step, rng=checkpoint.rng_state(), metrics=metrics, config=cfg.model_dump(mode="json"))
-        stepper.save(du.checkpoint_dir(run_dir) / "deepspeed", epoch, step, cfg.checkpoint.keep)
-        du.save_checkpoint(run_dir, state, cfg.checkpoint.keep)
+        du.save_epoch(run_dir, model, stepper, sampler, cfg, epoch=epoch, step=step, metrics=metrics)
         if stopping:
             break
     if not metrics:  # nothing left to train (a finished run resumed): evaluate what was loaded
@@ -334,19 +306,13 @@ def evaluate_checkpoint(
     the figures also go to ``run_dir/eval.json``."""
     info = info or ratlib.init_distributed()
     run_dir = Path(run_dir if run_dir is not None else cfg.output_dir)
-    path = Path(checkpoint_path) if checkpoint_path is not None else du.latest_checkpoint(run_dir)
-    if path is None or not path.is_file():
-        raise UsageError(
-            f"--eval-only: checkpoint {str(path) if path else du.checkpoint_dir(run_dir) / 'epoch*.pt'} not "
-            "found; pass --checkpoint PATH or the output_dir of a finished run"
-        )
+    path = du.checkpoint_to_evaluate(run_dir, checkpoint_path)
     _, val_set = du.build_datasets(cfg, run_dir, masks=False)
     model = du.build_model(cfg.model, val_set.num_classes).to(info.device)
     model.load_state_dict(du.load_checkpoint(path)["model"])
     log.info("evaluating %s", path)
     metrics = evaluate(model, eval_loader(cfg, val_set, info), val_set, cfg, info)
-    if info.is_main:
-        write_atomic(run_dir / "eval.json", json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")
+    du.write_eval(run_dir, path, metrics)
     return metrics
 
 
@@ -359,20 +325,8 @@ EXAMPLE = {"schema": DetectionConfig, "train": train, "metric": "map", "mode": "
 # main(): command line, logging, the process group
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML config (default: all defaults)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    parser.add_argument("--eval-only", action="store_true", help="only evaluate a checkpoint")
-    parser.add_argument("--checkpoint", help="with --eval-only: the checkpoint (default: the latest in output_dir)")
-    # DeepSpeed's launcher adds --local_rank=N; ratlib reads LOCAL_RANK from the environment, which wins.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.batch_size=4")
-    return parser.parse_intermixed_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = du.parse_args(argv, description=__doc__.split("\n")[0])
     setup_logging()
     try:
         cfg = load_config(args.config, overrides=args.overrides, schema=DetectionConfig)

@@ -15,7 +15,6 @@ top to bottom: config, data, model, optimiser and DeepSpeed, loop, evaluation, t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -41,7 +40,6 @@ from ratlib import (
     ModelConfig,
     broadcast_object,
     check_config,
-    checkpoint,
     distributed,
     dump_config,
     gather_object,
@@ -56,7 +54,6 @@ from ratlib.comm import assert_same, broadcast_buffers
 from ratlib.data import EvalSampler, ShardedBatchSampler, gather_by_index
 from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
-from ratlib.io import write_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # seg_utils.py sits beside this file
 import seg_utils as su  # noqa: E402
@@ -214,15 +211,8 @@ def train_one_epoch(
             continue
         step += 1
         heartbeat(step)  # the one per-step hook: ratlib.hang's watchdog (a preemption check goes here too)
-        if step % t.log_every == 0 or step == t.max_steps:
-            value = loss.item()  # a device sync, only every log_every steps
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"epoch {epoch}, step {step}: the loss is {value}; lower training.optimizer.lr (now "
-                    f"{t.optimizer.lr}), keep training.gradient_clip on, or add training.scheduler.warmup_epochs"
-                )
-            per_step = (time.perf_counter() - start) / (i + 1) * t.gradient_accumulation_steps
-            log.info("epoch %d step %d: loss %.4f lr %.3g (%.3f s/step)", epoch, step, value, stepper.lr, per_step)
+        per_step = (time.perf_counter() - start) / (i + 1) * t.gradient_accumulation_steps
+        su.log_step(cfg, epoch, step, loss, stepper.lr, per_step)
         if t.max_steps is not None and step >= t.max_steps:
             break
     indices = torch.cat(seen).tolist() if seen else []
@@ -330,20 +320,8 @@ def train(
         f"{', channels_last' if memory_format == torch.channels_last else ''}"
     )
 
-    # Resume: weights, optimiser, schedule, sampler, counters and random generators.
-    start_epoch, step = 0, 0
-    path = su.latest_checkpoint(run_dir) if resume else None
-    if resume and path is None:
-        log.warning("--resume: no checkpoint under %s; starting from scratch", su.checkpoint_dir(run_dir))
-    if path is not None:
-        state = su.load_checkpoint(path)
-        model.load_state_dict(state["model"])
-        stepper.load(state, su.checkpoint_dir(run_dir) / "deepspeed", path)
-        sampler.load_state_dict(state.get("sampler") or {"epoch": state["epoch"], "position": len(sampler)})
-        checkpoint.set_rng_state(state["rng"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        su.trim_metrics(run_dir, state["epoch"])
-        log.info("resumed from %s: epoch %d done, step %d", path, state["epoch"], step)
+    # Resume: weights, optimiser, schedule, sampler position, counters and random generators.
+    start_epoch, step = su.resume_from(run_dir, model, stepper, sampler) if resume else (0, 0)
 
     def run_eval() -> dict[str, float]:
         broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds, on every rank
@@ -376,15 +354,7 @@ def train(
             f"memory {record['peak_memory_max_gib']:.2f} GiB (rank {record['peak_memory_max_rank']})"
         )
         su.log_metrics(run_dir, record)
-        state = dict(
-            model=checkpoint.unwrap_model(model).state_dict(),
-            **stepper.state_dict(),
-            sampler=sampler.state_dict(),
-            epoch=epoch,
-        )
-        state.update(step=step, rng=checkpoint.rng_state(), metrics=metrics, config=cfg.model_dump(mode="json"))
-        stepper.save(su.checkpoint_dir(run_dir) / "deepspeed", epoch, step, cfg.checkpoint.keep)
-        su.save_checkpoint(run_dir, state, cfg.checkpoint.keep)
+        su.save_epoch(run_dir, model, stepper, sampler, cfg, epoch=epoch, step=step, metrics=metrics)
         if stopping:
             break
     if not metrics:  # nothing left to train (a finished run resumed): evaluate what was loaded
@@ -404,12 +374,7 @@ def evaluate_checkpoint(
     check_settings(cfg)
     info = info or ratlib.init_distributed()
     run_dir = Path(run_dir if run_dir is not None else cfg.output_dir)
-    path = Path(checkpoint_path) if checkpoint_path is not None else su.latest_checkpoint(run_dir)
-    if path is None:
-        raise UsageError(
-            f"--eval-only: no checkpoint under {su.checkpoint_dir(run_dir)}; pass --checkpoint PATH or "
-            "the output_dir of a finished run"
-        )
+    path = su.checkpoint_to_evaluate(run_dir, checkpoint_path)
     state = su.load_checkpoint(path)
     task, _, val_set = su.build_datasets(cfg, run_dir)
     model = build_model(cfg, val_set.in_channels, task.num_classes).to(info.device)
@@ -417,8 +382,7 @@ def evaluate_checkpoint(
     log.info("evaluating %s (epoch %d, step %d)", path, state["epoch"], state["step"])
     loader = eval_loader(cfg, val_set, info, model.multiple)
     metrics = evaluate(model, loader, info.device, info, autocast=su.autocast_for(cfg, info.device))
-    if info.is_main:
-        write_atomic(run_dir / "eval.json", json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")
+    su.write_eval(run_dir, path, metrics)
     return metrics
 
 
@@ -431,20 +395,8 @@ EXAMPLE = {"schema": SegmentationConfig, "train": train, "metric": "dice", "mode
 # main(): command line, logging, the process group
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML config (default: all defaults)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    parser.add_argument("--eval-only", action="store_true", help="only evaluate a checkpoint")
-    parser.add_argument("--checkpoint", help="with --eval-only: the checkpoint (default: the latest in output_dir)")
-    # DeepSpeed's launcher adds --local_rank=N; ratlib reads LOCAL_RANK from the environment, which wins.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.batch_size=4")
-    return parser.parse_intermixed_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = su.parse_args(argv, description=__doc__.split("\n")[0])
     setup_logging()
     try:
         cfg = load_config(args.config, overrides=args.overrides, schema=SegmentationConfig)
