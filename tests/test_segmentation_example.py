@@ -266,6 +266,21 @@ def test_the_deepspeed_launcher_s_local_rank_flag_is_accepted_and_the_environmen
     assert rc == 2 and "no checkpoint under" in err and "unrecognized arguments" not in err
 
 
+def differing_overrides(run: str) -> int:
+    """Each rank started with another training.seed: main() must stop both, naming the key."""
+    torch.set_num_threads(1)
+    seed = int(os.environ["RANK"])
+    return T.main(["--config", str(CONFIG), f"output_dir={run}", *TINY, f"training.seed={seed}"])
+
+
+@pytest.mark.distributed
+def test_ranks_started_with_different_overrides_stop_naming_the_key(tmp_path: Path) -> None:
+    result = run_on_ranks(differing_overrides, 2, args=(str(tmp_path / "run"),), env=NO_GPU, timeout=120)
+    assert result.returncodes == [2, 2], str(result)
+    assert "training.seed" in result.outputs[0] and "Traceback" not in result.outputs[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any work
+
+
 # ----------------------------------------------------------------------------------------------
 # Learning: 1 rank, 2 ranks, evaluation parity
 
