@@ -266,6 +266,20 @@ def test_the_deepspeed_launcher_s_local_rank_flag_is_accepted_and_the_environmen
     assert rc == 2 and "no checkpoint under" in err and "unrecognized arguments" not in err
 
 
+def test_the_docs_snippet_imports_the_example_from_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23 item 3: the "Calling it from Python" snippet of docs/examples/segmentation.md runs (here as a
+    smoke run)."""
+    doc = (EXAMPLE.parents[1] / "docs" / "examples" / "segmentation.md").read_text()
+    snippet = doc.split("## Calling it from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "import ratlib" in snippet and "sys.modules" in snippet
+    snippet = snippet.replace('"training.max_steps=50"', f'"output_dir={tmp_path}", "smoke=true", *{TINY!r}')
+    snippet = snippet.replace('run_dir="runs/a"', f'run_dir="{tmp_path}"')
+    monkeypatch.chdir(EXAMPLE.parents[1])
+    namespace: dict = {}
+    exec(compile(snippet, "segmentation.md", "exec"), namespace)
+    assert {"dice", "dice_1", "dice_2"} <= set(namespace["metrics"])
+
+
 def differing_overrides(run: str) -> int:
     """Each rank started with another training.seed: main() must stop both, naming the key."""
     torch.set_num_threads(1)
