@@ -56,6 +56,8 @@ def test_every_index_once_and_the_ranks_in_step(
     assert [list(s) for s in samplers] == batches  # deterministic per (seed, epoch)
     for b in batches:  # a rank's batches are even: sizes differ by at most one
         assert max(map(len, b)) - min(map(len, b)) <= 1
+        if grouped:  # grouped by aspect: at most one mixed batch per rank
+            assert sum(len({groups[i] for i in x}) > 1 for x in b) <= 1
 
 
 @settings(max_examples=300, deadline=None)
