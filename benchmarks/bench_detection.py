@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT / "examples" / "detection"))
 import detection_utils as du  # noqa: E402
 import train as T  # noqa: E402
 
+from ratlib.data import ShardedBatchSampler  # noqa: E402
 from ratlib.synthetic import make_coco_detection  # noqa: E402
 
 
@@ -106,18 +108,25 @@ def main() -> int:
             f"output_dir={tmp / 'run'}",
         ],
     )
-    train_set, val_set = T.build_datasets(cfg, tmp, masks=False)
-    model = T.build_model(cfg.model, train_set.num_classes).to(device)
+    train_set, val_set = du.build_datasets(cfg, tmp, masks=False)
+    model = du.build_model(cfg.model, train_set.num_classes).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = T.make_optimizer(cfg, [q for q in model.parameters() if q.requires_grad], device)
+    optimizer = du.make_optimizer(cfg, [q for q in model.parameters() if q.requires_grad], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    autocast = T.autocast_for(cfg, device)
+    autocast = du.autocast_for(cfg, device)
+    stepper = du.Stepper(
+        model, optimizer, scheduler, cfg.training.gradient_accumulation_steps, cfg.training.gradient_clip
+    )
     loader_kw = dict(
         num_workers=args.workers, collate_fn=du.collate, pin_memory=cuda, persistent_workers=args.workers > 0
     )
     example_loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=du.ShardedBatchSampler(train_set.aspect_groups(), args.batch_size), **loader_kw
+        train_set,
+        batch_sampler=ShardedBatchSampler(
+            len(train_set), args.batch_size, rank=0, world_size=1, group_ids=train_set.aspect_groups()
+        ),
+        **loader_kw,
     )
     plain_loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, **loader_kw
@@ -139,18 +148,8 @@ def main() -> int:
         sync()
         start = time.perf_counter()
         with contextlib.redirect_stderr(devnull):
-            _, _, seen = T.train_one_epoch(
-                model,
-                optimizer,
-                scheduler,
-                example_loader,
-                device,
-                cfg,
-                epoch=0,
-                step=0,
-                max_steps=n,
-                autocast=autocast,
-            )
+            cfg.training.max_steps = n
+            _, _, seen = T.train_one_epoch(stepper, example_loader, cfg, device, epoch=0, step=0, autocast=autocast)
         sync()
         return len(seen) / (time.perf_counter() - start)
 
@@ -186,7 +185,8 @@ def main() -> int:
 
     loader = T.eval_loader(cfg, val_set, T.DistInfo(0, 1, 0, 1, 0, "single", None, device, None, None))
     with contextlib.redirect_stderr(devnull):
-        ids, rows = du.predict(model, loader, val_set.label_to_cat, device, autocast)
+        per_image = du.predict(model, loader, val_set, device, autocast)
+    ids, rows = val_set.ids, np.concatenate([np.zeros((0, 7)), *per_image.values()])
     backends = ["pycocotools"] + (["faster_coco_eval"] if importlib.util.find_spec("faster_coco_eval") else [])
     figures = {}
     for backend in backends:

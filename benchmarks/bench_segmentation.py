@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "examples" / "segmentation"))
 import seg_utils as su  # noqa: E402
 import train as T  # noqa: E402
 
+from ratlib.data import ShardedBatchSampler  # noqa: E402
 from ratlib.synthetic import make_msd_segmentation  # noqa: E402
 
 
@@ -105,17 +106,20 @@ def main() -> int:
             "training.log_every=10",
         ],
     )
-    task, train_set, _ = T.build_datasets(cfg, tmp / "run")
+    task, train_set, _ = su.build_datasets(cfg, tmp / "run")
     model = T.build_model(cfg, train_set.in_channels, task.num_classes).to(device)
-    memory_format = torch.channels_last if T.channels_last(cfg, device) else torch.contiguous_format
+    memory_format = T.memory_format_for(cfg, device)
     model = model.to(memory_format=memory_format)
-    optimizer = T.make_optimizer(cfg, [q for q in model.parameters() if q.requires_grad], device)
+    optimizer = su.make_optimizer(cfg, [q for q in model.parameters() if q.requires_grad], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    autocast = T.autocast_for(cfg, device)
+    autocast = su.autocast_for(cfg, device)
+    stepper = su.Stepper(
+        model, optimizer, scheduler, cfg.training.gradient_accumulation_steps, cfg.training.gradient_clip
+    )
     collate = partial(su.pad_collate, multiple=model.multiple)
     loader_kw = dict(num_workers=args.workers, collate_fn=collate, pin_memory=cuda, persistent_workers=args.workers > 0)
     example_loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=su.ShardedBatchSampler(len(train_set), args.batch_size), **loader_kw
+        train_set, batch_sampler=ShardedBatchSampler(len(train_set), args.batch_size, rank=0, world_size=1), **loader_kw
     )
     plain_loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, **loader_kw
@@ -137,18 +141,9 @@ def main() -> int:
         sync()
         start = time.perf_counter()
         with contextlib.redirect_stderr(devnull):
+            cfg.training.max_steps = n
             _, _, seen = T.train_one_epoch(
-                model,
-                optimizer,
-                scheduler,
-                example_loader,
-                device,
-                cfg,
-                epoch=0,
-                step=0,
-                max_steps=n,
-                autocast=autocast,
-                memory_format=memory_format,
+                stepper, example_loader, cfg, device, epoch=0, step=0, autocast=autocast, memory_format=memory_format
             )
         sync()
         return len(seen) / (time.perf_counter() - start)

@@ -15,7 +15,9 @@ site; this module never imports ``ratlib.hang``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import numbers
 import sys
 from collections.abc import Callable, Mapping
@@ -25,11 +27,14 @@ from ratlib.errors import RatlibError, message
 from ratlib.launch import process_group, rank_state
 
 __all__ = [
+    "ChannelError",
     "NoProcessGroupError",
     "RankMismatchError",
+    "StoreChannel",
     "all_gather_object",
     "all_reduce_mean",
     "assert_same",
+    "broadcast_buffers",
     "broadcast_object",
     "gather_object",
     "reduce_dict",
@@ -351,3 +356,125 @@ def assert_same(value: Any, *, name: str = "config") -> None:
             fix=f"start every rank with the same {name} (the same files, command-line overrides and environment)",
         )
     )
+
+
+# A store channel: an all-gather through the rendezvous store, whatever state the process group is in
+
+
+class ChannelError(RatlibError, RuntimeError):
+    """A ``StoreChannel`` exchange that could not complete: ranks that never reported, or no store."""
+
+
+class StoreChannel:
+    """An all-gather of small JSON values through the rendezvous store, which works whatever state the
+    process group is in, and a fresh default group after a failure.
+
+    Why not a collective: a rank that fails alone leaves the others inside a collective it will never join
+    (DDP's broadcast, an all-reduce). It tears its group down instead (``release_peers``); with gloo the
+    others' pending collective then fails at once, and every rank meets here to learn how it went. The
+    store is taken from the default group when the channel is made (it outlives the groups), so make the
+    channel right after ``init_distributed()``. ``namespace`` keeps keys apart: give each launch its own
+    (a random nonce the main rank broadcasts). With one process (no group) ``all_gather`` is ``[obj]``.
+    """
+
+    def __init__(self, namespace: str, *, timeout_s: float = 1800.0, wait_s: float | None = None) -> None:
+        self.ns, self.generation = f"ratlib-channel/{namespace}", 0
+        self.timeout_s = timeout_s  # for the groups rebuild_group makes
+        self.wait_s = wait_s if wait_s is not None else 2 * timeout_s + 60  # a peer may sit out a whole timeout
+        self.store: Any = None
+        self.rank, self.world_size = 0, 1
+        dist = _dist()
+        if dist is not None:
+            self.dist, self.backend = dist, dist.get_backend()
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+            self.store = dist.distributed_c10d._get_default_store()
+
+    def all_gather(self, key: str, obj: Any) -> list[Any]:
+        """Every rank's JSON-serialisable ``obj`` for ``key`` (use each key once per launch), by rank.
+        Raises ``ChannelError`` naming the ranks that did not report within ``wait_s``, or saying that
+        the store is gone (its host, the launcher's agent or rank 0, died)."""
+        if self.store is None:
+            return [obj]
+        from datetime import timedelta
+
+        keys = [f"{self.ns}/{key}/{r}" for r in range(self.world_size)]
+        try:
+            self.store.set(keys[self.rank], json.dumps(obj))
+            self.store.wait(keys, timedelta(seconds=self.wait_s))
+            return [json.loads(self.store.get(k)) for k in keys]
+        except Exception as exc:  # noqa: BLE001 - a timeout, or a store that cannot be reached
+            missing = None
+            with contextlib.suppress(Exception):
+                missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
+            if missing is not None:
+                raise ChannelError(
+                    message(
+                        f"StoreChannel {key!r}: rank(s) {missing} did not report within {self.wait_s:.0f} s",
+                        fix="those ranks died or hang inside a collective; their logs say where",
+                    )
+                ) from exc
+            raise ChannelError(
+                message(
+                    f"StoreChannel {key!r}: the rendezvous store cannot be reached",
+                    got=f"{type(exc).__name__}: {str(exc)[:200]}",
+                    fix="the launcher (torchrun's agent) or rank 0, which hosts the store, died",
+                )
+            ) from exc
+
+    def add(self, key: str, amount: int = 1) -> int:
+        """An atomic counter in the store (1 for the first rank to call, 2 for the next...); 0 when the
+        store cannot be reached, 1 with one process."""
+        if self.store is None:
+            return amount
+        try:
+            return int(self.store.add(f"{self.ns}/{key}", amount))
+        except Exception:  # noqa: BLE001 - the store is gone: the next all_gather says so
+            return 0
+
+    def release_peers(self) -> None:
+        """Tear this rank's group down so that peers waiting in a collective for it fail now, not at the
+        timeout. Only works if nothing else holds the group: hence a gc pass first (a failed model's cycles)."""
+        if self.store is not None and self.dist.is_initialized():
+            import gc
+
+            gc.collect()
+            self.dist.destroy_process_group()
+
+    def rebuild_group(self) -> None:
+        """Every rank, after a failure: a new default group under a new prefix of the same store."""
+        if self.store is None:
+            return
+        self.release_peers()
+        self.generation += 1
+        from datetime import timedelta
+
+        kwargs: dict[str, Any] = {}
+        if self.backend == "nccl":
+            import torch
+
+            kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
+        self.dist.init_process_group(
+            self.backend,
+            store=self.dist.PrefixStore(f"{self.ns}/group{self.generation}/", self.store),
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timedelta(seconds=self.timeout_s),
+            **kwargs,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Buffers
+
+
+def broadcast_buffers(module: Any, src: int = 0) -> None:
+    """Copy ``src``'s buffers (BatchNorm running statistics) into ``module`` on every rank; a no-op with
+    one process. DDP broadcasts buffers at the start of each forward, so after the last step every rank
+    holds its own: call this before evaluating or saving what every rank must agree on."""
+    _before_collective("broadcast_buffers")
+    dist = _dist("broadcast_buffers")
+    if dist is None:
+        return
+    _check_rank_arg("src", src, dist.get_world_size(), "broadcast_buffers")
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src)

@@ -275,6 +275,25 @@ def test_dry_run_validates_and_prints_the_plan(tmp_path: Path, capsys: pytest.Ca
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag", [["--local_rank=3"], ["--local_rank", "3"], ["--local-rank=3"]])
+def test_the_deepspeed_launcher_s_local_rank_flag_is_accepted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: list[str]
+) -> None:
+    study = write_study(tmp_path, grid={"model.hidden": [4, 16]})
+    assert R.main(["--config", str(study), *flag, "--dry-run"]) == 0  # one process: the environment says rank 0
+    assert "every config is valid" in capsys.readouterr().out
+
+
+def test_a_base_without_an_example_entry_is_one_message(tmp_path: Path) -> None:
+    base = tmp_path / "train.py"
+    base.write_text("CONFIG_SCHEMA = None\nMAIN_METRIC = 'x'\n\ndef train(cfg, **kw):\n    return {}\n")
+    with pytest.raises(au.StudyError, match="its EXAMPLE entry lacks 'schema', 'train', 'metric'"):
+        R.load_example(base)
+    base.write_text("EXAMPLE = {'schema': object, 'train': print, 'metric': 'x', 'mode': 'up'}\n")
+    with pytest.raises(au.StudyError, match="has mode='up'"):
+        R.load_example(tmp_path / "train.py")
+
+
 # ----------------------------------------------------------------------------------------------
 # Two ranks
 

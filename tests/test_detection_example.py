@@ -20,6 +20,7 @@ from example_helpers import _restore_logging, load_script, one_thread  # noqa: F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ratlib.data import EvalSampler, ShardedBatchSampler
 from ratlib.synthetic import make_coco_detection
 from ratlib.testing.ranks import run_on_ranks
 from ratlib.testing.strategies import coco_split_spellings
@@ -147,8 +148,9 @@ def test_dataset_maps_category_ids_and_masks(tmp_path: Path, coco_root: Path) ->
 
 def test_shipped_config_loads_and_names_a_model() -> None:
     cfg = T.load_config(EXAMPLE / "config.yaml", schema=T.DetectionConfig)
-    assert cfg.model.name in T.model_names() and cfg.data.root is None
+    assert cfg.model.name in du.model_names() and cfg.data.root is None
     assert T.DetectionConfig().model.name == "fasterrcnn_mobilenet_v3_large_fpn"  # the default without a config
+    assert T.EXAMPLE == {"schema": T.DetectionConfig, "train": T.train, "metric": "map", "mode": "max"}  # the runner's
 
 
 def test_limit_and_keep_empty_in_config() -> None:
@@ -162,44 +164,23 @@ def test_limit_and_keep_empty_in_config() -> None:
 # Sampling
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    n=st.integers(1, 70),
-    world=st.integers(1, 4),
-    batch=st.integers(1, 6),
-    epoch=st.integers(0, 3),
-    portrait=st.lists(st.booleans(), min_size=70, max_size=70),
-)
-def test_sharded_batches_cover_each_image_once_in_step(
-    n: int, world: int, batch: int, epoch: int, portrait: list[bool]
-) -> None:
-    if n < world:
-        return
-    groups = [int(p) for p in portrait[:n]]
-    samplers = [du.ShardedBatchSampler(groups, batch, rank=r, world_size=world, seed=5) for r in range(world)]
-    for s in samplers:
-        s.set_epoch(epoch)
-    batches = [list(s) for s in samplers]
-    assert len({len(b) for b in batches}) == 1 and len(batches[0]) == len(samplers[0])  # ranks in step
-    assert all(1 <= len(x) <= batch for b in batches for x in b)
-    seen = [i for b in batches for x in b for i in x]
-    if not any(s.repeated for s in samplers):
-        assert sorted(seen) == list(range(n))  # every image exactly once
-    else:  # only when a shard has fewer images than steps (batch 1, uneven split)
-        assert batch == 1 and set(seen) == set(range(n))
-    for b in batches:  # grouped by aspect: at most one mixed batch per rank
-        assert sum(len({groups[i] for i in x}) > 1 for x in b) <= 1
-    assert [list(s) for s in samplers] == batches  # deterministic per epoch
-
-
 def test_sampler_shuffles_per_epoch_and_limit_seven_on_two_ranks() -> None:
-    s0, s1 = (du.ShardedBatchSampler([0] * 7, 2, rank=r, world_size=2) for r in range(2))
+    """The aspect-grouped sampling train() uses (ratlib.data; its properties: tests/test_data.py)."""
+    s0, s1 = (ShardedBatchSampler(7, 2, rank=r, world_size=2, group_ids=[0] * 7) for r in range(2))
     epoch0 = [list(s0), list(s1)]
     assert sorted(i for b in epoch0 for x in b for i in x) == list(range(7))
     assert [len(x) for x in epoch0[0]] == [2, 2] and sorted(len(x) for x in epoch0[1]) == [1, 2]
     s0.set_epoch(1)
     assert list(s0) != epoch0[0]
-    assert du.eval_shard(7, 0, 2) + du.eval_shard(7, 1, 2) == [0, 2, 4, 6, 1, 3, 5]
+    assert list(EvalSampler(7, rank=0, world_size=2)) + list(EvalSampler(7, rank=1, world_size=2)) == [
+        0,
+        2,
+        4,
+        6,
+        1,
+        3,
+        5,
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +215,7 @@ class Oracle(torch.nn.Module):
 def _evaluate_oracle(ds, shift: int = 0) -> dict[str, float]:
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=du.collate)
     metrics = du.evaluate(
-        Oracle(ds, list(range(len(ds))), shift), loader, ds, torch.device("cpu"), is_main=True, backend="pycocotools"
+        Oracle(ds, list(range(len(ds))), shift), loader, ds, torch.device("cpu"), backend="pycocotools"
     )
     assert metrics is not None and metrics["eval_images"] == len(ds)
     return metrics
@@ -263,7 +244,7 @@ def test_ground_truth_as_predictions_scores_one_and_shuffled_labels_low(tmp_path
     assert wrong["map50"] < 0.05
 
 
-def test_coco_results_rows_and_merge_drops_padding_duplicates() -> None:
+def test_coco_results_rows() -> None:
     out = {
         "boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]),
         "scores": torch.tensor([0.5]),
@@ -271,11 +252,7 @@ def test_coco_results_rows_and_merge_drops_padding_duplicates() -> None:
     }
     rows = du.to_coco_results([out], [9], [0, 7, 42])
     assert rows.tolist() == [[9.0, 10.0, 20.0, 20.0, 40.0, 0.5, 42.0]]  # xywh, category id 42
-    r0 = np.array([[1, 0, 0, 5, 5, 0.9, 7], [3, 0, 0, 5, 5, 0.8, 7]], dtype=float)
-    r1 = np.array([[2, 0, 0, 5, 5, 0.7, 7], [1, 0, 0, 5, 5, 0.6, 7]], dtype=float)
-    ids, merged, duplicates = du.merge_rank_results([([1, 3], r0), ([2, 1], r1)])  # image 1 twice (padding)
-    assert ids == [1, 2, 3] and duplicates == 1
-    assert sorted(merged[:, 0].tolist()) == [1.0, 2.0, 3.0] and 0.6 not in merged[:, 5]
+    # An image predicted twice or by no rank is a CoverageError of gather_by_index (tests/test_data.py).
 
 
 def test_empty_predictions_score_zero(coco_root: Path) -> None:
@@ -342,16 +319,17 @@ def test_every_train_split_spelling_resolves_to_the_dataset(
     of well-formed targets through the sampler and collate train() uses."""
     text, _ = spelling
     cfg = config(f"data.root={coco_root}", f"data.train_split={json.dumps(text)}")
-    train_paths, _ = T.resolve_splits(cfg, coco_root)
+    train_paths, _ = du.resolve_splits(cfg, coco_root)
     assert train_paths.annotations == coco_root / "annotations" / "instances_train2017.json"
 
     root, annotations, usable = spelling_roots[layout]
     cfg = config(f"data.root={root}", f"data.train_split={json.dumps(text)}", "data.val_split=val")
-    assert T.resolve_splits(cfg, root)[0].annotations == annotations
-    train_set, val_set = T.build_datasets(cfg, root, masks=False)  # as train() builds them
+    assert du.resolve_splits(cfg, root)[0].annotations == annotations
+    train_set, val_set = du.build_datasets(cfg, root, masks=False)  # as train() builds them
     assert len(train_set) == len(usable) and sorted(train_set.ids) == sorted(usable)
     assert len(val_set) == 4 and train_set.num_classes == 4
-    sampler = du.ShardedBatchSampler(train_set.aspect_groups(), 2, rank=0, world_size=1, seed=0)
+    groups = train_set.aspect_groups()
+    sampler = ShardedBatchSampler(len(groups), 2, rank=0, world_size=1, seed=0, group_ids=groups)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=du.collate)
     images, targets = next(iter(loader))
     assert len(images) == len(targets) >= 1
@@ -428,12 +406,52 @@ def test_input_errors_are_one_message(
     assert rc == 2 and expected in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("key", ["train_split", "val_split"])
+def test_a_misspelt_split_on_the_synthetic_path_is_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str
+) -> None:
+    """Issue 23 item 5: with data.root null a misspelt split was a doubled traceback and exit 1."""
+    rc = T.main([f"output_dir={tmp_path / 'run'}", *TINY, f"data.{key}=trian"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.count(f"data.{key}='trian'") == 1 and "closest valid names: train" in err
+    assert not (tmp_path / "run" / "data").exists()  # nothing written before the message
+
+
+@pytest.mark.parametrize("flag", [["--local_rank=3"], ["--local_rank", "3"], ["--local-rank=3"]])
+def test_the_deepspeed_launcher_s_local_rank_flag_is_accepted_and_the_environment_wins(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: list[str]
+) -> None:
+    assert du.parse_args([*flag, "a=1"], "").local_rank == 3
+    rc = T.main([*flag, "--eval-only", f"output_dir={tmp_path / 'run'}", *TINY])  # one process: rank 0
+    err = capsys.readouterr().err
+    assert rc == 2 and "--eval-only: checkpoint" in err and "unrecognized arguments" not in err
+
+
+def test_the_docs_snippet_imports_the_example_from_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23 item 3: the "Calling it from Python" snippet of docs/examples/detection.md runs (here with
+    a smoke config and a one-image synthetic set)."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "examples" / "detection.md").read_text()
+    snippet = doc.split("## Calling it from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "import ratlib" in snippet and "sys.modules" in snippet
+    snippet = snippet.replace(
+        '"training.max_steps=50"',
+        f'"output_dir={tmp_path}", "model.width=8", "smoke=true", '
+        '"data.synthetic.train_images=2", "data.synthetic.val_images=2", "data.num_workers=0"',
+    )
+    snippet = snippet.replace('run_dir="runs/a"', f'run_dir="{tmp_path}"')
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    namespace: dict = {}
+    exec(compile(snippet, "detection.md", "exec"), namespace)
+    assert namespace["metrics"]["eval_images"] == 2.0 and "map" in namespace["metrics"]
+
+
 def test_local_weights_load_with_a_report(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     m = T.DetectionModel(name="fasterrcnn_tiny", min_size=128, max_size=128)
-    source = T.build_model(m, 4)
+    source = du.build_model(m, 4)
     torch.save({"model": source.state_dict()}, tmp_path / "ckpt.pt")
     caplog.set_level("INFO")
-    other = T.build_model(m.model_copy(update={"weights": str(tmp_path / "ckpt.pt")}), 3)  # 2 classes: heads differ
+    other = du.build_model(m.model_copy(update={"weights": str(tmp_path / "ckpt.pt")}), 3)  # 2 classes: heads differ
     assert "skipped 4 with another shape" in caplog.text  # the class and box predictors
     assert torch.equal(other.backbone[0][0].weight, source.backbone[0][0].weight)
 
@@ -445,13 +463,12 @@ def test_local_weights_load_with_a_report(tmp_path: Path, caplog: pytest.LogCapt
 @pytest.mark.slow
 def test_one_rank_learns_past_threshold(tmp_path: Path, coco_root: Path, one_thread) -> None:
     cfg = config(f"data.root={coco_root}", "training.max_steps=40")
-    _, val_set = T.build_datasets(cfg, tmp_path, masks=False)
+    _, val_set = du.build_datasets(cfg, tmp_path, masks=False)
     untrained = du.evaluate(
-        T.build_model(cfg.model, val_set.num_classes),
+        du.build_model(cfg.model, val_set.num_classes),
         T.eval_loader(cfg, val_set, CPU),
         val_set,
         torch.device("cpu"),
-        is_main=True,
     )
     metrics = T.train(cfg, run_dir=tmp_path, info=CPU)
     assert untrained["map50"] < UNTRAINED_AP50_MAX
@@ -459,7 +476,7 @@ def test_one_rank_learns_past_threshold(tmp_path: Path, coco_root: Path, one_thr
     rows = metrics_rows(tmp_path)
     assert rows[-1]["step"] == 40 and rows[-1]["map50"] == metrics["map50"]
     assert rows[0]["train_images"] == 32 and rows[0]["train_unique_images"] == 32
-    assert (tmp_path / "config.yaml").is_file() and T.latest_checkpoint(tmp_path) is not None
+    assert (tmp_path / "config.yaml").is_file() and du.latest_checkpoint(tmp_path) is not None
 
 
 @pytest.mark.slow

@@ -29,8 +29,6 @@ LAYERS = {
     "coco_paths": 4,
     "config_defaults": 5,
     "synthetic": 5,
-    "_synthetic_coco": 5,  # synthetic's implementation while it is still a flat module
-    "_synthetic_msd": 5,
     "doctor": 5,
     "cli": 5,
     "__main__": 5,

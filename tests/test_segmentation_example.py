@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 pytest.importorskip("nibabel", reason="nibabel is not installed (pip install 'ratlib[medical]')")
 
@@ -71,9 +69,9 @@ def msd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_contract_and_shipped_config() -> None:
-    assert T.CONFIG_SCHEMA is T.SegmentationConfig and issubclass(T.SegmentationConfig, T.ExperimentConfig)
-    assert T.MAIN_METRIC == "dice" and T.METRIC_MODE == "max"
-    cfg = T.load_config(CONFIG, schema=T.CONFIG_SCHEMA)
+    assert T.EXAMPLE["schema"] is T.SegmentationConfig and issubclass(T.SegmentationConfig, T.ExperimentConfig)
+    assert T.EXAMPLE["metric"] == "dice" and T.EXAMPLE["mode"] == "max" and T.EXAMPLE["train"] is T.train
+    cfg = T.load_config(CONFIG, schema=T.EXAMPLE["schema"])
     assert cfg.data.root is None and cfg.model.feature_dims == 8 and cfg.model.num_blocks == 3
     assert su.widths(cfg.model.feature_dims, cfg.model.num_blocks) == [8, 16, 32]
     smoke = config("smoke=true", "data.limit=7")
@@ -170,44 +168,7 @@ def test_read_task_errors_name_the_file_and_the_fix(tmp_path: Path, msd_root: Pa
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling
-
-
-@settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 90), world=st.integers(1, 4), batch=st.integers(1, 9), epoch=st.integers(0, 3))
-def test_sharded_batches_cover_each_slice_once_in_step(n: int, world: int, batch: int, epoch: int) -> None:
-    if n < world:
-        with pytest.raises(su.TaskError, match="every rank needs at least one"):
-            su.ShardedBatchSampler(n, batch, world_size=world)
-        return
-    samplers = [su.ShardedBatchSampler(n, batch, rank=r, world_size=world, seed=3) for r in range(world)]
-    for s in samplers:
-        s.set_epoch(epoch)
-    batches = [list(s) for s in samplers]
-    assert len({len(b) for b in batches}) == 1 and len(batches[0]) == len(samplers[0])  # ranks in step
-    seen = [i for b in batches for x in b for i, _ in x]
-    assert sorted(seen) == list(range(n))  # every slice exactly once, nothing padded
-    for step in zip(*batches):  # batch sizes within a step differ by at most one, none empty
-        sizes = [len(x) for x in step]
-        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1 and max(sizes) <= batch + 1
-    assert [list(s) for s in samplers] == batches  # deterministic per epoch, augmentation seeds included
-
-
-def test_limit_seven_on_two_ranks_and_eval_padding_positions() -> None:
-    s0, s1 = (su.ShardedBatchSampler(7, 4, rank=r, world_size=2) for r in range(2))
-    (b0,), (b1,) = list(s0), list(s1)
-    assert sorted(i for i, _ in b0 + b1) == list(range(7)) and (len(b0), len(b1)) == (4, 3)
-    s0.set_epoch(1)
-    assert list(s0) != [b0]
-    # DistributedSampler pads 7 samples on 2 ranks to 8 by repeating sample 0 on rank 1.
-    kept = []
-    for rank in range(2):
-        ds_sampler = torch.utils.data.DistributedSampler(range(7), num_replicas=2, rank=rank, shuffle=False)
-        order = list(ds_sampler)
-        real = su.eval_positions(7, len(order), rank, 2)
-        kept += [i for i, r in zip(order, real) if r]
-        assert len(order) == 4 and real.sum() == (4 if rank == 0 else 3)
-    assert sorted(kept) == list(range(7))
+# Sampling: ratlib.data (tests/test_data.py: every slice once, ranks in step, 7 slices on 2 ranks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,6 +201,15 @@ def test_dice_from_summed_counts_not_an_average_of_per_rank_dice() -> None:
     padded[0, 0, 3] = -1  # padding pixels count nowhere
     assert su.confusion(logits_for(pred), padded).sum() == 7
     assert su.dice_scores(np.diag([5, 0, 3]))["dice_1"] == 1.0  # absent and not predicted
+
+
+def test_confusion_per_sample_is_each_sample_s_confusion() -> None:
+    logits = torch.randn(4, 3, 5, 6)
+    target = torch.randint(-1, 3, (4, 5, 6))
+    per = su.confusion_per_sample(logits, target)
+    assert per.shape == (4, 3, 3) and torch.equal(per.sum(0), su.confusion(logits, target))
+    for j in range(4):
+        assert torch.equal(per[j], su.confusion(logits[j : j + 1], target[j : j + 1]))
 
 
 def test_loss_prefers_the_truth_and_ignores_padding() -> None:
@@ -285,13 +255,53 @@ def test_eval_only_without_a_checkpoint_is_one_message(tmp_path: Path, capsys: p
     assert rc == 2 and "no checkpoint under" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag", [["--local_rank=3"], ["--local_rank", "3"], ["--local-rank=3"]])
+def test_the_deepspeed_launcher_s_local_rank_flag_is_accepted_and_the_environment_wins(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: list[str]
+) -> None:
+    assert su.parse_args([*flag, "a=1"], "").local_rank == 3
+    # One process (no launcher variables): ratlib reads rank 0 from the environment, not local rank 3.
+    rc = T.main(["--config", str(CONFIG), "--eval-only", *flag, f"output_dir={tmp_path / 'run'}", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no checkpoint under" in err and "unrecognized arguments" not in err
+
+
+def test_the_docs_snippet_imports_the_example_from_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23 item 3: the "Calling it from Python" snippet of docs/examples/segmentation.md runs (here as a
+    smoke run)."""
+    doc = (EXAMPLE.parents[1] / "docs" / "examples" / "segmentation.md").read_text()
+    snippet = doc.split("## Calling it from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "import ratlib" in snippet and "sys.modules" in snippet
+    snippet = snippet.replace('"training.max_steps=50"', f'"output_dir={tmp_path}", "smoke=true", *{TINY!r}')
+    snippet = snippet.replace('run_dir="runs/a"', f'run_dir="{tmp_path}"')
+    monkeypatch.chdir(EXAMPLE.parents[1])
+    namespace: dict = {}
+    exec(compile(snippet, "segmentation.md", "exec"), namespace)
+    assert {"dice", "dice_1", "dice_2"} <= set(namespace["metrics"])
+
+
+def differing_overrides(run: str) -> int:
+    """Each rank started with another training.seed: main() must stop both, naming the key."""
+    torch.set_num_threads(1)
+    seed = int(os.environ["RANK"])
+    return T.main(["--config", str(CONFIG), f"output_dir={run}", *TINY, f"training.seed={seed}"])
+
+
+@pytest.mark.distributed
+def test_ranks_started_with_different_overrides_stop_naming_the_key(tmp_path: Path) -> None:
+    result = run_on_ranks(differing_overrides, 2, args=(str(tmp_path / "run"),), env=NO_GPU, timeout=120)
+    assert result.returncodes == [2, 2], str(result)
+    assert "training.seed" in result.outputs[0] and "Traceback" not in result.outputs[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any work
+
+
 # ----------------------------------------------------------------------------------------------
 # Learning: 1 rank, 2 ranks, evaluation parity
 
 
 def test_one_rank_learns_past_threshold(tmp_path: Path, msd_root: Path, one_thread) -> None:
     cfg = config(f"data.root={msd_root}")
-    task, train_set, val_set = T.build_datasets(cfg, tmp_path)
+    task, train_set, val_set = su.build_datasets(cfg, tmp_path)
     torch.manual_seed(0)
     untrained = T.evaluate(T.build_model(cfg, 1, 3), T.eval_loader(cfg, val_set, CPU, 4), torch.device("cpu"), CPU)
     start = time.perf_counter()
@@ -356,7 +366,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(
     common = (f"data.root={msd_root}", "training.num_epochs=4", "data.limit=48")
     T.train(config(*common), run_dir=tmp_path / "whole", info=CPU)
 
-    save = T.save_checkpoint
+    save = su.save_checkpoint
 
     def save_then_die(run_dir: Path, state: dict, keep: int | None) -> Path:
         path = save(run_dir, state, keep)
@@ -364,10 +374,10 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(
             raise Interrupted(path)
         return path
 
-    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(su, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
         T.train(config(*common), run_dir=tmp_path / "split", info=CPU)
-    monkeypatch.setattr(T, "save_checkpoint", save)
+    monkeypatch.setattr(su, "save_checkpoint", save)
     torch.manual_seed(1234)  # the resumed run must not depend on the state the process is in
     np.random.seed(1234)
     T.train(config(*common), run_dir=tmp_path / "split", resume=True, info=CPU)
@@ -441,7 +451,7 @@ def deepspeed_scenario(run: str, root: str) -> int:
         "training.num_epochs=2",
         "data.limit=48",
     )
-    save = T.save_checkpoint
+    save = su.save_checkpoint
 
     def save_then_die(run_dir: Path, state: dict, keep: int | None) -> Path:
         save(run_dir, state, keep)
@@ -449,13 +459,13 @@ def deepspeed_scenario(run: str, root: str) -> int:
 
     with distributed(device="cpu") as info:
         T.train(config(*common), run_dir=Path(run) / "whole", info=info)
-        T.save_checkpoint = save_then_die
+        su.save_checkpoint = save_then_die
         try:
             T.train(config(*common), run_dir=Path(run) / "split", info=info)
         except Interrupted:
             pass
         finally:
-            T.save_checkpoint = save
+            su.save_checkpoint = save
         T.train(config(*common), run_dir=Path(run) / "split", resume=True, info=info)
     return 0
 
@@ -544,9 +554,9 @@ def test_limit_reads_only_the_cases_it_needs_and_picks_the_same_slices(
         return lambda vols: su.SliceDataset(vols, train=True, limit=limit, empty_slices=empty_slices, seed=3)
 
     depth = 16  # slices per synthetic volume (msd_root's shape)
-    limited, n = T.limited_dataset(task.cases, prep, depth + 3, make(depth + 3))
+    limited, n = su.limited_dataset(task.cases, prep, depth + 3, make(depth + 3))
     assert len(limited) == depth + 3 and n == len(set(read)) < len(task.cases)
-    full, n_all = T.limited_dataset(task.cases, prep, None, make(depth + 3))
+    full, n_all = su.limited_dataset(task.cases, prep, None, make(depth + 3))
     assert n_all == len(task.cases) and limited.index == full.index
     for i in (0, len(full) - 1):
         assert torch.equal(limited[i][0], full[i][0]) and torch.equal(limited[i][1], full[i][1])

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from ratlib import get_logger
+from ratlib.io import append_jsonl as _append_line
 
 log = get_logger("ablation")
 
@@ -58,8 +59,8 @@ class StudyConfig(BaseModel):
     config: str | None = None  # the base example's config; null: config.yaml beside its train.py, if any
     output_dir: str = "runs/ablation"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    metric: str | None = None  # null: the example's MAIN_METRIC
-    mode: Literal["max", "min"] | None = None  # null: the example's METRIC_MODE
+    metric: str | None = None  # null: the metric of the example's EXAMPLE entry
+    mode: Literal["max", "min"] | None = None  # null: the mode of the example's EXAMPLE entry
     seeds: list[int] | None = Field(None, min_length=1)  # each variant once per seed (training.seed); null: once
     include_base: bool = True  # run the base config itself as variant "base"
     overrides: dict[str, Any] = {}  # applied to every run, the base included
@@ -291,30 +292,23 @@ def config_hash(cfg: BaseModel) -> str:
 
 
 def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line in a single write, then fsync: a line that was written survives a crash right
-    after, and a write cut short by a crash damages only itself (the next line starts on a new line)."""
-    data = (json.dumps(_finite(record)) + "\n").encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size:
-            with open(path, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    data = b"\n" + data  # a torn line from a crash: leave it alone on its own line
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if size == 0:
-        _fsync_dir(path.parent)
+    """One line of results.jsonl through ``ratlib.io.append_jsonl`` (one write, fsynced), NaN and infinities
+    as null. A line cut short by a crash in an earlier launch is closed first, so this one starts on a line
+    of its own."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            with open(path, "ab") as f:
+                f.write(b"\n")
+    _append_line(path, _finite(dict(record)))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a results file; a line that is not JSON (a write cut short) is skipped with a warning."""
+    """The records of a results file; a line that is not JSON (a write cut short) is skipped with a warning.
+    Unlike ``ratlib.io.read_jsonl`` (which refuses a broken line that is not the last), a study's file may
+    hold a cut-off line from each launch that was killed, and every whole line after it still counts."""
     if not path.is_file():
         return []
     records = []
@@ -334,30 +328,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def latest_records(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """The last record of each run (a retried run's new record replaces its failed one)."""
     return {r["run"]: dict(r) for r in records}
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _finite(value: Any) -> Any:

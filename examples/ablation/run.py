@@ -25,16 +25,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import importlib.util
-import json
 import logging
 import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +49,9 @@ from ratlib import (
     load_config,
     setup_logging,
 )
+from ratlib.comm import ChannelError, StoreChannel
 from ratlib.config_defaults import SMOKE_DEFAULTS
+from ratlib.io import write_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ablation_utils.py sits beside this file
 import ablation_utils as au  # noqa: E402
@@ -72,12 +71,24 @@ class StudyStopped(RuntimeError):
 # The base example: examples/<name>/train.py, imported by path
 
 
-_EXAMPLES: dict[Path, Any] = {}
+_EXAMPLES: dict[Path, Example] = {}
 
 
-def load_example(path: Path) -> Any:
-    """Import an example's train.py (its folder first on sys.path: it may import a sibling module) and
-    check that it follows the contract: CONFIG_SCHEMA, MAIN_METRIC, train(cfg, *, run_dir, resume, info)."""
+@dataclass(frozen=True)
+class Example:
+    """The base example's one entry, ``EXAMPLE = {"schema": ..., "train": ..., "metric": ..., "mode": ...}``
+    in its train.py: its config schema (an ExperimentConfig subclass), ``train(cfg, *, run_dir=None,
+    resume=False, info=None) -> dict``, the main metric and "max" or "min"."""
+
+    schema: Any
+    train: Any
+    metric: str
+    mode: str = "max"
+
+
+def load_example(path: Path) -> Example:
+    """Import an example's train.py (its folder first on sys.path: it may import a sibling module) and read
+    its ``EXAMPLE`` entry."""
     path = path.resolve()
     if path in _EXAMPLES:
         return _EXAMPLES[path]
@@ -95,15 +106,19 @@ def load_example(path: Path) -> Any:
             f"base={path}: importing it failed: {exc} (the detection example needs "
             "'ratlib[detection]', segmentation 'ratlib[medical]')"
         ) from exc
-    missing = [a for a in ("CONFIG_SCHEMA", "MAIN_METRIC", "train") if not hasattr(module, a)]
-    if missing:
+    entry = getattr(module, "EXAMPLE", None)
+    missing = [k for k in ("schema", "train", "metric") if not isinstance(entry, dict) or k not in entry]
+    if missing or entry.get("mode", "max") not in ("max", "min"):
         raise StudyError(
-            f"{path} does not follow the ablation contract: it lacks {', '.join(missing)}. An example "
-            "needs CONFIG_SCHEMA (its ExperimentConfig subclass), MAIN_METRIC, optionally METRIC_MODE "
-            "('max'/'min'), and train(cfg, *, run_dir=None, resume=False, info=None) -> dict"
+            f"{path} does not follow the ablation contract: its EXAMPLE entry "
+            + (f"lacks {', '.join(repr(k) for k in missing)}" if missing else f"has mode={entry.get('mode')!r}")
+            + '. An example needs EXAMPLE = {"schema": <its ExperimentConfig subclass>, "train": train, '
+            '"metric": "<main metric>", "mode": "max" or "min"}, with train(cfg, *, run_dir=None, resume=False, '
+            "info=None) -> dict"
         )
-    _EXAMPLES[path] = module
-    return module
+    example = Example(**{k: v for k, v in entry.items() if k in ("schema", "train", "metric", "mode")})
+    _EXAMPLES[path] = example
+    return example
 
 
 @contextlib.contextmanager
@@ -129,7 +144,7 @@ class Study:
     cfg: au.StudyConfig
     file: Path
     example_path: Path
-    example: Any
+    example: Example
     config: str | None  # the base example's config file
     common: list[str]  # run-wide overrides: the study's `overrides` and the command line's config keys
     base_cfg: Any  # the base config with the run-wide overrides: its `distributed` section sets up the group
@@ -143,7 +158,7 @@ def read_study(config: str, overrides: Sequence[str]) -> Study:
     file = Path(config)
     path = au.example_path(cfg.base, file)
     example = load_example(path)
-    _, run_items = au.split_overrides(overrides, example.CONFIG_SCHEMA.model_fields)
+    _, run_items = au.split_overrides(overrides, example.schema.model_fields)
     base_config = cfg.config
     if base_config is None:
         beside = path.parent / "config.yaml"
@@ -159,7 +174,7 @@ def read_study(config: str, overrides: Sequence[str]) -> Study:
         )
     common = [f"{k}={au.json_value(v)}" for k, v in study_overrides.items()] + run_items
     with quiet():
-        base_cfg = load_config(base_config, overrides=common, schema=example.CONFIG_SCHEMA)
+        base_cfg = load_config(base_config, overrides=common, schema=example.schema)
     return Study(cfg, file, path, example, base_config, common, base_cfg)
 
 
@@ -192,7 +207,7 @@ def validate_runs(study: Study) -> list[au.Run]:
         for run in runs:
             try:
                 cfg = load_config(
-                    study.config, overrides=run.override_strings(study.common), schema=study.example.CONFIG_SCHEMA
+                    study.config, overrides=run.override_strings(study.common), schema=study.example.schema
                 )
                 run.config_hash = au.config_hash(cfg)
             except ConfigError as exc:
@@ -221,8 +236,8 @@ def make_plan(study: Study, *, resume: bool, retry_failed: bool, dry: bool = Fal
     ``dry``: change nothing on disk (--dry-run)."""
     s = study.cfg
     runs = copy.deepcopy(study.runs) if study.runs else validate_runs(study)
-    metric = s.metric or study.example.MAIN_METRIC
-    mode = s.mode or getattr(study.example, "METRIC_MODE", "max")
+    metric = s.metric or study.example.metric
+    mode = s.mode or study.example.mode
     plan = Plan(
         s.name,
         str(study.example_path),
@@ -298,87 +313,18 @@ def _free_name(path: Path, suffix: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# How ranks tell each other how a run went, also when the process group is broken
+# How ranks tell each other how a run went, also when the process group is broken: ratlib.comm.StoreChannel
+# (an all-gather through the rendezvous store). A rank whose run raised tears its group down
+# (release_peers), so the others' pending collective fails at once (gloo) instead of at the timeout; every
+# rank then reports its outcome through the channel and, after a failure, all build a fresh group.
 
 
-class Channel:
-    """An all-gather through the rendezvous store (it works whatever state the process group is in), and a
-    fresh process group after a failure.
-
-    Why not a collective on the process group: a rank that fails alone leaves the others inside a collective
-    it will never join (DDP's broadcast, an allreduce). It tears its group down instead; with gloo the others'
-    pending collective then fails at once ("connection closed"), they record that, and every rank meets here.
-    """
-
-    def __init__(self, info: DistInfo, nonce: str, timeout_s: float) -> None:
-        self.info, self.ns, self.generation = info, f"ratlib-ablation/{nonce}", 0
-        self.timeout = timedelta(seconds=timeout_s)
-        self.wait = timedelta(seconds=2 * timeout_s + 60)  # a healthy rank may sit out a whole collective timeout
-        self.store = None
-        if info.world_size > 1:
-            import torch.distributed as dist
-
-            self.dist = dist
-            self.backend = dist.get_backend()
-            self.store = dist.distributed_c10d._get_default_store()  # held here, it outlives the groups
-
-    def all_gather(self, key: str, obj: Any) -> list[Any]:
-        if self.store is None:
-            return [obj]
-        prefix = f"{self.ns}/{key}/"
-        keys = [prefix + str(r) for r in range(self.info.world_size)]
-        try:
-            self.store.set(keys[self.info.rank], json.dumps(obj))
-            self.store.wait(keys, self.wait)
-            return [json.loads(self.store.get(k)) for k in keys]
-        except Exception as exc:  # a timeout, or the store is gone (its host, torchrun's agent or rank 0, died)
-            missing = None
-            with contextlib.suppress(Exception):
-                missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
-            if missing is not None:
-                raise StudyStopped(
-                    f"rank(s) {missing} did not report within {self.wait.total_seconds():.0f} s: "
-                    "they died, or hang inside a collective"
-                ) from exc
-            raise StudyStopped(
-                f"the rendezvous store cannot be reached ({type(exc).__name__}: {str(exc)[:200]}): "
-                "the launcher (torchrun) or rank 0 died"
-            ) from exc
-
-    def count_failure(self, key: str) -> int:
-        """1 for the first rank to fail in this run, 2 for the next...: the first is the cause."""
-        if self.store is None:
-            return 1
-        try:
-            return int(self.store.add(f"{self.ns}/{key}/failures", 1))
-        except Exception:  # the store is gone: all_gather says so next
-            return 0
-
-    def release_peers(self) -> None:
-        """Tear this rank's group down so that peers waiting in a collective for it fail now, not at the
-        timeout. Only works if nothing else holds the group: hence gc first (the failed model's cycles)."""
-        if self.store is not None and self.dist.is_initialized():
-            gc.collect()
-            self.dist.destroy_process_group()
-
-    def rebuild(self) -> None:
-        """Every rank, after a failed run: a new default group under a new prefix of the same store."""
-        if self.store is None:
-            return
-        self.release_peers()
-        self.generation += 1
-        kwargs: dict[str, Any] = {}
-        if self.backend == "nccl":
-            kwargs["device_id"] = self.info.device
-        self.dist.init_process_group(
-            self.backend,
-            store=self.dist.PrefixStore(f"{self.ns}/group{self.generation}/", self.store),
-            rank=self.info.rank,
-            world_size=self.info.world_size,
-            timeout=self.timeout,
-            **kwargs,
-        )
-        log.info("fresh process group %d after the failed run", self.generation)
+def exchange(channel: StoreChannel, key: str, outcome: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's outcome; a rank that died or hangs (or a store that is gone) stops the study."""
+    try:
+        return channel.all_gather(key, outcome)
+    except ChannelError as exc:
+        raise StudyStopped(str(exc)) from exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,7 +336,7 @@ def _message(exc: BaseException) -> str:
     return text[:500]
 
 
-def train_run(example: Any, plan: Plan, run: au.Run, info: DistInfo, channel: Channel) -> dict[str, Any]:
+def train_run(example: Example, plan: Plan, run: au.Run, info: DistInfo, channel: StoreChannel) -> dict[str, Any]:
     """Load the run's config and train it through the example's train(); never raises (but on Ctrl-C)."""
     from ratlib import memory
 
@@ -400,7 +346,7 @@ def train_run(example: Any, plan: Plan, run: au.Run, info: DistInfo, channel: Ch
     failed = False
     try:
         with quiet():
-            cfg = load_config(plan.config, overrides=run.override_strings(plan.common), schema=example.CONFIG_SCHEMA)
+            cfg = load_config(plan.config, overrides=run.override_strings(plan.common), schema=example.schema)
         metrics = example.train(cfg, run_dir=run.dir, resume=run.resume, info=info)
         outcome["final"] = au.numbers(metrics or {})
     except Exception as exc:  # recorded; the study goes on
@@ -410,7 +356,7 @@ def train_run(example: Any, plan: Plan, run: au.Run, info: DistInfo, channel: Ch
             "rank": info.rank,
             "type": type(exc).__name__,
             "message": _message(exc),
-            "order": channel.count_failure(f"run{run.index}"),
+            "order": channel.add(f"run{run.index}/failures"),  # 1: the first rank to fail is the cause
         }
         log.error("run %s raised on rank %d", run.run, info.rank, exc_info=exc, main_process_only=False)
     if failed:  # after the except block: the traceback, and the model in its frames, are gone by now
@@ -489,7 +435,7 @@ def write_summary(plan: Plan, world_size: int, *, final: bool = False) -> tuple[
     ]
     table = au.summary_table(rows, plan.metric, plan.mode)
     text = au.summary_markdown(rows, title=plan.name, metric=plan.metric, mode=plan.mode, header=header)
-    au.write_atomic(out / "summary.md", text.encode())
+    write_atomic(out / "summary.md", text.encode())
     png = au.summary_png(rows, out / "summary.png", title=plan.name, metric=plan.metric, mode=plan.mode)
     return table, png
 
@@ -504,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="skip the runs recorded as finished in results.jsonl")
     parser.add_argument("--retry-failed", action="store_true", help="with --resume: run failed runs again too")
     parser.add_argument("--dry-run", action="store_true", help="validate every run and print the plan; train nothing")
+    # DeepSpeed's launcher adds --local_rank=N; ratlib reads LOCAL_RANK from the environment, which wins.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -555,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         setup_logging(log_dir=out / "logs")  # every rank: logs/rank{R}.log, all runs
         if info.is_main:
-            au.write_atomic(
+            write_atomic(
                 out / "study.yaml", yaml.safe_dump(study.cfg.model_dump(mode="json"), sort_keys=False).encode()
             )
             log.info(
@@ -568,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 info.device,
                 out,
             )
-        channel = Channel(info, plan.nonce, d.timeout_s)
+        channel = StoreChannel(f"ratlib-ablation/{plan.nonce}", timeout_s=d.timeout_s)
 
         # 3. Every rank trains every run, in lockstep; the main rank records each one as it ends.
         try:
@@ -585,11 +533,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     " (continuing from its checkpoint)" if run.resume else "",
                 )
                 outcome = train_run(study.example, plan, run, info, channel)
-                outcomes = channel.all_gather(f"run{index}", outcome)
+                outcomes = exchange(channel, f"run{index}", outcome)
                 if {o["run"] for o in outcomes} != {run.run}:
                     raise StudyStopped(f"ranks are out of step: {[o['run'] for o in outcomes]}")
                 if not all(o["ok"] for o in outcomes):
-                    channel.rebuild()
+                    channel.rebuild_group()
+                    log.info("fresh process group after the failed run %s", run.run)
                 heartbeat(0)
                 if info.is_main:
                     record = make_record(plan, run, outcomes)

@@ -5,11 +5,17 @@ file so that train.py stays a readable loop:
 
 - ``CocoDetection``: a COCO-format split as torchvision detection targets (xyxy boxes, contiguous labels,
   image_id, optional masks); crowd boxes out of training, degenerate boxes and empty images counted.
-- ``ShardedBatchSampler``: shuffled, aspect-ratio-grouped batches, every image of the epoch exactly once
-  across ranks, the same number of batches on every rank (no DistributedSampler padding).
-- ``evaluate``: each rank predicts on its shard, the main rank gathers COCO results (a small array per
-  rank, never evaluator state), keeps each image once and runs COCOeval once.
-- ``fasterrcnn_tiny``: a torchvision Faster R-CNN on a 6-layer CNN, for CPU demos and tests.
+- ``resolve_splits`` and ``build_datasets``: the train and val splits under ``data.root`` (any layout and
+  split spelling ``ratlib.coco_paths`` reads), or the synthetic default.
+- ``build_model``: a torchvision detection model by name, or ``fasterrcnn_tiny`` (a Faster R-CNN on a
+  6-layer CNN, for CPU demos and tests); local weights load with a report.
+- ``evaluate``: each rank predicts on its share (``ratlib.data.EvalSampler``), ``gather_by_index`` joins the
+  COCO results rows (a small array per image, never evaluator state) on the main rank and checks that
+  every image was predicted once, and COCOeval runs once.
+- ``make_stepper`` and ``Stepper``: optimiser, schedule, precision and DDP or DeepSpeed (the same section
+  in every example).
+
+Sampling is ratlib's (``ratlib.data.ShardedBatchSampler`` with the aspect groups of ``aspect_groups``).
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ import io
 import json
 import math
 import os
+import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +37,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from ratlib import gather_object, get_logger, progress
+from ratlib import (
+    CocoPathError,
+    DistInfo,
+    ExperimentConfig,
+    checkpoint,
+    get_logger,
+    is_main_process,
+    main_process_first,
+    parse_split,
+    progress,
+    resolve_coco,
+    to_deepspeed_config,
+)
+from ratlib.data import gather_by_index
 from ratlib.hang import heartbeat
+from ratlib.io import append_jsonl, read_jsonl, write_atomic
+from ratlib.synthetic import make_coco_detection
 
 log = get_logger(__name__)
 
@@ -231,93 +255,66 @@ def collate(batch: Sequence[tuple[Any, dict[str, Any]]]) -> tuple[tuple[Any, ...
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling
+# The splits train.py trains and evaluates on
 
 
-def _split_even(items: list[int], parts: int) -> list[list[int]]:
-    """``items`` in ``parts`` consecutive chunks whose sizes differ by at most one."""
-    q, r = divmod(len(items), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + q + (i < r)
-        out.append(items[start:end])
-        start = end
-    return out
+def resolve_splits(cfg: Any, run_dir: Path) -> tuple[Any, Any]:
+    """``CocoPaths`` of the train and val splits: under ``data.root``, or the synthetic default written
+    into the run folder (by the main rank first)."""
+    d = cfg.data
+    for key, split in (("train_split", d.train_split), ("val_split", d.val_split)):
+        try:  # a split name coco_paths does not know: one message, also on the synthetic path
+            parse_split(split)
+        except ValueError as exc:
+            raise UsageError(f"data.{key}={split!r}: {exc}") from None
+    root = d.root
+    if root is None:
+        root = str(run_dir / "data")
+        layout = "coco" if d.layout == "auto" else d.layout
+        with main_process_first():
+            for split, n in ((d.train_split, d.synthetic.train_images), (d.val_split, d.synthetic.val_images)):
+                try:
+                    resolve_coco(root, split, layout=layout)
+                except CocoPathError:
+                    make_coco_detection(
+                        root,
+                        split,
+                        num_images=n,
+                        layout=layout,
+                        seed=d.synthetic.seed,
+                        image_size=d.synthetic.image_size,
+                    )
+                    log.info("wrote a synthetic COCO %s split (%d images) under %s", split, n, root)
+    return resolve_coco(root, d.train_split, layout=d.layout), resolve_coco(root, d.val_split, layout=d.layout)
 
 
-class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Training batches for one rank: every image of the epoch exactly once across all ranks.
-
-    Each epoch the indices are shuffled (same seed on every rank), dealt to the ranks round-robin (shard
-    sizes differ by at most one), ordered by aspect group within the shard (landscape images batch with
-    landscape ones, as torchvision's GroupedBatchSampler does) and cut into ``len(self)`` batches, the
-    same number on every rank so that DDP's collectives line up. The last batches of a smaller shard are
-    one image shorter instead of padded with repeats (DistributedSampler's way), so an epoch trains on
-    each image once. Only when a shard has fewer images than there are steps (batch_size 1 and an
-    uneven split) are its own images repeated, with a warning.
-    """
-
-    def __init__(
-        self,
-        groups: Sequence[int],
-        batch_size: int,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-    ) -> None:
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"ShardedBatchSampler: batch_size={batch_size}, rank={rank}, world_size={world_size}; "
-                "expected batch_size >= 1 and 0 <= rank < world_size"
-            )
-        if len(groups) < world_size:
-            raise ValueError(
-                f"ShardedBatchSampler: {len(groups)} training images for {world_size} ranks; every "
-                "rank needs at least one: use more images (data.limit) or fewer ranks"
-            )
-        self.groups, self.batch_size = list(groups), batch_size
-        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.epoch = 0
-        self.repeated = 0  # images repeated in the last epoch on this rank (see the class docstring)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(math.ceil(len(self.groups) / self.world_size) / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = (
-            torch.randperm(len(self.groups), generator=g).tolist() if self.shuffle else list(range(len(self.groups)))
+def build_datasets(cfg: Any, run_dir: Path, masks: bool) -> tuple[CocoDetection, CocoDetection]:
+    train_paths, val_paths = resolve_splits(cfg, run_dir)
+    log.info("data: train %s, val %s (%s layout)", train_paths.annotations, val_paths.annotations, train_paths.layout)
+    train_set = CocoDetection(
+        train_paths.images,
+        train_paths.annotations,
+        train=True,
+        limit=cfg.data.limit,
+        keep_empty=cfg.data.keep_empty,
+        masks=masks,
+        transforms=make_transforms(True),
+        name=str(train_paths.split),
+    )
+    val_set = CocoDetection(
+        val_paths.images,
+        val_paths.annotations,
+        train=False,
+        limit=cfg.data.limit,
+        transforms=make_transforms(False),
+        name=str(val_paths.split),
+    )
+    if val_set.label_to_cat != train_set.label_to_cat:
+        raise UsageError(
+            f"the categories differ between {train_paths.annotations} ({train_set.label_to_cat[1:]}) "
+            f"and {val_paths.annotations} ({val_set.label_to_cat[1:]}); both splits need the same list"
         )
-        shard = order[self.rank :: self.world_size]
-        shard.sort(key=lambda i: self.groups[i])  # stable: random order within a group
-        steps = len(self)
-        self.repeated = max(0, steps - len(shard))
-        if self.repeated:
-            log.warning(
-                "rank %d: %d images in its shard for %d steps (batch_size=%d): %d images repeated this "
-                "epoch to keep the ranks in step",
-                self.rank,
-                len(shard),
-                steps,
-                self.batch_size,
-                self.repeated,
-                main_process_only=False,
-            )
-            shard = (shard * steps)[:steps]
-        batches = _split_even(shard, steps)
-        if self.shuffle:
-            batches = [batches[i] for i in torch.randperm(steps, generator=g).tolist()]
-        yield from batches
-
-
-def eval_shard(num_images: int, rank: int, world_size: int) -> list[int]:
-    """Evaluation indices for one rank: round-robin, no padding, so each image is predicted once."""
-    return list(range(rank, num_images, world_size))
+    return train_set, val_set
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,23 +345,6 @@ def to_coco_results(
             )
         )
     return torch.cat(rows).numpy() if rows else np.zeros((0, 7))
-
-
-def merge_rank_results(per_rank: Sequence[tuple[list[int], np.ndarray]]) -> tuple[list[int], np.ndarray, int]:
-    """Join the ranks' ``(image ids predicted, results rows)``: each image is kept once, from the first
-    rank that predicted it (a padding sampler predicts some twice). Returns ids, rows, duplicates dropped."""
-    seen: set[int] = set()
-    ids: list[int] = []
-    rows: list[np.ndarray] = []
-    duplicates = 0
-    for rank_ids, rank_rows in per_rank:
-        new = [i for i in dict.fromkeys(rank_ids) if i not in seen]
-        duplicates += len(set(rank_ids)) - len(new)
-        seen.update(new)
-        ids += new
-        if len(rank_rows):
-            rows.append(rank_rows[np.isin(rank_rows[:, 0], np.asarray(new, dtype=np.float64))])
-    return sorted(ids), (np.concatenate(rows) if rows else np.zeros((0, 7))), duplicates
 
 
 def coco_eval(
@@ -431,24 +411,20 @@ def coco_eval(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module,
-    loader: Any,
-    label_to_cat: Sequence[int],
-    device: torch.device,
-    autocast: Any = contextlib.nullcontext,
-) -> tuple[list[int], np.ndarray]:
-    """This rank's predictions on its loader, as ``(image ids, COCO results rows)``."""
+    model: nn.Module, loader: Any, dataset: CocoDetection, device: torch.device, autocast: Any = contextlib.nullcontext
+) -> dict[int, np.ndarray]:
+    """This rank's predictions on its loader: COCO results rows by dataset index (an image without
+    detections has an empty array)."""
     model.eval()
-    ids: list[int] = []
-    rows: list[np.ndarray] = []
+    index_of = {image_id: i for i, image_id in enumerate(dataset.ids)}
+    results: dict[int, np.ndarray] = {}
     for images, targets in progress(loader, desc="eval", leave=False):
         with autocast():
             outputs = model([img.to(device, non_blocking=True) for img in images])
-        image_ids = [t["image_id"] for t in targets]
-        ids += image_ids
+        for out, target in zip(outputs, targets):
+            results[index_of[target["image_id"]]] = to_coco_results([out], [target["image_id"]], dataset.label_to_cat)
         heartbeat(-1)  # progress for ratlib.hang's stall watchdog (step -1: evaluating)
-        rows.append(to_coco_results(outputs, image_ids, label_to_cat))
-    return ids, (np.concatenate(rows) if rows else np.zeros((0, 7)))
+    return results
 
 
 def evaluate(
@@ -457,46 +433,126 @@ def evaluate(
     dataset: CocoDetection,
     device: torch.device,
     *,
-    is_main: bool,
     autocast: Any = contextlib.nullcontext,
     backend: str = "auto",
 ) -> dict[str, float] | None:
-    """Distributed COCO evaluation of ``dataset`` (whose shard for this rank ``loader`` yields).
+    """Distributed COCO evaluation of ``dataset`` (whose share for this rank ``loader`` yields).
 
-    Every rank predicts on its shard and joins one gather of ``(image ids, results array)``; the main
-    rank keeps each image once, checks that every image of ``dataset`` was predicted, runs COCOeval once
-    and returns the 12 figures plus ``eval_images``, ``eval_duplicates`` and ``eval_time_s``. Other
-    ranks return None.
+    Every rank predicts on its share and joins one ``gather_by_index``, which checks on the main rank
+    that every image was predicted exactly once (a missing or doubled image is an error on every rank);
+    the main rank runs COCOeval once and returns the 12 figures plus ``eval_images`` and ``eval_time_s``.
+    Other ranks return None.
     """
     start = time.perf_counter()
-    ids, rows = predict(model, loader, dataset.label_to_cat, device, autocast)
-    per_rank = gather_object((ids, rows), dst=0)  # every rank joins, also with an empty shard
-    if not is_main:
+    merged = gather_by_index(predict(model, loader, dataset, device, autocast), len(dataset))
+    if merged is None:
         return None
-    assert per_rank is not None
-    image_ids, results, duplicates = merge_rank_results(per_rank)
-    missing = sorted(set(dataset.ids) - set(image_ids))
-    if missing:
-        raise RuntimeError(
-            f"evaluation of {dataset.name}: {len(missing)} of {len(dataset)} images were predicted "
-            f"by no rank (e.g. {missing[:5]}); the evaluation loaders must cover the split "
-            "(see eval_shard)"
-        )
-    if duplicates:
-        log.info("evaluation: %d duplicate predictions (sampler padding) dropped by image id", duplicates)
-    metrics, summary = coco_eval(dataset.coco, results, image_ids, backend=backend)
+    results = np.concatenate([np.zeros((0, 7)), *merged.values()])
+    metrics, summary = coco_eval(dataset.coco, results, dataset.ids, backend=backend)
     log.info(
-        "COCO bbox evaluation of %s: %d images, %d detections, gathered from %d rank(s)\n%s",
+        "COCO bbox evaluation of %s: %d images, %d detections\n%s",
         dataset.name,
-        len(image_ids),
+        len(merged),
         len(results),
-        len(per_rank),
         summary.rstrip(),
     )
-    metrics.update(
-        eval_images=float(len(image_ids)), eval_duplicates=float(duplicates), eval_time_s=time.perf_counter() - start
-    )
+    metrics.update(eval_images=float(len(merged)), eval_time_s=time.perf_counter() - start)
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def model_names() -> list[str]:
+    """The detection models this example builds: torchvision's (not keypoint R-CNN or SSD, which need
+    other targets or fixed sizes) and ``fasterrcnn_tiny``."""
+    import torchvision
+
+    return sorted(
+        [
+            n
+            for n in torchvision.models.list_models(module=torchvision.models.detection)
+            if not n.startswith(("keypointrcnn", "ssd"))
+        ]
+        + ["fasterrcnn_tiny"]
+    )
+
+
+def check_model_name(name: str) -> None:
+    if name not in model_names():
+        import difflib
+
+        close = difflib.get_close_matches(name, model_names(), n=3)
+        raise UsageError(
+            f"model.name={name!r} is not a detection model this example builds; expected one of "
+            f"{', '.join(model_names())}" + (f" (closest: {', '.join(close)})" if close else "")
+        )
+
+
+def build_model(m: Any, num_classes: int) -> nn.Module:
+    """A torchvision detection model by name with ``num_classes`` (background included). No download
+    unless ``backbone_weights`` names torchvision weights; local files load with a report."""
+    import torchvision
+
+    check_model_name(m.name)
+    kwargs = dict(m.kwargs)
+    if m.min_size is not None:
+        kwargs["min_size"] = m.min_size
+    if m.max_size is not None:
+        kwargs["max_size"] = m.max_size
+    if m.name == "fasterrcnn_tiny":
+        model = fasterrcnn_tiny(num_classes, width=m.width, **kwargs)
+    else:
+        backbone = None
+        if m.backbone_weights is not None and not _is_path(m.backbone_weights):
+            backbone = m.backbone_weights  # a torchvision weights name: torchvision downloads or reads its cache
+        model = torchvision.models.get_model(
+            m.name, weights=None, weights_backbone=backbone, num_classes=num_classes, **kwargs
+        )
+        if m.backbone_weights is not None and backbone is None:
+            _load_local(model.backbone.body, m.backbone_weights, "model.backbone_weights")
+    if m.weights is not None:
+        _load_local(model, m.weights, "model.weights")
+    return model
+
+
+def _is_path(value: str) -> bool:
+    return (
+        "/" in value or "\\" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(value).exists()
+    )
+
+
+def _load_local(module: nn.Module, path: str, key: str) -> None:
+    """Load a local state_dict (or a checkpoint holding one under "model") into ``module``: keys are
+    matched with common prefixes removed, tensors of another shape (a class head) are skipped, logged."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UsageError(f"{key}={path!r}: no such file; give a local .pt/.pth state_dict (no download happens)")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    own = module.state_dict()
+    best: dict[str, torch.Tensor] = {}
+    for prefix in ("", "module.", "features.", "backbone.body.", "backbone."):
+        cand = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix) :] in own}
+        if len(cand) > len(best):
+            best = cand
+    fits = {k: v for k, v in best.items() if v.shape == own[k].shape}
+    skipped = sorted(set(best) - set(fits))
+    if not fits:
+        raise UsageError(
+            f"{key}={path!r}: none of its {len(state)} tensors match the model's names; is it a "
+            f"state_dict for this architecture? (e.g. its keys: {list(state)[:3]})"
+        )
+    module.load_state_dict(fits, strict=False)
+    log.info(
+        "%s: loaded %d of %d tensors from %s%s",
+        key,
+        len(fits),
+        len(own),
+        file,
+        f"; skipped {len(skipped)} with another shape: {skipped[:4]}" if skipped else "",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,3 +597,291 @@ def fasterrcnn_tiny(num_classes: int, *, width: int = 32, **kwargs: Any) -> nn.M
         box_predictor=FastRCNNPredictor(256, num_classes),
         **kwargs,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Training mechanics: optimiser, schedule, precision, DDP or DeepSpeed. The same section in every
+# example's helper file (copy it with the example). DeepSpeed is built in one place (make_stepper) and
+# stepped in one (Stepper.step); the loop in train.py does not know which it has.
+
+
+class UsageError(ValueError):
+    """A problem with the user's input (config, paths, checkpoint): printed without a traceback."""
+
+
+def lr_lambda(step: int, cfg: ExperimentConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """Learning-rate factor at optimiser step ``step``: linear warmup, then cosine to min_lr, step decay
+    every ``step_size`` epochs, or constant."""
+    s, lr = cfg.training.scheduler, cfg.training.optimizer.lr
+    warmup = s.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if s.name == "step":
+        return s.gamma ** ((step // steps_per_epoch) // s.step_size)
+    if s.name == "cosine":
+        t = min(1.0, (step - warmup) / max(1.0, total_steps - warmup))
+        return s.min_lr / lr + (1 - s.min_lr / lr) * 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def make_optimizer(cfg: ExperimentConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.training.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=device.type == "cuda")
+
+
+def autocast_for(cfg: ExperimentConfig, device: torch.device) -> Callable[[], Any]:
+    """bf16 (or fp16) autocast on CUDA when ``training.mixed_precision``; nothing on CPU."""
+    dtype = {True: torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.mixed_precision)
+    if device.type != "cuda" or dtype is None:
+        return contextlib.nullcontext
+    return partial(torch.autocast, "cuda", dtype=dtype)
+
+
+@dataclass
+class Stepper:
+    """What turns losses into optimiser steps: DeepSpeed's engine, or an optimiser and schedule (and a
+    GradScaler for fp16) around DDP or the bare model. The loop calls ``model``, ``no_sync``, ``backward``
+    and ``step``; checkpoints call ``state_dict``, ``save`` and ``load``."""
+
+    model: nn.Module  # what the loop calls: the engine, the DDP wrapper or the model
+    optimizer: Any
+    scheduler: Any
+    accum: int
+    clip: float | None
+    scaler: Any = None
+    engine: Any = None
+
+    def no_sync(self, boundary: bool) -> Any:
+        """DDP skips the gradient all-reduce off an accumulation boundary (forward and backward inside)."""
+        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        return self.model.no_sync() if ddp and not boundary else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss)
+        elif self.scaler is not None:
+            self.scaler.scale(loss / self.accum).backward()
+        else:
+            (loss / self.accum).backward()
+
+    def step(self, boundary: bool) -> bool:
+        """At an accumulation boundary: clip, step, schedule; returns whether an optimiser step was taken."""
+        if self.engine is not None:  # DeepSpeed clips, steps and schedules at its own boundary
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            self.engine.step()
+            return boundary
+        if not boundary:
+            return False
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip:
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return True
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """For the checkpoint file; DeepSpeed's (partitioned) state goes to its own folder (``save``)."""
+        if self.engine is not None:
+            return {"optimizer": None, "scheduler": None, "scaler": None}
+        scaler = self.scaler.state_dict() if self.scaler is not None else None
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": scaler}
+
+    def save(self, folder: Path, epoch: int, step: int, keep: int | None) -> None:
+        """DeepSpeed only: its checkpoint under folder/epoch{E}, the oldest tags beyond ``keep`` removed."""
+        if self.engine is None:
+            return
+        self.engine.save_checkpoint(str(folder), tag=f"epoch{epoch:04d}", client_state={"epoch": epoch, "step": step})
+        if keep is not None and is_main_process():  # DeepSpeed never deletes its tags
+            for old in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("epoch"))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, state: dict[str, Any], folder: Path, path: Path) -> None:
+        """Optimiser, schedule and scaler from the checkpoint ``state`` (read from ``path``), or DeepSpeed's
+        from ``folder``; a checkpoint of the other kind is a UsageError that says which flag to set."""
+        if self.engine is not None:
+            tag = f"epoch{state['epoch']:04d}"
+            if self.engine.load_checkpoint(str(folder), tag=tag)[0] is None:
+                raise UsageError(
+                    f"--resume: {path} has no DeepSpeed state ({folder / tag} is missing); resume with "
+                    "training.deepspeed.enabled=false as the run that wrote it, or start anew"
+                )
+            return
+        if state.get("optimizer") is None:
+            raise UsageError(f"--resume: {path} was written by a DeepSpeed run; set training.deepspeed.enabled=true")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def make_stepper(
+    cfg: ExperimentConfig, model: nn.Module, info: DistInfo, steps_per_epoch: int, total_steps: int
+) -> Stepper:
+    """DeepSpeed's engine when ``training.deepspeed.enabled``, else DDP (several ranks) or the bare model,
+    with the optimiser, the schedule and, for fp16 autocast, a GradScaler."""
+    t, device = cfg.training, info.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    schedule = partial(lr_lambda, cfg=cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    if t.deepspeed.enabled:
+        try:
+            import deepspeed
+        except ImportError:
+            raise UsageError(
+                "training.deepspeed.enabled=true, but DeepSpeed is not installed: pip install "
+                "'ratlib[deepspeed]' (needs CUDA and a compiler), or set training.deepspeed.enabled=false"
+            ) from None
+        ds_config = to_deepspeed_config(cfg, info.world_size, steps_per_epoch=steps_per_epoch, device=device.type)
+        if device.type != "cuda":  # as with autocast: no bf16/fp16 on the CPU
+            ds_config["bf16"]["enabled"] = ds_config["fp16"]["enabled"] = False
+        own_schedule = "scheduler" not in ds_config
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=params,
+            config=ds_config,
+            lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)) if own_schedule else None,
+        )
+        return Stepper(engine, optimizer, scheduler, t.gradient_accumulation_steps, t.gradient_clip, engine=engine)
+    optimizer = make_optimizer(cfg, params, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    fp16 = getattr(autocast_for(cfg, device), "keywords", {}).get("dtype") == torch.float16
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
+    wrapped = model
+    if info.world_size > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return Stepper(wrapped, optimizer, scheduler, t.gradient_accumulation_steps, t.gradient_clip, scaler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and metrics: the run folder's checkpoints/ and metrics.jsonl (the same in every example;
+# train.py imports these names, so a test can replace save_checkpoint there)
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int | None) -> Path:
+    """checkpoints/epoch{E}.pt, written atomically by the main rank; every rank calls it and waits."""
+    return checkpoint.save(state, checkpoint_dir(run_dir) / f"epoch{state['epoch']:04d}.pt", keep=keep)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    return checkpoint.latest(checkpoint_dir(run_dir), "epoch*.pt")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Every rank reads the checkpoint onto the CPU; a damaged file is the user's input error."""
+    try:
+        return checkpoint.load(path, map_location="cpu")
+    except checkpoint.CheckpointError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def log_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """The one place metrics leave the loop: a line of metrics.jsonl (fsynced), by the main rank."""
+    if is_main_process():
+        append_jsonl(run_dir / "metrics.jsonl", record)
+
+
+def trim_metrics(run_dir: Path, last_epoch: int) -> None:
+    """On resume: drop the metrics.jsonl rows of epochs after the checkpoint (work lost when the run
+    died), so that the file reads as one run."""
+    path = run_dir / "metrics.jsonl"
+    if not is_main_process() or not path.is_file():
+        return
+    rows = read_jsonl(path)  # a line cut off by the crash is left out
+    kept = [r for r in rows if r.get("epoch", -1) <= last_epoch]
+    if len(kept) != len(rows) or not path.read_bytes().endswith(b"\n"):
+        log.info("--resume: dropped %d metrics.jsonl row(s) after epoch %d", len(rows) - len(kept), last_epoch)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def resume_from(run_dir: Path, model: nn.Module, stepper: Stepper, sampler: Any) -> tuple[int, int]:
+    """``--resume``: weights, optimiser, schedule, sampler position, RNGs from the latest checkpoint; drops
+    metrics rows after it. Returns the epoch to start at and the step count (0, 0 without a checkpoint)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        log.warning("--resume: no checkpoint under %s; starting from scratch", checkpoint_dir(run_dir))
+        return 0, 0
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    stepper.load(state, checkpoint_dir(run_dir) / "deepspeed", path)
+    sampler.load_state_dict(state.get("sampler") or {"epoch": state["epoch"], "position": len(sampler)})
+    if state.get("rng"):
+        checkpoint.set_rng_state(state["rng"])
+    trim_metrics(run_dir, state["epoch"])
+    log.info("resumed from %s: epoch %d done, step %d", path, state["epoch"], state["step"])
+    return state["epoch"] + 1, state["step"]
+
+
+def save_epoch(run_dir: Path, model: nn.Module, stepper: Stepper, sampler: Any, cfg: Any, **state: Any) -> None:
+    """The end-of-epoch checkpoint (every rank calls it): DeepSpeed's own state first, then epoch{E}.pt
+    with the weights, optimiser, sampler position, RNGs and ``state`` (epoch, step, metrics)."""
+    keep = cfg.checkpoint.keep
+    stepper.save(checkpoint_dir(run_dir) / "deepspeed", state["epoch"], state["step"], keep)
+    state.update(model=checkpoint.unwrap_model(model).state_dict(), **stepper.state_dict())
+    state.update(sampler=sampler.state_dict(), rng=checkpoint.rng_state(), config=cfg.model_dump(mode="json"))
+    save_checkpoint(run_dir, state, keep)
+
+
+def checkpoint_to_evaluate(run_dir: Path, path: str | Path | None) -> Path:
+    """``--eval-only``: the checkpoint given, or the run folder's latest; a UsageError when there is none."""
+    found = Path(path) if path is not None else latest_checkpoint(run_dir)
+    if found is None or not found.is_file():
+        raise UsageError(
+            f"--eval-only: checkpoint {found or checkpoint_dir(run_dir) / 'epoch*.pt'} not found (no checkpoint "
+            f"under {checkpoint_dir(run_dir)}); pass --checkpoint PATH or the output_dir of a finished run"
+        )
+    return found
+
+
+def parse_args(argv: Sequence[str] | None, description: str) -> Any:
+    """The command line of every example: --config, --resume, --eval-only, --checkpoint, key=value overrides."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config (default: all defaults)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--eval-only", action="store_true", help="only evaluate a checkpoint")
+    parser.add_argument("--checkpoint", help="with --eval-only: the checkpoint (default: the latest in output_dir)")
+    # DeepSpeed's launcher adds --local_rank=N; ratlib reads LOCAL_RANK from the environment, which wins.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.batch_size=4")
+    return parser.parse_intermixed_args(argv)
+
+
+def log_step(
+    cfg: Any, epoch: int, step: int, loss: torch.Tensor, lr: float, seconds_per_step: float, **terms: Any
+) -> None:
+    """Every ``training.log_every`` optimiser steps (and the last): the loss (the only device sync of the
+    loop) and the pace. A non-finite loss stops the run with its terms and what to change."""
+    t = cfg.training
+    if step % t.log_every and step != t.max_steps:
+        return
+    value = loss.item()
+    if not math.isfinite(value):
+        shown = f" ({ {k: v.item() for k, v in terms.items()} })" if terms else ""
+        raise FloatingPointError(
+            f"epoch {epoch}, step {step}: the loss is {value}{shown}; lower training.optimizer.lr (now "
+            f"{t.optimizer.lr}), keep training.gradient_clip on, or add training.scheduler.warmup_epochs"
+        )
+    log.info("epoch %d step %d: loss %.4f lr %.3g (%.3f s/step)", epoch, step, value, lr, seconds_per_step)
+
+
+def write_eval(run_dir: Path, path: Path, metrics: dict[str, float]) -> None:
+    """``--eval-only``'s figures in run_dir/eval.json, by the main rank."""
+    if is_main_process():
+        write_atomic(run_dir / "eval.json", json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")

@@ -8,29 +8,47 @@ In one file beside the loop, so that train.py reads top to bottom:
 - ``preprocess``: a case read with nibabel, turned to the closest canonical (RAS) orientation,
   intensity-normalised, and cached as ``.npy`` slices-first so every rank and loader worker memory-maps
   it; ``SliceDataset``: the 2D slices of those volumes, with random crops and flips for training.
-- ``ShardedBatchSampler``: every training slice of an epoch exactly once across ranks, the same number
-  of steps on every rank; ``eval_positions``: which of DistributedSampler's samples are padding.
-- ``UNet``, ``dice_ce_loss``, ``confusion`` and ``dice_scores``: the model, its loss, and Dice per class
-  from summed counts (exact across ranks).
+- ``limited_dataset``: with ``data.limit``, only the volumes that hold the first N slices are read.
+- ``make_stepper`` and ``Stepper``: optimiser, schedule, precision and DDP or DeepSpeed (the same section
+  in every example).
+- ``UNet``, ``dice_ce_loss``, ``confusion`` (``confusion_per_sample``) and ``dice_scores``: the model, its
+  loss, and Dice per class from summed counts (exact across ranks).
+
+Sampling is ratlib's (``ratlib.data``): every training slice once per epoch across ranks, each
+validation slice on one rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import random
-from collections.abc import Iterator, Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ratlib import get_logger
+from ratlib import (
+    DistInfo,
+    ExperimentConfig,
+    checkpoint,
+    get_logger,
+    is_main_process,
+    main_process_first,
+    to_deepspeed_config,
+)
+from ratlib.io import append_jsonl, read_jsonl, write_atomic
+from ratlib.synthetic import make_msd_segmentation
 
 log = get_logger(__name__)
 
@@ -322,68 +340,80 @@ def pad_collate(
     return images, labels, torch.tensor([x[2] for x in batch], dtype=torch.int64)
 
 
+def limited_dataset(
+    cases: list[Case],
+    prep: Callable[[Case], tuple[Path, Path]],
+    limit: int | None,
+    make: Callable[[list[tuple[Path, Path]]], SliceDataset],
+) -> tuple[SliceDataset, int]:
+    """Preprocess a split's cases in order and build its dataset; returns it and the number of cases read.
+    With ``data.limit`` the cases after the first ``limit`` slices are never read or preprocessed: a smoke
+    run on a real task costs a volume or two, not the whole task. The slices are the same as with every case
+    read (``SliceDataset`` picks them volume by volume, in order)."""
+    volumes: list[tuple[Path, Path]] = []
+    raw = 0  # slices in the volumes read so far, before empty slices are dropped
+    for case in cases:
+        volumes.append(prep(case))
+        raw += int(np.load(volumes[-1][1], mmap_mode="r").shape[0])
+        if limit is not None and raw >= limit and len(volumes) < len(cases):
+            try:
+                dataset = make(volumes)
+            except TaskError:  # every slice read so far dropped as empty: read on
+                continue
+            if len(dataset) >= limit:
+                return dataset, len(volumes)
+    return make(volumes), len(volumes)
+
+
 # ----------------------------------------------------------------------------------------------
-# Sampling
+# The data sets train.py trains and validates on
 
 
-class ShardedBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
-    """Training batches for one rank: every slice of the epoch exactly once across all ranks.
-
-    Each epoch the indices are shuffled (the same on every rank: seed and epoch) and cut into global
-    batches of ``batch_size x world_size``; rank r takes every world_size-th slice of each, so all ranks
-    take the same number of steps and their batch sizes differ by at most one. A last global batch too
-    small to give every rank a slice joins the one before (a few ranks then take one more). Nothing is
-    padded or repeated, unlike DistributedSampler. Items are ``(index, augmentation seed)`` pairs: the
-    seeds come from the same generator, so augmentation depends on seed and epoch only.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-    ) -> None:
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"ShardedBatchSampler: batch_size={batch_size}, rank={rank}, world_size={world_size}; "
-                "expected batch_size >= 1 and 0 <= rank < world_size"
-            )
-        if num_samples < world_size:
-            raise TaskError(
-                f"{num_samples} training slice(s) for {world_size} ranks; every rank needs at least one: "
-                "raise data.limit or use fewer ranks"
-            )
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.num_samples, self.batch_size * self.world_size)
-        return full + (1 if rest >= self.world_size or full == 0 else 0)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
-        aug = rng.integers(0, 2**62, size=self.num_samples)
-        step = self.batch_size * self.world_size
-        bounds = [i * step for i in range(len(self))] + [self.num_samples]
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            mine = order[start:end][self.rank :: self.world_size]
-            yield [(int(i), int(aug[i])) for i in mine]
+def resolve_task(cfg: Any, run_dir: Path) -> Task:
+    """The task under ``data.root``, or the synthetic default written into the run folder (by the main
+    rank first; rewritten when the synthetic settings changed)."""
+    root = cfg.data.root
+    if root is None:
+        root = run_dir / "data"
+        s = cfg.data.synthetic
+        wanted = {"num_cases": s.num_cases, "shape": list(s.shape), "num_classes": s.num_classes, "seed": s.seed}
+        with main_process_first():
+            try:
+                have = json.loads((root / "dataset.json").read_text())["generator_args"]
+            except (OSError, ValueError, KeyError, TypeError):
+                have = {}
+            if {k: have.get(k) for k in wanted} != wanted:
+                make_msd_segmentation(root, s.num_cases, s.shape, s.num_classes, s.seed)
+                log.info(
+                    "wrote a synthetic Decathlon task (%d cases, %d classes) under %s", s.num_cases, s.num_classes, root
+                )
+    return read_task(root)
 
 
-def eval_positions(num_samples: int, num_local: int, rank: int, world_size: int) -> np.ndarray:
-    """Whether each of this rank's ``num_local`` samples from ``DistributedSampler(shuffle=False)`` is real
-    (True) or one of the repeats it pads with to even out the ranks (False): its k-th sample sits at
-    global position ``rank + k * world_size``, real when below ``num_samples``."""
-    return rank + world_size * np.arange(num_local) < num_samples
+def build_datasets(cfg: Any, run_dir: Path) -> tuple[Task, SliceDataset, SliceDataset]:
+    """Split the task's cases, preprocess them into the cache (main rank first), and return the train and
+    validation slice datasets."""
+    d = cfg.data
+    task = resolve_task(cfg, run_dir)
+    train_cases, val_cases = split_cases(task.cases, d.val_fraction, d.split_seed)
+    cache = Path(d.cache_dir).expanduser() if d.cache_dir else run_dir / "cache"
+
+    def prep(case: Case) -> tuple[Path, Path]:
+        return preprocess(case, cache, task.num_classes, len(task.modalities), d.normalize, d.window)
+
+    train_kwargs = {"patch_size": d.patch_size, "flip": d.flip, "empty_slices": d.empty_slices, "seed": d.split_seed}
+    with main_process_first():  # rank 0 writes the cache, the others then read it
+        train_set, train_read = limited_dataset(
+            train_cases, prep, d.limit, partial(SliceDataset, train=True, limit=d.limit, **train_kwargs)
+        )
+        val_set, val_read = limited_dataset(val_cases, prep, d.limit, partial(SliceDataset, train=False, limit=d.limit))
+    read = f" (data.limit={d.limit}: {train_read} and {val_read} cases read)" if d.limit is not None else ""
+    log.info(
+        f"task {task.name} ({task.root}): {task.num_classes} classes ({', '.join(task.class_names)}), "
+        f"{len(task.modalities)} modalities; {len(train_cases)} train cases -> {len(train_set)} slices, "
+        f"{len(val_cases)} val cases -> {len(val_set)} slices{read}"
+    )
+    return task, train_set, val_set
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,6 +513,17 @@ def confusion(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | N
     return torch.bincount((target[valid] * k + pred[valid]), minlength=k * k).view(k, k)
 
 
+def confusion_per_sample(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``confusion`` for each sample of the batch: ``(batch, num_classes, num_classes)`` int64, in one
+    ``bincount`` (no host sync per sample)."""
+    n, k = logits.shape[0], logits.shape[1]
+    pred = logits.argmax(dim=1)
+    valid = target >= 0
+    sample = torch.arange(n, device=target.device).view(-1, 1, 1).expand_as(target)
+    flat = (sample * k + target.clamp(min=0)) * k + pred
+    return torch.bincount(flat[valid], minlength=n * k * k).view(n, k, k)
+
+
 def dice_scores(conf: torch.Tensor | np.ndarray) -> dict[str, float]:
     """Dice per foreground class from a summed confusion matrix, ``2 TP / (2 TP + FP + FN)``, as
     ``dice_1``, ``dice_2``, ...; ``dice`` is their mean. A class absent from both truth and prediction
@@ -495,3 +536,291 @@ def dice_scores(conf: torch.Tensor | np.ndarray) -> dict[str, float]:
         out[f"dice_{c}"] = 2 * tp / denominator if denominator else 1.0
     out = {"dice": float(np.mean(list(out.values()))), **out}
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training mechanics: optimiser, schedule, precision, DDP or DeepSpeed. The same section in every
+# example's helper file (copy it with the example). DeepSpeed is built in one place (make_stepper) and
+# stepped in one (Stepper.step); the loop in train.py does not know which it has.
+
+
+class UsageError(ValueError):
+    """A problem with the user's input (config, paths, checkpoint): printed without a traceback."""
+
+
+def lr_lambda(step: int, cfg: ExperimentConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """Learning-rate factor at optimiser step ``step``: linear warmup, then cosine to min_lr, step decay
+    every ``step_size`` epochs, or constant."""
+    s, lr = cfg.training.scheduler, cfg.training.optimizer.lr
+    warmup = s.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if s.name == "step":
+        return s.gamma ** ((step // steps_per_epoch) // s.step_size)
+    if s.name == "cosine":
+        t = min(1.0, (step - warmup) / max(1.0, total_steps - warmup))
+        return s.min_lr / lr + (1 - s.min_lr / lr) * 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def make_optimizer(cfg: ExperimentConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.training.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=device.type == "cuda")
+
+
+def autocast_for(cfg: ExperimentConfig, device: torch.device) -> Callable[[], Any]:
+    """bf16 (or fp16) autocast on CUDA when ``training.mixed_precision``; nothing on CPU."""
+    dtype = {True: torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.mixed_precision)
+    if device.type != "cuda" or dtype is None:
+        return contextlib.nullcontext
+    return partial(torch.autocast, "cuda", dtype=dtype)
+
+
+@dataclass
+class Stepper:
+    """What turns losses into optimiser steps: DeepSpeed's engine, or an optimiser and schedule (and a
+    GradScaler for fp16) around DDP or the bare model. The loop calls ``model``, ``no_sync``, ``backward``
+    and ``step``; checkpoints call ``state_dict``, ``save`` and ``load``."""
+
+    model: nn.Module  # what the loop calls: the engine, the DDP wrapper or the model
+    optimizer: Any
+    scheduler: Any
+    accum: int
+    clip: float | None
+    scaler: Any = None
+    engine: Any = None
+
+    def no_sync(self, boundary: bool) -> Any:
+        """DDP skips the gradient all-reduce off an accumulation boundary (forward and backward inside)."""
+        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        return self.model.no_sync() if ddp and not boundary else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss)
+        elif self.scaler is not None:
+            self.scaler.scale(loss / self.accum).backward()
+        else:
+            (loss / self.accum).backward()
+
+    def step(self, boundary: bool) -> bool:
+        """At an accumulation boundary: clip, step, schedule; returns whether an optimiser step was taken."""
+        if self.engine is not None:  # DeepSpeed clips, steps and schedules at its own boundary
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            self.engine.step()
+            return boundary
+        if not boundary:
+            return False
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip:
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return True
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """For the checkpoint file; DeepSpeed's (partitioned) state goes to its own folder (``save``)."""
+        if self.engine is not None:
+            return {"optimizer": None, "scheduler": None, "scaler": None}
+        scaler = self.scaler.state_dict() if self.scaler is not None else None
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": scaler}
+
+    def save(self, folder: Path, epoch: int, step: int, keep: int | None) -> None:
+        """DeepSpeed only: its checkpoint under folder/epoch{E}, the oldest tags beyond ``keep`` removed."""
+        if self.engine is None:
+            return
+        self.engine.save_checkpoint(str(folder), tag=f"epoch{epoch:04d}", client_state={"epoch": epoch, "step": step})
+        if keep is not None and is_main_process():  # DeepSpeed never deletes its tags
+            for old in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("epoch"))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, state: dict[str, Any], folder: Path, path: Path) -> None:
+        """Optimiser, schedule and scaler from the checkpoint ``state`` (read from ``path``), or DeepSpeed's
+        from ``folder``; a checkpoint of the other kind is a UsageError that says which flag to set."""
+        if self.engine is not None:
+            tag = f"epoch{state['epoch']:04d}"
+            if self.engine.load_checkpoint(str(folder), tag=tag)[0] is None:
+                raise UsageError(
+                    f"--resume: {path} has no DeepSpeed state ({folder / tag} is missing); resume with "
+                    "training.deepspeed.enabled=false as the run that wrote it, or start anew"
+                )
+            return
+        if state.get("optimizer") is None:
+            raise UsageError(f"--resume: {path} was written by a DeepSpeed run; set training.deepspeed.enabled=true")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def make_stepper(
+    cfg: ExperimentConfig, model: nn.Module, info: DistInfo, steps_per_epoch: int, total_steps: int
+) -> Stepper:
+    """DeepSpeed's engine when ``training.deepspeed.enabled``, else DDP (several ranks) or the bare model,
+    with the optimiser, the schedule and, for fp16 autocast, a GradScaler."""
+    t, device = cfg.training, info.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    schedule = partial(lr_lambda, cfg=cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    if t.deepspeed.enabled:
+        try:
+            import deepspeed
+        except ImportError:
+            raise UsageError(
+                "training.deepspeed.enabled=true, but DeepSpeed is not installed: pip install "
+                "'ratlib[deepspeed]' (needs CUDA and a compiler), or set training.deepspeed.enabled=false"
+            ) from None
+        ds_config = to_deepspeed_config(cfg, info.world_size, steps_per_epoch=steps_per_epoch, device=device.type)
+        if device.type != "cuda":  # as with autocast: no bf16/fp16 on the CPU
+            ds_config["bf16"]["enabled"] = ds_config["fp16"]["enabled"] = False
+        own_schedule = "scheduler" not in ds_config
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=params,
+            config=ds_config,
+            lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)) if own_schedule else None,
+        )
+        return Stepper(engine, optimizer, scheduler, t.gradient_accumulation_steps, t.gradient_clip, engine=engine)
+    optimizer = make_optimizer(cfg, params, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    fp16 = getattr(autocast_for(cfg, device), "keywords", {}).get("dtype") == torch.float16
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
+    wrapped = model
+    if info.world_size > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return Stepper(wrapped, optimizer, scheduler, t.gradient_accumulation_steps, t.gradient_clip, scaler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and metrics: the run folder's checkpoints/ and metrics.jsonl (the same in every example;
+# train.py imports these names, so a test can replace save_checkpoint there)
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int | None) -> Path:
+    """checkpoints/epoch{E}.pt, written atomically by the main rank; every rank calls it and waits."""
+    return checkpoint.save(state, checkpoint_dir(run_dir) / f"epoch{state['epoch']:04d}.pt", keep=keep)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    return checkpoint.latest(checkpoint_dir(run_dir), "epoch*.pt")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Every rank reads the checkpoint onto the CPU; a damaged file is the user's input error."""
+    try:
+        return checkpoint.load(path, map_location="cpu")
+    except checkpoint.CheckpointError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def log_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """The one place metrics leave the loop: a line of metrics.jsonl (fsynced), by the main rank."""
+    if is_main_process():
+        append_jsonl(run_dir / "metrics.jsonl", record)
+
+
+def trim_metrics(run_dir: Path, last_epoch: int) -> None:
+    """On resume: drop the metrics.jsonl rows of epochs after the checkpoint (work lost when the run
+    died), so that the file reads as one run."""
+    path = run_dir / "metrics.jsonl"
+    if not is_main_process() or not path.is_file():
+        return
+    rows = read_jsonl(path)  # a line cut off by the crash is left out
+    kept = [r for r in rows if r.get("epoch", -1) <= last_epoch]
+    if len(kept) != len(rows) or not path.read_bytes().endswith(b"\n"):
+        log.info("--resume: dropped %d metrics.jsonl row(s) after epoch %d", len(rows) - len(kept), last_epoch)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def resume_from(run_dir: Path, model: nn.Module, stepper: Stepper, sampler: Any) -> tuple[int, int]:
+    """``--resume``: weights, optimiser, schedule, sampler position, RNGs from the latest checkpoint; drops
+    metrics rows after it. Returns the epoch to start at and the step count (0, 0 without a checkpoint)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        log.warning("--resume: no checkpoint under %s; starting from scratch", checkpoint_dir(run_dir))
+        return 0, 0
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    stepper.load(state, checkpoint_dir(run_dir) / "deepspeed", path)
+    sampler.load_state_dict(state.get("sampler") or {"epoch": state["epoch"], "position": len(sampler)})
+    if state.get("rng"):
+        checkpoint.set_rng_state(state["rng"])
+    trim_metrics(run_dir, state["epoch"])
+    log.info("resumed from %s: epoch %d done, step %d", path, state["epoch"], state["step"])
+    return state["epoch"] + 1, state["step"]
+
+
+def save_epoch(run_dir: Path, model: nn.Module, stepper: Stepper, sampler: Any, cfg: Any, **state: Any) -> None:
+    """The end-of-epoch checkpoint (every rank calls it): DeepSpeed's own state first, then epoch{E}.pt
+    with the weights, optimiser, sampler position, RNGs and ``state`` (epoch, step, metrics)."""
+    keep = cfg.checkpoint.keep
+    stepper.save(checkpoint_dir(run_dir) / "deepspeed", state["epoch"], state["step"], keep)
+    state.update(model=checkpoint.unwrap_model(model).state_dict(), **stepper.state_dict())
+    state.update(sampler=sampler.state_dict(), rng=checkpoint.rng_state(), config=cfg.model_dump(mode="json"))
+    save_checkpoint(run_dir, state, keep)
+
+
+def checkpoint_to_evaluate(run_dir: Path, path: str | Path | None) -> Path:
+    """``--eval-only``: the checkpoint given, or the run folder's latest; a UsageError when there is none."""
+    found = Path(path) if path is not None else latest_checkpoint(run_dir)
+    if found is None or not found.is_file():
+        raise UsageError(
+            f"--eval-only: checkpoint {found or checkpoint_dir(run_dir) / 'epoch*.pt'} not found (no checkpoint "
+            f"under {checkpoint_dir(run_dir)}); pass --checkpoint PATH or the output_dir of a finished run"
+        )
+    return found
+
+
+def parse_args(argv: Sequence[str] | None, description: str) -> Any:
+    """The command line of every example: --config, --resume, --eval-only, --checkpoint, key=value overrides."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config (default: all defaults)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--eval-only", action="store_true", help="only evaluate a checkpoint")
+    parser.add_argument("--checkpoint", help="with --eval-only: the checkpoint (default: the latest in output_dir)")
+    # DeepSpeed's launcher adds --local_rank=N; ratlib reads LOCAL_RANK from the environment, which wins.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.batch_size=4")
+    return parser.parse_intermixed_args(argv)
+
+
+def log_step(
+    cfg: Any, epoch: int, step: int, loss: torch.Tensor, lr: float, seconds_per_step: float, **terms: Any
+) -> None:
+    """Every ``training.log_every`` optimiser steps (and the last): the loss (the only device sync of the
+    loop) and the pace. A non-finite loss stops the run with its terms and what to change."""
+    t = cfg.training
+    if step % t.log_every and step != t.max_steps:
+        return
+    value = loss.item()
+    if not math.isfinite(value):
+        shown = f" ({ {k: v.item() for k, v in terms.items()} })" if terms else ""
+        raise FloatingPointError(
+            f"epoch {epoch}, step {step}: the loss is {value}{shown}; lower training.optimizer.lr (now "
+            f"{t.optimizer.lr}), keep training.gradient_clip on, or add training.scheduler.warmup_epochs"
+        )
+    log.info("epoch %d step %d: loss %.4f lr %.3g (%.3f s/step)", epoch, step, value, lr, seconds_per_step)
+
+
+def write_eval(run_dir: Path, path: Path, metrics: dict[str, float]) -> None:
+    """``--eval-only``'s figures in run_dir/eval.json, by the main rank."""
+    if is_main_process():
+        write_atomic(run_dir / "eval.json", json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")

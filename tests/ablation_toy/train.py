@@ -1,16 +1,16 @@
 """A toy example that follows the ablation runner's contract, small enough for tests (well under a second
 a run on a CPU): a small MLP regressing fixed random data, trained with DDP on the caller's process group.
 
-The contract (docs/examples/ablation.md): ``CONFIG_SCHEMA``, ``MAIN_METRIC``, ``METRIC_MODE`` and
-``train(cfg, *, run_dir=None, resume=False, info=None) -> dict[str, float]`` that writes run_dir/config.yaml,
-metrics.jsonl (one row per epoch, memory keys included) and checkpoints/, and returns the final metrics
-on every rank. ``fault`` makes a run raise on one rank, at a chosen place, to test failure handling;
-the environment variable ABLATION_TOY_NO_FAULTS=1 turns faults off (a "fixed" bug, for --retry-failed).
+The contract (docs/examples/ablation.md): one entry ``EXAMPLE = {"schema": ..., "train": ..., "metric": ...,
+"mode": ...}`` with ``train(cfg, *, run_dir=None, resume=False, info=None) -> dict[str, float]`` that
+writes run_dir/config.yaml, metrics.jsonl (one row per epoch, memory keys included) and checkpoints/, and
+returns the final metrics on every rank. ``fault`` makes a run raise on one rank, at a chosen place, to
+test failure handling; the environment variable ABLATION_TOY_NO_FAULTS=1 turns faults off (a "fixed" bug,
+for --retry-failed).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -35,6 +35,7 @@ from ratlib import (
     memory_report,
     reset_peak_memory,
 )
+from ratlib.io import append_jsonl
 
 
 class ToyModel(ModelConfig):
@@ -66,11 +67,6 @@ class ToyConfig(ExperimentConfig):
     model: ToyModel = ToyModel()
     data: ToyData = ToyData()
     fault: Fault = Fault()
-
-
-CONFIG_SCHEMA = ToyConfig
-MAIN_METRIC = "score"  # R^2 on the validation split
-METRIC_MODE = "max"
 
 
 def make_data(d: ToyData) -> tuple[torch.Tensor, ...]:
@@ -150,10 +146,7 @@ def train(
             **memory_report(info.device, warn_fraction=None).to_metrics(),
         }
         if info.is_main:
-            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append_jsonl(run_dir / "metrics.jsonl", record)
         checkpoint.save(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step},
             run_dir / "checkpoints" / f"epoch{epoch:04d}.pt",
@@ -163,3 +156,7 @@ def train(
     if fault.rank == info.rank and fault.at == "end":
         raise ValueError(f"toy fault on rank {info.rank} after training")
     return broadcast_object(metrics)
+
+
+# The one entry the ablation runner reads ("score": R^2 on the validation split, higher is better).
+EXAMPLE = {"schema": ToyConfig, "train": train, "metric": "score", "mode": "max"}

@@ -17,31 +17,6 @@ EXAMPLES = ["segmentation", "detection"]
 TINY = ["smoke=true", "training.num_epochs=1", "training.max_steps=2", "data.limit=4"]
 
 
-def _msd_importable() -> bool:
-    try:
-        import ratlib._synthetic_msd  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _example(example: str):
-    """The example as a parameter; xfail where this branch lacks what it needs from the others (merge heals it)."""
-    marks = []
-    if example == "segmentation" and not _msd_importable():
-        marks.append(pytest.mark.xfail(strict=False, reason="needs the ratlib._synthetic_msd import fix (ratlib.io)"))
-    return pytest.param(example, marks=marks, id=example)
-
-
-def _accepts_local_rank(example: str) -> bool:
-    """The example's argparse names --local_rank / --local-rank (DeepSpeed's launcher passes it)."""
-    texts = [p.read_text() for p in (ROOT / "examples" / example).glob("*.py")]
-    return any("--local_rank" in t or "--local-rank" in t for t in texts)
-
-
-EXAMPLES = [_example(e) for e in EXAMPLES]
-
-
 def _script(example: str, out: Path) -> list[str]:
     script = "train.py"
     return [
@@ -75,13 +50,8 @@ def test_example_under_mpirun(example: str, python: str, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
-def test_example_under_deepspeed(example: str, python: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    if not _accepts_local_rank(example):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=False, reason="needs examples branch (DeepSpeed passes --local_rank=N to the script)"
-            )
-        )
+def test_example_under_deepspeed(example: str, python: str, tmp_path: Path) -> None:
+    # DeepSpeed's launcher passes --local_rank=N to the script, which the examples accept
     out = tmp_path / "run"
     cmd = [*_deepspeed(python), "--num_gpus", "2", "--master_port", str(free_port()), *_script(example, out)]
     _check(run_job(cmd, env=clean_env(), timeout=540), out)

@@ -1,0 +1,204 @@
+"""ratlib.data: exact sharding (hypothesis over sizes, ranks, batches, epochs and cut points) and the
+coverage-checked gather, also over real gloo ranks."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ratlib.data import CoverageError, EvalSampler, ShardedBatchSampler, ShardingError, gather_by_index
+from ratlib.errors import RatlibError
+from ratlib.testing import run_on_ranks
+
+
+def _indices(batch: list) -> list[int]:
+    return [x[0] if isinstance(x, tuple) else x for x in batch]
+
+
+def _ranks(n: int, batch: int, world: int, **kwargs) -> list[ShardedBatchSampler]:
+    return [ShardedBatchSampler(n, batch, rank=r, world_size=world, **kwargs) for r in range(world)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(1, 120),
+    world=st.integers(1, 8),
+    batch=st.integers(1, 12),
+    epoch=st.integers(0, 5),
+    grouped=st.booleans(),
+    shuffle=st.booleans(),
+)
+def test_every_index_once_and_the_ranks_in_step(
+    n: int, world: int, batch: int, epoch: int, grouped: bool, shuffle: bool
+) -> None:
+    groups = [i % 3 == 0 for i in range(n)] if grouped else None
+    if n < world:
+        with pytest.raises(ShardingError, match="every rank needs at least one"):
+            ShardedBatchSampler(n, batch, rank=0, world_size=world)
+        return
+    samplers = _ranks(n, batch, world, seed=3, shuffle=shuffle, group_ids=groups)
+    for s in samplers:
+        s.set_epoch(epoch)
+    batches = [list(s) for s in samplers]
+    assert len({len(b) for b in batches}) == 1 and len(batches[0]) == len(samplers[0])  # ranks in step
+    seen = [i for b in batches for x in b for i in _indices(x)]
+    assert sorted(seen) == list(range(n))  # every index exactly once: nothing padded or repeated
+    for step in zip(*batches):
+        sizes = [len(x) for x in step]
+        assert min(sizes) >= 1  # no rank idles at a step
+        assert max(sizes) <= max(batch, 2)  # at most batch_size (two with batch_size 1 and an uneven split)
+        if not grouped:
+            assert max(sizes) - min(sizes) <= 1
+    assert [list(s) for s in samplers] == batches  # deterministic per (seed, epoch)
+    for b in batches:  # a rank's batches are even: sizes differ by at most one
+        assert max(map(len, b)) - min(map(len, b)) <= 1
+        if grouped:  # grouped by aspect: at most one mixed batch per rank
+            assert sum(len({groups[i] for i in x}) > 1 for x in b) <= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(1, 100),
+    world=st.integers(1, 6),
+    batch=st.integers(1, 9),
+    epoch=st.integers(0, 3),
+    cut=st.integers(0, 30),
+    seeds=st.booleans(),
+)
+def test_a_state_from_mid_epoch_resumes_exactly_the_batches_left(
+    n: int, world: int, batch: int, epoch: int, cut: int, seeds: bool
+) -> None:
+    if n < world:
+        return
+    for rank in range(world):
+        whole = ShardedBatchSampler(n, batch, rank=rank, world_size=world, seed=7, augmentation_seeds=seeds)
+        whole.set_epoch(epoch)
+        expected = list(whole)
+        run = ShardedBatchSampler(n, batch, rank=rank, world_size=world, seed=7, augmentation_seeds=seeds)
+        run.set_epoch(epoch)
+        it = iter(run)
+        done = [next(it) for _ in range(min(cut, len(expected)))]
+        state = json.loads(json.dumps(run.state_dict()))  # plain data: goes into any checkpoint
+        fresh = ShardedBatchSampler(n, batch, rank=rank, world_size=world, seed=7, augmentation_seeds=seeds)
+        fresh.load_state_dict(state)
+        if len(done) == len(expected):  # the epoch was finished: the next one starts
+            assert fresh.epoch == epoch + 1 and len(fresh) == len(expected)
+            continue
+        fresh.set_epoch(epoch)  # what a loop does at the top of the epoch: keeps the restored position
+        assert len(fresh) == len(expected) - len(done)
+        assert done + list(fresh) == expected
+        fresh.set_epoch(epoch + 1)  # the position applies to its own epoch only
+        assert len(fresh) == fresh.batches_per_epoch
+
+
+def test_augmentation_seeds_depend_on_seed_and_epoch_only() -> None:
+    a, b = (ShardedBatchSampler(20, 4, rank=0, world_size=2, seed=1, augmentation_seeds=True) for _ in range(2))
+    first = list(a)
+    assert first == list(b) and all(isinstance(x, tuple) and len(x) == 2 for batch in first for x in batch)
+    a.set_epoch(1)
+    assert list(a) != first
+    assert list(ShardedBatchSampler(20, 4, rank=0, world_size=2, seed=2, augmentation_seeds=True)) != first
+
+
+def test_seven_samples_two_ranks_batch_four() -> None:
+    """data.limit=7 on 2 ranks with batch 4: one step, 4 + 3 samples."""
+    s0, s1 = _ranks(7, 4, 2)
+    (b0,), (b1,) = list(s0), list(s1)
+    assert sorted(b0 + b1) == list(range(7)) and (len(b0), len(b1)) == (4, 3)
+    s0.set_epoch(1)
+    assert list(s0) != [b0]
+
+
+def test_mid_epoch_state_with_another_sharding_is_refused() -> None:
+    s = ShardedBatchSampler(40, 4, rank=0, world_size=2)
+    it = iter(s)
+    next(it)
+    state = s.state_dict()
+    with pytest.raises(ShardingError, match="world_size 2 \\(now 4\\)") as info:
+        ShardedBatchSampler(40, 4, rank=0, world_size=4).load_state_dict(state)
+    assert isinstance(info.value, RatlibError) and isinstance(info.value, ValueError)
+    done = {**state, "position": 0}  # an epoch boundary: any sharding may resume
+    other = ShardedBatchSampler(40, 4, rank=0, world_size=4)
+    other.load_state_dict(done)
+    assert other.epoch == 0 and len(other) == other.batches_per_epoch
+    assert s.state_dict(position=0)["position"] == 0  # the loop's own count wins over the prefetched one
+
+
+def test_bad_arguments_are_sharding_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ShardingError, match="batch_size=0"):
+        ShardedBatchSampler(10, 0, rank=0, world_size=1)
+    with pytest.raises(ShardingError, match="rank 2 is not a rank of world size 2"):
+        ShardedBatchSampler(10, 2, rank=2, world_size=2)
+    with pytest.raises(ShardingError, match="3 group ids for 10 samples"):
+        ShardedBatchSampler(10, 2, rank=0, world_size=1, group_ids=[0, 1, 0])
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert ShardedBatchSampler(10, 2).world_size == 1 and EvalSampler(3).rank == 0  # from the launcher
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 60), world=st.integers(1, 9))
+def test_eval_sampler_covers_every_index_once_also_with_fewer_samples_than_ranks(n: int, world: int) -> None:
+    parts = [list(EvalSampler(n, rank=r, world_size=world)) for r in range(world)]
+    assert sorted(i for p in parts for i in p) == list(range(n))
+    assert [len(EvalSampler(n, rank=r, world_size=world)) for r in range(world)] == [len(p) for p in parts]
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_gather_by_index_without_a_group() -> None:
+    assert gather_by_index({1: "b", 0: "a"}, 2) == {0: "a", 1: "b"}
+    assert gather_by_index({}, 0) == {}
+    with pytest.raises(CoverageError, match=r"1 of 3 indices missing \(2\)"):
+        gather_by_index({0: 1, 1: 1}, 3)
+    with pytest.raises(CoverageError, match=r"outside 0..1 \(5\)"):
+        gather_by_index({0: 1, 1: 1, 5: 1}, 2)
+
+
+def gather_on_ranks(n: int, mode: str) -> int:
+    """Each rank evaluates its EvalSampler share; ``mode`` "drop" loses index 0, "twice" has every rank
+    also return index 0 (a padding sampler's repeat)."""
+    from ratlib import dist_init
+
+    with dist_init.distributed(device="cpu") as info:
+        results = {i: i * i for i in EvalSampler(n)}
+        if mode == "drop":
+            results.pop(0, None)
+        if mode == "twice":
+            results[0] = 0
+        try:
+            merged = gather_by_index(results, n)
+        except CoverageError as exc:
+            print(f"rank {info.rank} CoverageError: {exc}", flush=True)
+            return 3
+        expected = {i: i * i for i in range(n)} if info.is_main else None
+        assert merged == expected, merged
+        print(f"rank {info.rank} OK", flush=True)
+    return 0
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("n", [2, 11])  # 2: fewer samples than the 3 ranks (one rank has none)
+def test_gather_by_index_on_three_ranks(n: int) -> None:
+    run = run_on_ranks(gather_on_ranks, 3, args=(n, "ok"), timeout=120).check()
+    assert all(f"rank {r} OK" in run.stdouts[r] for r in range(3))
+
+
+@pytest.mark.distributed
+def test_gather_by_index_names_missing_and_duplicated_indices_on_every_rank() -> None:
+    run = run_on_ranks(gather_on_ranks, 2, args=(5, "drop"), timeout=120)
+    assert run.returncodes == [3, 3], str(run)  # every rank raises: none waits in a later collective
+    assert all("1 of 5 indices missing (0)" in out for out in run.stdouts)
+    run = run_on_ranks(gather_on_ranks, 2, args=(5, "twice"), timeout=120)
+    assert run.returncodes == [3, 3], str(run)
+    assert "indices returned by more than one rank (0 on ranks [0, 1])" in run.stdouts[0]
+
+
+def test_data_imports_no_torch() -> None:
+    import subprocess
+
+    code = "import ratlib.data, sys; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
