@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._atomic import write_atomic
+from ratlib.io import write_atomic
 
 _GENERATOR = "ratlib.synthetic.make_msd_segmentation"  # also written into each NIfTI header's descrip
 _ORGANS = ("liver", "spleen", "kidney", "pancreas", "tumour", "vessel", "lesion")
