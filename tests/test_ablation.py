@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import in_ci
 from example_helpers import _restore_logging, load_script  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,7 +208,7 @@ def test_summary_sorts_by_metric_with_deltas_and_seed_spread(tmp_path: Path) -> 
     text = au.summary_markdown(rows, title="t", metric="dice", mode="max", header=["- x"])
     assert "## Failed runs" in text and "`deep/seed0`: rank 1: ValueError: boom" in text
     assert [r.name for r in au.summary_rows(records, [], "dice", "min")][:3] == ["narrow", "base", "wide"]
-    if importlib.util.find_spec("matplotlib") is not None:
+    if in_ci() or importlib.util.find_spec("matplotlib") is not None:  # CI installs the plot extra
         assert au.summary_png(rows, tmp_path / "s.png", title="t", metric="dice", mode="max")
         assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -309,7 +310,7 @@ def test_four_variants_on_two_ranks_give_four_result_lines(tmp_path: Path, run_o
     assert "| **base** |" in stdout0 and f"results: {out / 'results.jsonl'}" in stdout0
     assert "summary:" in stdout0 and "plot:" in stdout0
     assert "| **base** |" not in stdout1  # the table is printed once
-    if importlib.util.find_spec("matplotlib") is not None:
+    if in_ci() or importlib.util.find_spec("matplotlib") is not None:  # CI installs the plot extra
         assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 

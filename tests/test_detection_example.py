@@ -6,7 +6,6 @@ shapes; thresholds were set from repeated CPU runs (see ``AP50_THRESHOLD``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -290,8 +289,8 @@ def test_empty_predictions_score_zero(coco_root: Path, monkeypatch: pytest.Monke
     assert "Average Precision" in auto_summary
 
 
-@pytest.mark.skipif(importlib.util.find_spec("faster_coco_eval") is None, reason="faster-coco-eval not installed")
 def test_faster_coco_eval_agrees_with_pycocotools(coco_root: Path) -> None:
+    require("faster_coco_eval")
     ds = du.CocoDetection(coco_root / "val2017", coco_root / "annotations" / "instances_val2017.json", train=False)
     rng = np.random.default_rng(0)
     rows = np.array(
