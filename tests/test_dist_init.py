@@ -744,11 +744,8 @@ def test_two_ranks_from_slurm_variables_only() -> None:
 
 @pytest.mark.distributed
 def test_rank_raising_inside_distributed_does_not_hang_the_others() -> None:
-    start = time.monotonic()
     run = run_on_ranks(dist_targets.raise_on_rank, 3, args=(1,), timeout=120)
-    elapsed = time.monotonic() - start
-    assert not run.timed_out, run
+    assert not run.timed_out, run  # a rank waiting for the 30 min collective timeout would hit this deadline
     assert all(rc not in (0, None) for rc in run.returncodes), run
-    assert elapsed < 90, elapsed  # far below what a hang costs; 3 torch start-ups on a loaded machine
     assert "[rank 1/3] ERROR ratlib.dist_init: rank 1/3 raised ValueError inside distributed()" in run.stderrs[1]
     assert "bad batch on rank 1" in run.stderrs[1]

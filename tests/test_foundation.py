@@ -103,7 +103,7 @@ def test_three_rank_all_reduce() -> None:
 def test_hanging_rank_is_killed_and_reported() -> None:
     start = time.monotonic()
     run = run_on_ranks(rank_targets.hang_on_rank, 2, args=(1,), timeout=5)
-    assert time.monotonic() - start < 20
+    assert time.monotonic() - start < 60  # killed at its 5 s deadline, not after the hour it sleeps
     assert run.timed_out and not run.ok
     assert run.hung_ranks == [1]
     assert run.returncodes[0] == 0 and run.returncodes[1] is None

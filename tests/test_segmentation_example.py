@@ -326,7 +326,7 @@ def two_rank_learning(run: str, root: str) -> int:
 @pytest.mark.distributed
 def test_two_ranks_learn_and_equal_a_one_rank_evaluation(tmp_path: Path, msd_root: Path, one_thread) -> None:
     run = tmp_path / "run"
-    result = run_on_ranks(two_rank_learning, 2, args=(str(run), str(msd_root)), env=NO_GPU, timeout=240).check()
+    run_on_ranks(two_rank_learning, 2, args=(str(run), str(msd_root)), env=NO_GPU, timeout=240).check()
     rows = metrics_rows(run)
     final = rows[-1]
     assert final["step"] == 10 * 6 and all(r["train_samples"] == r["train_unique_samples"] == 96 for r in rows)
@@ -339,7 +339,6 @@ def test_two_ranks_learn_and_equal_a_one_rank_evaluation(tmp_path: Path, msd_roo
     assert one["val_samples"] == final["val_samples"] == 32
     for key in ("dice", "dice_1", "dice_2"):
         assert one[key] == final[key], key
-    assert result.duration < 120, result.duration
 
 
 # ----------------------------------------------------------------------------------------------
