@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import in_ci
 from example_helpers import _restore_logging, load_script  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,14 +24,15 @@ RUN_PY = ROOT / "examples" / "ablation" / "run.py"
 TOY = ROOT / "tests" / "ablation_toy" / "train.py"
 SEGMENTATION = ROOT / "examples" / "segmentation" / "train.py"
 NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # ranks on CPU and gloo, also on a GPU machine
-TIMEOUT_S = 60  # distributed.timeout_s of the toy studies: a study that waits for it fails the duration checks
+TIMEOUT_S = 60  # distributed.timeout_s of the toy studies
+NEVER_S = 3600  # a collective timeout no test outlives: a rank that waited for it fails at run_on_ranks' limit
 
 
 R = load_script(RUN_PY, "ablation_run")
 au = sys.modules["ablation_utils"]
 
 
-def write_study(tmp_path: Path, name: str = "study.yaml", **keys) -> Path:
+def write_study(tmp_path: Path, name: str = "study.yaml", timeout_s: int = TIMEOUT_S, **keys) -> Path:
     """A study of the toy example: 2 epochs of a few steps each, results under tmp_path/out."""
     study = {
         "name": "toy",
@@ -40,7 +42,7 @@ def write_study(tmp_path: Path, name: str = "study.yaml", **keys) -> Path:
             "training.num_epochs": 2,
             "training.batch_size": 32,
             "training.optimizer.lr": 1e-2,
-            "distributed.timeout_s": TIMEOUT_S,
+            "distributed.timeout_s": timeout_s,
         },
     }
     study.update(keys)
@@ -206,7 +208,7 @@ def test_summary_sorts_by_metric_with_deltas_and_seed_spread(tmp_path: Path) -> 
     text = au.summary_markdown(rows, title="t", metric="dice", mode="max", header=["- x"])
     assert "## Failed runs" in text and "`deep/seed0`: rank 1: ValueError: boom" in text
     assert [r.name for r in au.summary_rows(records, [], "dice", "min")][:3] == ["narrow", "base", "wide"]
-    if importlib.util.find_spec("matplotlib") is not None:
+    if in_ci() or importlib.util.find_spec("matplotlib") is not None:  # CI installs the plot extra
         assert au.summary_png(rows, tmp_path / "s.png", title="t", metric="dice", mode="max")
         assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -327,7 +329,7 @@ def test_four_variants_on_two_ranks_give_four_result_lines(tmp_path: Path, run_o
     assert "| **base** |" in stdout0 and f"results: {out / 'results.jsonl'}" in stdout0
     assert "summary:" in stdout0 and "plot:" in stdout0
     assert "| **base** |" not in stdout1  # the table is printed once
-    if importlib.util.find_spec("matplotlib") is not None:
+    if in_ci() or importlib.util.find_spec("matplotlib") is not None:  # CI installs the plot extra
         assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -336,6 +338,7 @@ def test_four_variants_on_two_ranks_give_four_result_lines(tmp_path: Path, run_o
 def test_a_run_that_raises_on_rank_1_only_is_recorded_and_the_study_goes_on(tmp_path: Path, run_on_ranks) -> None:
     study = write_study(
         tmp_path,
+        timeout_s=NEVER_S,
         variants=[
             {"name": "fails-building", "overrides": {"fault.rank": 1, "fault.at": "build"}},  # rank 0 waits in DDP
             {"name": "fails-mid-epoch", "overrides": {"fault.rank": 1, "fault.at": "step"}},  # rank 0 in an allreduce
@@ -343,8 +346,7 @@ def test_a_run_that_raises_on_rank_1_only_is_recorded_and_the_study_goes_on(tmp_
             {"overrides": {"model.hidden": 16}},
         ],
     )
-    run = run_study(run_on_ranks, study).check()
-    assert run.duration < TIMEOUT_S  # nobody waited for a collective's timeout
+    run = run_study(run_on_ranks, study, timeout=300).check()  # finished: nobody waited for the 1 h timeout
     recs = {r["run"]: r for r in results(tmp_path)}
     assert list(recs) == ["base", "fails-building", "fails-mid-epoch", "rank-0-fails-at-end", "hidden=16"]
     assert recs["base"]["status"] == recs["hidden=16"]["status"] == "finished"
@@ -527,9 +529,9 @@ def test_shipped_study_with_smoke_on_two_ranks_is_one_short_epoch_per_run(tmp_pa
     ).check()
     recs = results(tmp_path)
     assert len(recs) == 7 and all(r["status"] == "finished" for r in recs)
-    assert all(r["wall_time_s"] < 30 for r in recs), [r["wall_time_s"] for r in recs]
     for rec in recs:
         rows = [json.loads(line) for line in (Path(rec["dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 1 and rows[0]["epoch"] == 0 and rows[0]["train_samples"] == 16
+        assert 1 <= rows[0]["step"] <= 10  # smoke's training.max_steps, not the study's 10 epochs (speed: benchmarks/)
         assert len(rows[0]["peak_memory_gib"]) == 2 and rows[0]["peak_memory_max_rank"] in (0, 1)
     assert "leaving out the study's training.num_epochs=10" in "".join(run.stdouts + run.stderrs)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import require
 from hypothesis import HealthCheck, given, settings
 from pydantic import ConfigDict
 
@@ -448,6 +449,12 @@ def test_check_config_flags_the_old_failures(tmp_path: Path) -> None:
     assert ("warning", "training.batch_size") in _keys(  # the default max_batch_size (64) warns about 80
         check_config(load_config({"training": {"batch_size": 80}}), device="cpu")
     )
+    # The threshold is inclusive: a batch equal to max_batch_size fits, one above is flagged.
+    at_limit = check_config(load_config({"training": {"batch_size": 80}}), max_batch_size=80, device="cpu")
+    above = check_config(load_config({"training": {"batch_size": 81}}), max_batch_size=80, device="cpu")
+    assert ("warning", "training.batch_size") not in _keys(at_limit) and ("warning", "training.batch_size") in _keys(
+        above
+    )
     assert ("warning", "training.batch_size") not in _keys(
         check_config(load_config({"training": {"batch_size": 80}}), max_batch_size=96, device="cpu")
     )
@@ -598,7 +605,7 @@ def test_to_deepspeed_config_optimizers_schedulers_and_errors() -> None:
 
 
 def test_deepspeed_accepts_the_config_when_installed() -> None:
-    ds_config = pytest.importorskip("deepspeed.runtime.config", reason="deepspeed is not installed here")
+    ds_config = require("deepspeed.runtime.config")
     for stage in (0, 1, 2, 3):
         cfg = load_config(
             {
@@ -642,7 +649,7 @@ def _deepspeed_three_steps(stage: int) -> None:
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_deepspeed_initialize_on_two_cpu_ranks(stage: int, run_on_ranks) -> None:
-    pytest.importorskip("deepspeed", reason="deepspeed is not installed here")
+    require("deepspeed")
     run = run_on_ranks(_deepspeed_three_steps, 2, args=(stage,), env={"DS_ACCELERATOR": "cpu"}, timeout=300)
     assert run.ok, str(run)
     assert all(f"stage {stage}: 3 steps" in out for out in run.stdouts)

@@ -6,7 +6,6 @@ shapes; thresholds were set from repeated CPU runs (see ``AP50_THRESHOLD``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import require
 from example_helpers import _restore_logging, load_script, one_thread  # noqa: F401  (fixtures)
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -255,19 +255,19 @@ def test_coco_results_rows() -> None:
     # An image predicted twice or by no rank is a CoverageError of gather_by_index (tests/test_data.py).
 
 
-def test_empty_predictions_score_zero(coco_root: Path) -> None:
+def test_empty_predictions_score_zero(coco_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ds = du.CocoDetection(coco_root / "val2017", coco_root / "annotations" / "instances_val2017.json", train=False)
     metrics, summary = du.coco_eval(ds.coco, np.zeros((0, 7)), ds.ids, backend="pycocotools")
     assert metrics["map"] == 0.0 and "Average Precision" in summary
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # blocked: import raises, installed or not
     with pytest.raises(ImportError, match="pip install faster-coco-eval"):
-        if importlib.util.find_spec("faster_coco_eval") is None:
-            du.coco_eval(ds.coco, np.zeros((0, 7)), ds.ids, backend="faster_coco_eval")
-        else:
-            raise ImportError("pip install faster-coco-eval")  # installed: covered by the agreement test
+        du.coco_eval(ds.coco, np.zeros((0, 7)), ds.ids, backend="faster_coco_eval")
+    _, auto_summary = du.coco_eval(ds.coco, np.zeros((0, 7)), ds.ids, backend="auto")  # falls back to pycocotools
+    assert "Average Precision" in auto_summary
 
 
-@pytest.mark.skipif(importlib.util.find_spec("faster_coco_eval") is None, reason="faster-coco-eval not installed")
 def test_faster_coco_eval_agrees_with_pycocotools(coco_root: Path) -> None:
+    require("faster_coco_eval")
     ds = du.CocoDetection(coco_root / "val2017", coco_root / "annotations" / "instances_val2017.json", train=False)
     rng = np.random.default_rng(0)
     rows = np.array(
@@ -397,10 +397,14 @@ def test_wrong_root_reports_the_coco_path_error(tmp_path: Path, capsys: pytest.C
     ],
 )
 def test_input_errors_are_one_message(
-    tmp_path: Path, coco_root: Path, capsys: pytest.CaptureFixture[str], override: str, expected: str
+    tmp_path: Path,
+    coco_root: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    override: str,
+    expected: str,
 ) -> None:
-    if override.startswith("training.deepspeed") and importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("DeepSpeed is installed here")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed: `import deepspeed` raises
     rc = T.main([f"output_dir={tmp_path / 'run'}", f"data.root={coco_root}", *TINY, override])
     err = capsys.readouterr().err
     assert rc == 2 and expected in err and "Traceback" not in err
@@ -580,13 +584,11 @@ def test_smoke_on_two_ranks_trains_on_exactly_the_limit(tmp_path: Path, one_thre
     ).check()
     (row,) = metrics_rows(run)
     assert row["train_images"] == 7 and row["train_unique_images"] == 7
+    # "finishes in seconds" (#13) is the work done: one epoch of one step on 7 images; speed: benchmarks/
     assert row["eval_images"] == 7 and row["step"] == 1  # 7 images, batch 4 on 2 ranks: one step per epoch
     assert len(row["peak_memory_gib"]) == 2 and row["peak_memory_kind"] == "rss"  # every rank's peak (#13)
     assert row["peak_memory_max_gib"] == max(row["peak_memory_gib"]) and row["peak_memory_max_rank"] in (0, 1)
     assert math.isfinite(row["train_loss"]) and result.returncodes == [0, 0]
-    # ~15 s on a 2-core machine (start-up of torch and torchvision on both ranks included): "finishes in
-    # seconds" (#13), with room for a busy CI machine
-    assert result.duration < 90, f"smoke run took {result.duration:.0f} s"
 
 
 def deepspeed_scenario(run: str) -> int:
@@ -612,7 +614,7 @@ def deepspeed_scenario(run: str) -> int:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_deepspeed_zero2_on_two_cpu_ranks_trains_saves_and_resumes(tmp_path: Path, one_thread) -> None:
-    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install 'ratlib[deepspeed]'")
+    require("deepspeed")
     run = tmp_path / "run"
     result = run_on_ranks(
         deepspeed_scenario, 2, args=(str(run),), env={**NO_GPU, "DS_ACCELERATOR": "cpu"}, timeout=420

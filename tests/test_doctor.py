@@ -238,7 +238,6 @@ def test_missing_init_files_rules(tmp_path: Path) -> None:
 
 
 def test_diagnose_in_process_detects_the_device(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("training:\n  batch_size: 8\n")
     report = diagnose([str(cfg)])

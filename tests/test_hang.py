@@ -241,20 +241,28 @@ def _records(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
+def _step_until_stalls(caplog: pytest.LogCaptureFixture, count: int, limit: float = 60.0) -> list[str]:
+    """A training step that lasts until the watchdog has reported ``count`` stalls in all (``limit``: only
+    against a watchdog that never fires), so the order of events is checked, not their count in a window."""
+    deadline = time.monotonic() + limit
+    while len(stalls := _records(caplog, "Stacks of all threads")) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return stalls
+
+
 def test_watchdog_reports_a_stall_and_goes_on_when_asked(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="ratlib.hang")
     hang.install(stall_timeout=0.4, dump_signal=None, abort_after_dump=False)
-    _slow_step(0.8)
+    _slow_step(0.8)  # twice the timeout: a watchdog armed before the first heartbeat would fire (more on a slow box)
     assert not _records(caplog, "no heartbeat"), "armed before the first heartbeat"
     hang.heartbeat(41)
-    _slow_step(1.5)
-    stalls = _records(caplog, "Stacks of all threads")
-    assert len(stalls) == 1, stalls  # once per stall: it re-arms only at the next heartbeat
-    assert "no heartbeat for" in stalls[0] and "last step 41" in stalls[0] and "in _slow_step" in stalls[0]
+    stalls = _step_until_stalls(caplog, 1)
+    assert len(stalls) == 1, stalls
+    assert "no heartbeat for" in stalls[0] and "last step 41" in stalls[0] and "in _step_until_stalls" in stalls[0]
     assert "[MainThread]" in stalls[0] and "test_hang.py" in stalls[0]
     assert any("1 of 1 rank(s) stalled" in m for m in _records(caplog, "hang summary"))
     assert _records(caplog, "Going on (abort_after_dump=False)")
-    _slow_step(0.6)
+    _slow_step(1.2)  # three more timeouts without a heartbeat: once per stall, it re-arms only at the next one
     assert len(_records(caplog, "Stacks of all threads")) == 1
 
 
@@ -263,7 +271,8 @@ def test_watchdog_without_abort_keeps_watching_after_a_stall(caplog: pytest.LogC
     hang.install(stall_timeout=0.3, dump_signal=None, abort_after_dump=False)
     for step in range(2):
         hang.heartbeat(step)
-        _slow_step(0.9)
+        stalls = _step_until_stalls(caplog, step + 1)  # stall k comes after heartbeat k, before heartbeat k + 1
+        assert len(stalls) == step + 1 and f"last step {step}" in stalls[step], stalls
     stalls = _records(caplog, "Stacks of all threads")
     assert len(stalls) == 2 and "last step 0" in stalls[0] and "last step 1" in stalls[1], stalls
 

@@ -12,14 +12,14 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import require, unavailable
 
-pytest.importorskip("nibabel", reason="nibabel is not installed (pip install 'ratlib[medical]')")
+require("nibabel")
 
 from example_helpers import _restore_logging, load_script, one_thread  # noqa: E402, F401  (fixtures)
 
@@ -240,10 +240,9 @@ def test_loss_prefers_the_truth_and_ignores_padding() -> None:
     ],
 )
 def test_input_errors_are_one_message(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, expected: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, override: str, expected: str
 ) -> None:
-    if override.startswith("training.deepspeed") and importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("DeepSpeed is installed here: the missing-DeepSpeed message cannot be shown")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed: `import deepspeed` raises
     rc = T.main(["--config", str(CONFIG), f"output_dir={tmp_path / 'run'}", *TINY, override.format(tmp=tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and expected in err and "Traceback" not in err
@@ -304,12 +303,9 @@ def test_one_rank_learns_past_threshold(tmp_path: Path, msd_root: Path, one_thre
     task, train_set, val_set = su.build_datasets(cfg, tmp_path)
     torch.manual_seed(0)
     untrained = T.evaluate(T.build_model(cfg, 1, 3), T.eval_loader(cfg, val_set, CPU, 4), torch.device("cpu"), CPU)
-    start = time.perf_counter()
-    metrics = T.train(cfg, run_dir=tmp_path, info=CPU)
-    took = time.perf_counter() - start
+    metrics = T.train(cfg, run_dir=tmp_path, info=CPU)  # its speed: benchmarks/bench_segmentation.py
     assert untrained["dice"] < UNTRAINED_DICE_MAX, untrained
     assert metrics["dice_1"] >= DICE_THRESHOLD and metrics["dice_2"] >= DICE_THRESHOLD, metrics
-    assert took < 90, f"training took {took:.0f} s; the budget is 90 s"
     rows = metrics_rows(tmp_path)
     assert [r["epoch"] for r in rows] == list(range(10)) and rows[-1]["step"] == 10 * 12
     assert rows[-1]["dice"] == metrics["dice"] and rows[0]["loss"] > rows[-1]["loss"]
@@ -340,7 +336,7 @@ def two_rank_learning(run: str, root: str) -> int:
 @pytest.mark.distributed
 def test_two_ranks_learn_and_equal_a_one_rank_evaluation(tmp_path: Path, msd_root: Path, one_thread) -> None:
     run = tmp_path / "run"
-    result = run_on_ranks(two_rank_learning, 2, args=(str(run), str(msd_root)), env=NO_GPU, timeout=240).check()
+    run_on_ranks(two_rank_learning, 2, args=(str(run), str(msd_root)), env=NO_GPU, timeout=240).check()
     rows = metrics_rows(run)
     final = rows[-1]
     assert final["step"] == 10 * 6 and all(r["train_samples"] == r["train_unique_samples"] == 96 for r in rows)
@@ -353,7 +349,6 @@ def test_two_ranks_learn_and_equal_a_one_rank_evaluation(tmp_path: Path, msd_roo
     assert one["val_samples"] == final["val_samples"] == 32
     for key in ("dice", "dice_1", "dice_2"):
         assert one[key] == final[key], key
-    assert result.duration < 120, result.duration
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,7 +435,7 @@ def deepspeed_scenario(run: str, root: str) -> int:
     try:
         import deepspeed  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install that fails on import
-        print(f"SKIP: deepspeed does not import ({type(exc).__name__}: {exc})", flush=True)
+        print(f"NO DEEPSPEED: does not import ({type(exc).__name__}: {exc})", flush=True)
         return NO_DEEPSPEED
     torch.set_num_threads(1)
     setup_logging(log_dir=Path(run) / "logs")
@@ -473,13 +468,14 @@ def deepspeed_scenario(run: str, root: str) -> int:
 @pytest.mark.distributed
 def test_deepspeed_zero2_on_two_cpu_ranks_saves_and_resumes(tmp_path: Path, msd_root: Path, one_thread) -> None:
     if importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed is not installed (pip install 'ratlib[deepspeed]')")
+        unavailable("deepspeed", "is not installed")
     run = tmp_path / "run"
     result = run_on_ranks(
         deepspeed_scenario, 2, args=(str(run), str(msd_root)), env={**NO_GPU, "DS_ACCELERATOR": "cpu"}, timeout=300
     )
-    if result.returncodes == [NO_DEEPSPEED] * 2:  # imported in the ranks only: it is slow and prints a lot
-        pytest.skip(next(line for line in result.outputs[0].splitlines() if line.startswith("SKIP: "))[6:])
+    if NO_DEEPSPEED in result.returncodes:  # imported in the ranks only: it is slow and prints a lot
+        said = [ln for out in result.outputs for ln in out.splitlines() if ln.startswith("NO DEEPSPEED: ")]
+        unavailable("deepspeed", said[0] if said else "does not import in a rank")
     result.check()
     whole, split = metrics_rows(run / "whole"), metrics_rows(run / "split")
     assert [r["step"] for r in whole] == [r["step"] for r in split] == [3, 6]
@@ -497,7 +493,7 @@ def test_deepspeed_zero2_on_two_cpu_ranks_saves_and_resumes(tmp_path: Path, msd_
 @pytest.mark.distributed
 def test_smoke_on_two_ranks_finishes_in_seconds(tmp_path: Path, msd_root: Path, one_thread) -> None:
     run = tmp_path / "run"
-    result = run_on_ranks(
+    run_on_ranks(
         TRAIN_PY,
         2,
         args=["--config", str(CONFIG), f"output_dir={run}", f"data.root={msd_root}", "smoke=true", *TINY],
@@ -505,12 +501,12 @@ def test_smoke_on_two_ranks_finishes_in_seconds(tmp_path: Path, msd_root: Path, 
         timeout=120,
     ).check()
     (row,) = metrics_rows(run)
+    # "in seconds" is the work done: one epoch of one step on 16 slices (no wall-clock bound on a shared box)
     assert row["train_samples"] == row["train_unique_samples"] == 16 and row["step"] == 1  # 16 / (8 x 2)
     assert row["val_samples"] == 16 and math.isfinite(row["loss"]) and math.isfinite(row["dice"])
     assert row["peak_memory_kind"] == "rss" and len(row["peak_memory_gib"]) == 2
     assert row["peak_memory_max_gib"] == max(row["peak_memory_gib"]) and row["peak_memory_max_rank"] in (0, 1)
     assert ratlib.checkpoint.latest(run / "checkpoints") == run / "checkpoints" / "epoch0000.pt"
-    assert result.duration < 60, f"smoke run took {result.duration:.0f} s"
 
 
 def limit_seven(run: str, root: str) -> int:

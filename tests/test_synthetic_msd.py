@@ -7,10 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np  # a hard dependency: no skip
 import pytest
+from conftest import require
 
-np = pytest.importorskip("numpy")
-nib = pytest.importorskip("nibabel", reason="nibabel is not installed (pip install 'ratlib[medical]')")
+nib = require("nibabel")
 
 import ratlib.synthetic.msd as impl  # noqa: E402
 from ratlib.synthetic import make_msd_segmentation  # noqa: E402

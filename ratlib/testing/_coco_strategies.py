@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-from ratlib.coco_paths import LAYOUTS, SPLITS, CocoPaths, CocoSplit, annotation_filename, parse_split
+from ratlib.coco_paths import LAYOUTS, SPLITS, CocoPaths, CocoSplit, parse_split
 
 # how each split's name may be written: word lists, joined by any separator ("test-dev", "val_minus_minival")
 _NAME_WORDS: dict[str, list[list[str]]] = {
@@ -27,12 +27,90 @@ _SEPARATORS = ["", "_", "-", " "]
 _ROBOFLOW = {"train": "train", "val": "valid", "test": "test"}
 
 
+# COCO's file names written out by hand (cocodataset.org/#download; minival and valminusminival from
+# Detectron), not computed with ratlib's annotation_filename / image_folder, so that the expected answer of
+# a tree does not repeat the code under test: (split, year) -> (image folder, {kind: annotation file}).
+# Test and unlabeled splits have only image_info files; kind "instances" asks for the same file.
+COCO_FILES: dict[tuple[str, int], tuple[str, dict[str, str]]] = {
+    ("train", 2017): (
+        "train2017",
+        {
+            "instances": "instances_train2017.json",
+            "person_keypoints": "person_keypoints_train2017.json",
+            "captions": "captions_train2017.json",
+            "panoptic": "panoptic_train2017.json",
+        },
+    ),
+    ("train", 2014): (
+        "train2014",
+        {
+            "instances": "instances_train2014.json",
+            "person_keypoints": "person_keypoints_train2014.json",
+            "captions": "captions_train2014.json",
+        },
+    ),
+    ("val", 2017): (
+        "val2017",
+        {
+            "instances": "instances_val2017.json",
+            "person_keypoints": "person_keypoints_val2017.json",
+            "captions": "captions_val2017.json",
+            "panoptic": "panoptic_val2017.json",
+        },
+    ),
+    ("val", 2014): (
+        "val2014",
+        {
+            "instances": "instances_val2014.json",
+            "person_keypoints": "person_keypoints_val2014.json",
+            "captions": "captions_val2014.json",
+        },
+    ),
+    ("test", 2017): ("test2017", {"instances": "image_info_test2017.json", "image_info": "image_info_test2017.json"}),
+    ("test", 2015): ("test2015", {"instances": "image_info_test2015.json", "image_info": "image_info_test2015.json"}),
+    ("test", 2014): ("test2014", {"instances": "image_info_test2014.json", "image_info": "image_info_test2014.json"}),
+    ("test-dev", 2017): (
+        "test2017",  # test-dev's images are a subset of the test folder
+        {"instances": "image_info_test-dev2017.json", "image_info": "image_info_test-dev2017.json"},
+    ),
+    ("test-dev", 2015): (
+        "test2015",
+        {"instances": "image_info_test-dev2015.json", "image_info": "image_info_test-dev2015.json"},
+    ),
+    ("unlabeled", 2017): (
+        "unlabeled2017",
+        {"instances": "image_info_unlabeled2017.json", "image_info": "image_info_unlabeled2017.json"},
+    ),
+    ("minival", 2014): (
+        "val2014",  # minival's images live in val2014
+        {
+            "instances": "instances_minival2014.json",
+            "person_keypoints": "person_keypoints_minival2014.json",
+            "captions": "captions_minival2014.json",
+        },
+    ),
+    ("valminusminival", 2014): (
+        "val2014",
+        {
+            "instances": "instances_valminusminival2014.json",
+            "person_keypoints": "person_keypoints_valminusminival2014.json",
+            "captions": "captions_valminusminival2014.json",
+        },
+    ),
+}
+
+
+def _image_folder(split: CocoSplit) -> str:
+    return COCO_FILES[(split.name, split.year)][0]
+
+
+def _annotation_file(split: CocoSplit, kind: str) -> str:
+    return COCO_FILES[(split.name, split.year)][1][kind]
+
+
 def _kinds_for(split: CocoSplit) -> list[str]:
-    """The annotation kinds COCO publishes for ``split`` (``annotation_filename`` accepts these)."""
-    if split.is_test or split.name == "unlabeled":
-        return ["instances", "image_info"]
-    kinds = ["instances", "person_keypoints", "captions"]
-    return kinds + ["panoptic"] if split.year == 2017 and split.name in ("train", "val") else kinds
+    """The annotation kinds COCO publishes for ``split`` (from the hand table ``COCO_FILES``)."""
+    return list(COCO_FILES[(split.name, split.year)][1])
 
 
 def _choices(split: str | CocoSplit | None, year: int | None) -> list[CocoSplit]:
@@ -138,10 +216,10 @@ def _base_dir() -> Path:
 
 def _coco_files(base: Path, split: CocoSplit, kind: str, images: str | None) -> tuple[Path, list[Path]]:
     """COCO's own layout: the annotation file and the image folder(s) to create."""
-    ann = base / "annotations" / annotation_filename(split, kind=kind)
+    ann = base / "annotations" / _annotation_file(split, kind)
     if images is None:
         return ann, []
-    return ann, [base / split.image_folder if images == "top" else base / "images" / split.image_folder]
+    return ann, [base / _image_folder(split) if images == "top" else base / "images" / _image_folder(split)]
 
 
 def coco_trees(layout: str | None = None) -> st.SearchStrategy[CocoTree]:
@@ -192,9 +270,7 @@ def coco_trees(layout: str | None = None) -> st.SearchStrategy[CocoTree]:
                 if y != s.year and kind in _kinds_for(CocoSplit(s.name, y))
             ]
             decoys += [
-                (s, k)
-                for k in _kinds_for(s)
-                if k != kind and annotation_filename(s, kind=k) != annotation_filename(s, kind=kind)
+                (s, k) for k in _kinds_for(s) if k != kind and _annotation_file(s, k) != _annotation_file(s, kind)
             ]
             decoys += [(CocoSplit(n, SPLITS[n][0]), "instances") for n in SPLITS if n != s.name]
             for decoy, decoy_kind in draw(st.lists(st.sampled_from(decoys), max_size=3, unique=True)):
@@ -231,8 +307,8 @@ def _expected(
                 return CocoPaths(root / name, root / name / "_annotations.coco.json", split, layout)
         return None
     base = root / "coco" if layout == "detectron2" else root
-    ann = base / "annotations" / annotation_filename(split, kind=kind)
+    ann = base / "annotations" / _annotation_file(split, kind)
     image_dir = next(
-        (d for d in (base / split.image_folder, base / "images" / split.image_folder) if d in folders), None
+        (d for d in (base / _image_folder(split), base / "images" / _image_folder(split)) if d in folders), None
     )
     return CocoPaths(image_dir, ann, split, layout) if ann in files and image_dir is not None else None

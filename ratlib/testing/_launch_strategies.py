@@ -34,6 +34,26 @@ _LOCAL_SIZE = {
     "mvapich": "MV2_COMM_WORLD_LOCAL_SIZE",
     "mpich": "MPI_LOCALNRANKS",
 }
+# The SLURM port rule as docs/dist_init.md states it (MASTER_PORT unset: 15000 + (SLURM_JOB_ID + 7919 x
+# SLURM_STEP_ID) mod 20000, no step counting as 0), worked out by hand: (job id, step id or None, port).
+# Not computed from the formula, so an implementation that drifts from the documented rule fails.
+SLURM_PORTS: tuple[tuple[int, int | None, int], ...] = (
+    (1, None, 15001),
+    (7, 4, 26683),
+    (34, None, 15034),
+    (34, 5, 34629),
+    (77, 0, 15077),
+    (4242, 2, 15080),  # 4242 + 15838 = 20080: wraps to 80
+    (12081, 1, 15000),  # 12081 + 7919 = 20000: wraps to 0
+    (19999, None, 34999),  # the highest port the rule gives
+    (20000, None, 15000),
+    (20001, None, 15001),
+    (123456, None, 18456),
+    (123456, 1, 26375),
+    (123456, 5, 18051),
+    (9999999, 3, 18756),
+    (10000000, None, 15000),
+)
 _NOISE = {"HOME": "/home/user", "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "0,1,2,3", "OMP_NUM_THREADS": "4"}
 
 
@@ -189,7 +209,7 @@ def _slurm_case(draw: st.DrawFn, env: dict[str, str], wrappers: bool) -> LaunchC
     counts, rank, node, local = draw(_layout(uniform=False))
     world = sum(counts)
     hosts, first = draw(_hostlist(len(counts)))
-    job = draw(st.integers(1, 10**7))
+    job, step, slurm_port = draw(st.sampled_from(SLURM_PORTS))
     env.update(
         {
             "SLURM_PROCID": str(rank),
@@ -221,10 +241,9 @@ def _slurm_case(draw: st.DrawFn, env: dict[str, str], wrappers: bool) -> LaunchC
         )
     if draw(st.integers(0, 4)) == 0:  # hand-made: the local rank follows from the block layout
         del env["SLURM_LOCALID"]
-    step = draw(st.none() | st.integers(0, 5))
     if step is not None:
         env["SLURM_STEP_ID"] = str(step)
-    addr, port = first, 15000 + (job + 7919 * (step or 0)) % 20000
+    addr, port = first, slurm_port
     if draw(st.booleans()):
         addr = env["MASTER_ADDR"] = draw(st.sampled_from(["10.0.0.9", "head"]))
     if draw(st.booleans()):
