@@ -518,12 +518,17 @@ def _deepspeed_three_steps(stage: int) -> None:
     """Rank target: deepspeed.initialize with our config on CPU (gloo), three optimizer steps, torn down as
     docs/dist_init.md tells DeepSpeed users to (without it a rank could abort at exit, issue 18)."""
     import deepspeed
+    import torch
 
     from ratlib import distributed
 
     with distributed(device="cpu"):
         deepspeed.init_distributed(dist_backend="gloo")  # adopts ratlib's group
         steps = _three_steps(stage)  # the engine is freed on return, before the teardown
+    # Issue 18: a group alive at exit (DeepSpeed kept a WORLD copy) could abort the rank in finalization.
+    from deepspeed.utils import groups
+
+    assert not torch.distributed.is_initialized() and groups._WORLD_GROUP is None, "a group outlived the teardown"
     print(f"stage {stage}: {steps} steps")
 
 
