@@ -4,12 +4,16 @@
   it over ``path`` and fsyncs the folder; a process killed at any point leaves the previous checkpoint
   (and ``path`` itself, when it is overwritten) intact. The other ranks write nothing and, by default,
   wait in a barrier so that a load that follows sees the file.
-- :func:`load`: every rank reads the file onto ``map_location``; a missing or unreadable file is a
-  :class:`CheckpointError` that lists the checkpoints that do exist.
+- :func:`load`: every rank reads the file onto ``map_location`` with ``weights_only=True`` (loading runs no
+  code); a missing, unreadable or refused file is a :class:`CheckpointError` that names the file, lists the
+  checkpoints that do exist or the refused types, and the fix.
 - :func:`latest`: the newest checkpoint in a folder, by the numbers in the file names (``epoch9`` before
   ``epoch10``), temporary files ignored.
 - :func:`rng_state` / :func:`set_rng_state`: the Python, NumPy and torch (CPU and CUDA) generators of
-  every rank, so that a resumed run draws the same random numbers as an uninterrupted one.
+  every rank, as plain data (ints, lists, dicts, tensors), so that a resumed run draws the same random numbers
+  as an uninterrupted one and the checkpoint loads with ``weights_only=True``.
+- :func:`upgrade`: rewrites a checkpoint from before that change (NumPy state as an ndarray) in the plain
+  form; also ``python -m ratlib.checkpoint upgrade FILE``.
 - :func:`unwrap_model`: the module inside DDP, DeepSpeed or ``torch.compile`` wrappers, whose
   ``state_dict()`` keys have no ``module.`` or ``_orig_mod.`` prefix.
 
@@ -21,21 +25,38 @@ from __future__ import annotations
 import os
 import random
 import re
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ratlib.errors import RatlibError, message
 from ratlib.io import TMP_PREFIX, write_atomic
 
-__all__ = ["CheckpointError", "latest", "load", "rng_state", "save", "set_rng_state", "unwrap_model"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "latest",
+    "load",
+    "rng_state",
+    "save",
+    "set_rng_state",
+    "unwrap_model",
+    "upgrade",
+]
 
 
 # Test hook: called with the temporary path after it is written and fsynced, before the rename.
 _before_rename: Callable[[Path], None] | None = None
 
 
-class CheckpointError(FileNotFoundError):
-    """A checkpoint that is missing or cannot be read; the message lists the checkpoints that exist."""
+class CheckpointError(RatlibError, OSError):
+    """A checkpoint that cannot be used: missing, damaged, refused by ``weights_only=True``, or a ``save`` whose
+    synchronisation failed. The message names the file and the fix."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist (also a ``FileNotFoundError``); the message lists those that do."""
 
 
 def _is_main() -> bool:
@@ -77,10 +98,28 @@ def save(state: Mapping[str, Any], path: str | os.PathLike[str], *, keep: int | 
         if keep is not None:
             _prune(path, keep)
     if sync:
-        from ratlib.dist_init import barrier
-
-        barrier()
+        _sync_after_save(path)
     return path
+
+
+def _sync_after_save(path: Path) -> None:
+    """The barrier after a save; a failure there is almost always a ``save`` called on some ranks only."""
+    from ratlib.dist_init import barrier, get_rank, get_world_size
+
+    try:
+        barrier()
+    except Exception as exc:  # noqa: BLE001 - gloo and NCCL raise RuntimeError, DistBackendError, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(
+            message(
+                f"checkpoint.save({str(path)!r}): rank {get_rank()}/{get_world_size()} wrote or skipped its "
+                "part, but the synchronisation after the save failed; every rank must call save (it is a "
+                "collective with sync=True), a save inside `if info.is_main:` leaves the other ranks out",
+                got=f"{type(exc).__name__}: {first}",
+                fix="call checkpoint.save on every rank (only the main rank writes), or pass sync=False when "
+                "you call it from the main rank alone",
+            )
+        ) from exc
 
 
 def _prune(path: Path, keep: int) -> None:
@@ -105,25 +144,41 @@ def latest(directory: str | os.PathLike[str], pattern: str = "*.pt") -> Path | N
     return max(files, key=_natural_key) if files else None
 
 
-def load(path: str | os.PathLike[str], map_location: Any = "cpu", *, weights_only: bool = False) -> dict[str, Any]:
+_UPGRADE = "python -m ratlib.checkpoint upgrade"
+
+
+def load(path: str | os.PathLike[str], map_location: Any = "cpu", *, weights_only: bool = True) -> dict[str, Any]:
     """Read a checkpoint on this rank (call it on every rank). ``map_location`` as in ``torch.load``.
 
-    ``weights_only=False`` by default because a training checkpoint holds RNG states and a config;
-    load only files you wrote yourself.
+    ``weights_only=True`` (torch's safe unpickler): loading runs no code, and everything ratlib stores is plain
+    data. A file holding other types is refused with a :class:`CheckpointError` naming them.
+    ``weights_only=False`` unpickles anything, which can run code from the file: only for files you trust; it
+    logs a warning naming the file.
     """
     import torch
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
+        raise CheckpointNotFoundError(
             f"checkpoint {path} does not exist ({_listing(path.parent, '*.pt')}). "
             "Give an existing file, or use ratlib.checkpoint.latest(folder) to find one."
+        )
+    if not weights_only:
+        from ratlib.rank_logger import get_logger
+
+        get_logger(__name__).warning(
+            "loading checkpoint %s with weights_only=False: unpickling can run code from the file; "
+            "do this only with files you trust",
+            path,
         )
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
+        types = _refused_types(path, exc) if weights_only and "weights only load" in str(exc).lower() else []
+        if types:  # a readable pickle holding something other than plain data
+            raise _refused(path, types) from exc
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {_short(exc)}); "
             f"it may be truncated or not a torch checkpoint. {_listing(path.parent, '*.pt')}; "
             "load an earlier one."
         ) from exc
@@ -134,17 +189,60 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu", *, weights_onl
     return state
 
 
+def _short(exc: BaseException) -> str:
+    """One line of torch's error: the unpickler's own reason, not its paragraph about weights_only."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)[:300]
+
+
+def _refused_types(path: Path, exc: BaseException) -> list[str]:
+    """The globals that the safe unpickler refused (read from the file, else from torch's message); none for a
+    file that is damaged rather than refused."""
+    import torch
+
+    try:
+        found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - an old torch, or a file it cannot scan: fall back to the message
+        found = []
+    return found or [m.rstrip(".") for m in re.findall(r"GLOBAL ([\w.]+)", str(exc))]
+
+
+def _refused(path: Path, types: list[str]) -> CheckpointError:
+    opt_in = f"ratlib.checkpoint.load({str(path)!r}, weights_only=False)"
+    if all(t.startswith("numpy") for t in types):
+        return CheckpointError(
+            message(
+                f"checkpoint {path} holds NumPy objects, which weights_only=True refuses; checkpoints written by "
+                "ratlib before it stored NumPy's RNG state as plain data look like this",
+                got=f"refused: {', '.join(types)}",
+                fix=f"if you trust the file, convert it once: `{_UPGRADE} {path}` (rewrites it in the plain "
+                f"form), or load it with {opt_in}",
+            )
+        )
+    return CheckpointError(
+        message(
+            f"checkpoint {path} holds types that weights_only=True refuses: unpickling them could run code "
+            "from the file, so it was not loaded",
+            got=f"refused: {', '.join(types)}",
+            fix=f"store plain data (tensors, numbers, strings, lists, dicts); if you trust the file, load it "
+            f"with {opt_in}, or allowlist the types with torch.serialization.add_safe_globals",
+        )
+    )
+
+
 def rng_state() -> dict[str, Any]:
     """The random generators of every rank: ``{"world_size": W, "ranks": [state of rank 0, ...]}``.
 
-    A collective when a process group exists: call it on every rank. Put the result in the checkpoint.
+    A collective when a process group exists: call it on every rank. Put the result in the checkpoint; it is
+    plain data (NumPy's state as a dict of ints, a list and a float), so it loads with ``weights_only=True``.
     """
-    import numpy as np
     import torch
 
     from ratlib.comm import all_gather_object
 
-    mine: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    mine: dict[str, Any] = {"python": random.getstate(), "numpy": _numpy_plain(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         mine["cuda"] = torch.cuda.get_rng_state_all()
     ranks = all_gather_object(mine)
@@ -157,7 +255,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     With another world size than the one saved, the ranks cannot be matched one to one: each rank then
     takes saved rank ``rank % saved_world_size`` and a warning says so.
     """
-    import numpy as np
     import torch
 
     from ratlib.launch import get_rank, get_world_size
@@ -182,11 +279,100 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         )
     mine = ranks[rank % len(ranks)]
     random.setstate(mine["python"])
-    np.random.set_state(mine["numpy"])
+    _numpy_restore(mine["numpy"])
     torch.set_rng_state(mine["torch"])
     if "cuda" in mine and torch.cuda.is_available():
         cuda = mine["cuda"][: torch.cuda.device_count()]
         torch.cuda.set_rng_state_all(cuda)
+
+
+def _numpy_plain() -> dict[str, Any]:
+    """NumPy's legacy global generator as plain values (its key as a list of ints, not an ndarray)."""
+    import numpy as np
+
+    state = np.random.get_state(legacy=False)
+    inner = state["state"]
+    return {
+        "bit_generator": str(state["bit_generator"]),
+        "key": [int(k) for k in inner["key"].tolist()],
+        "pos": int(inner["pos"]),
+        "has_gauss": int(state["has_gauss"]),
+        "gauss": float(state["gauss"]),
+    }
+
+
+def _numpy_restore(saved: Any) -> None:
+    import numpy as np
+
+    if isinstance(saved, Mapping):
+        key = np.asarray(saved["key"].tolist() if hasattr(saved["key"], "tolist") else saved["key"], dtype=np.uint32)
+        np.random.set_state(
+            {
+                "bit_generator": saved["bit_generator"],
+                "state": {"key": key, "pos": int(saved["pos"])},
+                "has_gauss": int(saved["has_gauss"]),
+                "gauss": float(saved["gauss"]),
+            }
+        )
+    else:  # the tuple np.random.get_state() returns, as written by ratlib before the plain form
+        np.random.set_state(saved)
+
+
+def _plain_rng(rng: Any) -> Any:
+    """A saved ``rng_state()`` with any old-style NumPy tuple replaced by the plain dict."""
+    if not isinstance(rng, Mapping) or not isinstance(rng.get("ranks"), list):
+        return rng
+    ranks = []
+    for entry in rng["ranks"]:
+        entry = dict(entry)
+        old = entry.get("numpy")
+        if isinstance(old, tuple) and len(old) == 5:
+            name, key, pos, has_gauss, gauss = old
+            entry["numpy"] = {
+                "bit_generator": str(name),
+                "key": [int(k) for k in key],
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "gauss": float(gauss),
+            }
+        ranks.append(entry)
+    return {**rng, "ranks": ranks}
+
+
+def upgrade(path: str | os.PathLike[str]) -> Path:
+    """Rewrite a trusted checkpoint written before the plain RNG form so that it loads with ``weights_only=True``.
+
+    It is unpickled with ``weights_only=False`` (run this only on files you trust), every ``rng_state()`` found
+    at the top level gets NumPy's state as plain values, and the file is replaced atomically. A file that still
+    holds other NumPy or custom objects afterwards is left unchanged and a :class:`CheckpointError` names them.
+    """
+    import io
+
+    import torch
+
+    path = Path(path)
+    state = load(path, weights_only=False)
+    new = {key: _plain_rng(value) for key, value in state.items()}
+    buffer = io.BytesIO()
+    torch.save(new, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        buffer.seek(0)
+        scanned = torch.serialization.get_unsafe_globals_in_checkpoint(buffer)
+        raise CheckpointError(
+            message(
+                f"checkpoint {path}: after converting the RNG state it still holds types that weights_only=True "
+                "refuses; the file was left unchanged",
+                got=f"refused: {', '.join(scanned) or type(exc).__name__}",
+                fix="convert those values to tensors, numbers, strings, lists or dicts yourself, or keep loading "
+                "the file with weights_only=False",
+            )
+        ) from exc
+    data = buffer.getvalue()
+    write_atomic(path, lambda f: f.write(data))
+    return path
 
 
 def unwrap_model(model: Any) -> Any:
@@ -202,3 +388,20 @@ def unwrap_model(model: Any) -> Any:
             return model
         model = inner
     return model
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] != "upgrade":
+        print(f"usage: {_UPGRADE} FILE [FILE ...]  (rewrites trusted old checkpoints in the plain form)")
+        return 2
+    for name in argv[1:]:
+        try:
+            print(f"upgraded {upgrade(name)}: it now loads with weights_only=True")
+        except CheckpointError as exc:
+            print(f"ratlib.checkpoint: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

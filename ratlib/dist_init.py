@@ -595,16 +595,23 @@ def _init_parameters(dist: Any) -> tuple[str, ...]:
 
 
 def shutdown() -> None:
-    """Destroy the process group if one exists; safe to call any number of times (also runs at exit).
+    """Destroy every process group if one exists; safe to call any number of times (also runs at exit).
 
-    Garbage is collected first: a DDP model or pending gloo work left in reference cycles would otherwise
-    be freed during interpreter shutdown, after the group, which can abort the process
-    ("terminate called without an active exception") once training has already finished.
+    A group whose Python object is still referenced keeps its gloo threads after ``destroy_process_group``;
+    freed later, during interpreter shutdown, it can abort the process ("terminate called without an active
+    exception") after training has finished. So: collect garbage (DDP models and pending work in cycles), let
+    DeepSpeed drop its own references to its groups (it keeps a WORLD copy in ``deepspeed.utils.groups``), and
+    collect again, so that the groups and their threads go now, while the interpreter is still whole.
     """
     global _INFO, _INIT_ARGS
     if _group_ready():
         gc.collect()
-        sys.modules["torch.distributed"].destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm.comm")
+        if getattr(ds_comm, "cdb", None) is not None and hasattr(ds_comm, "destroy_process_group"):
+            ds_comm.destroy_process_group()  # torch's destroy, then DeepSpeed releases its group references
+        else:
+            sys.modules["torch.distributed"].destroy_process_group()
+        gc.collect()
     _INFO, _INIT_ARGS = None, None
 
 

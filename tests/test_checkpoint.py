@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import subprocess
 import sys
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 from ratlib import checkpoint
-from ratlib.checkpoint import CheckpointError
+from ratlib.checkpoint import CheckpointError, CheckpointNotFoundError
+from ratlib.errors import RatlibError
 
 
 def test_save_load_round_trip_creates_folder_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -84,7 +87,8 @@ def test_load_errors_list_what_exists(tmp_path: Path) -> None:
         checkpoint.load(tmp_path / "epoch2.pt")
     text = str(info.value)
     assert "epoch2.pt does not exist" in text and "epoch1.pt" in text and "latest" in text
-    assert isinstance(info.value, FileNotFoundError)
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, CheckpointNotFoundError)
+    assert isinstance(info.value, RatlibError)
     (tmp_path / "epoch3.pt").write_bytes(b"\x00not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read.*load an earlier one"):
         checkpoint.load(tmp_path / "epoch3.pt")
@@ -97,14 +101,123 @@ def _draws() -> tuple[float, float, list[float]]:
     return random.random(), float(np.random.rand()), torch.rand(3).tolist()
 
 
-def test_rng_state_round_trip_reproduces_draws() -> None:
+def test_rng_state_round_trip_reproduces_draws(tmp_path: Path) -> None:
+    np.random.randn()  # leaves a cached Gaussian in NumPy's state (has_gauss=1), which must come back too
     state = checkpoint.rng_state()
     assert state["world_size"] == 1 and set(state["ranks"][0]) >= {"python", "numpy", "torch"}
-    first = _draws()
-    checkpoint.set_rng_state(state)
-    assert _draws() == first
+    assert state["ranks"][0]["numpy"]["has_gauss"] == 1
+    first = _draws() + (float(np.random.randn()),)
+    checkpoint.save({"rng": state}, tmp_path / "rng.pt")
+    # Plain data all the way down: torch's safe unpickler takes it without any allowlist.
+    loaded = torch.load(tmp_path / "rng.pt", weights_only=True)["rng"]
+    checkpoint.set_rng_state(loaded)
+    assert _draws() + (float(np.random.randn()),) == first
     with pytest.raises(ValueError, match="rng_state"):
         checkpoint.set_rng_state({"ranks": []})
+
+
+class _RunsCode:
+    """A pickle payload with a side effect, as in a checkpoint from an untrusted source."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_load_refuses_a_pickle_that_runs_code_and_names_it(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "shared.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": _RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(path)
+    assert not marker.exists(), "load() ran code from the file"
+    text = str(info.value)
+    assert str(path) in text and "system" in text and "weights_only=False" in text, text
+    assert isinstance(info.value, RatlibError) and not isinstance(info.value, FileNotFoundError)
+    # The opt-in still works for a file the user trusts, and says what it does in a warning naming the file.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("ratlib.checkpoint").addHandler(handler)
+    try:
+        checkpoint.load(path, weights_only=False)
+    finally:
+        logging.getLogger("ratlib.checkpoint").removeHandler(handler)
+    assert marker.exists()
+    assert any(r.levelno == logging.WARNING and str(path) in r.getMessage() for r in records), records
+
+
+def test_old_checkpoint_with_numpy_state_gets_the_upgrade_command(tmp_path: Path) -> None:
+    path = tmp_path / "epoch0003.pt"
+    np.random.seed(7)
+    legacy_rng = {"world_size": 1, "ranks": [{**checkpoint.rng_state()["ranks"][0], "numpy": np.random.get_state()}]}
+    expected = float(np.random.rand())
+    torch.save({"epoch": 3, "rng": legacy_rng}, path)  # what ratlib wrote before the plain form
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(path)
+    text = str(info.value)
+    assert f"python -m ratlib.checkpoint upgrade {path}" in text and "weights_only=False" in text, text
+    assert "numpy" in text
+    proc = subprocess.run(
+        [sys.executable, "-m", "ratlib.checkpoint", "upgrade", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 3
+    checkpoint.set_rng_state(state["rng"])
+    assert float(np.random.rand()) == expected
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: object, steps: range) -> None:
+    """A few steps whose data come from all three generators, so a missed RNG state changes the weights."""
+    for _ in steps:
+        x = torch.randn(4, 3) + float(np.random.rand()) + random.random()
+        loss = torch.nn.functional.dropout(model(x), 0.5).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()  # type: ignore[attr-defined]
+
+
+def _fresh(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    return model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+
+def test_resume_from_a_safe_checkpoint_is_bit_identical(tmp_path: Path) -> None:
+    random.seed(1)
+    np.random.seed(1)
+    model, opt, sched = _fresh(0)
+    _train(model, opt, sched, range(3))
+    path = checkpoint.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),  # type: ignore[attr-defined]
+            "step": 3,
+            "rng": checkpoint.rng_state(),
+            "config": {"lr": 0.05, "name": "toy", "layers": [3, 2]},
+        },
+        tmp_path / "step3.pt",
+    )
+    _train(model, opt, sched, range(3, 7))
+    uninterrupted = {k: v.clone() for k, v in model.state_dict().items()}
+
+    random.seed(99)  # the resumed process starts with other generators and fresh objects
+    np.random.seed(99)
+    resumed, opt2, sched2 = _fresh(123)
+    state = checkpoint.load(path)  # weights_only=True
+    resumed.load_state_dict(state["model"])
+    opt2.load_state_dict(state["optimizer"])
+    sched2.load_state_dict(state["scheduler"])  # type: ignore[attr-defined]
+    checkpoint.set_rng_state(state["rng"])
+    _train(resumed, opt2, sched2, range(state["step"], 7))
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, uninterrupted[key]), key
 
 
 def test_unwrap_model_removes_compile_wrapper() -> None:
@@ -146,3 +259,21 @@ def test_two_ranks_rank_zero_writes_everyone_loads_own_rng(tmp_path: Path, run_o
     run = run_on_ranks(two_rank_checkpoint, 2, args=(str(tmp_path),), env={"CUDA_VISIBLE_DEVICES": ""}).check()
     assert "rank 0 ok" in run.outputs[0] and "rank 1 ok" in run.outputs[1]
     assert [p.name for p in tmp_path.iterdir()] == ["epoch1.pt"]
+
+
+def save_on_main_only(folder: str) -> int:
+    """The misuse: save inside ``if info.is_main:``; the main rank must get a message naming it."""
+    from ratlib import distributed
+
+    with distributed(device="cpu", timeout=60) as info:
+        if info.is_main:
+            checkpoint.save({"step": 1}, Path(folder) / "step1.pt")
+    return 0
+
+
+@pytest.mark.distributed
+def test_save_on_the_main_rank_only_says_every_rank_must_call_it(tmp_path: Path, run_on_ranks) -> None:
+    run = run_on_ranks(save_on_main_only, 2, args=(str(tmp_path),), env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert run.returncodes[0] != 0 and not run.timed_out, str(run)
+    assert "CheckpointError" in run.stderrs[0] and "every rank must call save" in run.stderrs[0], str(run)
+    assert "sync=False" in run.stderrs[0], str(run)

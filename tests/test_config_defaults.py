@@ -623,11 +623,27 @@ def test_deepspeed_accepts_the_config_when_installed() -> None:
 
 
 def _deepspeed_three_steps(stage: int) -> None:
-    """Rank target: deepspeed.initialize with our config on CPU (gloo), three optimizer steps."""
+    """Rank target: deepspeed.initialize with our config on CPU (gloo), three optimizer steps, torn down as
+    docs/dist_init.md tells DeepSpeed users to (without it a rank could abort at exit, issue 18)."""
     import deepspeed
     import torch
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from ratlib import distributed
+
+    with distributed(device="cpu"):
+        deepspeed.init_distributed(dist_backend="gloo")  # adopts ratlib's group
+        steps = _three_steps(stage)  # the engine is freed on return, before the teardown
+    # Issue 18: a group alive at exit (DeepSpeed kept a WORLD copy) could abort the rank in finalization.
+    from deepspeed.utils import groups
+
+    assert not torch.distributed.is_initialized() and groups._WORLD_GROUP is None, "a group outlived the teardown"
+    print(f"stage {stage}: {steps} steps")
+
+
+def _three_steps(stage: int) -> int:
+    import deepspeed
+    import torch
+
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 2)
     cfg = load_config(
@@ -643,7 +659,7 @@ def _deepspeed_three_steps(stage: int) -> None:
         engine.backward(loss)
         engine.step()
     assert engine.global_steps == 3, engine.global_steps
-    print(f"stage {stage}: {engine.global_steps} steps")
+    return int(engine.global_steps)
 
 
 @pytest.mark.distributed
