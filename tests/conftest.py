@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import time
+from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
@@ -11,6 +14,22 @@ import pytest
 
 # Keep spawned ranks from fighting over the two cores of a CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _private_torch_extensions() -> None:
+    """DeepSpeed's CPU ranks JIT-build an op (deepspeed_shm_comm) under TORCH_EXTENSIONS_DIR. The suite builds
+    into the environment's own folder, not the user's shared ~/.cache, and clears a lock a killed build left:
+    torch's FileBaton waits forever on one (a build takes minutes at most)."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return
+    folder = Path(sys.prefix) / "torch-extensions"
+    for lock in folder.glob("*/*/lock"):
+        if time.time() - lock.stat().st_mtime > 15 * 60:
+            lock.unlink(missing_ok=True)
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
+
+
+_private_torch_extensions()
 
 # Modules the project installs (Makefile: dev, detection, medical, plot and deepspeed extras), and the install
 # command for each. With CI=true one that does not import is a broken environment, so a failure, never a skip.
@@ -25,8 +44,10 @@ INSTALLED_BY_THE_PROJECT = {
     "nibabel": "pip install 'ratlib[medical]'",
     "matplotlib": "pip install 'ratlib[plot]'",
     "deepspeed": "pip install 'ratlib[deepspeed]'",
-    "tensorboard": "pip install tensorboard",
-    "mpi4py": "pip install mpi4py",
+    "tensorboard": "pip install 'ratlib[tensorboard]'",
+    "mpi4py": "pip install 'ratlib[mpi]'",
+    "wandb": "pip install 'ratlib[wandb]' (the tests: ratlib[tracking-test])",
+    "mlflow": "pip install 'ratlib[mlflow]' (the tests: ratlib[tracking-test])",
 }
 
 

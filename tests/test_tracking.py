@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import importlib
 import json
 import logging
 import os
@@ -14,32 +13,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import tracking_targets
+from conftest import require
 
 from ratlib.errors import RatlibError
 from ratlib.io import append_jsonl, read_jsonl
 from ratlib.tracking import Backend, Tracker, TrackingError, flatten_config, lr_metrics, memory_metrics
-
-HINTS = {
-    "tensorboard": "pip install 'ratlib[tensorboard]'",
-    "wandb": "pip install 'ratlib[wandb]' (the tests: ratlib[tracking-test])",
-    "mlflow": "pip install 'ratlib[mlflow]' (the tests: ratlib[tracking-test])",
-}
-
-
-def require(module: str) -> ModuleType:
-    """Import a backend package, or skip with the install hint; with CI=true (the Makefile installs them) fail."""
-    try:
-        return importlib.import_module(module)
-    except Exception as exc:
-        reason = f"{module} does not import ({type(exc).__name__}: {exc}); {HINTS[module.split('.')[0]]}"
-        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI=true and the project installs it, but {reason}", pytrace=False)
-        pytest.skip(reason)
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
