@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import in_ci
 from example_helpers import _restore_logging, load_script  # noqa: F401  (autouse fixture)
+from suite_rules import in_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "examples" / "ablation" / "run.py"

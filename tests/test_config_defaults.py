@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require
 from hypothesis import HealthCheck, given, settings
 from pydantic import ConfigDict
+from suite_rules import require
 
 from ratlib.config_defaults import (
     ConfigError,

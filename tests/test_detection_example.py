@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import require
 from example_helpers import _restore_logging, load_script, one_thread  # noqa: F401  (fixtures)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from suite_rules import require
 
 from ratlib.data import EvalSampler, ShardedBatchSampler
 from ratlib.synthetic import make_coco_detection

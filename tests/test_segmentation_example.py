@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import require, unavailable
+from suite_rules import require, unavailable
 
 require("nibabel")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import require
+from suite_rules import require
 
 
 @pytest.mark.parametrize("ci", ["true", "1"])

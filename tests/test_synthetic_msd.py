@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np  # a hard dependency: no skip
 import pytest
-from conftest import require
+from suite_rules import require
 
 nib = require("nibabel")
 

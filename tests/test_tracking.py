@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import tracking_targets
-from conftest import require
+from suite_rules import require
 
 from ratlib.errors import RatlibError
 from ratlib.io import append_jsonl, read_jsonl
