@@ -12,8 +12,8 @@ file so that train.py stays a readable loop:
 - ``evaluate``: each rank predicts on its share (``ratlib.data.EvalSampler``), ``gather_by_index`` joins the
   COCO results rows (a small array per image, never evaluator state) on the main rank and checks that
   every image was predicted once, and COCOeval runs once.
-- ``make_stepper`` and ``Stepper``: optimiser, schedule, precision and DDP or DeepSpeed (the same section
-  in every example).
+- ``make_stepper`` and ``Stepper``: optimiser, schedule, precision and DDP or DeepSpeed, from
+  ``ratlib.config_defaults`` (re-exported here for train.py).
 
 Sampling is ratlib's (``ratlib.data.ShardedBatchSampler`` with the aspect groups of ``aspect_groups``).
 """
@@ -25,11 +25,8 @@ import io
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +36,6 @@ from torch import nn
 
 from ratlib import (
     CocoPathError,
-    DistInfo,
-    ExperimentConfig,
     checkpoint,
     get_logger,
     is_main_process,
@@ -48,8 +43,15 @@ from ratlib import (
     parse_split,
     progress,
     resolve_coco,
-    to_deepspeed_config,
 )
+
+# The training mechanics (optimiser, schedule, precision, DDP or DeepSpeed) are ratlib's; train.py and
+# benchmarks/ reach them through this module.
+from ratlib.config_defaults import Stepper, UsageError
+from ratlib.config_defaults import autocast_for as autocast_for
+from ratlib.config_defaults import make_optimizer as make_optimizer
+from ratlib.config_defaults import make_stepper as make_stepper
+from ratlib.config_defaults import parse_args as parse_args
 from ratlib.data import gather_by_index
 from ratlib.hang import heartbeat
 from ratlib.io import append_jsonl, read_jsonl, write_atomic
@@ -600,171 +602,6 @@ def fasterrcnn_tiny(num_classes: int, *, width: int = 32, **kwargs: Any) -> nn.M
 
 
 # ----------------------------------------------------------------------------------------------
-# Training mechanics: optimiser, schedule, precision, DDP or DeepSpeed. The same section in every
-# example's helper file (copy it with the example). DeepSpeed is built in one place (make_stepper) and
-# stepped in one (Stepper.step); the loop in train.py does not know which it has.
-
-
-class UsageError(ValueError):
-    """A problem with the user's input (config, paths, checkpoint): printed without a traceback."""
-
-
-def lr_lambda(step: int, cfg: ExperimentConfig, steps_per_epoch: int, total_steps: int) -> float:
-    """Learning-rate factor at optimiser step ``step``: linear warmup, then cosine to min_lr, step decay
-    every ``step_size`` epochs, or constant."""
-    s, lr = cfg.training.scheduler, cfg.training.optimizer.lr
-    warmup = s.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return (step + 1) / warmup
-    if s.name == "step":
-        return s.gamma ** ((step // steps_per_epoch) // s.step_size)
-    if s.name == "cosine":
-        t = min(1.0, (step - warmup) / max(1.0, total_steps - warmup))
-        return s.min_lr / lr + (1 - s.min_lr / lr) * 0.5 * (1 + math.cos(math.pi * t))
-    return 1.0
-
-
-def make_optimizer(cfg: ExperimentConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    o = cfg.training.optimizer
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=device.type == "cuda")
-
-
-def autocast_for(cfg: ExperimentConfig, device: torch.device) -> Callable[[], Any]:
-    """bf16 (or fp16) autocast on CUDA when ``training.mixed_precision``; nothing on CPU."""
-    dtype = {True: torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.mixed_precision)
-    if device.type != "cuda" or dtype is None:
-        return contextlib.nullcontext
-    return partial(torch.autocast, "cuda", dtype=dtype)
-
-
-@dataclass
-class Stepper:
-    """What turns losses into optimiser steps: DeepSpeed's engine, or an optimiser and schedule (and a
-    GradScaler for fp16) around DDP or the bare model. The loop calls ``model``, ``no_sync``, ``backward``
-    and ``step``; checkpoints call ``state_dict``, ``save`` and ``load``."""
-
-    model: nn.Module  # what the loop calls: the engine, the DDP wrapper or the model
-    optimizer: Any
-    scheduler: Any
-    accum: int
-    clip: float | None
-    scaler: Any = None
-    engine: Any = None
-
-    def no_sync(self, boundary: bool) -> Any:
-        """DDP skips the gradient all-reduce off an accumulation boundary (forward and backward inside)."""
-        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
-        return self.model.no_sync() if ddp and not boundary else contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        if self.engine is not None:
-            self.engine.backward(loss)
-        elif self.scaler is not None:
-            self.scaler.scale(loss / self.accum).backward()
-        else:
-            (loss / self.accum).backward()
-
-    def step(self, boundary: bool) -> bool:
-        """At an accumulation boundary: clip, step, schedule; returns whether an optimiser step was taken."""
-        if self.engine is not None:  # DeepSpeed clips, steps and schedules at its own boundary
-            boundary = self.engine.is_gradient_accumulation_boundary()
-            self.engine.step()
-            return boundary
-        if not boundary:
-            return False
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.clip:
-            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return True
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def state_dict(self) -> dict[str, Any]:
-        """For the checkpoint file; DeepSpeed's (partitioned) state goes to its own folder (``save``)."""
-        if self.engine is not None:
-            return {"optimizer": None, "scheduler": None, "scaler": None}
-        scaler = self.scaler.state_dict() if self.scaler is not None else None
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": scaler}
-
-    def save(self, folder: Path, epoch: int, step: int, keep: int | None) -> None:
-        """DeepSpeed only: its checkpoint under folder/epoch{E}, the oldest tags beyond ``keep`` removed."""
-        if self.engine is None:
-            return
-        self.engine.save_checkpoint(str(folder), tag=f"epoch{epoch:04d}", client_state={"epoch": epoch, "step": step})
-        if keep is not None and is_main_process():  # DeepSpeed never deletes its tags
-            for old in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("epoch"))[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-
-    def load(self, state: dict[str, Any], folder: Path, path: Path) -> None:
-        """Optimiser, schedule and scaler from the checkpoint ``state`` (read from ``path``), or DeepSpeed's
-        from ``folder``; a checkpoint of the other kind is a UsageError that says which flag to set."""
-        if self.engine is not None:
-            tag = f"epoch{state['epoch']:04d}"
-            if self.engine.load_checkpoint(str(folder), tag=tag)[0] is None:
-                raise UsageError(
-                    f"--resume: {path} has no DeepSpeed state ({folder / tag} is missing); resume with "
-                    "training.deepspeed.enabled=false as the run that wrote it, or start anew"
-                )
-            return
-        if state.get("optimizer") is None:
-            raise UsageError(f"--resume: {path} was written by a DeepSpeed run; set training.deepspeed.enabled=true")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-
-
-def make_stepper(
-    cfg: ExperimentConfig, model: nn.Module, info: DistInfo, steps_per_epoch: int, total_steps: int
-) -> Stepper:
-    """DeepSpeed's engine when ``training.deepspeed.enabled``, else DDP (several ranks) or the bare model,
-    with the optimiser, the schedule and, for fp16 autocast, a GradScaler."""
-    t, device = cfg.training, info.device
-    params = [p for p in model.parameters() if p.requires_grad]
-    schedule = partial(lr_lambda, cfg=cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    if t.deepspeed.enabled:
-        try:
-            import deepspeed
-        except ImportError:
-            raise UsageError(
-                "training.deepspeed.enabled=true, but DeepSpeed is not installed: pip install "
-                "'ratlib[deepspeed]' (needs CUDA and a compiler), or set training.deepspeed.enabled=false"
-            ) from None
-        ds_config = to_deepspeed_config(cfg, info.world_size, steps_per_epoch=steps_per_epoch, device=device.type)
-        if device.type != "cuda":  # as with autocast: no bf16/fp16 on the CPU
-            ds_config["bf16"]["enabled"] = ds_config["fp16"]["enabled"] = False
-        own_schedule = "scheduler" not in ds_config
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model,
-            model_parameters=params,
-            config=ds_config,
-            lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)) if own_schedule else None,
-        )
-        return Stepper(engine, optimizer, scheduler, t.gradient_accumulation_steps, t.gradient_clip, engine=engine)
-    optimizer = make_optimizer(cfg, params, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    fp16 = getattr(autocast_for(cfg, device), "keywords", {}).get("dtype") == torch.float16
-    scaler = torch.amp.GradScaler("cuda") if fp16 else None
-    wrapped = model
-    if info.world_size > 1:
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    return Stepper(wrapped, optimizer, scheduler, t.gradient_accumulation_steps, t.gradient_clip, scaler)
-
-
-# ----------------------------------------------------------------------------------------------
 # Checkpoints and metrics: the run folder's checkpoints/ and metrics.jsonl (the same in every example;
 # train.py imports these names, so a test can replace save_checkpoint there)
 
@@ -846,21 +683,6 @@ def checkpoint_to_evaluate(run_dir: Path, path: str | Path | None) -> Path:
             f"under {checkpoint_dir(run_dir)}); pass --checkpoint PATH or the output_dir of a finished run"
         )
     return found
-
-
-def parse_args(argv: Sequence[str] | None, description: str) -> Any:
-    """The command line of every example: --config, --resume, --eval-only, --checkpoint, key=value overrides."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML config (default: all defaults)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    parser.add_argument("--eval-only", action="store_true", help="only evaluate a checkpoint")
-    parser.add_argument("--checkpoint", help="with --eval-only: the checkpoint (default: the latest in output_dir)")
-    # DeepSpeed's launcher adds --local_rank=N; ratlib reads LOCAL_RANK from the environment, which wins.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.batch_size=4")
-    return parser.parse_intermixed_args(argv)
 
 
 def log_step(

@@ -18,9 +18,11 @@ supplies::
 
 The package: ``schema`` (the sections, a docstring per field), ``load`` (YAML, overrides, messages,
 ``load_config``, ``dump_config``), ``checks`` (``check_config``, ``register_check``), ``deepspeed``
-(``to_deepspeed_config``). Every public name is importable from here. The memory estimate and probe live
-in ``ratlib.memory`` and are re-exported. Imports pydantic and PyYAML only; torch is imported inside the
-functions that measure memory.
+(``to_deepspeed_config``), ``training`` (what the training section means at run time: ``make_optimizer``,
+``make_scheduler``/``lr_lambda``, ``autocast_for``, ``make_stepper``/``Stepper``, and ``parse_args``, a
+training script's command line). Every public name is importable from here. The memory estimate and probe live
+in ``ratlib.memory`` and are re-exported. Imports pydantic and PyYAML only; torch (and deepspeed) is imported
+inside the functions that measure memory or build the training objects.
 """
 
 from __future__ import annotations
@@ -40,6 +42,16 @@ from ratlib.config_defaults.schema import (
     SchedulerConfig,
     TrainingConfig,
 )
+from ratlib.config_defaults.training import (
+    Stepper,
+    UsageError,
+    autocast_for,
+    lr_lambda,
+    make_optimizer,
+    make_scheduler,
+    make_stepper,
+    parse_args,
+)
 from ratlib.memory import MemoryEstimate, MemoryProbe, count_parameters, estimate_model_memory, probe_memory
 
 __all__ = [
@@ -56,12 +68,20 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "SchedulerConfig",
+    "Stepper",
     "TrainingConfig",
+    "UsageError",
+    "autocast_for",
     "check_config",
     "count_parameters",
     "dump_config",
     "estimate_model_memory",
     "load_config",
+    "lr_lambda",
+    "make_optimizer",
+    "make_scheduler",
+    "make_stepper",
+    "parse_args",
     "probe_memory",
     "register_check",
     "to_deepspeed_config",
