@@ -34,18 +34,25 @@ def _env(cluster) -> dict[str, str]:
     return clean_env(SLURM_CONF=cluster.env["SLURM_CONF"])
 
 
-def _submit(cluster, run: Path, train_args: list[str], sbatch_args: list[str], *, launch: str | None = None, **env):
+def _submit(
+    cluster, run: Path, train_args: list[str], sbatch_args: list[str], *, launch: str | None = None, header="", **env
+):
     """sbatch a job of 2 tasks on 2 nodes whose batch script runs ``srun`` (or ``launch``) and echoes its exit code."""
     run.mkdir(parents=True, exist_ok=True)
     train = f"{TRAIN} --run-dir {run} --epochs {EPOCHS} {' '.join(train_args)}"
     line = launch.format(python=_python(), train=train) if launch else None
     script = run / "job.sh"
     script.write_text(
-        "#!/bin/bash\n" + (line or f"srun -N2 -n2 {_python()} {train}") + "\nrc=$?\necho SRUN_RC $rc\nexit $rc\n"
+        "#!/bin/bash\n"
+        + header
+        + (line or f"srun -N2 -n2 {_python()} {train}")
+        + "\nrc=$?\necho SRUN_RC $rc\nexit $rc\n"
     )
     out = run / "out.txt"
     cmd = ["sbatch", "--parsable", "-N2", "-n2", "-o", str(out), "-D", str(run), *sbatch_args, str(script)]
-    done = subprocess.run(cmd, env={**_env(cluster), **env}, capture_output=True, text=True, timeout=60)
+    # its own port: ratlib derives one from the job id, and another test session's cluster numbers its jobs from 1 too
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    done = subprocess.run(cmd, env={**_env(cluster), **rendezvous, **env}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().split(";")[0], out
 
@@ -145,6 +152,22 @@ def test_a_signal_to_one_task_stops_every_rank_at_one_step(slurm_cluster, tmp_pa
     assert "this rank got no signal" in text, text  # rank 0's exit line
     assert f"SRUN_RC {PREEMPT_EXIT_CODE}" in text, text
     assert (run / "ckpt" / "step4.pt").is_file()
+
+
+def test_the_documented_sbatch_signal_line_stops_every_rank(slurm_cluster, tmp_path: Path) -> None:
+    """``#SBATCH --signal=USR1@100`` with a 2-minute limit: Slurm itself sends SIGUSR1 to the tasks (its timer
+    has a resolution of up to a minute, so the signal may come early); both ranks stop at one step, exit 75."""
+    run = tmp_path / "run"
+    header = "#SBATCH --time=2\n#SBATCH --signal=USR1@100\n"
+    job, out = _submit(slurm_cluster, run, ["--hold-at", "3"], ["--no-requeue"], header=header)
+    record = _wait_end(slurm_cluster, job, out, timeout=240)
+    text = out.read_text()
+    stops = _stops(text)
+    assert sorted(stops) == [0, 1] and len(set(stops.values())) == 1, text
+    assert "rank 0 got SIGUSR1, rank 1 got SIGUSR1" in text, text
+    assert f"SRUN_RC {PREEMPT_EXIT_CODE}" in text and "DUE TO TIME LIMIT" not in text, text
+    if record:
+        assert record["ExitCode"] == f"{PREEMPT_EXIT_CODE}:0", record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,8 +287,8 @@ def _torchrun_job(cluster, run: Path, extra: str = ""):
     ],
 )
 def test_srun_torchrun_documented_setups_stop_every_worker(slurm_cluster, tmp_path: Path, sig, extra) -> None:
-    """``scancel --signal=SIG`` reaches the tasks, i.e. the torchrun agents; the set-ups of docs/preemption.md
-    forward it to the workers, which stop at one step, checkpoint and exit 75."""
+    """``scancel --signal=SIG`` reaches every process of the step, the torchrun agents and their workers; in the
+    set-ups of docs/preemption.md the agents survive it: the workers stop at one step, checkpoint and exit 75."""
     run = tmp_path / "run"
     job, out = _torchrun_job(slurm_cluster, run, extra)
     _wait_holding(run, 3, out)
@@ -275,8 +298,11 @@ def test_srun_torchrun_documented_setups_stop_every_worker(slurm_cluster, tmp_pa
     assert _stops(text) == {0: 4, 1: 4}, text
     assert f"rank 0 got SIG{sig}, rank 1 got SIG{sig}" in text, text
     assert (run / "ckpt" / "step4.pt").is_file()
-    assert f"exitcode  : {PREEMPT_EXIT_CODE}" in text, text  # torchrun reports the workers' 75
-    assert "SRUN_RC 0" not in text, text
+    for rank in (0, 1):
+        assert f"[rank {rank}/2] WARNING ratlib.preempt: preemption: exiting at step 4 with code 75" in text, text
+    # the agent got the signal too: it forwards it, waits for the workers, then ends with its SignalException (1)
+    assert f"Received {getattr(signal, 'SIG' + sig).value} death signal, shutting down workers" in text, text
+    assert "SRUN_RC 1" in text, text
 
 
 def test_srun_torchrun_usr1_without_forwarding_kills_the_agent(slurm_cluster, tmp_path: Path) -> None:
