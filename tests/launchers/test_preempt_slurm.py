@@ -1,5 +1,6 @@
-"""ratlib.preempt under the local two-node Slurm cluster (Slurm 22.05): scancel to every task, a signal to one
-task, sbatch --requeue resuming to the same weights, no requeue loop, the lead-time warning, srun + torchrun.
+"""ratlib.preempt under the local two-node Slurm cluster (Slurm 22.05): scancel to every task, the --signal timer,
+the B: trap, a signal to one task, sbatch --requeue resuming to the same weights, no requeue loop, the lead-time
+warning, srun + torchrun.
 
 Every job runs tests/launchers/preempt_train.py on 2 ranks (one per node). The ranks wait at a known step
 (``--hold-at``) until their signal came, so the tests signal on an event, not after a sleep.
@@ -168,6 +169,29 @@ def test_the_documented_sbatch_signal_line_stops_every_rank(slurm_cluster, tmp_p
     assert f"SRUN_RC {PREEMPT_EXIT_CODE}" in text and "DUE TO TIME LIMIT" not in text, text
     if record:
         assert record["ExitCode"] == f"{PREEMPT_EXIT_CODE}:0", record
+
+
+# docs/preemption.md's B: set-up: the batch shell traps the signal and forwards it to the tasks
+TRAP = """trap 'scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
+srun -N2 -n2 {python} {train} &
+pid=$!
+wait $pid; rc=$?
+while kill -0 $pid 2>/dev/null; do wait $pid; rc=$?; done
+(exit $rc)"""
+
+
+def test_b_signal_to_the_batch_shell_forwarded_by_a_trap(slurm_cluster, tmp_path: Path) -> None:
+    """``--signal=B:USR1@N`` signals the batch shell only (``scancel --batch --signal=USR1`` here); the trap of
+    docs/preemption.md forwards it to the tasks, which stop at one step; the script exits with srun's 75."""
+    run = tmp_path / "run"
+    job, out = _submit(slurm_cluster, run, ["--hold-at", "3"], ["--no-requeue"], launch=TRAP)
+    _wait_holding(run, 3, out)
+    _scancel(slurm_cluster, "--batch", "--signal=USR1", job)
+    _wait_end(slurm_cluster, job, out)
+    text = out.read_text()
+    assert _stops(text) == {0: 4, 1: 4}, text
+    assert "rank 0 got SIGUSR1, rank 1 got SIGUSR1" in text, text
+    assert f"SRUN_RC {PREEMPT_EXIT_CODE}" in text, text  # the shell survived the signal and waited for srun
 
 
 # ----------------------------------------------------------------------------------------------
