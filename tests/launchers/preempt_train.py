@@ -24,11 +24,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from ratlib import preempt
 
-from ratlib import checkpoint, dist_init, preempt
-from ratlib.data import ShardedBatchSampler
-from ratlib.rank_logger import setup_logging
+# before torch's import (seconds under load): a signal that comes earlier would kill the process
+PREEMPTION = preempt.install()  # SIGTERM and SIGUSR1
+
+import torch  # noqa: E402
+
+from ratlib import checkpoint, dist_init  # noqa: E402
+from ratlib.data import ShardedBatchSampler  # noqa: E402
+from ratlib.rank_logger import setup_logging  # noqa: E402
 
 SAMPLES, BATCH, FEATURES = 48, 3, 6
 
@@ -61,7 +66,7 @@ def main() -> int:
 
     setup_logging("INFO")
     info = dist_init.init_distributed("gloo", timeout=60, connect_timeout=60)
-    pre = preempt.install()  # SIGTERM and SIGUSR1
+    pre = PREEMPTION
     run_dir: Path = args.run_dir
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
     (run_dir / "pids" / f"rank{info.rank}.pid").write_text(str(os.getpid()))

@@ -112,18 +112,76 @@ def _scancel(cluster, *args: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Signals to every task, and to one task
+# Signals to every task, to one task, to the batch shell; srun + torchrun. One pool of jobs, two at a time
+# (each takes 1 CPU on each node), driven in order: each is signalled once both its ranks wait at step 3.
+
+# docs/preemption.md's B: set-up: the batch shell traps the signal and forwards it to the tasks
+TRAP = """trap 'scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
+srun -N2 -n2 {python} {train} &
+pid=$!
+wait $pid; rc=$?
+while kill -0 $pid 2>/dev/null; do wait $pid; rc=$?; done
+(exit $rc)"""
+
+TORCHRUN = (
+    "srun -N2 -n2 --ntasks-per-node=1 {python} -m torch.distributed.run --nnodes 2 --nproc-per-node 1 "
+    "--rdzv-backend c10d --rdzv-endpoint n1:{port} --shutdown-timeout 60 {extra} {train}"
+)
+FORWARD_USR1 = "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
-def test_scancel_usr1_to_every_task_stops_every_rank_at_one_step(slurm_cluster, tmp_path: Path) -> None:
+def _torchrun(extra: str = "") -> str:
+    return TORCHRUN.replace("{port}", str(free_port())).replace("{extra}", extra)
+
+
+def _kill_rank1(cluster, run: Path, job: str) -> None:
+    os.kill(int((run / "pids" / "rank1.pid").read_text()), signal.SIGUSR1)
+    (run / "release").touch()  # rank 0 got nothing: it goes on when told, and learns of the signal at step 4
+
+
+def _scancel_with(*args: str):
+    return lambda cluster, run, job: _scancel(cluster, *args, job)
+
+
+POOL = {  # name: (launch, extra environment, how to signal)
+    "every_task": (None, {}, _scancel_with("--signal=USR1")),
+    "one_task": (None, {}, _kill_rank1),
+    "b_trap": (TRAP, {}, _scancel_with("--batch", "--signal=USR1")),
+    "torchrun_TERM": ("torchrun", {}, _scancel_with("--signal=TERM")),
+    "torchrun_USR1_forwarded": ("torchrun " + FORWARD_USR1, {}, _scancel_with("--signal=USR1")),
+    "torchrun_USR1": ("torchrun", {}, _scancel_with("--signal=USR1")),
+}
+
+
+@pytest.fixture(scope="module")
+def signalled(slurm_cluster, tmp_path_factory) -> dict[str, tuple]:
+    """Every POOL job submitted at once (Slurm runs two at a time), each signalled at its step 3 in order; then
+    ``{name: (run dir, output file, last job record, time the signal was sent)}`` once all ended."""
+    base = tmp_path_factory.mktemp("signalled")
+    jobs = {}
+    for name, (launch, env, _) in POOL.items():
+        if launch is not None and launch.startswith("torchrun"):
+            launch, env = _torchrun(launch[len("torchrun") :].strip()), {**env, "GLOO_SOCKET_IFNAME": "lo"}
+        run = base / name
+        jobs[name] = (run, *_submit(slurm_cluster, run, ["--hold-at", "3"], ["--no-requeue"], launch=launch, **env))
+    sent, ends = {}, {}
+    try:
+        for name, (run, job, out) in jobs.items():
+            _wait_holding(run, 3, out, timeout=300)  # queued jobs start when an earlier one ends
+            sent[name] = time.time()
+            POOL[name][2](slurm_cluster, run, job)
+        for name, (_run, job, out) in jobs.items():
+            ends[name] = _wait_end(slurm_cluster, job, out)
+    finally:
+        for _, job, _ in jobs.values():
+            slurm_cluster.run("scancel", job)
+    return {name: (run, out, ends[name], sent[name]) for name, (run, _, out) in jobs.items()}
+
+
+def test_scancel_usr1_to_every_task_stops_every_rank_at_one_step(signalled) -> None:
     """``scancel --signal=USR1 JOB`` (no ``--full``/``--batch``): every task of the srun step gets it, the batch
     shell does not; both ranks stop at one step, write the checkpoint and exit 75, and so do srun and the job."""
-    run = tmp_path / "run"
-    job, out = _submit(slurm_cluster, run, ["--hold-at", "3"], ["--no-requeue"])
-    _wait_holding(run, 3, out)
-    sent = time.time()
-    _scancel(slurm_cluster, "--signal=USR1", job)
-    record = _wait_end(slurm_cluster, job, out)
+    run, out, record, sent = signalled["every_task"]
     text = out.read_text()
     # overlap: the agreement posted at step 3 (with the flags) is read at step 4
     assert _stops(text) == {0: 4, 1: 4}, text
@@ -139,14 +197,9 @@ def test_scancel_usr1_to_every_task_stops_every_rank_at_one_step(slurm_cluster, 
     print(f"scancel -> every rank stopped: {max(_stop_times(text)) - sent:.2f} s")
 
 
-def test_a_signal_to_one_task_stops_every_rank_at_one_step(slurm_cluster, tmp_path: Path) -> None:
+def test_a_signal_to_one_task_stops_every_rank_at_one_step(signalled) -> None:
     """``kill -USR1`` to the non-main rank's pid only (a node's slurmd, an OOM neighbour): both ranks stop."""
-    run = tmp_path / "run"
-    job, out = _submit(slurm_cluster, run, ["--hold-at", "3"], ["--no-requeue"])
-    _wait_holding(run, 3, out)
-    os.kill(int((run / "pids" / "rank1.pid").read_text()), signal.SIGUSR1)
-    (run / "release").touch()  # rank 0 got nothing: it goes on when told, and learns of the signal at step 4
-    _wait_end(slurm_cluster, job, out)
+    run, out, _, _ = signalled["one_task"]
     text = out.read_text()
     assert _stops(text) == {0: 4, 1: 4}, text
     assert "(rank 1 got SIGUSR1;" in text and "rank 0 got" not in text, text
@@ -155,11 +208,56 @@ def test_a_signal_to_one_task_stops_every_rank_at_one_step(slurm_cluster, tmp_pa
     assert (run / "ckpt" / "step4.pt").is_file()
 
 
+def test_b_signal_to_the_batch_shell_forwarded_by_a_trap(signalled) -> None:
+    """``--signal=B:USR1@N`` signals the batch shell only (``scancel --batch --signal=USR1`` here); the trap of
+    docs/preemption.md forwards it to the tasks, which stop at one step; the script exits with srun's 75."""
+    _, out, _, _ = signalled["b_trap"]
+    text = out.read_text()
+    assert _stops(text) == {0: 4, 1: 4}, text
+    assert "rank 0 got SIGUSR1, rank 1 got SIGUSR1" in text, text
+    assert f"SRUN_RC {PREEMPT_EXIT_CODE}" in text, text  # the shell survived the signal and waited for srun
+
+
+@pytest.mark.parametrize(("name", "sig"), [("torchrun_TERM", "TERM"), ("torchrun_USR1_forwarded", "USR1")])
+def test_srun_torchrun_documented_setups_stop_every_worker(signalled, name: str, sig: str) -> None:
+    """``scancel --signal=SIG`` reaches every process of the step, the torchrun agents and their workers; in the
+    set-ups of docs/preemption.md (SIGTERM, which torchrun forwards; SIGUSR1 with ``--signals-to-handle``) the
+    agents survive it: the workers stop at one step, checkpoint and exit 75."""
+    run, out, _, _ = signalled[name]
+    text = out.read_text()
+    assert _stops(text) == {0: 4, 1: 4}, text
+    assert f"rank 0 got SIG{sig}, rank 1 got SIG{sig}" in text, text
+    assert (run / "ckpt" / "step4.pt").is_file()
+    for rank in (0, 1):
+        assert f"[rank {rank}/2] WARNING ratlib.preempt: preemption: exiting at step 4 with code 75" in text, text
+    # the agent got the signal too: it forwards it, waits for the workers, then ends with its SignalException (1)
+    assert f"Received {getattr(signal, 'SIG' + sig).value} death signal, shutting down workers" in text, text
+    assert "SRUN_RC 1" in text, text
+
+
+def test_srun_torchrun_usr1_without_forwarding_kills_the_agent(signalled) -> None:
+    """Why the docs say TERM (or --signals-to-handle) under srun + torchrun. Slurm signals every process of the
+    step (the workers too, through proctrack), but SIGUSR1 kills the agent at once (srun: 138), the step ends
+    and Slurm kills the workers that are left: whether they finished their checkpoint first is a race."""
+    run, out, _, _ = signalled["torchrun_USR1"]
+    text = out.read_text()
+    assert "task 0: User defined signal 1" in text and "task 1: User defined signal 1" in text, text
+    assert "SRUN_RC 138" in text, text  # 128 + SIGUSR1: the agents, not the workers' 75
+    assert "exitcode  :" not in text, text  # no agent lived to report its workers
+    for pid in (int((run / "pids" / f"rank{r}.pid").read_text()) for r in (0, 1)):  # no orphan left running
+        _wait(f"worker {pid} to end", lambda p=pid: not _alive(p), 30, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Slurm's own --signal timer
+
+
 def test_the_documented_sbatch_signal_line_stops_every_rank(slurm_cluster, tmp_path: Path) -> None:
-    """``#SBATCH --signal=USR1@100`` with a 2-minute limit: Slurm itself sends SIGUSR1 to the tasks (its timer
-    has a resolution of up to a minute, so the signal may come early); both ranks stop at one step, exit 75."""
+    """``#SBATCH --signal=USR1@100`` with a 3-minute limit: Slurm itself sends SIGUSR1 to the tasks. Its check
+    runs every 30 s and sends the signal up to a minute early: here 50 to 80 s after the start (with a 2-minute
+    limit it came 4 s after the start, before Python had imported torch). Both ranks stop at one step, exit 75."""
     run = tmp_path / "run"
-    header = "#SBATCH --time=2\n#SBATCH --signal=USR1@100\n"
+    header = "#SBATCH --time=3\n#SBATCH --signal=USR1@100\n"
     job, out = _submit(slurm_cluster, run, ["--hold-at", "3"], ["--no-requeue"], header=header)
     record = _wait_end(slurm_cluster, job, out, timeout=240)
     text = out.read_text()
@@ -169,29 +267,6 @@ def test_the_documented_sbatch_signal_line_stops_every_rank(slurm_cluster, tmp_p
     assert f"SRUN_RC {PREEMPT_EXIT_CODE}" in text and "DUE TO TIME LIMIT" not in text, text
     if record:
         assert record["ExitCode"] == f"{PREEMPT_EXIT_CODE}:0", record
-
-
-# docs/preemption.md's B: set-up: the batch shell traps the signal and forwards it to the tasks
-TRAP = """trap 'scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
-srun -N2 -n2 {python} {train} &
-pid=$!
-wait $pid; rc=$?
-while kill -0 $pid 2>/dev/null; do wait $pid; rc=$?; done
-(exit $rc)"""
-
-
-def test_b_signal_to_the_batch_shell_forwarded_by_a_trap(slurm_cluster, tmp_path: Path) -> None:
-    """``--signal=B:USR1@N`` signals the batch shell only (``scancel --batch --signal=USR1`` here); the trap of
-    docs/preemption.md forwards it to the tasks, which stop at one step; the script exits with srun's 75."""
-    run = tmp_path / "run"
-    job, out = _submit(slurm_cluster, run, ["--hold-at", "3"], ["--no-requeue"], launch=TRAP)
-    _wait_holding(run, 3, out)
-    _scancel(slurm_cluster, "--batch", "--signal=USR1", job)
-    _wait_end(slurm_cluster, job, out)
-    text = out.read_text()
-    assert _stops(text) == {0: 4, 1: 4}, text
-    assert "rank 0 got SIGUSR1, rank 1 got SIGUSR1" in text, text
-    assert f"SRUN_RC {PREEMPT_EXIT_CODE}" in text, text  # the shell survived the signal and waited for srun
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,64 +361,6 @@ def test_check_lead_time_warns_when_the_signal_comes_too_late(slurm_cluster, tmp
     assert re.search(r"the signal comes 1 s before the kill \(SBATCH_SIGNAL=USR1@1\)", short_text), short_text
     assert "--signal=USR1@" in short_text, short_text
     assert "the signal comes" not in long_text, long_text
-
-
-# ----------------------------------------------------------------------------------------------
-# srun + torchrun
-
-
-TORCHRUN = (
-    "srun -N2 -n2 --ntasks-per-node=1 {python} -m torch.distributed.run --nnodes 2 --nproc-per-node 1 "
-    "--rdzv-backend c10d --rdzv-endpoint n1:{port} --shutdown-timeout 60 {extra} {train}"
-)
-
-
-def _torchrun_job(cluster, run: Path, extra: str = ""):
-    launch = TORCHRUN.replace("{port}", str(free_port())).replace("{extra}", extra)
-    return _submit(cluster, run, ["--hold-at", "3"], ["--no-requeue"], launch=launch, GLOO_SOCKET_IFNAME="lo")
-
-
-@pytest.mark.parametrize(
-    ("sig", "extra"),
-    [
-        ("TERM", ""),  # #SBATCH --signal=TERM@120: torchrun forwards SIGTERM to its workers
-        ("USR1", "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"),  # torchrun told to forward USR1
-    ],
-)
-def test_srun_torchrun_documented_setups_stop_every_worker(slurm_cluster, tmp_path: Path, sig, extra) -> None:
-    """``scancel --signal=SIG`` reaches every process of the step, the torchrun agents and their workers; in the
-    set-ups of docs/preemption.md the agents survive it: the workers stop at one step, checkpoint and exit 75."""
-    run = tmp_path / "run"
-    job, out = _torchrun_job(slurm_cluster, run, extra)
-    _wait_holding(run, 3, out)
-    _scancel(slurm_cluster, f"--signal={sig}", job)
-    _wait_end(slurm_cluster, job, out)
-    text = out.read_text()
-    assert _stops(text) == {0: 4, 1: 4}, text
-    assert f"rank 0 got SIG{sig}, rank 1 got SIG{sig}" in text, text
-    assert (run / "ckpt" / "step4.pt").is_file()
-    for rank in (0, 1):
-        assert f"[rank {rank}/2] WARNING ratlib.preempt: preemption: exiting at step 4 with code 75" in text, text
-    # the agent got the signal too: it forwards it, waits for the workers, then ends with its SignalException (1)
-    assert f"Received {getattr(signal, 'SIG' + sig).value} death signal, shutting down workers" in text, text
-    assert "SRUN_RC 1" in text, text
-
-
-def test_srun_torchrun_usr1_without_forwarding_kills_the_agent(slurm_cluster, tmp_path: Path) -> None:
-    """Why the docs say TERM (or --signals-to-handle) under srun + torchrun. Slurm signals every process of the
-    step (the workers too, through proctrack), but SIGUSR1 kills the agent at once (srun: 138), the step ends
-    and Slurm kills the workers that are left: whether they finished their checkpoint first is a race."""
-    run = tmp_path / "run"
-    job, out = _torchrun_job(slurm_cluster, run)
-    _wait_holding(run, 3, out)
-    _scancel(slurm_cluster, "--signal=USR1", job)
-    _wait_end(slurm_cluster, job, out)
-    text = out.read_text()
-    assert "task 0: User defined signal 1" in text and "task 1: User defined signal 1" in text, text
-    assert "SRUN_RC 138" in text, text  # 128 + SIGUSR1: the agents, not the workers' 75
-    assert "exitcode  :" not in text, text  # no agent lived to report its workers
-    for pid in (int((run / "pids" / f"rank{r}.pid").read_text()) for r in (0, 1)):  # no orphan left running
-        _wait(f"worker {pid} to end", lambda p=pid: not _alive(p), 30, out)
 
 
 def _alive(pid: int) -> bool:
