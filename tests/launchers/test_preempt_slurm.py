@@ -254,7 +254,7 @@ def test_srun_torchrun_usr1_without_forwarding_kills_the_agent(signalled) -> Non
 
 def test_the_documented_sbatch_signal_line_stops_every_rank(slurm_cluster, tmp_path: Path) -> None:
     """``#SBATCH --signal=USR1@100`` with a 3-minute limit: Slurm itself sends SIGUSR1 to the tasks. Its check
-    runs every 30 s and sends the signal up to a minute early: here 50 to 80 s after the start (with a 2-minute
+    runs every 30 s and sends the signal up to a minute early: here about 55 s after the start (with a 2-minute
     limit it came 4 s after the start, before Python had imported torch). Both ranks stop at one step, exit 75."""
     run = tmp_path / "run"
     header = "#SBATCH --time=3\n#SBATCH --signal=USR1@100\n"
