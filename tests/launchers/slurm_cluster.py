@@ -25,6 +25,9 @@ from pathlib import Path
 SLURM_TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "srun", "sbatch", "sinfo", "scontrol", "scancel")
 NODES = ("n1", "n2")
 CPUS_PER_NODE = 2
+# AuthInfo cred_expire: also how long a requeued job waits (Reason=BeginTime) before it may start again; 120 s by
+# default, which would make every requeue test wait two minutes
+CRED_EXPIRE = 10
 
 
 class ClusterError(RuntimeError):
@@ -146,7 +149,7 @@ SlurmctldPort={ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={CRED_EXPIRE}
 CredType=cred/munge
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
