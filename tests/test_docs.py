@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +164,17 @@ def test_relative_links_resolve(page: Path) -> None:
     assert not broken, f"{page.relative_to(ROOT)}: links to missing files: {broken}"
 
 
+def test_the_readme_install_list_names_every_extra() -> None:
+    """Every extra of pyproject.toml has its ``pip install "ratlib[NAME]"`` line in the README."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    extras = re.findall(r"^([\w-]+)\s*=", section, flags=re.M)
+    assert "plot" in extras, extras
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [e for e in extras if e != "tracking-test" and f'pip install "ratlib[{e}]"' not in readme]
+    assert not missing, f"README.md's install list leaves out the extras {missing}"
+
+
 # --- the example pages' shell commands, as smoke runs -------------------------------------------------------
 
 COMMAND = re.compile(
@@ -283,3 +295,50 @@ def test_example_command_smoke_run(cmd: Command, tmp_path: Path) -> None:
         env.pop(key, None)
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd.id}: {shlex.join(argv)}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+
+
+# --- docs/hangs.md: the command that dumps every torchrun worker's stacks spares the agent ---------------------
+
+DUMP_TARGET = """
+import sys, time
+sys.path.insert(0, {root!r})
+from ratlib import hang
+from ratlib.rank_logger import setup_logging
+setup_logging("INFO")
+hang.install()
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_hangs_page_dump_command_reaches_the_workers_only(tmp_path: Path) -> None:
+    """The documented loop, run on a 2-worker torchrun job: both workers dump, the agent keeps running."""
+    text = (ROOT / "docs" / "hangs.md").read_text(encoding="utf-8")
+    line = next(ln for ln in text.splitlines() if ln.startswith("for p in $(pgrep -f train.py)"))
+    script = tmp_path / f"dump_target_{os.getpid()}.py"  # a unique name: signal no one else's train.py
+    script.write_text(DUMP_TARGET.format(root=str(ROOT)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    log = tmp_path / "out.log"
+    with log.open("w") as out:
+        agent = subprocess.Popen(
+            [torchrun, "--standalone", "--nproc_per_node", "2", str(script)], env=env, stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while log.read_text().count("ready") < 2:
+            assert agent.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        subprocess.run(["bash", "-c", line.replace("train.py", script.name)], check=False, timeout=30)
+        deadline = time.monotonic() + 60
+        while log.read_text().count("stack dump on SIGUSR2") < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert log.read_text().count("stack dump on SIGUSR2") == 2, log.read_text()
+        time.sleep(1)
+        assert agent.poll() is None, f"the agent died (rc {agent.returncode})\n{log.read_text()}"
+    finally:
+        agent.terminate()
+        agent.wait(timeout=60)
