@@ -34,7 +34,7 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 NOT_RUN = re.compile(r"<!--\s*not-run:\s*(.+?)\s*-->")
 # Hidden set-up a fragment needs (the reader's own names: a loader, a model, a file to load); ``REPO`` is the
 # repository's folder. It runs before the block, in the same process.
-SETUP = re.compile(r"<!--\s*setup:\s*(.+?)\s*-->")
+SETUP = re.compile(r"<!--(?:\s*slow;)?\s*setup:\s*(.+?)\s*-->")
 BLOCK_TIMEOUT = 120
 
 
