@@ -89,12 +89,12 @@ def python_blocks() -> list[Block]:
     return [b for p in PAGES for b in blocks(p) if b.lang == "python"]
 
 
-def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_python(code: str, cwd: Path, timeout: float = BLOCK_TIMEOUT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(key, None)
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -123,7 +123,7 @@ def test_python_block_runs(group: list[Block], tmp_path: Path) -> None:
     if not runnable:
         pytest.skip("; ".join(f"{b.id}: {b.not_run}" for b in group))
     code = f"REPO = {str(ROOT)!r}\n" + "\n\n".join(f"{b.setup}\n{b.code}" for b in runnable)
-    proc = run_python(code, tmp_path)
+    proc = run_python(code, tmp_path, timeout=600 if any(b.slow for b in runnable) else BLOCK_TIMEOUT)
     assert proc.returncode == 0, (
         f"{', '.join(b.id for b in runnable)} failed (rc {proc.returncode}); fix the docs, or mark the block "
         f"with <!-- not-run: why --> before its fence\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n"
