@@ -69,7 +69,9 @@ def config(*overrides: str):
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The epoch rows of metrics.jsonl (the tracker's per-step rows have no "epoch")."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "epoch" in r]
 
 
 # ----------------------------------------------------------------------------------------------

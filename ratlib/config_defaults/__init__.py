@@ -38,6 +38,7 @@ from ratlib.config_defaults.schema import (
     ModelConfig,
     OptimizerConfig,
     SchedulerConfig,
+    TrackingConfig,
     TrainingConfig,
 )
 from ratlib.memory import MemoryEstimate, MemoryProbe, count_parameters, estimate_model_memory, probe_memory
@@ -56,6 +57,7 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "SchedulerConfig",
+    "TrackingConfig",
     "TrainingConfig",
     "check_config",
     "count_parameters",
