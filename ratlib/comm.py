@@ -383,7 +383,7 @@ class StoreChannel:
         self.wait_s = wait_s if wait_s is not None else 2 * timeout_s + 60  # a peer may sit out a whole timeout
         self.store: Any = None
         self.rank, self.world_size = 0, 1
-        dist = _dist()
+        dist = _dist("StoreChannel")
         if dist is not None:
             self.dist, self.backend = dist, dist.get_backend()
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()

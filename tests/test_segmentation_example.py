@@ -486,6 +486,8 @@ def test_deepspeed_zero2_on_two_cpu_ranks_saves_and_resumes(tmp_path: Path, msd_
     tags = sorted(p.name for p in (run / "split" / "checkpoints" / "deepspeed").iterdir() if p.is_dir())
     assert tags == ["epoch0000", "epoch0001"]
     assert ratlib.checkpoint.load(run / "split" / "checkpoints" / "epoch0001.pt")["step"] == 6
+    for path in (run / "split" / "checkpoints").glob("*.pt"):  # plain data (issue 25)
+        assert torch.load(path, map_location="cpu", weights_only=True)["optimizer"] is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -662,3 +664,49 @@ def test_a_big_model_gets_the_registered_size_warning() -> None:
     found = [f for f in check_config(big, 1, device="cpu") if f.key == "model"]
     assert len(found) == 1 and found[0].severity == "warning" and "DeepSpeed" in found[0].advice
     assert not [f for f in check_config(config(), 1, device="cpu") if f.key == "model"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchrun_restart_after_kill_9_resumes_from_the_latest_checkpoint_by_itself(
+    tmp_path: Path, msd_root: Path
+) -> None:
+    """torchrun --max-restarts 1; one worker killed with SIGKILL mid-epoch 1 (after epoch 0's checkpoint):
+    the restarted workers take the latest checkpoint (training.resume=auto) and finish, nothing logged twice."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    run = tmp_path / "run"
+    args = [f"output_dir={run}", f"data.root={msd_root}", "data.limit=48", "training.num_epochs=3"]
+    args += [*TINY, "training.log_every=1", "training.resume=auto"]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    cmd += ["--max-restarts", "1", str(TRAIN_PY), "--config", str(CONFIG), *args]
+    env = {**os.environ, **NO_GPU, "OMP_NUM_THREADS": "1"}
+    agent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    try:
+        deadline = time.monotonic() + 400
+        while killed is None and time.monotonic() < deadline and agent.poll() is None:
+            lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+            steps = [json.loads(x)["step"] for x in lines[:-1]]  # the last line may be half written
+            if (run / "checkpoints" / "epoch0000.pt").is_file() and max(steps, default=0) >= 4:
+                workers = [p for p in psutil.Process(agent.pid).children() if "train.py" in " ".join(p.cmdline())]
+                for worker in workers:
+                    if worker.environ().get("RANK") == "1":
+                        worker.send_signal(signal.SIGKILL)
+                        killed = worker.pid
+            time.sleep(0.2)
+        out, _ = agent.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert killed is not None, "the run ended before a worker could be killed mid-epoch"
+    assert agent.returncode == 0, out[-4000:]
+    assert "resumed from" in out and "epoch 0 done" in out, out[-4000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 10))  # each step once
+    assert [r["epoch"] for r in rows if "epoch" in r] == [0, 1, 2]
+    assert weights_only(run / "checkpoints" / "epoch0002.pt")["step"] == 9

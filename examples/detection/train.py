@@ -273,6 +273,7 @@ def train(
     state = du.resume_from(run_dir, model, stepper, sampler, how) if how else None
     start_epoch, step = (sampler.epoch, state["step"]) if state else (0, 0)
     tracker = du.make_tracker(cfg, run_dir, state)  # metrics.jsonl, TensorBoard, ...: one run across resumes
+    installed_here = t.preemption and not preempt.is_installed()
     pre = preempt.install() if t.preemption else None  # handlers only set a flag; should_stop agrees
     save = partial(du.save_state, run_dir, model, stepper, sampler, cfg, tracker)
 
@@ -321,6 +322,8 @@ def train(
             metrics = evaluate(model, val_loader, val_set, cfg, info)
     finally:
         tracker.close()
+        if installed_here:
+            du.release_preemption(pre)
     return metrics
 
 

@@ -27,6 +27,7 @@ import math
 import os
 import random
 import shutil
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -45,6 +46,7 @@ from ratlib import (
     get_logger,
     is_main_process,
     main_process_first,
+    preempt,
     to_deepspeed_config,
 )
 from ratlib.io import write_atomic
@@ -800,6 +802,17 @@ def save_state(
     state.update(sampler=sampler.state_dict(position=position), rng=plain_rng(checkpoint.rng_state()))
     state.update(tracker=tracker.state_dict(), config=cfg.model_dump(mode="json"))
     return save_checkpoint(run_dir, state, keep)
+
+
+def release_preemption(pre: Any) -> None:
+    """At the end of train(), when it installed ``ratlib.preempt``: the earlier signal handlers back (a test
+    process, the next run of a study). A signal that came after the last agreement is sent again, so that
+    it meets the handler it would have met without us (default: end the process) and is not lost."""
+    late = pre.signal if pre.requested and pre.stop_step is None else None
+    preempt.uninstall()
+    if late is not None:
+        log.warning("%s after the last stop agreement: passing it on", late)
+        os.kill(os.getpid(), getattr(signal, late))
 
 
 def checkpoint_to_evaluate(run_dir: Path, path: str | Path | None) -> Path:

@@ -356,6 +356,7 @@ def train(
     state = su.resume_from(run_dir, model, stepper, sampler, how) if how else None
     start_epoch, step = (sampler.epoch, state["step"]) if state else (0, 0)
     tracker = su.make_tracker(cfg, run_dir, state)  # metrics.jsonl, TensorBoard, ...: one run across resumes
+    installed_here = t.preemption and not preempt.is_installed()
     pre = preempt.install() if t.preemption else None  # handlers only set a flag; should_stop agrees
     save = partial(su.save_state, run_dir, model, stepper, sampler, cfg, tracker)
 
@@ -415,6 +416,8 @@ def train(
             metrics = run_eval()
     finally:
         tracker.close()
+        if installed_here:
+            su.release_preemption(pre)
     return metrics
 
 
