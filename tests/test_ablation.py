@@ -596,3 +596,6 @@ def test_a_preempted_segmentation_study_resumes_the_run_from_its_middle_and_reco
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 7))  # every step once
     assert [r["epoch"] for r in rows if "epoch" in r] == [0, 1]
     assert "tensorboard --logdir" in run.stdouts[0]
+    if importlib.util.find_spec("tensorboard") is not None:  # each run folder is one TensorBoard run
+        assert all(len(list((tmp_path / "out" / r["run"]).glob("events.out.tfevents.*"))) >= 1 for r in recs)
+        assert not list((tmp_path / "out").glob("events.out.tfevents.*"))

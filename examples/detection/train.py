@@ -3,14 +3,16 @@
     python examples/detection/train.py --config examples/detection/config.yaml
     torchrun --nproc_per_node 8 examples/detection/train.py --config examples/detection/config.yaml \
         data.root=/data/coco model.name=fasterrcnn_resnet50_fpn
+    torchrun ... train.py --config ... training.resume=auto   # preemption-safe: requeues and restarts resume
     python examples/detection/train.py --config ... --resume          # continue from the latest checkpoint
     python examples/detection/train.py --config ... --eval-only [--checkpoint PATH]
 
 With no ``data.root`` it writes a small synthetic COCO set (coloured shapes) into the run folder and
 trains on it. Everything lands under ``output_dir``: config.yaml (resolved), logs/rank{R}.log,
-metrics.jsonl (one row per epoch), checkpoints/. Read it top to bottom: config, data, loop, evaluation,
-checkpoints, train(), main(); the data set, the models and the optimiser/DeepSpeed set-up are in
-detection_utils.py. ``EXAMPLE`` at the end is what the ablation runner (and any Python caller) uses.
+metrics.jsonl (a row every ``log_every`` steps and one per epoch; ``ratlib.tracking``, with
+TensorBoard), checkpoints/. Read it top to bottom: config, data, loop, evaluation, checkpoints, train(),
+main(); the data set, the models and the optimiser/DeepSpeed set-up are in detection_utils.py.
+``EXAMPLE`` at the end is what the ablation runner (and any Python caller) uses.
 """
 
 from __future__ import annotations

@@ -3,14 +3,16 @@
     python examples/segmentation/train.py --config examples/segmentation/config.yaml
     torchrun --nproc_per_node 8 examples/segmentation/train.py --config examples/segmentation/config.yaml \
         data.root=/data/Task09_Spleen data.normalize=window
+    torchrun ... train.py --config ... training.resume=auto   # preemption-safe: requeues and restarts resume
     python examples/segmentation/train.py --config ... --resume       # continue from the latest checkpoint
     python examples/segmentation/train.py --config ... --eval-only [--checkpoint PATH]
 
 With no ``data.root`` it writes a small synthetic Decathlon task (blob-shaped organs in NIfTI volumes)
 into the run folder and trains on it. Everything lands under ``output_dir``: config.yaml (resolved),
-logs/rank{R}.log, metrics.jsonl (one row per epoch), checkpoints/, cache/ (preprocessed volumes). Read it
-top to bottom: config, data, model, optimiser and DeepSpeed, loop, evaluation, train(), main().
-``EXAMPLE`` at the end is what the ablation runner (and any Python caller) uses.
+logs/rank{R}.log, metrics.jsonl (a row every ``log_every`` steps and one per epoch; ``ratlib.tracking``,
+with TensorBoard), checkpoints/, cache/ (preprocessed volumes). Read it top to bottom: config, data,
+model, optimiser and DeepSpeed, loop, evaluation, train(), main(). ``EXAMPLE`` at the end is what the
+ablation runner (and any Python caller) uses.
 """
 
 from __future__ import annotations
