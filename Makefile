@@ -33,6 +33,7 @@ demo: $(STAMP)
 	rm -rf runs/ablation-demo
 	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 \
 		examples/ablation/run.py --config examples/ablation/ablation.yaml output_dir=runs/ablation-demo
+	@echo "compare the variants' curves: tensorboard --logdir runs/ablation-demo"
 
 env: $(STAMP)
 	$(VENV)/bin/ratlib env

@@ -176,6 +176,9 @@ def _client_store(launch: LaunchEnv, deadline: float, connect_timeout: float) ->
     thread.start()
     thread.join(max(deadline - time.monotonic(), 1.0) + 0.5)
     if "store" in box:
+        if _uses_agent_store(launch):  # as torch's env:// rendezvous: each torchrun restart gets its own keys
+            attempt = launch.variables.get("TORCHELASTIC_RESTART_COUNT") or os.environ.get("TORCHELASTIC_RESTART_COUNT")
+            return dist.PrefixStore(f"/worker/attempt_{attempt or 0}", box["store"])
         if launch.job_key and not _uses_agent_store(launch):
             _check_job(launch, box["store"])
         if not _uses_agent_store(launch) and box["store"].add(_JOINED, 1) == launch.world_size - 1:

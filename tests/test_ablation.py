@@ -5,6 +5,7 @@ tests/ablation_toy/, plus one end-to-end study over the segmentation example.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -535,3 +536,66 @@ def test_shipped_study_with_smoke_on_two_ranks_is_one_short_epoch_per_run(tmp_pa
         assert 1 <= rows[0]["step"] <= 10  # smoke's training.max_steps, not the study's 10 epochs (speed: benchmarks/)
         assert len(rows[0]["peak_memory_gib"]) == 2 and rows[0]["peak_memory_max_rank"] in (0, 1)
     assert "leaving out the study's training.num_epochs=10" in "".join(run.stdouts + run.stderrs)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_preempted_segmentation_study_resumes_the_run_from_its_middle_and_records_nothing_twice(
+    tmp_path: Path, run_on_ranks
+) -> None:
+    """SIGTERM to rank 1 during the first run: every rank stops at one step, the run's checkpoint is written
+    and nothing recorded; --resume continues that run from its checkpoint, then the next one."""
+    import threading
+
+    import psutil
+
+    study = tmp_path / "seg.yaml"
+    overrides = {
+        "training.num_epochs": 2,
+        "training.batch_size": 4,  # 24 training slices on 2 ranks: 3 steps per epoch
+        "training.log_every": 1,
+        "data.synthetic.num_cases": 4,
+        "data.synthetic.shape": [32, 32, 8],
+        "model.num_blocks": 2,
+        "distributed.timeout_s": 120,
+    }
+    spec = {"name": "seg", "base": "segmentation", "output_dir": str(tmp_path / "out"), "overrides": overrides}
+    study.write_text(yaml.safe_dump({**spec, "grid": {"model.feature_dims": [4]}}))
+    base = tmp_path / "out" / "base"
+    sent: list[int] = []
+
+    def signal_rank_1() -> None:
+        deadline = time.monotonic() + 200
+        while not sent and time.monotonic() < deadline:
+            lines = (base / "metrics.jsonl").read_text().splitlines() if (base / "metrics.jsonl").is_file() else []
+            if len(lines) >= 2:  # step 1 is done
+                for p in psutil.Process().children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        if p.environ().get("RANK") == "1" and str(RUN_PY) in " ".join(p.cmdline()):
+                            p.send_signal(signal.SIGTERM)
+                            sent.append(p.pid)
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=signal_rank_1, daemon=True)
+    thread.start()
+    first = run_on_ranks(RUN_PY, 2, args=["--config", str(study)], env=NO_GPU, timeout=240)
+    thread.join(1)
+    assert sent and first.returncodes == [75, 75], str(first)
+    assert "study preempted during run base" in first.outputs[0] and not results(tmp_path)
+    import torch
+
+    mid = torch.load(base / "checkpoints" / "epoch0000.pt", weights_only=True)
+    stopped_at = mid["step"]
+
+    run = run_on_ranks(RUN_PY, 2, args=["--config", str(study), "--resume"], env=NO_GPU, timeout=240).check()
+    recs = results(tmp_path)
+    assert [r["run"] for r in recs] == ["base", "feature_dims=4"] and recs[0]["resumed"] is True
+    assert "continuing from its checkpoint" in run.outputs[0]
+    assert f"resumed from {base / 'checkpoints'}" in run.outputs[0] and 0 < stopped_at < 6
+    rows = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 7))  # every step once
+    assert [r["epoch"] for r in rows if "epoch" in r] == [0, 1]
+    assert "tensorboard --logdir" in run.stdouts[0]
+    if importlib.util.find_spec("tensorboard") is not None:  # each run folder is one TensorBoard run
+        assert all(len(list((tmp_path / "out" / r["run"]).glob("events.out.tfevents.*"))) >= 1 for r in recs)
+        assert not list((tmp_path / "out").glob("events.out.tfevents.*"))

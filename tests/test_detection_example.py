@@ -69,7 +69,9 @@ def config(*overrides: str):
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The epoch rows of metrics.jsonl (the tracker's per-step rows have no "epoch")."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "epoch" in r]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,3 +626,49 @@ def test_deepspeed_zero2_on_two_cpu_ranks_trains_saves_and_resumes(tmp_path: Pat
     assert all(math.isfinite(r["train_loss"]) for r in rows) and rows[1]["train_unique_images"] == 16
     assert (run / "checkpoints" / "deepspeed" / "epoch0001").is_dir()
     assert "resumed from" in result.outputs[0] and "epoch 0 done, step 2" in result.outputs[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption (issue 22) and plain-data checkpoints (issue 25)
+
+
+def preempt_run(run: str, root: str, signal_at: int, resume: bool) -> int:
+    """One rank of a 2-rank run (one epoch of 4 steps); rank 1 sends itself SIGTERM after step ``signal_at``."""
+    import os
+    import signal
+
+    from ratlib import distributed
+
+    torch.set_num_threads(1)
+    beat = T.heartbeat
+
+    def heartbeat(step: int) -> None:
+        beat(step)
+        if step == signal_at and int(os.environ["RANK"]) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    T.heartbeat = heartbeat
+    common = (f"data.root={root}", "training.num_epochs=1", "training.log_every=1", "model.width=8")
+    with distributed(device="cpu") as info:
+        T.train(config(*common), run_dir=run, resume=resume, info=info)
+    return 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_to_rank_1_stops_mid_epoch_and_the_resume_finishes_it_without_doubled_rows(
+    tmp_path: Path, coco_root: Path, one_thread
+) -> None:
+    run = tmp_path / "run"
+    stopped = run_on_ranks(preempt_run, 2, args=(str(run), str(coco_root), 1, False), env=NO_GPU, timeout=300)
+    assert stopped.returncodes == [75, 75], str(stopped)
+    mid = torch.load(run / "checkpoints" / "epoch0000.pt", map_location="cpu", weights_only=True)
+    assert 0 < mid["sampler"]["position"] < 4 and mid["step"] == mid["sampler"]["position"], mid["sampler"]
+    assert not metrics_rows(run)  # no epoch row yet
+    run_on_ranks(preempt_run, 2, args=(str(run), str(coco_root), 0, True), env=NO_GPU, timeout=300).check()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]  # each step once, continued
+    (row,) = metrics_rows(run)
+    assert row["epoch"] == 0 and row["step"] == 4 and row["train_images"] == 32 - 4 * 2 * mid["step"]
+    final = torch.load(run / "checkpoints" / "epoch0000.pt", map_location="cpu", weights_only=True)
+    assert final["step"] == 4 and final["sampler"]["position"] == 4

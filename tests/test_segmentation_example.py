@@ -55,7 +55,9 @@ def config(*overrides: str):
 
 
 def metrics_rows(run_dir: Path | str) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    """The epoch rows of metrics.jsonl (the tracker's per-step rows have no "epoch")."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "epoch" in r]
 
 
 @pytest.fixture(scope="module")
@@ -484,6 +486,8 @@ def test_deepspeed_zero2_on_two_cpu_ranks_saves_and_resumes(tmp_path: Path, msd_
     tags = sorted(p.name for p in (run / "split" / "checkpoints" / "deepspeed").iterdir() if p.is_dir())
     assert tags == ["epoch0000", "epoch0001"]
     assert ratlib.checkpoint.load(run / "split" / "checkpoints" / "epoch0001.pt")["step"] == 6
+    for path in (run / "split" / "checkpoints").glob("*.pt"):  # plain data (issue 25)
+        assert torch.load(path, map_location="cpu", weights_only=True)["optimizer"] is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,3 +560,153 @@ def test_limit_reads_only_the_cases_it_needs_and_picks_the_same_slices(
     assert n_all == len(task.cases) and limited.index == full.index
     for i in (0, len(full) - 1):
         assert torch.equal(limited[i][0], full[i][0]) and torch.equal(limited[i][1], full[i][1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption (issue 22), tracking (issue 21), plain-data checkpoints (issue 25), the size rule
+
+
+PREEMPT = ("data.limit=48", "training.num_epochs=2", "training.log_every=1")  # 2 ranks: 3 steps per epoch
+
+
+def preempt_run(run: str, root: str, signal_at: int, resume: bool) -> int:
+    """One rank of a 2-rank run; rank 1 sends itself SIGTERM when step ``signal_at`` is done (0: never)."""
+    import signal
+
+    from ratlib import distributed
+
+    torch.set_num_threads(1)
+    beat = T.heartbeat
+
+    def heartbeat(step: int) -> None:
+        beat(step)
+        if step == signal_at and int(os.environ["RANK"]) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the non-main rank's pid only
+
+    T.heartbeat = heartbeat
+    with distributed(device="cpu") as info:
+        T.train(config(f"data.root={root}", *PREEMPT), run_dir=run, resume=resume, info=info)
+    return 0
+
+
+def weights_only(path: Path) -> dict:
+    """What a colleague's plain ``torch.load`` gets: only plain data loads (issue 25)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sigterm_to_rank_1_mid_epoch_then_resume_gives_the_same_weights_bit_for_bit(
+    tmp_path: Path, msd_root: Path, one_thread
+) -> None:
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_on_ranks(preempt_run, 2, args=(str(whole), str(msd_root), 0, False), env=NO_GPU, timeout=300).check()
+    stopped = run_on_ranks(preempt_run, 2, args=(str(split), str(msd_root), 4, False), env=NO_GPU, timeout=300)
+    assert stopped.returncodes == [75, 75], str(stopped)  # both ranks stopped, at one step (PREEMPT_EXIT_CODE)
+    assert all("rank 1 got SIGTERM" in out for out in stopped.outputs), stopped.outputs[0][-2000:]
+    mid = weights_only(split / "checkpoints" / "epoch0001.pt")  # the stop checkpoint: mid-epoch 1
+    assert 0 < mid["sampler"]["position"] < 3 and mid["step"] == 3 + mid["sampler"]["position"], mid["sampler"]
+    assert mid["rng"]["world_size"] == 2 and mid["tracker"]["step"] == mid["step"]
+    assert mid["optimizer"] is not None and mid["scheduler"] is not None
+    run_on_ranks(preempt_run, 2, args=(str(split), str(msd_root), 0, True), env=NO_GPU, timeout=300).check()
+
+    a, b = weights_only(whole / "checkpoints" / "epoch0001.pt"), weights_only(split / "checkpoints" / "epoch0001.pt")
+    assert a["step"] == b["step"] == 6 and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "weights differ"
+    assert all(
+        torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values())
+    )
+    # metrics.jsonl: every step once, the same rows as the uninterrupted run
+    rows = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == list(range(1, 7)), steps
+    assert [r["epoch"] for r in rows if "epoch" in r] == [0, 1]
+    whole_rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/loss"] for r in rows if "train/loss" in r] == [
+        r["train/loss"] for r in whole_rows if "train/loss" in r
+    ]
+    # TensorBoard: one run folder (rank 0's), each step of train/loss once
+    events = sorted(split.glob("events.out.tfevents.*"))
+    assert events and not list((split / "logs").glob("events*"))
+    if importlib.util.find_spec("tensorboard") is not None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(split))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 7))
+        assert "memory/rank1_peak_gib" in acc.Tags()["scalars"]
+
+
+def test_every_checkpoint_loads_with_weights_only(tmp_path: Path, msd_root: Path, one_thread) -> None:
+    T.train(config(f"data.root={msd_root}", "data.limit=16", "training.num_epochs=1"), run_dir=tmp_path, info=CPU)
+    state = weights_only(tmp_path / "checkpoints" / "epoch0000.pt")
+    assert {"model", "optimizer", "scheduler", "sampler", "rng", "tracker", "config"} <= state.keys()
+    assert T.evaluate_checkpoint(config(f"data.root={msd_root}", "data.limit=16"), run_dir=tmp_path, info=CPU)
+
+
+def test_tracking_without_tensorboard_is_one_info_line(
+    tmp_path: Path, msd_root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, one_thread
+) -> None:
+    import ratlib.tracking
+
+    monkeypatch.setattr(ratlib.tracking, "_installed", lambda name: name != "tensorboard")
+    with caplog.at_level("INFO"):
+        T.train(config(f"data.root={msd_root}", "data.limit=16", "training.num_epochs=1"), run_dir=tmp_path, info=CPU)
+    hints = [r for r in caplog.records if "tensorboard" in r.getMessage() and "pip install" in r.getMessage()]
+    assert len(hints) == 1 and hints[0].levelname == "INFO", [r.getMessage() for r in hints]
+    assert not list(tmp_path.glob("events.out.tfevents.*")) and metrics_rows(tmp_path)[0]["epoch"] == 0
+
+
+def test_a_big_model_gets_the_registered_size_warning() -> None:
+    from ratlib.config_defaults import check_config
+
+    big = config("model.feature_dims=1024")
+    found = [f for f in check_config(big, 1, device="cpu") if f.key == "model"]
+    assert len(found) == 1 and found[0].severity == "warning" and "DeepSpeed" in found[0].advice
+    assert not [f for f in check_config(config(), 1, device="cpu") if f.key == "model"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchrun_restart_after_kill_9_resumes_from_the_latest_checkpoint_by_itself(
+    tmp_path: Path, msd_root: Path
+) -> None:
+    """torchrun --max-restarts 1; one worker killed with SIGKILL mid-epoch 1 (after epoch 0's checkpoint):
+    the restarted workers take the latest checkpoint (training.resume=auto) and finish, nothing logged twice."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    run = tmp_path / "run"
+    args = [f"output_dir={run}", f"data.root={msd_root}", "data.limit=48", "training.num_epochs=3"]
+    args += [*TINY, "training.log_every=1", "training.resume=auto"]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    cmd += ["--max-restarts", "1", str(TRAIN_PY), "--config", str(CONFIG), *args]
+    env = {**os.environ, **NO_GPU, "OMP_NUM_THREADS": "1"}
+    agent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    try:
+        deadline = time.monotonic() + 400
+        while killed is None and time.monotonic() < deadline and agent.poll() is None:
+            lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+            steps = [json.loads(x)["step"] for x in lines[:-1]]  # the last line may be half written
+            if (run / "checkpoints" / "epoch0000.pt").is_file() and max(steps, default=0) >= 4:
+                workers = [p for p in psutil.Process(agent.pid).children() if "train.py" in " ".join(p.cmdline())]
+                for worker in workers:
+                    if worker.environ().get("RANK") == "1":
+                        worker.send_signal(signal.SIGKILL)
+                        killed = worker.pid
+            time.sleep(0.2)
+        out, _ = agent.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert killed is not None, "the run ended before a worker could be killed mid-epoch"
+    assert agent.returncode == 0, out[-4000:]
+    assert "resumed from" in out and "epoch 0 done" in out, out[-4000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 10))  # each step once
+    assert [r["epoch"] for r in rows if "epoch" in r] == [0, 1, 2]
+    assert weights_only(run / "checkpoints" / "epoch0002.pt")["step"] == 9

@@ -346,6 +346,7 @@ def _finite(value: Any) -> Any:
 
 
 def read_metric_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The epoch rows (the tracker's per-step rows, without "epoch", are left out)."""
     path = Path(run_dir) / "metrics.jsonl"
     rows = []
     if path.is_file():
@@ -354,7 +355,7 @@ def read_metric_rows(run_dir: str | Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict):
+            if isinstance(row, dict) and "epoch" in row:
                 rows.append(row)
     return rows
 

@@ -52,6 +52,7 @@ from ratlib import (
 from ratlib.comm import ChannelError, StoreChannel
 from ratlib.config_defaults import SMOKE_DEFAULTS
 from ratlib.io import write_atomic
+from ratlib.preempt import PREEMPT_EXIT_CODE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ablation_utils.py sits beside this file
 import ablation_utils as au  # noqa: E402
@@ -349,6 +350,14 @@ def train_run(example: Example, plan: Plan, run: au.Run, info: DistInfo, channel
             cfg = load_config(plan.config, overrides=run.override_strings(plan.common), schema=example.schema)
         metrics = example.train(cfg, run_dir=run.dir, resume=run.resume, info=info)
         outcome["final"] = au.numbers(metrics or {})
+    except SystemExit as exc:  # preempted (ratlib.preempt): the run's checkpoint is written; record nothing
+        if exc.code == PREEMPT_EXIT_CODE:
+            log.warning(
+                "study preempted during run %s: its checkpoint is saved and nothing is recorded for it; run the "
+                "same command with --resume to continue it from there",
+                run.run,
+            )
+        raise
     except Exception as exc:  # recorded; the study goes on
         failed = True
         outcome["ok"] = False
@@ -569,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"runs:    {out}/<variant>/ (config.yaml, metrics.jsonl, checkpoints/); logs: {out / 'logs'}",
                 flush=True,
             )
+            print(f"curves:  tensorboard --logdir {out}   (one TensorBoard run per variant)", flush=True)
     return 0
 
 

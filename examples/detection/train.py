@@ -3,14 +3,16 @@
     python examples/detection/train.py --config examples/detection/config.yaml
     torchrun --nproc_per_node 8 examples/detection/train.py --config examples/detection/config.yaml \
         data.root=/data/coco model.name=fasterrcnn_resnet50_fpn
+    torchrun ... train.py --config ... training.resume=auto   # preemption-safe: requeues and restarts resume
     python examples/detection/train.py --config ... --resume          # continue from the latest checkpoint
     python examples/detection/train.py --config ... --eval-only [--checkpoint PATH]
 
 With no ``data.root`` it writes a small synthetic COCO set (coloured shapes) into the run folder and
 trains on it. Everything lands under ``output_dir``: config.yaml (resolved), logs/rank{R}.log,
-metrics.jsonl (one row per epoch), checkpoints/. Read it top to bottom: config, data, loop, evaluation,
-checkpoints, train(), main(); the data set, the models and the optimiser/DeepSpeed set-up are in
-detection_utils.py. ``EXAMPLE`` at the end is what the ablation runner (and any Python caller) uses.
+metrics.jsonl (a row every ``log_every`` steps and one per epoch; ``ratlib.tracking``, with
+TensorBoard), checkpoints/. Read it top to bottom: config, data, loop, evaluation, checkpoints, train(),
+main(); the data set, the models and the optimiser/DeepSpeed set-up are in detection_utils.py.
+``EXAMPLE`` at the end is what the ablation runner (and any Python caller) uses.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +46,7 @@ from ratlib import (
     get_logger,
     load_config,
     memory,
+    preempt,
     progress,
     reduce_dict,
     setup_logging,
@@ -51,6 +55,7 @@ from ratlib.comm import assert_same, broadcast_buffers
 from ratlib.data import EvalSampler, ShardedBatchSampler
 from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
+from ratlib.tracking import Tracker, memory_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # detection_utils.py sits beside this file
 import detection_utils as du  # noqa: E402
@@ -149,14 +154,18 @@ def train_one_epoch(
     epoch: int,
     step: int,
     autocast: Callable[[], Any],
-) -> tuple[int, dict[str, float], list[int]]:
-    """One pass over this rank's batches; returns the optimiser step reached, this rank's mean losses and
-    the image ids it trained on. Stops early at ``training.max_steps``."""
+    tracker: Tracker,
+    pre: preempt.Preemption | None,
+) -> tuple[int, dict[str, float], list[int], int | None]:
+    """One pass over this rank's batches (the rest of the epoch after a mid-epoch resume); returns the
+    optimiser step reached, this rank's mean losses, the image ids it trained on and, when every rank agreed
+    to stop (preemption), the batches of this epoch consumed (else None). Stops early at ``training.max_steps``."""
     t = cfg.training
     stepper.model.train()
     sums: dict[str, torch.Tensor] = {}
     image_ids: list[int] = []
     done, batches, start = 0, len(loader), time.perf_counter()
+    offset = loader.batch_sampler.batches_per_epoch - batches  # batches of this epoch done before a resume
     for i, (images, targets) in enumerate(progress(loader, desc=f"epoch {epoch}", leave=False)):
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tg.items()} for tg in targets]
@@ -173,12 +182,15 @@ def train_one_epoch(
         if not stepper.step(boundary):
             continue
         step += 1
-        heartbeat(step)  # the one per-step hook: ratlib.hang's watchdog (a preemption check goes here too)
+        heartbeat(step)  # ratlib.hang's watchdog
         per_step = (time.perf_counter() - start) / (i + 1) * t.gradient_accumulation_steps
-        du.log_step(cfg, epoch, step, loss, stepper.lr, per_step, **loss_dict)
+        du.log_step(cfg, tracker, epoch, step, loss, stepper.optimizer, per_step, **loss_dict)
         if t.max_steps is not None and step >= t.max_steps:
             break
-    return step, {k: float(v) / max(1, done) for k, v in sums.items()}, image_ids
+        # Every rank agrees at the same step (the epoch's last step is checked after its checkpoint).
+        if pre is not None and i + 1 < batches and pre.should_stop(step):
+            return step, {k: float(v) / max(1, done) for k, v in sums.items()}, image_ids, offset + i + 1
+    return step, {k: float(v) / max(1, done) for k, v in sums.items()}, image_ids, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +215,9 @@ def train(
     final validation metrics (``map``, ``map50``, ... as ``du.STAT_NAMES``) on every rank.
 
     ``info``: the ``DistInfo`` from the caller's ``distributed()``; by default ``init_distributed()``
-    (idempotent) gives it. ``resume``: continue from the latest checkpoint under ``run_dir``.
+    (idempotent) gives it. ``resume``: continue from the latest checkpoint under ``run_dir`` (also when
+    ``training.resume`` says so). With ``training.preemption``, a SIGTERM or SIGUSR1 to any rank stops every
+    rank at one step: a mid-epoch checkpoint, then ``SystemExit(75)`` (``ratlib.preempt``).
     """
     info = info or ratlib.init_distributed()
     device, t = info.device, cfg.training
@@ -229,6 +243,7 @@ def train(
         collate_fn=du.collate,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(t.seed),  # its seed draws leave the global RNG alone (resume)
     )
     val_loader = eval_loader(cfg, val_set, info)
     steps_per_epoch = math.ceil(len(sampler) / t.gradient_accumulation_steps)
@@ -255,43 +270,62 @@ def train(
         f"{steps_per_epoch} optimiser steps per epoch, {total_steps} in all; device {device}"
     )
 
-    # Resume: weights, optimiser, schedule, sampler position, counters and random generators.
-    start_epoch, step = du.resume_from(run_dir, model, stepper, sampler) if resume else (0, 0)
+    # Resume: weights, optimiser, schedule, sampler position (mid-epoch too), counters, every rank's RNGs.
+    how = True if resume else t.resume
+    state = du.resume_from(run_dir, model, stepper, sampler, how) if how else None
+    start_epoch, step = (sampler.epoch, state["step"]) if state else (0, 0)
+    tracker = du.make_tracker(cfg, run_dir, state)  # metrics.jsonl, TensorBoard, ...: one run across resumes
+    installed_here = t.preemption and not preempt.is_installed()
+    pre = preempt.install() if t.preemption else None  # handlers only set a flag; should_stop agrees
+    save = partial(du.save_state, run_dir, model, stepper, sampler, cfg, tracker)
 
     metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, t.num_epochs):
-        if t.max_steps is not None and step >= t.max_steps:
-            break
-        sampler.set_epoch(epoch)
-        memory.reset_peak_memory(device)  # per-epoch peaks, on every rank
-        epoch_start = time.perf_counter()
-        step, losses, seen = train_one_epoch(
-            stepper, train_loader, cfg, device, epoch=epoch, step=step, autocast=autocast
-        )
-        train_time = time.perf_counter() - epoch_start
-        broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds, on every rank
-        losses = reduce_dict(losses)  # mean over ranks
-        images = [i for rank_ids in gather_object(seen) or [] for i in rank_ids]  # the main rank's view
-        stopping = epoch == t.num_epochs - 1 or (t.max_steps is not None and step >= t.max_steps)
-        evaluating = stopping or (epoch + 1) % cfg.eval.every_epochs == 0
-        metrics = evaluate(model, val_loader, val_set, cfg, info) if evaluating else {}
-        mem = memory.memory_report(device, warn_fraction=t.memory_warning_fraction)  # every rank's peak, gathered
-        record: dict[str, Any] = dict(
-            epoch=epoch, step=step, lr=stepper.lr, **{f"train_{k}": v for k, v in losses.items()}
-        )
-        record.update(train_images=len(images), train_unique_images=len(set(images)), train_time_s=train_time)
-        record.update(images_per_s=len(images) / train_time, **metrics, **mem.to_metrics())
-        log.info(
-            f"epoch {epoch} done: step {step}, loss {record['train_loss']:.4f}, "
-            f"map {metrics.get('map', float('nan')):.4f}, map50 {metrics.get('map50', float('nan')):.4f}, "
-            f"{len(images)} images ({len(set(images))} unique) at {record['images_per_s']:.1f} images/s"
-        )
-        du.log_metrics(run_dir, record)
-        du.save_epoch(run_dir, model, stepper, sampler, cfg, epoch=epoch, step=step, metrics=metrics)
-        if stopping:
-            break
-    if not metrics:  # nothing left to train (a finished run resumed): evaluate what was loaded
-        metrics = evaluate(model, val_loader, val_set, cfg, info)
+    try:
+        for epoch in range(start_epoch, t.num_epochs):
+            if t.max_steps is not None and step >= t.max_steps:
+                break
+            sampler.set_epoch(epoch)  # keeps a restored mid-epoch position
+            memory.reset_peak_memory(device)  # per-epoch peaks, on every rank
+            epoch_start = time.perf_counter()
+            step, losses, seen, stop = train_one_epoch(
+                stepper, train_loader, cfg, device, epoch=epoch, step=step, autocast=autocast, tracker=tracker, pre=pre
+            )
+            if stop is not None:  # preempted mid-epoch: every rank saves the position, then leaves
+                path = save(epoch=epoch, step=step, metrics={}, position=stop)
+                log.warning("preempted at step %d (epoch %d, batch %d): saved %s", step, epoch, stop, path)
+                tracker.close()
+                pre.exit()
+            train_time = time.perf_counter() - epoch_start
+            broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds, on every rank
+            losses = reduce_dict(losses)  # mean over ranks
+            images = [i for rank_ids in gather_object(seen) or [] for i in rank_ids]  # the main rank's view
+            stopping = epoch == t.num_epochs - 1 or (t.max_steps is not None and step >= t.max_steps)
+            evaluating = stopping or (epoch + 1) % cfg.eval.every_epochs == 0
+            metrics = evaluate(model, val_loader, val_set, cfg, info) if evaluating else {}
+            mem = memory.memory_report(device, warn_fraction=t.memory_warning_fraction)  # a collective
+            record: dict[str, Any] = dict(
+                epoch=epoch, step=step, lr=stepper.lr, **{f"train_{k}": v for k, v in losses.items()}
+            )
+            record.update(train_images=len(images), train_unique_images=len(set(images)), train_time_s=train_time)
+            record.update(images_per_s=len(images) / train_time, **metrics, **mem.to_metrics())
+            log.info(
+                f"epoch {epoch} done: step {step}, loss {record['train_loss']:.4f}, "
+                f"map {metrics.get('map', float('nan')):.4f}, map50 {metrics.get('map50', float('nan')):.4f}, "
+                f"{len(images)} images ({len(set(images))} unique) at {record['images_per_s']:.1f} images/s"
+            )
+            tracker.log({**record, **memory_metrics(mem)}, step)
+            save(epoch=epoch, step=step, metrics=metrics)
+            if stopping:
+                break
+            if pre is not None and pre.should_stop(step):  # the epoch's last step: its checkpoint is written
+                tracker.close()
+                pre.exit()
+        if not metrics:  # nothing left to train (a finished run resumed): evaluate what was loaded
+            metrics = evaluate(model, val_loader, val_set, cfg, info)
+    finally:
+        tracker.close()
+        if installed_here:
+            du.release_preemption(pre)
     return metrics
 
 

@@ -3,14 +3,16 @@
     python examples/segmentation/train.py --config examples/segmentation/config.yaml
     torchrun --nproc_per_node 8 examples/segmentation/train.py --config examples/segmentation/config.yaml \
         data.root=/data/Task09_Spleen data.normalize=window
+    torchrun ... train.py --config ... training.resume=auto   # preemption-safe: requeues and restarts resume
     python examples/segmentation/train.py --config ... --resume       # continue from the latest checkpoint
     python examples/segmentation/train.py --config ... --eval-only [--checkpoint PATH]
 
 With no ``data.root`` it writes a small synthetic Decathlon task (blob-shaped organs in NIfTI volumes)
 into the run folder and trains on it. Everything lands under ``output_dir``: config.yaml (resolved),
-logs/rank{R}.log, metrics.jsonl (one row per epoch), checkpoints/, cache/ (preprocessed volumes). Read it
-top to bottom: config, data, model, optimiser and DeepSpeed, loop, evaluation, train(), main().
-``EXAMPLE`` at the end is what the ablation runner (and any Python caller) uses.
+logs/rank{R}.log, metrics.jsonl (a row every ``log_every`` steps and one per epoch; ``ratlib.tracking``,
+with TensorBoard), checkpoints/, cache/ (preprocessed volumes). Read it top to bottom: config, data,
+model, optimiser and DeepSpeed, loop, evaluation, train(), main(). ``EXAMPLE`` at the end is what the
+ablation runner (and any Python caller) uses.
 """
 
 from __future__ import annotations
@@ -46,14 +48,17 @@ from ratlib import (
     get_logger,
     load_config,
     memory,
+    preempt,
     progress,
     reduce_dict,
     setup_logging,
 )
 from ratlib.comm import assert_same, broadcast_buffers
+from ratlib.config_defaults import Finding, register_check
 from ratlib.data import EvalSampler, ShardedBatchSampler, gather_by_index
 from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
+from ratlib.tracking import Tracker, memory_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # seg_utils.py sits beside this file
 import seg_utils as su  # noqa: E402
@@ -129,9 +134,27 @@ def check_settings(cfg: SegmentationConfig) -> None:
     low, high = cfg.data.window
     if low >= high:
         raise UsageError(f"data.window=[{low}, {high}]: expected [low, high] with low < high, e.g. [-175, 250]")
-    # CHECK REGISTRATION: the model-size rule (feature_dims > 512 or num_blocks > 8 calls for DeepSpeed) is
-    # still hard-coded in ratlib.config_defaults.check_config; it moves here, registered as this example's
-    # own check, once ratlib offers check registration.
+
+
+# CHECK REGISTRATION: this example's own rule for ratlib.config_defaults.check_config (and ratlib doctor).
+def size_rule(cfg: SegmentationConfig, world_size: int) -> list[Finding]:
+    """Past these sizes plain data parallelism ran out of memory: ask for DeepSpeed ZeRO."""
+    dims, blocks = cfg.model.feature_dims, cfg.model.num_blocks
+    width = max(dims) if isinstance(dims, list) else dims
+    if (width > 512 or blocks > 8) and not cfg.training.deepspeed.enabled:
+        return [
+            Finding(
+                "warning",
+                "model",
+                f"feature_dims={dims} and num_blocks={blocks} are past the size plain data parallelism handles "
+                "(feature_dims > 512 or num_blocks > 8)",
+                "enable DeepSpeed ZeRO stage 2 (training.deepspeed.enabled=true, zero_stage=2), or 3 with offload=true",
+            )
+        ]
+    return []
+
+
+register_check(size_rule, schema=SegmentationConfig)
 
 
 def report_findings(cfg: ExperimentConfig, info: DistInfo) -> None:
@@ -187,14 +210,18 @@ def train_one_epoch(
     step: int,
     autocast: Callable[[], Any],
     memory_format: torch.memory_format,
-) -> tuple[int, float, list[int]]:
-    """One pass over this rank's batches; returns the optimiser step reached, this rank's mean loss and
-    the slice indices it trained on. Stops early at ``training.max_steps``. The loss stays on the device
-    (one ``.item()`` every ``log_every`` steps)."""
+    tracker: Tracker,
+    pre: preempt.Preemption | None,
+) -> tuple[int, float, list[int], int | None]:
+    """One pass over this rank's batches (the rest of the epoch after a mid-epoch resume); returns the
+    optimiser step reached, this rank's mean loss, the slice indices it trained on and, when every rank
+    agreed to stop (preemption), the batches of this epoch consumed (else None). Stops early at
+    ``training.max_steps``. The loss stays on the device (one ``.item()`` every ``log_every`` steps)."""
     t = cfg.training
     stepper.model.train()
     loss_sum, done, seen = torch.zeros((), device=device), 0, []
     batches, start = len(loader), time.perf_counter()
+    offset = loader.batch_sampler.batches_per_epoch - batches  # batches of this epoch done before a resume
     for i, (images, labels, index) in enumerate(progress(loader, desc=f"epoch {epoch}", leave=False)):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
@@ -210,13 +237,16 @@ def train_one_epoch(
         if not stepper.step(boundary):
             continue
         step += 1
-        heartbeat(step)  # the one per-step hook: ratlib.hang's watchdog (a preemption check goes here too)
+        heartbeat(step)  # ratlib.hang's watchdog
         per_step = (time.perf_counter() - start) / (i + 1) * t.gradient_accumulation_steps
-        su.log_step(cfg, epoch, step, loss, stepper.lr, per_step)
+        su.log_step(cfg, tracker, epoch, step, loss, stepper.optimizer, per_step)
         if t.max_steps is not None and step >= t.max_steps:
             break
+        # Every rank agrees at the same step (the epoch's last step is checked after its checkpoint).
+        if pre is not None and i + 1 < batches and pre.should_stop(step):
+            return step, float(loss_sum) / max(1, done), torch.cat(seen).tolist(), offset + i + 1
     indices = torch.cat(seen).tolist() if seen else []
-    return step, float(loss_sum) / max(1, done), indices
+    return step, float(loss_sum) / max(1, done), indices, None
 
 
 @torch.no_grad()
@@ -267,7 +297,9 @@ def train(
     final validation metrics (``dice``, ``dice_1``, ...) on every rank.
 
     ``info``: the ``DistInfo`` from the caller's ``distributed()``; by default ``init_distributed()``
-    (idempotent) gives it. ``resume``: continue from the latest checkpoint under ``run_dir``.
+    (idempotent) gives it. ``resume``: continue from the latest checkpoint under ``run_dir`` (also when
+    ``training.resume`` says so). With ``training.preemption``, a SIGTERM or SIGUSR1 to any rank stops every
+    rank at one step: a mid-epoch checkpoint, then ``SystemExit(75)`` (``ratlib.preempt``).
     """
     check_settings(cfg)
     info = info or ratlib.init_distributed()
@@ -294,6 +326,7 @@ def train(
         collate_fn=collate,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(t.seed),  # its seed draws leave the global RNG alone (resume)
     )
     val_loader = eval_loader(cfg, val_set, info, model.multiple)
     steps_per_epoch = math.ceil(len(sampler) / t.gradient_accumulation_steps)
@@ -320,45 +353,73 @@ def train(
         f"{', channels_last' if memory_format == torch.channels_last else ''}"
     )
 
-    # Resume: weights, optimiser, schedule, sampler position, counters and random generators.
-    start_epoch, step = su.resume_from(run_dir, model, stepper, sampler) if resume else (0, 0)
+    # Resume: weights, optimiser, schedule, sampler position (mid-epoch too), counters, every rank's RNGs.
+    how = True if resume else t.resume
+    state = su.resume_from(run_dir, model, stepper, sampler, how) if how else None
+    start_epoch, step = (sampler.epoch, state["step"]) if state else (0, 0)
+    tracker = su.make_tracker(cfg, run_dir, state)  # metrics.jsonl, TensorBoard, ...: one run across resumes
+    installed_here = t.preemption and not preempt.is_installed()
+    pre = preempt.install() if t.preemption else None  # handlers only set a flag; should_stop agrees
+    save = partial(su.save_state, run_dir, model, stepper, sampler, cfg, tracker)
 
     def run_eval() -> dict[str, float]:
         broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds, on every rank
         return evaluate(model, val_loader, device, info, autocast=autocast, memory_format=memory_format)
 
     metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, t.num_epochs):
-        if t.max_steps is not None and step >= t.max_steps:
-            break
-        sampler.set_epoch(epoch)
-        memory.reset_peak_memory(device)
-        epoch_start = time.perf_counter()
-        step, loss, seen = train_one_epoch(
-            stepper, train_loader, cfg, device, epoch=epoch, step=step, autocast=autocast, memory_format=memory_format
-        )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_time = time.perf_counter() - epoch_start
-        loss = reduce_dict({"loss": loss})["loss"]  # mean over ranks
-        samples = [i for rank_ids in gather_object(seen) or [] for i in rank_ids]  # the main rank's view
-        stopping = epoch == t.num_epochs - 1 or (t.max_steps is not None and step >= t.max_steps)
-        metrics = run_eval() if stopping or (epoch + 1) % cfg.eval.every_epochs == 0 else {}
-        mem = memory.memory_report(device, warn_fraction=t.memory_warning_fraction)
-        record: dict[str, Any] = dict(epoch=epoch, step=step, loss=loss, lr=stepper.lr, train_time_s=train_time)
-        record.update(train_samples=len(samples), train_unique_samples=len(set(samples)))
-        record.update(images_per_s=len(samples) / train_time, **metrics, **mem.to_metrics())
-        log.info(
-            f"epoch {epoch} done: step {step}, loss {loss:.4f}, dice {metrics.get('dice', float('nan')):.4f}, "
-            f"{len(samples)} slices ({len(set(samples))} unique) at {record['images_per_s']:.1f} images/s, peak "
-            f"memory {record['peak_memory_max_gib']:.2f} GiB (rank {record['peak_memory_max_rank']})"
-        )
-        su.log_metrics(run_dir, record)
-        su.save_epoch(run_dir, model, stepper, sampler, cfg, epoch=epoch, step=step, metrics=metrics)
-        if stopping:
-            break
-    if not metrics:  # nothing left to train (a finished run resumed): evaluate what was loaded
-        metrics = run_eval()
+    try:
+        for epoch in range(start_epoch, t.num_epochs):
+            if t.max_steps is not None and step >= t.max_steps:
+                break
+            sampler.set_epoch(epoch)  # keeps a restored mid-epoch position
+            memory.reset_peak_memory(device)
+            epoch_start = time.perf_counter()
+            step, loss, seen, stop = train_one_epoch(
+                stepper,
+                train_loader,
+                cfg,
+                device,
+                epoch=epoch,
+                step=step,
+                autocast=autocast,
+                memory_format=memory_format,
+                tracker=tracker,
+                pre=pre,
+            )
+            if stop is not None:  # preempted mid-epoch: every rank saves the position, then leaves
+                path = save(epoch=epoch, step=step, metrics={}, position=stop)
+                log.warning("preempted at step %d (epoch %d, batch %d): saved %s", step, epoch, stop, path)
+                tracker.close()
+                pre.exit()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time = time.perf_counter() - epoch_start
+            loss = reduce_dict({"loss": loss})["loss"]  # mean over ranks
+            samples = [i for rank_ids in gather_object(seen) or [] for i in rank_ids]  # the main rank's view
+            stopping = epoch == t.num_epochs - 1 or (t.max_steps is not None and step >= t.max_steps)
+            metrics = run_eval() if stopping or (epoch + 1) % cfg.eval.every_epochs == 0 else {}
+            mem = memory.memory_report(device, warn_fraction=t.memory_warning_fraction)  # a collective
+            record: dict[str, Any] = dict(epoch=epoch, step=step, loss=loss, lr=stepper.lr, train_time_s=train_time)
+            record.update(train_samples=len(samples), train_unique_samples=len(set(samples)))
+            record.update(images_per_s=len(samples) / train_time, **metrics, **mem.to_metrics())
+            log.info(
+                f"epoch {epoch} done: step {step}, loss {loss:.4f}, dice {metrics.get('dice', float('nan')):.4f}, "
+                f"{len(samples)} slices ({len(set(samples))} unique) at {record['images_per_s']:.1f} images/s, "
+                f"peak memory {record['peak_memory_max_gib']:.2f} GiB (rank {record['peak_memory_max_rank']})"
+            )
+            tracker.log({**record, **memory_metrics(mem)}, step)
+            save(epoch=epoch, step=step, metrics=metrics)
+            if stopping:
+                break
+            if pre is not None and pre.should_stop(step):  # the epoch's last step: its checkpoint is written
+                tracker.close()
+                pre.exit()
+        if not metrics:  # nothing left to train (a finished run resumed): evaluate what was loaded
+            metrics = run_eval()
+    finally:
+        tracker.close()
+        if installed_here:
+            su.release_preemption(pre)
     return metrics
 
 

@@ -40,6 +40,7 @@ from ratlib.config_defaults.schema import (
     ModelConfig,
     OptimizerConfig,
     SchedulerConfig,
+    TrackingConfig,
     TrainingConfig,
 )
 from ratlib.config_defaults.training import (
@@ -69,6 +70,7 @@ __all__ = [
     "OptimizerConfig",
     "SchedulerConfig",
     "Stepper",
+    "TrackingConfig",
     "TrainingConfig",
     "UsageError",
     "autocast_for",

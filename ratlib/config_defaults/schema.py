@@ -171,6 +171,11 @@ class TrainingConfig(_Section):
     """Optimiser steps between log lines."""
     memory_warning_fraction: Float = Field(0.9, gt=0, le=1)
     """Warn when a rank's peak memory passes this fraction of its device's."""
+    preemption: bool = True
+    """Stop every rank at one step on SIGTERM/SIGUSR1 (``ratlib.preempt``), write a mid-epoch checkpoint, exit 75."""
+    resume: bool | Literal["auto"] = False
+    """Continue from the latest checkpoint: true (warn when there is none), "auto" (silently start anew when
+    there is none: what a requeued Slurm job or a torchrun restart needs) or false."""
 
     @model_validator(mode="after")
     def _min_lr_below_lr(self) -> TrainingConfig:
@@ -189,6 +194,13 @@ class TrainingConfig(_Section):
                 },
             )
         return self
+
+
+class TrackingConfig(_Section):
+    """``tracking``: where metrics go (``ratlib.tracking.Tracker``, main rank only)."""
+
+    backends: list[str] = ["jsonl", "tensorboard"]
+    """Backends: jsonl (metrics.jsonl), tensorboard, wandb, mlflow; a missing package is left out with one line."""
 
 
 class DistributedConfig(_Section):
@@ -236,6 +248,8 @@ class ExperimentConfig(_Section):
     """The loop."""
     distributed: DistributedConfig = DistributedConfig()
     """The process group."""
+    tracking: TrackingConfig = TrackingConfig()
+    """Experiment tracking."""
     data: DataConfig = DataConfig()
     """The data (project keys pass through)."""
     model: ModelConfig = ModelConfig()
