@@ -19,6 +19,8 @@ import pytest
 import torch
 from suite_rules import require, unavailable
 
+from ratlib.config_defaults import run_folder  # save_checkpoint: a test crashes a save there
+
 require("nibabel")
 
 from example_helpers import _restore_logging, load_script, one_thread  # noqa: E402, F401  (fixtures)
@@ -363,7 +365,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(
     common = (f"data.root={msd_root}", "training.num_epochs=4", "data.limit=48")
     T.train(config(*common), run_dir=tmp_path / "whole", info=CPU)
 
-    save = su.save_checkpoint
+    save = run_folder.save_checkpoint
 
     def save_then_die(run_dir: Path, state: dict, keep: int | None) -> Path:
         path = save(run_dir, state, keep)
@@ -371,10 +373,10 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(
             raise Interrupted(path)
         return path
 
-    monkeypatch.setattr(su, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(run_folder, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
         T.train(config(*common), run_dir=tmp_path / "split", info=CPU)
-    monkeypatch.setattr(su, "save_checkpoint", save)
+    monkeypatch.setattr(run_folder, "save_checkpoint", save)
     torch.manual_seed(1234)  # the resumed run must not depend on the state the process is in
     np.random.seed(1234)
     T.train(config(*common), run_dir=tmp_path / "split", resume=True, info=CPU)
@@ -448,7 +450,7 @@ def deepspeed_scenario(run: str, root: str) -> int:
         "training.num_epochs=2",
         "data.limit=48",
     )
-    save = su.save_checkpoint
+    save = run_folder.save_checkpoint
 
     def save_then_die(run_dir: Path, state: dict, keep: int | None) -> Path:
         save(run_dir, state, keep)
@@ -456,13 +458,13 @@ def deepspeed_scenario(run: str, root: str) -> int:
 
     with distributed(device="cpu") as info:
         T.train(config(*common), run_dir=Path(run) / "whole", info=info)
-        su.save_checkpoint = save_then_die
+        run_folder.save_checkpoint = save_then_die
         try:
             T.train(config(*common), run_dir=Path(run) / "split", info=info)
         except Interrupted:
             pass
         finally:
-            su.save_checkpoint = save
+            run_folder.save_checkpoint = save
         T.train(config(*common), run_dir=Path(run) / "split", resume=True, info=info)
     return 0
 

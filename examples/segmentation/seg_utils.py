@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -38,23 +37,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from ratlib import (
-    checkpoint,
     get_logger,
-    is_main_process,
     main_process_first,
-    preempt,
 )
 
 # The training mechanics (optimiser, schedule, precision, DDP or DeepSpeed) are ratlib's; train.py and
 # benchmarks/ reach them through this module.
-from ratlib.config_defaults import Stepper, UsageError
+from ratlib.config_defaults import Stepper as Stepper
+from ratlib.config_defaults import UsageError as UsageError
 from ratlib.config_defaults import autocast_for as autocast_for
 from ratlib.config_defaults import make_optimizer as make_optimizer
 from ratlib.config_defaults import make_stepper as make_stepper
 from ratlib.config_defaults import parse_args as parse_args
-from ratlib.io import write_atomic
+
+# The run folder's checkpoints, resume, tracker and step log are ratlib's too (one implementation for both
+# examples); train.py and the tests reach them through this module.
+from ratlib.config_defaults.run_folder import checkpoint_dir as checkpoint_dir
+from ratlib.config_defaults.run_folder import checkpoint_to_evaluate as checkpoint_to_evaluate
+from ratlib.config_defaults.run_folder import latest_checkpoint as latest_checkpoint
+from ratlib.config_defaults.run_folder import load_checkpoint as load_checkpoint
+from ratlib.config_defaults.run_folder import log_step as log_step
+from ratlib.config_defaults.run_folder import make_tracker as make_tracker
+from ratlib.config_defaults.run_folder import release_preemption as release_preemption
+from ratlib.config_defaults.run_folder import resume_from as resume_from
+from ratlib.config_defaults.run_folder import save_checkpoint as save_checkpoint
+from ratlib.config_defaults.run_folder import save_state as save_state
+from ratlib.config_defaults.run_folder import write_eval as write_eval
 from ratlib.synthetic import make_msd_segmentation
-from ratlib.tracking import Tracker, lr_metrics
 
 log = get_logger(__name__)
 
@@ -542,158 +551,3 @@ def dice_scores(conf: torch.Tensor | np.ndarray) -> dict[str, float]:
         out[f"dice_{c}"] = 2 * tp / denominator if denominator else 1.0
     out = {"dice": float(np.mean(list(out.values()))), **out}
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints and metrics: the run folder's checkpoints/ and metrics.jsonl (written by ratlib.tracking's
-# jsonl backend), the same in every example; train.py imports these names, so a test can replace
-# save_checkpoint there. Everything a checkpoint holds is plain data: torch.load(path, weights_only=True).
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
-def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int | None) -> Path:
-    """checkpoints/epoch{E}.pt, written atomically by the main rank; every rank calls it and waits. A
-    mid-epoch (preemption) checkpoint has the same name: the end of that epoch replaces it."""
-    return checkpoint.save(state, checkpoint_dir(run_dir) / f"epoch{state['epoch']:04d}.pt", keep=keep)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    return checkpoint.latest(checkpoint_dir(run_dir), "epoch*.pt")
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Every rank reads the checkpoint onto the CPU (weights_only: plain data only); a damaged file is the
-    user's input error."""
-    try:
-        return checkpoint.load(path, map_location="cpu", weights_only=True)
-    except checkpoint.CheckpointError as exc:
-        raise UsageError(str(exc)) from exc
-
-
-def plain_rng(rng: dict[str, Any]) -> dict[str, Any]:
-    """``checkpoint.rng_state()`` with NumPy's state as plain values (a tuple holding an ndarray is refused
-    by ``weights_only=True``); a no-op where ratlib already stores it so."""
-    ranks = []
-    for entry in rng["ranks"]:
-        entry = dict(entry)
-        if isinstance(entry.get("numpy"), tuple):
-            name, key, pos, has_gauss, gauss = entry["numpy"]
-            entry["numpy"] = {"bit_generator": str(name), "key": [int(k) for k in key], "pos": int(pos)}
-            entry["numpy"].update(has_gauss=int(has_gauss), gauss=float(gauss))
-        ranks.append(entry)
-    return {**rng, "ranks": ranks}
-
-
-def restore_rng(rng: dict[str, Any]) -> None:
-    """This rank's generators from ``plain_rng``'s form (NumPy's plain dict turned back into the tuple,
-    which every ratlib version's ``set_rng_state`` takes)."""
-    ranks = []
-    for entry in rng["ranks"]:
-        entry, saved = dict(entry), entry.get("numpy")
-        if isinstance(saved, dict) and "key" in saved:
-            key = np.asarray(saved["key"], dtype=np.uint32)
-            entry["numpy"] = (saved["bit_generator"], key, saved["pos"], saved["has_gauss"], saved["gauss"])
-        ranks.append(entry)
-    checkpoint.set_rng_state({**rng, "ranks": ranks})
-
-
-def make_tracker(cfg: Any, run_dir: Path, resumed: dict[str, Any] | None) -> Tracker:
-    """Metrics from the main rank to ``tracking.backends`` (metrics.jsonl, TensorBoard, ...): a resume
-    continues the checkpoint's run, dropping what the run logged after the checkpoint's step."""
-    state = (resumed or {}).get("tracker")
-    return Tracker(run_dir, backends=cfg.tracking.backends, config=cfg, resume=state if resumed else False)
-
-
-def resume_from(run_dir: Path, model: nn.Module, stepper: Stepper, sampler: Any, how: Any) -> dict[str, Any] | None:
-    """Weights, optimiser, schedule, sampler position (mid-epoch too) and every rank's RNGs from the latest
-    checkpoint; returns it (None without one). ``how``: True (``--resume``: warn when there is none) or
-    "auto" (quietly start anew)."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        if how is True:
-            log.warning("--resume: no checkpoint under %s; starting from scratch", checkpoint_dir(run_dir))
-        return None
-    state = load_checkpoint(path)
-    model.load_state_dict(state["model"])
-    stepper.load(state, checkpoint_dir(run_dir) / "deepspeed", path)
-    sampler.load_state_dict(state.get("sampler") or {"epoch": state["epoch"], "position": len(sampler)})
-    if state.get("rng"):
-        restore_rng(state["rng"])
-    where = "mid-epoch" if sampler.epoch == state["epoch"] else "done"
-    log.info("resumed from %s: epoch %d %s, step %d", path, state["epoch"], where, state["step"])
-    return state
-
-
-def save_state(
-    run_dir: Path, model: nn.Module, stepper: Stepper, sampler: Any, cfg: Any, tracker: Tracker, **state: Any
-) -> Path:
-    """A checkpoint (every rank calls it): DeepSpeed's own state first, then epoch{E}.pt with the weights,
-    optimiser, schedule, scaler, sampler position (``position``: batches consumed, mid-epoch), every rank's
-    RNGs, the tracker's state and ``state`` (epoch, step, metrics)."""
-    keep, position = cfg.checkpoint.keep, state.pop("position", None)
-    stepper.save(checkpoint_dir(run_dir) / "deepspeed", state["epoch"], state["step"], keep)
-    tracker.flush(timeout=30)  # what the checkpoint's step covers is on disk before the checkpoint is
-    state.update(model=checkpoint.unwrap_model(model).state_dict(), **stepper.state_dict())
-    state.update(sampler=sampler.state_dict(position=position), rng=plain_rng(checkpoint.rng_state()))
-    state.update(tracker=tracker.state_dict(), config=cfg.model_dump(mode="json"))
-    return save_checkpoint(run_dir, state, keep)
-
-
-def release_preemption(pre: Any) -> None:
-    """At the end of train(), when it installed ``ratlib.preempt``: the earlier signal handlers back (a test
-    process, the next run of a study). A signal that came after the last agreement is sent again, so that
-    it meets the handler it would have met without us (default: end the process) and is not lost."""
-    late = pre.signal if pre.requested and pre.stop_step is None else None
-    preempt.uninstall()
-    if late is not None:
-        log.warning("%s after the last stop agreement: passing it on", late)
-        os.kill(os.getpid(), getattr(signal, late))
-
-
-def checkpoint_to_evaluate(run_dir: Path, path: str | Path | None) -> Path:
-    """``--eval-only``: the checkpoint given, or the run folder's latest; a UsageError when there is none."""
-    found = Path(path) if path is not None else latest_checkpoint(run_dir)
-    if found is None or not found.is_file():
-        raise UsageError(
-            f"--eval-only: checkpoint {found or checkpoint_dir(run_dir) / 'epoch*.pt'} not found (no checkpoint "
-            f"under {checkpoint_dir(run_dir)}); pass --checkpoint PATH or the output_dir of a finished run"
-        )
-    return found
-
-
-def log_step(
-    cfg: Any,
-    tracker: Tracker,
-    epoch: int,
-    step: int,
-    loss: torch.Tensor,
-    optimizer: Any,
-    seconds_per_step: float,
-    **terms: Any,
-) -> None:
-    """Every ``training.log_every`` optimiser steps (and the last): the loss (the only device sync of the
-    loop), the learning rate and the pace, to the log and the tracker. A non-finite loss stops the run with
-    its terms and what to change."""
-    t = cfg.training
-    if step % t.log_every and step != t.max_steps:
-        return
-    value = loss.item()
-    if not math.isfinite(value):
-        shown = f" ({ {k: v.item() for k, v in terms.items()} })" if terms else ""
-        raise FloatingPointError(
-            f"epoch {epoch}, step {step}: the loss is {value}{shown}; lower training.optimizer.lr (now "
-            f"{t.optimizer.lr}), keep training.gradient_clip on, or add training.scheduler.warmup_epochs"
-        )
-    lrs = lr_metrics(optimizer)
-    tracker.log({"train/loss": value, **{f"train/{k}": v for k, v in terms.items()}, **lrs}, step)
-    lr = next(iter(lrs.values()))
-    log.info("epoch %d step %d: loss %.4f lr %.3g (%.3f s/step)", epoch, step, value, lr, seconds_per_step)
-
-
-def write_eval(run_dir: Path, path: Path, metrics: dict[str, float]) -> None:
-    """``--eval-only``'s figures in run_dir/eval.json, by the main rank."""
-    if is_main_process():
-        write_atomic(run_dir / "eval.json", json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")
