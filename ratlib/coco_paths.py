@@ -484,6 +484,18 @@ def _search(
     raise _not_found(root, split, kind, layout, tried)
 
 
+def _other_year(filename: str, split: CocoSplit, kind: str) -> int | None:
+    """The year of ``filename`` when it is ``split``'s annotation file of another year, else None."""
+    for year in (2014, 2015, 2017):
+        if year != split.year:
+            try:
+                if annotation_filename(CocoSplit(split.name, year), kind=kind) == filename:
+                    return year
+            except ValueError:  # no such split in that year (minival2017, ...)
+                continue
+    return None
+
+
 def _not_found(root: Path, split: CocoSplit, kind: str, layout: str, tried: list[Path]) -> CocoPathError:
     found = _existing_annotations(root) if root.is_dir() else []
     expected = annotation_filename(split, kind=kind)
@@ -516,6 +528,12 @@ def _not_found(root: Path, split: CocoSplit, kind: str, layout: str, tried: list
             lines.append(
                 f"Closest match: {closest}; it has the expected name, so the dataset root is probably "
                 f"root={str(same_name[0].parent.parent)!r}."
+            )
+        elif closest is not None and _other_year(closest.name, split, kind) is not None:
+            other = _other_year(closest.name, split, kind)
+            lines.append(
+                f"Closest match: {closest}; it is the {other} {split.name} split: ask for year {other} "
+                f"(Python: year={other}; the ratlib command: --year {other})."
             )
         elif closest is not None:
             lines.append(f"Closest match: {closest}; if that is the file, pass annotations={str(closest)!r}.")

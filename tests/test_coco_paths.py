@@ -626,3 +626,14 @@ def test_coco_errors_are_ratlib_errors_and_builtins() -> None:
     with pytest.raises(CocoYearError) as info:
         parse_split("train2017", year=2014)
     assert isinstance(info.value, ValueError) and isinstance(info.value, RatlibError)
+
+
+def test_a_split_found_only_in_another_year_suggests_that_year(tmp_path: Path) -> None:
+    from ratlib.cli import main
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2014.json").write_text("{}")
+    with pytest.raises(CocoPathError, match=r"--year 2014") as err:
+        resolve_coco(tmp_path, "val")
+    assert "annotations=" not in str(err.value).split("Closest match:")[1].splitlines()[0]
+    assert main(["coco", str(tmp_path), "val"]) != 0
