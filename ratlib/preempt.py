@@ -190,10 +190,12 @@ class Preemption:
         self.timeout = timeout
         self.overlap = overlap
         self.start_step: int | None = None  # the first step this process gave should_stop
+        self._steps_seen = 0  # distinct step values given in a row: more than one means a step was done
+        self._last_step: int | None = None
         self.stop_step: int | None = None  # the step every rank stopped at
         self.received: tuple[RankSignal, ...] = ()  # every rank's signal, known at the stop step
         self.latency: float | None = None  # seconds from the first signal to the agreement
-        self._pending: tuple[Any, Any] | None = None  # (work, tensor) of the all-reduce in flight (overlap)
+        self._pending: tuple[Any, Any, Any] | None = None  # (work, tensor, group) of the all-reduce in flight
         self._posted = False  # the first agreement has run (it blocks, so that set-up signals stop at once)
         self._group: Any = None
         self._group_for: Any = None
@@ -218,10 +220,28 @@ class Preemption:
         """
         if self.stop_step is not None:
             return True
-        if self.start_step is None:
-            self.start_step = step
+        self._note(step)
         if step % self.every:
             return False
+        return self._agree(step, block=not (self.overlap and self._posted))
+
+    def agree(self, step: int) -> bool:
+        """A blocking agreement now, whatever ``every``: the same answer on every rank, True once any rank
+        got a signal. For a point outside the step loop where a signal that came after the last
+        ``should_stop`` must still stop every rank: between the runs of a study, before a long evaluation.
+        Every rank calls it at the same point, like any collective."""
+        if self.stop_step is not None:
+            return True
+        self._note(step)
+        return self._agree(step, block=True)
+
+    def _note(self, step: int) -> None:
+        if self.start_step is None:
+            self.start_step = step
+        if step != self._last_step:
+            self._steps_seen, self._last_step = self._steps_seen + 1, step
+
+    def _agree(self, step: int, *, block: bool) -> bool:
         dist = _dist()
         if dist is None:
             if not _FLAG.signum:
@@ -229,18 +249,22 @@ class Preemption:
             self._stop(step, (RankSignal(dist_init.get_rank(), self.signal or "?", _FLAG.time),))
             return True
         group = self._agreement_group(dist)
-        if self.overlap and self._pending is not None:
+        if self._pending is not None:
             # the all-reduce posted at the last agreement step has had a whole step to finish
-            work, buf = self._pending
+            work, buf, world = self._pending
             self._pending = None
-            self._wait(dist, step, lambda: work.wait())
-            if self._decide(step, buf):
-                return True
+            # one posted on a group torn down since (a failed run's) is dropped: the flags it carried are
+            # this process's _FLAG and the other ranks', all sent again below
+            if world is dist.group.WORLD:
+                self._wait(dist, step, lambda: work.wait())
+                if self._decide(step, buf):
+                    return True
         buf = self._local_flags(dist)
-        if self.overlap and self._posted:
-            self._pending = (dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group, async_op=True), buf)
+        if not block:
+            work = dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group, async_op=True)
+            self._pending = (work, buf, dist.group.WORLD)
             return False
-        # the first agreement (a signal during set-up stops at the first step) and overlap=False: blocking
+        # the first agreement (a signal during set-up stops at the first step), overlap=False and agree()
         self._posted = True
         self._wait(dist, step, lambda: dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group))
         return self._decide(step, buf)
@@ -306,8 +330,9 @@ class Preemption:
 
     @property
     def progressed(self) -> bool:
-        """Steps were done in this process before the stop (the stop step is past the first step seen)."""
-        return self.stop_step is not None and self.start_step is not None and self.stop_step > self.start_step
+        """Steps were done in this process before the stop: it was asked at more than one step. Counted, not
+        compared, so a study whose next run starts again at step 0 still counts its earlier runs."""
+        return self.stop_step is not None and self._steps_seen > 1
 
     def exit(
         self,

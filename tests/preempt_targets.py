@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ratlib import dist_init, preempt
+from ratlib.comm import StoreChannel
 from ratlib.rank_logger import setup_logging
 
 
@@ -104,6 +105,33 @@ def rank_gone(how: str, group_timeout: float) -> int:
         except preempt.PreemptError as exc:
             print(f"AGREEMENT FAILED after {time.monotonic() - started:.2f} s: {exc}", flush=True)
             return 4
+    return 0
+
+
+def agree_after_the_loop(signal_rank: int, rebuild: bool) -> int:
+    """Two "runs" of 5 steps each on a fresh step count; ``signal_rank`` signals itself after the first run's
+    last ``should_stop`` (its all-reduce still in flight), then every rank calls ``agree``. ``rebuild``: the
+    process group is torn down and made again in between (``StoreChannel.rebuild_group``, as the ablation runner
+    does after a failed run)."""
+    setup_logging("INFO")
+    info = dist_init.init_distributed("gloo", timeout=30, connect_timeout=30)
+    pre = preempt.install()
+    for run in range(2):
+        for step in range(5):
+            if pre.should_stop(step):
+                print(f"STOP rank={info.rank} run={run} step={step}", flush=True)
+                return 5
+            t = torch.ones(1)
+            torch.distributed.all_reduce(t)
+        if run == 0 and info.rank == signal_rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if rebuild:
+            StoreChannel("agree-test").rebuild_group()
+        agreed = pre.agree(run)
+        print(f"AGREE rank={info.rank} run={run} {agreed} progressed={pre.progressed}", flush=True)
+        if agreed:
+            pre.exit(requeue=False)
+    dist_init.shutdown()
     return 0
 
 

@@ -97,6 +97,33 @@ def test_no_signal_no_stop(tmp_path: Path) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("rebuild", [False, True], ids=["same-group", "group-rebuilt"])
+@pytest.mark.parametrize("signal_rank", [1, -1], ids=["rank-1-signalled", "no-signal"])
+def test_agree_after_the_loop_sees_a_late_signal_on_every_rank(signal_rank: int, rebuild: bool) -> None:
+    """A signal after the last should_stop (the loop's agreement still in flight) is seen by agree() on every
+    rank at once; with the group made anew in between, the in-flight agreement of the old one is dropped."""
+    run = run_on_ranks(preempt_targets.agree_after_the_loop, 2, args=(signal_rank, rebuild), timeout=120)
+    if signal_rank < 0:
+        assert run.returncodes == [0, 0], run
+        for rank, out in enumerate(run.stdouts):
+            assert f"AGREE rank={rank} run=0 False" in out and f"AGREE rank={rank} run=1 False" in out, run
+        return
+    assert run.returncodes == [PREEMPT_EXIT_CODE] * 2, run
+    for rank, out in enumerate(run.stdouts):
+        assert f"AGREE rank={rank} run=0 True progressed=True" in out, run  # 5 steps done: a requeue is allowed
+        assert "STOP" not in out and "run=1" not in out, run
+    assert all("rank 1 got SIGTERM" in out for out in run.outputs), run
+
+
+def test_progress_is_counted_not_compared_so_a_second_run_from_step_0_counts() -> None:
+    pre = preempt.install(("SIGUSR1",))
+    for step in (7, 8, 9, 0):  # a run resumed at step 7, then the next run of a study from 0
+        assert not pre.should_stop(step)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert pre.should_stop(1) and pre.stop_step == 1 < pre.start_step == 7 and pre.progressed
+
+
+@pytest.mark.distributed
 def test_requeue_from_rank_0_only_under_slurm(tmp_path: Path) -> None:
     log = tmp_path / "requeue.log"
     run = run_on_ranks(

@@ -47,6 +47,7 @@ from ratlib import (
     heartbeat,
     is_main_process,
     load_config,
+    preempt,
     setup_logging,
 )
 from ratlib.comm import ChannelError, StoreChannel
@@ -480,7 +481,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_main_process():
             log.error("%s", exc)
         return 2
-    d = study.base_cfg.distributed
     if get_world_size() > 1:
         # torch._dynamo keeps references to the process group that exists when it is first imported (DDP
         # imports it); a group held like that cannot be torn down to release the other ranks after a failure.
@@ -488,6 +488,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(ImportError):
             import torch._dynamo  # noqa: F401
 
+    # The study owns the stop handlers, so a signal between two runs (or after a run's last agreement, in its
+    # evaluation) is kept for the agreement after that run instead of meeting the default action.
+    pre = preempt.install() if getattr(study.base_cfg.training, "preemption", False) else None
+    try:
+        code = study_on_ranks(study, args, resume, pre)
+        if code == 0 and pre is not None and pre.requested and pre.stop_step is None:
+            log.warning("%s after the last run: the study is complete; exiting normally", pre.signal)
+        return code
+    finally:
+        if pre is not None:
+            preempt.uninstall()
+
+
+def study_on_ranks(study: Study, args: argparse.Namespace, resume: bool, pre: preempt.Preemption | None) -> int:
+    """Steps 2 to 4 of main(), inside the process group."""
+    d = study.base_cfg.distributed
     with distributed(
         d.backend,
         timeout=d.timeout_s,
@@ -554,6 +570,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     au.append_jsonl(plan.results, record)
                     report(record, k, len(plan.todo))
                     write_summary(plan, info.world_size)
+                if pre is not None and k < len(plan.todo) and pre.agree(k):  # a signal that came after the run's
+                    log.warning(  # last agreement (its evaluation, the record): stop before the next run
+                        "study preempted after run %s (%d of %d runs of this launch done and recorded); run the "
+                        "same command with --resume to run the rest",
+                        run.run,
+                        k,
+                        len(plan.todo),
+                    )
+                    pre.exit()
         except StudyStopped as exc:
             log.error(
                 "study stopped: %s. Every run recorded so far is in %s; run the same command with --resume to go on",

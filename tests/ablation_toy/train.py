@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Literal
@@ -54,12 +55,15 @@ class ToyData(DataConfig):
 class Fault(BaseModel):
     """Make the run raise on one rank: at "build" (before any collective of the run: the other ranks go on
     into DDP's first broadcast), "step" (between two steps of the first epoch) or "end" (after the last
-    collective). ``sleep_s``: every epoch takes at least this long (for the kill-and-resume test)."""
+    collective). ``sleep_s``: every epoch takes at least this long (for the kill-and-resume test).
+    ``signal``: with at="end", send this signal to the rank itself instead of raising (a preemption that comes
+    after the run's last collective, in its evaluation or record)."""
 
     model_config = ConfigDict(extra="forbid")
     rank: int | None = None
     at: Literal["build", "step", "end"] = "build"
     sleep_s: float = Field(0.0, ge=0)
+    signal: str | None = None
 
 
 class ToyConfig(ExperimentConfig):
@@ -153,7 +157,9 @@ def train(
         )
         if t.max_steps is not None and step >= t.max_steps:
             break
-    if fault.rank == info.rank and fault.at == "end":
+    if fault.rank == info.rank and fault.at == "end" and fault.signal:
+        os.kill(os.getpid(), getattr(signal, fault.signal))
+    elif fault.rank == info.rank and fault.at == "end":
         raise ValueError(f"toy fault on rank {info.rank} after training")
     return broadcast_object(metrics)
 
