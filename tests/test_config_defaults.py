@@ -479,6 +479,20 @@ def test_registered_checks_run_for_their_schema_only() -> None:
         unregister_check(_size_rule)
 
 
+def test_a_check_registered_again_for_a_reloaded_schema_keeps_the_old_class_too() -> None:
+    big = {"model": {"feature_dims": 1024, "num_blocks": 12}}
+    Reloaded = type("ProjectLoose", (ExperimentConfig,), {})  # what importlib.reload of its module makes
+    register_check(_size_rule, schema=ProjectLoose)
+    register_check(_size_rule, schema=Reloaded)
+    try:
+        for schema in (ProjectLoose, Reloaded):
+            found = check_config(load_config(big, schema=schema), device="cpu")
+            assert [f.key for f in found].count("model") == 1, schema
+    finally:
+        unregister_check(_size_rule)
+    assert ("warning", "model") not in _keys(check_config(load_config(big, schema=Reloaded), device="cpu"))
+
+
 def test_check_config_findings_of_cpu_deepspeed_warmup_and_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # an import that fails, whatever is installed
     cfg = load_config(

@@ -39,7 +39,6 @@ from ratlib import (
     ExperimentConfig,
     ModelConfig,
     broadcast_object,
-    check_config,
     distributed,
     dump_config,
     gather_object,
@@ -52,6 +51,7 @@ from ratlib import (
     setup_logging,
 )
 from ratlib.comm import assert_same, broadcast_buffers
+from ratlib.config_defaults import memory_format_for, report_findings
 from ratlib.data import EvalSampler, ShardedBatchSampler
 from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
@@ -117,12 +117,6 @@ class DetectionConfig(ExperimentConfig):
     model: DetectionModel = DetectionModel()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
-
-
-def report_findings(cfg: ExperimentConfig, info: DistInfo) -> None:
-    for finding in check_config(cfg, info.world_size, device=info.device.type):
-        if finding.severity != "info" and not finding.key.startswith("data."):  # resolve_coco reports data paths
-            log.warning("config %s: %s. %s", finding.key, finding.message, finding.advice)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,7 +219,7 @@ def train(
     run_dir = Path(run_dir if run_dir is not None else cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    report_findings(cfg, info)
+    report_findings(cfg, info.world_size, device)  # risky settings; resolve_coco reports the data paths
     torch.manual_seed(t.seed)
 
     # Data: each rank trains on its share of every epoch's images (grouped by aspect ratio) and predicts
@@ -255,8 +249,7 @@ def train(
     model = du.build_model(cfg.model, train_set.num_classes).to(device)
     if cfg.model.sync_bn and info.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if t.channels_last if t.channels_last is not None else device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=memory_format_for(cfg, device))
     if t.compile:
         model.backbone.compile()  # in place: state_dict keys stay the same
     autocast = du.autocast_for(cfg, device)

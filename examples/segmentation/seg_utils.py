@@ -43,6 +43,7 @@ from ratlib import (
 
 # The training mechanics (optimiser, schedule, precision, DDP or DeepSpeed) are ratlib's; train.py and
 # benchmarks/ reach them through this module.
+from ratlib.config_defaults import Finding
 from ratlib.config_defaults import Stepper as Stepper
 from ratlib.config_defaults import UsageError as UsageError
 from ratlib.config_defaults import autocast_for as autocast_for
@@ -433,6 +434,24 @@ def build_datasets(cfg: Any, run_dir: Path) -> tuple[Task, SliceDataset, SliceDa
 
 # ----------------------------------------------------------------------------------------------
 # Model
+
+
+def size_rule(cfg: Any, world_size: int) -> list[Finding]:
+    """Past these sizes plain data parallelism ran out of memory: ask for DeepSpeed ZeRO (train.py registers
+    this with ``register_check``)."""
+    dims, blocks = cfg.model.feature_dims, cfg.model.num_blocks
+    width = max(dims) if isinstance(dims, list) else dims
+    if (width > 512 or blocks > 8) and not cfg.training.deepspeed.enabled:
+        return [
+            Finding(
+                "warning",
+                "model",
+                f"feature_dims={dims} and num_blocks={blocks} are past the size plain data parallelism handles "
+                "(feature_dims > 512 or num_blocks > 8)",
+                "enable DeepSpeed ZeRO stage 2 (training.deepspeed.enabled=true, zero_stage=2), or 3 with offload=true",
+            )
+        ]
+    return []
 
 
 def widths(feature_dims: int | Sequence[int], num_blocks: int) -> list[int]:

@@ -34,14 +34,12 @@ from torch import nn
 
 import ratlib
 from ratlib import (
-    CheckpointError,
     ConfigError,
     DataConfig,
     DistInfo,
     ExperimentConfig,
     ModelConfig,
     broadcast_object,
-    check_config,
     distributed,
     dump_config,
     gather_object,
@@ -54,7 +52,7 @@ from ratlib import (
     setup_logging,
 )
 from ratlib.comm import assert_same, broadcast_buffers
-from ratlib.config_defaults import Finding, register_check
+from ratlib.config_defaults import memory_format_for, register_check, report_findings
 from ratlib.data import EvalSampler, ShardedBatchSampler, gather_by_index
 from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
@@ -136,31 +134,9 @@ def check_settings(cfg: SegmentationConfig) -> None:
         raise UsageError(f"data.window=[{low}, {high}]: expected [low, high] with low < high, e.g. [-175, 250]")
 
 
-# CHECK REGISTRATION: this example's own rule for ratlib.config_defaults.check_config (and ratlib doctor).
-def size_rule(cfg: SegmentationConfig, world_size: int) -> list[Finding]:
-    """Past these sizes plain data parallelism ran out of memory: ask for DeepSpeed ZeRO."""
-    dims, blocks = cfg.model.feature_dims, cfg.model.num_blocks
-    width = max(dims) if isinstance(dims, list) else dims
-    if (width > 512 or blocks > 8) and not cfg.training.deepspeed.enabled:
-        return [
-            Finding(
-                "warning",
-                "model",
-                f"feature_dims={dims} and num_blocks={blocks} are past the size plain data parallelism handles "
-                "(feature_dims > 512 or num_blocks > 8)",
-                "enable DeepSpeed ZeRO stage 2 (training.deepspeed.enabled=true, zero_stage=2), or 3 with offload=true",
-            )
-        ]
-    return []
-
-
-register_check(size_rule, schema=SegmentationConfig)
-
-
-def report_findings(cfg: ExperimentConfig, info: DistInfo) -> None:
-    for finding in check_config(cfg, info.world_size, device=info.device.type):
-        if finding.severity != "info" and not finding.key.startswith("data."):  # the data code reports paths
-            log.warning("config %s: %s. %s", finding.key, finding.message, finding.advice)
+# This example's own rule for ratlib.config_defaults.check_config (and `ratlib doctor`): model sizes that
+# call for DeepSpeed.
+register_check(su.size_rule, schema=SegmentationConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,12 +164,6 @@ def eval_loader(
 def build_model(cfg: SegmentationConfig, in_channels: int, num_classes: int) -> su.UNet:
     m = cfg.model
     return su.UNet(in_channels, num_classes, su.widths(m.feature_dims, m.num_blocks), norm=m.norm)
-
-
-def memory_format_for(cfg: ExperimentConfig, device: torch.device) -> torch.memory_format:
-    """channels_last by default on CUDA (``training.channels_last`` decides when set)."""
-    on = cfg.training.channels_last if cfg.training.channels_last is not None else device.type == "cuda"
-    return torch.channels_last if on else torch.contiguous_format
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +277,7 @@ def train(
     run_dir = Path(run_dir if run_dir is not None else cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    report_findings(cfg, info)
+    report_findings(cfg, info.world_size, device)  # model size (seg_utils.size_rule), batch, precision
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
 
@@ -476,12 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 metrics = evaluate_checkpoint(cfg, args.checkpoint, run_dir=run_dir, info=info)
             else:
                 metrics = train(cfg, run_dir=run_dir, resume=args.resume, info=info)
-        except (
-            su.TaskError,
-            UsageError,
-            CheckpointError,
-            RatlibError,
-        ) as exc:  # the user's input: the message, no traceback
+        except (su.TaskError, RatlibError) as exc:  # the user's input (UsageError, CheckpointError...): no traceback
             log.error("%s", exc)
             return 2
     log.info("final: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))

@@ -51,7 +51,9 @@ from ratlib.config_defaults.training import (
     make_optimizer,
     make_scheduler,
     make_stepper,
+    memory_format_for,
     parse_args,
+    report_findings,
 )
 from ratlib.memory import MemoryEstimate, MemoryProbe, count_parameters, estimate_model_memory, probe_memory
 
@@ -83,9 +85,11 @@ __all__ = [
     "make_optimizer",
     "make_scheduler",
     "make_stepper",
+    "memory_format_for",
     "parse_args",
     "probe_memory",
     "register_check",
+    "report_findings",
     "to_deepspeed_config",
     "unregister_check",
 ]

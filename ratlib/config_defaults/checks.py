@@ -48,8 +48,9 @@ _REGISTERED: list[tuple[Check, type[BaseModel] | None]] = []
 def register_check(check: Check, *, schema: type[BaseModel] | None = None) -> Check:
     """Run ``check(cfg, world_size)`` in every later ``check_config`` call (for configs that are
     instances of ``schema`` only, when given); returns ``check``, so it also works as a decorator.
-    Registering the same function again replaces its earlier registration."""
-    unregister_check(check)
+    Registering the same function for the same schema again replaces that registration; for another
+    schema (a module defining it reloaded) it is added, so configs of either class keep the rule."""
+    _REGISTERED[:] = [(c, s) for c, s in _REGISTERED if not (c is check and s is schema)]
     _REGISTERED.append((check, schema))
     return check
 

@@ -29,10 +29,12 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ratlib.config_defaults.checks import check_config
 from ratlib.config_defaults.deepspeed import to_deepspeed_config
 from ratlib.config_defaults.schema import ExperimentConfig
 from ratlib.errors import RatlibError, message
 from ratlib.launch import is_main_process
+from ratlib.rank_logger import get_logger
 
 if TYPE_CHECKING:
     import argparse
@@ -50,8 +52,12 @@ __all__ = [
     "make_optimizer",
     "make_scheduler",
     "make_stepper",
+    "memory_format_for",
     "parse_args",
+    "report_findings",
 ]
+
+log = get_logger("ratlib.config_defaults")
 
 
 class UsageError(RatlibError, ValueError):
@@ -101,6 +107,22 @@ def autocast_for(cfg: ExperimentConfig, device: torch.device) -> Callable[[], An
     if device.type != "cuda" or dtype is None:
         return contextlib.nullcontext
     return partial(torch.autocast, "cuda", dtype=dtype)
+
+
+def memory_format_for(cfg: ExperimentConfig, device: torch.device) -> torch.memory_format:
+    """channels_last by default on CUDA; ``training.channels_last`` decides when it is set."""
+    import torch
+
+    on = cfg.training.channels_last if cfg.training.channels_last is not None else device.type == "cuda"
+    return torch.channels_last if on else torch.contiguous_format
+
+
+def report_findings(cfg: ExperimentConfig, world_size: int, device: torch.device, *, skip: str = "data.") -> None:
+    """Log ``check_config``'s warnings and errors once at start-up; keys under ``skip`` are left to the code
+    that resolves the data (it names the paths it tried)."""
+    for finding in check_config(cfg, world_size, device=device.type):
+        if finding.severity != "info" and not finding.key.startswith(skip):
+            log.warning("config %s: %s. %s", finding.key, finding.message, finding.advice)
 
 
 @dataclass
