@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (Python 3.10+, pip, make, git):
 #   make demo   the main job
-#   make test   the whole test suite
+#   make test   the test suite without the tests marked slow (under 10 minutes on 2 cores)
+#   make test-all   everything: make test, then make test-slow (what CI runs)
 # Each bootstraps uv into .tools/ and the locked environment into .venv/ by itself.
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ EXTRAS := --extra dev --extra detection --extra medical --extra plot --extra ten
 STAMP := $(VENV)/.ratlib-synced
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint env venv lock build clean bench
+.PHONY: demo test test-slow test-all lint env venv lock build clean bench
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -42,8 +43,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The slow tests (real launchers and Slurm jobs, whole example runs under signals, the docs' example
+# commands) are the other half of the suite's time; CI runs them after make test.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
 
 lock: $(UV)
 	$(UV) lock
