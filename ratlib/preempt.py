@@ -190,7 +190,7 @@ class Preemption:
         self.timeout = timeout
         self.overlap = overlap
         self.start_step: int | None = None  # the first step this process gave should_stop
-        self._steps_seen = 0  # distinct step values given in a row: more than one means a step was done
+        self._steps_seen = 0  # how often the step value changed between calls: more than once, a step was done
         self._last_step: int | None = None
         self.stop_step: int | None = None  # the step every rank stopped at
         self.received: tuple[RankSignal, ...] = ()  # every rank's signal, known at the stop step
