@@ -25,6 +25,7 @@ Torch is imported only inside the functions that need it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -328,6 +329,15 @@ class Preemption:
             self._group, self._group_for = dist.new_group(backend="gloo", **kwargs), default
         return self._group
 
+    def settle(self, timeout: float = 5.0) -> None:
+        """Finish the agreement in flight (overlap) and forget it; ``dist_init.shutdown()`` calls this before
+        the group goes. Its answer is not needed at the end; waiting at most ``timeout`` s keeps a teardown
+        after a failure (a peer gone) from blocking."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with contextlib.suppress(Exception):  # a failed or timed-out op: the group is going anyway
+                pending[0].wait(timedelta(seconds=timeout))
+
     @property
     def progressed(self) -> bool:
         """Steps were done in this process before the stop: it was asked at more than one step. Counted, not
@@ -474,12 +484,19 @@ def install(
             previous = signal.signal(signum, _handler)
             _PREVIOUS[signum] = previous if previous is not _handler else None
         _INSTANCE = Preemption(signums, every, timeout, bool(overlap))
+        dist_init.add_shutdown_hook(_settle_installed)
     log.info(
         "ratlib.preempt installed: %s stop every rank at one step (agreement every %d step(s))",
         "/".join(signal_name(s) or "?" for s in signums),
         every,
     )
     return _INSTANCE
+
+
+def _settle_installed() -> None:
+    """dist_init's shutdown hook: the installed Preemption finishes its agreement in flight."""
+    if _INSTANCE is not None:
+        _INSTANCE.settle()
 
 
 def _restore() -> None:

@@ -135,6 +135,29 @@ def agree_after_the_loop(signal_rank: int, rebuild: bool) -> int:
     return 0
 
 
+def reinit_with_an_agreement_in_flight() -> int:
+    """The loop ends with should_stop's all-reduce still in flight; shutdown() must finish it before the group
+    goes (a collective alive across destroy_process_group broke the next group made in the process: a gloo
+    send timeout 1 time in 8), then a new group in the same processes works."""
+    setup_logging("INFO")
+    dist_init.init_distributed("gloo", timeout=20, connect_timeout=20)
+    pre = preempt.install()
+    for step in range(3):
+        assert not pre.should_stop(step)
+        torch.distributed.all_reduce(torch.ones(1))
+    assert not pre.should_stop(3) and pre._pending is not None  # posted, not waited for
+    work = pre._pending[0]
+    dist_init.shutdown()
+    print(f"SETTLED pending={pre._pending} completed={work.is_completed()}", flush=True)
+    del work  # a Work kept alive keeps its group alive, whose store still holds MASTER_PORT
+    dist_init.init_distributed("gloo", timeout=20, connect_timeout=20)
+    t = torch.ones(1)
+    torch.distributed.all_reduce(t)
+    print(f"REINIT OK {t.item()}", flush=True)
+    dist_init.shutdown()
+    return 0
+
+
 def _script() -> int:
     """Under torchrun: ``python tests/preempt_targets.py PID_DIR [--every N]``."""
     parser = argparse.ArgumentParser()

@@ -115,6 +115,14 @@ def test_agree_after_the_loop_sees_a_late_signal_on_every_rank(signal_rank: int,
     assert all("rank 1 got SIGTERM" in out for out in run.outputs), run
 
 
+@pytest.mark.distributed
+def test_shutdown_finishes_the_agreement_in_flight_so_a_new_group_works() -> None:
+    run = run_on_ranks(preempt_targets.reinit_with_an_agreement_in_flight, 2, timeout=90)
+    assert run.returncodes == [0, 0], run
+    for out in run.stdouts:
+        assert "SETTLED pending=None completed=True" in out and "REINIT OK 2.0" in out, run
+
+
 def test_progress_is_counted_not_compared_so_a_second_run_from_step_0_counts() -> None:
     pre = preempt.install(("SIGUSR1",))
     for step in (7, 8, 9, 0):  # a run resumed at step 7, then the next run of a study from 0
