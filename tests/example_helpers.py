@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -44,3 +46,16 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def signal_rank_1_after(module: ModuleType, step: int) -> None:
+    """Wrap ``module.heartbeat`` (an example's train.py): rank 1 sends itself SIGTERM once ``step`` is done
+    (its own pid only, as a signal to one non-main rank); 0 never."""
+    beat: Callable[[int], None] = module.heartbeat
+
+    def heartbeat(done: int) -> None:
+        beat(done)
+        if done == step and int(os.environ["RANK"]) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    module.heartbeat = heartbeat

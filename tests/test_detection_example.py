@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from example_helpers import _restore_logging, load_script, one_thread  # noqa: F401  (fixtures)
+from example_helpers import _restore_logging, load_script, one_thread, signal_rank_1_after  # noqa: F401  (fixtures)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from suite_rules import require
@@ -634,20 +634,10 @@ def test_deepspeed_zero2_on_two_cpu_ranks_trains_saves_and_resumes(tmp_path: Pat
 
 def preempt_run(run: str, root: str, signal_at: int, resume: bool) -> int:
     """One rank of a 2-rank run (one epoch of 4 steps); rank 1 sends itself SIGTERM after step ``signal_at``."""
-    import os
-    import signal
-
     from ratlib import distributed
 
     torch.set_num_threads(1)
-    beat = T.heartbeat
-
-    def heartbeat(step: int) -> None:
-        beat(step)
-        if step == signal_at and int(os.environ["RANK"]) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    T.heartbeat = heartbeat
+    signal_rank_1_after(T, signal_at)
     common = (f"data.root={root}", "training.num_epochs=1", "training.log_every=1", "model.width=8")
     with distributed(device="cpu") as info:
         T.train(config(*common), run_dir=run, resume=resume, info=info)

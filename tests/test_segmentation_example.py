@@ -23,7 +23,7 @@ from ratlib.config_defaults import run_folder  # save_checkpoint: a test crashes
 
 require("nibabel")
 
-from example_helpers import _restore_logging, load_script, one_thread  # noqa: E402, F401  (fixtures)
+from example_helpers import _restore_logging, load_script, one_thread, signal_rank_1_after  # noqa: E402, F401  (fixtures)
 
 import ratlib.checkpoint  # noqa: E402
 from ratlib.synthetic import make_msd_segmentation  # noqa: E402
@@ -573,19 +573,10 @@ PREEMPT = ("data.limit=48", "training.num_epochs=2", "training.log_every=1")  # 
 
 def preempt_run(run: str, root: str, signal_at: int, resume: bool) -> int:
     """One rank of a 2-rank run; rank 1 sends itself SIGTERM when step ``signal_at`` is done (0: never)."""
-    import signal
-
     from ratlib import distributed
 
     torch.set_num_threads(1)
-    beat = T.heartbeat
-
-    def heartbeat(step: int) -> None:
-        beat(step)
-        if step == signal_at and int(os.environ["RANK"]) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # the non-main rank's pid only
-
-    T.heartbeat = heartbeat
+    signal_rank_1_after(T, signal_at)
     with distributed(device="cpu") as info:
         T.train(config(f"data.root={root}", *PREEMPT), run_dir=run, resume=resume, info=info)
     return 0
