@@ -3,7 +3,9 @@
 - :func:`save`: the main rank writes ``state`` to a temporary file beside ``path``, fsyncs it, renames
   it over ``path`` and fsyncs the folder; a process killed at any point leaves the previous checkpoint
   (and ``path`` itself, when it is overwritten) intact. The other ranks write nothing and, by default,
-  wait in a barrier so that a load that follows sees the file.
+  wait in a barrier so that a load that follows sees the file. A state holding sharded tensors (FSDP2's
+  DTensor, FSDP1's ShardedTensor) is refused on every rank with a :class:`CheckpointError` naming the keys:
+  the main rank's copy holds only its own shards.
 - :func:`load`: every rank reads the file onto ``map_location`` with ``weights_only=True`` (loading runs no
   code); a missing, unreadable or refused file is a :class:`CheckpointError` that names the file, lists the
   checkpoints that do exist or the refused types, and the fix.
@@ -41,6 +43,7 @@ __all__ = [
     "rng_state",
     "save",
     "set_rng_state",
+    "sharded_keys",
     "unwrap_model",
     "upgrade",
 ]
@@ -92,6 +95,9 @@ def save(state: Mapping[str, Any], path: str | os.PathLike[str], *, keep: int | 
     path = Path(path)
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise ValueError(f"checkpoint.save: keep={keep!r}; expected a whole number >= 1 or None (keep all)")
+    sharded = sharded_keys(state)
+    if sharded:  # every rank holds only its shards: one rank's file would restore other weights, silently
+        raise _refuse_sharded(path, sharded)
     if _is_main():
         # Looked up at call time, so that tests can set the hook on this module.
         write_atomic(path, lambda f: torch.save(dict(state), f), before_rename=_before_rename)
@@ -100,6 +106,43 @@ def save(state: Mapping[str, Any], path: str | os.PathLike[str], *, keep: int | 
     if sync:
         _sync_after_save(path)
     return path
+
+
+# Tensor types that hold only this rank's part of a tensor (FSDP2 and tensor parallelism: DTensor; FSDP1's
+# sharded and local state dicts: ShardedTensor), matched by class name so that no torch.distributed import
+# is needed to look.
+_SHARDED_TYPES = frozenset({"DTensor", "ShardedTensor", "ShardedTensorBase"})
+
+
+def sharded_keys(state: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of ``state`` (nested dicts, lists and tuples) whose values hold only this rank's shards:
+    ``DTensor`` (FSDP2, tensor parallelism) or ``ShardedTensor`` (FSDP1's sharded state dicts)."""
+    if any(cls.__name__ in _SHARDED_TYPES for cls in type(state).__mro__):
+        return [prefix or "(the state itself)"]
+    found: list[str] = []
+    if isinstance(state, Mapping):
+        items: Any = ((str(k), v) for k, v in state.items())
+    elif isinstance(state, (list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(state))
+    else:
+        return found
+    for key, value in items:
+        found += sharded_keys(value, f"{prefix}.{key}" if prefix else key)
+    return found
+
+
+def _refuse_sharded(path: Path, keys: list[str]) -> CheckpointError:
+    shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+    return CheckpointError(
+        message(
+            f"checkpoint.save({str(path)!r}): the state holds sharded tensors (DTensor from FSDP2 or tensor "
+            "parallelism, or FSDP1's ShardedTensor); one file from the main rank would hold only its shards and "
+            "restore other weights without an error, so nothing was written",
+            got=f"sharded: {shown}",
+            fix="save full tensors: torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer, "
+            "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) on every rank, then save that",
+        )
+    )
 
 
 def _sync_after_save(path: Path) -> None:

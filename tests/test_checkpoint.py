@@ -277,3 +277,76 @@ def test_save_on_the_main_rank_only_says_every_rank_must_call_it(tmp_path: Path,
     assert run.returncodes[0] != 0 and not run.timed_out, str(run)
     assert "CheckpointError" in run.stderrs[0] and "every rank must call save" in run.stderrs[0], str(run)
     assert "sync=False" in run.stderrs[0], str(run)
+
+
+def fsdp2_save_is_refused_and_the_full_state_round_trips(folder: str) -> int:
+    """The data loss of issue 29: an FSDP2 model's state_dict() saved with checkpoint.save. It must be refused
+    on every rank (naming the keys), and the fix the message gives must restore the same weights."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ratlib import distributed
+
+    def sharded_model(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    with distributed(device="cpu", timeout=60) as info:
+        model = sharded_model(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        path = Path(folder) / "ck.pt"
+        try:
+            checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1}, path)
+        except checkpoint.CheckpointError as exc:
+            text = str(exc)
+            assert "sharded" in text and "0.weight" in text and "get_state_dict" in text, text
+            print(f"rank {info.rank} refused", flush=True)
+        else:
+            raise AssertionError("a DTensor state was saved")
+        assert not path.exists() and not list(Path(folder).iterdir()), list(Path(folder).iterdir())
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, _ = get_state_dict(model, optimizer, options=opts)
+        checkpoint.save({"model": model_state}, path)  # full tensors on the main rank, {} elsewhere
+        fresh = sharded_model(1)  # other weights
+        state = checkpoint.load(path)
+        set_model_state_dict(
+            fresh,
+            state["model"] if info.is_main else {},
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+        for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+            assert torch.equal(a.full_tensor(), b.full_tensor()), name
+        print(f"rank {info.rank} restored", flush=True)
+    return 0
+
+
+@pytest.mark.distributed
+def test_an_fsdp2_state_is_refused_on_every_rank_and_the_fix_restores_it(tmp_path: Path, run_on_ranks) -> None:
+    run = run_on_ranks(
+        fsdp2_save_is_refused_and_the_full_state_round_trips,
+        2,
+        args=(str(tmp_path),),
+        env={"CUDA_VISIBLE_DEVICES": ""},
+        timeout=120,
+    ).check()
+    for rank in (0, 1):
+        assert f"rank {rank} refused" in run.outputs[rank] and f"rank {rank} restored" in run.outputs[rank], str(run)
+
+
+def test_sharded_keys_finds_nested_dtensors_only() -> None:
+    class DTensor(torch.Tensor):  # the check goes by class name, so a stand-in shows the walk
+        pass
+
+    shard = torch.zeros(2).as_subclass(DTensor)
+    state = {"model": {"w": shard, "b": torch.zeros(1)}, "optim": {"state": {0: {"exp_avg": shard}}}, "ep": 3}
+    assert checkpoint.sharded_keys(state) == ["model.w", "optim.state.0.exp_avg"]
+    assert checkpoint.sharded_keys({"x": [torch.zeros(1), (1, "a")]}) == []
