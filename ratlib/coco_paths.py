@@ -29,6 +29,8 @@ __all__ = [
     "CocoPathError",
     "CocoPaths",
     "CocoSplit",
+    "CocoSplitError",
+    "CocoSplitTypeError",
     "CocoValidationError",
     "CocoYearError",
     "ValidationReport",
@@ -95,14 +97,19 @@ class CocoSplit:
 
     def __post_init__(self) -> None:
         if self.name not in SPLITS or isinstance(self.year, bool) or not isinstance(self.year, int):
-            raise ValueError(
-                f"CocoSplit(name={self.name!r}, year={self.year!r}) is not a COCO split; name must be "
-                f"one of {', '.join(SPLITS)} and year an int. Use parse_split() for other spellings"
+            raise CocoSplitError(
+                message(
+                    f"CocoSplit(name={self.name!r}, year={self.year!r}) is not a COCO split",
+                    expected=f"a name in {', '.join(SPLITS)} and an int year",
+                    fix="use parse_split() for other spellings",
+                )
             )
         if self.year not in SPLITS[self.name]:
-            raise ValueError(
-                f"COCO has no split {self.name}{self.year}; {self.name} exists as: "
-                + ", ".join(f"{self.name}{y}" for y in SPLITS[self.name])
+            raise CocoSplitError(
+                message(
+                    f"CocoSplit: COCO has no split {self.name}{self.year}; {self.name} exists as: "
+                    + ", ".join(f"{self.name}{y}" for y in SPLITS[self.name])
+                )
             )
 
     def __str__(self) -> str:
@@ -128,7 +135,9 @@ def _year(value: int | str | None, what: str) -> int | None:
         return None
     text = str(value).strip()
     if isinstance(value, bool) or not re.fullmatch(r"\d{4}", text):
-        raise ValueError(f"{what}={value!r} is not a year; expected a four-digit year such as 2017 or 2014")
+        raise CocoSplitError(
+            message(f"parse_split: {what}={value!r} is not a year", expected="a four-digit year such as 2017 or 2014")
+        )
     return int(text)
 
 
@@ -142,7 +151,15 @@ def _split_name(raw: str) -> str | None:
     return name if name in SPLITS else None
 
 
-class CocoYearError(RatlibError, ValueError):
+class CocoSplitError(RatlibError, ValueError):
+    """A split, year, annotation kind or layout that COCO (or ``resolve_coco``) does not have."""
+
+
+class CocoSplitTypeError(CocoSplitError, TypeError):
+    """``parse_split`` was given something other than a str or ``CocoSplit``."""
+
+
+class CocoYearError(CocoSplitError):
     """``parse_split``: the split names one year and ``year`` another (``ratlib coco`` words its fix with --year)."""
 
     def __init__(self, text: str, *, split: str, name: str, year: int) -> None:
@@ -164,16 +181,25 @@ def parse_split(split: str | CocoSplit, year: int | str | None = None) -> CocoSp
     given = _year(year, "year")
     if isinstance(split, CocoSplit):
         if given is not None and given != split.year:
-            raise ValueError(f"split {str(split)!r} has year {split.year} but year={given} was given; drop one of them")
+            raise CocoYearError(
+                message(f"parse_split: split {str(split)!r} has year {split.year} but year={given}", fix="drop one"),
+                split=str(split),
+                name=split.name,
+                year=given,
+            )
         return split
     if not isinstance(split, str):
-        raise TypeError(f"parse_split: split must be a str or CocoSplit, got {type(split).__name__} ({split!r})")
+        raise CocoSplitTypeError(
+            message("parse_split: split must be a str or CocoSplit", got=f"{type(split).__name__} ({split!r})")
+        )
     parts = re.split(r"[/\\]+", split.strip().rstrip("/\\"))
     if parts[-1].lower() == "_annotations.coco.json":  # Roboflow: the split is the folder's name
         if len(parts) < 2:
-            raise ValueError(
-                f"split {split!r} is Roboflow's annotation file name, not a split; pass the folder "
-                "it is in (train, valid or test), or the path 'valid/_annotations.coco.json'"
+            raise CocoSplitError(
+                message(
+                    f"parse_split: split {split!r} is Roboflow's annotation file name, not a split",
+                    fix="pass its folder (train, valid or test), or the path 'valid/_annotations.coco.json'",
+                )
             )
         parts.pop()
     text = parts[-1].lower().strip()
@@ -185,45 +211,59 @@ def parse_split(split: str | CocoSplit, year: int | str | None = None) -> CocoSp
             break
     if re.fullmatch(r"\d{4}", text):
         year_text = text if int(text) in (2014, 2017) else "2017"  # suggest names that exist
-        raise ValueError(f"split {split!r} is only a year; name the split too, e.g. train{year_text}, val{year_text}")
+        raise CocoSplitError(
+            message(
+                f"parse_split: split {split!r} is only a year",
+                fix=f"name the split too, e.g. train{year_text}, val{year_text}",
+            )
+        )
     m = _SPELLING.match(text)
     name = _split_name(m.group(2)) if m else None
     if m is None or name is None:
-        raise ValueError(
-            f"unknown COCO split {split!r}; closest valid names: {_suggest(text)}. Expected a split "
-            f"name ({', '.join(SPLITS)}) with an optional year, e.g. train2017"
+        raise CocoSplitError(
+            message(
+                f"parse_split: unknown COCO split {split!r}",
+                expected=f"a split name ({', '.join(SPLITS)}) with an optional year, e.g. train2017",
+                fix=f"use one of the closest valid names: {_suggest(text)}",
+            )
         )
     years = list(dict.fromkeys(y for y in (m.group(1), m.group(3), m.group(4)) if y))
     if len(years) > 1:
         valid = [f"{name}{y}" for y in years if y.isdigit() and int(y) in SPLITS[name]]
-        raise ValueError(
-            f"split {split!r} names different years ({' and '.join(years)}); keep one. "
-            f"Closest valid names: {', '.join(valid) if valid else _suggest(name)}"
+        raise CocoSplitError(
+            message(
+                f"parse_split: split {split!r} names different years ({' and '.join(years)})",
+                fix=f"keep one; closest valid names: {', '.join(valid) if valid else _suggest(name)}",
+            )
         )
     in_name = _year(years[0] if years else None, f"the year in split {split!r}")
     if in_name is not None and given is not None and in_name != given:
         raise CocoYearError(
-            f"split {split!r} says {in_name} but year={given} was given; the years disagree. "
-            f"Pass split={name!r} with year={given}, or drop year",
+            message(
+                f"parse_split: split {split!r} says {in_name} but year={given}",
+                fix=f"pass split={name!r} with year={given}, or drop year",
+            ),
             split=split,
             name=name,
             year=given,
         )
     chosen = in_name if in_name is not None else given if given is not None else SPLITS[name][0]
     if chosen not in SPLITS[name]:
-        raise ValueError(
-            f"COCO has no split {name}{chosen} (from {split!r}); {name} exists as: "
-            f"{', '.join(f'{name}{y}' for y in SPLITS[name])}. "
-            f"Closest valid names: {_suggest(f'{name}{chosen}')}"
+        raise CocoSplitError(
+            message(
+                f"parse_split: COCO has no split {name}{chosen} (from {split!r}); {name} exists as: "
+                + ", ".join(f"{name}{y}" for y in SPLITS[name]),
+                fix=f"use one of the closest valid names: {_suggest(f'{name}{chosen}')}",
+            )
         )
     return CocoSplit(name, chosen)
 
 
-def _check_kind(kind: str) -> None:
+def _check_kind(kind: str, where: str) -> None:
     if kind not in KINDS:
         close = difflib.get_close_matches(str(kind), KINDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"annotation kind {kind!r} is unknown{hint}; expected one of {', '.join(KINDS)}")
+        raise CocoSplitError(message(f"{where}: annotation kind {kind!r} is unknown{hint}", expected=", ".join(KINDS)))
 
 
 def annotation_filename(split: str | CocoSplit, year: int | str | None = None, kind: str = "instances") -> str:
@@ -233,20 +273,28 @@ def annotation_filename(split: str | CocoSplit, year: int | str | None = None, k
     ``image_info_test-dev2017.json``, ``image_info_unlabeled2017.json`` (kind instances or image_info).
     """
     s = parse_split(split, year)
-    _check_kind(kind)
+    _check_kind(kind, "annotation_filename")
     if s.is_test or s.name == "unlabeled":
         if kind not in ("instances", "image_info"):
-            raise ValueError(
-                f"{s} has no {kind} annotations (test and unlabeled splits only have "
-                f"image_info_{s}.json); use kind='image_info'"
+            raise CocoSplitError(
+                message(
+                    f"annotation_filename: {s} has no {kind} annotations (test and unlabeled splits only have "
+                    f"image_info_{s}.json)",
+                    fix="use kind='image_info'",
+                )
             )
         return f"image_info_{s}.json"
     if kind == "image_info":
-        raise ValueError(
-            f"{s} has no image_info file (those exist for test and unlabeled splits); use kind='instances'"
+        raise CocoSplitError(
+            message(
+                f"annotation_filename: {s} has no image_info file (those exist for test and unlabeled splits)",
+                fix="use kind='instances'",
+            )
         )
     if kind == "panoptic" and (s.year != 2017 or s.name not in ("train", "val")):
-        raise ValueError(f"COCO panoptic annotations exist for train2017 and val2017 only, not {s}")
+        raise CocoSplitError(
+            message(f"annotation_filename: COCO has no panoptic annotations for {s}", expected="train2017 or val2017")
+        )
     return f"{kind}_{s}.json"
 
 
@@ -305,7 +353,9 @@ def _candidates(root: Path, split: CocoSplit, kind: str, layout: str) -> list[tu
     if layout == "roboflow":  # one _annotations.coco.json per folder, no years, no kinds
         folders = _ROBOFLOW.get(split.name, ()) if kind == "instances" else ()
         return [(root / f / "_annotations.coco.json", [root / f]) for f in folders]
-    raise ValueError(f"layout={layout!r} is unknown; expected 'auto' or one of {', '.join(LAYOUTS)}")
+    raise CocoSplitError(
+        message(f"resolve_coco: layout={layout!r} is unknown", expected=f"'auto' or one of {', '.join(LAYOUTS)}")
+    )
 
 
 def _existing_annotations(root: Path, depth: int = 3, max_dirs: int = 400, limit: int = 200) -> list[Path]:
@@ -377,12 +427,14 @@ def resolve_coco(
     the annotation file's contents and raises ``CocoValidationError`` on problems.
     """
     s = parse_split(split, year)
-    _check_kind(kind)
+    _check_kind(kind, "resolve_coco")
     if layout != "auto" and layout not in LAYOUTS:
         close = difflib.get_close_matches(str(layout), LAYOUTS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
-            f"resolve_coco: layout={layout!r} is unknown{hint}; expected 'auto' or one of {', '.join(LAYOUTS)}"
+        raise CocoSplitError(
+            message(
+                f"resolve_coco: layout={layout!r} is unknown{hint}", expected=f"'auto' or one of {', '.join(LAYOUTS)}"
+            )
         )
     ann = _expand(annotations) if annotations is not None else None
     img = _expand(images) if images is not None else None
@@ -416,20 +468,23 @@ def _check_explicit(path: Path, what: str, split: CocoSplit) -> None:
             tried=[path],
         )
     near = next((p for p in path.parents if p.is_dir()), None)
-    lines = [f"resolve_coco: {what}={str(path)!r} was given explicitly and does not exist (split {split})."]
+    got = None
     found: list[Path] = []
     closest = None
     if near is not None and not want_dir:
         found = sorted(near.glob("*.json"))[:12]
         close = difflib.get_close_matches(path.name, [p.name for p in found], n=1, cutoff=0.3)
         closest = near / close[0] if close else None
-        lines.append(f"{near} exists and holds: {', '.join(p.name for p in found) or 'no .json files'}.")
-        if closest is not None:
-            lines.append(f"Closest match: {closest}.")
+        got = f"{near} holds {', '.join(p.name for p in found) or 'no .json files'}"
+        got += f"; closest match: {closest}" if closest is not None else ""
     elif near is not None:
-        lines.append(f"The nearest existing parent is {near}.")
-    lines.append(f"Fix: correct {what}=, or leave it out to look it up under root.")
-    raise CocoPathError("\n".join(lines), split=split, layout="explicit", tried=[path], found=found, closest=closest)
+        got = f"the nearest existing parent is {near}"
+    text = message(
+        f"resolve_coco: {what}={str(path)!r} does not exist (split {split})",
+        got=got,
+        fix=f"correct {what}=, or leave it out to look it up under root",
+    )
+    raise CocoPathError(text, split=split, layout="explicit", tried=[path], found=found, closest=closest)
 
 
 def _search(
@@ -699,7 +754,7 @@ def validate_annotations(
     problem; drops nothing."""
     path = Path(annotations)
     kind = kind or _kind_of(path)
-    _check_kind(kind)
+    _check_kind(kind, "validate_annotations")
     report = ValidationReport(path, kind)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -26,10 +26,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ratlib.errors import RatlibError, message
+
 __all__ = [
     "MemoryEstimate",
     "MemoryProbe",
     "MemoryReport",
+    "MemoryReportError",
     "RankMemory",
     "count_parameters",
     "estimate_model_memory",
@@ -40,6 +43,12 @@ __all__ = [
 ]
 
 GIB = 1024**3
+
+
+class MemoryReportError(RatlibError, ValueError):
+    """``memory_report``, ``estimate_model_memory`` or ``probe_memory`` cannot answer with the arguments given."""
+
+
 REMEDIES = (
     "a smaller per-device training.batch_size (raise training.gradient_accumulation_steps to keep "
     "the global batch), activation checkpointing, or DeepSpeed ZeRO (training.deepspeed.enabled=true, "
@@ -206,9 +215,11 @@ def memory_report(
     from ratlib.launch import is_main_process
 
     if warn_fraction is not None and not 0 < warn_fraction <= 1:
-        raise ValueError(
-            f"memory_report: warn_fraction={warn_fraction!r}; expected a fraction in (0, 1], "
-            "e.g. 0.9, or None for no warning"
+        raise MemoryReportError(
+            message(
+                f"memory_report: warn_fraction={warn_fraction!r} is out of range",
+                expected="a fraction in (0, 1], e.g. 0.9, or None for no warning",
+            )
         )
     report = MemoryReport(sorted(all_gather_object(peak_memory(device)), key=lambda r: r.rank))
     if warn_fraction is not None and is_main_process():
@@ -307,9 +318,12 @@ def estimate_model_memory(
         total, largest = count_parameters(model)
         largest = largest_layer_params if largest_layer_params is not None else largest
     if world_size < 1 or zero_stage not in (0, 1, 2, 3) or precision not in ("fp32", "mixed"):
-        raise ValueError(
-            f"estimate_model_memory: world_size={world_size!r}, zero_stage={zero_stage!r}, "
-            f"precision={precision!r}; expected world_size >= 1, zero_stage 0-3, 'fp32' or 'mixed'"
+        raise MemoryReportError(
+            message(
+                "estimate_model_memory: an argument is out of range",
+                got=f"world_size={world_size!r}, zero_stage={zero_stage!r}, precision={precision!r}",
+                expected="world_size >= 1, zero_stage 0-3, precision 'fp32' or 'mixed'",
+            )
         )
     moments = {"adamw": 2, "adam": 2, "sgd": 1 if momentum > 0 else 0}[optimizer]
     weight = grad = 2 if precision == "mixed" else 4
@@ -400,14 +414,18 @@ def probe_memory(
 
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise ValueError(
-            f"probe_memory measures CUDA memory; got device={str(device)!r} with CUDA "
-            f"{'available' if torch.cuda.is_available() else 'unavailable'}. Without a GPU use "
-            "estimate_model_memory (model states only)"
+        raise MemoryReportError(
+            message(
+                "probe_memory: measures CUDA memory only",
+                got=f"device={str(device)!r}, CUDA {'available' if torch.cuda.is_available() else 'unavailable'}",
+                fix="without a GPU use estimate_model_memory (model states only)",
+            )
         )
     b1, b2 = batch_sizes
     if not 0 < b1 < b2:
-        raise ValueError(f"probe_memory: batch_sizes={batch_sizes!r}; expected two increasing sizes >= 1")
+        raise MemoryReportError(
+            message(f"probe_memory: batch_sizes={batch_sizes!r}", expected="two increasing sizes >= 1")
+        )
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
     model.train()
     opt = optimizer if optimizer is not None else torch.optim.AdamW(model.parameters(), lr=0.0)
@@ -434,8 +452,12 @@ def probe_memory(
         torch.cuda.synchronize(device)
         peaks.append(torch.cuda.max_memory_allocated(device))
     if peaks[1] <= peaks[0]:
-        raise ValueError(
-            f"probe_memory: peak memory did not grow from batch {b1} to {b2} ({peaks}); probe larger batch sizes"
+        raise MemoryReportError(
+            message(
+                f"probe_memory: peak memory did not grow from batch {b1} to {b2}",
+                got=f"peaks {peaks}",
+                fix="probe larger batch sizes",
+            )
         )
     capacity = torch.cuda.get_device_properties(device).total_memory
     return MemoryProbe((b1, b2), (peaks[0], peaks[1]), capacity, fraction)

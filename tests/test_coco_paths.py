@@ -156,7 +156,7 @@ def test_a_disagreeing_year_is_refused(pair: tuple[str, CocoSplit], year: int) -
     spelling, split = pair
     if year == split.year or not re.search(r"\d{4}", spelling):
         return
-    with pytest.raises(ValueError, match=f"says {split.year} but year={year} was given; the years disagree"):
+    with pytest.raises(ValueError, match=f"says {split.year} but year={year}. Fix: pass split="):
         parse_split(spelling, year=year)
 
 
@@ -194,14 +194,14 @@ def test_spellings(spelling: str, expected: str) -> None:
         (
             "train2017",
             2014,
-            "split 'train2017' says 2017 but year=2014 was given; the years disagree. "
-            "Pass split='train' with year=2014, or drop year",
+            "parse_split: split 'train2017' says 2017 but year=2014. Fix: pass split='train' with year=2014, "
+            "or drop year.",
         ),
         (
             "minival2017",
             None,
             "COCO has no split minival2017 (from 'minival2017'); minival exists as: minival2014. "
-            "Closest valid names: minival2014",
+            "Fix: use one of the closest valid names: minival2014",
         ),
         (
             "test-dev2014",
@@ -211,25 +211,25 @@ def test_spellings(spelling: str, expected: str) -> None:
         (
             "trian",
             None,
-            "unknown COCO split 'trian'; closest valid names: train, train2017, train2014. Expected a "
-            "split name (train, val, test, test-dev, unlabeled, minival, valminusminival) with an "
-            "optional year, e.g. train2017",
+            "unknown COCO split 'trian'. Expected: a split name (train, val, test, test-dev, unlabeled, minival, "
+            "valminusminival) with an optional year, e.g. train2017. Fix: use one of the closest valid names: "
+            "train, train2017, train2014.",
         ),
-        ("2017", None, "split '2017' is only a year; name the split too, e.g. train2017, val2017"),
+        ("2017", None, "split '2017' is only a year. Fix: name the split too, e.g. train2017, val2017."),
         (
             "2014_train2017",
             None,
-            "split '2014_train2017' names different years (2014 and 2017); keep one. "
-            "Closest valid names: train2014, train2017",
+            "split '2014_train2017' names different years (2014 and 2017). "
+            "Fix: keep one; closest valid names: train2014, train2017.",
         ),
         (
             "train20142017",
             None,
-            "names different years (2014 and 2017); keep one. Closest valid names: train2014, train2017",
+            "names different years (2014 and 2017). Fix: keep one; closest valid names: train2014, train2017",
         ),
-        ("minival2014_2017", None, "Closest valid names: minival2014"),
-        ("train", "17", "year='17' is not a year; expected a four-digit year such as 2017 or 2014"),
-        ("_annotations.coco.json", None, "is Roboflow's annotation file name, not a split; pass the folder"),
+        ("minival2014_2017", None, "closest valid names: minival2014"),
+        ("train", "17", "parse_split: year='17' is not a year. Expected: a four-digit year such as 2017 or 2014."),
+        ("_annotations.coco.json", None, "is Roboflow's annotation file name, not a split. Fix: pass its folder"),
     ],
 )
 def test_parse_errors(bad: str, year: str | int | None, message: str) -> None:
@@ -243,9 +243,9 @@ def test_coco_split_is_checked_and_canonical() -> None:
     assert CocoSplit("test-dev", 2017).image_folder == "test2017" and CocoSplit("test", 2017).is_test
     with pytest.raises(ValueError, match="COCO has no split minival2017; minival exists as: minival2014"):
         CocoSplit("minival", 2017)
-    with pytest.raises(ValueError, match="Use parse_split"):
+    with pytest.raises(ValueError, match="Fix: use parse_split"):
         CocoSplit("Train", 2017)
-    with pytest.raises(TypeError, match="split must be a str or CocoSplit, got int"):
+    with pytest.raises(TypeError, match="split must be a str or CocoSplit. Got: int"):
         parse_split(2017)  # type: ignore[arg-type]
 
 
@@ -265,7 +265,7 @@ def test_annotation_filenames() -> None:
             "test2017",
             "test2017 has no captions annotations (test and unlabeled splits only have image_info_test2017.json)",
         ),
-        ("panoptic", "val2014", "panoptic annotations exist for train2017 and val2017 only"),
+        ("panoptic", "val2014", "no panoptic annotations for val2014. Expected: train2017 or val2017"),
         ("image_info", "val", "val2017 has no image_info file"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -371,10 +371,9 @@ def test_explicit_paths_win_and_are_checked(tmp_path: Path) -> None:
     with pytest.raises(CocoPathError) as info:
         resolve_coco(tmp_path, "train", annotations=tmp_path / "mine/label.json", images=tmp_path / "mine/pics")
     assert str(info.value) == (
-        f"resolve_coco: annotations='{tmp_path / 'mine/label.json'}' was given explicitly and does not exist "
-        f"(split train2017).\n{tmp_path / 'mine'} exists and holds: labels.json.\n"
-        f"Closest match: {tmp_path / 'mine/labels.json'}.\nFix: correct annotations=, or leave it out to look it "
-        "up under root."
+        f"resolve_coco: annotations='{tmp_path / 'mine/label.json'}' does not exist (split train2017). "
+        f"Got: {tmp_path / 'mine'} holds labels.json; closest match: {tmp_path / 'mine/labels.json'}. "
+        "Fix: correct annotations=, or leave it out to look it up under root."
     )
     with pytest.raises(CocoPathError, match="is a folder, expected a .json file"):
         resolve_coco(tmp_path, "train", annotations=tmp_path / "mine", images=tmp_path / "mine/pics")
