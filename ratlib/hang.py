@@ -50,6 +50,7 @@ __all__ = [
     "HANG_EXIT_CODE",
     "CollectiveMismatchError",
     "HangError",
+    "HangInstallError",
     "StallReport",
     "before_collective",
     "dump_stacks",
@@ -78,6 +79,10 @@ class HangError(RatlibError, RuntimeError):
 
 class CollectiveMismatchError(RatlibError, RuntimeError):
     """Ranks reached different ratlib collectives (operation, call site or step) at the same point."""
+
+
+class HangInstallError(RatlibError, ValueError):
+    """``hang.install`` was given a ``stall_timeout`` or ``dump_signal`` it cannot use."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +149,7 @@ def _check_preempt_conflict(signum: int | None) -> None:
     taken = sorted(_signame(s) for s in preempt.installed_signals())
     raise preempt.SignalConflictError(
         message(
-            f"ratlib.hang.install: dump_signal={name} is already a ratlib.preempt stop signal",
+            f"hang.install: dump_signal={name} is already a ratlib.preempt stop signal",
             got=f"hang dump_signal={name}, preempt signals {taken}",
             fix="give each its own signal: hang.install(dump_signal='SIGUSR2') (the default), preempt SIGTERM/SIGUSR1",
         )
@@ -168,9 +173,11 @@ def install(
     if stall_timeout is not None and (
         isinstance(stall_timeout, bool) or not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0
     ):
-        raise ValueError(
-            f"ratlib.hang.install: stall_timeout={stall_timeout!r}; expected a number of seconds > 0 "
-            "(longer than your slowest step, e.g. 300) or None for no watchdog"
+        raise HangInstallError(
+            message(
+                f"hang.install: stall_timeout={stall_timeout!r}",
+                expected="a number of seconds > 0 (longer than your slowest step, e.g. 300) or None for no watchdog",
+            )
         )
     signum = _signal_number(dump_signal)
     _check_preempt_conflict(signum)
@@ -246,9 +253,11 @@ def _signal_number(value: str | int | signal.Signals | None) -> int | None:
         return int(number)
     if value == "SIGUSR2" and sys.platform == "win32":  # pragma: no cover - no user signals on Windows
         return None
-    raise ValueError(
-        f"ratlib.hang.install: dump_signal={value!r} is not a signal on this platform; "
-        "use e.g. 'SIGUSR2', or None for no signal handler"
+    raise HangInstallError(
+        message(
+            f"hang.install: dump_signal={value!r} is not a signal on this platform",
+            fix="use e.g. 'SIGUSR2', or None for no signal handler",
+        )
     )
 
 
@@ -276,9 +285,12 @@ def _register_signal(signum: int) -> None:
     except (RuntimeError, ValueError, OSError) as exc:
         os.close(read_fd)
         os.close(write_fd)
-        raise ValueError(
-            f"ratlib.hang.install: cannot dump stacks on signal {signum} ({exc}); "
-            "choose a user signal such as 'SIGUSR2'"
+        raise HangInstallError(
+            message(
+                f"hang.install: cannot dump stacks on signal {signum}",
+                got=str(exc),
+                fix="choose a user signal such as 'SIGUSR2'",
+            )
         ) from exc
     _S.signum, _S.pipe = signum, (read_fd, write_fd)
     _S.tee = threading.Thread(
@@ -423,11 +435,12 @@ def _clone_store() -> Any | None:
 def _require_store(what: str) -> Any | None:
     store = _clone_store()
     if store is None and _world() > 1:
-        raise RuntimeError(
-            f"ratlib.hang: {what} needs the process group's store, but "
-            f"{'torch.distributed is not initialised' if _group() is None else 'none was found'} "
-            f"on {rank_tag()}. Call install() after init_distributed(), or pass "
-            "init_distributed(check_collectives=True)"
+        raise comm.NoProcessGroupError(
+            message(
+                f"hang.install: {what} needs the process group's store, but "
+                f"{'torch.distributed is not initialised' if _group() is None else 'none was found'} on {rank_tag()}",
+                fix="call install() after init_distributed(), or pass init_distributed(check_collectives=True)",
+            )
         )
     return store
 
@@ -552,10 +565,12 @@ class StallReport:
     pid: int
 
     def to_json(self) -> str:
+        """The report as the JSON a rank publishes to the store."""
         return json.dumps(asdict(self), default=str)
 
     @classmethod
     def from_json(cls, text: str) -> StallReport:
+        """A report read back from the store (``to_json``'s output)."""
         return cls(**json.loads(text))
 
 

@@ -298,7 +298,7 @@ def test_dump_stacks_on_request(caplog: pytest.LogCaptureFixture) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"stall_timeout": 0}, "stall_timeout=0; expected a number of seconds > 0"),
+        ({"stall_timeout": 0}, "hang.install: stall_timeout=0. Expected: a number of seconds > 0"),
         ({"stall_timeout": "5"}, "stall_timeout='5'"),
         ({"dump_signal": "SIGNOPE"}, "dump_signal='SIGNOPE' is not a signal on this platform"),
         ({"dump_signal": "SIGSEGV"}, "cannot dump stacks on signal 11"),
