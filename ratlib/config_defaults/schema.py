@@ -104,13 +104,13 @@ class OptimizerConfig(_Section):
 
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     """The optimiser: AdamW (decoupled weight decay), Adam (L2 penalty) or SGD with momentum."""
-    lr: Float = Field(1e-4, gt=0)
+    lr: Float = Field(default=1e-4, gt=0)
     """The peak learning rate (after warmup); scale it with the global batch."""
-    weight_decay: Float = Field(0.01, ge=0)
+    weight_decay: Float = Field(default=0.01, ge=0)
     """Weight decay (AdamW: decoupled; Adam and SGD: an L2 penalty)."""
     betas: tuple[Float, Float] = (0.9, 0.999)
     """Adam and AdamW: the decay rates of the first and second moment."""
-    momentum: Float = Field(0.9, ge=0, lt=1)
+    momentum: Float = Field(default=0.9, ge=0, lt=1)
     """SGD: the momentum (0: plain SGD)."""
 
 
@@ -119,13 +119,13 @@ class SchedulerConfig(_Section):
 
     name: Literal["cosine", "step", "constant"] = "cosine"
     """cosine (from lr down to min_lr), step (times gamma every step_size epochs) or constant."""
-    min_lr: Float = Field(1e-6, ge=0)
+    min_lr: Float = Field(default=1e-6, ge=0)
     """cosine: the learning rate at the end; must be below training.optimizer.lr."""
-    warmup_epochs: Float = Field(0.0, ge=0)
+    warmup_epochs: Float = Field(default=0.0, ge=0)
     """Linear warmup from 0 over this many epochs (fractions allowed); 0: none."""
-    step_size: Int = Field(30, gt=0)
+    step_size: Int = Field(default=30, gt=0)
     """step: epochs between decays."""
-    gamma: Float = Field(0.1, gt=0, le=1)
+    gamma: Float = Field(default=0.1, gt=0, le=1)
     """step: the decay factor."""
 
 
@@ -143,11 +143,11 @@ class DeepSpeedConfig(_Section):
 class TrainingConfig(_Section):
     """``training``: the loop's settings."""
 
-    num_epochs: Int = Field(10, gt=0)
+    num_epochs: Int = Field(default=10, gt=0)
     """Epochs to train (``max_steps`` may stop earlier)."""
-    batch_size: Int = Field(48, gt=0)
+    batch_size: Int = Field(default=48, gt=0)
     """Samples per device per step, not global: the global batch is batch_size x accumulation x ranks."""
-    gradient_accumulation_steps: Int = Field(1, gt=0)
+    gradient_accumulation_steps: Int = Field(default=1, gt=0)
     """Micro-batches per optimiser step."""
     optimizer: OptimizerConfig = OptimizerConfig()
     """The optimiser."""
@@ -155,9 +155,9 @@ class TrainingConfig(_Section):
     """The learning-rate schedule."""
     mixed_precision: bool | Literal["bf16", "fp16"] = True
     """Autocast: true (bf16 on CUDA), "bf16", "fp16" (with a loss scaler) or false (fp32)."""
-    gradient_clip: Float | None = Field(1.0, gt=0)
+    gradient_clip: Float | None = Field(default=1.0, gt=0)
     """The maximum gradient norm; null: no clipping."""
-    seed: Int = Field(0, ge=0)
+    seed: Int = Field(default=0, ge=0)
     """The seed of weights, sampling and augmentation."""
     compile: bool = False
     """torch.compile the model (faster steps after a compile of tens of seconds)."""
@@ -165,11 +165,11 @@ class TrainingConfig(_Section):
     """channels_last memory format for images; null: true on CUDA, false on the CPU."""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     """DeepSpeed ZeRO."""
-    max_steps: Int | None = Field(None, gt=0)
+    max_steps: Int | None = Field(default=None, gt=0)
     """Stop after this many optimiser steps; null: train every epoch."""
-    log_every: Int = Field(10, gt=0)
+    log_every: Int = Field(default=10, gt=0)
     """Optimiser steps between log lines."""
-    memory_warning_fraction: Float = Field(0.9, gt=0, le=1)
+    memory_warning_fraction: Float = Field(default=0.9, gt=0, le=1)
     """Warn when a rank's peak memory passes this fraction of its device's."""
     preemption: bool = True
     """Stop every rank at one step on SIGTERM/SIGUSR1 (``ratlib.preempt``), write a mid-epoch checkpoint, exit 75."""
@@ -208,11 +208,11 @@ class DistributedConfig(_Section):
 
     backend: Literal["gloo", "nccl"] | None = None
     """The backend; null: nccl with CUDA, else gloo."""
-    timeout_s: Float = Field(1800.0, gt=0)
+    timeout_s: Float = Field(default=1800.0, gt=0)
     """Seconds a collective may wait before it fails."""
-    connect_timeout_s: Float = Field(60.0, gt=0)
+    connect_timeout_s: Float = Field(default=60.0, gt=0)
     """Seconds the rendezvous may take before the set-up fails naming the master."""
-    stall_timeout_s: Float | None = Field(None, gt=0)
+    stall_timeout_s: Float | None = Field(default=None, gt=0)
     """The ``ratlib.hang`` watchdog: seconds without a heartbeat before stacks are dumped; null: off."""
 
 
@@ -222,9 +222,9 @@ class DataConfig(_Base):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     root: str | None = None
     """The dataset folder; null: the example's synthetic data."""
-    limit: Int | None = Field(None, gt=0)
+    limit: Int | None = Field(default=None, gt=0)
     """Use only the first N samples of every split (smoke runs); null: all."""
-    num_workers: Int = Field(2, ge=0)
+    num_workers: Int = Field(default=2, ge=0)
     """DataLoader worker processes per rank."""
 
 
