@@ -28,6 +28,8 @@ from ratlib.launch import process_group, rank_state
 
 __all__ = [
     "ChannelError",
+    "CollectiveArgumentError",
+    "CollectiveTypeError",
     "NoProcessGroupError",
     "RankMismatchError",
     "StoreChannel",
@@ -50,6 +52,14 @@ class NoProcessGroupError(RatlibError, RuntimeError):
 
 class RankMismatchError(RatlibError, ValueError):
     """``assert_same``: the ranks hold different values; the message names the ranks and the keys."""
+
+
+class CollectiveArgumentError(RatlibError, ValueError):
+    """A collective was given a value it cannot reduce or a rank that is not in the job."""
+
+
+class CollectiveTypeError(CollectiveArgumentError, TypeError):
+    """A collective was given a value of a type it cannot reduce."""
 
 
 _collective_hook: Callable[[str], None] | None = None
@@ -110,8 +120,10 @@ def _is_number(x: Any) -> bool:
 
 def _check_rank_arg(name: str, value: int, world: int, fn: str) -> None:
     if not isinstance(value, int) or not 0 <= value < world:
-        raise ValueError(
-            f"{fn}: {name}={value!r} is not a rank of this job (world size {world}); expected 0..{world - 1}"
+        raise CollectiveArgumentError(
+            message(
+                f"{fn}: {name}={value!r} is not a rank of this job (world size {world})", expected=f"0..{world - 1}"
+            )
         )
 
 
@@ -135,9 +147,13 @@ def all_reduce_mean(x: T) -> T:
             t = t.to(home)
         return t / world  # type: ignore[return-value]
     if not _is_number(x):
-        raise TypeError(
-            f"all_reduce_mean: expected a tensor or a real number, got {type(x).__name__} ({x!r}); "
-            "reduce each value separately, or use reduce_dict for a dict of them"
+        raise CollectiveTypeError(
+            message(
+                "all_reduce_mean: cannot reduce this value",
+                got=f"{type(x).__name__} ({x!r})",
+                expected="a tensor or a real number",
+                fix="reduce each value separately, or use reduce_dict for a dict of them",
+            )
         )
     if dist is None:
         return float(x)  # type: ignore[arg-type, return-value]
@@ -151,22 +167,35 @@ def all_reduce_mean(x: T) -> T:
 def _scalar_values(d: Mapping[str, Any]) -> list[str]:
     """The keys in a fixed order, after checking that every value is a number or a one-element tensor."""
     if not isinstance(d, Mapping):
-        raise TypeError(f"reduce_dict: expected a dict of numbers or scalar tensors, got {type(d).__name__}")
+        raise CollectiveTypeError(
+            message(
+                "reduce_dict: d is not a dict", got=type(d).__name__, expected="a dict of numbers or scalar tensors"
+            )
+        )
     for key, value in d.items():
         if not isinstance(key, str):
-            raise TypeError(f"reduce_dict: key {key!r} is a {type(key).__name__}; expected str keys")
+            raise CollectiveTypeError(
+                message(f"reduce_dict: key {key!r} is a {type(key).__name__}", expected="str keys")
+            )
         if _is_tensor(value):
             if value.is_complex():
-                raise TypeError(f"reduce_dict: d[{key!r}] is a complex tensor; expected a real number")
+                raise CollectiveTypeError(
+                    message(f"reduce_dict: d[{key!r}] is a complex tensor", expected="a real number")
+                )
             if value.numel() != 1:
-                raise ValueError(
-                    f"reduce_dict: d[{key!r}] has shape {tuple(value.shape)}; expected one element "
-                    "(reduce larger tensors with all_reduce_mean)"
+                raise CollectiveArgumentError(
+                    message(
+                        f"reduce_dict: d[{key!r}] has shape {tuple(value.shape)}",
+                        expected="one element",
+                        fix="reduce larger tensors with all_reduce_mean",
+                    )
                 )
         elif not _is_number(value):
-            raise TypeError(
-                f"reduce_dict: d[{key!r}] is a {type(value).__name__} ({value!r}); expected a number "
-                "or a one-element tensor"
+            raise CollectiveTypeError(
+                message(
+                    f"reduce_dict: d[{key!r}] is a {type(value).__name__} ({value!r})",
+                    expected="a number or a one-element tensor",
+                )
             )
     return sorted(d)
 
@@ -184,8 +213,12 @@ def _check_same_keys(dist: Any, keys: list[str], device: Any) -> None:
     every: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every, keys)
     shown = "; ".join(f"rank {r}: {k}" for r, k in enumerate(every))
-    raise ValueError(
-        f"reduce_dict: ranks passed different keys ({shown}); every rank must reduce the same keys, in any order"
+    raise RankMismatchError(
+        message(
+            "reduce_dict: ranks passed different keys",
+            got=shown,
+            fix="reduce the same keys on every rank (in any order)",
+        )
     )
 
 

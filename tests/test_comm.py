@@ -26,7 +26,7 @@ def test_all_reduce_mean_without_a_group() -> None:
     assert comm.all_reduce_mean(torch.tensor([True])).dtype == torch.float32
     assert comm.all_reduce_mean(torch.tensor(2.0, dtype=torch.bfloat16)).dtype == torch.bfloat16
     assert comm.all_reduce_mean(3) == 3.0 and isinstance(comm.all_reduce_mean(3), float)
-    with pytest.raises(TypeError, match="expected a tensor or a real number, got str"):
+    with pytest.raises(TypeError, match="Got: str .* Expected: a tensor or a real number"):
         comm.all_reduce_mean("3")
 
 
@@ -38,11 +38,11 @@ def test_reduce_dict_without_a_group() -> None:
     assert mean["n"].dtype == torch.float32 and mean["n"].shape == (1,)
     total = comm.reduce_dict(src, average=False)
     assert total["n"].dtype == torch.int64 and total["n"].item() == 4
-    with pytest.raises(ValueError, match=r"d\['v'\] has shape \(2,\); expected one element"):
+    with pytest.raises(ValueError, match=r"d\['v'\] has shape \(2,\). Expected: one element"):
         comm.reduce_dict({"v": torch.zeros(2)})
     with pytest.raises(TypeError, match=r"d\['v'\] is a str"):
         comm.reduce_dict({"v": "1.0"})
-    with pytest.raises(TypeError, match="key 3 is a int; expected str keys"):
+    with pytest.raises(TypeError, match="key 3 is a int. Expected: str keys"):
         comm.reduce_dict({3: 1.0})
 
 
@@ -50,7 +50,7 @@ def test_object_collectives_without_a_group() -> None:
     assert comm.gather_object({"a": 1}) == [{"a": 1}]
     assert comm.all_gather_object([1, 2]) == [[1, 2]]
     assert comm.broadcast_object("x") == "x"
-    with pytest.raises(ValueError, match=r"dst=1 is not a rank of this job \(world size 1\); expected 0..0"):
+    with pytest.raises(ValueError, match=r"dst=1 is not a rank of this job \(world size 1\). Expected: 0..0"):
         comm.gather_object("x", dst=1)  # the same mistake fails at world size 1 as at scale
     with pytest.raises(ValueError, match="src=2 is not a rank of this job"):
         comm.broadcast_object("x", src=2)
