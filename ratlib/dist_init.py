@@ -22,8 +22,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ratlib.errors import MissingDependencyError, message
 from ratlib.launch import (
     _MASTER,
+    DistInitArgumentError,
     DistInitError,
     LaunchEnv,
     detect_launch_env,
@@ -95,7 +97,7 @@ def _torch_dist() -> Any:
     try:
         import torch.distributed as dist
     except ImportError as exc:  # pragma: no cover
-        raise ImportError("ratlib.dist_init needs torch: pip install torch") from exc
+        raise MissingDependencyError(message("ratlib.dist_init needs torch", fix="pip install torch")) from exc
     return dist
 
 
@@ -401,7 +403,7 @@ def _resolve_device(device: str, launch: LaunchEnv) -> torch.device:
     import torch
 
     if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"init_distributed: device={device!r}; expected 'auto', 'cuda' or 'cpu'")
+        raise DistInitArgumentError(message(f"init_distributed: device={device!r}", expected="'auto', 'cuda' or 'cpu'"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -481,12 +483,16 @@ def init_distributed(
     global _INFO, _INIT_ARGS, _ATEXIT_REGISTERED
     td = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
     if td.total_seconds() <= 0 or not connect_timeout > 0:
-        raise ValueError(
-            f"init_distributed: timeout={timeout!r}, connect_timeout={connect_timeout!r}; both must "
-            "be positive (seconds, or a timedelta for timeout)"
+        raise DistInitArgumentError(
+            message(
+                f"init_distributed: timeout={timeout!r}, connect_timeout={connect_timeout!r}; both must be positive",
+                expected="seconds > 0, or a timedelta for timeout",
+            )
         )
     if backend is not None and backend not in _BACKENDS:
-        raise ValueError(f"init_distributed: backend={backend!r}; expected one of {_BACKENDS} or None to choose")
+        raise DistInitArgumentError(
+            message(f"init_distributed: backend={backend!r}", expected=f"one of {_BACKENDS}, or None to choose")
+        )
     args = {
         "backend": backend,
         "timeout": td,
@@ -554,7 +560,9 @@ def init_distributed(
         _ATEXIT_REGISTERED = True
     if stall_timeout is not None or check_collectives:
         if _HANG_INSTALL is None:  # pragma: no cover - ratlib/__init__.py registers it
-            raise RuntimeError("init_distributed: stall_timeout/check_collectives need ratlib.hang; import it first")
+            raise DistInitError(
+                message("init_distributed: stall_timeout/check_collectives need ratlib.hang", fix="import ratlib.hang")
+            )
         _HANG_INSTALL(stall_timeout=stall_timeout, check_collectives=check_collectives)
     return info
 

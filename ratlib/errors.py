@@ -6,11 +6,15 @@ FileNotFoundError)``), so ``except FileNotFoundError`` in user code keeps workin
 
 from __future__ import annotations
 
-__all__ = ["RatlibError", "message"]
+__all__ = ["MissingDependencyError", "RatlibError", "message"]
 
 
 class RatlibError(Exception):
     """Base class of every error ratlib raises."""
+
+
+class MissingDependencyError(RatlibError, ImportError):
+    """An optional dependency a ratlib feature needs is not installed; the message gives the pip command."""
 
 
 def message(problem: str, *, got: str | None = None, expected: str | None = None, fix: str | None = None) -> str:

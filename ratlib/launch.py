@@ -19,9 +19,11 @@ from typing import Any
 from ratlib.errors import RatlibError, message
 
 __all__ = [
+    "DistInitArgumentError",
     "DistInitError",
     "LaunchEnv",
     "RankState",
+    "SlurmListError",
     "detect_launch_env",
     "expand_slurm_nodelist",
     "expand_slurm_tasks_per_node",
@@ -39,6 +41,14 @@ __all__ = [
 
 class DistInitError(RatlibError, RuntimeError):
     """Process-group set-up failed; the message names the launcher, variables, rank, cause and fix."""
+
+
+class DistInitArgumentError(DistInitError, ValueError):
+    """``init_distributed`` was given an argument it cannot use (device, backend, timeouts)."""
+
+
+class SlurmListError(RatlibError, ValueError):
+    """A SLURM host list or tasks-per-node list that is not in SLURM's compressed form."""
 
 
 @dataclass(frozen=True)
@@ -319,7 +329,7 @@ def _nodelist_items(nodelist: str) -> list[list[str | list[tuple[str, str]]]]:
         text = m.group(0) if m else ""
         end = pos + len(text)
         if end < len(nodelist) and nodelist[end] != ",":
-            raise ValueError(f"SLURM node list {nodelist!r}: unbalanced bracket at position {end}")
+            raise SlurmListError(message(f"SLURM node list {nodelist!r}: unbalanced bracket at position {end}"))
         if text.strip():
             parts: list[str | list[tuple[str, str]]] = []
             for piece in re.split(r"(\[[^\]]*\])", text.strip()):
@@ -330,7 +340,9 @@ def _nodelist_items(nodelist: str) -> list[list[str | list[tuple[str, str]]]]:
                 for part in piece[1:-1].split(","):
                     lo, _, hi = part.strip().partition("-")
                     if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
-                        raise ValueError(f"SLURM node list {nodelist!r}: range {part!r} is not N or N-M with N <= M")
+                        raise SlurmListError(
+                            message(f"SLURM node list {nodelist!r}: range {part!r} is not N or N-M with N <= M")
+                        )
                     ranges.append((lo, hi or lo))
                 parts.append(ranges)
             items.append(parts)
@@ -356,7 +368,7 @@ def _expand_item(parts: list[str | list[tuple[str, str]]]) -> Iterator[str]:
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
     """Expand SLURM's compressed host list, e.g. ``gpu[01-03,07],cpu3`` -> gpu01 gpu02 gpu03 gpu07 cpu3.
 
-    Raises ``ValueError`` naming the part that is not ``host`` or ``prefix[ranges]suffix``.
+    Raises ``SlurmListError`` (a ``ValueError``) naming the part that is not ``host`` or ``prefix[ranges]suffix``.
     """
     return [host for item in _nodelist_items(nodelist) for host in _expand_item(item)]
 
@@ -371,7 +383,7 @@ def _tasks_per_node(spec: str, name: str = "SLURM_TASKS_PER_NODE") -> list[tuple
     for part in spec.split(","):
         m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
         if not m:
-            raise ValueError(f"{name}={spec!r}: {part!r} is not N or N(xM)")
+            raise SlurmListError(message(f"{name}={spec!r}: {part!r} is not N or N(xM)"))
         out.append((int(m.group(1)), int(m.group(2) or 1)))
     return out
 
