@@ -35,6 +35,7 @@ from ratlib.launch import process_group, rank_state
 
 __all__ = [
     "LogDirError",
+    "LogLevelError",
     "RankFilter",
     "RankLogger",
     "current_rank",
@@ -167,6 +168,10 @@ class LogDirError(RatlibError, OSError):
     """``setup_logging(log_dir=...)``: the folder cannot be created or written."""
 
 
+class LogLevelError(RatlibError, ValueError):
+    """``setup_logging``: a level that is not a logging level, or ``other_ranks`` below ``level``."""
+
+
 class _RankFileHandler(logging.FileHandler):
     """``rank{R}.log``, opened at the first record, flushed on each one, exclusive to one process."""
 
@@ -213,7 +218,9 @@ def _level(value: int | str, arg: str) -> int:
         if isinstance(number, int):
             return number
     names = ", ".join(logging.getLevelName(n) for n in (10, 20, 30, 40, 50))
-    raise ValueError(f"setup_logging: {arg}={value!r} is not a logging level; expected one of {names} or an int")
+    raise LogLevelError(
+        message(f"setup_logging: {arg}={value!r} is not a logging level", expected=f"one of {names}, or an int")
+    )
 
 
 def _writable_dir(log_dir: str | os.PathLike[str]) -> Path:
@@ -257,14 +264,16 @@ def setup_logging(
     """Configure rank-aware logging for this process. Idempotent: a second call replaces the first.
 
     Handlers go on the root logger, so third-party loggers follow the same policy. Bad arguments raise
-    here (``ValueError``; ``LogDirError``, an ``OSError``, for a folder that takes no files), never at the
-    first log call deep inside training.
+    here (``LogLevelError``, a ``ValueError``; ``LogDirError``, an ``OSError``, for a folder that takes no
+    files), never at the first log call deep inside training.
     """
     lvl, other = _level(level, "level"), _level(other_ranks, "other_ranks")
     if other < lvl:
-        raise ValueError(
-            f"setup_logging: other_ranks={other_ranks!r} is below level={level!r}; other ranks "
-            "would print more than the main rank. Use other_ranks >= level (default WARNING)"
+        raise LogLevelError(
+            message(
+                f"setup_logging: other_ranks={other_ranks!r} is below level={level!r}: other ranks would print more",
+                fix="use other_ranks >= level (default WARNING)",
+            )
         )
     directory: Path | None = None
     if log_dir is not None:
