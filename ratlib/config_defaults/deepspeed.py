@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ratlib.config_defaults.schema import ExperimentConfig
+from ratlib.config_defaults.schema import ConfigError, ExperimentConfig
+from ratlib.errors import message
 
 __all__ = ["to_deepspeed_config"]
 
@@ -22,11 +23,13 @@ def to_deepspeed_config(
     ``lr_scheduler=`` instead. ``device="cpu"`` uses torch's Adam kernels (DeepSpeed's fused ones need CUDA).
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"to_deepspeed_config: world_size={world_size!r}; expected a positive int")
+        raise ConfigError(message(f"to_deepspeed_config: world_size={world_size!r}", expected="a positive int"))
     if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
-        raise ValueError(
-            f"to_deepspeed_config: steps_per_epoch={steps_per_epoch!r}; expected a positive int "
-            "(optimiser steps per epoch: batches per rank // gradient_accumulation_steps)"
+        raise ConfigError(
+            message(
+                f"to_deepspeed_config: steps_per_epoch={steps_per_epoch!r}",
+                expected="a positive int (optimiser steps per epoch: batches per rank // gradient_accumulation_steps)",
+            )
         )
     t, o, s = cfg.training, cfg.training.optimizer, cfg.training.scheduler
     zero: dict[str, Any] = {"stage": t.deepspeed.zero_stage}
