@@ -21,7 +21,7 @@ import json
 import numbers
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar, overload
 
 from ratlib.errors import RatlibError, message
 from ratlib.launch import process_group, rank_state
@@ -42,6 +42,9 @@ __all__ = [
     "reduce_dict",
     "set_collective_hook",
 ]
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -109,7 +112,7 @@ def _device(dist: Any) -> Any:
     return torch.device("cpu")
 
 
-def _is_tensor(x: Any) -> bool:
+def _is_tensor(x: Any) -> TypeGuard[torch.Tensor]:
     torch = sys.modules.get("torch")  # no torch imported: x cannot be a tensor
     return torch is not None and isinstance(x, torch.Tensor)
 
@@ -127,7 +130,11 @@ def _check_rank_arg(name: str, value: int, world: int, fn: str) -> None:
         )
 
 
-def all_reduce_mean(x: T) -> T:
+@overload
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor: ...
+@overload
+def all_reduce_mean(x: float) -> float: ...
+def all_reduce_mean(x: torch.Tensor | float) -> torch.Tensor | float:
     """Mean of ``x`` over all ranks, for metrics: a tensor comes back as a new, detached tensor (integer
     and bool tensors as floating point, as ``t / n`` gives), a Python number as a float."""
     _before_collective("all_reduce_mean")
@@ -136,7 +143,7 @@ def all_reduce_mean(x: T) -> T:
     if _is_tensor(x):
         import torch
 
-        t = x.detach().clone()  # type: ignore[attr-defined]
+        t = x.detach().clone()
         if not (t.is_floating_point() or t.is_complex()):
             t = t.to(torch.int64)  # an exact sum; the division below makes it floating point
         if dist is not None:
@@ -145,7 +152,7 @@ def all_reduce_mean(x: T) -> T:
                 t = t.to(where)
             dist.all_reduce(t)
             t = t.to(home)
-        return t / world  # type: ignore[return-value]
+        return t / world
     if not _is_number(x):
         raise CollectiveTypeError(
             message(
@@ -156,12 +163,12 @@ def all_reduce_mean(x: T) -> T:
             )
         )
     if dist is None:
-        return float(x)  # type: ignore[arg-type, return-value]
+        return float(x)
     import torch
 
-    t = torch.tensor([float(x)], dtype=torch.float64, device=_device(dist))  # type: ignore[arg-type]
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_device(dist))
     dist.all_reduce(t)
-    return float(t.item()) / world  # type: ignore[return-value]
+    return float(t.item()) / world
 
 
 def _scalar_values(d: Mapping[str, Any]) -> list[str]:
@@ -400,19 +407,15 @@ class ChannelError(RatlibError, RuntimeError):
 
 class StoreChannel:
     """An all-gather of small JSON values through the rendezvous store, which works whatever state the
-    process group is in, and a fresh default group after a failure.
-
-    Why not a collective: a rank that fails alone leaves the others inside a collective it will never join
-    (DDP's broadcast, an all-reduce). It tears its group down instead (``release_peers``); with gloo the
-    others' pending collective then fails at once, and every rank meets here to learn how it went. The
-    store is taken from the default group when the channel is made (it outlives the groups), so make the
-    channel right after ``init_distributed()``. ``namespace`` keeps keys apart: give each launch its own
-    (a random nonce the main rank broadcasts). With one process (no group) ``all_gather`` is ``[obj]``.
+    process group is in: a rank whose collective failed, or that must report before the group exists or after
+    it is broken, still reaches the others. The store is taken from the default group when the channel is made
+    (it outlives the group), so make the channel right after ``init_distributed()``. ``namespace`` keeps keys
+    apart. With one process (no group) ``all_gather`` is ``[obj]``.
     """
 
     def __init__(self, namespace: str, *, timeout_s: float = 1800.0, wait_s: float | None = None) -> None:
-        self.ns, self.generation = f"ratlib-channel/{namespace}", 0
-        self.timeout_s = timeout_s  # for the groups rebuild_group makes
+        self.ns = f"ratlib-channel/{namespace}"
+        self.timeout_s = timeout_s
         self.wait_s = wait_s if wait_s is not None else 2 * timeout_s + 60  # a peer may sit out a whole timeout
         self.store: Any = None
         self.rank, self.world_size = 0, 1
@@ -463,37 +466,6 @@ class StoreChannel:
             return int(self.store.add(f"{self.ns}/{key}", amount))
         except Exception:  # noqa: BLE001 - the store is gone: the next all_gather says so
             return 0
-
-    def release_peers(self) -> None:
-        """Tear this rank's group down so that peers waiting in a collective for it fail now, not at the
-        timeout. Only works if nothing else holds the group: hence a gc pass first (a failed model's cycles)."""
-        if self.store is not None and self.dist.is_initialized():
-            import gc
-
-            gc.collect()
-            self.dist.destroy_process_group()
-
-    def rebuild_group(self) -> None:
-        """Every rank, after a failure: a new default group under a new prefix of the same store."""
-        if self.store is None:
-            return
-        self.release_peers()
-        self.generation += 1
-        from datetime import timedelta
-
-        kwargs: dict[str, Any] = {}
-        if self.backend == "nccl":
-            import torch
-
-            kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
-        self.dist.init_process_group(
-            self.backend,
-            store=self.dist.PrefixStore(f"{self.ns}/group{self.generation}/", self.store),
-            rank=self.rank,
-            world_size=self.world_size,
-            timeout=timedelta(seconds=self.timeout_s),
-            **kwargs,
-        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -577,17 +577,6 @@ def set_hang_install(install: Callable[..., None] | None) -> None:
     _HANG_INSTALL = install
 
 
-# Called by shutdown() before the groups go (ratlib.preempt settles the agreement it has in flight: a
-# collective still running when its group is destroyed can break the next group made in this process).
-_BEFORE_SHUTDOWN: list[Callable[[], None]] = []
-
-
-def add_shutdown_hook(hook: Callable[[], None]) -> None:
-    """Run ``hook()`` in ``shutdown()`` just before the process groups are destroyed (once per hook)."""
-    if hook not in _BEFORE_SHUTDOWN:
-        _BEFORE_SHUTDOWN.append(hook)
-
-
 def _node_index_unknown(launch: LaunchEnv) -> bool:
     """No launcher variable names this node's index (MPI, RANK/WORLD_SIZE by hand) and the job may span nodes."""
     given = ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID")
@@ -627,13 +616,6 @@ def shutdown() -> None:
     """
     global _INFO, _INIT_ARGS
     if _group_ready():
-        for hook in _BEFORE_SHUTDOWN:
-            try:
-                hook()
-            except Exception as exc:  # noqa: BLE001 - teardown goes on whatever a hook does
-                from ratlib.rank_logger import get_logger
-
-                get_logger("ratlib.dist_init").warning("dist_init.shutdown: a shutdown hook failed: %s", exc)
         gc.collect()
         ds_comm = sys.modules.get("deepspeed.comm.comm")
         if getattr(ds_comm, "cdb", None) is not None and hasattr(ds_comm, "destroy_process_group"):

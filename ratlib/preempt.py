@@ -25,7 +25,6 @@ Torch is imported only inside the functions that need it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import signal
@@ -52,6 +51,7 @@ __all__ = [
     "install",
     "installed_signals",
     "is_installed",
+    "requeue_slurm_job",
     "uninstall",
 ]
 
@@ -62,6 +62,8 @@ PREEMPT_EXIT_CODE = 75
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
 REQUEUE_COMMAND = ("scontrol", "requeue")
+# Set to 0 by a process that owns the Slurm job (the ablation driver) for the runs it starts: it requeues.
+NO_REQUEUE_ENV = "RATLIB_REQUEUE"
 _DEFAULT_SIGNAL_LEAD = 60.0  # Slurm's --signal lead time when "@N" is left out
 
 log = get_logger("ratlib.preempt")
@@ -196,7 +198,7 @@ class Preemption:
         self.stop_step: int | None = None  # the step every rank stopped at
         self.received: tuple[RankSignal, ...] = ()  # every rank's signal, known at the stop step
         self.latency: float | None = None  # seconds from the first signal to the agreement
-        self._pending: tuple[Any, Any, Any] | None = None  # (work, tensor, group) of the all-reduce in flight
+        self._pending: tuple[Any, Any] | None = None  # (work, tensor) of the all-reduce in flight
         self._posted = False  # the first agreement has run (it blocks, so that set-up signals stop at once)
         self._group: Any = None
         self._group_for: Any = None
@@ -229,7 +231,7 @@ class Preemption:
     def agree(self, step: int) -> bool:
         """A blocking agreement now, whatever ``every``: the same answer on every rank, True once any rank
         got a signal. For a point outside the step loop where a signal that came after the last
-        ``should_stop`` must still stop every rank: between the runs of a study, before a long evaluation.
+        ``should_stop`` must still stop every rank: before a long evaluation, or a final export.
         Every rank calls it at the same point, like any collective."""
         if self.stop_step is not None:
             return True
@@ -252,18 +254,14 @@ class Preemption:
         group = self._agreement_group(dist)
         if self._pending is not None:
             # the all-reduce posted at the last agreement step has had a whole step to finish
-            work, buf, world = self._pending
-            self._pending = None
-            # one posted on a group torn down since (a failed run's) is dropped: the flags it carried are
-            # this process's _FLAG and the other ranks', all sent again below
-            if world is dist.group.WORLD:
-                self._wait(dist, step, lambda: work.wait())
-                if self._decide(step, buf):
-                    return True
+            (work, buf), self._pending = self._pending, None
+            self._wait(dist, step, lambda: work.wait())
+            if self._decide(step, buf):
+                return True
         buf = self._local_flags(dist)
         if not block:
             work = dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group, async_op=True)
-            self._pending = (work, buf, dist.group.WORLD)
+            self._pending = (work, buf)
             return False
         # the first agreement (a signal during set-up stops at the first step), overlap=False and agree()
         self._posted = True
@@ -329,19 +327,10 @@ class Preemption:
             self._group, self._group_for = dist.new_group(backend="gloo", **kwargs), default
         return self._group
 
-    def settle(self, timeout: float = 5.0) -> None:
-        """Finish the agreement in flight (overlap) and forget it; ``dist_init.shutdown()`` calls this before
-        the group goes. Its answer is not needed at the end; waiting at most ``timeout`` s keeps a teardown
-        after a failure (a peer gone) from blocking."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            with contextlib.suppress(Exception):  # a failed or timed-out op: the group is going anyway
-                pending[0].wait(timedelta(seconds=timeout))
-
     @property
     def progressed(self) -> bool:
-        """Steps were done in this process before the stop: it was asked at more than one step. Counted, not
-        compared, so a study whose next run starts again at step 0 still counts its earlier runs."""
+        """Steps were done in this process before the stop: it was asked at more than one step (counted, not
+        compared: a resumed run's first step need not be 0)."""
         return self.stop_step is not None and self._steps_seen > 1
 
     def exit(
@@ -383,20 +372,37 @@ def _who(got: Iterable[RankSignal]) -> str:
 
 
 def _requeue(pre: Preemption, command: Sequence[str], env: Mapping[str, str]) -> bool:
+    if pre.progressed:
+        return requeue_slurm_job(command=command, environ=env)
+    if env.get("SLURM_JOB_ID"):
+        log.warning(
+            "preemption: no requeue of Slurm job %s: no step done since this start (step %s, restart count %s); "
+            "requeueing again would loop",
+            env["SLURM_JOB_ID"],
+            pre.start_step,
+            env.get("SLURM_RESTART_COUNT", "0"),
+        )
+    return False
+
+
+def requeue_slurm_job(*, command: Sequence[str] = REQUEUE_COMMAND, environ: Mapping[str, str] | None = None) -> bool:
+    """Requeue this Slurm job (``scontrol requeue $SLURM_JOB_ID``); True when Slurm took it.
+
+    Nothing happens outside Slurm, or with ``RATLIB_REQUEUE=0`` in the environment (a driver that owns the job
+    sets it for the runs it starts, and requeues once itself). Call it only when the job made progress since it
+    started, or a requeued job that stops again at once would loop.
+    """
+    env = os.environ if environ is None else environ
     job = env.get("SLURM_JOB_ID")
     if not job:
         log.info("preemption: not under Slurm (no SLURM_JOB_ID): no requeue")
         return False
-    restarts = env.get("SLURM_RESTART_COUNT", "0")
-    if not pre.progressed:
-        log.warning(
-            "preemption: no requeue of Slurm job %s: no step done since this start (step %s, restart count %s); "
-            "requeueing again would loop",
-            job,
-            pre.start_step,
-            restarts,
+    if env.get(NO_REQUEUE_ENV) == "0":
+        log.info(
+            "preemption: %s=0: the process that started this run requeues job %s, not this run", NO_REQUEUE_ENV, job
         )
         return False
+    restarts = env.get("SLURM_RESTART_COUNT", "0")
     cmd = [*command, job]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
@@ -484,19 +490,12 @@ def install(
             previous = signal.signal(signum, _handler)
             _PREVIOUS[signum] = previous if previous is not _handler else None
         _INSTANCE = Preemption(signums, every, timeout, bool(overlap))
-        dist_init.add_shutdown_hook(_settle_installed)
     log.info(
         "ratlib.preempt installed: %s stop every rank at one step (agreement every %d step(s))",
         "/".join(signal_name(s) or "?" for s in signums),
         every,
     )
     return _INSTANCE
-
-
-def _settle_installed() -> None:
-    """dist_init's shutdown hook: the installed Preemption finishes its agreement in flight."""
-    if _INSTANCE is not None:
-        _INSTANCE.settle()
 
 
 def _restore() -> None:

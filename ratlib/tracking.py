@@ -50,9 +50,12 @@ __all__ = [
     "flatten_config",
     "lr_metrics",
     "memory_metrics",
+    "read_outcome",
+    "write_outcome",
 ]
 
 BACKENDS = ("jsonl", "tensorboard", "wandb", "mlflow")
+OUTCOME_FILE = "outcome.json"  # how the run ended, for whoever launched it (the ablation driver)
 STATE_FILE = "tracking.json"  # the run ids (and, after a clean close, the last step), for resume=True
 _HINTS = {
     "tensorboard": "pip install 'ratlib[tensorboard]'",
@@ -98,6 +101,37 @@ def memory_metrics(report: Any, prefix: str = "memory") -> dict[str, float]:
     out[f"{prefix}/max_peak_gib"] = round(top.peak / gib, 4)
     out[f"{prefix}/max_rank"] = top.rank
     return out
+
+
+def write_outcome(run_dir: str | os.PathLike[str], status: str, **fields: Any) -> Path | None:
+    """Write ``run_dir/outcome.json`` (main rank only, atomically): ``{"status": status, **fields}``.
+
+    The run's last word to whoever launched it: ``"finished"`` with the final ``metrics``, or ``"stopped"``
+    (preempted, its checkpoint written) with the ``step``. A launcher reads it with :func:`read_outcome` next to
+    the exit code; a crash leaves no outcome (or an older one: delete it before each launch).
+    """
+    if status not in ("finished", "stopped"):
+        raise TrackingError(message("write_outcome: unknown status", got=repr(status), expected="finished or stopped"))
+    if not _is_main():
+        return None
+    from ratlib.io import write_atomic
+
+    path = Path(run_dir) / OUTCOME_FILE
+    plain = {
+        k: {m: _value(x) for m, x in v.items()} if isinstance(v, Mapping) else _value(v) for k, v in fields.items()
+    }
+    record = {"status": status, **plain, "written_at": time.time()}
+    write_atomic(path, (json.dumps(record, default=str) + "\n").encode())
+    return path
+
+
+def read_outcome(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``run_dir/outcome.json`` as a dict, or None when there is none (or it cannot be read)."""
+    try:
+        data = json.loads((Path(run_dir) / OUTCOME_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _plain(config: Any) -> Any:
@@ -172,16 +206,18 @@ class Backend:
     name = "backend"
 
     def start(self, run: BackendStart) -> dict[str, Any] | None:
+        """Open the destination for ``run``; return the plain data a resume needs (kept in the checkpoint)."""
         return None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Record ``metrics`` (names to numbers) at ``step``; steps only increase."""
         raise NotImplementedError
 
     def flush(self) -> None:
-        pass
+        """Make what was logged so far durable or visible (``Tracker.flush``)."""
 
     def close(self) -> None:
-        pass
+        """Flush and release the destination; called once, at ``Tracker.close``."""
 
 
 class JsonlBackend(Backend):
@@ -215,7 +251,7 @@ class TensorBoardBackend(Backend):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            from tensorboardX import SummaryWriter  # the fallback when only tensorboardX is there
+            from tensorboardX import SummaryWriter  # type: ignore[no-redef]  # the fallback: the same writer API
         log_dir = Path(run.options.get("log_dir", run.run_dir))
         purge = None if run.resume_step is None else run.resume_step + 1
         self.writer = SummaryWriter(
@@ -296,11 +332,12 @@ class MlflowBackend(Backend):
         experiment = run.options.get("experiment", "ratlib")
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        self.run_id = run.state.get("run_id")
-        if self.run_id:
-            self.client.update_run(self.run_id, status="RUNNING")
+        run_id = run.state.get("run_id")
+        if run_id:
+            self.client.update_run(run_id, status="RUNNING")
         else:
-            self.run_id = self.client.create_run(experiment_id, run_name=run.name).info.run_id
+            run_id = self.client.create_run(experiment_id, run_name=run.name).info.run_id
+        self.run_id: str = run_id
         if run.config:
             from mlflow.entities import Param
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from ratlib import dist_init, preempt
-from ratlib.comm import StoreChannel
 from ratlib.rank_logger import setup_logging
 
 
@@ -108,11 +107,10 @@ def rank_gone(how: str, group_timeout: float) -> int:
     return 0
 
 
-def agree_after_the_loop(signal_rank: int, rebuild: bool) -> int:
-    """Two "runs" of 5 steps each on a fresh step count; ``signal_rank`` signals itself after the first run's
-    last ``should_stop`` (its all-reduce still in flight), then every rank calls ``agree``. ``rebuild``: the
-    process group is torn down and made again in between (``StoreChannel.rebuild_group``, as the ablation runner
-    does after a failed run)."""
+def agree_after_the_loop(signal_rank: int) -> int:
+    """Two phases of 5 steps each on a fresh step count; ``signal_rank`` signals itself after the first phase's
+    last ``should_stop`` (its all-reduce still in flight), then every rank calls ``agree`` (as a loop would
+    before a long evaluation)."""
     setup_logging("INFO")
     info = dist_init.init_distributed("gloo", timeout=30, connect_timeout=30)
     pre = preempt.install()
@@ -125,35 +123,10 @@ def agree_after_the_loop(signal_rank: int, rebuild: bool) -> int:
             torch.distributed.all_reduce(t)
         if run == 0 and info.rank == signal_rank:
             os.kill(os.getpid(), signal.SIGTERM)
-        if rebuild:
-            StoreChannel("agree-test").rebuild_group()
         agreed = pre.agree(run)
         print(f"AGREE rank={info.rank} run={run} {agreed} progressed={pre.progressed}", flush=True)
         if agreed:
             pre.exit(requeue=False)
-    dist_init.shutdown()
-    return 0
-
-
-def reinit_with_an_agreement_in_flight() -> int:
-    """The loop ends with should_stop's all-reduce still in flight; shutdown() must finish it before the group
-    goes (a collective alive across destroy_process_group broke the next group made in the process: a gloo
-    send timeout 1 time in 8), then a new group in the same processes works."""
-    setup_logging("INFO")
-    dist_init.init_distributed("gloo", timeout=20, connect_timeout=20)
-    pre = preempt.install()
-    for step in range(3):
-        assert not pre.should_stop(step)
-        torch.distributed.all_reduce(torch.ones(1))
-    assert not pre.should_stop(3) and pre._pending is not None  # posted, not waited for
-    work = pre._pending[0]
-    dist_init.shutdown()
-    print(f"SETTLED pending={pre._pending} completed={work.is_completed()}", flush=True)
-    del work  # a Work kept alive keeps its group alive, whose store still holds MASTER_PORT
-    dist_init.init_distributed("gloo", timeout=20, connect_timeout=20)
-    t = torch.ones(1)
-    torch.distributed.all_reduce(t)
-    print(f"REINIT OK {t.item()}", flush=True)
     dist_init.shutdown()
     return 0
 

@@ -11,17 +11,15 @@ from ratlib.testing import run_on_ranks
 def test_channel_without_a_group_is_world_size_one() -> None:
     channel = StoreChannel("t")
     assert channel.all_gather("k", {"a": 1}) == [{"a": 1}] and channel.add("n") == 1
-    channel.release_peers()
-    channel.rebuild_group()  # nothing to do, nothing raised
 
 
 def channel_survives_a_torn_down_group() -> int:
-    """Rank 1 tears its group down while rank 0 waits in an all_reduce for it; both then meet in the
-    channel, rebuild a group and all_reduce on it."""
+    """Rank 1 tears its group down while rank 0 waits in an all_reduce for it (gloo fails that at once); both
+    then still meet in the channel, which needs only the store."""
     import torch
     import torch.distributed as dist
 
-    from ratlib import comm, dist_init
+    from ratlib import dist_init
 
     info = dist_init.init_distributed(device="cpu", timeout=60)
     channel = StoreChannel("test", timeout_s=60, wait_s=60)
@@ -30,7 +28,7 @@ def channel_survives_a_torn_down_group() -> int:
     if info.rank == 1:
         failed = "raised"
         assert channel.add("failures") == 1  # the first rank to fail
-        channel.release_peers()
+        dist.destroy_process_group()
     else:
         try:
             dist.all_reduce(torch.ones(1))  # its peer is gone: gloo fails this at once
@@ -38,8 +36,6 @@ def channel_survives_a_torn_down_group() -> int:
             failed = f"collective: {type(exc).__name__}"
     outcomes = channel.all_gather("outcome", failed)
     assert outcomes[1] == "raised" and outcomes[0] is not None, outcomes
-    channel.rebuild_group()
-    assert comm.all_reduce_mean(float(info.rank)) == 0.5
     print(f"rank {info.rank} OK {outcomes}", flush=True)
     dist_init.shutdown()
     return 0

@@ -74,7 +74,7 @@ def msd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_contract_and_shipped_config() -> None:
     assert T.EXAMPLE["schema"] is T.SegmentationConfig and issubclass(T.SegmentationConfig, T.ExperimentConfig)
-    assert T.EXAMPLE["metric"] == "dice" and T.EXAMPLE["mode"] == "max" and T.EXAMPLE["train"] is T.train
+    assert T.EXAMPLE["metric"] == "dice" and T.EXAMPLE["mode"] == "max"
     cfg = T.load_config(CONFIG, schema=T.EXAMPLE["schema"])
     assert cfg.data.root is None and cfg.model.feature_dims == 8 and cfg.model.num_blocks == 3
     assert su.widths(cfg.model.feature_dims, cfg.model.num_blocks) == [8, 16, 32]

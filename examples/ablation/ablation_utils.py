@@ -1,8 +1,7 @@
-"""The parts of the ablation runner that are not the run loop: the study file, variant names, the
-results file and the summary. ``run.py`` beside this file is the flow; read that first.
+"""The parts of the ablation driver that are not its flow: the study file, variant names, the results
+file, what a failed run's logs say, and the summary. ``run.py`` beside this file is the flow; read that first.
 
-Nothing here touches torch or the process group: the main rank calls these functions and hands the
-outcome (a :class:`Plan`) to the other ranks.
+Nothing here touches torch or a process group: the driver is one process that starts each run as its own job.
 """
 
 from __future__ import annotations
@@ -58,7 +57,11 @@ class StudyConfig(BaseModel):
     base: str = "segmentation"  # segmentation, detection, or a path to a train.py that follows the contract
     config: str | None = None  # the base example's config; null: config.yaml beside its train.py, if any
     output_dir: str = "runs/ablation"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # cpu: the runs see no GPU (CUDA_VISIBLE_DEVICES=)
+    launcher: Literal["auto", "torchrun", "srun"] = "auto"  # auto: srun inside a Slurm allocation, else torchrun
+    nproc_per_node: int = Field(1, ge=1)  # torchrun's ranks per run; srun: the allocation's tasks
+    parallel: int = Field(1, ge=1)  # torchrun: runs at once, each on its own GPUs (nproc_per_node of them) and port
+    run_timeout_s: float | None = Field(None, gt=0)  # a run still going after this long is killed and recorded failed
     metric: str | None = None  # null: the metric of the example's EXAMPLE entry
     mode: Literal["max", "min"] | None = None  # null: the mode of the example's EXAMPLE entry
     seeds: list[int] | None = Field(None, min_length=1)  # each variant once per seed (training.seed); null: once
@@ -244,11 +247,8 @@ def expand_variants(study: StudyConfig) -> list[tuple[str, dict[str, Any]]]:
     seen: dict[str, str] = {}
     for name, overrides, where in out:
         for key in overrides:
-            if key == "output_dir" or key.startswith("distributed."):
-                problems.append(
-                    f"{where} ({name}): {key} cannot vary: the runner sets output_dir per run, and the "
-                    "process group (distributed.*) is set up once for the whole study"
-                )
+            if key == "output_dir":
+                problems.append(f"{where} ({name}): output_dir cannot vary: the driver sets it per run")
         if name in seen:
             problems.append(
                 f"{where}: the name {name!r} is already used by {seen[name]}; give variants distinct names or overrides"
@@ -375,6 +375,100 @@ def _number(value: Any) -> bool:
 
 def numbers(d: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if _number(v)}
+
+
+# ----------------------------------------------------------------------------------------------
+# What a failed run left: which rank failed first, how, and its last lines
+
+
+_TORCHRUN_ROOT = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+_SRUN_TASK = re.compile(r"srun: error: \S+: tasks? (\d+)[-\d,]*: (.+)")
+_EXCEPTION = re.compile(r"^(?:\S+\s)?([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Fault)\w*): (.*)$")
+_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
+_LAUNCHER_NOISE = ("torch.distributed.elastic", "ChildFailedError", "torchrun", "====", "srun: error")
+
+
+def _tail(lines: Sequence[str], n: int = 8) -> list[str]:
+    return [line.rstrip()[:300] for line in lines if line.strip()][-n:]
+
+
+def _rank_log_error(run_dir: Path, rank: int | None) -> tuple[int | None, list[str]]:
+    """The last ERROR/CRITICAL record of the failing rank's log (rank{R}.log), or of the first rank log that has
+    one when the rank is unknown: its rank and lines (a traceback included)."""
+    logs = sorted((run_dir / "logs").glob("rank*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+    if rank is not None:
+        logs = [p for p in logs if p.stem == f"rank{rank}"]
+    for path in logs:
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        starts = [
+            i for i, line in enumerate(lines) if _LOG_RECORD.match(line) and (" ERROR " in line or " CRITICAL " in line)
+        ]
+        if starts:
+            first = starts[-1]
+            end = next((j for j in range(first + 1, len(lines)) if _LOG_RECORD.match(lines[j])), len(lines))
+            return int(re.sub(r"\D", "", path.stem)), lines[first:end]
+    return rank, []
+
+
+def _rank_output(run_dir: Path, text: str, rank: int | None) -> list[str]:
+    """The failing rank's own stderr: torchrun's per-rank file (``--tee`` with ``--log-dir``), srun's lines
+    labelled ``R: `` (``--label``); else the launch's output without the launcher's own report."""
+    if rank is not None:
+        files = list((run_dir / "logs" / "torchrun").glob(f"*/attempt_*/{rank}/stderr.log"))
+        if files:
+            newest = max(files, key=lambda p: p.stat().st_mtime)
+            return newest.read_text(encoding="utf-8", errors="replace").splitlines()
+        labelled = [line.split(": ", 1)[1] for line in text.splitlines() if line.startswith(f"{rank}: ")]
+        if labelled:
+            return labelled
+    return [line for line in text.splitlines() if not any(noise in line for noise in _LAUNCHER_NOISE)]
+
+
+def describe_failure(
+    run_dir: str | Path, launch_log: str | Path, returncode: int | None, *, timed_out: float | None = None
+) -> dict[str, Any]:
+    """The ``error`` of a failed run's record: ``rank`` (the first to fail, when the launcher or a log names it),
+    ``type``, ``message``, ``lines`` (the error's last lines), ``exit_code`` and ``log`` (the launch's output).
+
+    The launcher names the first rank to fail (torchrun's "Root Cause" block, srun's "task N:" lines); that
+    rank's own log (``run_dir/logs/rank{R}.log``) gives the exception; a rank killed by a signal or gone through
+    ``os._exit`` has none, and the launch's last lines stand in.
+    """
+    try:
+        text = Path(launch_log).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    rank, how = None, None
+    root = _TORCHRUN_ROOT.search(text)
+    task = _SRUN_TASK.search(text)
+    if root:
+        rank, code = int(root.group(1)), int(root.group(2))
+        how = f"rank {rank} exited with code {code}" if code >= 0 else f"rank {rank} was killed by signal {-code}"
+    elif task:
+        rank, how = int(task.group(1)), f"task {task.group(1)}: {task.group(2).strip()}"
+    rank, record = _rank_log_error(Path(run_dir), rank)
+    own = _rank_output(Path(run_dir), text, rank)
+    lines = _tail(record, 12) if record else _tail(own, 12)
+    found = next((m for line in reversed(record or own) if (m := _EXCEPTION.match(line.strip()))), None)
+    if timed_out is not None:
+        kind, msg = "Timeout", f"still running after run_timeout_s={timed_out:g} s: killed (a hang?)"
+    elif found:
+        kind, msg = found.group(1).rsplit(".", 1)[-1], found.group(2)
+    else:
+        kind = "Exit"
+        msg = how or (f"exit code {returncode}" if returncode is None or returncode >= 0 else f"signal {-returncode}")
+    return {
+        "rank": rank,
+        "type": kind,
+        "message": msg[:500],
+        "how": how,
+        "lines": lines,
+        "exit_code": returncode,
+        "log": str(launch_log),
+    }
 
 
 # ----------------------------------------------------------------------------------------------

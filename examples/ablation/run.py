@@ -1,23 +1,27 @@
-"""Ablation studies over an example's config: every run on every rank, results that survive a crash.
+"""Ablation studies over an example's config: a driver that starts each run as its own job.
 
-    torchrun --nproc_per_node 2 examples/ablation/run.py --config examples/ablation/ablation.yaml
+    python examples/ablation/run.py --config examples/ablation/ablation.yaml nproc_per_node=2
     python examples/ablation/run.py --config ... seeds=[0,1,2] training.num_epochs=4   # study keys, run-wide keys
-    torchrun ... examples/ablation/run.py --config ... --resume      # after a crash: only what is not recorded
-    torchrun ... examples/ablation/run.py --config ... --resume --retry-failed
-    python examples/ablation/run.py --config ... --dry-run           # validate every variant, print the plan
+    python examples/ablation/run.py --config ... --resume                # after a crash or a stop: what is left
+    python examples/ablation/run.py --config ... --resume --retry-failed
+    python examples/ablation/run.py --config ... --dry-run               # validate every run, print the plan
+    sbatch --nodes 2 --ntasks-per-node 2 --wrap "python examples/ablation/run.py --config ..."  # srun steps
 
 The study file (ablation.yaml) names a base example (segmentation, detection, or a path to a train.py),
-variants as a grid over dotted config keys and/or an explicit list, and optionally seeds. The main rank
-names every run and its folder, validates every run's config with ``load_config`` before the first one
-trains, and hands that plan to the other ranks. Every rank then trains every run in lockstep through the
-example's own ``train()`` (imported, in this process). After each run the ranks exchange how it went;
-the main rank appends one line to results.jsonl (fsynced) and refreshes summary.md and summary.png.
+variants as a grid over dotted config keys and/or an explicit list, and optionally seeds. This driver is one
+process with no process group: it names every run and its folder and validates every run's config with
+``load_config`` before the first one starts, then starts each run as its own launch of the example's
+train.py: ``torchrun --standalone --nproc_per_node N`` on a machine, or one ``srun`` step over the
+allocation's tasks inside a Slurm job. A run's outcome comes from its exit code and its folder (the
+example writes outcome.json when it finishes or stops): the driver appends one line to results.jsonl
+(fsynced) and refreshes summary.md and summary.png.
 
-A run that raises on any rank is recorded as failed (rank, error) and the study goes on: the failing
-rank tears down its process group, which makes the others' pending collectives fail at once (gloo), the
-ranks exchange their outcomes through the rendezvous store, and all of them start a fresh group for the
-next run. A rank that dies, or hangs inside a collective, stops the study at ``distributed.timeout_s``;
-everything recorded so far stays, and ``--resume`` runs the rest (docs/examples/ablation.md).
+A run that raises, is killed, hangs past ``run_timeout_s`` or dies with a fatal (CUDA-style) error is
+recorded as failed, with the first rank to fail, its last lines and the log path, and the next run starts
+in fresh processes: nothing of a failed run (its CUDA context, its communicator) outlives it. A SIGTERM or
+SIGUSR1 to the driver is passed to the running run(s), which stop at one step with their checkpoint; the
+driver records nothing for them and exits 75 (and requeues its Slurm job); ``--resume`` continues them from
+their checkpoints (docs/examples/ablation.md).
 """
 
 from __future__ import annotations
@@ -27,9 +31,13 @@ import contextlib
 import copy
 import importlib.util
 import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,23 +45,11 @@ from typing import Any
 
 import yaml
 
-from ratlib import (
-    ConfigError,
-    DistInfo,
-    broadcast_object,
-    distributed,
-    get_logger,
-    get_world_size,
-    heartbeat,
-    is_main_process,
-    load_config,
-    preempt,
-    setup_logging,
-)
-from ratlib.comm import ChannelError, StoreChannel
+from ratlib import ConfigError, get_logger, get_world_size, load_config, setup_logging
 from ratlib.config_defaults import SMOKE_DEFAULTS
 from ratlib.io import write_atomic
-from ratlib.preempt import PREEMPT_EXIT_CODE
+from ratlib.preempt import PREEMPT_EXIT_CODE, requeue_slurm_job
+from ratlib.tracking import OUTCOME_FILE, read_outcome
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ablation_utils.py sits beside this file
 import ablation_utils as au  # noqa: E402
@@ -62,11 +58,8 @@ from ablation_utils import StudyError  # noqa: E402
 STUDY_SCHEMA = au.StudyConfig  # `ratlib doctor ablation.yaml` validates study files with it
 
 log = get_logger("ablation")
-GIB = 1024**3
-
-
-class StudyStopped(RuntimeError):
-    """The ranks lost each other (a rank died or hangs): the study cannot go on in this launch."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+KILL_GRACE_S = 40.0  # torchrun gives its workers 30 s after a SIGTERM before it kills them
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,12 +71,11 @@ _EXAMPLES: dict[Path, Example] = {}
 
 @dataclass(frozen=True)
 class Example:
-    """The base example's one entry, ``EXAMPLE = {"schema": ..., "train": ..., "metric": ..., "mode": ...}``
-    in its train.py: its config schema (an ExperimentConfig subclass), ``train(cfg, *, run_dir=None,
-    resume=False, info=None) -> dict``, the main metric and "max" or "min"."""
+    """The base example's one entry, ``EXAMPLE = {"schema": ..., "metric": ..., "mode": ...}`` in its train.py:
+    its config schema (an ExperimentConfig subclass, to validate every run before any starts), the main metric
+    and "max" or "min". The driver imports train.py for that entry only; each run runs it as a script."""
 
     schema: Any
-    train: Any
     metric: str
     mode: str = "max"
 
@@ -109,16 +101,16 @@ def load_example(path: Path) -> Example:
             "'ratlib[detection]', segmentation 'ratlib[medical]')"
         ) from exc
     entry = getattr(module, "EXAMPLE", None)
-    missing = [k for k in ("schema", "train", "metric") if not isinstance(entry, dict) or k not in entry]
+    missing = [k for k in ("schema", "metric") if not isinstance(entry, dict) or k not in entry]
     if missing or entry.get("mode", "max") not in ("max", "min"):
         raise StudyError(
             f"{path} does not follow the ablation contract: its EXAMPLE entry "
             + (f"lacks {', '.join(repr(k) for k in missing)}" if missing else f"has mode={entry.get('mode')!r}")
-            + '. An example needs EXAMPLE = {"schema": <its ExperimentConfig subclass>, "train": train, '
-            '"metric": "<main metric>", "mode": "max" or "min"}, with train(cfg, *, run_dir=None, resume=False, '
-            "info=None) -> dict"
+            + '. An example needs EXAMPLE = {"schema": <its ExperimentConfig subclass>, "metric": "<main '
+            'metric>", "mode": "max" or "min"}, and runs as `train.py --config FILE key=value ... [--resume]`, '
+            "writing output_dir/outcome.json (ratlib.tracking.write_outcome) when it finishes or stops"
         )
-    example = Example(**{k: v for k, v in entry.items() if k in ("schema", "train", "metric", "mode")})
+    example = Example(**{k: v for k, v in entry.items() if k in ("schema", "metric", "mode")})
     _EXAMPLES[path] = example
     return example
 
@@ -136,12 +128,12 @@ def quiet(name: str = "ratlib.config") -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The study: read on every rank (for the process-group settings); planned by the main rank alone
+# The study: read, every run validated, and planned, before anything starts
 
 
 @dataclass
 class Study:
-    """The study file and the base example, as every rank reads them before the process group exists."""
+    """The study file and the base example."""
 
     cfg: au.StudyConfig
     file: Path
@@ -149,7 +141,7 @@ class Study:
     example: Example
     config: str | None  # the base example's config file
     common: list[str]  # run-wide overrides: the study's `overrides` and the command line's config keys
-    base_cfg: Any  # the base config with the run-wide overrides: its `distributed` section sets up the group
+    base_cfg: Any  # the base config with the run-wide overrides
     runs: list[au.Run] = field(default_factory=list)  # every run, validated (validate_runs)
 
 
@@ -169,7 +161,7 @@ def read_study(config: str, overrides: Sequence[str]) -> Study:
         base_config = str(au.resolve_input(base_config, file))
     flat = au.flatten(cfg.overrides)
     study_overrides, dropped = au.smoke_common(flat, run_items, SMOKE_DEFAULTS)
-    if dropped and is_main_process():
+    if dropped:
         log.info(
             "smoke=true: leaving out the study's %s (smoke sets these keys)",
             ", ".join(f"{k}={au.json_value(flat[k])}" for k in dropped),
@@ -182,7 +174,7 @@ def read_study(config: str, overrides: Sequence[str]) -> Study:
 
 @dataclass
 class Plan:
-    """What the main rank decided and every rank follows: names, folders, which runs to train."""
+    """Names, folders, which runs to train."""
 
     name: str
     example: str
@@ -193,7 +185,8 @@ class Plan:
     output_dir: str
     runs: list[au.Run]
     todo: list[int]  # indices into runs
-    nonce: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # this launch's keys in the store
+    parallel: int = 1  # runs at once
+    run_timeout_s: float | None = None  # a run's deadline
 
     @property
     def results(self) -> Path:
@@ -201,8 +194,8 @@ class Plan:
 
 
 def validate_runs(study: Study) -> list[au.Run]:
-    """Every run of the study, each config loaded with load_config: all problems in one error, before the
-    process group exists and anything trains."""
+    """Every run of the study, each config loaded with load_config: all problems in one error, before anything
+    trains."""
     runs = au.make_runs(study.cfg)
     problems = []
     with quiet():
@@ -225,7 +218,7 @@ def validate_runs(study: Study) -> list[au.Run]:
     for run in runs:
         same.setdefault(run.config_hash, []).append(run.run)
     for names in same.values():
-        if len(names) > 1 and is_main_process():
+        if len(names) > 1:
             log.warning(
                 "runs %s have the same config: they train the same thing (a grid value equal to the base's?)",
                 ", ".join(names),
@@ -234,8 +227,7 @@ def validate_runs(study: Study) -> list[au.Run]:
 
 
 def make_plan(study: Study, *, resume: bool, retry_failed: bool, dry: bool = False) -> Plan:
-    """The main rank's decisions: every run's name and folder, and with --resume which runs are left.
-    ``dry``: change nothing on disk (--dry-run)."""
+    """Every run's name and folder, and with --resume which runs are left. ``dry``: change nothing on disk."""
     s = study.cfg
     runs = copy.deepcopy(study.runs) if study.runs else validate_runs(study)
     metric = s.metric or study.example.metric
@@ -250,6 +242,8 @@ def make_plan(study: Study, *, resume: bool, retry_failed: bool, dry: bool = Fal
         s.output_dir,
         runs,
         [r.index for r in runs],
+        s.parallel,
+        s.run_timeout_s,
     )
     records = au.latest_records(au.read_jsonl(plan.results))
     existing = [r.run for r in runs if Path(r.dir).exists()]
@@ -315,80 +309,149 @@ def _free_name(path: Path, suffix: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# How ranks tell each other how a run went, also when the process group is broken: ratlib.comm.StoreChannel
-# (an all-gather through the rendezvous store). A rank whose run raised tears its group down
-# (release_peers), so the others' pending collective fails at once (gloo) instead of at the timeout; every
-# rank then reports its outcome through the channel and, after a failure, all build a fresh group.
+# Starting runs: torchrun on a machine, srun steps inside a Slurm allocation
 
 
-def exchange(channel: StoreChannel, key: str, outcome: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every rank's outcome; a rank that died or hangs (or a store that is gone) stops the study."""
-    try:
-        return channel.all_gather(key, outcome)
-    except ChannelError as exc:
-        raise StudyStopped(str(exc)) from exc
+def pick_launcher(choice: str) -> str:
+    """``auto``: srun inside a Slurm allocation (an sbatch script or salloc shell, not inside a step), else
+    torchrun."""
+    if choice != "auto":
+        return choice
+    inside = os.environ.get("SLURM_JOB_ID") and not os.environ.get("SLURM_STEP_ID") and shutil.which("srun")
+    return "srun" if inside else "torchrun"
+
+
+def run_command(plan: Plan, run: au.Run, launcher: str, nproc: int) -> list[str]:
+    """The command of one run: the example's train.py, as a script, under the launcher."""
+    script = [plan.example, *(["--config", plan.config] if plan.config else []), *run.override_strings(plan.common)]
+    if run.resume:
+        script.append("--resume")
+    if launcher == "srun":
+        # the allocation's tasks; --kill-on-bad-exit: a rank that dies ends the step instead of leaving the others
+        # in a collective until the group's timeout; --label: each line names its rank (for a failure's lines)
+        return ["srun", "--kill-on-bad-exit=1", "--label", sys.executable, *script]
+    # --tee with --log-dir: each rank's stdout and stderr also go to a file of its own (a failure's lines)
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "--max-restarts=0", "--tee=3", f"--log-dir={Path(run.dir) / 'logs' / 'torchrun'}", *script,
+    ]  # fmt: skip
+
+
+@dataclass
+class Launch:
+    """One run in flight."""
+
+    run: au.Run
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    started: float
+    deadline: float | None
+    slot: int
+    timed_out: float | None = None
+
+
+def start_run(plan: Plan, run: au.Run, *, launcher: str, nproc: int, slot: int, device: str) -> Launch:
+    """Start one run in its own session, its output into logs/<run>.log (appended across launches)."""
+    Path(run.dir).mkdir(parents=True, exist_ok=True)
+    (Path(run.dir) / OUTCOME_FILE).unlink(missing_ok=True)  # what this launch writes is its own
+    log_path = Path(plan.output_dir) / "logs" / f"{run.run.replace('/', '.')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["RATLIB_REQUEUE"] = "0"  # the driver owns the Slurm job: it requeues, not the run
+    # torchrun passes these on to its workers (SIGUSR1 would otherwise end torchrun and orphan them)
+    env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif plan.parallel > 1 and launcher == "torchrun":  # each run in flight on its own GPUs
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(plan.parallel * nproc)]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[slot * nproc : (slot + 1) * nproc])
+    cmd = run_command(plan, run, launcher, nproc)
+    with open(log_path, "ab") as out:
+        out.write(f"\n==== {au.now()} {shlex.join(cmd)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    now = time.monotonic()
+    deadline = now + plan.run_timeout_s if plan.run_timeout_s else None
+    return Launch(run, proc, log_path, now, deadline, slot)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_run(launch: Launch) -> None:
+    """End a run that is past its deadline: SIGKILL to the launcher and every process below it."""
+    if launch.proc.poll() is not None:
+        return
+    if launch.proc.args[0] == "srun":  # two SIGINTs within a second: srun cancels the step on every node
+        for _ in range(2):
+            with contextlib.suppress(ProcessLookupError):
+                launch.proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            launch.proc.wait(KILL_GRACE_S)
+    for pid in [*_descendants(launch.proc.pid), launch.proc.pid]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    launch.proc.wait()
+
+
+class Stop:
+    """The driver's SIGTERM/SIGUSR1 handler: remember the signal and pass it to the runs in flight."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.running: list[Launch] = []
+        self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum
+        for launch in self.running:
+            with contextlib.suppress(ProcessLookupError):
+                launch.proc.send_signal(signum)  # torchrun and srun pass it on to every rank
+
+    def restore(self) -> None:
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
 
 
 # ----------------------------------------------------------------------------------------------
-# One run, on every rank
+# One run's record, from its exit code and its folder
 
 
-def _message(exc: BaseException) -> str:
-    text = " ".join(str(exc).strip().splitlines()[:3]) or type(exc).__name__
-    return text[:500]
-
-
-def train_run(example: Example, plan: Plan, run: au.Run, info: DistInfo, channel: StoreChannel) -> dict[str, Any]:
-    """Load the run's config and train it through the example's train(); never raises (but on Ctrl-C)."""
-    from ratlib import memory
-
-    start = time.perf_counter()
-    memory.reset_peak_memory(info.device)
-    outcome: dict[str, Any] = {"run": run.run, "rank": info.rank, "ok": True, "final": {}, "error": None}
-    failed = False
-    try:
-        with quiet():
-            cfg = load_config(plan.config, overrides=run.override_strings(plan.common), schema=example.schema)
-        metrics = example.train(cfg, run_dir=run.dir, resume=run.resume, info=info)
-        outcome["final"] = au.numbers(metrics or {})
-    except SystemExit as exc:  # preempted (ratlib.preempt): the run's checkpoint is written; record nothing
-        if exc.code == PREEMPT_EXIT_CODE:
-            log.warning(
-                "study preempted during run %s: its checkpoint is saved and nothing is recorded for it; run the "
-                "same command with --resume to continue it from there",
-                run.run,
-            )
-        raise
-    except Exception as exc:  # recorded; the study goes on
-        failed = True
-        outcome["ok"] = False
-        outcome["error"] = {
-            "rank": info.rank,
-            "type": type(exc).__name__,
-            "message": _message(exc),
-            "order": channel.add(f"run{run.index}/failures"),  # 1: the first rank to fail is the cause
-        }
-        log.error("run %s raised on rank %d", run.run, info.rank, exc_info=exc, main_process_only=False)
-    if failed:  # after the except block: the traceback, and the model in its frames, are gone by now
-        channel.release_peers()
-    outcome["wall_time_s"] = round(time.perf_counter() - start, 3)
-    peak = memory.peak_memory(info.device)
-    outcome["peak_memory_gib"], outcome["peak_memory_kind"] = round(peak.peak / GIB, 4), peak.kind
-    return outcome
-
-
-def make_record(plan: Plan, run: au.Run, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
-    """The results.jsonl line for one run, from every rank's outcome and the run's metrics.jsonl."""
-    ok = all(o["ok"] for o in outcomes)
+def make_record(plan: Plan, run: au.Run, launch: Launch, world_size: int) -> dict[str, Any] | None:
+    """The results.jsonl line for a run that ended; None when it stopped with its checkpoint (preempted:
+    nothing is recorded, ``--resume`` continues it)."""
+    code = launch.proc.returncode
+    outcome = read_outcome(run.dir) or {}
+    if launch.timed_out is None and outcome.get("status") == "stopped":
+        return None
+    ok = code == 0 and launch.timed_out is None and outcome.get("status") == "finished"
     rows = au.read_metric_rows(run.dir)
     best = au.best_row(rows, plan.metric, plan.mode) if ok else None
-    final = outcomes[0]["final"] if ok else {}
-    peaks = [o["peak_memory_gib"] for o in outcomes]  # what the runner saw on each rank
-    for row in rows:  # and what the example recorded per epoch (it resets the peak each epoch)
+    final = au.numbers(outcome.get("metrics") or {}) if ok else {}
+    peaks = [0.0] * world_size  # what the example recorded per epoch (it resets the peak each epoch)
+    for row in rows:
         for r, value in enumerate(row.get("peak_memory_gib") or []):
-            if r < len(peaks) and isinstance(value, (int, float)):
+            if r < world_size and isinstance(value, (int, float)):
                 peaks[r] = max(peaks[r], float(value))
-    errors = sorted((o["error"] for o in outcomes if o["error"]), key=lambda e: e["order"])
+    error = None
+    if not ok:
+        error = au.describe_failure(run.dir, launch.log_path, code, timed_out=launch.timed_out)
+        if code == 0 and launch.timed_out is None:
+            error.update(type="NoOutcome", message=f"exit code 0 but no {OUTCOME_FILE} with status finished")
     return {
         "run": run.run,
         "name": run.name,
@@ -408,23 +471,23 @@ def make_record(plan: Plan, run: au.Run, outcomes: list[dict[str, Any]]) -> dict
             if best
             else {}
         ),
-        "wall_time_s": outcomes[0]["wall_time_s"],
+        "wall_time_s": round(time.monotonic() - launch.started, 3),
         "peak_memory_gib": peaks,
         "peak_memory_max_gib": max(peaks),
         "peak_memory_max_rank": peaks.index(max(peaks)),
-        "peak_memory_kind": outcomes[0]["peak_memory_kind"],
-        "error": ({k: v for k, v in errors[0].items() if k != "order"} if errors else None),
-        "errors": errors,
+        "error": error,
+        "exit_code": code,
         "resumed": run.resume,
-        "world_size": len(outcomes),
+        "world_size": world_size,
         "dir": run.dir,
+        "log": str(launch.log_path),
         "config_hash": run.config_hash,
         "finished_at": au.now(),
     }
 
 
 # ----------------------------------------------------------------------------------------------
-# Summary (main rank)
+# Summary
 
 
 def write_summary(plan: Plan, world_size: int, *, final: bool = False) -> tuple[str, bool]:
@@ -460,151 +523,129 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="skip the runs recorded as finished in results.jsonl")
     parser.add_argument("--retry-failed", action="store_true", help="with --resume: run failed runs again too")
     parser.add_argument("--dry-run", action="store_true", help="validate every run and print the plan; train nothing")
-    # DeepSpeed's launcher adds --local_rank=N; ratlib reads LOCAL_RANK from the environment, which wins.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "overrides",
         nargs="*",
-        help="study keys (seeds=[0,1], output_dir=...) or config keys for every run (training.num_epochs=2)",
+        help="study keys (seeds=[0,1], nproc_per_node=2, ...) or config keys for every run (training.num_epochs=2)",
     )
     args = parser.parse_intermixed_args(argv)
     resume = args.resume or args.retry_failed
     setup_logging()
+    if get_world_size() > 1:
+        log.error(
+            "the ablation driver runs as one process and starts each run itself (torchrun, or srun steps under "
+            "Slurm): run `python examples/ablation/run.py --config ... nproc_per_node=N`, not under torchrun"
+        )
+        return 2
 
-    # 1. Every rank reads the study, imports the example and validates every run (no collective yet).
+    # 1. Read the study, import the example's entry, validate every run, plan.
     try:
         study = read_study(args.config, args.overrides)
-        study.runs = validate_runs(study)  # every run, on every rank: a typo ends the study before the group exists
+        study.runs = validate_runs(study)  # a typo in any run ends the study before anything starts
         if args.dry_run:
             return dry_run(study, resume=resume, retry_failed=args.retry_failed)
-    except (ConfigError, StudyError) as exc:
-        if is_main_process():
-            log.error("%s", exc)
+        plan = make_plan(study, resume=resume, retry_failed=args.retry_failed)
+    except (ConfigError, StudyError, OSError) as exc:
+        log.error("%s", exc)
         return 2
-    if get_world_size() > 1:
-        # torch._dynamo keeps references to the process group that exists when it is first imported (DDP
-        # imports it); a group held like that cannot be torn down to release the other ranks after a failure.
-        # So import it before there is a group (DDP would import it anyway).
-        with contextlib.suppress(ImportError):
-            import torch._dynamo  # noqa: F401
+    s = study.cfg
+    launcher = pick_launcher(s.launcher)
+    if launcher == "srun" and s.parallel > 1:
+        log.error("parallel=%d: under srun the driver runs one step at a time over the allocation's tasks", s.parallel)
+        return 2
+    nproc = int(os.environ.get("SLURM_NTASKS", "1")) if launcher == "srun" else s.nproc_per_node
+    out = Path(plan.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(log_dir=out / "logs")  # the driver's own log: logs/rank0.log
+    write_atomic(out / "study.yaml", yaml.safe_dump(s.model_dump(mode="json"), sort_keys=False).encode())
+    log.info(
+        "study %s: %d runs of %s (%d to run), each a %s launch of %d rank(s)%s; output %s",
+        plan.name,
+        len(plan.runs),
+        plan.example,
+        len(plan.todo),
+        launcher,
+        nproc,
+        f", {s.parallel} at a time" if s.parallel > 1 else "",
+        out,
+    )
 
-    # The study owns the stop handlers, so a signal between two runs (or after a run's last agreement, in its
-    # evaluation) is kept for the agreement after that run instead of meeting the default action.
-    pre = preempt.install() if getattr(study.base_cfg.training, "preemption", False) else None
+    # 2. Each run its own job; record each as it ends.
+    stop = Stop()
     try:
-        code = study_on_ranks(study, args, resume, pre)
-        if code == 0 and pre is not None and pre.requested and pre.stop_step is None:
-            log.warning("%s after the last run: the study is complete; exiting normally", pre.signal)
-        return code
+        stopped = run_study(plan, launcher, nproc, s.device, stop)
     finally:
-        if pre is not None:
-            preempt.uninstall()
+        stop.restore()
 
-
-def study_on_ranks(study: Study, args: argparse.Namespace, resume: bool, pre: preempt.Preemption | None) -> int:
-    """Steps 2 to 4 of main(), inside the process group."""
-    d = study.base_cfg.distributed
-    with distributed(
-        d.backend,
-        timeout=d.timeout_s,
-        connect_timeout=d.connect_timeout_s,
-        stall_timeout=d.stall_timeout_s,
-        device=study.cfg.device,
-    ) as info:
-        # 2. The main rank decides names, folders and what is left to run; the others receive the plan.
-        plan, error = None, None
-        if info.is_main:
-            try:
-                plan = make_plan(study, resume=resume, retry_failed=args.retry_failed)
-            except (ConfigError, StudyError, OSError) as exc:
-                error = str(exc)
-        plan, error = broadcast_object((plan, error))
-        if error is not None:
-            if info.is_main:
-                log.error("%s", error)
-            return 2
-        assert plan is not None
-        out = Path(plan.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        setup_logging(log_dir=out / "logs")  # every rank: logs/rank{R}.log, all runs
-        if info.is_main:
-            write_atomic(
-                out / "study.yaml", yaml.safe_dump(study.cfg.model_dump(mode="json"), sort_keys=False).encode()
-            )
-            log.info(
-                "study %s: %d runs of %s (%d to run), %d rank(s) on %s; output %s",
-                plan.name,
-                len(plan.runs),
-                plan.example,
-                len(plan.todo),
-                info.world_size,
-                info.device,
-                out,
-            )
-        channel = StoreChannel(f"ratlib-ablation/{plan.nonce}", timeout_s=d.timeout_s)
-
-        # 3. Every rank trains every run, in lockstep; the main rank records each one as it ends.
-        try:
-            for k, index in enumerate(plan.todo, 1):
-                run = plan.runs[index]
-                heartbeat(0)
-                log.info(
-                    "[%d/%d] %s: %s -> %s%s",
-                    k,
-                    len(plan.todo),
-                    run.run,
-                    au.overrides_text(run.overrides),
-                    run.dir,
-                    " (continuing from its checkpoint)" if run.resume else "",
-                )
-                outcome = train_run(study.example, plan, run, info, channel)
-                outcomes = exchange(channel, f"run{index}", outcome)
-                if {o["run"] for o in outcomes} != {run.run}:
-                    raise StudyStopped(f"ranks are out of step: {[o['run'] for o in outcomes]}")
-                if not all(o["ok"] for o in outcomes):
-                    channel.rebuild_group()
-                    log.info("fresh process group after the failed run %s", run.run)
-                heartbeat(0)
-                if info.is_main:
-                    record = make_record(plan, run, outcomes)
-                    au.append_jsonl(plan.results, record)
-                    report(record, k, len(plan.todo))
-                    write_summary(plan, info.world_size)
-                if pre is not None and k < len(plan.todo) and pre.agree(k):  # a signal that came after the run's
-                    log.warning(  # last agreement (its evaluation, the record): stop before the next run
-                        "study preempted after run %s (%d of %d runs of this launch done and recorded); run the "
-                        "same command with --resume to run the rest",
-                        run.run,
-                        k,
-                        len(plan.todo),
-                    )
-                    pre.exit()
-        except StudyStopped as exc:
-            log.error(
-                "study stopped: %s. Every run recorded so far is in %s; run the same command with --resume to go on",
-                exc,
-                plan.results,
-                main_process_only=False,
-            )
-            return 1
-
-        # 4. The summary.
-        if info.is_main:
-            table, png = write_summary(plan, info.world_size, final=True)
-            print(f"\n{table}\n", flush=True)
-            print(f"results: {plan.results}\nsummary: {out / 'summary.md'}", flush=True)
-            print(
-                f"plot:    {out / 'summary.png'}"
-                if png
-                else "plot:    skipped: matplotlib is not installed (pip install 'ratlib[plot]')",
-                flush=True,
-            )
-            print(
-                f"runs:    {out}/<variant>/ (config.yaml, metrics.jsonl, checkpoints/); logs: {out / 'logs'}",
-                flush=True,
-            )
-            print(f"curves:  tensorboard --logdir {out}   (one TensorBoard run per variant)", flush=True)
+    # 3. The summary; a stop exits 75 (and requeues the Slurm job) for --resume to continue.
+    table, png = write_summary(plan, nproc, final=not stopped)
+    print(f"\n{table}\n", flush=True)
+    print(f"results: {plan.results}\nsummary: {out / 'summary.md'}", flush=True)
+    print(
+        f"plot:    {out / 'summary.png'}"
+        if png
+        else "plot:    skipped: matplotlib is not installed (pip install 'ratlib[plot]')",
+        flush=True,
+    )
+    print(
+        f"runs:    {out}/<variant>/ (config.yaml, metrics.jsonl, checkpoints/, logs/); launch output: {out / 'logs'}",
+        flush=True,
+    )
+    print(f"curves:  tensorboard --logdir {out}   (one TensorBoard run per variant)", flush=True)
+    if stopped:
+        log.warning(
+            "study stopped (%s): %s kept their checkpoints and nothing is recorded for them; run the same command "
+            "with --resume to continue",
+            signal.Signals(stop.signum).name if stop.signum else "a run was preempted",
+            ", ".join(stopped),
+        )
+        requeue_slurm_job()
+        return PREEMPT_EXIT_CODE
     return 0
+
+
+def run_study(plan: Plan, launcher: str, nproc: int, device: str, stop: Stop) -> list[str]:
+    """Start the runs (``parallel`` at a time), record each as it ends; returns the runs that stopped with their
+    checkpoint (a signal to the driver or to a rank), after which nothing new starts."""
+    todo = [plan.runs[i] for i in plan.todo]
+    stopped: list[str] = []
+    done = 0
+    while (todo and not stop.signum and not stopped) or stop.running:
+        while todo and len(stop.running) < plan.parallel and not stop.signum and not stopped:
+            run = todo.pop(0)
+            slot = min(set(range(plan.parallel)) - {launch.slot for launch in stop.running})
+            launch = start_run(plan, run, launcher=launcher, nproc=nproc, slot=slot, device=device)
+            stop.running.append(launch)
+            log.info(
+                "[%d/%d] %s: %s -> %s%s",
+                done + len(stop.running),
+                len(plan.todo),
+                run.run,
+                au.overrides_text(run.overrides),
+                run.dir,
+                " (continuing from its checkpoint)" if run.resume else "",
+            )
+        time.sleep(0.2)
+        for launch in list(stop.running):
+            if launch.proc.poll() is None and launch.deadline is not None and time.monotonic() > launch.deadline:
+                launch.timed_out = plan.run_timeout_s
+                log.warning(
+                    "%s is still running after run_timeout_s=%g s: killing it", launch.run.run, launch.timed_out
+                )
+                kill_run(launch)
+            if launch.proc.poll() is None:
+                continue
+            stop.running.remove(launch)
+            done += 1
+            record = make_record(plan, launch.run, launch, nproc)
+            if record is None:
+                stopped.append(launch.run.run)
+                log.warning("%s stopped at its checkpoint (preempted); not recorded", launch.run.run)
+                continue
+            au.append_jsonl(plan.results, record)
+            report(record, done, len(plan.todo))
+            write_summary(plan, nproc)
+    return stopped
 
 
 def report(record: dict[str, Any], k: int, n: int) -> None:
@@ -622,27 +663,27 @@ def report(record: dict[str, Any], k: int, n: int) -> None:
         )
         if value is None:
             log.warning(
-                "train() returned %s, without the main metric %r: set `metric:` in the study file",
+                "the run's outcome.json has %s, without the main metric %r: set `metric:` in the study file",
                 sorted(record["final"]),
                 record["metric"],
             )
     else:
         err = record["error"]
+        where = f"rank {err['rank']}" if err["rank"] is not None else "an unknown rank"
         log.warning(
-            "[%d/%d] %s failed on rank %d: %s: %s (recorded; going on)",
+            "[%d/%d] %s failed on %s: %s: %s (recorded; going on). Its output: %s",
             k,
             n,
             record["run"],
-            err["rank"],
+            where,
             err["type"],
             err["message"],
+            err["log"],
         )
 
 
 def dry_run(study: Study, *, resume: bool, retry_failed: bool) -> int:
-    """Validate every run and print the plan (main rank; no process group, nothing trained)."""
-    if not is_main_process():
-        return 0
+    """Validate every run and print the plan (nothing is started)."""
     plan = make_plan(study, resume=resume, retry_failed=retry_failed, dry=True)
     todo = set(plan.todo)
     print(

@@ -56,7 +56,7 @@ from ratlib.config_defaults import memory_format_for, register_check, report_fin
 from ratlib.data import EvalSampler, ShardedBatchSampler, gather_by_index
 from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
-from ratlib.tracking import Tracker, memory_metrics
+from ratlib.tracking import Tracker, memory_metrics, write_outcome
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # seg_utils.py sits beside this file
 import seg_utils as su  # noqa: E402
@@ -417,9 +417,9 @@ def evaluate_checkpoint(
     return metrics
 
 
-# The one entry the ablation runner (examples/ablation/run.py) reads: the schema, train(), the main
+# The one entry the ablation driver (examples/ablation/run.py) reads to validate every run: the schema, the main
 # metric and whether higher ("max") or lower ("min") is better.
-EXAMPLE = {"schema": SegmentationConfig, "train": train, "metric": "dice", "mode": "max"}
+EXAMPLE = {"schema": SegmentationConfig, "metric": "dice", "mode": "max"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,7 +445,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.eval_only:
                 metrics = evaluate_checkpoint(cfg, args.checkpoint, run_dir=run_dir, info=info)
             else:
-                metrics = train(cfg, run_dir=run_dir, resume=args.resume, info=info)
+                try:
+                    metrics = train(cfg, run_dir=run_dir, resume=args.resume, info=info)
+                except SystemExit as stop:  # preempted, its checkpoint written: tell whoever started the run
+                    if stop.code == preempt.PREEMPT_EXIT_CODE:
+                        write_outcome(run_dir, "stopped")
+                    raise
+                write_outcome(run_dir, "finished", metrics=metrics)  # for a launcher such as the ablation driver
         except (su.TaskError, RatlibError) as exc:  # the user's input (UsageError, CheckpointError...): no traceback
             log.error("%s", exc)
             return 2
