@@ -170,7 +170,7 @@ def test_reruns_replace_their_own_output_and_nothing_else(tmp_path: Path) -> Non
         make_coco_detection(foreign, "val")
     assert str(info.value) == (
         f"make_coco_detection: {foreign / 'annotations/instances_val2017.json'} exists and was not written by "
-        "make_coco_detection; refusing to replace it. Choose another root, or pass overwrite=True"
+        "make_coco_detection; refusing to replace it. Fix: choose another root, or pass overwrite=True."
     )
     (foreign / "val2017").mkdir()
     Image.new("RGB", (8, 8)).save(foreign / "val2017" / "000000000001.png")  # someone's own image
@@ -195,13 +195,14 @@ def test_argument_errors_name_every_bad_input(tmp_path: Path) -> None:
             object_size=(0.5, 0.1),
         )
     assert str(info.value) == (
-        "make_coco_detection: num_images=0 (expected an int >= 1); num_categories=9 (expected 1 to 5: square, "
+        "make_coco_detection: bad arguments. Got: num_images=0 (expected an int >= 1); num_categories=9 "
+        "(expected 1 to 5: square, "
         "circle, triangle, diamond, hexagon); min_objects=3, max_objects=1 (expected 0 <= min <= max <= 20); "
         "object_size=(0.5, 0.1) (expected (low, high) fractions of the shorter image side, 0.05 <= low <= high "
         "<= 0.6); crowd_fraction=2.0 (expected 0.0 to 1.0); "
-        "image_format='gif' (expected 'png' or 'jpg')"
+        "image_format='gif' (expected 'png' or 'jpg')."
     )
-    with pytest.raises(ValueError, match="image_size=\\(16, 64\\); expected an int or a \\(width, height\\) pair"):
+    with pytest.raises(ValueError, match="image_size=\\(16, 64\\). Expected: an int or a \\(width, height\\) pair"):
         make_coco_detection(tmp_path, "train", image_size=(16, 64))
     with pytest.raises(ValueError, match="unknown COCO split 'trian'"):
         make_coco_detection(tmp_path, "trian")

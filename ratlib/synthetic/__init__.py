@@ -10,7 +10,8 @@ Heavy dependencies (Pillow, nibabel, numpy) are imported by the functions, not a
 
 from __future__ import annotations
 
+from ratlib.synthetic._errors import SyntheticArgumentError, SyntheticOverwriteError
 from ratlib.synthetic.coco import make_coco_detection
 from ratlib.synthetic.msd import make_msd_segmentation
 
-__all__ = ["make_coco_detection", "make_msd_segmentation"]
+__all__ = ["SyntheticArgumentError", "SyntheticOverwriteError", "make_coco_detection", "make_msd_segmentation"]

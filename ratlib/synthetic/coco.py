@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ratlib.coco_paths import CocoPaths, CocoSplit, annotation_filename, parse_split
+from ratlib.errors import MissingDependencyError, message
 from ratlib.io import write_atomic
+from ratlib.synthetic._errors import SyntheticArgumentError, SyntheticOverwriteError
 
 # (category name, RGB colour, polygon corners): distinct shapes and high-contrast colours
 SHAPES: tuple[tuple[str, tuple[int, int, int], int], ...] = (
@@ -38,13 +40,17 @@ def _paths(root: Path, split: CocoSplit, layout: str) -> tuple[Path, Path]:
         return _paths(root / "coco", split, "coco")
     if layout == "roboflow":
         if split.name not in _ROBOFLOW:
-            raise ValueError(
-                f"make_coco_detection: the roboflow layout has no {split.name} split (from {split}); "
-                "it has train/, valid/ and test/: use split train, val or test"
+            raise SyntheticArgumentError(
+                message(
+                    f"make_coco_detection: the roboflow layout has no {split.name} split (from {split})",
+                    fix="use split train, val or test (its train/, valid/ and test/ folders)",
+                )
             )
         folder = root / _ROBOFLOW[split.name]
         return folder / "_annotations.coco.json", folder
-    raise ValueError(f"make_coco_detection: layout={layout!r} is unknown; expected 'coco', 'roboflow' or 'detectron2'")
+    raise SyntheticArgumentError(
+        message(f"make_coco_detection: layout={layout!r} is unknown", expected="'coco', 'roboflow' or 'detectron2'")
+    )
 
 
 def _polygon(shape: int, x0: float, y0: float, size: float) -> list[tuple[float, float]]:
@@ -89,9 +95,11 @@ def _rle(mask: Any) -> dict[str, Any]:
 def _sizes(image_size: int | tuple[int, int]) -> tuple[int, int]:
     width, height = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if not all(isinstance(v, int) and 32 <= v <= 4096 for v in (width, height)):
-        raise ValueError(
-            f"make_coco_detection: image_size={image_size!r}; expected an int or a (width, height) "
-            "pair of ints from 32 to 4096, e.g. 160 or (192, 128)"
+        raise SyntheticArgumentError(
+            message(
+                f"make_coco_detection: image_size={image_size!r}",
+                expected="an int or a (width, height) pair of ints from 32 to 4096, e.g. 160 or (192, 128)",
+            )
         )
     return width, height
 
@@ -131,7 +139,7 @@ def _check_args(
     if image_format.lower() not in _FORMATS:
         problems.append(f"image_format={image_format!r} (expected 'png' or 'jpg')")
     if problems:
-        raise ValueError("make_coco_detection: " + "; ".join(problems))
+        raise SyntheticArgumentError(message("make_coco_detection: bad arguments", got="; ".join(problems)))
 
 
 def _previous_run(ann_path: Path, overwrite: bool) -> list[str]:
@@ -145,9 +153,12 @@ def _previous_run(ann_path: Path, overwrite: bool) -> list[str]:
     except (OSError, ValueError, AttributeError):
         data, ours = {}, False
     if not ours and not overwrite:
-        raise FileExistsError(
-            f"make_coco_detection: {ann_path} exists and was not written by make_coco_detection; "
-            "refusing to replace it. Choose another root, or pass overwrite=True"
+        raise SyntheticOverwriteError(
+            message(
+                f"make_coco_detection: {ann_path} exists and was not written by make_coco_detection; "
+                "refusing to replace it",
+                fix="choose another root, or pass overwrite=True",
+            )
         )
     return (
         [im["file_name"] for im in data.get("images", []) if isinstance(im, dict) and "file_name" in im] if ours else []
@@ -230,8 +241,8 @@ def make_coco_detection(
         import numpy as np
         import PIL  # noqa: F401
     except ImportError as exc:
-        raise ImportError(
-            f"make_coco_detection needs numpy and Pillow ({exc}); install them with pip install 'ratlib[detection]'"
+        raise MissingDependencyError(
+            message("make_coco_detection: needs numpy and Pillow", got=str(exc), fix="pip install 'ratlib[detection]'")
         ) from exc
 
     width, height = _sizes(image_size)
@@ -245,10 +256,12 @@ def make_coco_detection(
     old_files = _previous_run(ann_path, overwrite)
     foreign = [n for n in names if (image_dir / n).exists() and not _is_ours(image_dir / n)]
     if foreign and not overwrite:
-        raise FileExistsError(
-            f"make_coco_detection: {image_dir} already holds {len(foreign)} file(s) it would "
-            f"replace (e.g. {foreign[0]}) that make_coco_detection did not write; choose "
-            "another root, or pass overwrite=True"
+        raise SyntheticOverwriteError(
+            message(
+                f"make_coco_detection: {image_dir} already holds {len(foreign)} file(s) it would replace "
+                f"(e.g. {foreign[0]}) that make_coco_detection did not write",
+                fix="choose another root, or pass overwrite=True",
+            )
         )
     if ann_path.exists():  # no window where an old annotation file describes new images
         ann_path.unlink()

@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ratlib.errors import MissingDependencyError, message
 from ratlib.io import write_atomic
+from ratlib.synthetic._errors import SyntheticArgumentError, SyntheticOverwriteError
 
 _GENERATOR = "ratlib.synthetic.make_msd_segmentation"  # also written into each NIfTI header's descrip
 _ORGANS = ("liver", "spleen", "kidney", "pancreas", "tumour", "vessel", "lesion")
@@ -68,7 +70,7 @@ def _check_args(
             f"modalities={modalities!r} (expected a non-empty sequence of names, e.g. ('CT',) or ('T2', 'ADC'))"
         )
     if problems:
-        raise ValueError("make_msd_segmentation: " + "; ".join(problems))
+        raise SyntheticArgumentError(message("make_msd_segmentation: bad arguments", got="; ".join(problems)))
     return dims[0], dims[1], dims[2]
 
 
@@ -83,7 +85,7 @@ def _affine(shape: tuple[int, int, int], spacing: Sequence[float]) -> Any:
     return affine
 
 
-def _blob(rng: Any, grid: tuple[Any, Any, Any], shape: tuple[int, int, int]) -> Any:
+def _blob(rng: Any, grid: Sequence[Any], shape: tuple[int, int, int]) -> Any:
     """A lumpy blob: the union of three overlapping ellipsoids around one random centre."""
     import numpy as np
 
@@ -155,7 +157,7 @@ def _is_ours(path: Path) -> bool:
     import nibabel as nib
 
     try:
-        descrip = nib.load(path).header["descrip"]
+        descrip = nib.Nifti1Image.from_filename(path).header["descrip"]  # what make_msd_segmentation writes
     except Exception:  # noqa: BLE001 - not NIfTI, truncated (an interrupted write), unreadable
         return False
     value = descrip.item() if hasattr(descrip, "item") else descrip
@@ -173,10 +175,12 @@ def _previous_run(json_path: Path, overwrite: bool) -> list[str]:
     except (OSError, ValueError):
         data, ours = {}, False
     if not ours and not overwrite:
-        raise FileExistsError(
-            f"make_msd_segmentation: {json_path} exists and was not written by "
-            "make_msd_segmentation (a real Decathlon task?); refusing to replace it. Choose "
-            "another root, or pass overwrite=True"
+        raise SyntheticOverwriteError(
+            message(
+                f"make_msd_segmentation: {json_path} exists and was not written by make_msd_segmentation "
+                "(a real Decathlon task?); refusing to replace it",
+                fix="choose another root, or pass overwrite=True",
+            )
         )
     if not ours:
         return []
@@ -220,13 +224,15 @@ def make_msd_segmentation(
         import nibabel  # noqa: F401
         import numpy  # noqa: F401
     except ImportError as exc:
-        raise ImportError(
-            f"make_msd_segmentation needs numpy and nibabel ({exc}); install them with pip install 'ratlib[medical]'"
+        raise MissingDependencyError(
+            message("make_msd_segmentation: needs numpy and nibabel", got=str(exc), fix="pip install 'ratlib[medical]'")
         ) from exc
 
     dims = _check_args(num_cases, shape, num_classes, num_test, spacing, modalities)
     if not isinstance(name, str) or not name.replace("_", "").isalnum():
-        raise ValueError(f"make_msd_segmentation: name={name!r} (expected letters, digits and '_', e.g. 'Spleen')")
+        raise SyntheticArgumentError(
+            message(f"make_msd_segmentation: name={name!r}", expected="letters, digits and '_', e.g. 'Spleen'")
+        )
     root = Path(root)
     json_path = root / "dataset.json"
     prefix = name.lower()
@@ -238,10 +244,12 @@ def make_msd_segmentation(
     old_files = _previous_run(json_path, overwrite)
     foreign = [p for p in targets if p.exists() and not _is_ours(p)]
     if foreign and not overwrite:
-        raise FileExistsError(
-            f"make_msd_segmentation: {root} already holds {len(foreign)} file(s) it would "
-            f"replace (e.g. {foreign[0].relative_to(root)}) that make_msd_segmentation did not "
-            "write; choose another root, or pass overwrite=True"
+        raise SyntheticOverwriteError(
+            message(
+                f"make_msd_segmentation: {root} already holds {len(foreign)} file(s) it would replace "
+                f"(e.g. {foreign[0].relative_to(root)}) that make_msd_segmentation did not write",
+                fix="choose another root, or pass overwrite=True",
+            )
         )
     if json_path.exists():  # no window where an old dataset.json describes new volumes
         json_path.unlink()
