@@ -111,11 +111,11 @@ def test_resolve_on_generated_trees(tree, auto: bool, data: st.DataObject) -> No
 def test_strategy_arguments_are_checked_at_once() -> None:
     with pytest.raises(ValueError, match="unknown COCO split 'tain'"):
         coco_split_spellings(split="tain")
-    with pytest.raises(ValueError, match="COCO has no split minival in year 2017; years per split: train 2017/2014"):
+    with pytest.raises(ValueError, match="COCO has no split minival in year 2017. Expected: years per split: train 2017/2014"):
         coco_split_spellings(split="minival", year=2017)
     with pytest.raises(ValueError, match="split='val2014' and year=2017 disagree"):
         coco_split_spellings(split="val2014", year=2017)
-    with pytest.raises(ValueError, match="coco_trees: layout='yolo' is unknown; expected None or one of coco"):
+    with pytest.raises(ValueError, match="coco_trees: layout='yolo' is unknown. Expected: None or one of coco"):
         coco_trees("yolo")
 
 

@@ -71,7 +71,8 @@ def _import_with_blocked(module: str, blocked: str) -> subprocess.CompletedProce
 def test_strategies_without_hypothesis_give_install_hint() -> None:
     out = _import_with_blocked("ratlib.testing.strategies", "hypothesis")
     assert out.returncode != 0
-    assert "ImportError" in out.stderr and "pip install 'ratlib[dev]'" in out.stderr
+    # MissingDependencyError is a RatlibError and an ImportError (tests/test_errors_rule.py checks the classes)
+    assert "MissingDependencyError" in out.stderr and "pip install 'ratlib[dev]'" in out.stderr
 
 
 def test_plugin_without_pytest_gives_install_hint() -> None:

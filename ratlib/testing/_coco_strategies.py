@@ -12,6 +12,8 @@ from pathlib import Path
 from hypothesis import strategies as st
 
 from ratlib.coco_paths import LAYOUTS, SPLITS, CocoPaths, CocoSplit, parse_split
+from ratlib.errors import message
+from ratlib.testing._errors import StrategyArgumentError
 
 # how each split's name may be written: word lists, joined by any separator ("test-dev", "val_minus_minival")
 _NAME_WORDS: dict[str, list[list[str]]] = {
@@ -120,13 +122,17 @@ def _choices(split: str | CocoSplit | None, year: int | None) -> list[CocoSplit]
         parsed = parse_split(split)  # ValueError with suggestions for an unknown name
         has_year = isinstance(split, CocoSplit) or any(ch.isdigit() for ch in split)
         if has_year and year is not None and parsed.year != int(year):
-            raise ValueError(f"split={split!r} and year={year!r} disagree; give the year once")
+            raise StrategyArgumentError(
+                message(f"coco_split_spellings: split={split!r} and year={year!r} disagree", fix="give the year once")
+            )
         names, fixed_year = [parsed.name], parsed.year if has_year else year
     splits = [CocoSplit(n, y) for n in names for y in SPLITS[n] if fixed_year is None or y == int(fixed_year)]
     if not splits:
-        raise ValueError(
-            f"COCO has no split {split or '(any name)'} in year {year}; years per split: "
-            + ", ".join(f"{n} {'/'.join(map(str, ys))}" for n, ys in SPLITS.items())
+        raise StrategyArgumentError(
+            message(
+                f"coco_split_spellings: COCO has no split {split or '(any name)'} in year {year}",
+                expected="years per split: " + ", ".join(f"{n} {'/'.join(map(str, ys))}" for n, ys in SPLITS.items()),
+            )
         )
     return splits
 
@@ -231,7 +237,9 @@ def coco_trees(layout: str | None = None) -> st.SearchStrategy[CocoTree]:
     (``instances_train20172017.json``), and other layouts holding other splits.
     """
     if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"coco_trees: layout={layout!r} is unknown; expected None or one of {', '.join(LAYOUTS)}")
+        raise StrategyArgumentError(
+            message(f"coco_trees: layout={layout!r} is unknown", expected=f"None or one of {', '.join(LAYOUTS)}")
+        )
 
     @st.composite
     def trees(draw: st.DrawFn) -> CocoTree:

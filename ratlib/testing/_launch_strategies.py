@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
+from ratlib.errors import message
+from ratlib.testing._errors import StrategyArgumentError
+
 LAUNCHERS = ("torchrun", "deepspeed", "kubeflow", "env", "slurm", "openmpi", "mvapich", "mpich", "single")
 
 # launcher -> (rank variable, world-size variable, local-rank variable) as the strategy writes them
@@ -315,5 +318,7 @@ def launch_envs(valid: bool = True, launchers: tuple[str, ...] | None = None) ->
     chosen = tuple(launchers or LAUNCHERS)
     unknown = sorted(set(chosen) - set(LAUNCHERS))
     if unknown:
-        raise ValueError(f"launch_envs: unknown launchers {unknown}; expected some of {LAUNCHERS}")
+        raise StrategyArgumentError(
+            message(f"launch_envs: unknown launchers {unknown}", expected=f"some of {LAUNCHERS}")
+        )
     return _valid(chosen) if valid else _invalid(chosen)

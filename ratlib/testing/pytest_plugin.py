@@ -6,10 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ratlib.errors import MissingDependencyError, message
+
 try:
     import pytest
 except ImportError as exc:  # pragma: no cover - the plugin only loads under pytest
-    raise ImportError("ratlib.testing.pytest_plugin needs pytest: pip install 'ratlib[dev]'") from exc
+    raise MissingDependencyError(
+        message("ratlib.testing.pytest_plugin needs pytest", fix="pip install 'ratlib[dev]'")
+    ) from exc
 
 from .ranks import RankRun
 from .ranks import run_on_ranks as _run_on_ranks

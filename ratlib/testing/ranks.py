@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from ratlib.errors import message
+from ratlib.testing._errors import RankRunError, RankRunFailedError, RankScriptNotFoundError
+
 __all__ = ["RankRun", "run_on_ranks", "free_port", "LAUNCHER_VARIABLE_PREFIXES"]
 
 # Variables of a surrounding launcher that must not leak into the ranks we start.
@@ -82,9 +85,10 @@ class RankRun:
         return not self.timed_out and all(rc == 0 for rc in self.returncodes)
 
     def check(self) -> RankRun:
-        """Raise ``AssertionError`` with every rank's output unless all ranks exited 0 in time."""
+        """Raise ``RankRunFailedError`` (an ``AssertionError``) with every rank's output unless all ranks
+        exited 0 in time."""
         if not self.ok:
-            raise AssertionError(str(self))
+            raise RankRunFailedError(message("RankRun.check: not every rank exited 0 in time", got=str(self)))
         return self
 
     def __str__(self) -> str:
@@ -142,7 +146,9 @@ def _launcher_env(launcher: str, rank: int, world_size: int, port: int) -> dict[
         }
     if launcher == "none":
         return common
-    raise ValueError(f"run_on_ranks: launcher={launcher!r} is not one of 'torchrun', 'slurm', 'openmpi', 'none'")
+    raise RankRunError(
+        message(f"run_on_ranks: launcher={launcher!r}", expected="one of 'torchrun', 'slurm', 'openmpi', 'none'")
+    )
 
 
 def _module_root(module_name: str) -> str | None:
@@ -161,23 +167,29 @@ def _command(target: Target, args: Sequence[Any], python: str) -> tuple[list[str
     if callable(target):
         module, qualname = target.__module__, target.__qualname__
         if module == "__main__" or "<locals>" in qualname:
-            raise ValueError(
-                f"run_on_ranks: {qualname} must be a module-level function in an importable module "
-                f"(got module {module!r}); move it to a module, or pass a script path"
+            raise RankRunError(
+                message(
+                    f"run_on_ranks: {qualname} must be a module-level function in an importable module",
+                    got=f"module {module!r}",
+                    fix="move it to a module, or pass a script path",
+                )
             )
         payload = base64.b64encode(pickle.dumps(tuple(args))).decode()
         return [python, "-c", _BOOTSTRAP, module, qualname, payload], _module_root(module)
     text = os.fspath(target)
     if text.endswith(".py") or os.path.exists(text):
         if not os.path.isfile(text):
-            raise FileNotFoundError(f"run_on_ranks: script {text!r} does not exist")
+            raise RankScriptNotFoundError(message(f"run_on_ranks: script {text!r} does not exist"))
         return [python, text, *map(str, args)], None
     if ":" in text:  # "package.module:function"
         module, qualname = text.split(":", 1)
         payload = base64.b64encode(pickle.dumps(tuple(args))).decode()
         return [python, "-c", _BOOTSTRAP, module, qualname, payload], None
-    raise ValueError(
-        f"run_on_ranks: target {text!r} is neither a script path, a 'module:function' string nor a callable"
+    raise RankRunError(
+        message(
+            f"run_on_ranks: target {text!r} cannot be run",
+            expected="a script path, a 'module:function' string or a callable",
+        )
     )
 
 
@@ -216,7 +228,7 @@ def run_on_ranks(
     Ranks still running at the deadline are killed and listed in ``RankRun.hung_ranks``.
     """
     if world_size < 1:
-        raise ValueError(f"run_on_ranks: world_size={world_size} must be at least 1")
+        raise RankRunError(message(f"run_on_ranks: world_size={world_size}", expected="at least 1"))
     python = python or sys.executable
     cmd, extra_path = _command(target, args, python)
     port = free_port()

@@ -10,15 +10,18 @@ ratlib's own property tests use these same strategies.
 
 from __future__ import annotations
 
+from ratlib.errors import MissingDependencyError, message
+
 try:
     import hypothesis  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError(
-        "ratlib.testing.strategies needs hypothesis, which is not installed: pip install 'ratlib[dev]'"
+    raise MissingDependencyError(
+        message("ratlib.testing.strategies needs hypothesis, which is not installed", fix="pip install 'ratlib[dev]'")
     ) from exc
 
 from ._coco_strategies import coco_split_spellings, coco_trees
 from ._config_strategies import configs
+from ._errors import StrategyArgumentError
 from ._launch_strategies import launch_envs
 
-__all__ = ["coco_split_spellings", "coco_trees", "configs", "launch_envs"]
+__all__ = ["StrategyArgumentError", "coco_split_spellings", "coco_trees", "configs", "launch_envs"]
