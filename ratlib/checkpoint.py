@@ -36,6 +36,7 @@ from ratlib.errors import RatlibError, message
 from ratlib.io import TMP_PREFIX, write_atomic
 
 __all__ = [
+    "CheckpointArgumentError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "latest",
@@ -60,6 +61,10 @@ class CheckpointError(RatlibError, OSError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint file does not exist (also a ``FileNotFoundError``); the message lists those that do."""
+
+
+class CheckpointArgumentError(RatlibError, ValueError):
+    """A checkpoint function was given an argument it cannot use (``keep=0``, a state that is not ``rng_state``'s)."""
 
 
 def _is_main() -> bool:
@@ -94,7 +99,9 @@ def save(state: Mapping[str, Any], path: str | os.PathLike[str], *, keep: int | 
 
     path = Path(path)
     if keep is not None and (not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"checkpoint.save: keep={keep!r}; expected a whole number >= 1 or None (keep all)")
+        raise CheckpointArgumentError(
+            message(f"checkpoint.save: keep={keep!r}", expected="a whole number >= 1, or None (keep all)")
+        )
     sharded = sharded_keys(state)
     if sharded:  # every rank holds only its shards: one rank's file would restore other weights, silently
         raise _refuse_sharded(path, sharded)
@@ -135,9 +142,8 @@ def _refuse_sharded(path: Path, keys: list[str]) -> CheckpointError:
     shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
     return CheckpointError(
         message(
-            f"checkpoint.save({str(path)!r}): the state holds sharded tensors (DTensor from FSDP2 or tensor "
-            "parallelism, or FSDP1's ShardedTensor); one file from the main rank would hold only its shards and "
-            "restore other weights without an error, so nothing was written",
+            f"checkpoint.save({str(path)!r}): the state holds sharded tensors (DTensor, ShardedTensor); the main "
+            "rank's file would hold only its shards, so nothing was written",
             got=f"sharded: {shown}",
             fix="save full tensors: torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer, "
             "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) on every rank, then save that",
@@ -155,12 +161,10 @@ def _sync_after_save(path: Path) -> None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise CheckpointError(
             message(
-                f"checkpoint.save({str(path)!r}): rank {get_rank()}/{get_world_size()} wrote or skipped its "
-                "part, but the synchronisation after the save failed; every rank must call save (it is a "
-                "collective with sync=True), a save inside `if info.is_main:` leaves the other ranks out",
+                f"checkpoint.save({str(path)!r}): the barrier after the save failed on rank "
+                f"{get_rank()}/{get_world_size()}; every rank must call save (with sync=True it is a collective)",
                 got=f"{type(exc).__name__}: {first}",
-                fix="call checkpoint.save on every rank (only the main rank writes), or pass sync=False when "
-                "you call it from the main rank alone",
+                fix="call it on every rank (only the main rank writes), or pass sync=False from the main rank alone",
             )
         ) from exc
 
@@ -203,8 +207,11 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu", *, weights_onl
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(
-            f"checkpoint {path} does not exist ({_listing(path.parent, '*.pt')}). "
-            "Give an existing file, or use ratlib.checkpoint.latest(folder) to find one."
+            message(
+                f"checkpoint.load: {path} does not exist",
+                got=_listing(path.parent, "*.pt"),
+                fix="give an existing file, or find one with ratlib.checkpoint.latest(folder)",
+            )
         )
     if not weights_only:
         from ratlib.rank_logger import get_logger
@@ -221,13 +228,18 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu", *, weights_onl
         if types:  # a readable pickle holding something other than plain data
             raise _refused(path, types) from exc
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {_short(exc)}); "
-            f"it may be truncated or not a torch checkpoint. {_listing(path.parent, '*.pt')}; "
-            "load an earlier one."
+            message(
+                f"checkpoint.load: {path} cannot be read; it may be truncated or not a torch checkpoint",
+                got=f"{type(exc).__name__}: {_short(exc)}",
+                fix=f"load an earlier one ({_listing(path.parent, '*.pt')})",
+            )
         ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(
-            f"checkpoint {path} holds a {type(state).__name__}, expected the dict that ratlib.checkpoint.save writes"
+            message(
+                f"checkpoint.load: {path} holds a {type(state).__name__}",
+                expected="the dict that ratlib.checkpoint.save writes",
+            )
         )
     return state
 
@@ -304,9 +316,12 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
     ranks = state.get("ranks") if isinstance(state, Mapping) else None
     if not ranks:
-        raise ValueError(
-            "set_rng_state: expected the dict that ratlib.checkpoint.rng_state() returns "
-            f"({{'world_size': W, 'ranks': [...]}}), got {type(state).__name__}"
+        raise CheckpointArgumentError(
+            message(
+                "checkpoint.set_rng_state: not an RNG state",
+                got=type(state).__name__,
+                expected="the dict that ratlib.checkpoint.rng_state() returns ({'world_size': W, 'ranks': [...]})",
+            )
         )
     rank, world = get_rank(), get_world_size()
     if len(ranks) != world:
