@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from ratlib.config_defaults import ConfigError, ExperimentConfig, Finding, check_config, load_config
 from ratlib.config_defaults.load import _Dumper, _key_lines
+from ratlib.errors import message
 from ratlib.io import write_atomic
 
 __all__ = ["Report", "Reported", "cli_main", "diagnose", "missing_init_files"]
@@ -359,8 +360,10 @@ def fix_config(path: Path, schema: type[BaseModel] = ExperimentConfig) -> list[s
     root = yaml.compose(text)
     if root is not None and (not isinstance(root, yaml.MappingNode) or root.flow_style):
         raise ConfigError(
-            f"{path}: the top level is not a block mapping; --fix only appends sections to "
-            "block-style configs ('training:' on its own line)"
+            message(
+                f"{path}: the top level is not a block mapping; --fix only appends sections to block-style configs",
+                fix="write the config in block style ('training:' on its own line)",
+            )
         )
     data = yaml.safe_load(text) or {}
     missing = [
@@ -405,7 +408,9 @@ def fix_config(path: Path, schema: type[BaseModel] = ExperimentConfig) -> list[s
         raise
     if after != before:
         shutil.copy2(backup, path)
-        raise ConfigError(f"{path}: --fix would change the loaded config; the file was restored from {backup}")
+        raise ConfigError(
+            message(f"{path}: --fix would change the loaded config, so the file was restored from {backup}")
+        )
     added = [*missing, *sorted(dotted for _, _, dotted, _ in nested)]
     return [f"{path}: added section(s) {', '.join(added)} with their defaults (backup: {backup})"]
 
@@ -496,13 +501,22 @@ def _load_schema(spec: str | None) -> type[BaseModel]:
         schema = getattr(importlib.import_module(module_name), attr or "")
     except (ImportError, AttributeError) as exc:
         raise ConfigError(
-            f"--schema {spec!r}: cannot load it ({type(exc).__name__}: {exc}); expected "
-            "MODULE:CLASS with MODULE importable from the current folder, e.g. myproj.config:SegConfig"
+            message(
+                f"--schema {spec!r}: cannot load it",
+                got=f"{type(exc).__name__}: {exc}",
+                expected="MODULE:CLASS with MODULE importable from the current folder, e.g. myproj.config:SegConfig",
+            )
         ) from None
     finally:
         sys.path.remove(os.getcwd())
     if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
-        raise ConfigError(f"--schema {spec!r} is {schema!r}, not a pydantic model class (an ExperimentConfig subclass)")
+        raise ConfigError(
+            message(
+                f"--schema {spec!r} is not a pydantic model class",
+                got=repr(schema),
+                expected="an ExperimentConfig subclass",
+            )
+        )
     return schema
 
 

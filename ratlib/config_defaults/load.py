@@ -162,13 +162,13 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         what = "; ".join(str(p) for p in (exc.context, exc.problem) if p)
         fix = (
-            ""
+            None
             if isinstance(exc, _DuplicateKeyError)
-            else "; fix the syntax there (indentation, a ':' after each key, closing brackets and quotes)"
+            else "fix the syntax there (indentation, a ':' after each key, closing brackets and quotes)"
         )
-        raise ConfigError(f"{where}: invalid YAML: {what}{fix}") from None
+        raise ConfigError(message(f"{where}: invalid YAML: {what}", fix=fix)) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        raise ConfigError(message(f"{path}: invalid YAML", got=str(exc))) from None
     if data is None:
         return {}, lines
     if not isinstance(data, dict):
