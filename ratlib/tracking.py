@@ -643,8 +643,15 @@ class Tracker:
             return
         record = {str(k): _value(v) for k, v in metrics.items()}
         if "step" in record:
-            if record.pop("step") != step:
-                raise TrackingError(message("Tracker.log: metrics['step'] differs from step", fix="drop the key"))
+            given = record.pop("step")
+            if given != step:
+                raise TrackingError(
+                    message(
+                        "Tracker.log: metrics['step'] differs from step",
+                        got=f"metrics['step']={given!r}, step={step}",
+                        fix="drop the key",
+                    )
+                )
         now = time.monotonic()
         for worker in self._workers:
             if worker.check(now):
