@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Iterable, MutableMapping
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from ratlib.errors import RatlibError, message
 from ratlib.launch import process_group, rank_state
@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 CONSOLE_FORMAT = "%(asctime)s %(rank_tag)s%(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -338,7 +339,8 @@ def _install_hooks() -> None:
                 name,
                 rank_tag(),
                 args.exc_value,
-                exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+                # ExceptHookArgs allows a None value (never seen from a thread); logging needs an exception
+                exc_info=(args.exc_type, args.exc_value, args.exc_traceback) if args.exc_value is not None else None,
                 extra={_ALL_RANKS: True},
             )
             if previous_thread is threading.__excepthook__ and _STATE.handlers:
@@ -361,7 +363,7 @@ def _forward(name: str) -> property:
     )
 
 
-class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+class RankLogger(logging.LoggerAdapter):
     """A stdlib logger with two more keywords on every call: ``main_process_only`` (default True:
     below ``other_ranks`` only the main rank prints) and ``in_order`` (print rank by rank)."""
 
@@ -371,8 +373,16 @@ class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         return msg, kwargs
 
+    # main_process_only and in_order are typed object and read as true or false: LoggerAdapter's methods take
+    # any keyword (``**kwargs: object``), so an override that narrowed them would break the base's contract.
     def log(
-        self, level: int, msg: Any, *args: Any, main_process_only: bool = True, in_order: bool = False, **kwargs: Any
+        self,
+        level: int,
+        msg: Any,
+        *args: Any,
+        main_process_only: object = True,
+        in_order: object = False,
+        **kwargs: Any,
     ) -> None:
         if main_process_only and level < _STATE.drop_below and not in_order:
             return  # the hot path on non-main ranks: one comparison, nothing else
@@ -399,12 +409,12 @@ class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
                     handler.flush()
             dist.barrier()
 
-    def debug(self, msg: Any, *args: Any, main_process_only: bool = True, **kwargs: Any) -> None:
+    def debug(self, msg: Any, *args: Any, main_process_only: object = True, **kwargs: Any) -> None:
         if main_process_only and _STATE.drop_below > 10 and not kwargs:
             return  # dropped: one comparison, no record
         self.log(10, msg, *args, main_process_only=main_process_only, **kwargs)
 
-    def info(self, msg: Any, *args: Any, main_process_only: bool = True, **kwargs: Any) -> None:
+    def info(self, msg: Any, *args: Any, main_process_only: object = True, **kwargs: Any) -> None:
         if main_process_only and _STATE.drop_below > 20 and not kwargs:
             return  # dropped: one comparison, no record
         if not kwargs and main_process_only and self.logger.isEnabledFor(20):
@@ -478,17 +488,17 @@ def get_logger(name: str | None = None) -> RankLogger:
 # Helpers
 
 
-def rank_zero_only(fn: F) -> F:
+def rank_zero_only(fn: Callable[P, R]) -> Callable[P, R | None]:
     """Decorator: ``fn`` runs on the main rank only (returns None elsewhere, and on an unknown rank).
     The rank is read per call."""
 
     @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
         if current_rank()[0] == 0:  # an unknown rank (-1) is not the main rank
             return fn(*args, **kwargs)
         return None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def progress(iterable: Iterable[T], **kwargs: Any) -> Iterable[T]:
