@@ -85,7 +85,7 @@ class SignalConflictError(RatlibError, ValueError):
 # Signal numbers and names
 
 
-def _signal_number(value: str | int, where: str = "ratlib.preempt.install") -> int:
+def _signal_number(value: str | int, where: str = "preempt.install") -> int:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise PreemptInputError(
             message(f"{where}: a signal must be a name or a number", got=repr(value), expected="e.g. 'SIGTERM'")
@@ -163,7 +163,7 @@ def _check_hang_conflict(signums: Iterable[int]) -> None:
     if dump is not None and dump in set(signums):
         raise SignalConflictError(
             message(
-                f"ratlib.preempt.install: {signal_name(dump)} is already ratlib.hang's stack-dump signal",
+                f"preempt.install: {signal_name(dump)} is already ratlib.hang's stack-dump signal",
                 got=f"preempt signals {[signal_name(s) for s in signums]}, hang dump_signal={signal_name(dump)}",
                 fix="give each its own signal: hang.install(dump_signal='SIGUSR2') (the default) and preempt "
                 "SIGTERM/SIGUSR1",
@@ -285,12 +285,11 @@ class Preemption:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise PreemptError(
                 message(
-                    f"ratlib.preempt: the stop agreement at step {step} failed on rank {dist.get_rank()} of "
-                    f"{dist.get_world_size()}: another rank is gone (it exited or was killed) or is stuck and "
-                    "did not reach it",
+                    f"Preemption.should_stop: the stop agreement at step {step} failed on rank {dist.get_rank()} "
+                    f"of {dist.get_world_size()}: another rank exited, was killed or is stuck",
                     got=f"{type(exc).__name__}: {first}",
-                    fix="look at the other ranks' logs for the first error; a stuck rank is bounded by the "
-                    "process group's timeout (init_distributed(timeout=...))",
+                    fix="find the first error in the other ranks' logs; init_distributed(timeout=...) bounds a "
+                    "stuck rank",
                 )
             ) from exc
 
@@ -456,7 +455,7 @@ def install(
     if threading.current_thread() is not threading.main_thread():
         raise PreemptError(
             message(
-                "ratlib.preempt.install must run in the main thread: Python runs signal handlers only there",
+                "preempt.install: must run in the main thread, the only one where Python runs signal handlers",
                 got=f"thread {threading.current_thread().name!r}",
                 fix="call install() from the main thread before the training loop",
             )
@@ -465,20 +464,18 @@ def install(
         signals = (signals,)
     signums = tuple(dict.fromkeys(_signal_number(s) for s in signals))
     if not signums:
-        raise PreemptInputError(message("ratlib.preempt.install: no signals given", expected="e.g. ('SIGTERM',)"))
+        raise PreemptInputError(message("preempt.install: no signals given", expected="e.g. ('SIGTERM',)"))
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise PreemptInputError(
             message(
-                "ratlib.preempt.install: every must be a whole number of steps >= 1",
+                "preempt.install: every must be a whole number of steps >= 1",
                 got=f"every={every!r}",
                 fix="every=1 agrees at each step (a few microseconds on gloo); larger values stop up to every-1 "
                 "steps later",
             )
         )
     if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise PreemptInputError(
-            message("ratlib.preempt.install: timeout must be > 0 seconds or None", got=repr(timeout))
-        )
+        raise PreemptInputError(message("preempt.install: timeout must be > 0 seconds or None", got=repr(timeout)))
     with _LOCK:
         current = _INSTANCE
         wanted = (signums, every, timeout, bool(overlap))
