@@ -842,13 +842,13 @@ def cli_main(args: argparse.Namespace) -> int:
         kind = _kind_of(paths.annotations, args.kind)  # a test split's instances file is image_info_*.json
         report = validate_annotations(paths.annotations, paths.images, kind=kind) if args.check else None
     except CocoYearError as exc:  # the Python form (year=...) would not help on the command line
-        exc = ValueError(
+        error = ValueError(
             message(
                 f"split {exc.split!r} names another year than --year {exc.year}",
                 fix=f"run `ratlib coco {args.root} {exc.name} --year {exc.year}`, or drop --year",
             )
         )
-        return _cli_error(args, exc)
+        return _cli_error(args, error)
     except (CocoPathError, ValueError) as exc:
         return _cli_error(args, exc)
     ok = report is None or report.ok

@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel
@@ -34,6 +34,7 @@ from ratlib.io import write_atomic
 
 __all__ = ["Report", "Reported", "cli_main", "diagnose", "missing_init_files"]
 
+_Severity = Literal["error", "warning", "info"]  # Finding.severity
 _SKIP = {
     ".git",
     ".venv",
@@ -80,9 +81,9 @@ class Report:
         return sum(r.finding.severity == severity for r in self.findings)
 
     def add(
-        self, path: Path | str, severity: str, key: str, message: str, advice: str, line: int | None = None
+        self, path: Path | str, severity: _Severity, key: str, message: str, advice: str, line: int | None = None
     ) -> None:
-        finding = Finding(severity, key, message, advice)  # type: ignore[arg-type]
+        finding = Finding(severity, key, message, advice)
         self.findings.append(Reported(str(path), line, finding))
 
     def skip(self, path: Path | str, why: str) -> None:
@@ -127,7 +128,7 @@ def _imports(path: Path) -> tuple[list[tuple[str, int]], bool, str | None]:
     return names, relative, None
 
 
-def missing_init_files(root: Path) -> list[tuple[Path, str, str]]:
+def missing_init_files(root: Path) -> list[tuple[Path, _Severity, str]]:
     """Folders of Python modules used as a package but lacking ``__init__.py``, as
     ``(folder, severity, why)``: inside a package (the parent has one) or holding modules with
     relative imports (errors: ``setuptools.find_packages`` leaves them out, ``from . import`` fails
@@ -137,7 +138,7 @@ def missing_init_files(root: Path) -> list[tuple[Path, str, str]]:
     tree = _walk(root)
     modules = {folder: [f for f in files if f.endswith(".py")] for folder, files in tree}
     has_init = {folder for folder, files in tree if "__init__.py" in files}
-    found: dict[Path, tuple[str, str]] = {}
+    found: dict[Path, tuple[_Severity, str]] = {}
     for folder, py in modules.items():
         if not py or folder in has_init or folder == root:
             continue
@@ -333,9 +334,10 @@ def _nested_missing(
         name = key_node.value
         field = type(model).model_fields.get(name)
         sub = _section_model(field.default) if field is not None else None
-        if sub is None or not isinstance(value_node, yaml.MappingNode) or value_node.flow_style:
+        if field is None or sub is None or not isinstance(value_node, yaml.MappingNode) or value_node.flow_style:
             continue  # not a section, or `training: {...}` in flow style: left alone
-        given = data.get(name) if isinstance(data.get(name), dict) else {}
+        value = data.get(name)
+        given: dict[str, Any] = value if isinstance(value, dict) else {}
         found += _nested_missing(value_node, given, field.default, f"{prefix}{name}.")
         column = value_node.value[0][0].start_mark.column
         for sub_name, sub_field in sub.model_fields.items():
@@ -402,11 +404,11 @@ def fix_config(path: Path, schema: type[BaseModel] = ExperimentConfig) -> list[s
     shutil.copy2(path, backup)
     write_atomic(path, new)
     try:
-        after = load_config(path, schema=schema)
+        reloaded = load_config(path, schema=schema)
     except ConfigError:
         shutil.copy2(backup, path)
         raise
-    if after != before:
+    if reloaded != before:
         shutil.copy2(backup, path)
         raise ConfigError(
             message(f"{path}: --fix would change the loaded config, so the file was restored from {backup}")
@@ -441,7 +443,7 @@ def _check_one(
         return
     if not isinstance(cfg, ExperimentConfig):
         return
-    for finding in check_config(cfg, world_size, device=device, device_memory_gib=memory):  # type: ignore[arg-type]
+    for finding in check_config(cfg, world_size, device=device, device_memory_gib=memory):
         report.findings.append(Reported(str(path), lines.get(tuple(finding.key.split("."))), finding))
 
 

@@ -45,7 +45,7 @@ def fsync_dir(folder: Path) -> None:
 
 def write_atomic(
     path: str | os.PathLike[str],
-    data: bytes | str | Callable[[IO[bytes]], None],
+    data: bytes | str | Callable[[IO[bytes]], object],
     *,
     before_rename: Callable[[Path], None] | None = None,
 ) -> Path:

@@ -148,7 +148,7 @@ def check_config(
     *,
     model: Any = None,
     probe: MemoryProbe | None = None,
-    device: Literal["cpu", "cuda"] | None = None,
+    device: str | None = None,
     device_memory_gib: float | None = None,
     max_batch_size: int = 64,
     checks: Iterable[Check] = (),
@@ -168,7 +168,8 @@ def check_config(
       warmup as long as training, more loader workers than CPUs.
 
     Then the registered checks (``register_check``) and ``checks``, in that order.
-    ``device`` and ``device_memory_gib`` default to this machine's (80 GiB assumed without a GPU).
+    ``device`` (a torch device type: "cpu", "cuda", ...) and ``device_memory_gib`` default to this machine's
+    (80 GiB assumed without a GPU).
     """
     t = cfg.training
     findings: list[Finding] = []

@@ -143,8 +143,9 @@ class Stepper:
         """DDP skips the gradient all-reduce off an accumulation boundary (forward and backward inside)."""
         from torch import nn
 
-        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
-        return self.model.no_sync() if ddp and not boundary else contextlib.nullcontext()
+        if isinstance(self.model, nn.parallel.DistributedDataParallel) and not boundary:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.engine is not None:
