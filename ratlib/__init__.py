@@ -31,6 +31,8 @@ _SUBMODULES = (
 
 # public name -> submodule that defines it
 _EXPORTS = {
+    # errors (the base of every error ratlib raises: `except ratlib.RatlibError`)
+    "RatlibError": "errors",
     # rank_logger
     "setup_logging": "rank_logger",
     "get_logger": "rank_logger",
@@ -170,6 +172,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         main_process_first,
         shutdown,
     )
+    from .errors import RatlibError
     from .hang import CollectiveMismatchError, HangError, heartbeat
     from .memory import MemoryReport, estimate_model_memory, memory_report, probe_memory, reset_peak_memory
     from .rank_logger import get_logger, progress, rank_zero_only, setup_logging
