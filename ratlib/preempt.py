@@ -48,6 +48,7 @@ __all__ = [
     "Preemption",
     "SignalConflictError",
     "check_lead_time",
+    "current",
     "install",
     "installed_signals",
     "is_installed",
@@ -154,6 +155,12 @@ def installed_signals() -> frozenset[int]:
 def is_installed() -> bool:
     """Whether ``install()`` is in force in this process."""
     return _INSTANCE is not None
+
+
+def current() -> Preemption | None:
+    """The ``Preemption`` that ``install()`` put in force in this process, or None: where the loop's own object
+    is out of reach (a ``main()`` recording how its run stopped)."""
+    return _INSTANCE
 
 
 def _check_hang_conflict(signums: Iterable[int]) -> None:

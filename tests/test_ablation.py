@@ -1,6 +1,8 @@
-"""examples/ablation: study expansion and names, results file, summary, and whole studies on 2 real ranks
-(failures on one rank, a SIGKILL and --resume, invalid variants) against the toy example in
-tests/ablation_toy/, plus one end-to-end study over the segmentation example.
+"""examples/ablation: study expansion and names, results file, summary, and whole studies through the driver
+(each run its own torchrun launch) against the toy example in tests/ablation_toy/: a run that raises, is
+SIGKILLed, exits through os._exit, aborts like a CUDA error or hangs past its deadline is recorded as failed and
+the next starts clean; a SIGTERM to the driver stops the run at its checkpoint and --resume continues it; plus
+end-to-end studies over the segmentation example. The Slurm (srun steps) study is in tests/launchers/.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -34,11 +37,12 @@ au = sys.modules["ablation_utils"]
 
 
 def write_study(tmp_path: Path, name: str = "study.yaml", timeout_s: int = TIMEOUT_S, **keys) -> Path:
-    """A study of the toy example: 2 epochs of a few steps each, results under tmp_path/out."""
+    """A study of the toy example on the CPU: 2 epochs of a few steps each, results under tmp_path/out."""
     study = {
         "name": "toy",
         "base": str(TOY),
         "output_dir": str(tmp_path / "out"),
+        "device": "cpu",
         "overrides": {
             "training.num_epochs": 2,
             "training.batch_size": 32,
@@ -57,8 +61,19 @@ def results(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def run_study(run_on_ranks, study: Path, *args: str, timeout: float = 120):
-    return run_on_ranks(RUN_PY, 2, args=["--config", str(study), *args], env=NO_GPU, timeout=timeout)
+def driver(study: Path, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    """The driver as a user starts it: one process, which starts each run itself."""
+    return subprocess.run(
+        [sys.executable, str(RUN_PY), "--config", str(study), *args],
+        env={**os.environ, **NO_GPU, "OMP_NUM_THREADS": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _out(done: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {done.returncode}\n--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-6000:]}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +134,7 @@ def test_grid_variants_and_seeds_give_stable_readable_names_and_folders() -> Non
         ),
         ({"variants": [{"name": "logs"}]}, "reserved"),
         ({"variants": [{"name": "a/b"}]}, "folder name"),
-        ({"grid": {"distributed.timeout_s": [1, 2]}}, "cannot vary"),
+        ({"grid": {"output_dir": ["a", "b"]}}, "cannot vary"),
         ({"grid": {"model.width": 8}}, "expected a non-empty list"),
         ({"seeds": [0, 1], "variants": [{"overrides": {"training.seed": 3}}]}, "use one of them"),
         ({"include_base": False}, "nothing to run"),
@@ -222,50 +237,49 @@ def test_summary_png_is_skipped_without_matplotlib(tmp_path: Path, monkeypatch: 
 
 
 # ----------------------------------------------------------------------------------------------
-# One process (in this process): a whole study, --resume, --retry-failed, no matplotlib
+# The driver in this process, each run a one-rank torchrun launch: a study, --resume, --retry-failed
 
 
-def test_single_process_study_resume_and_retry_failed(
+@pytest.mark.distributed
+def test_a_study_records_each_run_once_and_resume_and_retry_failed_follow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    try:
-        study = write_study(
-            tmp_path,
-            grid={"model.hidden": [4, 16]},
-            variants=[{"name": "broken", "overrides": {"fault.rank": 0, "fault.at": "step"}}],
-        )
-        assert R.main(["--config", str(study)]) == 0
-        out = capsys.readouterr().out
-        assert "| **base** |" in out and "skipped: matplotlib is not installed (pip install 'ratlib[plot]')" in out
-        recs = results(tmp_path)
-        assert [(r["run"], r["status"]) for r in recs] == [
-            ("base", "finished"),
-            ("hidden=4", "finished"),
-            ("hidden=16", "finished"),
-            ("broken", "failed"),
-        ]
-        assert recs[3]["error"] == {"rank": 0, "type": "RuntimeError", "message": "toy fault on rank 0 at step 2"}
-        assert recs[0]["world_size"] == 1 and recs[0]["final"]["score"] == recs[0]["best"]["score"]
-        assert recs[0]["best"]["epoch"] == 1 and recs[0]["peak_memory_max_gib"] > 0
-        assert (tmp_path / "out" / "summary.md").is_file() and not (tmp_path / "out" / "summary.png").exists()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    study = write_study(
+        tmp_path,
+        grid={"model.hidden": [4]},
+        variants=[{"name": "broken", "overrides": {"fault.rank": 0, "fault.at": "step"}}],
+    )
+    assert R.main(["--config", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "| **base** |" in out and "skipped: matplotlib is not installed (pip install 'ratlib[plot]')" in out
+    recs = results(tmp_path)
+    assert [(r["run"], r["status"]) for r in recs] == [
+        ("base", "finished"),
+        ("hidden=4", "finished"),
+        ("broken", "failed"),
+    ]
+    error = recs[2]["error"]
+    assert (error["rank"], error["type"], error["message"]) == (0, "RuntimeError", "toy fault on rank 0 at a step")
+    assert error["lines"][-1] == "RuntimeError: toy fault on rank 0 at a step" and Path(error["log"]).is_file()
+    assert recs[0]["world_size"] == 1 and recs[0]["final"]["score"] == recs[0]["best"]["score"] > 0.2
+    assert recs[0]["best"]["epoch"] == 1 and recs[0]["peak_memory_max_gib"] > 0 and recs[0]["exit_code"] == 0
+    out_dir = tmp_path / "out"
+    assert (out_dir / "summary.md").is_file() and not (out_dir / "summary.png").exists()
+    assert json.loads((out_dir / "base" / "outcome.json").read_text())["status"] == "finished"
+    assert (out_dir / "base" / "logs" / "rank0.log").is_file() and (out_dir / "logs" / "base.log").is_file()
 
-        assert R.main(["--config", str(study)]) == 2  # a second fresh start would mix two studies: refused
-        assert R.main(["--config", str(study), "--resume"]) == 0  # finished and failed runs are both recorded
-        assert len(results(tmp_path)) == 4
-        monkeypatch.setenv("ABLATION_TOY_NO_FAULTS", "1")  # "fixed the bug"
-        assert R.main(["--config", str(study), "--resume", "--retry-failed"]) == 0
-        recs = results(tmp_path)
-        assert [(r["run"], r["status"]) for r in recs[4:]] == [("broken", "finished")]
-        assert (tmp_path / "out" / "broken.failed1").is_dir()  # the failed attempt, kept aside
-        summary = (tmp_path / "out" / "summary.md").read_text()
-        assert "4 finished, 0 failed" in summary and "Failed runs" not in summary
-    finally:
-        torch.set_num_threads(before)
+    assert R.main(["--config", str(study)]) == 2  # a second fresh start would mix two studies: refused
+    assert R.main(["--config", str(study), "--resume"]) == 0  # finished and failed runs are both recorded
+    assert len(results(tmp_path)) == 3
+    monkeypatch.setenv("ABLATION_TOY_NO_FAULTS", "1")  # "fixed the bug"
+    assert R.main(["--config", str(study), "--resume", "--retry-failed"]) == 0
+    recs = results(tmp_path)
+    assert [(r["run"], r["status"]) for r in recs[3:]] == [("broken", "finished")]
+    assert (out_dir / "broken.failed1").is_dir()  # the failed attempt, kept aside
+    summary = (out_dir / "summary.md").read_text()
+    assert "3 finished, 0 failed" in summary and "Failed runs" not in summary
 
 
 def test_dry_run_validates_and_prints_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -278,217 +292,7 @@ def test_dry_run_validates_and_prints_the_plan(tmp_path: Path, capsys: pytest.Ca
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag", [["--local_rank=3"], ["--local_rank", "3"], ["--local-rank=3"]])
-def test_the_deepspeed_launcher_s_local_rank_flag_is_accepted(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: list[str]
-) -> None:
-    study = write_study(tmp_path, grid={"model.hidden": [4, 16]})
-    assert R.main(["--config", str(study), *flag, "--dry-run"]) == 0  # one process: the environment says rank 0
-    assert "every config is valid" in capsys.readouterr().out
-
-
-def test_a_base_without_an_example_entry_is_one_message(tmp_path: Path) -> None:
-    base = tmp_path / "train.py"
-    base.write_text("CONFIG_SCHEMA = None\nMAIN_METRIC = 'x'\n\ndef train(cfg, **kw):\n    return {}\n")
-    with pytest.raises(au.StudyError, match="its EXAMPLE entry lacks 'schema', 'train', 'metric'"):
-        R.load_example(base)
-    base.write_text("EXAMPLE = {'schema': object, 'train': print, 'metric': 'x', 'mode': 'up'}\n")
-    with pytest.raises(au.StudyError, match="has mode='up'"):
-        R.load_example(tmp_path / "train.py")
-
-
-# ----------------------------------------------------------------------------------------------
-# Two ranks
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_four_variants_on_two_ranks_give_four_result_lines(tmp_path: Path, run_on_ranks) -> None:
-    study = write_study(tmp_path, grid={"model.hidden": [4, 16]}, variants=[{"overrides": {"model.depth": 2}}])
-    run = run_study(run_on_ranks, study).check()
-    recs = results(tmp_path)
-    assert [r["run"] for r in recs] == ["base", "hidden=4", "hidden=16", "depth=2"]  # once each: rank 1 writes none
-    assert all(r["status"] == "finished" and r["world_size"] == 2 and len(r["peak_memory_gib"]) == 2 for r in recs)
-    assert all(0 < r["final"]["score"] <= 1 and r["wall_time_s"] > 0 for r in recs)
-    out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} >= {
-        "base",
-        "hidden=4",
-        "hidden=16",
-        "depth=2",
-        "logs",
-        "results.jsonl",
-        "summary.md",
-        "study.yaml",
-    }
-    for name in ("base", "depth=2"):
-        assert (out / name / "config.yaml").is_file() and (out / name / "metrics.jsonl").is_file()
-    assert {"rank0.log", "rank1.log"} <= {p.name for p in (out / "logs").iterdir()}
-    table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 4  # the header and one row per variant
-    stdout0, stdout1 = run.stdouts
-    assert "| **base** |" in stdout0 and f"results: {out / 'results.jsonl'}" in stdout0
-    assert "summary:" in stdout0 and "plot:" in stdout0
-    assert "| **base** |" not in stdout1  # the table is printed once
-    if in_ci() or importlib.util.find_spec("matplotlib") is not None:  # CI installs the plot extra
-        assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_a_run_that_raises_on_rank_1_only_is_recorded_and_the_study_goes_on(tmp_path: Path, run_on_ranks) -> None:
-    study = write_study(
-        tmp_path,
-        timeout_s=NEVER_S,
-        variants=[
-            {"name": "fails-building", "overrides": {"fault.rank": 1, "fault.at": "build"}},  # rank 0 waits in DDP
-            {"name": "fails-mid-epoch", "overrides": {"fault.rank": 1, "fault.at": "step"}},  # rank 0 in an allreduce
-            {"name": "rank-0-fails-at-end", "overrides": {"fault.rank": 0, "fault.at": "end"}},  # rank 1 in a broadcast
-            {"overrides": {"model.hidden": 16}},
-        ],
-    )
-    run = run_study(run_on_ranks, study, timeout=300).check()  # finished: nobody waited for the 1 h timeout
-    recs = {r["run"]: r for r in results(tmp_path)}
-    assert list(recs) == ["base", "fails-building", "fails-mid-epoch", "rank-0-fails-at-end", "hidden=16"]
-    assert recs["base"]["status"] == recs["hidden=16"]["status"] == "finished"
-    assert recs["fails-building"]["error"] == {
-        "rank": 1,
-        "type": "ValueError",
-        "message": "toy fault on rank 1 while building the model",
-    }
-    assert recs["fails-mid-epoch"]["error"]["rank"] == 1
-    assert recs["fails-mid-epoch"]["error"]["message"].startswith("toy fault on rank 1 at step")
-    assert recs["rank-0-fails-at-end"]["error"]["rank"] == 0
-    for name, order in (("fails-building", [1, 0]), ("fails-mid-epoch", [1, 0]), ("rank-0-fails-at-end", [0, 1])):
-        assert recs[name]["status"] == "failed" and recs[name]["final"] == {}
-        assert [e["rank"] for e in recs[name]["errors"]] == order  # the other rank's error follows from the cause
-    assert "toy fault on rank 1 while building the model" in run.outputs[1]  # the traceback, on rank 1
-    summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "`fails-building`: rank 1: ValueError: toy fault on rank 1 while building the model" in summary
-
-
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (torchrun's workers, which it starts in their own sessions)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc")
-def test_sigkill_after_two_runs_then_resume_runs_only_the_rest(tmp_path: Path, run_on_ranks) -> None:
-    study = write_study(
-        tmp_path,
-        grid={"model.hidden": [4, 8, 16]},  # 4 runs, 0.6 s or more each
-        overrides={
-            "training.num_epochs": 2,
-            "training.batch_size": 32,
-            "fault.sleep_s": 0.3,
-            "distributed.timeout_s": TIMEOUT_S,
-        },
-    )
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(NO_GPU, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo")
-    log = open(tmp_path / "first.log", "wb")
-    launcher = subprocess.Popen(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(RUN_PY), "--config", str(study)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    workers: list[int] = []
-    try:
-        deadline = time.monotonic() + 120
-        while len(results(tmp_path)) < 2:
-            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
-            workers = _children(launcher.pid) or workers
-            time.sleep(0.05)
-        workers = _children(launcher.pid) or workers
-        launcher.send_signal(signal.SIGKILL)  # the launcher dies with its rendezvous store
-        launcher.wait()
-        assert len(workers) == 2
-        # The workers finish the run they are in and stop at the next exchange: nothing more is recorded.
-        deadline = time.monotonic() + 60
-        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(_alive(p) for p in workers), "workers outlived their launcher by a minute"
-    finally:
-        for pid in [launcher.pid, *workers]:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        log.close()
-    first = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
-    assert [json.loads(line)["run"] for line in first] == ["base", "hidden=4"]
-    assert "study stopped" in (tmp_path / "first.log").read_text()
-
-    run = run_study(run_on_ranks, study, "--resume").check()
-    recs = results(tmp_path)
-    assert (tmp_path / "out" / "results.jsonl").read_text().splitlines()[:2] == first  # untouched
-    assert [r["run"] for r in recs] == ["base", "hidden=4", "hidden=8", "hidden=16"]  # exactly one line per run
-    assert all(r["status"] == "finished" for r in recs)
-    assert "2 of 4 runs recorded as finished" in run.outputs[0] and "2 to run" in run.outputs[0]
-    assert "[1/2] hidden=8" in run.outputs[0]
-
-
-def signal_study(tmp_path: Path, variants: list[int]) -> Path:
-    """A toy study whose runs end with SIGTERM to rank 1 after their last collective (ABLATION_TOY_NO_FAULTS=1
-    turns that off)."""
-    overrides = {"training.num_epochs": 2, "training.batch_size": 32, "distributed.timeout_s": TIMEOUT_S}
-    overrides.update({"fault.rank": 1, "fault.at": "end", "fault.signal": "SIGTERM"})
-    return write_study(tmp_path, overrides=overrides, **({"grid": {"model.hidden": variants}} if variants else {}))
-
-
-@pytest.mark.distributed
-def test_a_signal_after_a_runs_last_collective_stops_the_study_after_that_run(tmp_path: Path, run_on_ranks) -> None:
-    """Once meant a dead rank 1 (the signal met the default action) and rank 0 waiting 5 minutes for its
-    outcome. Now the study holds the handlers: the run is recorded, every rank stops before the next run
-    with 75, and --resume runs only the rest."""
-    study = signal_study(tmp_path, [4, 8])
-    first = run_study(run_on_ranks, study)
-    assert first.returncodes == [75, 75], str(first)
-    assert [r["run"] for r in results(tmp_path)] == ["base"] and results(tmp_path)[0]["status"] == "finished"
-    assert "study preempted after run base (1 of 3 runs of this launch done and recorded)" in first.outputs[0]
-    assert "rank 1 got SIGTERM" in first.outputs[0] and "rank 1 got SIGTERM" in first.outputs[1]
-
-    env = {**NO_GPU, "ABLATION_TOY_NO_FAULTS": "1"}
-    run = run_on_ranks(RUN_PY, 2, args=["--config", str(study), "--resume"], env=env, timeout=120).check()
-    assert [r["run"] for r in results(tmp_path)] == ["base", "hidden=4", "hidden=8"]  # one line per run
-    assert "1 of 3 runs recorded as finished" in run.outputs[0]
-
-
-@pytest.mark.distributed
-def test_a_signal_in_the_last_run_after_its_last_collective_ends_a_complete_study_normally(
-    tmp_path: Path, run_on_ranks
-) -> None:
-    run = run_study(run_on_ranks, signal_study(tmp_path, [])).check()
-    assert [r["run"] for r in results(tmp_path)] == ["base"]
-    assert "SIGTERM after the last run: the study is complete; exiting normally" in run.outputs[1]
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_invalid_variants_are_reported_before_anything_trains(tmp_path: Path, run_on_ranks) -> None:
+def test_invalid_variants_are_reported_before_anything_starts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     study = write_study(
         tmp_path,
         grid={"model.hidden": [4, 16]},
@@ -497,14 +301,190 @@ def test_invalid_variants_are_reported_before_anything_trains(tmp_path: Path, ru
             {"name": "negative-lr", "overrides": {"training.optimizer.lr": -1}},
         ],
     )
-    run = run_study(run_on_ranks, study)
-    assert run.returncodes == [2, 2] and not run.timed_out
-    err = run.outputs[0]
+    assert R.main(["--config", str(study)]) == 2
+    err = caplog.text
     assert "2 of 5 runs have an invalid config; nothing was trained" in err
     assert "run typo (model.hiden=8)" in err and "model.hiden" in err and "did you mean 'model.hidden'" in err
     assert "run negative-lr" in err and "training.optimizer.lr" in err
-    assert "invalid config" not in run.outputs[1]  # reported once, by the main rank
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no run folder, no results
+
+
+def test_the_driver_refuses_to_run_under_a_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert R.main(["--config", str(write_study(tmp_path))]) == 2
+    assert "runs as one process and starts each run itself" in caplog.text
+
+
+def test_a_base_without_an_example_entry_is_one_message(tmp_path: Path) -> None:
+    base = tmp_path / "train.py"
+    base.write_text("CONFIG_SCHEMA = None\nMAIN_METRIC = 'x'\n")
+    with pytest.raises(au.StudyError, match="its EXAMPLE entry lacks 'schema', 'metric'"):
+        R.load_example(base)
+    base.write_text("EXAMPLE = {'schema': object, 'metric': 'x', 'mode': 'up'}\n")
+    with pytest.raises(au.StudyError, match="has mode='up'"):
+        R.load_example(tmp_path / "train.py")
+
+
+def test_a_failure_is_described_from_the_launchers_report_and_the_ranks_own_lines(tmp_path: Path) -> None:
+    """torchrun's "Root Cause" block and srun's task lines name the rank; its own stderr gives the lines."""
+    run = tmp_path / "run"
+    (run / "logs" / "torchrun" / "x" / "attempt_0" / "1").mkdir(parents=True)
+    (run / "logs" / "torchrun" / "x" / "attempt_0" / "1" / "stderr.log").write_text(
+        "warming up\nRuntimeError: CUDA error: device-side assert triggered\nFatal Python error: Aborted\n"
+    )
+    launch = tmp_path / "launch.log"
+    launch.write_text(
+        "Root Cause (first observed failure):\n[0]:\n  time      : now\n  host      : h\n"
+        "  rank      : 1 (local_rank: 1)\n  exitcode  : -6 (pid: 12)\n"
+    )
+    error = au.describe_failure(run, launch, 1)
+    assert (error["rank"], error["type"]) == (1, "RuntimeError")
+    assert (
+        error["message"] == "CUDA error: device-side assert triggered"
+        and error["how"] == "rank 1 was killed by signal 6"
+    )
+    launch.write_text("0: fine\n1: ValueError: bad batch\nsrun: error: n2: task 1: Exited with exit code 1\n")
+    error = au.describe_failure(tmp_path / "other", launch, 1)
+    assert (error["rank"], error["type"], error["message"]) == (1, "ValueError", "bad batch")
+    assert error["how"] == "task 1: Exited with exit code 1"
+    assert au.describe_failure(tmp_path / "other", launch, -9, timed_out=30.0)["type"] == "Timeout"
+
+
+# ----------------------------------------------------------------------------------------------
+# Two ranks per run: failures are isolated, a signal to the driver stops and --resume continues
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_each_kind_of_failure_is_recorded_and_the_next_run_starts_clean(tmp_path: Path) -> None:
+    fault = {"fault.rank": 1, "fault.at": "step"}
+    study = write_study(
+        tmp_path,
+        timeout_s=NEVER_S,  # no run may wait for the process group's timeout: the driver or its launcher ends it
+        nproc_per_node=2,
+        run_timeout_s=45,
+        include_base=False,
+        variants=[
+            {"name": "raises", "overrides": {"fault.rank": 1, "fault.at": "build"}},  # rank 0 waits in DDP
+            {"name": "sigkill", "overrides": {**fault, "fault.how": "kill"}},
+            {"name": "os-exit", "overrides": {**fault, "fault.how": "exit"}},
+            {"name": "cuda-abort", "overrides": {"fault.rank": 0, "fault.at": "step", "fault.how": "abort"}},
+            {"name": "hangs", "overrides": {**fault, "fault.how": "hang"}},
+            {"name": "fine", "overrides": {"model.hidden": 16}},
+        ],
+    )
+    done = driver(study, timeout=600)
+    assert done.returncode == 0, _out(done)
+    recs = {r["run"]: r for r in results(tmp_path)}
+    assert list(recs) == ["raises", "sigkill", "os-exit", "cuda-abort", "hangs", "fine"]  # the study's order
+    assert (
+        recs["fine"]["status"] == "finished"
+        and recs["fine"]["world_size"] == 2
+        and recs["fine"]["final"]["score"] > 0.2
+    )
+    expected = {
+        "raises": (1, "ValueError", "toy fault on rank 1 while building the model"),
+        "sigkill": (1, "Exit", "rank 1 was killed by signal 9"),
+        "os-exit": (1, "Exit", "rank 1 exited with code 1"),
+        "cuda-abort": (0, "RuntimeError", "CUDA error: an illegal memory access was encountered"),
+    }
+    for name, (rank, kind, text) in expected.items():
+        error = recs[name]["error"]
+        assert recs[name]["status"] == "failed" and (error["rank"], error["type"], error["message"]) == (
+            rank,
+            kind,
+            text,
+        )
+        assert error["lines"] and Path(error["log"]).is_file() and recs[name]["final"] == {}
+    assert any("toy fault on rank 1: kill at a step" in line for line in recs["sigkill"]["error"]["lines"])
+    hang = recs["hangs"]["error"]
+    assert hang["type"] == "Timeout" and "run_timeout_s=45" in hang["message"] and recs["hangs"]["wall_time_s"] < 90
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "`raises`: rank 1: ValueError: toy fault on rank 1 while building the model" in summary
+    assert not [p for p in _processes() if str(TOY) in p], "a run's process outlived the study"
+
+
+def _processes() -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            found.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["driver", "rank 1"])
+def test_a_signal_stops_the_run_at_its_checkpoint_and_resume_continues_it_to_the_same_result(
+    tmp_path: Path, target: str
+) -> None:
+    """SIGTERM to the driver (what Slurm's --signal=B:TERM does) or to rank 1 of the running run: every rank stops
+    at one step with its checkpoint, nothing is recorded, the driver exits 75; --resume continues the run from its
+    middle and records each run once, with the score of an uninterrupted run of the same config (run "same")."""
+    study = write_study(
+        tmp_path,
+        nproc_per_node=2,
+        include_base=False,
+        overrides={"training.num_epochs": 4, "training.batch_size": 32, "fault.sleep_s": 1.5},
+        variants=[{"name": "stopped"}, {"name": "same", "overrides": {"training.seed": 0}}],
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(RUN_PY), "--config", str(study)],
+        env={**os.environ, **NO_GPU, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = tmp_path / "out" / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().strip()):  # its first epoch is done
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    if target == "driver":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        rank1 = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/environ") if _is_rank(p, "1")]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGTERM)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 75, output
+    assert not results(tmp_path) and "nothing is recorded for them" in output
+    assert json.loads((tmp_path / "out" / "stopped" / "outcome.json").read_text())["status"] == "stopped"
+
+    done = driver(study, "--resume")
+    assert done.returncode == 0, _out(done)
+    recs = results(tmp_path)
+    assert [(r["run"], r["status"], r["resumed"]) for r in recs] == [
+        ("stopped", "finished", True),
+        ("same", "finished", False),
+    ]
+    assert recs[0]["final"]["score"] == recs[1]["final"]["score"]  # the resume is exact
+    epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3]  # each epoch once: the resume finished the stopped one from its middle
+
+
+def _is_rank(environ: Path, rank: str) -> bool:
+    with contextlib.suppress(OSError):
+        data = environ.read_bytes().split(b"\0")
+        return f"RANK={rank}".encode() in data and str(TOY).encode() in (environ.parent / "cmdline").read_bytes()
+    return False
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_parallel_runs_overlap_each_on_its_own_launch(tmp_path: Path) -> None:
+    study = write_study(tmp_path, parallel=2, grid={"model.hidden": [4, 16]}, include_base=False)
+    done = driver(study)
+    assert done.returncode == 0, _out(done)
+    recs = results(tmp_path)
+    assert sorted(r["run"] for r in recs) == ["hidden=16", "hidden=4"] and all(r["status"] == "finished" for r in recs)
+    spans = sorted((r["started_at"], r["started_at"] + r["wall_time_s"]) for r in recs)
+    assert spans[1][0] < spans[0][1], spans  # the second started before the first ended
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,8 +493,7 @@ def test_invalid_variants_are_reported_before_anything_trains(tmp_path: Path, ru
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.skipif(not SEGMENTATION.is_file(), reason="examples/segmentation/train.py is not there yet")
-def test_segmentation_study_on_two_ranks(tmp_path: Path, run_on_ranks) -> None:
+def test_segmentation_study_on_two_ranks_learns(tmp_path: Path) -> None:
     study = tmp_path / "seg.yaml"
     study.write_text(
         yaml.safe_dump(
@@ -522,128 +501,39 @@ def test_segmentation_study_on_two_ranks(tmp_path: Path, run_on_ranks) -> None:
                 "name": "seg",
                 "base": "segmentation",
                 "output_dir": str(tmp_path / "out"),
-                "overrides": {
-                    "training.num_epochs": 1,
-                    "data.synthetic.num_cases": 4,
-                    "data.synthetic.shape": [32, 32, 8],
-                    "model.num_blocks": 2,
-                    "distributed.timeout_s": 120,
-                },
-                "grid": {"model.feature_dims": [4, 8]},
+                "device": "cpu",
+                "nproc_per_node": 2,
+                "overrides": {"training.num_epochs": 6, "distributed.timeout_s": 120},  # the shipped config, shorter
+                "grid": {"model.feature_dims": [4]},
             }
         )
     )
-    run = run_on_ranks(RUN_PY, 2, args=["--config", str(study)], env=NO_GPU, timeout=240).check()
+    done = driver(study)
+    assert done.returncode == 0, _out(done)
     recs = results(tmp_path)
-    assert [r["run"] for r in recs] == ["base", "feature_dims=4", "feature_dims=8"]
-    assert all(r["status"] == "finished" and r["metric"] == "dice" and 0 <= r["final"]["dice"] <= 1 for r in recs)
+    assert [r["run"] for r in recs] == ["base", "feature_dims=4"]
+    assert all(r["status"] == "finished" and r["metric"] == "dice" and r["world_size"] == 2 for r in recs)
+    assert recs[0]["final"]["dice"] > 0.7, recs[0]["final"]  # it learns (untrained: below 0.2)
     assert all((tmp_path / "out" / r["run"] / "metrics.jsonl").is_file() for r in recs)
-    assert "| **base** |" in run.stdouts[0]
+    assert "| **base** |" in done.stdout
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.skipif(not SEGMENTATION.is_file(), reason="examples/segmentation/train.py is not there yet")
-def test_shipped_study_with_smoke_on_two_ranks_is_one_short_epoch_per_run(tmp_path: Path, run_on_ranks) -> None:
-    # The shipped study sets training.num_epochs: 10 for every run; smoke=true on the command line is a quick
-    # pass over every variant: one epoch of at most 10 steps on 16 slices, one metrics row with both ranks'
-    # peak memory.
+def test_shipped_study_with_smoke_is_one_short_epoch_per_run(tmp_path: Path) -> None:
+    # The shipped study sets training.num_epochs for every run; smoke=true on the command line is a quick pass
+    # over every variant: one epoch of at most 10 steps on 16 slices, one metrics row with both ranks' peak memory.
     study = ROOT / "examples" / "ablation" / "ablation.yaml"
-    run = run_on_ranks(
-        RUN_PY,
-        2,
-        args=[
-            "--config",
-            str(study),
-            f"output_dir={tmp_path / 'out'}",
-            "seeds=[0]",
-            "smoke=true",
-            "distributed.timeout_s=120",
-        ],
-        env=NO_GPU,
-        timeout=240,
-    ).check()
+    done = driver(study, f"output_dir={tmp_path / 'out'}", "seeds=[0]", "smoke=true", timeout=600)
+    assert done.returncode == 0, _out(done)
     recs = results(tmp_path)
-    assert len(recs) == 7 and all(r["status"] == "finished" for r in recs)
+    shipped = yaml.safe_load(study.read_text())
+    assert len(recs) == 1 + len(shipped.get("variants", [])) + math.prod(len(v) for v in shipped["grid"].values())
+    assert all(r["status"] == "finished" for r in recs)
     for rec in recs:
         rows = [json.loads(line) for line in (Path(rec["dir"]) / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "epoch" in r]
         assert len(rows) == 1 and rows[0]["epoch"] == 0 and rows[0]["train_samples"] == 16
-        assert 1 <= rows[0]["step"] <= 10  # smoke's training.max_steps, not the study's 10 epochs (speed: benchmarks/)
+        assert 1 <= rows[0]["step"] <= 10  # smoke's training.max_steps, not the study's epochs
         assert len(rows[0]["peak_memory_gib"]) == 2 and rows[0]["peak_memory_max_rank"] in (0, 1)
-    assert "leaving out the study's training.num_epochs=10" in "".join(run.stdouts + run.stderrs)
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_a_preempted_segmentation_study_resumes_the_run_from_its_middle_and_records_nothing_twice(
-    tmp_path: Path, run_on_ranks
-) -> None:
-    """SIGTERM to rank 1 during the first run: every rank stops at one step, the run's checkpoint is written
-    and nothing recorded; --resume continues that run from its checkpoint, then the next one."""
-    import threading
-
-    import psutil
-
-    study = tmp_path / "seg.yaml"
-    overrides = {
-        "training.num_epochs": 2,
-        "training.batch_size": 4,  # 24 training slices on 2 ranks: 3 steps per epoch
-        "training.log_every": 1,
-        "data.synthetic.num_cases": 4,
-        "data.synthetic.shape": [32, 32, 8],
-        "model.num_blocks": 2,
-        "distributed.timeout_s": 120,
-    }
-    spec = {"name": "seg", "base": "segmentation", "output_dir": str(tmp_path / "out"), "overrides": overrides}
-    study.write_text(yaml.safe_dump({**spec, "grid": {"model.feature_dims": [4]}}))
-    base = tmp_path / "out" / "base"
-    sent: list[int] = []
-
-    def signal_rank_1() -> None:
-        deadline = time.monotonic() + 200
-        while not sent and time.monotonic() < deadline:
-            lines = (base / "metrics.jsonl").read_text().splitlines() if (base / "metrics.jsonl").is_file() else []
-            if len(lines) >= 2:  # step 1 is done
-                ranks = {}
-                for p in psutil.Process().children():  # the ranks themselves, not their DataLoader workers
-                    with contextlib.suppress(psutil.Error):
-                        if str(RUN_PY) in " ".join(p.cmdline()):
-                            ranks[p.environ().get("RANK")] = p
-                # Rank 0 held still meanwhile, so the signal lands mid-run however loaded the machine is: 6
-                # steps go by in well under the 0.1 s poll, and a signal after the run's last agreement stops
-                # the study after that run instead (test_a_signal_after_a_runs_last_collective_...).
-                ranks["0"].suspend()
-                try:
-                    ranks["1"].send_signal(signal.SIGTERM)
-                    sent.append(ranks["1"].pid)
-                    time.sleep(0.2)
-                finally:
-                    ranks["0"].resume()
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=signal_rank_1, daemon=True)
-    thread.start()
-    first = run_on_ranks(RUN_PY, 2, args=["--config", str(study)], env=NO_GPU, timeout=240)
-    thread.join(1)
-    assert sent and first.returncodes == [75, 75], str(first)
-    assert "study preempted during run base" in first.outputs[0] and not results(tmp_path)
-    import torch
-
-    from ratlib import checkpoint
-
-    mid = torch.load(checkpoint.latest(base / "checkpoints", "epoch*.pt"), weights_only=True)
-    stopped_at = mid["step"]
-    assert f"preemption: stopping at step {stopped_at} on every rank (rank 1 got SIGTERM" in first.outputs[0]
-
-    run = run_on_ranks(RUN_PY, 2, args=["--config", str(study), "--resume"], env=NO_GPU, timeout=240).check()
-    recs = results(tmp_path)
-    assert [r["run"] for r in recs] == ["base", "feature_dims=4"] and recs[0]["resumed"] is True
-    assert "continuing from its checkpoint" in run.outputs[0]
-    assert f"resumed from {base / 'checkpoints'}" in run.outputs[0] and 0 < stopped_at < 6
-    rows = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 7))  # every step once
-    assert [r["epoch"] for r in rows if "epoch" in r] == [0, 1]
-    assert "tensorboard --logdir" in run.stdouts[0]
-    if importlib.util.find_spec("tensorboard") is not None:  # each run folder is one TensorBoard run
-        assert all(len(list((tmp_path / "out" / r["run"]).glob("events.out.tfevents.*"))) >= 1 for r in recs)
-        assert not list((tmp_path / "out").glob("events.out.tfevents.*"))
+    assert "leaving out the study's training.num_epochs" in done.stdout + done.stderr

@@ -484,3 +484,11 @@ def test_requeue_slurm_job_runs_the_command_once_and_never_with_ratlib_requeue_0
     assert not log.exists(), "a run whose driver owns the job must not requeue it"
     assert preempt.requeue_slurm_job(command=command, environ={"SLURM_JOB_ID": "9"}) is True
     assert log.read_text() == "9\n"
+
+
+def test_current_is_the_installed_preemption() -> None:
+    assert preempt.current() is None
+    pre = preempt.install(("SIGUSR1",))
+    assert preempt.current() is pre
+    preempt.uninstall()
+    assert preempt.current() is None

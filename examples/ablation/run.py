@@ -312,6 +312,15 @@ def _free_name(path: Path, suffix: str) -> Path:
 # Starting runs: torchrun on a machine, srun steps inside a Slurm allocation
 
 
+def launched_as_a_rank() -> bool:
+    """Whether this process is one rank of a launch (torchrun, an srun step, mpirun) instead of a shell. In an
+    sbatch script or salloc shell SLURM_NTASKS describes the allocation, not this process."""
+    env = os.environ
+    if env.get("SLURM_JOB_ID") and not env.get("SLURM_STEP_ID") and "LOCAL_RANK" not in env:
+        return False
+    return get_world_size() > 1
+
+
 def pick_launcher(choice: str) -> str:
     """``auto``: srun inside a Slurm allocation (an sbatch script or salloc shell, not inside a step), else
     torchrun."""
@@ -471,6 +480,7 @@ def make_record(plan: Plan, run: au.Run, launch: Launch, world_size: int) -> dic
             if best
             else {}
         ),
+        "started_at": round(time.time() - (time.monotonic() - launch.started), 3),
         "wall_time_s": round(time.monotonic() - launch.started, 3),
         "peak_memory_gib": peaks,
         "peak_memory_max_gib": max(peaks),
@@ -531,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     resume = args.resume or args.retry_failed
     setup_logging()
-    if get_world_size() > 1:
+    if launched_as_a_rank():
         log.error(
             "the ablation driver runs as one process and starts each run itself (torchrun, or srun steps under "
             "Slurm): run `python examples/ablation/run.py --config ... nproc_per_node=N`, not under torchrun"
@@ -573,7 +583,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 2. Each run its own job; record each as it ends.
     stop = Stop()
     try:
+        before = len(au.read_jsonl(plan.results))
         stopped = run_study(plan, launcher, nproc, s.device, stop)
+        recorded = len(au.read_jsonl(plan.results)) - before
     finally:
         stop.restore()
 
@@ -599,7 +611,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.Signals(stop.signum).name if stop.signum else "a run was preempted",
             ", ".join(stopped),
         )
-        requeue_slurm_job()
+        if recorded or any((read_outcome(plan.runs[i].dir) or {}).get("progressed") for i in plan.todo):
+            requeue_slurm_job()
+        else:  # a requeued job that stops again before any step would loop
+            log.warning("no requeue: nothing progressed since this launch started")
         return PREEMPT_EXIT_CODE
     return 0
 

@@ -213,8 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             metrics = train(cfg, run_dir=run_dir, resume=args.resume, info=info)
         except SystemExit as stop:
-            if stop.code == preempt.PREEMPT_EXIT_CODE:
-                write_outcome(run_dir, "stopped")
+            pre = preempt.current()
+            if stop.code == preempt.PREEMPT_EXIT_CODE and pre is not None:
+                write_outcome(run_dir, "stopped", step=pre.stop_step, progressed=pre.progressed)
             raise
     write_outcome(run_dir, "finished", metrics=metrics)
     return 0
