@@ -269,20 +269,18 @@ def _refused(path: Path, types: list[str]) -> CheckpointError:
     if all(t.startswith("numpy") for t in types):
         return CheckpointError(
             message(
-                f"checkpoint {path} holds NumPy objects, which weights_only=True refuses; checkpoints written by "
-                "ratlib before it stored NumPy's RNG state as plain data look like this",
+                f"checkpoint.load: {path} holds NumPy objects, which weights_only=True refuses (an older ratlib "
+                "stored NumPy's RNG state so)",
                 got=f"refused: {', '.join(types)}",
-                fix=f"if you trust the file, convert it once: `{_UPGRADE} {path}` (rewrites it in the plain "
-                f"form), or load it with {opt_in}",
+                fix=f"if you trust the file, convert it once: `{_UPGRADE} {path}`, or load it with {opt_in}",
             )
         )
     return CheckpointError(
         message(
-            f"checkpoint {path} holds types that weights_only=True refuses: unpickling them could run code "
-            "from the file, so it was not loaded",
+            f"checkpoint.load: {path} holds types that weights_only=True refuses, as unpickling them could run code",
             got=f"refused: {', '.join(types)}",
-            fix=f"store plain data (tensors, numbers, strings, lists, dicts); if you trust the file, load it "
-            f"with {opt_in}, or allowlist the types with torch.serialization.add_safe_globals",
+            fix=f"store plain data; if you trust the file, load it with {opt_in}, or allowlist the types with "
+            "torch.serialization.add_safe_globals",
         )
     )
 

@@ -284,9 +284,8 @@ def _server_store(launch: LaunchEnv, connect_timeout: float) -> Any:
             f"not every rank reached the rendezvous on MASTER_PORT={port} within "
             f"connect_timeout={connect_timeout:g}s ({joined + 1}/{launch.world_size} ranks "
             "joined, rank 0 included)",
-            f"start all {launch.world_size} ranks (WORLD_SIZE must match how many you start); "
-            "check the other ranks' logs for their own error; give every rank the same "
-            "MASTER_ADDR/MASTER_PORT; or raise connect_timeout when ranks start far apart",
+            f"start all {launch.world_size} ranks with the same MASTER_ADDR/MASTER_PORT; check their logs; "
+            "raise connect_timeout if they start far apart",
         ) from None
     for key in (_JOINED, _ALL_JOINED):  # a later group on this port (multi_tenant) counts afresh
         store.delete_key(key)
@@ -373,9 +372,8 @@ def _mpi_rendezvous(launch: LaunchEnv) -> LaunchEnv:
     raise _init_error(
         launch,
         f"MASTER_ADDR and MASTER_PORT not set for a {launch.world_size}-process {launch.launcher} job on {where}",
-        "export MASTER_ADDR (rank 0's host) and MASTER_PORT (a free port on it) to every rank (mpirun -x "
-        "MASTER_ADDR -x MASTER_PORT), or pip install 'ratlib[mpi]' (mpi4py) so that rank 0 shares its address "
-        "over MPI",
+        "export MASTER_ADDR (rank 0's host) and MASTER_PORT (free there) to every rank (mpirun -x MASTER_ADDR "
+        "-x MASTER_PORT), or pip install 'ratlib[mpi]' to share them over MPI",
     )
 
 

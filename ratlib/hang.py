@@ -523,9 +523,7 @@ def _mismatch_message(seq: int, records: list[dict[str, Any]]) -> str:
     for (op, site, step), ranks in sorted(groups.items(), key=lambda kv: kv[1][0]):
         lines.append(f"  {_ranks(ranks)}: {op} at {site} (step {step})")
     return message(
-        "\n".join(lines)
-        + "\nEvery rank must call the same collectives in the same order and step; without this check the job "
-        "would hang or silently pair different collectives here",
+        "\n".join(lines) + "\nEvery rank must call the same collectives in the same order and step",
         fix="look for a branch that differs by rank before these call sites (a data-dependent if, an uneven "
         "last batch, an exception caught on one rank)",
     )

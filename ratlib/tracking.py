@@ -633,9 +633,9 @@ class Tracker:
             raise TrackingError(
                 message(
                     f"Tracker.log: step {step} goes backwards: the last step logged (or resumed from) is "
-                    f"{self.last_step}, and trackers drop or overwrite values at steps they have passed",
-                    fix="pass a global step that only increases (count optimizer steps across epochs and "
-                    "resumes; restore it from the checkpoint), not a per-epoch batch index",
+                    f"{self.last_step}, and trackers drop or overwrite passed steps",
+                    fix="pass a global step that only increases (optimizer steps across epochs and resumes), "
+                    "not a per-epoch batch index",
                 )
             )
         self.last_step = step
