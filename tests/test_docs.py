@@ -264,6 +264,7 @@ def smoke_argv(cmd: Command, out: Path) -> list[str]:
     script = next(a for a in argv if a.startswith("examples/"))
     example = script.split("/")[1]
     argv = [STAND_INS.get(a, a).format(example=example) for a in argv if not a.startswith("output_dir=")]
+    argv = ["nproc_per_node=2" if a.startswith("nproc_per_node=") else a for a in argv]  # a study's ranks per run
     return [*argv, *(SMOKE_STUDY if example == "ablation" else SMOKE), f"output_dir={out}"]
 
 

@@ -437,3 +437,18 @@ def test_a_script_that_forgets_close_still_writes_every_row(tmp_path: Path) -> N
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(200))
+
+
+def test_write_outcome_is_atomic_plain_json_from_the_main_rank_only(tmp_path: Path, monkeypatch) -> None:
+    from ratlib.tracking import TrackingError, read_outcome, write_outcome
+
+    assert read_outcome(tmp_path) is None
+    path = write_outcome(tmp_path, "stopped", step=7, progressed=True)
+    assert path == tmp_path / "outcome.json" and read_outcome(tmp_path)["step"] == 7
+    write_outcome(tmp_path, "finished", metrics={"dice": 0.5, "n": 3})
+    assert read_outcome(tmp_path)["status"] == "finished" and read_outcome(tmp_path)["metrics"] == {"dice": 0.5, "n": 3}
+    with pytest.raises(TrackingError, match="unknown status"):
+        write_outcome(tmp_path, "crashed")
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    assert write_outcome(tmp_path / "other", "finished") is None and not (tmp_path / "other").exists()

@@ -590,9 +590,11 @@ def summary_markdown(
         parts += ["## Failed runs", ""]
         for _name, rec in failures:
             err = rec.get("error") or {}
+            rank = err.get("rank")
             parts.append(
-                f"- `{rec['run']}`: rank {err.get('rank', '?')}: {err.get('type', 'Error')}: "
+                f"- `{rec['run']}`: rank {'?' if rank is None else rank}: {err.get('type', 'Error')}: "
                 f"{err.get('message', '')}".rstrip()
+                + (f" (output: `{err['log']}`)" if err.get("log") else "")
             )
         parts.append("")
     return "\n".join(parts)
