@@ -34,7 +34,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ __all__ = [
     "lr_metrics",
     "memory_metrics",
     "read_outcome",
+    "run_outcome",
     "write_outcome",
 ]
 
@@ -123,6 +124,23 @@ def write_outcome(run_dir: str | os.PathLike[str], status: str, **fields: Any) -
     record = {"status": status, **plain, "written_at": time.time()}
     write_atomic(path, (json.dumps(record, default=str) + "\n").encode())
     return path
+
+
+@contextlib.contextmanager
+def run_outcome(run_dir: str | os.PathLike[str]) -> Iterator[Callable[..., Path | None]]:
+    """Around a run's training call: yields ``finished(**fields)``, to call with the final metrics (it writes
+    ``outcome.json`` "finished"); a preemption stop inside (``SystemExit`` with ``ratlib.preempt``'s exit code)
+    writes "stopped" with the stop step, and the exit goes on. Anything else writes nothing."""
+    try:
+        yield functools.partial(write_outcome, run_dir, "finished")
+    except SystemExit as stop:
+        from ratlib import preempt
+
+        pre = preempt.current()
+        if stop.code == preempt.PREEMPT_EXIT_CODE:
+            fields = {"step": pre.stop_step, "progressed": pre.progressed} if pre is not None else {}
+            write_outcome(run_dir, "stopped", **fields)
+        raise
 
 
 def read_outcome(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

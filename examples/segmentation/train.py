@@ -56,7 +56,7 @@ from ratlib.config_defaults import memory_format_for, register_check, report_fin
 from ratlib.data import EvalSampler, ShardedBatchSampler, gather_by_index
 from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
-from ratlib.tracking import Tracker, memory_metrics, write_outcome
+from ratlib.tracking import Tracker, memory_metrics, run_outcome
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # seg_utils.py sits beside this file
 import seg_utils as su  # noqa: E402
@@ -445,14 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.eval_only:
                 metrics = evaluate_checkpoint(cfg, args.checkpoint, run_dir=run_dir, info=info)
             else:
-                try:
+                with run_outcome(run_dir) as finished:  # outcome.json, for a launcher such as the ablation driver
                     metrics = train(cfg, run_dir=run_dir, resume=args.resume, info=info)
-                except SystemExit as stop:  # preempted, its checkpoint written: tell whoever started the run
-                    pre = preempt.current()
-                    if stop.code == preempt.PREEMPT_EXIT_CODE and pre is not None:
-                        write_outcome(run_dir, "stopped", step=pre.stop_step, progressed=pre.progressed)
-                    raise
-                write_outcome(run_dir, "finished", metrics=metrics)  # for a launcher such as the ablation driver
+                    finished(metrics=metrics)
         except (su.TaskError, RatlibError) as exc:  # the user's input (UsageError, CheckpointError...): no traceback
             log.error("%s", exc)
             return 2

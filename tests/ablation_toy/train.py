@@ -45,7 +45,7 @@ from ratlib import (
 )
 from ratlib.config_defaults import parse_args
 from ratlib.io import append_jsonl
-from ratlib.tracking import write_outcome
+from ratlib.tracking import run_outcome
 
 
 class ToyModel(ModelConfig):
@@ -210,14 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(log_dir=run_dir / "logs")
     d = cfg.distributed
     with distributed(d.backend, timeout=d.timeout_s, stall_timeout=d.stall_timeout_s) as info:
-        try:
-            metrics = train(cfg, run_dir=run_dir, resume=args.resume, info=info)
-        except SystemExit as stop:
-            pre = preempt.current()
-            if stop.code == preempt.PREEMPT_EXIT_CODE and pre is not None:
-                write_outcome(run_dir, "stopped", step=pre.stop_step, progressed=pre.progressed)
-            raise
-    write_outcome(run_dir, "finished", metrics=metrics)
+        with run_outcome(run_dir) as finished:  # outcome.json: "finished" with the metrics, or "stopped"
+            finished(metrics=train(cfg, run_dir=run_dir, resume=args.resume, info=info))
     return 0
 
 
