@@ -316,7 +316,10 @@ def _mpi(env: Mapping[str, str], launcher: str) -> LaunchEnv:
     return LaunchEnv(launcher, rank, world, local_rank, local_world, node, addr, port, read, job_key)
 
 
-_HOST_ITEM = re.compile(r"[^\[\],]*(?:\[[^\[\]]*\][^\[\],]*)*")
+# Items are separated as Slurm's own hostlist parser separates them: by commas, spaces, tabs or newlines outside
+# brackets ("alpha beta gamma" is three hosts).
+_HOST_DELIMS = ", \t\n"
+_HOST_ITEM = re.compile(r"[^\[\],\s]*(?:\[[^\[\]]*\][^\[\],\s]*)*")
 
 
 def _nodelist_items(nodelist: str) -> list[list[str | list[tuple[str, str]]]]:
@@ -328,7 +331,7 @@ def _nodelist_items(nodelist: str) -> list[list[str | list[tuple[str, str]]]]:
         m = _HOST_ITEM.match(nodelist, pos)
         text = m.group(0) if m else ""
         end = pos + len(text)
-        if end < len(nodelist) and nodelist[end] != ",":
+        if end < len(nodelist) and nodelist[end] not in _HOST_DELIMS:
             raise SlurmListError(message(f"SLURM node list {nodelist!r}: unbalanced bracket at position {end}"))
         if text.strip():
             parts: list[str | list[tuple[str, str]]] = []
@@ -338,8 +341,8 @@ def _nodelist_items(nodelist: str) -> list[list[str | list[tuple[str, str]]]]:
                     continue
                 ranges = []
                 for part in piece[1:-1].split(","):
-                    lo, _, hi = part.strip().partition("-")
-                    if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+                    lo, dash, hi = part.strip().partition("-")
+                    if not lo.isdigit() or (dash and not hi.isdigit()) or (hi and int(hi) < int(lo)):
                         raise SlurmListError(
                             message(f"SLURM node list {nodelist!r}: range {part!r} is not N or N-M with N <= M")
                         )

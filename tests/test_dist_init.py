@@ -415,6 +415,38 @@ def test_slurm_lists() -> None:
     assert env.master_addr == "n0" and time.perf_counter() - start < 10  # expanding 1e9 names takes minutes
 
 
+# Other projects' cases for SLURM host lists, and where ratlib's answer comes from. Slurm's own parser
+# (src/common/hostlist.c) separates hosts by commas, spaces, tabs and newlines outside brackets, and refuses a
+# range with a missing bound; Lightning's SLURMEnvironment and submitit's JobEnvironment resolve the master from
+# the first host of the same lists.
+PEER_HOSTLISTS = [
+    ("alpha,beta,gamma", ["alpha", "beta", "gamma"]),  # Lightning, submitit
+    ("alpha beta gamma", ["alpha", "beta", "gamma"]),  # Slurm: spaces separate hosts (was one host "alpha beta gamma")
+    ("alpha\tbeta", ["alpha", "beta"]),  # Slurm: tabs too
+    ("host[0-2]", ["host0", "host1", "host2"]),  # Lightning
+    ("host[00-02],other[5]", ["host00", "host01", "host02", "other5"]),  # submitit: zero padding kept
+    ("compute-b24-[1-3,5-9],compute-b25-[1,4,8]", None),  # submitit's long case, checked by count below
+    ("a[1-2]b[3-4]", ["a1b3", "a1b4", "a2b3", "a2b4"]),  # Slurm: a cartesian product
+]
+
+
+@pytest.mark.parametrize(("nodelist", "expected"), PEER_HOSTLISTS)
+def test_slurm_host_lists_agree_with_other_projects(nodelist: str, expected: list[str] | None) -> None:
+    hosts = expand_slurm_nodelist(nodelist)
+    if expected is None:
+        assert len(hosts) == 8 + 3 and hosts[0] == "compute-b24-1" and hosts[-1] == "compute-b25-8"
+    else:
+        assert hosts == expected
+    env = detect_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": nodelist})
+    assert env.master_addr == hosts[0]
+
+
+@pytest.mark.parametrize("bad", ["compute-b2[1-,4]", "n[-3]", "n[1-2-3]"])
+def test_a_range_with_a_missing_bound_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="is not N or N-M"):
+        expand_slurm_nodelist(bad)
+
+
 def test_detect_is_torch_free() -> None:
     code = (
         "import sys; from ratlib.dist_init import detect_launch_env, get_rank, is_main_process\n"
