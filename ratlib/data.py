@@ -110,6 +110,7 @@ class ShardedBatchSampler:
         self.epoch = 0
         self.position = 0  # batches handed out in this epoch
         self._skip = 0  # batches the next iteration leaves out (a restored mid-epoch state)
+        self._start = 0  # where the current (or next) iteration starts: len() stays put while it runs
 
     @property
     def batches_per_epoch(self) -> int:
@@ -117,14 +118,16 @@ class ShardedBatchSampler:
         return min(-(-largest // self.batch_size), smallest)  # never more batches than the smallest shard holds
 
     def __len__(self) -> int:
-        """Batches the next iteration yields: the whole epoch, or what was left at a restored position."""
-        return self.batches_per_epoch - self._skip
+        """Batches the current (or next) iteration yields: the whole epoch, or what was left at a restored
+        position. Stable from before the iteration to after its end (a loader's workers exhaust the sampler
+        a few batches before the loop does); ``set_epoch`` to a new epoch makes it the whole epoch again."""
+        return self.batches_per_epoch - self._start
 
     def set_epoch(self, epoch: int) -> None:
         """Call before each epoch: the order depends on ``(seed, epoch)``. A restored position applies only
         to the epoch it was saved in."""
         if epoch != self.epoch:
-            self.epoch, self.position, self._skip = epoch, 0, 0
+            self.epoch, self.position, self._skip, self._start = epoch, 0, 0, 0
 
     def _batches(self) -> list[list[int]]:
         rng = random.Random(f"ratlib.data/{self.seed}/{self.epoch}")
@@ -146,7 +149,7 @@ class ShardedBatchSampler:
             rng = random.Random(f"ratlib.data/aug/{self.seed}/{self.epoch}")
             seeds = [rng.getrandbits(62) for _ in range(self.num_samples)]
         start, self._skip = self._skip, 0
-        self.position = start
+        self.position = self._start = start
         for batch in batches[start:]:
             self.position += 1
             yield [(i, seeds[i]) for i in batch] if seeds is not None else batch
@@ -184,9 +187,9 @@ class ShardedBatchSampler:
                     )
                 )
         if position >= self.batches_per_epoch:  # the epoch was finished: the next one starts afresh
-            self.epoch, self.position, self._skip = epoch + 1, 0, 0
+            self.epoch, self.position, self._skip, self._start = epoch + 1, 0, 0, 0
         else:
-            self.epoch, self.position, self._skip = epoch, position, position
+            self.epoch, self.position, self._skip, self._start = epoch, position, position, position
 
 
 class EvalSampler:

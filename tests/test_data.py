@@ -95,6 +95,33 @@ def test_a_state_from_mid_epoch_resumes_exactly_the_batches_left(
         assert len(fresh) == fresh.batches_per_epoch
 
 
+def test_len_of_a_resumed_sampler_stays_put_while_a_loader_iterates_it() -> None:
+    """A progress logger reads ``len(loader)`` at every step: in a resumed epoch it must stay the batches that
+    iteration yields (5 of 8 here), also once the loader's workers have drained the sampler ahead of the loop."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    first = ShardedBatchSampler(32, 4, rank=0, world_size=1, seed=1)
+    assert len(first) == first.batches_per_epoch == 8
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    sampler = ShardedBatchSampler(32, 4, rank=0, world_size=1, seed=1)
+    sampler.load_state_dict(first.state_dict())
+    sampler.set_epoch(0)  # the same epoch: the position stays
+    for workers in (0, 2):
+        if workers:
+            sampler.load_state_dict(first.state_dict())
+        loader = DataLoader(torch.arange(32), batch_sampler=sampler, num_workers=workers)
+        lengths, steps = [len(loader)], 0
+        for _ in loader:
+            steps += 1
+            lengths.append(len(loader))
+        assert steps == 5 and lengths == [5] * 6, (workers, lengths)
+    sampler.set_epoch(1)
+    assert len(sampler) == 8 and len(list(sampler)) == 8
+
+
 def test_augmentation_seeds_depend_on_seed_and_epoch_only() -> None:
     a, b = (ShardedBatchSampler(20, 4, rank=0, world_size=2, seed=1, augmentation_seeds=True) for _ in range(2))
     first = list(a)
