@@ -88,12 +88,22 @@ def _listing(folder: Path, pattern: str) -> str:
     return f"{len(found)} {pattern} file(s) in {folder}: {'..., ' if len(found) > 8 else ''}{shown}"
 
 
-def save(state: Mapping[str, Any], path: str | os.PathLike[str], *, keep: int | None = None, sync: bool = True) -> Path:
+def save(
+    state: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    keep: int | None = None,
+    sync: bool = True,
+    sync_timeout: float | None = None,
+) -> Path:
     """Write ``state`` to ``path`` on the main rank, atomically; returns ``path``.
 
     ``keep``: after the save, delete the oldest files of the same name pattern (the name with its numbers
     replaced by a wildcard, e.g. ``epoch*.pt``) so that ``keep`` remain. ``sync``: all ranks wait for the
     write (a barrier; call ``save`` on every rank). With ``sync=False`` only the main rank need call it.
+    ``sync_timeout``: how long a rank waits for the others to reach this ``save`` before it raises a
+    :class:`CheckpointError` naming the ranks that did not (default ``RATLIB_SYNC_TIMEOUT`` or 60 s): a save
+    that only some ranks call (inside ``if is_main:``) fails fast instead of waiting for the group's timeout.
     """
     import torch
 
@@ -105,6 +115,8 @@ def save(state: Mapping[str, Any], path: str | os.PathLike[str], *, keep: int | 
     sharded = sharded_keys(state)
     if sharded:  # every rank holds only its shards: one rank's file would restore other weights, silently
         raise _refuse_sharded(path, sharded)
+    if sync:  # every rank is here before anything is written, or none writes and the callers learn who is not
+        _arrive("save", path, sync_timeout)
     if _is_main():
         # Looked up at call time, so that tests can set the hook on this module.
         write_atomic(path, lambda f: torch.save(dict(state), f), before_rename=_before_rename)
@@ -149,6 +161,60 @@ def _refuse_sharded(path: Path, keys: list[str]) -> CheckpointError:
             "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) on every rank, then save that",
         )
     )
+
+
+SYNC_TIMEOUT_ENV = "RATLIB_SYNC_TIMEOUT"
+_DEFAULT_SYNC_TIMEOUT = 60.0
+_ARRIVALS: dict[str, int] = {}  # how many saves (and rng_state calls) this process made: the same on every rank
+
+
+def _sync_timeout(given: float | None) -> float:
+    if given is not None:
+        return float(given)
+    text = os.environ.get(SYNC_TIMEOUT_ENV, "")
+    try:
+        return float(text) if text.strip() else _DEFAULT_SYNC_TIMEOUT
+    except ValueError as exc:
+        raise CheckpointArgumentError(
+            message(f"{SYNC_TIMEOUT_ENV}={text!r} is not a number of seconds", fix=f"e.g. {SYNC_TIMEOUT_ENV}=300")
+        ) from exc
+
+
+def _arrive(what: str, path: Path | None, timeout: float | None) -> None:
+    """Every rank marks its arrival at this checkpoint call in the rendezvous store and waits for the others,
+    at most ``timeout`` seconds. Through the store, not the process group: a peer that never comes is busy in
+    another collective (its next step's all-reduce), which a barrier here would meet and corrupt or hang on."""
+    from ratlib.comm import ChannelError, StoreChannel
+    from ratlib.dist_init import get_rank, get_world_size
+
+    if get_world_size() == 1:
+        return
+    wait = _sync_timeout(timeout)
+    seq = _ARRIVALS[what] = _ARRIVALS.get(what, 0) + 1
+    call = f"checkpoint.{what}({str(path)!r})" if path is not None else f"checkpoint.{what}()"
+    try:
+        seen = StoreChannel("ratlib-checkpoint", wait_s=wait).all_gather(f"{what}/{seq}", str(path))
+    except ChannelError as exc:
+        missing = re.search(r"rank\(s\) (\[[^\]]*\])", str(exc))
+        raise CheckpointError(
+            message(
+                f"{call} on rank {get_rank()}: rank(s) {missing.group(1) if missing else '?'} of {get_world_size()} "
+                f"did not reach it within {wait:g} s, and every rank must call {what}; nothing was written",
+                got=f"call #{seq} of {what} in this process",
+                fix=f"call {what} on every rank (only the main rank writes; a call inside `if is_main:` leaves the "
+                "others in their next collective)"
+                + (", or pass sync=False when the main rank alone calls save" if what == "save" else "")
+                + f"; raise {SYNC_TIMEOUT_ENV} if a rank is legitimately late",
+            )
+        ) from exc
+    if len(set(seen)) > 1:
+        raise CheckpointError(
+            message(
+                f"{call}: the ranks' call #{seq} names different files, so they are not at the same save",
+                got=", ".join(f"rank {r}: {p}" for r, p in enumerate(seen)),
+                fix="call save with the same path on every rank, the same number of times",
+            )
+        )
 
 
 def _sync_after_save(path: Path) -> None:
@@ -252,7 +318,7 @@ def _short(exc: BaseException) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)[:300]
 
 
-def _refused_types(path: Path, exc: BaseException) -> list[str]:
+def _refused_types(path: Path | Any, exc: BaseException) -> list[str]:
     """The globals that the safe unpickler refused (read from the file, else from torch's message); none for a
     file that is damaged rather than refused."""
     import torch
@@ -261,7 +327,8 @@ def _refused_types(path: Path, exc: BaseException) -> list[str]:
         found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # noqa: BLE001 - an old torch, or a file it cannot scan: fall back to the message
         found = []
-    return found or [m.rstrip(".") for m in re.findall(r"GLOBAL ([\w.]+)", str(exc))]
+    # torch >= 2.4 words it "Unsupported global: GLOBAL x.y", torch 2.2 and 2.3 "Unsupported class x.y"
+    return found or [m.rstrip(".") for m in re.findall(r"(?:GLOBAL|Unsupported class) ([\w.]+)", str(exc))]
 
 
 def _refused(path: Path, types: list[str]) -> CheckpointError:
@@ -295,6 +362,7 @@ def rng_state() -> dict[str, Any]:
 
     from ratlib.comm import all_gather_object
 
+    _arrive("rng_state", None, None)  # a collective: fail fast, naming who is missing, if some ranks skip it
     mine: dict[str, Any] = {"python": random.getstate(), "numpy": _numpy_plain(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         mine["cuda"] = torch.cuda.get_rng_state_all()
@@ -416,7 +484,7 @@ def upgrade(path: str | os.PathLike[str]) -> Path:
         torch.load(buffer, weights_only=True)
     except Exception as exc:  # noqa: BLE001
         buffer.seek(0)
-        scanned = torch.serialization.get_unsafe_globals_in_checkpoint(buffer)
+        scanned = _refused_types(buffer, exc)  # get_unsafe_globals_in_checkpoint needs torch >= 2.5
         raise CheckpointError(
             message(
                 f"checkpoint {path}: after converting the RNG state it still holds types that weights_only=True "

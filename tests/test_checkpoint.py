@@ -273,10 +273,52 @@ def save_on_main_only(folder: str) -> int:
 
 @pytest.mark.distributed
 def test_save_on_the_main_rank_only_says_every_rank_must_call_it(tmp_path: Path, run_on_ranks) -> None:
-    run = run_on_ranks(save_on_main_only, 2, args=(str(tmp_path),), env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    env = {"CUDA_VISIBLE_DEVICES": "", "RATLIB_SYNC_TIMEOUT": "5"}
+    run = run_on_ranks(save_on_main_only, 2, args=(str(tmp_path),), env=env, timeout=120)
     assert run.returncodes[0] != 0 and not run.timed_out, str(run)
     assert "CheckpointError" in run.stderrs[0] and "every rank must call save" in run.stderrs[0], str(run)
-    assert "sync=False" in run.stderrs[0], str(run)
+    assert "sync=False" in run.stderrs[0] and not list(tmp_path.iterdir()), str(run)
+
+
+def main_only_block_while_the_peer_trains(folder: str, what: str) -> int:
+    """A flat loop's misuse: rank 0 saves (or takes rng_state) inside ``if is_main:`` while rank 1 is already in
+    the next step's DDP backward, waiting in its gradient all-reduce for rank 0."""
+    import time
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from ratlib import distributed
+
+    with distributed(device="cpu", timeout=600) as info:  # a group timeout no test waits for
+        model = DDP(torch.nn.Linear(4, 1))
+        for step in range(3):
+            model(torch.randn(8, 4)).sum().backward()
+            if step == 1 and info.is_main:
+                began = time.monotonic()
+                try:
+                    if what == "save":
+                        checkpoint.save({"model": model.module.state_dict()}, Path(folder) / "ck.pt")
+                    else:
+                        checkpoint.rng_state()
+                except checkpoint.CheckpointError as exc:
+                    print(f"raised after {time.monotonic() - began:.1f} s: {exc}", flush=True)
+                    return 3
+    return 0
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("what", ["save", "rng_state"])
+def test_a_checkpoint_call_inside_a_main_only_block_fails_fast_while_the_peer_is_in_a_backward(
+    tmp_path: Path, run_on_ranks, what: str
+) -> None:
+    env = {"CUDA_VISIBLE_DEVICES": "", "RATLIB_SYNC_TIMEOUT": "5"}
+    run = run_on_ranks(main_only_block_while_the_peer_trains, 2, args=(str(tmp_path), what), env=env, timeout=120)
+    assert not run.timed_out and run.returncodes[0] == 3, str(run)  # not the group's 10 minutes
+    out = run.stdouts[0]
+    assert f"checkpoint.{what}(" in out and "rank(s) [1] of 2 did not reach it within 5 s" in out, out
+    assert float(out.split("raised after ")[1].split(" s")[0]) < 30, out
+    assert run.returncodes[1] != 0  # its all-reduce failed once rank 0 was gone: nothing hangs
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def fsdp2_save_is_refused_and_the_full_state_round_trips(folder: str) -> int:
@@ -330,6 +372,7 @@ def fsdp2_save_is_refused_and_the_full_state_round_trips(folder: str) -> int:
 
 
 @pytest.mark.distributed
+@pytest.mark.needs_torch("2.6", "FSDP2: torch.distributed.fsdp.fully_shard")
 def test_an_fsdp2_state_is_refused_on_every_rank_and_the_fix_restores_it(tmp_path: Path, run_on_ranks) -> None:
     run = run_on_ranks(
         fsdp2_save_is_refused_and_the_full_state_round_trips,
