@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ratlib.errors import RatlibError, message
+from ratlib.rank_logger import get_logger
 
 __all__ = [
     "KINDS",
@@ -428,6 +429,7 @@ def resolve_coco(
     """
     s = parse_split(split, year)
     _check_kind(kind, "resolve_coco")
+    asked = layout
     if layout != "auto" and layout not in LAYOUTS:
         close = difflib.get_close_matches(str(layout), LAYOUTS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -452,7 +454,29 @@ def resolve_coco(
         report = validate_annotations(paths.annotations, paths.images, kind=_kind_of(paths.annotations, kind))
         if not report.ok:
             raise CocoValidationError(report)
+    _log_resolved(paths, asked)
     return paths
+
+
+_LOGGED: set[tuple[str, str, str]] = set()  # (layout, annotations, images) already logged by this process
+
+
+def _log_resolved(paths: CocoPaths, asked: str) -> None:
+    """Say once (INFO, so the main rank's console) which layout was read and the two paths: a folder that
+    holds ``coco/`` is read as detectron2's layout, and a data set built every epoch should not repeat it."""
+    key = (paths.layout, str(paths.annotations), str(paths.images))
+    if key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    how = "found by layout='auto'" if asked == "auto" and paths.layout != "explicit" else "as given"
+    get_logger(__name__).info(
+        "resolve_coco: %s, %s layout (%s): annotations %s, images %s",
+        paths.split,
+        paths.layout,
+        how,
+        paths.annotations,
+        paths.images,
+    )
 
 
 def _check_explicit(path: Path, what: str, split: CocoSplit) -> None:

@@ -111,7 +111,9 @@ def test_resolve_on_generated_trees(tree, auto: bool, data: st.DataObject) -> No
 def test_strategy_arguments_are_checked_at_once() -> None:
     with pytest.raises(ValueError, match="unknown COCO split 'tain'"):
         coco_split_spellings(split="tain")
-    with pytest.raises(ValueError, match="COCO has no split minival in year 2017. Expected: years per split: train 2017/2014"):
+    with pytest.raises(
+        ValueError, match="COCO has no split minival in year 2017. Expected: years per split: train 2017/2014"
+    ):
         coco_split_spellings(split="minival", year=2017)
     with pytest.raises(ValueError, match="split='val2014' and year=2017 disagree"):
         coco_split_spellings(split="val2014", year=2017)
@@ -348,6 +350,34 @@ def test_layouts(
     for asked in ("auto", layout):
         paths = resolve_coco(tmp_path, split, kind=kind, layout=asked)
         assert (paths.annotations, paths.images, paths.layout) == (tmp_path / annotations, tmp_path / images, layout)
+
+
+def resolve_twice_on_ranks(root: str) -> int:
+    """A data set built twice (say each epoch) on every rank, under ratlib's logging."""
+    from ratlib.rank_logger import setup_logging
+
+    setup_logging("INFO")
+    for _ in range(2):
+        resolve_coco(root, "train")
+        resolve_coco(root, "val")
+    return 0
+
+
+@pytest.mark.distributed
+def test_the_layout_and_the_paths_are_logged_once_by_the_main_rank(tmp_path: Path) -> None:
+    """A folder holding coco/ is read as detectron2's layout: the main rank says so, once per split."""
+    from ratlib.testing import run_on_ranks
+
+    _touch(tmp_path, "coco/annotations/instances_train2017.json", "coco/train2017/")
+    _touch(tmp_path, "coco/annotations/instances_val2017.json", "coco/val2017/")
+    run = run_on_ranks(resolve_twice_on_ranks, 2, args=(str(tmp_path),), timeout=120).check()
+    lines = [line for line in run.outputs[0].splitlines() if "resolve_coco:" in line]
+    assert len(lines) == 2, run.outputs[0]
+    assert "INFO ratlib.coco_paths: resolve_coco: train2017, detectron2 layout (found by layout='auto')" in lines[0]
+    ann, img = tmp_path / "coco/annotations/instances_train2017.json", tmp_path / "coco/train2017"
+    assert lines[0].endswith(f"annotations {ann}, images {img}")
+    assert "val2017, detectron2 layout" in lines[1]
+    assert "resolve_coco:" not in run.outputs[1]
 
 
 def test_auto_prefers_coco_then_roboflow_then_detectron2(tmp_path: Path) -> None:
