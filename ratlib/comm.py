@@ -46,6 +46,9 @@ __all__ = [
 if TYPE_CHECKING:
     import torch
 
+if TYPE_CHECKING:
+    import torch
+
 T = TypeVar("T")
 
 

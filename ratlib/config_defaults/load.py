@@ -20,7 +20,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, overload
 
 import annotated_types as at
 import yaml
@@ -63,7 +63,8 @@ class _Loader(yaml.SafeLoader):
                         key_node.start_mark,
                     )
                 seen[key_node.value] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
+        # Other nodes too: PyYAML's own check raises "expected a mapping node" for them.
+        return super().construct_mapping(node, deep=deep)  # type: ignore[arg-type]  # stubs: MappingNode only
 
 
 _FLOAT = r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -410,7 +411,8 @@ def _fill_empty_sections(data: dict[str, Any], model: type[BaseModel]) -> None:
         sub = _model_of(field.annotation)
         if sub is None or name not in data:
             continue
-        if data[name] is None and sub is field.annotation:  # not for ``Section | None``
+        plain = sub is field.annotation  # ``Section``, not ``Section | None`` (a variable: no narrowing of sub)
+        if data[name] is None and plain:
             data[name] = {}
         if isinstance(data[name], dict):
             _fill_empty_sections(data[name], sub)
@@ -456,7 +458,7 @@ def _section_problems(data: dict[str, Any], schema: type[BaseModel]) -> list[tup
     if schema.model_config.get("extra") == "forbid":
         return []  # pydantic reports them itself
     known = list(schema.model_fields)
-    problems = []
+    problems: list[tuple[tuple[str, ...], str]] = []
     for key, value in data.items():
         if key in known:
             continue
@@ -636,12 +638,21 @@ def _leaf_defaults(model: BaseModel, given: Any, prefix: str = "") -> list[str]:
     return out
 
 
+# Two signatures for type checkers: without ``schema`` the result is an ExperimentConfig, with it that class.
+@overload
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | None, *, overrides: Iterable[str] = ()
+) -> ExperimentConfig: ...
+@overload
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | None, *, overrides: Iterable[str] = (), schema: type[C]
+) -> C: ...
 def load_config(
     source: str | os.PathLike[str] | Mapping[str, Any] | None,
     *,
     overrides: Iterable[str] = (),
-    schema: type[C] = ExperimentConfig,  # type: ignore[assignment]
-) -> C:
+    schema: type[BaseModel] = ExperimentConfig,
+) -> BaseModel:
     """Load, merge over defaults, override, coerce and validate a config; returns a ``schema`` instance.
 
     ``source``: a YAML path, a mapping, or None (all defaults). ``overrides``: ``dotted.key=value``

@@ -72,7 +72,7 @@ def _leaves(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[
     return out
 
 
-def _sections(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], type]]:
+def _sections(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], type[BaseModel]]]:
     """(path, model) of every section that rejects unknown keys."""
     out = [(prefix, model)] if model.model_config.get("extra") == "forbid" and prefix else []
     for name, info in model.model_fields.items():
@@ -135,7 +135,7 @@ def _value(annotation: Any, metadata: list[Any]) -> st.SearchStrategy[Any] | Non
         return st.sampled_from(typing.get_args(annotation))
     if origin is tuple:
         parts = [_value(a, []) for a in typing.get_args(annotation)]
-        return None if any(p is None for p in parts) else st.tuples(*parts).map(list)  # type: ignore[arg-type]
+        return None if any(p is None for p in parts) else st.tuples(*parts).map(list)
     if annotation is type(None):
         return st.none()
     if annotation is bool:
@@ -284,11 +284,12 @@ def _corrupt(draw: st.DrawFn, schema: type[BaseModel]) -> ConfigCase:
     leaves = [(p, info, owner) for p, info, owner in _leaves(schema) if _wrong_kind(info.annotation)]
     ranged = [(p, info) for p, info, _ in leaves if _out_of_range(info.annotation, info.metadata)]
     sections = _sections(schema)
+    training_path = _training_path(schema)
     kinds = (
         ["type"]
         + (["range"] if ranged else [])
         + (["unknown"] if sections else [])
-        + (["cross"] if _training_path(schema) else [])
+        + (["cross"] if training_path else [])
     )
     kind = draw(st.sampled_from(kinds))
     if kind == "unknown":
@@ -299,13 +300,12 @@ def _corrupt(draw: st.DrawFn, schema: type[BaseModel]) -> ConfigCase:
             typo = "unknown_" + base
         _put(data, (*path, typo), draw(st.integers(0, 9)))
         return ConfigCase(data, ".".join((*path, typo)), kind)
-    if kind == "cross":
-        path = _training_path(schema)
-        training = data.setdefault(path, {})
+    if kind == "cross" and training_path:
+        training = data.setdefault(training_path, {})
         training.setdefault("scheduler", {})["name"] = "cosine"
         _, lr, _ = _lrs(training)
         training["scheduler"]["min_lr"] = lr * draw(st.sampled_from([1.0, 2.0, 10.0]))
-        return ConfigCase(data, f"{path}.scheduler.min_lr", kind)
+        return ConfigCase(data, f"{training_path}.scheduler.min_lr", kind)
     if kind == "range":
         path, info = draw(st.sampled_from(ranged))
         _put(data, path, draw(st.sampled_from(_out_of_range(info.annotation, info.metadata))))
