@@ -46,9 +46,6 @@ __all__ = [
 if TYPE_CHECKING:
     import torch
 
-if TYPE_CHECKING:
-    import torch
-
 T = TypeVar("T")
 
 
