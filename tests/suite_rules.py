@@ -17,6 +17,7 @@ INSTALLED_BY_THE_PROJECT = {
     "torch": "pip install torch",
     "numpy": "pip install numpy",
     "hypothesis": "pip install 'ratlib[dev]'",
+    "mypy": "pip install 'ratlib[dev]'",
     "torchvision": "pip install 'ratlib[detection]'",
     "pycocotools": "pip install 'ratlib[detection]'",
     "PIL": "pip install 'ratlib[detection]'",
