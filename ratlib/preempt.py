@@ -365,12 +365,31 @@ class Preemption:
             self.signal or "no signal",
             main_process_only=False,
         )
+        self._leave_together()
         dist_init.shutdown()
         if rank == 0 and requeue:
             _requeue(self, requeue_command, env)
         sys.stdout.flush()
         sys.stderr.flush()
+        # From here the stop signals are ignored at the OS level: once the first rank has left, torchrun sends
+        # SIGTERM to the others, and Python restores SIGTERM's default action while it finalises, which would
+        # turn this rank's 75 into -15. SIG_IGN survives finalisation.
+        for signum in self.signums:
+            signal.signal(signum, signal.SIG_IGN)
         raise SystemExit(code)
+
+    def _leave_together(self, wait_s: float = 60.0) -> None:
+        """Every rank reaches this point (its checkpoint written) before any leaves, so that no launcher sees
+        one rank gone while another still writes. Through the store (a rank that called ``exit()`` alone
+        meets no collective) and bounded: after ``wait_s`` this rank leaves anyway, with a warning."""
+        from ratlib.comm import ChannelError, StoreChannel
+
+        if _dist() is None:
+            return
+        try:
+            StoreChannel("ratlib-preempt", wait_s=wait_s).all_gather(f"exit/{self.stop_step}", 1)
+        except ChannelError as exc:
+            log.warning("preemption: leaving without the other ranks: %s", exc, main_process_only=False)
 
 
 def _who(got: Iterable[RankSignal]) -> str:
