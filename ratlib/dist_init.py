@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import logging
 import os
 import socket
 import sys
@@ -616,7 +617,11 @@ def shutdown() -> None:
     if _group_ready():
         gc.collect()
         ds_comm = sys.modules.get("deepspeed.comm.comm")
-        if getattr(ds_comm, "cdb", None) is not None and hasattr(ds_comm, "destroy_process_group"):
+        if (
+            ds_comm is not None
+            and getattr(ds_comm, "cdb", None) is not None
+            and hasattr(ds_comm, "destroy_process_group")
+        ):
             ds_comm.destroy_process_group()  # torch's destroy, then DeepSpeed releases its group references
         else:
             sys.modules["torch.distributed"].destroy_process_group()
@@ -642,14 +647,17 @@ def distributed(backend: str | None = None, **kwargs: Any) -> Iterator[DistInfo]
 
 
 def _log_failure(info: DistInfo, exc: BaseException) -> None:
-    message = "rank %d/%d raised %s inside distributed(); tearing down the process group"
+    """Report ``exc`` before the group goes (a teardown that hangs would otherwise hide it), message first,
+    once: the excepthook of ``setup_logging`` then leaves it alone, and a ``RatlibError``'s traceback goes to
+    the rank's log file when there is one."""
+    text = "%s on rank %d/%d inside distributed(), tearing down the process group: %s"
     try:
-        from ratlib.rank_logger import get_logger
+        from ratlib.rank_logger import _report_exception
     except ImportError:
-        print(message % (info.rank, info.world_size, type(exc).__name__), file=sys.stderr)
+        print(text % (type(exc).__name__, info.rank, info.world_size, exc), file=sys.stderr)
         return
-    get_logger("ratlib.dist_init").error(
-        message, info.rank, info.world_size, type(exc).__name__, exc_info=exc, main_process_only=False
+    _report_exception(
+        "ratlib.dist_init", logging.ERROR, text, type(exc).__name__, info.rank, info.world_size, exc, exc=exc
     )
 
 

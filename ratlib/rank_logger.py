@@ -20,11 +20,13 @@ no record, no formatting, no I/O.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
 import tempfile
 import threading
+import traceback
 from collections.abc import Callable, Iterable, MutableMapping
 from functools import wraps
 from pathlib import Path
@@ -54,6 +56,8 @@ R = TypeVar("R")
 CONSOLE_FORMAT = "%(asctime)s %(rank_tag)s%(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 _ALL_RANKS = "ratlib_all_ranks"  # record attribute set by main_process_only=False
+_BRIEF = "ratlib_brief"  # record attribute: an exception report whose RatlibError traceback goes to the file only
+_REPORTED = "_ratlib_reported"  # exception attribute: already reported on this rank (the hooks stay quiet)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +167,47 @@ class _ConsolePolicy(RankFilter):
         if not state.known or state.rank == 0:
             return True
         return record.levelno >= _STATE.other_ranks or getattr(record, _ALL_RANKS, False)
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """The console format. An exception ratlib reports (uncaught, or leaving ``distributed()``) that is a
+    ``RatlibError`` shows its message only, and where its traceback is, when the rank writes a log file: the
+    message says what to do, and the traceback, which is about ratlib's internals, would bury it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not (isinstance(exc, RatlibError) and getattr(record, _BRIEF, False)):
+            return super().format(record)
+        brief = copy.copy(record)  # the file handler formats the original, traceback included
+        brief.exc_info, brief.exc_text, brief.stack_info = None, None, None
+        if _STATE.file_handler is not None:
+            return f"{super().format(brief)}\n(traceback in {log_file_path()})"
+        # no file: the traceback here, without its last line, which would repeat the message just printed
+        chunks = list(traceback.TracebackException.from_exception(exc).format())
+        last = list(traceback.TracebackException.from_exception(exc).format_exception_only())
+        if chunks[-len(last) :] == last:
+            chunks = chunks[: -len(last)]
+        return f"{super().format(brief)}\n{''.join(chunks).rstrip()}"
+
+
+def _report_exception(logger_name: str, level: int, msg: str, *args: Any, exc: BaseException) -> None:
+    """Log ``exc`` on this rank (console and file, tagged, whatever the rank) and mark it reported, so that
+    the excepthook does not print it a second time when it goes on to end the process."""
+    logging.getLogger(logger_name).log(
+        level,
+        msg,
+        *args,
+        exc_info=(type(exc), exc, exc.__traceback__),
+        extra={_ALL_RANKS: True, _BRIEF: True},
+    )
+    try:
+        setattr(exc, _REPORTED, True)
+    except AttributeError:  # pragma: no cover - an exception type with __slots__ and no __dict__
+        pass
+
+
+def _reported(exc: BaseException | None) -> bool:
+    return exc is not None and getattr(exc, _REPORTED, False) is True
 
 
 class LogDirError(RatlibError, OSError):
@@ -287,11 +332,10 @@ def setup_logging(
         _STATE.handlers, _STATE.file_handler = [], None
         _STATE.level, _STATE.other_ranks, _STATE.log_dir = lvl, other, directory
         _resolve()
-        formatter = logging.Formatter(fmt, DATE_FORMAT)
         console = logging.StreamHandler(stream if stream is not None else sys.stderr)
         console.setLevel(lvl)
         console.addFilter(_ConsolePolicy())
-        console.setFormatter(formatter)
+        console.setFormatter(_ConsoleFormatter(fmt, DATE_FORMAT))
         _STATE.handlers.append(console)
         if directory is not None:
             fh = _RankFileHandler(directory)
@@ -317,15 +361,11 @@ def _install_hooks() -> None:
     previous_sys, previous_thread = sys.excepthook, threading.excepthook
 
     def sys_hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
-        if not issubclass(exc_type, KeyboardInterrupt):
-            logging.getLogger("ratlib").critical(
-                "uncaught %s on %s: %s",
-                exc_type.__name__,
-                rank_tag(),
-                exc,
-                exc_info=(exc_type, exc, tb),
-                extra={_ALL_RANKS: True},
-            )
+        if not issubclass(exc_type, KeyboardInterrupt) or _reported(exc):
+            if not _reported(exc):  # distributed() reported it already, on its way out: once per rank
+                _report_exception(
+                    "ratlib", logging.CRITICAL, "uncaught %s on %s: %s", exc_type.__name__, rank_tag(), exc, exc=exc
+                )
             if previous_sys is sys.__excepthook__ and _STATE.handlers:
                 return  # our console handler printed it, tagged: Python's default would print it again
         previous_sys(exc_type, exc, tb)
@@ -333,16 +373,21 @@ def _install_hooks() -> None:
     def thread_hook(args: threading.ExceptHookArgs) -> None:
         if args.exc_type is not SystemExit:
             name = args.thread.name if args.thread is not None else "?"
-            logging.getLogger("ratlib").critical(
-                "uncaught %s in thread %s on %s: %s",
-                args.exc_type.__name__,
-                name,
-                rank_tag(),
-                args.exc_value,
-                # ExceptHookArgs allows a None value (never seen from a thread); logging needs an exception
-                exc_info=(args.exc_type, args.exc_value, args.exc_traceback) if args.exc_value is not None else None,
-                extra={_ALL_RANKS: True},
-            )
+            if args.exc_value is not None and not _reported(args.exc_value):
+                _report_exception(
+                    "ratlib",
+                    logging.CRITICAL,
+                    "uncaught %s in thread %s on %s: %s",
+                    args.exc_type.__name__,
+                    name,
+                    rank_tag(),
+                    args.exc_value,
+                    exc=args.exc_value,
+                )
+            elif args.exc_value is None:  # ExceptHookArgs allows a None value (never seen from a thread)
+                logging.getLogger("ratlib").critical(
+                    "uncaught %s in thread %s on %s", args.exc_type.__name__, name, rank_tag(), extra={_ALL_RANKS: True}
+                )
             if previous_thread is threading.__excepthook__ and _STATE.handlers:
                 return  # printed, tagged, by our console handler
         previous_thread(args)

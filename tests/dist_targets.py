@@ -91,6 +91,17 @@ def raise_on_rank(bad_rank: int) -> int:
     return 0
 
 
+def ratlib_error_inside_distributed(log_dir: str) -> int:
+    """A user's loop with a wrong data path: an uncaught CocoPathError inside distributed() on every rank.
+    ``log_dir`` "": no log files."""
+    from ratlib.coco_paths import resolve_coco
+
+    setup_logging("INFO", log_dir=log_dir or None)
+    with dist_init.distributed(device="cpu", connect_timeout=60):
+        resolve_coco("/nonexistent/ratlib-no-such-coco", "val")
+    return 0
+
+
 def comm_edge_cases() -> int:
     """Types, argument checks and a key mismatch that must raise on every rank, not hang or mix values."""
     import torch

@@ -505,7 +505,7 @@ def test_distributed_context_logs_and_tears_down(
             raise KeyError("boom")
     assert dist_init._INFO is None
     record = next(r for r in caplog.records if "inside distributed()" in r.getMessage())
-    assert record.levelname == "ERROR" and record.getMessage().startswith("rank 0/1 raised KeyError")
+    assert record.levelname == "ERROR" and record.getMessage().startswith("KeyError on rank 0/1 inside distributed()")
     assert record.exc_info is not None and record.exc_info[0] is KeyError
 
 
@@ -846,8 +846,43 @@ def test_rank_raising_inside_distributed_does_not_hang_the_others() -> None:
     run = run_on_ranks(dist_targets.raise_on_rank, 3, args=(1,), timeout=120)
     assert not run.timed_out, run  # a rank waiting for the 30 min collective timeout would hit this deadline
     assert all(rc not in (0, None) for rc in run.returncodes), run
-    assert "[rank 1/3] ERROR ratlib.dist_init: rank 1/3 raised ValueError inside distributed()" in run.stderrs[1]
+    assert "[rank 1/3] ERROR ratlib.dist_init: ValueError on rank 1/3 inside distributed()" in run.stderrs[1]
     assert "bad batch on rank 1" in run.stderrs[1]
+
+
+def _lines(text: str, needle: str) -> list[str]:
+    return [line for line in text.splitlines() if needle in line]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # real torchrun: about 4 s a case on an idle machine
+@pytest.mark.parametrize("with_files", [True, False])
+def test_an_uncaught_ratlib_error_inside_distributed_is_reported_once_per_rank(
+    tmp_path: Path, with_files: bool
+) -> None:
+    """Under real torchrun: the message once per rank (not again by the excepthook and Python), and the
+    traceback in the rank's log file, or once on the console without log files."""
+    log_dir = str(tmp_path / "logs") if with_files else ""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*run, dist_targets.__file__, "ratlib_error_inside_distributed", log_dir]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
+    console = out.stdout + out.stderr
+    assert out.returncode != 0, console
+    for r in range(2):
+        head = f"[rank {r}/2] ERROR ratlib.dist_init: CocoPathError on rank {r}/2 inside distributed(), tearing"
+        assert len(_lines(console, head)) == 1, console
+        assert len(_lines(console, f"[rank {r}/2]")) == 1, console  # no CRITICAL "uncaught" line after it
+    assert console.count("Paths tried:") == 2 and console.count("Fix: check root and split") == 2, console
+    frames = console.count(", in resolve_coco")  # one per printed traceback
+    if with_files:
+        assert frames == 0, console
+        for r in range(2):
+            assert f"(traceback in {tmp_path / 'logs'}/rank{r}.log)" in console
+            text = (tmp_path / "logs" / f"rank{r}.log").read_text()
+            assert text.count("Traceback (most recent call last)") == 1 and ", in resolve_coco" in text
+    else:
+        assert frames == 2, console
 
 
 def test_rank_helpers_are_ratlib_launch_and_an_unknown_rank_is_not_main(clean_env: pytest.MonkeyPatch) -> None:

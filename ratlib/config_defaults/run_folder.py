@@ -45,6 +45,7 @@ log = get_logger(__name__)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
+    """The folder of the run's checkpoints: ``run_dir/checkpoints``."""
     return run_dir / "checkpoints"
 
 
@@ -56,6 +57,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int | None) -> P
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's newest checkpoint (``epoch*.pt``, by number), None when it has none."""
     return checkpoint.latest(checkpoint_dir(run_dir), "epoch*.pt")
 
 
@@ -72,7 +74,9 @@ def make_tracker(cfg: Any, run_dir: Path, resumed: dict[str, Any] | None) -> Tra
     """Metrics from the main rank to ``tracking.backends`` (metrics.jsonl, TensorBoard, ...): a resume
     continues the checkpoint's run, dropping what the run logged after the checkpoint's step."""
     state = (resumed or {}).get("tracker")
-    return Tracker(run_dir, backends=cfg.tracking.backends, config=cfg, resume=state if resumed else False)
+    # a checkpoint without the tracker's state (an older one) continues from run_dir's tracking.json
+    resume: bool | dict[str, Any] = state if state is not None else resumed is not None
+    return Tracker(run_dir, backends=cfg.tracking.backends, config=cfg, resume=resume)
 
 
 def resume_from(run_dir: Path, model: nn.Module, stepper: Stepper, sampler: Any, how: Any) -> dict[str, Any] | None:
