@@ -59,12 +59,18 @@ class StudyConfig(BaseModel):
     output_dir: str = "runs/ablation"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cpu: the runs see no GPU (CUDA_VISIBLE_DEVICES=)
     launcher: Literal["auto", "torchrun", "srun"] = "auto"  # auto: srun inside a Slurm allocation, else torchrun
-    nproc_per_node: int = Field(1, ge=1)  # torchrun's ranks per run; srun: the allocation's tasks
-    parallel: int = Field(1, ge=1)  # torchrun: runs at once, each on its own GPUs (nproc_per_node of them) and port
-    run_timeout_s: float | None = Field(None, gt=0)  # a run still going after this long is killed and recorded failed
+    nproc_per_node: int = Field(default=1, ge=1)  # torchrun's ranks per run; srun: the allocation's tasks
+    parallel: int = Field(
+        default=1, ge=1
+    )  # torchrun: runs at once, each on its own GPUs (nproc_per_node of them) and port
+    run_timeout_s: float | None = Field(
+        default=None, gt=0
+    )  # a run still going after this long is killed and recorded failed
     metric: str | None = None  # null: the metric of the example's EXAMPLE entry
     mode: Literal["max", "min"] | None = None  # null: the mode of the example's EXAMPLE entry
-    seeds: list[int] | None = Field(None, min_length=1)  # each variant once per seed (training.seed); null: once
+    seeds: list[int] | None = Field(
+        default=None, min_length=1
+    )  # each variant once per seed (training.seed); null: once
     include_base: bool = True  # run the base config itself as variant "base"
     overrides: dict[str, Any] = {}  # applied to every run, the base included
     grid: dict[str, Any] = {}  # dotted key -> list of values; every combination is a variant

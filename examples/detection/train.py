@@ -72,9 +72,9 @@ class SyntheticData(BaseModel):
     """The embedded default data set, written into the run folder when ``data.root`` is null."""
 
     model_config = ConfigDict(extra="forbid")
-    train_images: int = Field(64, gt=0)
-    val_images: int = Field(32, gt=0)
-    image_size: int = Field(128, ge=32)
+    train_images: int = Field(default=64, gt=0)
+    val_images: int = Field(default=32, gt=0)
+    image_size: int = Field(default=128, ge=32)
     seed: int = 0
 
 
@@ -92,9 +92,9 @@ class DetectionModel(ModelConfig):
     name: str = "fasterrcnn_mobilenet_v3_large_fpn"  # any torchvision detection model, or fasterrcnn_tiny
     weights: str | None = None  # a local checkpoint / state_dict file for the whole model
     backbone_weights: str | None = None  # a local file, or a torchvision weights name (e.g. DEFAULT: downloads)
-    min_size: int | None = Field(None, gt=0)  # resize shorter side (null: the model's default, 800 for R-CNNs)
-    max_size: int | None = Field(None, gt=0)
-    width: int = Field(32, ge=4)  # fasterrcnn_tiny only
+    min_size: int | None = Field(default=None, gt=0)  # resize shorter side (null: the model's default, 800 for R-CNNs)
+    max_size: int | None = Field(default=None, gt=0)
+    width: int = Field(default=32, ge=4)  # fasterrcnn_tiny only
     sync_bn: bool = False  # SyncBatchNorm across ranks
     kwargs: dict[str, Any] = {}  # more keyword arguments for the torchvision builder
 
@@ -102,13 +102,13 @@ class DetectionModel(ModelConfig):
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"  # auto: faster-coco-eval if installed
-    batch_size: int | None = Field(None, gt=0)  # null: training.batch_size
-    every_epochs: int = Field(1, gt=0)  # the last epoch is always evaluated
+    batch_size: int | None = Field(default=None, gt=0)  # null: training.batch_size
+    every_epochs: int = Field(default=1, gt=0)  # the last epoch is always evaluated
 
 
 class CheckpointConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    keep: int | None = Field(None, gt=0)  # newest checkpoints kept; null: all
+    keep: int | None = Field(default=None, gt=0)  # newest checkpoints kept; null: all
 
 
 class DetectionConfig(ExperimentConfig):

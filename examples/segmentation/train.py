@@ -73,21 +73,21 @@ class SyntheticData(BaseModel):
     """The embedded default task, written into the run folder when ``data.root`` is null."""
 
     model_config = ConfigDict(extra="forbid")
-    num_cases: int = Field(8, ge=2)
+    num_cases: int = Field(default=8, ge=2)
     shape: tuple[int, int, int] = (64, 64, 16)  # x, y, z (slices)
-    num_classes: int = Field(3, ge=2, le=8)  # background included: 3 = two organs
+    num_classes: int = Field(default=3, ge=2, le=8)  # background included: 3 = two organs
     seed: int = 0
 
 
 class SegmentationData(DataConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    val_fraction: float = Field(0.25, gt=0, lt=1)  # share of the cases for validation (at least one)
+    val_fraction: float = Field(default=0.25, gt=0, lt=1)  # share of the cases for validation (at least one)
     split_seed: int = 0  # the train/val split; the same on every rank and run
     normalize: Literal["zscore", "window"] = "zscore"  # window: clip to data.window (CT), scale to [-1, 1]
     window: tuple[float, float] = (-175.0, 250.0)  # Hounsfield units, an abdominal window
     patch_size: tuple[int, int] | None = None  # random training crops; null: whole slices
     flip: bool = True  # random flips along both in-plane axes
-    empty_slices: float = Field(1.0, ge=0, le=1)  # share of training slices without foreground kept
+    empty_slices: float = Field(default=1.0, ge=0, le=1)  # share of training slices without foreground kept
     cache_dir: str | None = None  # preprocessed volumes; null: run folder/cache
     synthetic: SyntheticData = SyntheticData()
 
@@ -95,19 +95,19 @@ class SegmentationData(DataConfig):
 class SegmentationModel(ModelConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     feature_dims: int | list[int] = 16  # channels of the first level (doubling per level), or one per level
-    num_blocks: int = Field(4, ge=1, le=8)  # levels, the bottleneck included: 4 = 3 poolings
+    num_blocks: int = Field(default=4, ge=1, le=8)  # levels, the bottleneck included: 4 = 3 poolings
     norm: Literal["batch", "instance", "group"] = "batch"
 
 
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    batch_size: int | None = Field(None, gt=0)  # null: training.batch_size
-    every_epochs: int = Field(1, gt=0)  # the last epoch is always evaluated
+    batch_size: int | None = Field(default=None, gt=0)  # null: training.batch_size
+    every_epochs: int = Field(default=1, gt=0)  # the last epoch is always evaluated
 
 
 class CheckpointConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    keep: int | None = Field(3, gt=0)  # newest checkpoints kept; null: all
+    keep: int | None = Field(default=3, gt=0)  # newest checkpoints kept; null: all
 
 
 class SegmentationConfig(ExperimentConfig):

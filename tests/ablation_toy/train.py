@@ -50,15 +50,15 @@ from ratlib.tracking import run_outcome
 
 class ToyModel(ModelConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    hidden: int = Field(8, ge=1)
-    depth: int = Field(1, ge=1)  # hidden layers
+    hidden: int = Field(default=8, ge=1)
+    depth: int = Field(default=1, ge=1)  # hidden layers
 
 
 class ToyData(DataConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    num_samples: int = Field(256, ge=8)
-    dim: int = Field(8, ge=1)
-    noise: float = Field(0.1, ge=0)
+    num_samples: int = Field(default=256, ge=8)
+    dim: int = Field(default=8, ge=1)
+    noise: float = Field(default=0.1, ge=0)
 
 
 class Fault(BaseModel):
@@ -74,7 +74,7 @@ class Fault(BaseModel):
     rank: int | None = None
     at: Literal["build", "step", "end"] = "build"
     how: Literal["raise", "kill", "exit", "abort", "hang"] = "raise"
-    sleep_s: float = Field(0.0, ge=0)
+    sleep_s: float = Field(default=0.0, ge=0)
     signal: str | None = None
 
 
