@@ -126,6 +126,7 @@ def _cmd_coco(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ratlib`` command's parser: ``env``, ``doctor`` and ``coco``."""
     parser = argparse.ArgumentParser(prog="ratlib", description="Rank-safe training utilities for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``ratlib`` command (``argv``: its arguments, default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

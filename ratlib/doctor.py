@@ -78,15 +78,18 @@ class Report:
     environment: dict[str, Any] = field(default_factory=dict)
 
     def count(self, severity: str) -> int:
+        """How many findings have this severity (``"error"``, ``"warning"``, ``"info"``)."""
         return sum(r.finding.severity == severity for r in self.findings)
 
     def add(
         self, path: Path | str, severity: _Severity, key: str, message: str, advice: str, line: int | None = None
     ) -> None:
+        """Record a finding about ``path`` (and its ``line``, where known)."""
         finding = Finding(severity, key, message, advice)
         self.findings.append(Reported(str(path), line, finding))
 
     def skip(self, path: Path | str, why: str) -> None:
+        """Record a file that was not checked, and why (the report names every one)."""
         self.skipped.append(str(path))
         self.skipped_why[str(path)] = why
 

@@ -104,6 +104,7 @@ class MemoryReport:
         }
 
     def as_dicts(self) -> list[dict[str, Any]]:
+        """Every rank's figures as plain dicts, by rank (for JSON, a tracker or a table of your own)."""
         return [asdict(r) for r in self.ranks]
 
     def table(self) -> str:

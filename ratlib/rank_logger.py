@@ -150,6 +150,7 @@ class RankFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Tag the record with this process's rank; never drops it."""
         _refresh()
         record.rank, record.world_size, record.rank_tag = _STATE.rank, _STATE.world, _STATE.tag
         return True
@@ -416,6 +417,7 @@ class RankLogger(logging.LoggerAdapter):
         super().__init__(logger, {})
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        """The message and keywords unchanged (the rank tag comes from the handlers' filter, not from here)."""
         return msg, kwargs
 
     # main_process_only and in_order are typed object and read as true or false: LoggerAdapter's methods take
@@ -429,6 +431,8 @@ class RankLogger(logging.LoggerAdapter):
         in_order: object = False,
         **kwargs: Any,
     ) -> None:
+        """``logging.Logger.log``, plus ``main_process_only=False`` (print on every rank) and ``in_order=True``
+        (print rank by rank: a collective, every rank must call it)."""
         if main_process_only and level < _STATE.drop_below and not in_order:
             return  # the hot path on non-main ranks: one comparison, nothing else
         if not self.logger.isEnabledFor(level):
@@ -455,11 +459,13 @@ class RankLogger(logging.LoggerAdapter):
             dist.barrier()
 
     def debug(self, msg: Any, *args: Any, main_process_only: object = True, **kwargs: Any) -> None:
+        """Log at DEBUG: the main rank only unless ``main_process_only=False`` (see ``log``)."""
         if main_process_only and _STATE.drop_below > 10 and not kwargs:
             return  # dropped: one comparison, no record
         self.log(10, msg, *args, main_process_only=main_process_only, **kwargs)
 
     def info(self, msg: Any, *args: Any, main_process_only: object = True, **kwargs: Any) -> None:
+        """Log at INFO: the main rank only unless ``main_process_only=False`` (see ``log``)."""
         if main_process_only and _STATE.drop_below > 20 and not kwargs:
             return  # dropped: one comparison, no record
         if not kwargs and main_process_only and self.logger.isEnabledFor(20):
@@ -468,15 +474,19 @@ class RankLogger(logging.LoggerAdapter):
         self.log(20, msg, *args, main_process_only=main_process_only, **kwargs)
 
     def warning(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        """Log at WARNING: every rank prints it (at the default ``other_ranks="WARNING"``), tagged."""
         self.log(logging.WARNING, msg, *args, **kwargs)
 
     def error(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        """Log at ERROR: every rank prints it, tagged; never dropped."""
         self.log(logging.ERROR, msg, *args, **kwargs)
 
     def exception(self, msg: Any, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        """Log at ERROR with the current exception's traceback (call it in an ``except`` block)."""
         self.log(logging.ERROR, msg, *args, exc_info=exc_info, **kwargs)
 
     def critical(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        """Log at CRITICAL: every rank prints it, tagged; never dropped."""
         self.log(logging.CRITICAL, msg, *args, **kwargs)
 
     def __repr__(self) -> str:

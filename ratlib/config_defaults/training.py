@@ -148,6 +148,7 @@ class Stepper:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss`` divided over the accumulation steps (scaled under fp16; DeepSpeed's own)."""
         if self.engine is not None:
             self.engine.backward(loss)
         elif self.scaler is not None:

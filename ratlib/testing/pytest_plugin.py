@@ -20,6 +20,7 @@ from .ranks import run_on_ranks as _run_on_ranks
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``distributed``, ``slow`` and ``gpu`` markers."""
     config.addinivalue_line("markers", "distributed: runs several real processes over gloo on 127.0.0.1")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped (with the reason) when it is absent")
@@ -36,6 +37,7 @@ def _cuda_available() -> tuple[bool, str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked ``gpu``, with the reason, where CUDA is absent."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return
