@@ -62,3 +62,18 @@ build: $(UV)
 
 clean:
 	rm -rf $(TOOLS) $(VENV) dist build .pytest_cache .hypothesis
+
+# The documentation site (mkdocs.yml): pages of docs/, the README, the CHANGELOG, and the API reference made
+# from the docstrings, built into site/ (strict: a broken link or reference, or a public name without a
+# docstring, fails); docs-serve serves it on http://127.0.0.1:8000 and rebuilds on changes.
+.PHONY: docs docs-serve test-oldest
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+# The oldest torch pyproject.toml declares, with its torchvision, in .venv-oldest/, and the library's tests
+# that are not slow (.ci/oldest-torch says which); .ci/run runs it after make test-slow.
+test-oldest: $(UV)
+	UV=$(UV) PYTHON=$(PYTHON) bash .ci/oldest-torch $(PYTEST_ARGS)

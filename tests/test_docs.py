@@ -343,3 +343,85 @@ def test_hangs_page_dump_command_reaches_the_workers_only(tmp_path: Path) -> Non
     finally:
         agent.terminate()
         agent.wait(timeout=60)
+
+
+# --- the documentation site (mkdocs.yml; make docs builds it strictly) --------------------------------------
+
+
+def _site_nav() -> list[str]:
+    import yaml
+
+    def paths(node: object) -> list[str]:
+        if isinstance(node, str):
+            return [node]
+        if isinstance(node, list):
+            return [p for item in node for p in paths(item)]
+        if isinstance(node, dict):
+            return [p for value in node.values() for p in paths(value)]
+        return []
+
+    return paths(yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"])
+
+
+def test_the_site_nav_has_every_page_of_docs() -> None:
+    nav = set(_site_nav())
+    pages = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md") if "_hooks" not in p.parts}
+    assert not pages - nav, f"pages of docs/ missing from mkdocs.yml's nav: {sorted(pages - nav)}"
+    assert {"index.md", "changelog.md"} <= nav  # the README and the CHANGELOG (docs/_hooks/ratlib_site.py)
+
+
+def test_every_public_module_has_an_api_reference_page() -> None:
+    """A module of ratlib whose name has no leading underscore is public: it gets a line in mkdocs.yml's API
+    reference (its layer's section), which makes its page from the docstrings."""
+    modules = set()
+    for path in (ROOT / "ratlib").rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        if len(parts) > 1 and parts[-1] != "__main__" and not any(p.startswith("_") for p in parts):
+            modules.add(".".join(parts))
+    referenced = {p[len("reference/") : -len(".md")] for p in _site_nav() if p.startswith("reference/")}
+    assert not modules - referenced, (
+        f"modules without an API reference line in mkdocs.yml: {sorted(modules - referenced)}"
+    )
+    assert not referenced - modules, (
+        f"API reference lines for modules that do not exist: {sorted(referenced - modules)}"
+    )
+
+
+def test_site_links_go_to_pages_or_to_the_repository() -> None:
+    """The hook rewrites links written for GitHub: to the page a file becomes, else to the repository."""
+    pytest.importorskip("mkdocs", reason="the docs extra: pip install 'ratlib[docs]'")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ratlib_site", ROOT / "docs" / "_hooks" / "ratlib_site.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    config = {"repo_url": "https://github.com/ratlib/ratlib"}
+    rewrite = hooks._rewrite
+    assert rewrite("docs/comm.md#no-group", "README.md", "index.md", config) == "comm.md#no-group"
+    assert rewrite("CHANGELOG.md", "README.md", "index.md", config) == "changelog.md"
+    assert rewrite("../examples/detection/README.md", "docs/getting-started.md", "getting-started.md", config) == (
+        "examples/detection-readme.md"
+    )
+    assert rewrite(
+        "../../docs/examples/ablation.md", "examples/ablation/README.md", "examples/ablation-readme.md", config
+    ) == ("ablation.md")
+    assert rewrite("../tests/downstream/", "docs/testing.md", "testing.md", config) == (
+        "https://github.com/ratlib/ratlib/tree/main/tests/downstream"
+    )
+    assert rewrite("https://example.org/x.md", "docs/comm.md", "comm.md", config) == "https://example.org/x.md"
+
+
+def test_the_declared_oldest_torch_is_the_tested_one() -> None:
+    """pyproject.toml's torch floor, its torchvision, ratlib.errors.OLDEST_TORCH and the README's table agree;
+    .ci/oldest-torch installs the floor it reads from pyproject.toml."""
+    from ratlib.errors import OLDEST_TORCH
+
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    torch_floor = re.search(r'"torch>=(\d+\.\d+)"', text).group(1)
+    vision_floor = re.search(r'"torchvision>=(\d+\.\d+)"', text).group(1)
+    assert torch_floor == OLDEST_TORCH
+    assert vision_floor == f"0.{int(torch_floor.split('.')[1]) + 15}", (torch_floor, vision_floor)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"| torch | {torch_floor} |" in readme, "README.md's supported-versions table names another torch"

@@ -129,6 +129,15 @@ def _tcp_store(timeout: float = 20.0):
     return dist.TCPStore("127.0.0.1", 0, 1, True, timedelta(seconds=timeout), wait_for_workers=False)
 
 
+def _client(server, timeout: float = 20.0):
+    """Another client of ``server``, as each rank has its own (TCPStore.clone is torch >= 2.6)."""
+    import torch.distributed as dist
+
+    if hasattr(server, "clone"):
+        return server.clone()
+    return dist.TCPStore("127.0.0.1", server.port, 1, False, timedelta(seconds=timeout))
+
+
 def _run_threads(fn, ranks: tuple[int, ...]) -> dict[int, object]:
     """``fn(rank)`` in one thread per rank, as ranks would run it; results or exceptions by rank."""
     results: dict[int, object] = {}
@@ -149,7 +158,7 @@ def _run_threads(fn, ranks: tuple[int, ...]) -> dict[int, object]:
 
 def test_agree_passes_matching_records_and_names_differences() -> None:
     server = _tcp_store()
-    stores = [server.clone() for _ in range(3)]
+    stores = [_client(server) for _ in range(3)]
 
     def rank_fn(rank: int) -> str:
         for seq in range(5):
@@ -181,7 +190,7 @@ def test_agree_passes_matching_records_and_names_differences() -> None:
 def test_agree_names_a_rank_that_never_arrives() -> None:
     server = _tcp_store(timeout=1.0)
     with pytest.raises(CollectiveMismatchError, match=r"rank 1 never reached it within the store timeout"):
-        hang._agree(server.clone(), 0, 2, 0, {"op": "reduce_dict", "site": "t.py:3 in g", "id": "t:3", "step": 7})
+        hang._agree(_client(server), 0, 2, 0, {"op": "reduce_dict", "site": "t.py:3 in g", "id": "t:3", "step": 7})
 
 
 def test_share_through_store_prints_one_summary_marking_the_odd_rank(caplog: pytest.LogCaptureFixture) -> None:
@@ -199,7 +208,7 @@ def test_share_through_store_prints_one_summary_marking_the_odd_rank(caplog: pyt
             "h",
             100 + rank,
         )
-        return hang._share_through(server.clone(), report, 3, 2.0)
+        return hang._share_through(_client(server), report, 3, 2.0)
 
     results = _run_threads(rank_fn, (0, 1, 2))
     assert all(
@@ -216,7 +225,7 @@ def test_share_through_store_marks_a_silent_rank_after_the_window(caplog: pytest
     start = time.monotonic()
     results = _run_threads(
         lambda rank: hang._share_through(
-            server.clone(),
+            _client(server),
             StallReport(rank, 5, time.time() - 1, "c10d.py:1 in barrier", "t.py:4 in loop", "h", rank),
             3,
             1.0,
