@@ -298,6 +298,55 @@ def _writable_dir(log_dir: str | os.PathLike[str]) -> Path:
     return directory
 
 
+class _OtherRanksStdout:
+    """``sys.stdout`` under ``setup_logging(other_ranks_stdout=False)``: the main rank (and an unknown rank,
+    which prints everything) writes through; another rank's complete lines become INFO records of
+    ``py.stdout``, which its console drops and its file keeps. The rank is read at each write, so a rank
+    learnt only from ``init_process_group`` is honoured. Everything else (``fileno``, ``buffer``, ...) is
+    the real stream's: output written to the file descriptor or ``sys.stdout.buffer`` is not caught."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self._pending = ""
+        self._lock = threading.RLock()
+        self._inside = threading.local()  # a handler writing to sys.stdout must not loop back here
+
+    def write(self, text: str) -> int:
+        """Write through on the main rank; log the complete lines on the others."""
+        if current_rank()[0] <= 0:
+            return self.original.write(text)
+        if getattr(self._inside, "active", False):
+            return len(text)  # a handler of ours that writes to sys.stdout: the record is logged already
+        with self._lock:
+            lines = (self._pending + text).split("\n")
+            self._pending = lines.pop()
+            self._inside.active = True
+            try:
+                for line in lines:
+                    logging.getLogger("py.stdout").info("%s", line, stacklevel=2)  # the file names the caller
+            finally:
+                self._inside.active = False
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        """``write`` each."""
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        """Flush the real stream (a partial line on another rank waits for its newline)."""
+        self.original.flush()
+
+    def isatty(self) -> bool:
+        """The real stream's answer on the main rank; False elsewhere (nothing reaches a terminal)."""
+        return bool(self.original.isatty()) if current_rank()[0] <= 0 else False
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "original":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.original, name)
+
+
 def setup_logging(
     level: int | str = "INFO",
     *,
@@ -307,12 +356,18 @@ def setup_logging(
     capture_warnings: bool = True,
     stream: Any = None,
     fmt: str = CONSOLE_FORMAT,
+    other_ranks_stdout: bool = True,
 ) -> None:
     """Configure rank-aware logging for this process. Idempotent: a second call replaces the first.
 
     Handlers go on the root logger, so third-party loggers follow the same policy. Bad arguments raise
     here (``LogLevelError``, a ``ValueError``; ``LogDirError``, an ``OSError``, for a folder that takes no
     files), never at the first log call deep inside training.
+
+    ``other_ranks_stdout=False``: what the other ranks write to ``sys.stdout`` (``print`` in your code or in
+    a library, e.g. pycocotools' AP table) stays off the console; each line becomes an INFO record of the
+    logger ``py.stdout``, so it is in the rank's file with ``log_dir``. Their logged warnings and errors
+    still print, tagged (they go to ``stderr``). The main rank's stdout is untouched.
     """
     lvl, other = _level(level, "level"), _level(other_ranks, "other_ranks")
     if other < lvl:
@@ -333,6 +388,8 @@ def setup_logging(
         _STATE.handlers, _STATE.file_handler = [], None
         _STATE.level, _STATE.other_ranks, _STATE.log_dir = lvl, other, directory
         _resolve()
+        if isinstance(stream, _OtherRanksStdout):  # sys.stdout passed after an earlier other_ranks_stdout=False
+            stream = stream.original
         console = logging.StreamHandler(stream if stream is not None else sys.stderr)
         console.setLevel(lvl)
         console.addFilter(_ConsolePolicy())
@@ -353,6 +410,10 @@ def setup_logging(
             root.addHandler(handler)
         root.setLevel(lvl)
         logging.captureWarnings(capture_warnings)
+        if not other_ranks_stdout and not isinstance(sys.stdout, _OtherRanksStdout):
+            sys.stdout = _OtherRanksStdout(sys.stdout)
+        elif other_ranks_stdout and isinstance(sys.stdout, _OtherRanksStdout):
+            sys.stdout = sys.stdout.original
         if excepthook and not _STATE.hooks_installed:
             _install_hooks()
         _STATE.configured = True

@@ -101,3 +101,25 @@ def thread_crash(log_dir: str) -> int:
     worker.join()
     log.warning("main-thread-still-alive")
     return 0
+
+
+def _evaluator_summary() -> None:
+    """A library's own output, printed on every rank (the shape of a COCO evaluator's summary)."""
+    for iou in ("0.50:0.95", "0.50", "0.75"):
+        print(f" Average Precision  (AP) @[ IoU={iou:<9} | area=   all | maxDets=100 ] = 0.123")
+    print("partial-", end="", flush=True)
+    print("line")
+
+
+def library_prints(log_dir: str, quiet: str) -> int:
+    """Third-party output on every rank, with ``other_ranks_stdout`` off (``quiet="quiet"``) or on."""
+    import logging
+
+    setup_logging("INFO", log_dir=log_dir, other_ranks_stdout=quiet != "quiet")
+    _evaluator_summary()
+    logging.getLogger("thirdparty.eval").warning("eval-warning-%d", 1)  # a library's warning, every rank
+    log.error("eval-error")
+    sys.stdout.flush()
+    setup_logging("INFO", log_dir=log_dir)  # the default again: this rank's stdout is the real one
+    print("after-restore", flush=True)
+    return 0

@@ -88,6 +88,27 @@ def test_uncaught_exception_is_logged_with_rank(tmp_path: Path) -> None:
 
 
 @pytest.mark.distributed
+def test_other_ranks_stdout_off_quiets_a_printing_library_but_not_its_warnings(tmp_path: Path) -> None:
+    run = run_on_ranks(logger_targets.library_prints, 2, args=(str(tmp_path), "quiet"), timeout=60).check()
+    table = "Average Precision  (AP) @[ IoU="
+    assert run.stdouts[0].count(table) == 3 and "partial-line" in run.stdouts[0]  # the main rank: untouched
+    assert table not in run.outputs[1] and "partial-" not in run.outputs[1], run.outputs[1]
+    assert "[rank 1/2] WARNING thirdparty.eval: eval-warning-1" in run.stderrs[1]  # still printed, tagged
+    assert "[rank 1/2] ERROR lib.module: eval-error" in run.stderrs[1]
+    assert "after-restore" in run.stdouts[1]  # setup_logging() again gives the rank its stdout back
+    kept = (tmp_path / "rank1.log").read_text()  # nothing lost: the rank's file has every line
+    lines = _lines(kept, "INFO py.stdout [logger_targets.py:")  # named by the line that printed
+    assert sum(table in ln for ln in lines) == 3 and lines[-1].endswith("]: partial-line"), kept
+    assert "py.stdout" not in (tmp_path / "rank0.log").read_text()
+
+
+@pytest.mark.distributed
+def test_other_ranks_stdout_is_printed_by_default(tmp_path: Path) -> None:
+    run = run_on_ranks(logger_targets.library_prints, 2, args=(str(tmp_path), "loud"), timeout=60).check()
+    assert all(out.count("Average Precision  (AP) @[ IoU=") == 3 for out in run.stdouts)
+
+
+@pytest.mark.distributed
 def test_in_order_emits_in_rank_order(tmp_path: Path) -> None:
     stamps = tmp_path / "stamps.txt"
     run = run_on_ranks(
