@@ -25,6 +25,7 @@ Torch is imported only inside the functions that need it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -63,6 +64,10 @@ PREEMPT_EXIT_CODE = 75
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
 REQUEUE_COMMAND = ("scontrol", "requeue")
+# How long after SIGTERM a stop that no agreement has taken up ends the process (stacks in the log first): below
+# the 30 s that torchrun, Slurm (KillWait) and Kubernetes (terminationGracePeriodSeconds) wait before SIGKILL.
+STOP_TIMEOUT_ENV = "RATLIB_STOP_TIMEOUT"
+DEFAULT_STOP_TIMEOUT = 25.0
 # Set to 0 by a process that owns the Slurm job (the ablation driver) for the runs it starts: it requeues.
 NO_REQUEUE_ENV = "RATLIB_REQUEUE"
 _DEFAULT_SIGNAL_LEAD = 60.0  # Slurm's --signal lead time when "@N" is left out
@@ -142,9 +147,48 @@ _INSTANCE: Preemption | None = None
 def _handler(signum: int, frame: Any) -> None:
     if not _FLAG.signum:  # the first signal wins: it is the one that started the countdown
         _FLAG.signum, _FLAG.time = signum, time.time()
+        if _INSTANCE is not None:
+            _INSTANCE._arm_deadline(signum)
     previous = _PREVIOUS.get(signum)
     if callable(previous) and previous is not signal.default_int_handler:  # SIG_DFL/SIG_IGN/None would kill us
         previous(signum, frame)
+
+
+def _stop_bound(stop_timeout: float | None, signum: int) -> float | None:
+    """Seconds from ``signum`` to the forced exit, or None for no bound. Unset: ``RATLIB_STOP_TIMEOUT`` (0: none),
+    else 25 s after SIGTERM, which launchers follow with SIGKILL, and no bound after an early warning such as
+    Slurm's ``--signal=USR1@300``, whose lead time a slow step may need."""
+    if stop_timeout is None:
+        text = os.environ.get(STOP_TIMEOUT_ENV, "").strip()
+        if text:
+            stop_timeout = _float_or_none(text)
+        elif signum == signal.SIGTERM:
+            stop_timeout = DEFAULT_STOP_TIMEOUT
+    return stop_timeout if stop_timeout and stop_timeout > 0 else None
+
+
+def _not_acted_on(signum: int, bound: float) -> None:
+    """The deadline thread: no agreement took the stop up (the loop is stuck in a collective or in data loading,
+    or never asks ``should_stop``). Leave every thread's stack in the rank log, then end before the SIGKILL."""
+    from ratlib import hang
+
+    name = signal_name(signum) or str(signum)
+    with contextlib.suppress(Exception):  # the exit must happen whatever the dump does
+        hang.dump_stacks(f"after {name}: no stop agreed within {bound:g} s")
+    log.error(
+        "preemption: %s came %g s ago and no stop agreement took it up (the loop is stuck, see the stacks above, or "
+        "does not call should_stop); exiting with %d before the launcher's SIGKILL. No checkpoint was written for "
+        "this stop. %s sets the bound (0: none)",
+        name,
+        bound,
+        hang.HANG_EXIT_CODE,
+        STOP_TIMEOUT_ENV,
+        main_process_only=False,
+    )
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(hang.HANG_EXIT_CODE)
 
 
 def installed_signals() -> frozenset[int]:
@@ -194,8 +238,17 @@ class RankSignal:
 class Preemption:
     """The installed handler's state and the cross-rank stop decision. Get it from ``install()``."""
 
-    def __init__(self, signums: tuple[int, ...], every: int, timeout: float | None, overlap: bool = True) -> None:
+    def __init__(
+        self,
+        signums: tuple[int, ...],
+        every: int,
+        timeout: float | None,
+        overlap: bool = True,
+        stop_timeout: float | None = None,
+    ) -> None:
         self.signums = signums
+        self.stop_timeout = stop_timeout  # None: DEFAULT_STOP_TIMEOUT for SIGTERM only; 0: never
+        self._deadline: threading.Timer | None = None
         self.every = every
         self.timeout = timeout
         self.overlap = overlap
@@ -309,7 +362,21 @@ class Preemption:
         self._stop(step, got)
         return True
 
+    def _arm_deadline(self, signum: int) -> None:
+        """From the signal handler: unless an agreement takes the stop up within the bound, dump and leave."""
+        bound = _stop_bound(self.stop_timeout, signum)
+        if bound is None or self._deadline is not None:
+            return
+        self._deadline = threading.Timer(bound, _not_acted_on, args=(signum, bound))
+        self._deadline.name, self._deadline.daemon = "ratlib-preempt-deadline", True
+        self._deadline.start()
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+
     def _stop(self, step: int, got: tuple[RankSignal, ...]) -> None:
+        self._disarm()
         self.stop_step, self.received = step, got
         self.latency = max(0.0, time.time() - min(g.time for g in got))
         log.warning(
@@ -365,6 +432,7 @@ class Preemption:
             self.signal or "no signal",
             main_process_only=False,
         )
+        self._disarm()
         self._leave_together()
         dist_init.shutdown()
         if rank == 0 and requeue:
@@ -464,6 +532,7 @@ def install(
     every: int = 1,
     timeout: float | None = None,
     overlap: bool = True,
+    stop_timeout: float | None = None,
 ) -> Preemption:
     """Handle ``signals`` by setting a flag that ``Preemption.should_stop`` agrees on across ranks.
 
@@ -476,6 +545,8 @@ def install(
     is posted without waiting and read at the next agreement step, a step later, so it adds no extra
     synchronisation point to the step: a signal stops the ranks up to ``2 * every`` steps later instead
     of ``every`` (the first agreement blocks, so a signal during set-up stops at the first step).
+    ``stop_timeout`` (seconds; 0: never): a signal that no agreement takes up within it ends the process with
+    the stacks in the rank log (exit 124). Default: ``RATLIB_STOP_TIMEOUT``, else 25 s after SIGTERM only.
     """
     global _INSTANCE
     if threading.current_thread() is not threading.main_thread():
@@ -502,17 +573,30 @@ def install(
         )
     if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
         raise PreemptInputError(message("preempt.install: timeout must be > 0 seconds or None", got=repr(timeout)))
+    if stop_timeout is not None and not (isinstance(stop_timeout, (int, float)) and stop_timeout >= 0):
+        raise PreemptInputError(
+            message("preempt.install: stop_timeout must be >= 0 seconds (0: no bound) or None", got=repr(stop_timeout))
+        )
     with _LOCK:
         current = _INSTANCE
-        wanted = (signums, every, timeout, bool(overlap))
-        if current is not None and (current.signums, current.every, current.timeout, current.overlap) == wanted:
+        wanted = (signums, every, timeout, bool(overlap), stop_timeout)
+        have = (
+            (current.signums, current.every, current.timeout, current.overlap, current.stop_timeout)
+            if current
+            else None
+        )
+        if current is not None and have == wanted:
             return current
         _check_hang_conflict(signums)
         _restore()
         for signum in signums:
             previous = signal.signal(signum, _handler)
             _PREVIOUS[signum] = previous if previous is not _handler else None
-        _INSTANCE = Preemption(signums, every, timeout, bool(overlap))
+        if current is not None:
+            current._disarm()
+        _INSTANCE = Preemption(signums, every, timeout, bool(overlap), stop_timeout)
+        if _FLAG.signum:  # a signal that came before this set-up keeps its deadline
+            _INSTANCE._arm_deadline(_FLAG.signum)
     log.info(
         "ratlib.preempt installed: %s stop every rank at one step (agreement every %d step(s))",
         "/".join(signal_name(s) or "?" for s in signums),
@@ -532,6 +616,8 @@ def uninstall() -> None:
     global _INSTANCE
     with _LOCK:
         _restore()
+        if _INSTANCE is not None:
+            _INSTANCE._disarm()
         _INSTANCE = None
         _FLAG.signum, _FLAG.time = 0, 0.0
 

@@ -131,6 +131,23 @@ def agree_after_the_loop(signal_rank: int) -> int:
     return 0
 
 
+def stuck_after_signal(stop_timeout: float) -> int:
+    """Rank 1 gets SIGTERM, then blocks in an all-reduce that rank 0 (busy elsewhere, as in data loading) joins only
+    20 s later: no agreement can take the stop up, so rank 1 must dump its stacks and leave by itself first."""
+    setup_logging("INFO")
+    info = dist_init.init_distributed("gloo", timeout=120, connect_timeout=30)
+    preempt.install(stop_timeout=stop_timeout)
+    if info.rank == 1:
+        print(f"SIGNAL at {time.time():.3f}", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        torch.distributed.all_reduce(torch.ones(1))  # waits for rank 0
+        print("NOT REACHED", flush=True)
+        return 0
+    time.sleep(20)
+    torch.distributed.all_reduce(torch.ones(1))  # fails: rank 1 is gone
+    return 0
+
+
 def _script() -> int:
     """Under torchrun: ``python tests/preempt_targets.py PID_DIR [--every N]``."""
     parser = argparse.ArgumentParser()

@@ -493,3 +493,27 @@ def test_current_is_the_installed_preemption() -> None:
     assert preempt.current() is pre
     preempt.uninstall()
     assert preempt.current() is None
+
+
+@pytest.mark.distributed
+def test_a_signal_that_no_agreement_takes_up_dumps_the_stacks_and_exits_before_the_kill() -> None:
+    began = time.monotonic()
+    run = run_on_ranks(preempt_targets.stuck_after_signal, 2, args=(3.0,), timeout=120)
+    assert run.returncodes[1] == 124 and time.monotonic() - began < 50, run  # not rank 0's minute
+    err = run.stderrs[1]
+    assert "stack dump after SIGTERM: no stop agreed within 3 s" in err and "all_reduce" in err, err
+    assert "no stop agreement took it up" in err and "RATLIB_STOP_TIMEOUT" in err, err
+    assert "NOT REACHED" not in run.stdouts[1]
+
+
+def test_the_stop_deadline_defaults_to_sigterm_only_and_follows_the_environment(monkeypatch) -> None:
+    bound = preempt._stop_bound
+    monkeypatch.delenv("RATLIB_STOP_TIMEOUT", raising=False)
+    assert bound(None, signal.SIGTERM) == preempt.DEFAULT_STOP_TIMEOUT and bound(None, signal.SIGUSR1) is None
+    assert bound(0, signal.SIGTERM) is None and bound(7, signal.SIGUSR1) == 7
+    monkeypatch.setenv("RATLIB_STOP_TIMEOUT", "90")
+    assert bound(None, signal.SIGUSR1) == 90 and bound(None, signal.SIGTERM) == 90
+    monkeypatch.setenv("RATLIB_STOP_TIMEOUT", "0")
+    assert bound(None, signal.SIGTERM) is None
+    with pytest.raises(preempt.PreemptInputError, match="stop_timeout must be >= 0"):
+        preempt.install(stop_timeout=-1)
