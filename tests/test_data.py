@@ -224,6 +224,52 @@ def test_gather_by_index_names_missing_and_duplicated_indices_on_every_rank() ->
     assert "indices returned by more than one rank (0 on ranks [0, 1])" in run.stdouts[0]
 
 
+def eval_with_an_empty_shard(n: int) -> int:
+    """The evaluation shape docs/data.md gives, on ranks of which some have no samples: train a step through
+    DDP, evaluate the unwrapped model, then every ratlib helper an evaluation uses, on every rank."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+
+    from ratlib import comm, dist_init
+    from ratlib.memory import memory_report
+    from ratlib.rank_logger import progress, setup_logging
+
+    setup_logging("INFO")
+    with dist_init.distributed(device="cpu", connect_timeout=60) as info:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+        ddp = DistributedDataParallel(model)
+        ddp(torch.randn(4, 3)).sum().backward()  # a training step: DDP will sync buffers at its next forward
+        model.eval()  # evaluate the module, not the wrapper: ranks with fewer batches must not owe a collective
+        sampler = EvalSampler(n)
+        loader = DataLoader(torch.arange(n, dtype=torch.float32).repeat(3, 1).T, sampler=sampler, batch_size=2)
+        per_sample, loss_sum, count = {}, 0.0, 0
+        with torch.no_grad():
+            for i, batch in enumerate(progress(loader, desc="eval")):  # a bar on rank 0, whatever its length
+                out = model(batch)
+                loss_sum, count = loss_sum + float(out.sum()), count + len(batch)
+                per_sample.update(zip(list(sampler)[2 * i : 2 * i + 2], out[:, 0].tolist()))
+        merged = gather_by_index(per_sample, n)
+        totals = comm.reduce_dict({"loss_sum": loss_sum, "count": float(count)}, average=False)
+        mean = totals["loss_sum"] / totals["count"] if totals["count"] else float("nan")
+        everyone = comm.all_gather_object(len(sampler))
+        on_main = comm.gather_object(sorted(per_sample))
+        report = memory_report(warn_fraction=None)
+        assert len(report.ranks) == info.world_size and report.table() and report.to_metrics()
+        assert sum(everyone) == n and totals["count"] == n
+        assert (merged is not None) == info.is_main and (on_main is not None) == info.is_main
+        print(f"rank {info.rank} samples {len(sampler)} batches {len(loader)} mean {mean:.3f} OK", flush=True)
+    return 0
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("n", [2, 0])  # 2 samples on 3 ranks: rank 2 has none; 0: every rank has none
+def test_evaluation_helpers_with_an_empty_shard_on_three_ranks(n: int) -> None:
+    run = run_on_ranks(eval_with_an_empty_shard, 3, args=(n,), timeout=120).check()
+    assert "rank 2 samples 0 batches 0" in run.stdouts[2] and all("OK" in out for out in run.stdouts)
+
+
 def test_data_imports_no_torch() -> None:
     import subprocess
 
