@@ -1,7 +1,8 @@
 """A griffe extension (``mkdocs.yml``: the mkdocstrings handler's ``extensions``): the Sphinx roles ratlib's
 docstrings use (``:func:`save```, ``:class:`CheckpointError```) become links of the API reference. A short
 name is looked up in the docstring's own module, then in its class; a name that leads nowhere is left to
-autorefs, which warns about it (so ``mkdocs build --strict`` fails on a stale name)."""
+autorefs, which warns about it (so ``mkdocs build --strict`` fails on a stale name). reST's ``text::`` before
+an indented example loses a colon: the indented block is already code in Markdown."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from typing import Any
 import griffe
 
 ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):`~?([\w.]+)`")
+LITERAL = re.compile(r"(?<=\S)::$", re.M)
 
 
 class SphinxRoles(griffe.Extension):
     def on_instance(self, *, obj: Any, **kwargs: Any) -> None:
         if obj.docstring is None or ":" not in obj.docstring.value:
             return
-        obj.docstring.value = ROLE.sub(lambda m: _link(m.group(1), obj), obj.docstring.value)
+        text = ROLE.sub(lambda m: _link(m.group(1), obj), obj.docstring.value)
+        obj.docstring.value = LITERAL.sub(":", text)
 
 
 def _link(name: str, obj: Any) -> str:
