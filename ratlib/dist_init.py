@@ -461,11 +461,31 @@ def _adopt_group(launch: LaunchEnv, dev: torch.device) -> DistInfo:
     )
 
 
+CONNECT_TIMEOUT_ENV = "RATLIB_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT = 120.0
+
+
+def _connect_timeout(given: float | None) -> float:
+    """The rendezvous bound: the argument, else ``RATLIB_CONNECT_TIMEOUT``, else 120 s (set in the job's
+    environment when ranks start minutes apart, without touching the script)."""
+    if given is not None:
+        return given
+    text = os.environ.get(CONNECT_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_CONNECT_TIMEOUT
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise DistInitArgumentError(
+            message(f"{CONNECT_TIMEOUT_ENV}={text!r} is not a number of seconds", fix=f"e.g. {CONNECT_TIMEOUT_ENV}=600")
+        ) from exc
+
+
 def init_distributed(
     backend: str | None = None,
     *,
     timeout: float | timedelta = timedelta(minutes=30),
-    connect_timeout: float = 120.0,
+    connect_timeout: float | None = None,
     device: str = "auto",
     stall_timeout: float | None = None,
     check_collectives: bool = False,
@@ -477,9 +497,11 @@ def init_distributed(
     (rank 0 waits that long for the others to join, the others that long to reach rank 0) instead of
     the process-group ``timeout``, which then bounds every later collective. A single process creates
     no group. Idempotent: a second call returns the same ``DistInfo``. ``stall_timeout`` and
-    ``check_collectives`` call ``ratlib.hang.install`` once the group exists.
+    ``check_collectives`` call ``ratlib.hang.install`` once the group exists. ``connect_timeout=None``:
+    ``RATLIB_CONNECT_TIMEOUT`` (seconds) if set, else 120.
     """
     global _INFO, _INIT_ARGS, _ATEXIT_REGISTERED
+    connect_timeout = _connect_timeout(connect_timeout)
     td = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
     if td.total_seconds() <= 0 or not connect_timeout > 0:
         raise DistInitArgumentError(

@@ -912,3 +912,30 @@ def test_init_distributed_reaches_hang_through_the_hook_the_package_registers() 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_the_connect_timeout_comes_from_the_environment_when_not_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ratlib import dist_init
+
+    monkeypatch.delenv("RATLIB_CONNECT_TIMEOUT", raising=False)
+    assert dist_init._connect_timeout(None) == 120.0 and dist_init._connect_timeout(5) == 5
+    monkeypatch.setenv("RATLIB_CONNECT_TIMEOUT", "600")
+    assert dist_init._connect_timeout(None) == 600.0 and dist_init._connect_timeout(5) == 5
+    monkeypatch.setenv("RATLIB_CONNECT_TIMEOUT", "ten minutes")
+    with pytest.raises(ValueError, match="RATLIB_CONNECT_TIMEOUT='ten minutes' is not a number of seconds"):
+        dist_init._connect_timeout(None)
+
+
+@pytest.mark.distributed
+def test_ratlib_connect_timeout_bounds_a_rendezvous_nobody_joins() -> None:
+    """Rank 1 of 2 alone (rank 0 never started): the environment's 3 s bound, not the default 120 s."""
+    from ratlib.testing import free_port
+
+    code = "from ratlib import dist_init\ndist_init.init_distributed('gloo')\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
+    env.update(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    env.update(MASTER_PORT=str(free_port()), RATLIB_CONNECT_TIMEOUT="3", CUDA_VISIBLE_DEVICES="")
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode != 0 and time.monotonic() - began < 60, done.stderr[-3000:]
+    assert "within connect_timeout=3s" in done.stderr, done.stderr[-3000:]

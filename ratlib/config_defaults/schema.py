@@ -210,8 +210,9 @@ class DistributedConfig(_Section):
     """The backend; null: nccl with CUDA, else gloo."""
     timeout_s: Float = Field(default=1800.0, gt=0)
     """Seconds a collective may wait before it fails."""
-    connect_timeout_s: Float = Field(default=60.0, gt=0)
-    """Seconds the rendezvous may take before the set-up fails naming the master."""
+    connect_timeout_s: Float | None = Field(default=None, gt=0)
+    """Seconds the rendezvous may take before the set-up fails naming the master; null: the environment's
+    ``RATLIB_CONNECT_TIMEOUT``, else 120."""
     stall_timeout_s: Float | None = Field(default=None, gt=0)
     """The ``ratlib.hang`` watchdog: seconds without a heartbeat before stacks are dumped; null: off."""
 
