@@ -41,6 +41,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "latest",
     "load",
+    "rank_entry",
     "rng_state",
     "save",
     "set_rng_state",
@@ -95,6 +96,7 @@ def save(
     keep: int | None = None,
     sync: bool = True,
     sync_timeout: float | None = None,
+    per_rank: Any = None,
 ) -> Path:
     """Write ``state`` to ``path`` on the main rank, atomically; returns ``path``.
 
@@ -104,10 +106,17 @@ def save(
     ``sync_timeout``: how long a rank waits for the others to reach this ``save`` before it raises a
     :class:`CheckpointError` naming the ranks that did not (default ``RATLIB_SYNC_TIMEOUT`` or 60 s): a save
     that only some ranks call (inside ``if is_main:``) fails fast instead of waiting for the group's timeout.
+    ``per_rank``: this rank's own plain data (its prefetched batch, a loader position, anything that differs by
+    rank); every rank passes its own, the file keeps them all under ``"per_rank"`` and :func:`rank_entry`
+    gives each rank its own back after ``load``. A collective then: every rank passes one, or none does.
     """
     import torch
 
     path = Path(path)
+    if per_rank is not None and PER_RANK_KEY in state:
+        raise CheckpointArgumentError(
+            message(f"checkpoint.save: the state already has a {PER_RANK_KEY!r} key", fix="rename that key")
+        )
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise CheckpointArgumentError(
             message(f"checkpoint.save: keep={keep!r}", expected="a whole number >= 1, or None (keep all)")
@@ -115,8 +124,13 @@ def save(
     sharded = sharded_keys(state)
     if sharded:  # every rank holds only its shards: one rank's file would restore other weights, silently
         raise _refuse_sharded(path, sharded)
-    if sync:  # every rank is here before anything is written, or none writes and the callers learn who is not
-        _arrive("save", path, sync_timeout)
+    if sync or per_rank is not None:  # every rank is here before anything is written, or none writes
+        _arrive("save", path, sync_timeout, per_rank is not None)
+    if per_rank is not None:
+        from ratlib.comm import gather_object
+
+        entries = gather_object(per_rank)  # the main rank's list by rank; None elsewhere
+        state = {**state, PER_RANK_KEY: {"world_size": len(entries or []), "entries": entries}}
     if _is_main():
         # Looked up at call time, so that tests can set the hook on this module.
         write_atomic(path, lambda f: torch.save(dict(state), f), before_rename=_before_rename)
@@ -180,7 +194,7 @@ def _sync_timeout(given: float | None) -> float:
         ) from exc
 
 
-def _arrive(what: str, path: Path | None, timeout: float | None) -> None:
+def _arrive(what: str, path: Path | None, timeout: float | None, per_rank: bool = False) -> None:
     """Every rank marks its arrival at this checkpoint call in the rendezvous store and waits for the others,
     at most ``timeout`` seconds. Through the store, not the process group: a peer that never comes is busy in
     another collective (its next step's all-reduce), which a barrier here would meet and corrupt or hang on."""
@@ -193,7 +207,7 @@ def _arrive(what: str, path: Path | None, timeout: float | None) -> None:
     seq = _ARRIVALS[what] = _ARRIVALS.get(what, 0) + 1
     call = f"checkpoint.{what}({str(path)!r})" if path is not None else f"checkpoint.{what}()"
     try:
-        seen = StoreChannel("ratlib-checkpoint", wait_s=wait).all_gather(f"{what}/{seq}", str(path))
+        seen = StoreChannel("ratlib-checkpoint", wait_s=wait).all_gather(f"{what}/{seq}", [str(path), per_rank])
     except ChannelError as exc:
         missing = re.search(r"rank\(s\) (\[[^\]]*\])", str(exc))
         raise CheckpointError(
@@ -207,12 +221,20 @@ def _arrive(what: str, path: Path | None, timeout: float | None) -> None:
                 + f"; raise {SYNC_TIMEOUT_ENV} if a rank is legitimately late",
             )
         ) from exc
-    if len(set(seen)) > 1:
+    if len({p for p, _ in seen}) > 1:
         raise CheckpointError(
             message(
                 f"{call}: the ranks' call #{seq} names different files, so they are not at the same save",
-                got=", ".join(f"rank {r}: {p}" for r, p in enumerate(seen)),
+                got=", ".join(f"rank {r}: {p}" for r, (p, _) in enumerate(seen)),
                 fix="call save with the same path on every rank, the same number of times",
+            )
+        )
+    if len({given for _, given in seen}) > 1:
+        raise CheckpointError(
+            message(
+                f"{call}: some ranks pass per_rank and some do not",
+                got="per_rank from rank(s) " + str([r for r, (_, given) in enumerate(seen) if given]),
+                fix="pass per_rank on every rank (each its own entry), or on none",
             )
         )
 
@@ -350,6 +372,41 @@ def _refused(path: Path, types: list[str]) -> CheckpointError:
             "torch.serialization.add_safe_globals",
         )
     )
+
+
+PER_RANK_KEY = "per_rank"
+
+
+def rank_entry(state: Mapping[str, Any], *, strict: bool = True) -> Any:
+    """This rank's own entry of a checkpoint saved with ``save(..., per_rank=...)``: rank r gets what rank r saved.
+
+    Saved by another number of ranks, entries cannot follow the ranks one to one: a :class:`CheckpointError`
+    names both sizes, or with ``strict=False`` the result is None (re-create what the entry held, e.g. draw a
+    new batch).
+    """
+    from ratlib.launch import get_rank, get_world_size
+
+    saved = state.get(PER_RANK_KEY) if isinstance(state, Mapping) else None
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("entries"), list):
+        raise CheckpointError(
+            message(
+                "checkpoint.rank_entry: this checkpoint has no per-rank entries",
+                got=f"keys {sorted(state)[:12] if isinstance(state, Mapping) else type(state).__name__}",
+                fix="save it with checkpoint.save(state, path, per_rank=...) on every rank",
+            )
+        )
+    entries, world = saved["entries"], get_world_size()
+    if len(entries) != world:
+        if not strict:
+            return None
+        raise CheckpointError(
+            message(
+                f"checkpoint.rank_entry: the checkpoint's per-rank entries are from {len(entries)} rank(s), this job "
+                f"has {world}: rank {get_rank()} has no entry of its own",
+                fix="resume with the same number of ranks, or pass strict=False and re-create what the entry held",
+            )
+        )
+    return entries[get_rank()]
 
 
 def rng_state() -> dict[str, Any]:

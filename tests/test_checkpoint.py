@@ -393,3 +393,40 @@ def test_sharded_keys_finds_nested_dtensors_only() -> None:
     state = {"model": {"w": shard, "b": torch.zeros(1)}, "optim": {"state": {0: {"exp_avg": shard}}}, "ep": 3}
     assert checkpoint.sharded_keys(state) == ["model.w", "optim.state.0.exp_avg"]
     assert checkpoint.sharded_keys({"x": [torch.zeros(1), (1, "a")]}) == []
+
+
+FLAT_LOOP = Path(__file__).with_name("flat_loop_train.py")
+
+
+@pytest.mark.distributed
+def test_a_flat_script_with_a_main_only_evaluation_resumes_bit_identically(tmp_path: Path, run_on_ranks) -> None:
+    """Each rank's prefetched batch rides in the checkpoint as its per-rank entry, and each rank's RNG is taken
+    before the main rank's evaluation draws: stopped after iteration 8's checkpoint and resumed, the run ends
+    with the weights of an uninterrupted one, every tensor bit for bit."""
+    env = {"CUDA_VISIBLE_DEVICES": ""}
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_on_ranks(FLAT_LOOP, 2, args=[str(whole)], env=env, timeout=120).check()
+    run_on_ranks(FLAT_LOOP, 2, args=[str(split), "--stop-after", "8"], env=env, timeout=120).check()
+    assert not (split / "final.pt").exists() and (split / "ckpt0008.pt").is_file()
+    entries = checkpoint.load(split / "ckpt0008.pt")["per_rank"]
+    assert entries["world_size"] == 2 and not torch.equal(
+        entries["entries"][0]["batch"][0], entries["entries"][1]["batch"][0]
+    )
+    run_on_ranks(FLAT_LOOP, 2, args=[str(split), "--resume"], env=env, timeout=120).check()
+    a = torch.load(whole / "final.pt", weights_only=True)
+    b = torch.load(split / "final.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resume is not exact"
+
+
+def test_rank_entry_needs_per_rank_entries_of_this_world_size(tmp_path: Path) -> None:
+    path = checkpoint.save({"step": 1}, tmp_path / "a.pt", per_rank={"batch": [1, 2]})  # one process
+    state = checkpoint.load(path)
+    assert checkpoint.rank_entry(state) == {"batch": [1, 2]} and state["per_rank"]["world_size"] == 1
+    other = {**state, "per_rank": {"world_size": 2, "entries": [{"b": 0}, {"b": 1}]}}
+    with pytest.raises(checkpoint.CheckpointError, match="from 2 rank.s., this job has 1"):
+        checkpoint.rank_entry(other)
+    assert checkpoint.rank_entry(other, strict=False) is None
+    with pytest.raises(checkpoint.CheckpointError, match="no per-rank entries"):
+        checkpoint.rank_entry({"step": 1})
+    with pytest.raises(checkpoint.CheckpointArgumentError, match="already has a 'per_rank' key"):
+        checkpoint.save({"per_rank": 1}, tmp_path / "b.pt", per_rank={})
