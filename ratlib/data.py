@@ -46,6 +46,12 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return rank, world_size
 
 
+def _split_size(n: int, parts: int, i: int) -> int:
+    """The size of chunk ``i`` of :func:`_split_even` over ``n`` items."""
+    q, r = divmod(n, parts)
+    return q + (i < r)
+
+
 def _split_even(items: list[int], parts: int) -> list[list[int]]:
     """``items`` in ``parts`` consecutive chunks whose sizes differ by at most one (the larger first)."""
     q, r = divmod(len(items), parts)
@@ -78,13 +84,24 @@ class ShardedBatchSampler:
 
     ``state_dict()`` holds the epoch and the position (batches handed out in this epoch);
     ``load_state_dict()`` makes the next iteration of that epoch yield exactly the batches that were left.
+
+    **Global batches** (``global_batch_size=G`` instead of ``batch_size``): step k of an epoch is the k-th slice
+    of G samples of the shuffled order (the last one smaller when G does not divide the samples), whatever the
+    number of ranks; each rank takes its part of it (round-robin, sizes at most one apart), cut into
+    ``accumulation_steps`` micro-batches of at most ``micro_batch_size``. The state is the job's position in
+    the epoch (global steps done), the same on every rank, so ``load_state_dict`` continues at any world size
+    with the global batches an uninterrupted run would have drawn. Parts differ in size when G is not a
+    multiple of the world size: weight each rank's summed loss with :meth:`loss_scale` so that the gradient is
+    the mean over the global batch, exactly.
     """
 
     def __init__(
         self,
         num_samples: int,
-        batch_size: int,
+        batch_size: int | None = None,
         *,
+        global_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         seed: int = 0,
@@ -93,6 +110,21 @@ class ShardedBatchSampler:
         group_ids: Sequence[int] | None = None,
     ) -> None:
         self.rank, self.world_size = _rank_and_world(rank, world_size)
+        if (batch_size is None) == (global_batch_size is None):
+            raise ShardingError(
+                message(
+                    "ShardedBatchSampler: give exactly one of batch_size (per rank) and global_batch_size (per step)",
+                    got=f"batch_size={batch_size}, global_batch_size={global_batch_size}",
+                )
+            )
+        self.global_batch_size = global_batch_size
+        self.accumulation_steps = 1
+        if global_batch_size is not None:
+            self._check_global(num_samples, global_batch_size, micro_batch_size, group_ids)
+            part = -(-global_batch_size // self.world_size)  # the largest part of a full global batch
+            self.accumulation_steps = -(-part // micro_batch_size) if micro_batch_size else 1
+            batch_size = part
+        assert batch_size is not None
         if batch_size < 1:
             raise ShardingError(message(f"batch_size={batch_size}", expected="a batch size of at least 1"))
         if num_samples < self.world_size:
@@ -112,8 +144,58 @@ class ShardedBatchSampler:
         self._skip = 0  # batches the next iteration leaves out (a restored mid-epoch state)
         self._start = 0  # where the current (or next) iteration starts: len() stays put while it runs
 
+    def _check_global(
+        self, num_samples: int, global_batch_size: int, micro_batch_size: int | None, group_ids: Any
+    ) -> None:
+        if global_batch_size < 1 or (micro_batch_size is not None and micro_batch_size < 1):
+            raise ShardingError(
+                message(
+                    f"global_batch_size={global_batch_size}, micro_batch_size={micro_batch_size}",
+                    expected="whole numbers >= 1",
+                )
+            )
+        if group_ids is not None:
+            raise ShardingError(message("group_ids works with batch_size (per rank), not with global_batch_size"))
+        part = -(-global_batch_size // self.world_size)
+        steps = -(-part // micro_batch_size) if micro_batch_size else 1
+        last = num_samples % global_batch_size  # the epoch's last global batch is smaller, unless G divides it
+        smallest = min(global_batch_size, num_samples) if last == 0 else last
+        if smallest // self.world_size < steps:
+            works = [w for w in range(1, self.world_size + 1) if smallest // w >= steps]
+            raise ShardingError(
+                message(
+                    f"a global batch of {smallest} sample(s) (of {num_samples}, global_batch_size={global_batch_size}) "
+                    f"cannot give each of {self.world_size} ranks its {steps} micro-batch(es)",
+                    fix=f"use at most {max(works) if works else 1} rank(s) here, a global_batch_size that divides "
+                    f"{num_samples}, or a larger micro_batch_size",
+                )
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: global batches, or this rank's batches with a per-rank ``batch_size``."""
+        if self.global_batch_size is not None:
+            return -(-self.num_samples // self.global_batch_size)
+        return self.batches_per_epoch
+
+    def global_size(self, step: int) -> int:
+        """Samples in global step ``step`` (0-based) of an epoch, over all ranks."""
+        if self.global_batch_size is None:  # the ranks' step-th batches together
+            q, r = divmod(self.num_samples, self.world_size)
+            return sum(_split_size(q + (rank < r), self.batches_per_epoch, step) for rank in range(self.world_size))
+        return min(self.global_batch_size, self.num_samples - step * self.global_batch_size)
+
+    def loss_scale(self, batch_len: int, step: int) -> float:
+        """The factor for a rank's *summed* per-sample loss over a (micro-)batch of ``batch_len`` samples at
+        global step ``step``, so that DDP's mean over ranks of the gradients is the mean over the global batch:
+        ``world_size / global_size(step)``, times ``batch_len`` when applied to a mean loss instead of a sum."""
+        return self.world_size * batch_len / self.global_size(step)
+
     @property
     def batches_per_epoch(self) -> int:
+        """Batches (micro-batches, with global batches) this rank yields per epoch."""
+        if self.global_batch_size is not None:
+            return self.steps_per_epoch * self.accumulation_steps
         smallest, largest = self.num_samples // self.world_size, -(-self.num_samples // self.world_size)
         return min(-(-largest // self.batch_size), smallest)  # never more batches than the smallest shard holds
 
@@ -134,6 +216,10 @@ class ShardedBatchSampler:
         order = list(range(self.num_samples))
         if self.shuffle:
             rng.shuffle(order)
+        if self.global_batch_size is not None:  # step k: the k-th slice of the order; this rank's part of it
+            g = self.global_batch_size
+            parts = [order[k * g : (k + 1) * g][self.rank :: self.world_size] for k in range(self.steps_per_epoch)]
+            return [micro for part in parts for micro in _split_even(part, self.accumulation_steps)]
         shard = order[self.rank :: self.world_size]
         if self.group_ids is not None:
             shard.sort(key=self.group_ids.__getitem__)  # stable: random order within a group
@@ -160,9 +246,27 @@ class ShardedBatchSampler:
         ``position``: batches consumed in this epoch, when that differs from the batches this sampler
         handed out (a DataLoader with workers fetches a few batches ahead): pass the loop's own count.
         """
+        done = self.position if position is None else position
+        if self.global_batch_size is not None:  # the job's position: global steps done, the same on every rank
+            if done % self.accumulation_steps:
+                raise ShardingError(
+                    message(
+                        f"state_dict(position={done}): not at a step boundary ({self.accumulation_steps} micro-batches "
+                        "a step)",
+                        fix="take the state after an optimizer step",
+                    )
+                )
+            return {
+                "epoch": self.epoch,
+                "global_position": done // self.accumulation_steps,
+                "num_samples": self.num_samples,
+                "global_batch_size": self.global_batch_size,
+                "world_size": self.world_size,
+                "seed": self.seed,
+            }
         return {
             "epoch": self.epoch,
-            "position": self.position if position is None else position,
+            "position": done,
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
@@ -173,6 +277,19 @@ class ShardedBatchSampler:
         """Continue where ``state`` was taken: the next iteration of ``state["epoch"]`` yields the batches
         after ``state["position"]``. Mid-epoch, the sharding must be the same (samples, batch size, world
         size, seed); at an epoch boundary (position 0, or the whole epoch done) any sharding may resume."""
+        if ("global_position" in state) != (self.global_batch_size is not None):
+            raise ShardingError(
+                message(
+                    "a sampler state "
+                    + ("with global batches into a per-rank sampler" if "global_position" in state else "with per-rank "
+                       "batches into a global-batch sampler"),
+                    fix="resume with the batch setting the run was saved with (training.global_batch_size or "
+                    "training.batch_size)",
+                )
+            )  # fmt: skip
+        if self.global_batch_size is not None:
+            self._load_global(state)
+            return
         epoch, position = int(state["epoch"]), int(state["position"])
         if 0 < position < self.batches_per_epoch:
             now = self.state_dict()
@@ -190,6 +307,26 @@ class ShardedBatchSampler:
             self.epoch, self.position, self._skip, self._start = epoch + 1, 0, 0, 0
         else:
             self.epoch, self.position, self._skip, self._start = epoch, position, position, position
+
+    def _load_global(self, state: Mapping[str, int]) -> None:
+        """A global position continues at any world size; the data set, seed and global batch must be the same."""
+        now = {"num_samples": self.num_samples, "global_batch_size": self.global_batch_size, "seed": self.seed}
+        differ = [f"{k} {state.get(k)} (now {v})" for k, v in now.items() if state.get(k) != v]
+        if differ:
+            raise ShardingError(
+                message(
+                    f"a sampler state (epoch {state.get('epoch')}) from another data set or batch setting",
+                    got=", ".join(differ),
+                    fix="resume with the data set, training.seed and training.global_batch_size the run was saved "
+                    "with; the number of ranks may change",
+                )
+            )
+        epoch, steps = int(state["epoch"]), int(state["global_position"])
+        if steps >= self.steps_per_epoch:  # the epoch was finished: the next one starts afresh
+            self.epoch, self.position, self._skip, self._start = epoch + 1, 0, 0, 0
+        else:
+            done = steps * self.accumulation_steps
+            self.epoch, self.position, self._skip, self._start = epoch, done, done, done
 
 
 class EvalSampler:

@@ -275,3 +275,98 @@ def test_data_imports_no_torch() -> None:
 
     code = "import ratlib.data, sys; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Global batches: the same global batches at any world size, and a resume on another number of ranks
+
+
+def _global(n: int, g: int, world: int, micro: int | None = None, **kwargs) -> list[ShardedBatchSampler]:
+    return [
+        ShardedBatchSampler(n, global_batch_size=g, micro_batch_size=micro, rank=r, world_size=world, **kwargs)
+        for r in range(world)
+    ]
+
+
+def _global_steps(samplers: list[ShardedBatchSampler]) -> list[list[int]]:
+    """The job's global batches, in order: step k is every rank's micro-batches of step k, put together."""
+    per_rank = [[_indices(b) for b in s] for s in samplers]
+    a = samplers[0].accumulation_steps
+    steps = len(per_rank[0]) // a
+    return [sorted(i for rank in per_rank for b in rank[k * a : (k + 1) * a] for i in b) for k in range(steps)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(1, 150),
+    g=st.integers(1, 40),
+    world=st.integers(1, 6),
+    other=st.integers(1, 6),
+    micro=st.one_of(st.none(), st.integers(1, 8)),
+    epoch=st.integers(0, 3),
+    cut=st.floats(0, 1),
+)
+def test_global_batches_do_not_depend_on_the_world_size_and_resume_on_another(
+    n: int, g: int, world: int, other: int, micro: int | None, epoch: int, cut: float
+) -> None:
+    def build(w: int) -> list[ShardedBatchSampler] | None:
+        try:
+            return _global(n, g, w, micro, seed=3, augmentation_seeds=True)
+        except ShardingError as exc:  # a last global batch too small for this many ranks: said before training
+            assert "cannot give each of" in str(exc) and "use at most" in str(exc)
+            return None
+
+    one = _global(n, g, 1, None, seed=3)  # the reference: one process, the whole global batch a step
+    for s in one:
+        s.set_epoch(epoch)
+    reference = [sorted(b) for b in (_indices(b) for b in one[0])]
+    assert sorted(i for b in reference for i in b) == list(range(n))  # every index once per epoch
+    first, second = build(world), build(other)
+    if first is None or second is None:
+        return
+    for s in first:
+        s.set_epoch(epoch)
+    assert _global_steps(first) == reference  # the same global batches, whatever the world size
+    lengths = {len(list(s)) for s in first}
+    assert lengths == {first[0].steps_per_epoch * first[0].accumulation_steps}  # the ranks in step
+    # stop after `done` global steps on `world` ranks, resume on `other` ranks
+    done = int(cut * first[0].steps_per_epoch)
+    states = {json.dumps(s.state_dict(position=done * s.accumulation_steps), sort_keys=True) for s in first}
+    assert len(states) == 1  # the same state on every rank: the job's position, not a rank's
+    state = json.loads(states.pop())
+    for s in second:
+        s.load_state_dict(state)
+    if done == first[0].steps_per_epoch:
+        assert second[0].epoch == epoch + 1
+        return
+    assert _global_steps(second) == reference[done:]  # exactly the batches that were left, none twice
+    seeds = {i: sd for s in second for b in s for i, sd in b} if second[0].augmentation_seeds else {}
+    whole = {i: sd for s in first for b in s for i, sd in b}
+    assert all(whole[i] == sd for i, sd in seeds.items())  # augmentation follows the sample, not the rank
+
+
+def test_loss_scale_makes_the_gradient_the_mean_over_the_global_batch() -> None:
+    # 10 samples, global batch 4, 3 ranks: steps of 4, 4 and 2 samples; parts of 2/1/1 and 1/1/0 are refused
+    with pytest.raises(ShardingError, match="use at most 2 rank"):
+        _global(10, 4, 3)
+    samplers = _global(10, 4, 2)
+    assert [s.global_size(k) for s in samplers[:1] for k in range(3)] == [4, 4, 2]
+    # a rank's summed loss times loss_scale / batch_len, averaged over ranks (DDP), is the global mean
+    values = {i: float(i * i) for i in range(10)}
+    for k, parts in enumerate(zip(*(list(s) for s in samplers))):
+        mean = sum(sum(values[i] for i in part) * samplers[0].loss_scale(1, k) for part in parts) / 2
+        assert mean == pytest.approx(sum(values[i] for part in parts for i in part) / samplers[0].global_size(k))
+
+
+def test_a_global_state_is_refused_by_a_per_rank_sampler_and_another_dataset_is_named() -> None:
+    state = _global(40, 8, 2)[0].state_dict()
+    with pytest.raises(ShardingError, match="with global batches into a per-rank sampler"):
+        ShardedBatchSampler(40, 4, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(ShardingError, match="num_samples 40 .now 48."):
+        _global(48, 8, 3)[0].load_state_dict(state)
+    with pytest.raises(ShardingError, match="global_batch_size 8 .now 16."):
+        _global(40, 16, 1)[0].load_state_dict(state)
+    with pytest.raises(ShardingError, match="exactly one of batch_size"):
+        ShardedBatchSampler(40, 4, global_batch_size=8, rank=0, world_size=1)
+    with pytest.raises(ShardingError, match="not at a step boundary"):
+        _global(40, 8, 2, micro=2)[0].state_dict(position=1)
