@@ -87,6 +87,29 @@ def test_uncaught_exception_is_logged_with_rank(tmp_path: Path) -> None:
     assert "boom on one rank" in (tmp_path / "rank1.log").read_text()
 
 
+@pytest.mark.parametrize("with_files", [True, False])
+def test_an_uncaught_ratlib_error_shows_its_message_once(tmp_path: Path, with_files: bool) -> None:
+    """One process, no group: the message once, then the traceback in the file (or once, under it)."""
+    log_dir = repr(str(tmp_path)) if with_files else "None"
+    code = (
+        "from ratlib.rank_logger import setup_logging\n"
+        "from ratlib.coco_paths import CocoPathError\n"
+        f"setup_logging('INFO', log_dir={log_dir})\n"
+        "def load(): raise CocoPathError('no annotations under /data. Fix: pass root=')\n"
+        "load()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.count("no annotations under /data") == 1, out.stderr
+    assert "CRITICAL ratlib: uncaught CocoPathError on [rank 0/1]: no annotations" in out.stderr
+    if with_files:
+        assert "Traceback" not in out.stderr and f"(traceback in {tmp_path / 'rank0.log'})" in out.stderr
+        text = (tmp_path / "rank0.log").read_text()
+        assert "line 4, in load" in text and text.count("no annotations under /data") == 2  # message, exc line
+    else:
+        assert out.stderr.count("Traceback (most recent call last)") == 1 and "line 4, in load" in out.stderr
+
+
 @pytest.mark.distributed
 def test_other_ranks_stdout_off_quiets_a_printing_library_but_not_its_warnings(tmp_path: Path) -> None:
     run = run_on_ranks(logger_targets.library_prints, 2, args=(str(tmp_path), "quiet"), timeout=60).check()
