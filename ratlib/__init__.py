@@ -20,6 +20,7 @@ _SUBMODULES = (
     "config_defaults",
     "hang",
     "preempt",
+    "numerics",
     "checkpoint",
     "memory",
     "tracking",
@@ -88,6 +89,9 @@ _EXPORTS = {
     "MemoryReport": "memory",
     "estimate_model_memory": "memory",
     "probe_memory": "memory",
+    # numerics
+    "Sentinel": "numerics",
+    "NumericalError": "numerics",
     # tracking
     "Tracker": "tracking",
     "TrackingError": "tracking",
@@ -136,6 +140,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         doctor,
         hang,
         memory,
+        numerics,
         preempt,
         rank_logger,
         synthetic,
@@ -175,5 +180,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .errors import RatlibError
     from .hang import CollectiveMismatchError, HangError, heartbeat
     from .memory import MemoryReport, estimate_model_memory, memory_report, probe_memory, reset_peak_memory
+    from .numerics import NumericalError, Sentinel
     from .rank_logger import get_logger, progress, rank_zero_only, setup_logging
     from .tracking import Tracker, TrackingError

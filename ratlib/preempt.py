@@ -6,7 +6,9 @@ small all-reduce (MAX) of a ``[2, world]`` int64 tensor in which each rank fills
 signal number and the time it arrived. Every rank gets the same tensor back, so every rank answers the
 same at the same step, whichever rank (or ranks) got the signal, and every rank also learns who got what.
 By default (``overlap``) the all-reduce is posted without waiting and read at the next agreement step, so
-it adds no synchronisation point to the step; the first agreement blocks.
+it adds no synchronisation point to the step; the first agreement blocks. ``Preemption.carry(step, flags)``
+is the hook for other per-rank flags that must be agreed on every step (``ratlib.numerics``'s non-finite
+flag): they ride in the same all-reduce, and the next ``should_stop`` reuses its answer (no second collective).
 ``exit()`` logs that on every rank, tears the group down, requeues the Slurm job from rank 0 where
 allowed and ends the process with ``PREEMPT_EXIT_CODE``::
 
@@ -262,6 +264,9 @@ class Preemption:
         self._posted = False  # the first agreement has run (it blocks, so that set-up signals stop at once)
         self._group: Any = None
         self._group_for: Any = None
+        self._carried: tuple[RankSignal, ...] | None = None  # what carry() agreed, for the next should_stop
+        self._forced: str | None = None  # stop_next()'s reason
+        self.requeue_allowed = True  # False after stop_next(requeue=False): exit() does not requeue
 
     @property
     def signal(self) -> str | None:
@@ -284,9 +289,66 @@ class Preemption:
         if self.stop_step is not None:
             return True
         self._note(step)
+        if self._forced is not None:
+            self._stop_forced(step)
+            return True
+        if self._carried is not None:  # carry() agreed since the last call: no collective of our own
+            got, self._carried = self._carried, None
+            if got:
+                self._stop(step, got)
+            return bool(got)
         if step % self.every:
             return False
         return self._agree(step, block=not (self.overlap and self._posted))
+
+    def carry(self, step: int, flags: Sequence[int]) -> list[list[int]]:
+        """The hook for per-rank flags that must ride in the stop agreement (``ratlib.numerics``): a blocking
+        agreement now whose all-reduce also carries this rank's ``flags`` (small non-negative ints, the same
+        count on every rank). Returns every rank's flags, by rank, the same on every rank. The stop decision
+        it reaches is what the next ``should_stop`` answers, whatever ``every``, with no collective of its
+        own; a signal that comes after it is taken up by the next ``carry`` or agreement. Every rank calls it
+        at the same point, like any collective."""
+        import torch
+
+        flags = [int(f) for f in flags]
+        if any(f < 0 for f in flags):
+            raise PreemptInputError(message("Preemption.carry: flags must be >= 0", got=repr(flags)))
+        dist = _dist()
+        if dist is None:
+            if _FLAG.signum:
+                self._carried = (RankSignal(dist_init.get_rank(), self.signal or "?", _FLAG.time),)
+            elif self._carried is None:
+                self._carried = ()
+            return [flags]
+        group = self._agreement_group(dist)
+        earlier: tuple[RankSignal, ...] = ()
+        if self._pending is not None:  # an overlapped agreement still in flight: finish it first
+            (work, pending), self._pending = self._pending, None
+            self._wait(dist, step, lambda: work.wait())
+            earlier = self._signals(pending)
+        buf = torch.zeros(2 + len(flags), dist.get_world_size(), dtype=torch.int64)
+        buf[:2] = self._local_flags(dist)
+        if flags:
+            buf[2:, dist.get_rank()] = torch.tensor(flags, dtype=torch.int64)
+        self._posted = True
+        self._wait(dist, step, lambda: dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group))
+        got = earlier or self._signals(buf)
+        if got or self._carried is None:  # a stop already carried is kept until should_stop takes it
+            self._carried = got
+        return buf[2:].t().tolist()
+
+    def stop_next(self, reason: str, *, requeue: bool = False) -> None:
+        """Make the next ``should_stop`` answer True with no signal, and log ``reason``: for a stop every rank
+        has already agreed on (``ratlib.numerics``'s ``"stop"`` policy), so every rank must call it at the same
+        step. ``requeue=False``: ``exit()`` does not requeue the Slurm job (a requeued run would meet the
+        same fault again)."""
+        self._forced = reason
+        self.requeue_allowed = self.requeue_allowed and requeue
+
+    def _stop_forced(self, step: int) -> None:
+        self._disarm()
+        self.stop_step, self.received, self.latency = step, (), 0.0
+        log.warning("stopping at step %d on every rank: %s", step, self._forced, main_process_only=False)
 
     def agree(self, step: int) -> bool:
         """A blocking agreement now, whatever ``every``: the same answer on every rank, True once any rank
@@ -354,13 +416,15 @@ class Preemption:
             ) from exc
 
     def _decide(self, step: int, buf: Any) -> bool:
-        signums = buf[0].tolist()
-        if not any(signums):
-            return False
-        times = buf[1].tolist()
-        got = tuple(RankSignal(r, signal_name(s) or "?", t / 1e6) for r, (s, t) in enumerate(zip(signums, times)) if s)
-        self._stop(step, got)
-        return True
+        got = self._signals(buf)
+        if got:
+            self._stop(step, got)
+        return bool(got)
+
+    @staticmethod
+    def _signals(buf: Any) -> tuple[RankSignal, ...]:
+        signums, times = buf[0].tolist(), buf[1].tolist()
+        return tuple(RankSignal(r, signal_name(s) or "?", t / 1e6) for r, (s, t) in enumerate(zip(signums, times)) if s)
 
     def _arm_deadline(self, signum: int) -> None:
         """From the signal handler: unless an agreement takes the stop up within the bound, dump and leave."""
@@ -435,7 +499,7 @@ class Preemption:
         self._disarm()
         self._leave_together()
         dist_init.shutdown()
-        if rank == 0 and requeue:
+        if rank == 0 and requeue and self.requeue_allowed:
             _requeue(self, requeue_command, env)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -25,6 +25,7 @@ LAYERS = {
     "data": 4,
     "hang": 4,
     "preempt": 4,
+    "numerics": 4,
     "tracking": 4,
     "coco_paths": 4,
     "config_defaults": 5,

@@ -1,0 +1,214 @@
+"""ratlib.numerics on real gloo ranks: non-finite values named by rank, step and tensor; drift found by a
+majority vote; the policies; bad input. The ranks run tests/numerics_targets.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numerics_targets
+import pytest
+import torch
+from torch import nn
+
+from ratlib import hang, numerics, preempt
+from ratlib.preempt import PREEMPT_EXIT_CODE
+from ratlib.testing import run_on_ranks
+
+
+@pytest.fixture(autouse=True)
+def _clean_install():
+    yield
+    preempt.uninstall()
+    hang.uninstall()
+
+
+def faults(run) -> list[dict]:
+    out = []
+    for rank, text in enumerate(run.stdouts):
+        found = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("FAULT ")]
+        assert len(found) == 1 and found[0]["rank"] == rank, f"rank {rank} did not raise once:\n{run}"
+        out.append(found[0])
+    return out
+
+
+def done(run) -> list[dict]:
+    out = []
+    for rank, text in enumerate(run.stdouts):
+        found = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("DONE ")]
+        assert len(found) == 1, f"rank {rank} did not finish:\n{run}"
+        out.append(found[0])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite values
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("use_preempt", [False, True], ids=["own-all-reduce", "in-preempt-agreement"])
+def test_inf_in_one_ranks_gradient_is_named(tmp_path: Path, use_preempt: bool) -> None:
+    args = ("grad:2:5:body.weight", 12, "raise", 0, use_preempt, False, True, str(tmp_path))
+    run = run_on_ranks(numerics_targets.train, 4, args=args, timeout=120)
+    assert run.returncodes == [3] * 4, run
+    for f in faults(run):
+        # every rank stops at that step; DDP's all-reduce would have spread the Inf, the comm hook saw it first
+        assert (f["step"], f["ranks"], f["first"]) == (5, [2], {"2": "body.weight"}), f
+        assert f["samples"]["2"] == [2020, 2021, 2022, 2023]
+        assert "rank(s) 2" in f["text"] and "body.weight" in f["text"]
+    records = [json.loads(line) for line in (tmp_path / "numerics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["ranks"], r["tensors"]) for r in records] == [(5, [2], {"2": ["body.weight"]})]
+    assert "non-finite value at step 5 on 1 of 4 rank(s)" in run.outputs[0]
+
+
+@pytest.mark.distributed
+def test_nan_in_one_ranks_loss_only() -> None:
+    run = run_on_ranks(numerics_targets.train, 4, args=("loss:1:3:nan", 10), timeout=120)
+    assert run.returncodes == [3] * 4, run
+    for f in faults(run):
+        assert (f["step"], f["ranks"], f["first"]) == (3, [1], {"1": "loss"}), f
+
+
+@pytest.mark.distributed
+def test_two_ranks_at_once() -> None:
+    plan = "grad:0:4:head.bias,loss:3:4:inf"
+    run = run_on_ranks(numerics_targets.train, 4, args=(plan, 10, "raise", 0, True), timeout=120)
+    assert run.returncodes == [3] * 4, run
+    for f in faults(run):
+        assert (f["step"], f["ranks"], f["first"]) == (4, [0, 3], {"0": "head.bias", "3": "loss"}), f
+
+
+@pytest.mark.distributed
+def test_clean_steps_report_nothing(tmp_path: Path) -> None:
+    """1,000 clean steps of a tiny model on 4 ranks, drift checked every 100: no report, no skip."""
+    args = ("", 1000, "skip", 100, True, True, True, str(tmp_path))
+    run = run_on_ranks(numerics_targets.train, 4, args=args, timeout=240)
+    assert run.ok, run
+    ends = done(run)
+    assert [d["skips"] for d in ends] == [0] * 4 and [d["drift_checks"] for d in ends] == [10] * 4
+    assert len({d["weights"] for d in ends}) == 1
+    assert not (tmp_path / "numerics.jsonl").exists()
+    assert all("SKIP" not in out for out in run.stdouts)
+
+
+@pytest.mark.distributed
+def test_skip_policy_skips_on_every_rank_and_keeps_weights_equal() -> None:
+    plan = "grad:1:3:body.bias,loss:2:7:nan"
+    run = run_on_ranks(numerics_targets.train, 4, args=(plan, 12, "skip", 5, True), timeout=120)
+    assert run.ok, run
+    for out in run.stdouts:
+        assert re.findall(r"SKIP rank=\d+ step=(\d+)", out) == ["3", "7"], out
+    ends = done(run)
+    assert [d["skips"] for d in ends] == [2] * 4
+    assert len({d["weights"] for d in ends}) == 1  # no rank stepped while another skipped
+
+
+@pytest.mark.distributed
+def test_consecutive_skips_raise() -> None:
+    plan = ",".join(f"loss:1:{s}:nan" for s in range(4, 7))
+    run = run_on_ranks(numerics_targets.train, 2, args=(plan, 12, "skip", 0, False, False, True, "", 3), timeout=120)
+    assert run.returncodes == [3, 3], run
+    for f in faults(run):
+        assert f["step"] == 6 and "3 steps in a row" in f["text"], f
+
+
+@pytest.mark.distributed
+def test_stop_policy_stops_like_a_preemption() -> None:
+    run = run_on_ranks(numerics_targets.train, 2, args=("loss:0:4:nan", 12, "stop", 0, True), timeout=120)
+    assert run.returncodes == [PREEMPT_EXIT_CODE] * 2, run
+    for rank, out in enumerate(run.stdouts):
+        assert f"SKIP rank={rank} step=4" in out and f"STOP rank={rank} step=5" in out, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Drift
+
+
+@pytest.mark.distributed
+def test_flipped_bit_found_at_next_drift_check() -> None:
+    run = run_on_ranks(numerics_targets.train, 4, args=("flip:3:6:head.weight", 20, "raise", 5), timeout=120)
+    assert run.returncodes == [3] * 4, run
+    for f in faults(run):
+        assert (f["kind"], f["type"], f["step"], f["tensors"]) == ("drift", "DriftError", 10, {"3": ["head.weight"]})
+
+
+@pytest.mark.distributed
+def test_unsynchronised_batchnorm_buffer_found() -> None:
+    run = run_on_ranks(numerics_targets.train, 4, args=("", 10, "raise", 4, False, True, False), timeout=120)
+    assert run.returncodes == [3] * 4, run
+    for f in faults(run):
+        assert f["kind"] == "drift" and f["step"] == 4, f
+        assert set(f["ranks"]) == {0, 1, 2, 3}  # every rank's own statistics: no majority
+        assert "norm.running_mean" in f["tensors"]["0"] and "norm.num_batches_tracked" not in f["tensors"]["0"]
+
+
+@pytest.mark.distributed
+def test_batchnorm_buffer_not_reported_with_broadcast_buffers() -> None:
+    run = run_on_ranks(numerics_targets.train, 4, args=("", 10, "raise", 4, False, True, True), timeout=120)
+    assert run.ok, run
+    assert [d["drift_checks"] for d in done(run)] == [2] * 4
+
+
+@pytest.mark.distributed
+def test_parameter_names_that_differ_are_drift() -> None:
+    run = run_on_ranks(numerics_targets.names_differ, 2, timeout=120)
+    assert run.returncodes == [3, 3], run
+    for out in run.stdouts:
+        assert "names differ across ranks (that is drift" in out and "rank 1: extra ['extra.bias'" in out, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Strategies and bad input
+
+
+@pytest.mark.distributed
+def test_fsdp2_dtensor_gradients() -> None:
+    run = run_on_ranks(numerics_targets.fsdp2, 2, args=("loss:1:3:",), timeout=120)
+    assert run.returncodes == [3, 3], run
+    for out in run.stdouts:
+        assert '"step": 3, "ranks": [1]' in out, out
+    clean = run_on_ranks(numerics_targets.fsdp2, 2, timeout=120)
+    assert clean.ok and all("drift_checks=3" in out for out in clean.stdouts), clean
+
+
+def test_deepspeed_engine_is_a_clear_error() -> None:
+    engine = type("DeepSpeedEngine", (nn.Module,), {"__module__": "deepspeed.runtime.engine"})()
+    with pytest.raises(numerics.NumericsInputError, match="DeepSpeed engines are not supported"):
+        numerics.Sentinel(engine)
+    assert "deepspeed" not in sys.modules
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "text"),
+    [
+        ({"policy": "ignore"}, "unknown policy 'ignore'"),
+        ({"drift_every": 0}, "drift_every must be a whole number of steps >= 1"),
+        ({"drift_every": 2.5}, "drift_every must be"),
+        ({"max_skips": 0}, "max_skips must be"),
+    ],
+)
+def test_bad_input(kwargs: dict, text: str) -> None:
+    with pytest.raises(numerics.NumericsInputError, match=re.escape(text)) as info:
+        numerics.Sentinel(nn.Linear(2, 2), **kwargs)
+    assert isinstance(info.value, ValueError) and "Fix:" in str(info.value) or "Expected:" in str(info.value)
+
+
+def test_single_process_check() -> None:
+    model = nn.Linear(3, 1)
+    sentinel = numerics.Sentinel(model, policy="skip", max_skips=2)
+    model(torch.ones(2, 3)).sum().backward()
+    assert sentinel.check(0, torch.tensor(1.0))
+    model.weight.grad[0, 1] = float("nan")
+    assert not sentinel.check(1, torch.tensor(1.0)) and model.weight.grad is None
+    assert sentinel.last_report is not None and sentinel.last_report.first == {0: "weight"}
+    with pytest.raises(numerics.NumericalError, match="2 steps in a row"):
+        sentinel.check(2, float("inf"))
+
+
+def test_import_does_not_load_torch() -> None:
+    code = "import sys, ratlib.numerics; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
