@@ -108,6 +108,7 @@ class Report:
         return "\n".join([head, *lines])
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as plain data (JSON, a tracker, a checkpoint): ranks as a list, tensors keyed by rank."""
         out = asdict(self)
         out["ranks"] = list(self.ranks)
         out["tensors"] = {str(r): list(v) for r, v in self.tensors.items()}

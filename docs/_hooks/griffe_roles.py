@@ -16,11 +16,18 @@ LITERAL = re.compile(r"(?<=\S)::$", re.M)
 
 
 class SphinxRoles(griffe.Extension):
-    def on_instance(self, *, obj: Any, **kwargs: Any) -> None:
-        if obj.docstring is None or ":" not in obj.docstring.value:
-            return
+    def on_package(self, *, pkg: Any, **kwargs: Any) -> None:
+        """Once the whole package is loaded, so that a class's methods are there to be found."""
+        _rewrite(pkg)
+
+
+def _rewrite(obj: Any) -> None:
+    if obj.docstring is not None and ":" in obj.docstring.value:
         text = ROLE.sub(lambda m: _link(m.group(1), obj), obj.docstring.value)
         obj.docstring.value = LITERAL.sub(":", text)
+    for member in obj.members.values():
+        if not member.is_alias:
+            _rewrite(member)
 
 
 def _link(name: str, obj: Any) -> str:
