@@ -112,8 +112,9 @@ def on_pre_build(config: Any) -> None:
     """A warning for every public function, class, method or property without a docstring."""
     import griffe
 
+    package = griffe.load("ratlib", search_paths=[str(ROOT)], resolve_aliases=False)
     for name in reference_modules(config):
-        module = griffe.load(name, search_paths=[str(ROOT)], resolve_aliases=False)
+        module = package if name == "ratlib" else package[name.removeprefix("ratlib.")]
         for path in undocumented(module):
             log.warning("%s has no docstring (the API reference would show its signature alone)", path)
 
