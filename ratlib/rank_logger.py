@@ -342,9 +342,8 @@ class _OtherRanksStdout:
         return bool(self.original.isatty()) if current_rank()[0] <= 0 else False
 
     def __getattr__(self, name: str) -> Any:
-        if name == "original":  # not set yet (a copy being built): no recursion
-            raise AttributeError(name)
-        return getattr(self.original, name)
+        # through __dict__: before __init__ (a copy being built) getattr(None, name) fails, without recursion
+        return getattr(self.__dict__.get("original"), name)
 
 
 def setup_logging(
