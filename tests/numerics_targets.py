@@ -152,7 +152,9 @@ def fsdp2(plan: str = "", steps: int = 6) -> int:
             ok = sentinel.check(step, loss)
         except numerics.NumericalError as exc:
             assert exc.report is not None
-            print("FAULT " + json.dumps({"rank": info.rank, "step": exc.report.step, "ranks": list(exc.report.ranks)}))
+            r = exc.report
+            first = {str(k): v for k, v in r.first.items()}
+            print("FAULT " + json.dumps({"rank": info.rank, "step": r.step, "ranks": list(r.ranks), "first": first}))
             return 3
         if ok:
             opt.step()

@@ -140,7 +140,7 @@ def test_unsynchronised_batchnorm_buffer_found() -> None:
     run = run_on_ranks(numerics_targets.train, 4, args=("", 10, "raise", 4, False, True, False), timeout=120)
     assert run.returncodes == [3] * 4, run
     for f in faults(run):
-        assert f["kind"] == "drift" and f["step"] == 4, f
+        assert f["kind"] == "drift" and f["step"] == 0, f  # step 0 is a drift step: the first forward did it
         assert set(f["ranks"]) == {0, 1, 2, 3}  # every rank's own statistics: no majority
         assert "norm.running_mean" in f["tensors"]["0"] and "norm.num_batches_tracked" not in f["tensors"]["0"]
 
@@ -149,7 +149,7 @@ def test_unsynchronised_batchnorm_buffer_found() -> None:
 def test_batchnorm_buffer_not_reported_with_broadcast_buffers() -> None:
     run = run_on_ranks(numerics_targets.train, 4, args=("", 10, "raise", 4, False, True, True), timeout=120)
     assert run.ok, run
-    assert [d["drift_checks"] for d in done(run)] == [2] * 4
+    assert [d["drift_checks"] for d in done(run)] == [3] * 4  # steps 0, 4, 8
 
 
 @pytest.mark.distributed
@@ -169,7 +169,9 @@ def test_fsdp2_dtensor_gradients() -> None:
     run = run_on_ranks(numerics_targets.fsdp2, 2, args=("loss:1:3:",), timeout=120)
     assert run.returncodes == [3, 3], run
     for out in run.stdouts:
-        assert '"step": 3, "ranks": [1]' in out, out
+        # the reduce-scatter spreads rank 1's NaN into rank 0's gradient shards before the check sees them;
+        # the loss is still named on the rank where it began
+        assert '"step": 3, "ranks": [0, 1]' in out and '"1": "loss"' in out and '"0": "body.weight"' in out, out
     clean = run_on_ranks(numerics_targets.fsdp2, 2, timeout=120)
     assert clean.ok and all("drift_checks=3" in out for out in clean.stdouts), clean
 
