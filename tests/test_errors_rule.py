@@ -42,9 +42,6 @@ ALLOWED = {
     ("preempt.py", "Preemption.exit", "SystemExit"),
     # an abstract method: NotImplementedError is what Python's own abstract bases raise.
     ("tracking.py", "Backend.log", "NotImplementedError"),
-    # run_folder.py is being moved out of config_defaults (issue 31, another change); it keeps its
-    # FloatingPointError until it moves, and the move must give it a RatlibError.
-    ("config_defaults/run_folder.py", "log_step", "FloatingPointError"),
 }
 
 

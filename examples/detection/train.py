@@ -51,10 +51,11 @@ from ratlib import (
     setup_logging,
 )
 from ratlib.comm import assert_same, broadcast_buffers
-from ratlib.config_defaults import memory_format_for, report_findings
+from ratlib.config_defaults import make_sentinel, memory_format_for, report_findings
 from ratlib.data import EvalSampler, ShardedBatchSampler
 from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
+from ratlib.numerics import Sentinel
 from ratlib.tracking import Tracker, memory_metrics, run_outcome
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # detection_utils.py sits beside this file
@@ -150,6 +151,7 @@ def train_one_epoch(
     autocast: Callable[[], Any],
     tracker: Tracker,
     pre: preempt.Preemption | None,
+    numerics: Sentinel | None = None,
 ) -> tuple[int, dict[str, float], list[int], int | None]:
     """One pass over this rank's batches (the rest of the epoch after a mid-epoch resume); returns the
     optimiser step reached, this rank's mean losses, the image ids it trained on and, when every rank agreed
@@ -173,7 +175,12 @@ def train_one_epoch(
         for k, v in (("loss", loss), *loss_dict.items()):
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         done += 1
-        if not stepper.step(boundary):
+        # ratlib.numerics: the loss and gradients on every rank, one answer for all (skip, stop or raise)
+        ids = [tg["image_id"] for tg in targets]
+        check = partial(numerics.check, step + 1, loss, indices=ids) if numerics is not None else None
+        if not stepper.step(boundary, check=check):
+            if numerics is not None and numerics.stopped and pre is not None and pre.should_stop(step):
+                return step, {k: float(v) / max(1, done) for k, v in sums.items()}, image_ids, offset + i + 1
             continue
         step += 1
         heartbeat(step)  # ratlib.hang's watchdog
@@ -271,6 +278,7 @@ def train(
     installed_here = t.preemption and not preempt.is_installed()
     pre = preempt.install() if t.preemption else None  # handlers only set a flag; should_stop agrees
     save = partial(du.save_state, run_dir, model, stepper, sampler, cfg, tracker)
+    sentinel = make_sentinel(cfg, stepper, run_dir, pre)  # non-finite values and drift (training.numerics)
 
     metrics: dict[str, float] = {}
     try:
@@ -281,7 +289,16 @@ def train(
             memory.reset_peak_memory(device)  # per-epoch peaks, on every rank
             epoch_start = time.perf_counter()
             step, losses, seen, stop = train_one_epoch(
-                stepper, train_loader, cfg, device, epoch=epoch, step=step, autocast=autocast, tracker=tracker, pre=pre
+                stepper,
+                train_loader,
+                cfg,
+                device,
+                epoch=epoch,
+                step=step,
+                autocast=autocast,
+                tracker=tracker,
+                pre=pre,
+                numerics=sentinel,
             )
             if stop is not None:  # preempted mid-epoch: every rank saves the position, then leaves
                 path = save(epoch=epoch, step=step, metrics={}, position=stop)

@@ -52,10 +52,11 @@ from ratlib import (
     setup_logging,
 )
 from ratlib.comm import assert_same, broadcast_buffers
-from ratlib.config_defaults import memory_format_for, register_check, report_findings
+from ratlib.config_defaults import make_sentinel, memory_format_for, register_check, report_findings
 from ratlib.data import EvalSampler, ShardedBatchSampler, gather_by_index
 from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
+from ratlib.numerics import Sentinel
 from ratlib.tracking import Tracker, memory_metrics, run_outcome
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # seg_utils.py sits beside this file
@@ -182,6 +183,7 @@ def train_one_epoch(
     memory_format: torch.memory_format,
     tracker: Tracker,
     pre: preempt.Preemption | None,
+    numerics: Sentinel | None = None,
 ) -> tuple[int, float, list[int], int | None]:
     """One pass over this rank's batches (the rest of the epoch after a mid-epoch resume); returns the
     optimiser step reached, this rank's mean loss, the slice indices it trained on and, when every rank
@@ -204,7 +206,11 @@ def train_one_epoch(
             stepper.backward(loss)
         loss_sum += loss.detach()
         done += 1
-        if not stepper.step(boundary):
+        # ratlib.numerics: the loss and gradients on every rank, one answer for all (skip, stop or raise)
+        check = partial(numerics.check, step + 1, loss, indices=index.tolist()) if numerics is not None else None
+        if not stepper.step(boundary, check=check):
+            if numerics is not None and numerics.stopped and pre is not None and pre.should_stop(step):
+                return step, float(loss_sum) / max(1, done), torch.cat(seen).tolist(), offset + i + 1
             continue
         step += 1
         heartbeat(step)  # ratlib.hang's watchdog
@@ -331,6 +337,7 @@ def train(
     installed_here = t.preemption and not preempt.is_installed()
     pre = preempt.install() if t.preemption else None  # handlers only set a flag; should_stop agrees
     save = partial(su.save_state, run_dir, model, stepper, sampler, cfg, tracker)
+    sentinel = make_sentinel(cfg, stepper, run_dir, pre)  # non-finite values and drift (training.numerics)
 
     def run_eval() -> dict[str, float]:
         broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds, on every rank
@@ -355,6 +362,7 @@ def train(
                 memory_format=memory_format,
                 tracker=tracker,
                 pre=pre,
+                numerics=sentinel,
             )
             if stop is not None:  # preempted mid-epoch: every rank saves the position, then leaves
                 path = save(epoch=epoch, step=step, metrics={}, position=stop)

@@ -146,19 +146,15 @@ def log_step(
     seconds_per_step: float,
     **terms: Any,
 ) -> None:
-    """Every ``training.log_every`` optimiser steps (and the last): the loss (the only device sync of the
-    loop), the learning rate and the pace, to the log and the tracker. A non-finite loss stops the run with
-    its terms and what to change."""
+    """Every ``training.log_every`` optimiser steps (and the last): the loss, the learning rate and the pace,
+    to the log and the tracker. A non-finite loss or gradient is ``training.numerics``'s (``ratlib.numerics``,
+    at the step it appears, on every rank), not this function's."""
     t = cfg.training
     if step % t.log_every and step != t.max_steps:
         return
     value = loss.item()
-    if not math.isfinite(value):
-        shown = f" ({ {k: v.item() for k, v in terms.items()} })" if terms else ""
-        raise FloatingPointError(
-            f"epoch {epoch}, step {step}: the loss is {value}{shown}; lower training.optimizer.lr (now "
-            f"{t.optimizer.lr}), keep training.gradient_clip on, or add training.scheduler.warmup_epochs"
-        )
+    if not math.isfinite(value):  # training.numerics (ratlib.numerics) stops at the step itself unless it is off
+        log.warning("epoch %d, step %d: the loss is %s (training.numerics.policy is off)", epoch, step, value)
     lrs = lr_metrics(optimizer)
     tracker.log({"train/loss": value, **{f"train/{k}": v for k, v in terms.items()}, **lrs}, step)
     lr = next(iter(lrs.values()))

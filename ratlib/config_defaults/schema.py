@@ -140,6 +140,21 @@ class DeepSpeedConfig(_Section):
     """Keep optimizer state (and at stage 3 the weights) in CPU memory; needs stage 1 or higher."""
 
 
+class NumericsConfig(_Section):
+    """``training.numerics``: the first non-finite loss or gradient on any rank, and weights that drift apart
+    across ranks (``ratlib.numerics``)."""
+
+    policy: Literal["raise", "skip", "stop", "off"] = "raise"
+    """raise (every rank stops at the faulty step), skip (every rank skips that optimiser step), stop (checkpoint
+    and exit like a preemption; needs training.preemption) or off. Not under DeepSpeed, which skips its own."""
+    drift_every: Int | None = Field(default=100, gt=0)
+    """Optimiser steps between the checks that every rank holds the same weights; null: never."""
+    max_skips: Int = Field(default=10, gt=0)
+    """skip: this many skipped steps in a row raise."""
+    exclude: list[str] = []
+    """Name patterns (fnmatch) of parameters and buffers that are rank-local by design: not compared."""
+
+
 class TrainingConfig(_Section):
     """``training``: the loop's settings."""
 
@@ -173,6 +188,8 @@ class TrainingConfig(_Section):
     """Warn when a rank's peak memory passes this fraction of its device's."""
     preemption: bool = True
     """Stop every rank at one step on SIGTERM/SIGUSR1 (``ratlib.preempt``), write a mid-epoch checkpoint, exit 75."""
+    numerics: NumericsConfig = NumericsConfig()
+    """Non-finite values and drifting weights, checked at every step (``ratlib.numerics``)."""
     resume: bool | Literal["auto"] = False
     """Continue from the latest checkpoint: true (warn when there is none), "auto" (silently start anew when
     there is none: what a requeued Slurm job or a torchrun restart needs) or false."""

@@ -51,6 +51,7 @@ __all__ = [
     "lr_lambda",
     "make_optimizer",
     "make_scheduler",
+    "make_sentinel",
     "make_stepper",
     "memory_format_for",
     "parse_args",
@@ -156,8 +157,10 @@ class Stepper:
         else:
             (loss / self.accum).backward()
 
-    def step(self, boundary: bool) -> bool:
-        """At an accumulation boundary: clip, step, schedule; returns whether an optimiser step was taken."""
+    def step(self, boundary: bool, check: Callable[[], bool] | None = None) -> bool:
+        """At an accumulation boundary: clip, step, schedule; returns whether an optimiser step was taken.
+        ``check`` (``ratlib.numerics.Sentinel.check``) runs after unscaling, before clipping; when it answers
+        False (the same on every rank) the step is skipped and the gradients dropped."""
         if self.engine is not None:  # DeepSpeed clips, steps and schedules at its own boundary
             boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.step()
@@ -168,6 +171,11 @@ class Stepper:
 
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        if check is not None and not check():
+            if self.scaler is not None:
+                self.scaler.update()  # ends this step's unscale_; an overflow also lowers the scale
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
         if self.clip:
             nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.clip)
         if self.scaler is not None:
@@ -225,6 +233,34 @@ class Stepper:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+def make_sentinel(cfg: ExperimentConfig, stepper: Stepper, run_dir: Path, pre: Any) -> Any:
+    """``training.numerics`` as a ``ratlib.numerics.Sentinel`` on the stepper's model (reports appended to
+    ``run_dir/numerics.jsonl``), or None: when off, and under DeepSpeed, which skips its own fp16 overflow steps
+    and keeps ZeRO's gradients in its own buffers. ``pre``: the installed ``Preemption`` or None; the "stop"
+    policy stops through it, so without it "stop" becomes "raise"."""
+    n = cfg.training.numerics
+    if n.policy == "off":
+        return None
+    if stepper.engine is not None:
+        log.info("training.numerics is not applied under DeepSpeed (it checks and skips fp16 overflow itself)")
+        return None
+    from ratlib.numerics import Sentinel
+
+    policy = n.policy
+    if policy == "stop" and pre is None:
+        log.warning("training.numerics.policy=stop stops through training.preemption, which is off: raise instead")
+        policy = "raise"
+    return Sentinel(
+        stepper.model,
+        policy=policy,
+        drift_every=n.drift_every,
+        exclude=n.exclude,
+        max_skips=n.max_skips,
+        run_dir=run_dir,
+        grad_scaler=stepper.scaler,
+    )
 
 
 def make_stepper(
