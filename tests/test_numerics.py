@@ -215,3 +215,38 @@ def test_import_does_not_load_torch() -> None:
     code = "import sys, ratlib.numerics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# ----------------------------------------------------------------------------------------------
+# The segmentation example: on by default
+
+
+def test_segmentation_example_stops_at_the_first_nan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN loss at the 2nd batch: the example raises NumericalError at that step (the default policy) and
+    leaves the report in the run folder; nothing waited for the next log_every."""
+    pytest.importorskip("nibabel")
+    from example_helpers import load_script
+
+    from ratlib.synthetic import make_msd_segmentation
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "segmentation"
+    T = load_script(example / "train.py", "segmentation_train")
+    su = sys.modules["seg_utils"]
+    loss_fn, calls = su.dice_ce_loss, []
+
+    def bad_third(logits, labels):
+        calls.append(1)
+        loss = loss_fn(logits, labels)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(su, "dice_ce_loss", bad_third)
+    root = make_msd_segmentation(tmp_path / "task", 4, (32, 32, 4), 3, seed=0)
+    overrides = ["data.num_workers=0", "training.log_every=100", "smoke=true", f"data.root={root}"]
+    cfg = T.load_config(example / "config.yaml", overrides=overrides, schema=T.SegmentationConfig)
+    cpu = T.DistInfo(0, 1, 0, 1, 0, "single", None, torch.device("cpu"), None, None)
+    with pytest.raises(numerics.NumericalError, match="non-finite value at step 2") as info:
+        T.train(cfg, run_dir=tmp_path / "run", info=cpu)
+    assert info.value.report is not None and info.value.report.first == {0: "loss"}
+    assert info.value.report.samples[0]  # the slice indices of the faulty batch
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "numerics.jsonl").read_text().splitlines()]
+    assert record["step"] == 2 and record["tensors"] == {"0": ["loss"]}
