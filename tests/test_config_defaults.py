@@ -783,3 +783,14 @@ def test_a_projects_own_validator_messages_reach_the_user() -> None:
         load_config({"model": {"feature_dims": 50}}, schema=Project)
     assert "model: feature_dims x num_blocks must stay <= 100" in str(err.value)
     assert "expected a mapping" not in str(err.value)
+
+
+def test_a_global_batch_leaves_accumulation_to_the_sampler_and_deepspeed_off() -> None:
+    cfg = load_config({"training": {"global_batch_size": 64, "batch_size": 8}})
+    assert cfg.training.global_batch_size == 64 and cfg.training.gradient_accumulation_steps == 1
+    with pytest.raises(
+        ConfigError, match=r"training.gradient_accumulation_steps: got 2; with training.global_batch_size=64"
+    ):
+        load_config({"training": {"global_batch_size": 64, "gradient_accumulation_steps": 2}})
+    with pytest.raises(ConfigError, match="DeepSpeed needs the same micro-batch on every rank"):
+        load_config({"training": {"global_batch_size": 64, "deepspeed": {"enabled": True}}})

@@ -703,3 +703,78 @@ def test_torchrun_restart_after_kill_9_resumes_from_the_latest_checkpoint_by_its
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 10))  # each step once
     assert [r["epoch"] for r in rows if "epoch" in r] == [0, 1, 2]
     assert weights_only(run / "checkpoints" / "epoch0002.pt")["step"] == 9
+
+
+GLOBAL = ("training.global_batch_size=16", "training.batch_size=8", "model.norm=instance")  # 3 steps an epoch
+
+
+def global_batch_run(run: str, root: str, signal_at: int, resume: bool) -> int:
+    """One rank of a run on global batches of 16 (instance norm: nothing depends on how a batch is split);
+    rank 1 sends itself SIGTERM when step ``signal_at`` is done (0: never)."""
+    from ratlib import distributed
+    from ratlib.data import ShardedBatchSampler
+
+    torch.set_num_threads(1)
+    signal_rank_1_after(T, signal_at)
+    iterate = ShardedBatchSampler.__iter__
+
+    def logged(self):  # every micro-batch this rank draws, with its epoch and global step, for the test
+        with open(Path(run) / f"batches{os.environ['RANK']}.{int(resume)}.jsonl", "a") as f:
+            for batch in iterate(self):
+                step = (self.position - 1) // self.accumulation_steps
+                f.write(json.dumps([self.epoch, step, [i for i, _ in batch]]) + "\n")
+                f.flush()
+                yield batch
+
+    ShardedBatchSampler.__iter__ = logged
+    with distributed(device="cpu") as info:
+        T.train(config(f"data.root={root}", *PREEMPT, *GLOBAL), run_dir=run, resume=resume, info=info)
+    return 0
+
+
+def global_batches(run: Path, launch: int) -> dict[tuple[int, int], list[int]]:
+    """(epoch, step) -> the sorted indices of that global step, from every rank's logged micro-batches of one
+    launch (0: the first, 1: the resume)."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for path in sorted(run.glob(f"batches*.{launch}.jsonl")):
+        for line in path.read_text().splitlines():
+            epoch, step, indices = json.loads(line)
+            out.setdefault((epoch, step), []).extend(indices)
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("after", [1, 3])
+def test_a_run_stopped_on_two_ranks_resumes_on_another_number_with_the_same_global_batches(
+    tmp_path: Path, msd_root: Path, one_thread, after: int
+) -> None:
+    """training.global_batch_size: SIGTERM to rank 1 after step 1 of 6 on 2 ranks, then --resume on 1 rank
+    (micro-batches of 8, 2 a step) or 3 (parts of 6/5/5): the same samples each step, so the loss curve and the
+    learning rates are the uninterrupted 2-rank run's. (The weights are close but not equal: the example's soft
+    Dice is computed per micro-batch, and another number of ranks splits a global batch differently; with a
+    loss that is a mean over samples the resume is exact to rounding, tests/test_data.py shows it in float64.)"""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_on_ranks(global_batch_run, 2, args=(str(whole), str(msd_root), 0, False), env=NO_GPU, timeout=300).check()
+    stopped = run_on_ranks(global_batch_run, 2, args=(str(split), str(msd_root), 1, False), env=NO_GPU, timeout=300)
+    assert stopped.returncodes == [75, 75], str(stopped)
+    mid = weights_only(split / "checkpoints" / "epoch0000.pt")  # the stop: mid-epoch 0, the job's position
+    assert mid["sampler"]["global_position"] == mid["step"] in (1, 2) and mid["sampler"]["world_size"] == 2
+    resumed = run_on_ranks(global_batch_run, after, args=(str(split), str(msd_root), 0, True), env=NO_GPU, timeout=300)
+    resumed.check()
+    rows = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    whole_rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 7))  # every step once
+    # the schedule counts global steps: the same learning rate at every step
+    assert [r["lr"] for r in rows if "train/loss" in r] == [w["lr"] for w in whole_rows if "train/loss" in w]
+    # (train/loss is the main rank's last micro-batch, which holds other samples on another number of ranks)
+    epochs = {r["epoch"]: r for r in rows if "epoch" in r}
+    assert epochs[1]["train_samples"] == epochs[1]["train_unique_samples"] == 48  # the whole epoch, each once
+    # the global batches, index by index: the stopped run's steps, then the resumed run's, are the whole run's
+    first, second = global_batches(split, 0), global_batches(split, 1)
+    assert not first.keys() & second.keys() and max(first) == (0, mid["step"] - 1), (list(first), list(second))
+    assert {**first, **second} == global_batches(whole, 0)
+    resumed_files = list(split.glob("batches*.1.jsonl"))
+    assert len(resumed_files) == after
+    b = weights_only(split / "checkpoints" / "epoch0001.pt")
+    assert b["step"] == 6 and b["sampler"]["world_size"] == after

@@ -51,8 +51,8 @@ from ratlib import (
     setup_logging,
 )
 from ratlib.comm import assert_same, broadcast_buffers
-from ratlib.config_defaults import make_sentinel, memory_format_for, report_findings
-from ratlib.data import EvalSampler, ShardedBatchSampler
+from ratlib.config_defaults import loss_weight, make_sentinel, memory_format_for, report_findings, train_sampler
+from ratlib.data import EvalSampler
 from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
 from ratlib.numerics import Sentinel
@@ -166,12 +166,12 @@ def train_one_epoch(
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tg.items()} for tg in targets]
         image_ids += [tg["image_id"] for tg in targets]
-        boundary = (i + 1) % t.gradient_accumulation_steps == 0 or i + 1 == batches
+        boundary = (i + 1) % stepper.accum == 0 or i + 1 == batches
         with stepper.no_sync(boundary):
             with autocast():
                 loss_dict = stepper.model(images, targets)
                 loss = sum(loss_dict.values())
-            stepper.backward(loss)
+            stepper.backward(loss, weight=loss_weight(loader.batch_sampler, len(images), offset + i, stepper.accum))
         for k, v in (("loss", loss), *loss_dict.items()):
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         done += 1
@@ -184,7 +184,7 @@ def train_one_epoch(
             continue
         step += 1
         heartbeat(step)  # ratlib.hang's watchdog
-        per_step = (time.perf_counter() - start) / (i + 1) * t.gradient_accumulation_steps
+        per_step = (time.perf_counter() - start) / (i + 1) * stepper.accum
         du.log_step(cfg, tracker, epoch, step, loss, stepper.optimizer, per_step, **loss_dict)
         if t.max_steps is not None and step >= t.max_steps:
             break
@@ -233,9 +233,7 @@ def train(
     # on its share of val.
     train_set, val_set = du.build_datasets(cfg, run_dir, masks=cfg.model.name.startswith("maskrcnn"))
     groups = train_set.aspect_groups()
-    sampler = ShardedBatchSampler(
-        len(train_set), t.batch_size, rank=info.rank, world_size=info.world_size, seed=t.seed, group_ids=groups
-    )
+    sampler = train_sampler(cfg, len(train_set), info, group_ids=groups)  # global or per-device batches
     workers = cfg.data.num_workers
     train_loader = torch.utils.data.DataLoader(
         train_set,
@@ -247,7 +245,8 @@ def train(
         generator=torch.Generator().manual_seed(t.seed),  # its seed draws leave the global RNG alone (resume)
     )
     val_loader = eval_loader(cfg, val_set, info)
-    steps_per_epoch = math.ceil(len(sampler) / t.gradient_accumulation_steps)
+    accum = sampler.accumulation_steps if t.global_batch_size else t.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(sampler.batches_per_epoch / accum)
     total_steps = (
         steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
     )
@@ -262,11 +261,11 @@ def train(
     autocast = du.autocast_for(cfg, device)
     if t.mixed_precision and device.type != "cuda":
         log.info("training.mixed_precision=%s is off on %s (autocast on CPU is slow)", t.mixed_precision, device)
-    stepper = du.make_stepper(cfg, model, info, steps_per_epoch, total_steps)
-    w, b, a = info.world_size, t.batch_size, t.gradient_accumulation_steps
+    stepper = du.make_stepper(cfg, model, info, steps_per_epoch, total_steps, accum)
+    w, b, a, g = info.world_size, t.batch_size, accum, t.global_batch_size or info.world_size * t.batch_size * accum
     log.info(
         f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{train_set.num_classes - 1} classes; {w} ranks x batch {b} x accumulation {a} = global batch {w * b * a}; "
+        f"{train_set.num_classes - 1} classes; {w} ranks x batch {b} x accumulation {a} = global batch {g}; "
         f"{steps_per_epoch} optimiser steps per epoch, {total_steps} in all; device {device}"
     )
 

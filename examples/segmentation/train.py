@@ -52,8 +52,15 @@ from ratlib import (
     setup_logging,
 )
 from ratlib.comm import assert_same, broadcast_buffers
-from ratlib.config_defaults import make_sentinel, memory_format_for, register_check, report_findings
-from ratlib.data import EvalSampler, ShardedBatchSampler, gather_by_index
+from ratlib.config_defaults import (
+    loss_weight,
+    make_sentinel,
+    memory_format_for,
+    register_check,
+    report_findings,
+    train_sampler,
+)
+from ratlib.data import EvalSampler, gather_by_index
 from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
 from ratlib.numerics import Sentinel
@@ -198,12 +205,12 @@ def train_one_epoch(
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         seen.append(index)
-        boundary = (i + 1) % t.gradient_accumulation_steps == 0 or i + 1 == batches
+        boundary = (i + 1) % stepper.accum == 0 or i + 1 == batches
         with stepper.no_sync(boundary):
             with autocast():
                 logits = stepper.model(images)
             loss = su.dice_ce_loss(logits, labels)
-            stepper.backward(loss)
+            stepper.backward(loss, weight=loss_weight(loader.batch_sampler, len(images), offset + i, stepper.accum))
         loss_sum += loss.detach()
         done += 1
         # ratlib.numerics: the loss and gradients on every rank, one answer for all (skip, stop or raise)
@@ -214,7 +221,7 @@ def train_one_epoch(
             continue
         step += 1
         heartbeat(step)  # ratlib.hang's watchdog
-        per_step = (time.perf_counter() - start) / (i + 1) * t.gradient_accumulation_steps
+        per_step = (time.perf_counter() - start) / (i + 1) * stepper.accum
         su.log_step(cfg, tracker, epoch, step, loss, stepper.optimizer, per_step)
         if t.max_steps is not None and step >= t.max_steps:
             break
@@ -291,9 +298,7 @@ def train(
     # validation slice on one rank.
     task, train_set, val_set = su.build_datasets(cfg, run_dir)
     model = build_model(cfg, train_set.in_channels, task.num_classes).to(device)
-    sampler = ShardedBatchSampler(
-        len(train_set), t.batch_size, rank=info.rank, world_size=info.world_size, seed=t.seed, augmentation_seeds=True
-    )
+    sampler = train_sampler(cfg, len(train_set), info, augmentation_seeds=True)  # global or per-device batches
     workers, collate = cfg.data.num_workers, partial(su.pad_collate, multiple=model.multiple)
     train_loader = torch.utils.data.DataLoader(
         train_set,
@@ -305,7 +310,8 @@ def train(
         generator=torch.Generator().manual_seed(t.seed),  # its seed draws leave the global RNG alone (resume)
     )
     val_loader = eval_loader(cfg, val_set, info, model.multiple)
-    steps_per_epoch = math.ceil(len(sampler) / t.gradient_accumulation_steps)
+    accum = sampler.accumulation_steps if t.global_batch_size else t.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(sampler.batches_per_epoch / accum)
     total_steps = (
         steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
     )
@@ -318,13 +324,13 @@ def train(
     autocast = su.autocast_for(cfg, device)
     if t.mixed_precision and device.type != "cuda":
         log.info("training.mixed_precision=%s is off on %s (autocast on CPU is slow)", t.mixed_precision, device)
-    stepper = su.make_stepper(cfg, model, info, steps_per_epoch, total_steps)
-    w, b, a = info.world_size, t.batch_size, t.gradient_accumulation_steps
+    stepper = su.make_stepper(cfg, model, info, steps_per_epoch, total_steps, accum)
+    w, b, a, g = info.world_size, t.batch_size, accum, t.global_batch_size or info.world_size * t.batch_size * accum
     amp = f", {autocast.keywords['dtype']}" if isinstance(autocast, partial) else ""
     log.info(
         f"UNet {su.widths(cfg.model.feature_dims, cfg.model.num_blocks)}, {cfg.model.norm} norm: "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {w} ranks x batch {b} x accumulation "
-        f"{a} = global batch {w * b * a}; {steps_per_epoch} optimiser steps per epoch, {total_steps} in all; "
+        f"{a} = global batch {g}; {steps_per_epoch} optimiser steps per epoch, {total_steps} in all; "
         f"device {device}{amp}"
         f"{', channels_last' if memory_format == torch.channels_last else ''}"
     )

@@ -47,6 +47,7 @@ from ratlib.config_defaults.training import (
     Stepper,
     UsageError,
     autocast_for,
+    loss_weight,
     lr_lambda,
     make_optimizer,
     make_scheduler,
@@ -55,6 +56,7 @@ from ratlib.config_defaults.training import (
     memory_format_for,
     parse_args,
     report_findings,
+    train_sampler,
 )
 from ratlib.memory import MemoryEstimate, MemoryProbe, count_parameters, estimate_model_memory, probe_memory
 
@@ -82,6 +84,7 @@ __all__ = [
     "dump_config",
     "estimate_model_memory",
     "load_config",
+    "loss_weight",
     "lr_lambda",
     "make_optimizer",
     "make_scheduler",
@@ -92,6 +95,7 @@ __all__ = [
     "probe_memory",
     "register_check",
     "report_findings",
+    "train_sampler",
     "to_deepspeed_config",
     "unregister_check",
 ]

@@ -490,7 +490,8 @@ def _validator_message(msg: str) -> str:
     return msg
 
 
-_CROSS = "min_lr_not_below_lr"  # the error types of ratlib's own cross-field rules (schema.py)
+# the error types of ratlib's own cross-field rules (schema.py)
+_CROSS = frozenset({"min_lr_not_below_lr", "accumulation_with_global_batch", "deepspeed_with_global_batch"})
 
 
 def _feeds(bad: tuple[str, ...], key: tuple[str, ...]) -> bool:
@@ -502,7 +503,7 @@ def _feeds(bad: tuple[str, ...], key: tuple[str, ...]) -> bool:
 def _cross_field(err: Any, loc: tuple[str, ...], schema: type[BaseModel], bad: set[tuple[str, ...]]) -> bool:
     """A model validator's error (a rule over several keys) that no bad key of the first round feeds:
     ratlib's rules name the keys they read; a project's model validator reads its whole section."""
-    if err["type"] == _CROSS:
+    if err["type"] in _CROSS:
         used = [(*loc, *key.split(".")) for key in err["ctx"]["uses"].split()]
         return not any(_feeds(b, key) for b in bad for key in used)
     if err["type"] not in ("value_error", "assertion_error"):
@@ -554,7 +555,7 @@ def _validation_problems(
         loc = _clean_loc(schema, tuple(err["loc"]))
         if bad is not None and not _cross_field(err, loc, schema, bad):
             continue
-        if err["type"] == _CROSS:
+        if err["type"] in _CROSS:
             loc = (*loc, *err["ctx"]["key"].split("."))
         elif err["type"] == "missing" and loc and loc[-1].isdigit():
             loc = loc[:-1]  # a list too short for a tuple field: the field is wrong, not an item
@@ -567,7 +568,7 @@ def _validation_problems(
             problems.append((loc, f"unknown key; {_suggest(schema, loc)}"))
             continue
         expected = _expected_at(schema, loc)
-        custom = [e["msg"] for e in errs if e["type"] == _CROSS]
+        custom = [e["msg"] for e in errs if e["type"] in _CROSS]
         # A project's own validators (ValueError / assert in a field or model validator) say what is wrong
         # in their own words: show those, never replace them with the field's type.
         own = list(

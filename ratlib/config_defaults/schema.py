@@ -164,6 +164,10 @@ class TrainingConfig(_Section):
     """Samples per device per step, not global: the global batch is batch_size x accumulation x ranks."""
     gradient_accumulation_steps: Int = Field(default=1, gt=0)
     """Micro-batches per optimiser step."""
+    global_batch_size: Int | None = Field(default=None, gt=0)
+    """The job's samples per optimiser step, the same whatever the number of ranks (a resume on another
+    number of ranks sees the same batches); ``batch_size`` is then the largest micro-batch per device and the
+    accumulation follows from both. null: ``batch_size`` per device."""
     optimizer: OptimizerConfig = OptimizerConfig()
     """The optimiser."""
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -193,6 +197,30 @@ class TrainingConfig(_Section):
     resume: bool | Literal["auto"] = False
     """Continue from the latest checkpoint: true (warn when there is none), "auto" (silently start anew when
     there is none: what a requeued Slurm job or a torchrun restart needs) or false."""
+
+    @model_validator(mode="after")
+    def _global_batch_alone(self) -> TrainingConfig:
+        if self.global_batch_size is not None and self.gradient_accumulation_steps != 1:
+            raise PydanticCustomError(
+                "accumulation_with_global_batch",
+                "got {accum}; with training.global_batch_size={g} the accumulation follows from it, the number of "
+                "ranks and batch_size (the largest micro-batch): leave gradient_accumulation_steps at 1",
+                {"key": "gradient_accumulation_steps", "uses": "gradient_accumulation_steps global_batch_size",
+                 "accum": self.gradient_accumulation_steps, "g": self.global_batch_size},
+            )  # fmt: skip
+        if self.global_batch_size is not None and self.deepspeed.enabled:
+            raise PydanticCustomError(
+                "deepspeed_with_global_batch",
+                "got {g}; DeepSpeed needs the same micro-batch on every rank (train_batch_size = micro x "
+                "accumulation x ranks), which a fixed global batch over any number of ranks cannot promise: "
+                "set training.global_batch_size=null, or training.deepspeed.enabled=false",
+                {
+                    "key": "global_batch_size",
+                    "uses": "global_batch_size deepspeed.enabled",
+                    "g": self.global_batch_size,
+                },
+            )
+        return self
 
     @model_validator(mode="after")
     def _min_lr_below_lr(self) -> TrainingConfig:

@@ -42,12 +42,14 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from ratlib.data import ShardedBatchSampler
     from ratlib.dist_init import DistInfo
 
 __all__ = [
     "Stepper",
     "UsageError",
     "autocast_for",
+    "loss_weight",
     "lr_lambda",
     "make_optimizer",
     "make_scheduler",
@@ -56,6 +58,7 @@ __all__ = [
     "memory_format_for",
     "parse_args",
     "report_findings",
+    "train_sampler",
 ]
 
 log = get_logger("ratlib.config_defaults")
@@ -148,14 +151,17 @@ class Stepper:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of ``loss`` divided over the accumulation steps (scaled under fp16; DeepSpeed's own)."""
+    def backward(self, loss: torch.Tensor, weight: float | None = None) -> None:
+        """Backward of ``loss`` divided over the accumulation steps (scaled under fp16; DeepSpeed's own).
+        ``weight``: this micro-batch's factor instead of ``1/accum`` (``ShardedBatchSampler.loss_scale`` with
+        global batches, whose parts differ in size)."""
+        factor = 1 / self.accum if weight is None else weight
         if self.engine is not None:
             self.engine.backward(loss)
         elif self.scaler is not None:
-            self.scaler.scale(loss / self.accum).backward()
+            self.scaler.scale(loss * factor).backward()
         else:
-            (loss / self.accum).backward()
+            (loss * factor).backward()
 
     def step(self, boundary: bool, check: Callable[[], bool] | None = None) -> bool:
         """At an accumulation boundary: clip, step, schedule; returns whether an optimiser step was taken.
@@ -235,6 +241,31 @@ class Stepper:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def train_sampler(cfg: ExperimentConfig, num_samples: int, info: DistInfo, **kwargs: Any) -> ShardedBatchSampler:
+    """The training sampler the config asks for: ``training.global_batch_size`` (the job's batch per step, any
+    number of ranks; ``batch_size`` the largest micro-batch) or ``training.batch_size`` per device.
+    ``kwargs`` go to ``ShardedBatchSampler`` (``augmentation_seeds``, ``group_ids``: per-device batches only)."""
+    from ratlib.data import ShardedBatchSampler
+
+    t = cfg.training
+    common: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size, "seed": t.seed}
+    if t.global_batch_size is None:
+        return ShardedBatchSampler(num_samples, t.batch_size, **common, **kwargs)
+    kwargs.pop("group_ids", None)  # grouping by aspect ratio needs per-device batches
+    return ShardedBatchSampler(
+        num_samples, global_batch_size=t.global_batch_size, micro_batch_size=t.batch_size, **common, **kwargs
+    )
+
+
+def loss_weight(sampler: Any, batch_len: int, batch_index: int, accum: int) -> float | None:
+    """The factor for the mean loss of micro-batch ``batch_index`` (of this epoch) for ``Stepper.backward``:
+    None with per-device batches (the Stepper's ``1/accum``); with global batches the sampler's ``loss_scale``
+    at the global step the micro-batch belongs to, so that parts of unequal size weigh by their samples."""
+    if getattr(sampler, "global_batch_size", None) is None:
+        return None
+    return float(sampler.loss_scale(batch_len, batch_index // accum))
+
+
 def make_sentinel(cfg: ExperimentConfig, stepper: Stepper, run_dir: Path, pre: Any) -> Any:
     """``training.numerics`` as a ``ratlib.numerics.Sentinel`` on the stepper's model (reports appended to
     ``run_dir/numerics.jsonl``), or None: when off, and under DeepSpeed, which skips its own fp16 overflow steps
@@ -264,11 +295,17 @@ def make_sentinel(cfg: ExperimentConfig, stepper: Stepper, run_dir: Path, pre: A
 
 
 def make_stepper(
-    cfg: ExperimentConfig, model: nn.Module, info: DistInfo, steps_per_epoch: int, total_steps: int
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    info: DistInfo,
+    steps_per_epoch: int,
+    total_steps: int,
+    accumulation_steps: int | None = None,
 ) -> Stepper:
     """DeepSpeed's engine when ``training.deepspeed.enabled``, else DDP (several ranks) or the bare model,
     with the optimiser, the schedule and, for fp16 autocast, a GradScaler. Only ``info.device`` and
-    ``info.world_size`` are read."""
+    ``info.world_size`` are read. ``accumulation_steps``: the sampler's, with global batches (default
+    ``training.gradient_accumulation_steps``)."""
     import torch
     from torch import nn
 
@@ -305,7 +342,8 @@ def make_stepper(
     wrapped = model
     if info.world_size > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    return Stepper(wrapped, optimizer, scheduler, t.gradient_accumulation_steps, t.gradient_clip, scaler)
+    accum = accumulation_steps or t.gradient_accumulation_steps
+    return Stepper(wrapped, optimizer, scheduler, accum, t.gradient_clip, scaler)
 
 
 def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:

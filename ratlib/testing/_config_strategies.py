@@ -201,13 +201,19 @@ def _lrs(training: dict[str, Any]) -> tuple[str, float, float]:
 
 
 def _repair(data: dict[str, Any], schema: type[BaseModel]) -> dict[str, Any]:
-    """Keep TrainingConfig's one cross-field rule (cosine: min_lr < lr) in a drawn valid dict."""
+    """Keep TrainingConfig's cross-field rules in a drawn valid dict: cosine needs min_lr < lr, and a global batch
+    size leaves gradient accumulation at 1 and DeepSpeed off."""
     path = _training_path(schema)
     if path is not None:
         training = data.setdefault(path, {})
         name, lr, min_lr = _lrs(training)
         if name == "cosine" and min_lr >= lr:
             training.setdefault("scheduler", {})["min_lr"] = lr / 10
+        if training.get("global_batch_size") is not None:
+            training.pop("gradient_accumulation_steps", None)
+            deepspeed = training.get("deepspeed")
+            if isinstance(deepspeed, dict):
+                deepspeed["enabled"] = False
         if not training:
             del data[path]
     return data
