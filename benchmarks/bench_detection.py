@@ -12,7 +12,9 @@ loop is torchvision's references/detection ``train_one_epoch`` without its per-s
 and ``.item()`` (so the plain loop is the faster baseline): move to the device, forward, sum the
 losses, backward, clip, step, schedule. The example's loop is
 ``train.train_one_epoch`` (exactly-once sharded batches, accumulation bookkeeping, loss sums on the
-device, a ``.item()`` every ``log_every`` steps). The two alternate (A B A B ...) after a warm-up;
+device, a ``.item()`` every ``log_every`` steps; the preemption agreement, ``ratlib.numerics``' check and a
+drift check every 100 steps, the tracker and the hang watchdog on, as the example runs). The two alternate
+(A B A B ...) after a warm-up;
 images/s medians and their ratio are printed (target >= 0.98). Then the model's predictions on the
 val split are evaluated with pycocotools and, when installed, faster-coco-eval: both times and the
 largest difference between their 12 figures.
@@ -38,6 +40,7 @@ sys.path.insert(0, str(ROOT / "examples" / "detection"))
 import detection_utils as du  # noqa: E402
 import train as T  # noqa: E402
 
+from ratlib import hang, numerics, preempt  # noqa: E402
 from ratlib.data import ShardedBatchSampler  # noqa: E402
 from ratlib.synthetic import make_coco_detection  # noqa: E402
 
@@ -65,6 +68,14 @@ def plain_epoch(model, optimizer, scheduler, loader, device, autocast, clip, max
         if step + 1 == max_steps:
             break
     return images_seen
+
+
+class HeldBatches(list):
+    """Batches held in memory, with the ``batch_sampler`` the example's loop reads its epoch length from."""
+
+    def __init__(self, batches: list, batch_sampler: object) -> None:
+        super().__init__(batches)
+        self.batch_sampler = batch_sampler
 
 
 def main() -> int:
@@ -136,7 +147,9 @@ def main() -> int:
         held = [batch for _, batch in zip(range(steps), example_loader)]
         if cuda:
             held = [([i.pin_memory() for i in images], targets) for images, targets in held]
-        example_loader = plain_loader = held
+        plain_loader = held
+        # what train_one_epoch reads of a loader besides its batches: the sampler's epoch length
+        example_loader = HeldBatches(held, example_loader.batch_sampler)
 
     def sync() -> None:
         if cuda:
@@ -144,12 +157,31 @@ def main() -> int:
 
     devnull = open(os.devnull, "w")  # the example's progress bars still run (and cost), unseen
 
+    # the example's per-step features, as it runs them: preemption agreement, numerics, tracking, hang watchdog
+    hang.install(stall_timeout=600)
+    pre = preempt.install()
+    sentinel = numerics.Sentinel(model, drift_every=100, run_dir=tmp / "run")
+    tracker = du.make_tracker(cfg, tmp / "run", None)
+    done_steps = [0]
+
     def example(n: int) -> float:
         sync()
         start = time.perf_counter()
         with contextlib.redirect_stderr(devnull):
-            cfg.training.max_steps = n
-            _, _, seen = T.train_one_epoch(stepper, example_loader, cfg, device, epoch=0, step=0, autocast=autocast)
+            cfg.training.max_steps = done_steps[0] + n
+            step, _, seen, _ = T.train_one_epoch(
+                stepper,
+                example_loader,
+                cfg,
+                device,
+                epoch=0,
+                step=done_steps[0],
+                autocast=autocast,
+                tracker=tracker,
+                pre=pre,
+                numerics=sentinel,
+            )
+            done_steps[0] = step
         sync()
         return len(seen) / (time.perf_counter() - start)
 
@@ -182,6 +214,9 @@ def main() -> int:
         f"ratio example/plain: median {statistics.median(ratios):.3f} (per round: "
         f"{', '.join(f'{r:.3f}' for r in ratios)}; target >= 0.98)"
     )
+    tracker.close()
+    preempt.uninstall()
+    hang.uninstall()
 
     loader = T.eval_loader(cfg, val_set, T.DistInfo(0, 1, 0, 1, 0, "single", None, device, None, None))
     with contextlib.redirect_stderr(devnull):
