@@ -395,7 +395,7 @@ class Sentinel:
 
         self.drift_checks += 1
         tensors = self._tensors()
-        mine = torch.tensor([_digest(t) for _, t in tensors], dtype=torch.int64).reshape(-1, 2)
+        mine = _digests([t for _, t in tensors])
         world = dist.get_world_size()
         parts = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(parts, mine, group=self._cpu_group(dist))
@@ -493,20 +493,40 @@ def _finite_flags(tensors: list[Any]) -> Any:
     return torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
-def _digest(t: Any) -> tuple[int, int]:
-    """An exact digest of the tensor's bytes: BLAKE2b on the CPU; on a GPU two integer checksums of the words
-    (a plain and a position-weighted sum, in int64 on the device: any one changed bit changes the first)."""
+_INT_OF_SIZE = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+_CHUNK = 1 << 22  # elements per piece of the weighted sum on a GPU: bounds its int64 temporary to 32 MiB
+
+
+def _digests(tensors: list[Any], *, checksums: bool = False) -> Any:
+    """An exact digest per tensor, as an ``[n, 2]`` int64 CPU tensor: BLAKE2b of the bytes on the CPU; on a GPU
+    two checksums of the tensor's words computed on the device (their plain sum, in which any one changed bit
+    changes the total, and a position-weighted sum, which also catches values that swapped places), then one
+    copy to the host for all of them. ``checksums``: the GPU's way on the CPU too (tests)."""
     import torch
 
-    x = _local(t).detach()
-    if x.device.type == "cpu":
-        raw = x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        d = hashlib.blake2b(raw, digest_size=16).digest()
-        return int.from_bytes(d[:8], "little", signed=True), int.from_bytes(d[8:], "little", signed=True)
-    flat = x.contiguous().reshape(-1).view(torch.uint8)
-    words = flat.to(torch.int64)
-    weights = torch.arange(1, words.numel() + 1, device=words.device, dtype=torch.int64) % 65521
-    return int(words.sum()), int((words * weights).sum())
+    rows: list[Any] = []
+    for t in tensors:
+        x = _local(t).detach()
+        if x.device.type == "cpu" and not checksums:
+            raw = x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            d = hashlib.blake2b(raw, digest_size=16).digest()
+            pair = (int.from_bytes(d[:8], "little", signed=True), int.from_bytes(d[8:], "little", signed=True))
+            rows.append(torch.tensor(pair, dtype=torch.int64))
+            continue
+        flat = x.contiguous().reshape(-1)
+        words = flat.view(getattr(torch, _INT_OF_SIZE.get(flat.element_size(), "uint8")))
+        plain = words.sum(dtype=torch.int64)
+        weighted = torch.zeros((), dtype=torch.int64, device=flat.device)
+        for start in range(0, words.numel(), _CHUNK):
+            piece = words[start : start + _CHUNK].to(torch.int64)
+            weights = torch.arange(start, start + piece.numel(), device=flat.device, dtype=torch.int64) % 65521 + 1
+            weighted += (piece * weights).sum()
+        rows.append(torch.stack([plain, weighted]))
+    if not rows:
+        return torch.zeros(0, 2, dtype=torch.int64)
+    if len({r.device for r in rows}) == 1:
+        return torch.stack(rows).cpu()  # one copy to the host for every tensor
+    return torch.stack([r.cpu() for r in rows])
 
 
 def _all_gather_object(dist: Any, obj: Any, group: Any) -> list[Any]:

@@ -250,3 +250,17 @@ def test_segmentation_example_stops_at_the_first_nan(tmp_path: Path, monkeypatch
     assert info.value.report.samples[0]  # the slice indices of the faulty batch
     (record,) = [json.loads(line) for line in (tmp_path / "run" / "numerics.jsonl").read_text().splitlines()]
     assert record["step"] == 2 and record["tensors"] == {"0": ["loss"]}
+
+
+@pytest.mark.parametrize("checksums", [False, True], ids=["blake2b-cpu", "checksums-gpu-way"])
+def test_digests_see_one_bit_and_a_swap(checksums: bool) -> None:
+    base = [torch.randn(1000), torch.ones(3, dtype=torch.bool), torch.randn(7).bfloat16(), torch.zeros(2, 2)]
+    same = numerics._digests([t.clone() for t in base], checksums=checksums)
+    assert same.shape == (4, 2) and same.dtype == torch.int64
+    assert torch.equal(same, numerics._digests(base, checksums=checksums))
+    flipped = base[0].clone()
+    flipped.view(torch.int32)[517] ^= 1 << 3
+    swapped = base[0].clone()
+    swapped[[3, 4]] = swapped[[4, 3]]
+    for other in (flipped, swapped):
+        assert not torch.equal(numerics._digests([other], checksums=checksums)[0], same[0])
