@@ -221,7 +221,10 @@ def test_import_does_not_load_torch() -> None:
 # The segmentation example: on by default
 
 
-def test_segmentation_example_stops_at_the_first_nan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_segmentation_example_stops_at_the_first_nan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str
+) -> None:
     """A NaN loss at the 2nd batch: the example raises NumericalError at that step (the default policy) and
     leaves the report in the run folder; nothing waited for the next log_every."""
     pytest.importorskip("nibabel")
@@ -242,8 +245,14 @@ def test_segmentation_example_stops_at_the_first_nan(tmp_path: Path, monkeypatch
     monkeypatch.setattr(su, "dice_ce_loss", bad_third)
     root = make_msd_segmentation(tmp_path / "task", 4, (32, 32, 4), 3, seed=0)
     overrides = ["data.num_workers=0", "training.log_every=100", "smoke=true", f"data.root={root}"]
+    overrides.append(f"training.numerics.policy={policy}")
     cfg = T.load_config(example / "config.yaml", overrides=overrides, schema=T.SegmentationConfig)
     cpu = T.DistInfo(0, 1, 0, 1, 0, "single", None, torch.device("cpu"), None, None)
+    if policy == "skip":  # the step is skipped, counted and tracked; the run goes on
+        T.train(cfg, run_dir=tmp_path / "run", info=cpu)
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["numerics_skips"] for r in rows if "epoch" in r] == [1]
+        return
     with pytest.raises(numerics.NumericalError, match="non-finite value at step 2") as info:
         T.train(cfg, run_dir=tmp_path / "run", info=cpu)
     assert info.value.report is not None and info.value.report.first == {0: "loss"}

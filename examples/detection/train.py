@@ -317,6 +317,7 @@ def train(
             )
             record.update(train_images=len(images), train_unique_images=len(set(images)), train_time_s=train_time)
             record.update(images_per_s=len(images) / train_time, **metrics, **mem.to_metrics())
+            record.update(numerics_skips=sentinel.skips if sentinel is not None else 0)  # steps skipped so far
             log.info(
                 f"epoch {epoch} done: step {step}, loss {record['train_loss']:.4f}, "
                 f"map {metrics.get('map', float('nan')):.4f}, map50 {metrics.get('map50', float('nan')):.4f}, "

@@ -386,6 +386,7 @@ def train(
             record: dict[str, Any] = dict(epoch=epoch, step=step, loss=loss, lr=stepper.lr, train_time_s=train_time)
             record.update(train_samples=len(samples), train_unique_samples=len(set(samples)))
             record.update(images_per_s=len(samples) / train_time, **metrics, **mem.to_metrics())
+            record.update(numerics_skips=sentinel.skips if sentinel is not None else 0)  # steps skipped so far
             log.info(
                 f"epoch {epoch} done: step {step}, loss {loss:.4f}, dice {metrics.get('dice', float('nan')):.4f}, "
                 f"{len(samples)} slices ({len(set(samples))} unique) at {record['images_per_s']:.1f} images/s, "
