@@ -273,3 +273,16 @@ def test_digests_see_one_bit_and_a_swap(checksums: bool) -> None:
     swapped[[3, 4]] = swapped[[4, 3]]
     for other in (flipped, swapped):
         assert not torch.equal(numerics._digests([other], checksums=checksums)[0], same[0])
+
+
+def test_grad_scaler_overflow_is_left_to_the_scaler() -> None:
+    """Under a fp16 GradScaler an overflowing gradient is the scaler's to skip; a non-finite loss is still ours."""
+    model = nn.Linear(3, 1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    sentinel = numerics.Sentinel(model, grad_scaler=scaler)
+    model(torch.ones(2, 3)).sum().backward()
+    model.weight.grad[0, 0] = float("inf")
+    assert sentinel.check(0, torch.tensor(1.0)) and sentinel.last_report is None
+    with pytest.raises(numerics.NumericalError, match="non-finite value at step 1") as info:
+        sentinel.check(1, torch.tensor(float("nan")))
+    assert info.value.report is not None and info.value.report.first == {0: "loss"}
