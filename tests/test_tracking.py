@@ -358,7 +358,10 @@ def wandb_offline_runs(run_dir: Path) -> dict[str, list[dict[str, float]]]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     runs: dict[str, list[dict[str, float]]] = {}
-    for path in sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*" / "*.wandb"))):
+    # In the order they were written, not by path: a resume in the same second as the first segment writes to
+    # offline-run-<second>-<id>-1/, whose full path sorts before offline-run-<second>-<id>/ ('-' < '/')
+    paths = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "*.wandb"))
+    for path in sorted(paths, key=lambda p: Path(p).stat().st_mtime_ns):
         data, pos, pending, rows, run_id = Path(path).read_bytes(), 7, b"", [], None
         while pos + 7 <= len(data):  # a LevelDB-style log: 32 KiB blocks of (crc, length, type) records
             left = 32768 - pos % 32768
