@@ -399,6 +399,7 @@ FLAT_LOOP = Path(__file__).with_name("flat_loop_train.py")
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # three 2-rank launches
 def test_a_flat_script_with_a_main_only_evaluation_resumes_bit_identically(tmp_path: Path, run_on_ranks) -> None:
     """Each rank's prefetched batch rides in the checkpoint as its per-rank entry, and each rank's RNG is taken
     before the main rank's evaluation draws: stopped after iteration 8's checkpoint and resumed, the run ends

@@ -375,7 +375,12 @@ def test_a_global_state_is_refused_by_a_per_rank_sampler_and_another_dataset_is_
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("before", "after"),
-    [(2, 1), pytest.param(2, 3, marks=pytest.mark.slow), pytest.param(3, 2, marks=pytest.mark.slow), (1, 2)],
+    [
+        (2, 1),
+        pytest.param(2, 3, marks=pytest.mark.slow),
+        pytest.param(3, 2, marks=pytest.mark.slow),
+        pytest.param(1, 2, marks=pytest.mark.slow),
+    ],
 )
 def test_a_run_stopped_on_n_ranks_continues_on_m_with_the_same_losses(tmp_path, before: int, after: int) -> None:
     """float64, a deterministic model, global batches of 12 over 51 samples (the last step of each epoch has 3):

@@ -160,7 +160,8 @@ def test_fix_fills_sections_missing_inside_the_users_sections(tmp_path: Path, in
     before = load_config(path)
     changes = fix_config(path)
     assert changes == [
-        f"{path}: added section(s) distributed, tracking, data, training.deepspeed, training.scheduler with "
+        f"{path}: added section(s) distributed, tracking, data, training.deepspeed, training.numerics, "
+        "training.scheduler with "
         f"their defaults (backup: {path}.bak)"
     ]
     text = path.read_text()

@@ -181,7 +181,15 @@ def test_deepspeed_engine_is_a_clear_error() -> None:
     engine = type("DeepSpeedEngine", (nn.Module,), {"__module__": "deepspeed.runtime.engine"})()
     with pytest.raises(numerics.NumericsInputError, match="DeepSpeed engines are not supported"):
         numerics.Sentinel(engine)
-    assert "deepspeed" not in sys.modules
+    # and deepspeed is never imported for it (in a fresh process: another test of this one may have imported it)
+    code = (
+        "import sys, torch\nfrom torch import nn\nfrom ratlib import numerics\n"
+        "e = type('DeepSpeedEngine', (nn.Module,), {'__module__': 'deepspeed.runtime.engine'})()\n"
+        "try:\n    numerics.Sentinel(e)\nexcept numerics.NumericsInputError:\n    pass\n"
+        "print('deepspeed' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
 
 
 @pytest.mark.parametrize(
