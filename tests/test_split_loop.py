@@ -17,9 +17,8 @@ def _result(stdout: str) -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.needs_torch(
-    "2.6", "MultiStepLR's state holds a collections.Counter, which older weights_only loads refuse"
-)
+@pytest.mark.slow  # three 2-rank runs
+@pytest.mark.needs_torch("2.6", "MultiStepLR's state holds a Counter, which older weights_only loads refuse")
 def test_a_loop_split_into_functions_stops_mid_warmup_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
     (tmp_path / "whole").mkdir()
     (tmp_path / "stopped").mkdir()
