@@ -489,7 +489,11 @@ def _finite_flags(tensors: list[Any]) -> Any:
     NaN or Inf exactly when a value is, except that values above about 1e19 overflow it (counted non-finite)."""
     import torch
 
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    try:
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    except TypeError:  # torch before 2.4 has no dtype argument: half precision is widened first, so as not to overflow
+        low = (torch.float16, torch.bfloat16)
+        norms = torch._foreach_norm([t.float() if t.dtype in low else t for t in tensors], 2)
     return torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]))
 
 

@@ -166,6 +166,7 @@ def test_parameter_names_that_differ_are_drift() -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.needs_torch("2.6", "FSDP2's fully_shard in torch.distributed.fsdp")
 def test_fsdp2_dtensor_gradients() -> None:
     run = run_on_ranks(numerics_targets.fsdp2, 2, args=("loss:1:3:",), timeout=120)
     assert run.returncodes == [3, 3], run
