@@ -124,7 +124,16 @@ def test_collectives_without_a_group_at_world_size_one(monkeypatch: pytest.Monke
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world_size,odd_rank", [(2, 1), (3, 2), (3, 0)])
+@pytest.mark.parametrize(
+    "world_size,odd_rank",
+    [
+        (2, 1),
+        (3, 2),
+        # torch 2.3's destroy_process_group hung on rank 0 (the store's host) after the others had left, 2 runs in
+        # 6 under load (faulthandler: in shutdown's destroy_process_group); torch 2.15 does not
+        pytest.param(3, 0, marks=pytest.mark.needs_torch("2.4", "torch 2.3 can hang in rank 0's group teardown")),
+    ],
+)
 def test_assert_same_names_the_ranks_and_the_nested_key(world_size: int, odd_rank: int) -> None:
     run = run_on_ranks(dist_targets.assert_same_config, world_size, args=(odd_rank,), timeout=120).check()
     others = [r for r in range(world_size) if r != odd_rank]
