@@ -209,10 +209,10 @@ def _arrive(what: str, path: Path | None, timeout: float | None, per_rank: bool 
     try:
         seen = StoreChannel("ratlib-checkpoint", wait_s=wait).all_gather(f"{what}/{seq}", [str(path), per_rank])
     except ChannelError as exc:
-        missing = re.search(r"rank\(s\) (\[[^\]]*\])", str(exc))
+        missing = exc.missing if exc.missing is not None else "?"
         raise CheckpointError(
             message(
-                f"{call} on rank {get_rank()}: rank(s) {missing.group(1) if missing else '?'} of {get_world_size()} "
+                f"{call} on rank {get_rank()}: rank(s) {missing} of {get_world_size()} "
                 f"did not reach it within {wait:g} s, and every rank must call {what}; nothing was written",
                 got=f"call #{seq} of {what} in this process",
                 fix=f"call {what} on every rank (only the main rank writes; a call inside `if is_main:` leaves the "

@@ -402,7 +402,12 @@ def assert_same(value: Any, *, name: str = "config") -> None:
 
 
 class ChannelError(RatlibError, RuntimeError):
-    """A ``StoreChannel`` exchange that could not complete: ranks that never reported, or no store."""
+    """A ``StoreChannel`` exchange that could not complete: ranks that never reported (``missing``), or no store
+    (``missing`` is None)."""
+
+    def __init__(self, text: str, missing: list[int] | None = None) -> None:
+        super().__init__(text)
+        self.missing = missing
 
 
 class StoreChannel:
@@ -447,7 +452,8 @@ class StoreChannel:
                     message(
                         f"StoreChannel {key!r}: rank(s) {missing} did not report within {self.wait_s:.0f} s",
                         fix="those ranks died or hang inside a collective; their logs say where",
-                    )
+                    ),
+                    missing,
                 ) from exc
             raise ChannelError(
                 message(

@@ -400,3 +400,12 @@ def test_a_run_stopped_on_n_ranks_continues_on_m_with_the_same_losses(tmp_path, 
         assert loss == pytest.approx(whole["losses"][step], rel=1e-9), step
     a, b = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "resumed.pt")
     assert all(torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12) for k in a)
+
+
+def test_global_size_counts_every_sample_once_with_per_rank_batches_too() -> None:
+    # per-rank batches: the ranks' step-k batches together, so loss_scale also weighs their uneven sizes exactly
+    sampler = _ranks(23, 4, 3)[0]
+    steps = [sampler.global_size(k) for k in range(sampler.steps_per_epoch)]
+    assert sum(steps) == 23 and max(steps) - min(steps) <= 3
+    per_step = [sum(len(b) for b in parts) for parts in zip(*(list(s) for s in _ranks(23, 4, 3)))]
+    assert steps == per_step
