@@ -34,10 +34,10 @@ def test_failure_before_rename_keeps_the_previous_file_and_cleans_up(tmp_path: P
     checkpoint.save({"step": 1}, path)
 
     def boom(tmp: Path) -> None:
-        assert tmp.parent == tmp_path and tmp.name.startswith(checkpoint.TMP_PREFIX) and tmp.stat().st_size > 0
+        assert tmp.parent == tmp_path and tmp.name.startswith(checkpoint.files.TMP_PREFIX) and tmp.stat().st_size > 0
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(checkpoint, "_before_rename", boom)
+    monkeypatch.setattr(checkpoint.files, "_before_rename", boom)
     with pytest.raises(OSError, match="injected"):
         checkpoint.save({"step": 2}, path)
     assert checkpoint.load(path)["step"] == 1
@@ -50,7 +50,7 @@ KILL_MID_SAVE = textwrap.dedent("""
     folder = sys.argv[1]
     checkpoint.save({"step": 10}, os.path.join(folder, "step10.pt"))
     checkpoint.save({"step": 10}, os.path.join(folder, "last.pt"))
-    checkpoint._before_rename = lambda tmp: os._exit(9)   # the process dies between write and rename
+    checkpoint.files._before_rename = lambda tmp: os._exit(9)   # the process dies between write and rename
     checkpoint.save({"step": 20}, os.path.join(folder, "last.pt"))
 """)
 
@@ -58,7 +58,7 @@ KILL_MID_SAVE = textwrap.dedent("""
 def test_process_killed_between_write_and_rename_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr
-    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(checkpoint.TMP_PREFIX)]
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(checkpoint.files.TMP_PREFIX)]
     assert len(leftovers) == 1  # the half-finished save is there, but never taken for a checkpoint
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 10
     assert checkpoint.latest(tmp_path) == tmp_path / "step10.pt"
@@ -67,7 +67,7 @@ def test_process_killed_between_write_and_rename_leaves_the_previous_checkpoint(
 def test_latest_orders_by_numbers_and_ignores_temporaries(tmp_path: Path) -> None:
     assert checkpoint.latest(tmp_path / "missing") is None
     assert checkpoint.latest(tmp_path) is None
-    for name in ["epoch9.pt", "epoch10.pt", "epoch2.pt", f"{checkpoint.TMP_PREFIX}epoch11.pt.x", "notes.txt"]:
+    for name in ["epoch9.pt", "epoch10.pt", "epoch2.pt", f"{checkpoint.files.TMP_PREFIX}epoch11.pt.x", "notes.txt"]:
         (tmp_path / name).write_bytes(b"x")
     assert checkpoint.latest(tmp_path) == tmp_path / "epoch10.pt"
     assert checkpoint.latest(tmp_path, "*.txt") == tmp_path / "notes.txt"

@@ -399,7 +399,7 @@ def crash_during_save(run: str, root: str) -> int:
             os._exit(17)
 
     torch.set_num_threads(1)
-    ratlib.checkpoint._before_rename = die
+    ratlib.checkpoint.files._before_rename = die
     T.train(config(f"data.root={root}", "training.num_epochs=3", "data.limit=16"), run_dir=run, info=CPU)
     return 0
 
@@ -410,7 +410,7 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path, ms
     result = run_on_ranks(crash_during_save, 1, args=(str(run), str(msd_root)), env=NO_GPU, timeout=120)
     assert result.returncodes == [17], str(result)
     folder = run / "checkpoints"
-    leftovers = [p.name for p in folder.iterdir() if p.name.startswith(ratlib.checkpoint.TMP_PREFIX)]
+    leftovers = [p.name for p in folder.iterdir() if p.name.startswith(ratlib.checkpoint.files.TMP_PREFIX)]
     assert len(leftovers) == 1 and "epoch0001" in leftovers[0]  # the write that never got renamed
     assert ratlib.checkpoint.latest(folder, "epoch*.pt") == folder / "epoch0000.pt"
     state = ratlib.checkpoint.load(folder / "epoch0000.pt")

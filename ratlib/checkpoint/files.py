@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -569,20 +568,3 @@ def unwrap_model(model: Any) -> Any:
             return model
         model = inner
     return model
-
-
-def _main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] != "upgrade":
-        print(f"usage: {_UPGRADE} FILE [FILE ...]  (rewrites trusted old checkpoints in the plain form)")
-        return 2
-    for name in argv[1:]:
-        try:
-            print(f"upgraded {upgrade(name)}: it now loads with weights_only=True")
-        except CheckpointError as exc:
-            print(f"ratlib.checkpoint: {exc}", file=sys.stderr)
-            return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))

@@ -1,0 +1,26 @@
+"""``python -m ratlib.checkpoint upgrade FILE ...``: rewrite trusted old checkpoints in the plain form."""
+
+from __future__ import annotations
+
+import sys
+
+from ratlib.checkpoint.files import CheckpointError, upgrade
+
+USAGE = "usage: python -m ratlib.checkpoint upgrade FILE [FILE ...]  (rewrites trusted old checkpoints)"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] != "upgrade":
+        print(USAGE)
+        return 2
+    for name in argv[1:]:
+        try:
+            print(f"upgraded {upgrade(name)}: it now loads with weights_only=True")
+        except CheckpointError as exc:
+            print(f"ratlib.checkpoint: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
