@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -53,6 +53,7 @@ __all__ = [
     "check_lead_time",
     "current",
     "install",
+    "installed",
     "installed_signals",
     "is_installed",
     "requeue_slurm_job",
@@ -684,6 +685,30 @@ def uninstall() -> None:
             _INSTANCE._disarm()
         _INSTANCE = None
         _FLAG.signum, _FLAG.time = 0, 0.0
+
+
+@contextlib.contextmanager
+def installed(enabled: bool = True, **kwargs: Any) -> Iterator[Preemption | None]:
+    """``install(**kwargs)`` for the length of a run (yields the ``Preemption``; None when not ``enabled``).
+
+    At the end, when this call installed it, the earlier handlers come back (a test process, the next run in
+    one process), and a signal that came after the last agreement is sent again, so that it meets the handler
+    it would have met without ratlib (by default: the end of the process) and is not lost.
+    """
+    if not enabled:
+        yield None
+        return
+    here = not is_installed()
+    pre = install(**kwargs)
+    try:
+        yield pre
+    finally:
+        if here:
+            late = pre.signal if pre.requested and pre.stop_step is None else None
+            uninstall()
+            if late is not None:
+                log.warning("%s after the last stop agreement: passing it on", late)
+                os.kill(os.getpid(), getattr(signal, late))
 
 
 # ----------------------------------------------------------------------------------------------
