@@ -48,6 +48,7 @@ __all__ = [
     "Tracker",
     "TrackingError",
     "flatten_config",
+    "log_step",
     "lr_metrics",
     "memory_metrics",
     "read_outcome",
@@ -85,6 +86,35 @@ def lr_metrics(optimizer: Any, prefix: str = "lr") -> dict[str, float]:
     if len(groups) == 1:
         return {prefix: float(groups[0]["lr"])}
     return {f"{prefix}/group{i}": float(g["lr"]) for i, g in enumerate(groups)}
+
+
+def log_step(
+    tracker: Tracker,
+    step: int,
+    loss: Any,
+    optimizer: Any,
+    *,
+    every: int,
+    last: int | None = None,
+    epoch: int | None = None,
+    seconds_per_step: float | None = None,
+    **terms: Any,
+) -> bool:
+    """The training loop's step line, every ``every`` optimiser steps and at ``last``: ``train/loss`` (one
+    ``.item()``, the only host sync), the learning rate (``lr_metrics``) and ``train/<term>`` for each of
+    ``terms``, to the tracker and the log. Returns whether it logged. A non-finite loss is only reported here;
+    stopping at it is ``ratlib.numerics``'s."""
+    if step % every and step != last:
+        return False
+    value = float(loss.item() if hasattr(loss, "item") else loss)
+    if not math.isfinite(value):
+        _log().warning("step %d: the loss is %s", step, value)
+    lrs = lr_metrics(optimizer)
+    tracker.log({"train/loss": value, **{f"train/{k}": v for k, v in terms.items()}, **lrs}, step)
+    where = f"epoch {epoch} step {step}" if epoch is not None else f"step {step}"
+    pace = f" ({seconds_per_step:.3f} s/step)" if seconds_per_step is not None else ""
+    _log().info("%s: loss %.4f lr %.3g%s", where, value, next(iter(lrs.values())), pace)
+    return True
 
 
 def memory_metrics(report: Any, prefix: str = "memory") -> dict[str, float]:
