@@ -286,10 +286,10 @@ def test_unknown_backend_names_the_closest(tmp_path: Path) -> None:
 def test_a_missing_package_gives_one_line_with_the_install_hint(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ratlib.tracking as tracking
+    from ratlib.tracking import backends
 
     caplog.set_level(logging.INFO, logger="ratlib.tracking")
-    monkeypatch.setattr(tracking, "_installed", lambda name: name == "jsonl")
+    monkeypatch.setattr(backends, "_installed", lambda name: name == "jsonl")
     with Tracker(tmp_path, backends=["jsonl", "tensorboard", "wandb"]) as tracker:
         assert tracker.backends == ["jsonl"]
         tracker.log({"loss": 1.0}, 0)
@@ -455,3 +455,35 @@ def test_write_outcome_is_atomic_plain_json_from_the_main_rank_only(tmp_path: Pa
     for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
     assert write_outcome(tmp_path / "other", "finished") is None and not (tmp_path / "other").exists()
+
+
+def test_jsonl_writes_each_line_at_once_and_fsyncs_at_flush_close_and_every_fsync_secs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line is written (visible to a reader, safe from a crash of the process) as soon as the backend takes it;
+    fsync (safe from a crash of the machine) comes at flush, at close and at most fsync_secs apart, not per line."""
+    from ratlib.tracking import backends
+
+    synced: list[int] = []  # the inode of each file fsynced (tracking.json's atomic writes fsync too)
+    real_fsync = os.fsync
+    monkeypatch.setattr(backends.os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd))[1])
+
+    def metrics_syncs(run: Path) -> int:
+        return synced.count((run / "metrics.jsonl").stat().st_ino)
+
+    tracker = Tracker(tmp_path, backends=["jsonl"], jsonl={"fsync_secs": 3600})
+    for step in range(50):
+        tracker.log({"loss": float(step)}, step)
+    assert tracker.flush(timeout=30)
+    assert metrics_syncs(tmp_path) == 1  # the flush, not one per line
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(50))
+    tracker.log({"loss": 50.0}, 50)
+    tracker.close()
+    assert metrics_syncs(tmp_path) == 2  # close
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1] == {"step": 50, "loss": 50.0}
+
+    with Tracker(tmp_path / "often", backends=["jsonl"], jsonl={"fsync_secs": 0}) as often:
+        for step in range(5):
+            often.log({"loss": 1.0}, step)
+        assert often.flush(timeout=30)
+    assert metrics_syncs(tmp_path / "often") == 5  # fsync_secs=0: after every line, as before
