@@ -18,15 +18,16 @@ supplies::
 
 The package: ``schema`` (the sections, a docstring per field), ``load`` (YAML, overrides, messages,
 ``load_config``, ``dump_config``), ``checks`` (``check_config``, ``register_check``), ``deepspeed``
-(``to_deepspeed_config``), ``training`` (what the training section means at run time: ``make_optimizer``,
-``make_scheduler``/``lr_lambda``, ``autocast_for``, ``make_stepper``/``Stepper``, and ``parse_args``, a
-training script's command line). Every public name is importable from here. The memory estimate and probe live
-in ``ratlib.memory`` and are re-exported. Imports pydantic and PyYAML only; torch (and deepspeed) is imported
-inside the functions that measure memory or build the training objects.
+(``to_deepspeed_config``), ``args`` (``parse_args``, a training script's command line; ``UsageError``). Every
+public name is importable from here. What the training section means at run time (``make_stepper``,
+``Stepper``, the optimiser and schedule builders) is ``ratlib.strategy``: the old names here warn and forward
+for one release. The memory estimate and probe live in ``ratlib.memory`` and are re-exported. Imports pydantic
+and PyYAML only.
 """
 
 from __future__ import annotations
 
+from ratlib.config_defaults.args import UsageError, parse_args
 from ratlib.config_defaults.checks import Check, Finding, check_config, register_check, unregister_check
 from ratlib.config_defaults.deepspeed import to_deepspeed_config
 from ratlib.config_defaults.load import dump_config, load_config
@@ -42,21 +43,6 @@ from ratlib.config_defaults.schema import (
     SchedulerConfig,
     TrackingConfig,
     TrainingConfig,
-)
-from ratlib.config_defaults.training import (
-    Stepper,
-    UsageError,
-    autocast_for,
-    loss_weight,
-    lr_lambda,
-    make_optimizer,
-    make_scheduler,
-    make_sentinel,
-    make_stepper,
-    memory_format_for,
-    parse_args,
-    report_findings,
-    train_sampler,
 )
 from ratlib.memory import MemoryEstimate, MemoryProbe, count_parameters, estimate_model_memory, probe_memory
 
@@ -74,16 +60,25 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "SchedulerConfig",
-    "Stepper",
     "TrackingConfig",
     "TrainingConfig",
     "UsageError",
-    "autocast_for",
     "check_config",
     "count_parameters",
     "dump_config",
     "estimate_model_memory",
     "load_config",
+    "parse_args",
+    "probe_memory",
+    "register_check",
+    "to_deepspeed_config",
+    "unregister_check",
+]
+
+
+_MOVED_TO_STRATEGY = {
+    "Stepper",
+    "autocast_for",
     "loss_weight",
     "lr_lambda",
     "make_optimizer",
@@ -91,11 +86,22 @@ __all__ = [
     "make_sentinel",
     "make_stepper",
     "memory_format_for",
-    "parse_args",
-    "probe_memory",
-    "register_check",
     "report_findings",
     "train_sampler",
-    "to_deepspeed_config",
-    "unregister_check",
-]
+}
+
+
+def __getattr__(name: str) -> object:
+    """The training mechanics moved to ``ratlib.strategy``: the old names warn and forward for one release."""
+    if name in _MOVED_TO_STRATEGY:
+        import warnings
+
+        import ratlib.strategy
+
+        warnings.warn(
+            f"ratlib.config_defaults.{name} moved to ratlib.strategy.{name}; the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(ratlib.strategy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

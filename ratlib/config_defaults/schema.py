@@ -182,8 +182,12 @@ class TrainingConfig(_Section):
     """torch.compile the model (faster steps after a compile of tens of seconds)."""
     channels_last: bool | None = None
     """channels_last memory format for images; null: true on CUDA, false on the CPU."""
+    strategy: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"
+    """How several ranks share the work (``ratlib.strategy``): ddp (each rank a whole copy), fsdp2 (weights,
+    gradients and optimiser state sharded by ``fully_shard``; checkpoints become sharded folders) or deepspeed
+    (ZeRO, ``training.deepspeed``). One process trains the bare model whichever is set."""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
-    """DeepSpeed ZeRO."""
+    """DeepSpeed ZeRO (``training.deepspeed.enabled: true`` is the same as ``training.strategy: deepspeed``)."""
     max_steps: Int | None = Field(default=None, gt=0)
     """Stop after this many optimiser steps; null: train every epoch."""
     log_every: Int = Field(default=10, gt=0)
@@ -197,6 +201,23 @@ class TrainingConfig(_Section):
     resume: bool | Literal["auto"] = False
     """Continue from the latest checkpoint: true (warn when there is none), "auto" (silently start anew when
     there is none: what a requeued Slurm job or a torchrun restart needs) or false."""
+
+    @model_validator(mode="after")
+    def _one_strategy(self) -> TrainingConfig:
+        # training.deepspeed.enabled came first: it still selects DeepSpeed, and the two never disagree.
+        chosen = "strategy" in self.model_fields_set and self.strategy != "deepspeed"
+        if self.deepspeed.enabled and chosen:
+            raise PydanticCustomError(
+                "strategy_conflict",
+                "got {s} with training.deepspeed.enabled=true: set training.strategy=deepspeed (enabled is then "
+                "implied), or training.deepspeed.enabled=false",
+                {"key": "strategy", "uses": "strategy deepspeed.enabled", "s": self.strategy},
+            )
+        if self.deepspeed.enabled:
+            self.__dict__["strategy"] = "deepspeed"
+        elif self.strategy == "deepspeed":
+            self.deepspeed.__dict__["enabled"] = True
+        return self
 
     @model_validator(mode="after")
     def _global_batch_alone(self) -> TrainingConfig:

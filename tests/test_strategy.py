@@ -1,5 +1,5 @@
-"""ratlib.config_defaults.training: what the training section means at run time (schedule, optimiser,
-autocast, Stepper, make_stepper) and a training script's command line."""
+"""ratlib.strategy: what the training section means at run time (schedule, optimiser, autocast, Stepper,
+make_stepper), and a training script's command line (ratlib.config_defaults.parse_args)."""
 
 from __future__ import annotations
 
@@ -17,19 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from ratlib.config_defaults import (
-    ExperimentConfig,
-    Stepper,
-    UsageError,
-    autocast_for,
-    load_config,
-    lr_lambda,
-    make_optimizer,
-    make_scheduler,
-    make_stepper,
-    parse_args,
-)
+from ratlib.config_defaults import ExperimentConfig, UsageError, load_config, parse_args
 from ratlib.errors import RatlibError
+from ratlib.strategy import Stepper, autocast_for, lr_lambda, make_optimizer, make_scheduler, make_stepper
 from ratlib.testing import run_on_ranks
 
 CPU = torch.device("cpu")
@@ -217,7 +207,7 @@ def test_state_dict_and_load_resume_the_optimiser_and_the_schedule() -> None:
     for batch in data[:3]:
         stepper.backward(loss_of(model, batch))
         stepper.step(True)
-    state = {"epoch": 0, "model": model.state_dict(), **stepper.state_dict()}
+    state = {"epoch": 0, **stepper.state_dict()}
     buffer = io.BytesIO()  # through a file, as a checkpoint goes: the state shares no tensor with the run
     torch.save(state, buffer)
     buffer.seek(0)
@@ -225,9 +215,8 @@ def test_state_dict_and_load_resume_the_optimiser_and_the_schedule() -> None:
     assert state["scaler"] is None and state["scheduler"]["last_epoch"] == 3
 
     resumed_model = tiny(seed=5)
-    resumed_model.load_state_dict(state["model"])
     resumed = make_stepper(cfg, resumed_model, INFO, steps_per_epoch=4, total_steps=8)
-    resumed.load(state, Path("unused"), Path("epoch0000.pt"))
+    resumed.load_state_dict(state, Path("unused"), Path("epoch0000.pt"))
     assert resumed.lr == pytest.approx(stepper.lr) and resumed.scheduler.last_epoch == 3
     for batch in data[3:]:  # both go on the same way: the AdamW moments came along
         for s, m in ((stepper, model), (resumed, resumed_model)):
@@ -240,8 +229,8 @@ def test_state_dict_and_load_resume_the_optimiser_and_the_schedule() -> None:
 def test_loading_a_deepspeed_checkpoint_without_deepspeed_names_the_flag() -> None:
     stepper = make_stepper(config(), tiny(), INFO, steps_per_epoch=1, total_steps=1)
     state = {"epoch": 0, "optimizer": None, "scheduler": None, "scaler": None}
-    with pytest.raises(UsageError, match="written by a DeepSpeed run.*set training.deepspeed.enabled=true"):
-        stepper.load(state, Path("ds"), Path("run/epoch0000.pt"))
+    with pytest.raises(UsageError, match="written by a DeepSpeed run.*set training.strategy=deepspeed"):
+        stepper.load_state_dict(state, Path("ds"), Path("run/epoch0000.pt"))
     assert issubclass(UsageError, RatlibError) and issubclass(UsageError, ValueError)
 
 
@@ -266,6 +255,12 @@ class FakeEngine:
     def load_checkpoint(self, folder: str, tag: str) -> tuple[Any, dict[str, Any]]:
         return (folder if (Path(folder) / tag).is_dir() else None), {}
 
+    def state_dict(self) -> dict[str, Any]:  # the module's weights (the engine unwraps to itself here)
+        return {"w": 1}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls.append("load")
+
 
 def test_with_an_engine_deepspeed_decides_the_boundary_and_keeps_its_own_state(tmp_path: Path) -> None:
     engine = FakeEngine([False, True])
@@ -275,14 +270,14 @@ def test_with_an_engine_deepspeed_decides_the_boundary_and_keeps_its_own_state(t
     stepper.backward(torch.ones(()))
     assert stepper.step(False) is True
     assert engine.calls == ["backward", "step", "backward", "step"]
-    assert stepper.state_dict() == {"optimizer": None, "scheduler": None, "scaler": None}
+    assert stepper.state_dict() == {"model": {"w": 1}, "optimizer": None, "scheduler": None, "scaler": None}
     folder = tmp_path / "deepspeed"
     for epoch in range(4):
         stepper.save(folder, epoch, step=epoch * 10, keep=2)
     assert sorted(p.name for p in folder.iterdir()) == ["epoch0002", "epoch0003"]  # DeepSpeed deletes nothing
-    stepper.load({"epoch": 3}, folder, tmp_path / "epoch0003.pt")
-    with pytest.raises(UsageError, match=r"has no DeepSpeed state.*epoch0001 is missing.*enabled=false"):
-        stepper.load({"epoch": 1}, folder, tmp_path / "epoch0001.pt")
+    stepper.load_state_dict({"epoch": 3, "model": {}}, folder, tmp_path / "epoch0003.pt")
+    with pytest.raises(UsageError, match=r"has no DeepSpeed state.*epoch0001 is missing.*training.strategy"):
+        stepper.load_state_dict({"epoch": 1, "model": {}}, folder, tmp_path / "epoch0001.pt")
 
 
 def test_deepspeed_enabled_but_not_installed_is_one_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -356,6 +351,65 @@ def test_parse_args_defaults_and_eval_only() -> None:
         parse_args(["--no-such-flag"], "demo")
 
 
-def test_importing_config_defaults_does_not_import_torch() -> None:
-    code = "import sys, ratlib.config_defaults as c; c.make_stepper; c.parse_args; assert 'torch' not in sys.modules"
+def test_importing_config_defaults_and_strategy_does_not_import_torch() -> None:
+    code = "import sys, ratlib.config_defaults as c, ratlib.strategy; c.parse_args; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("where", ["ratlib.config_defaults", "ratlib.config_defaults.training"])
+def test_the_old_names_of_the_moved_training_mechanics_warn_and_forward(where: str) -> None:
+    import importlib
+
+    import ratlib.strategy
+
+    module = importlib.import_module(where)
+    with pytest.warns(DeprecationWarning, match=r"moved to ratlib\.strategy\.make_stepper"):
+        assert module.make_stepper is ratlib.strategy.make_stepper
+    with pytest.raises(AttributeError):
+        module.no_such_name  # noqa: B018
+
+
+def test_deepspeed_enabled_and_strategy_agree_and_a_conflict_names_both() -> None:
+    assert config(deepspeed={"enabled": True}).training.strategy == "deepspeed"
+    assert config(strategy="deepspeed").training.deepspeed.enabled is True
+    assert config(strategy="fsdp2").training.deepspeed.enabled is False
+    with pytest.raises(RatlibError, match=r"training.strategy: got fsdp2 with training.deepspeed.enabled=true"):
+        config(strategy="fsdp2", deepspeed={"enabled": True})
+
+
+def fsdp2_against_ddp(root: str) -> int:
+    """On 2 gloo ranks: the same model, data and steps under training.strategy=fsdp2 and =ddp (accumulation 2,
+    clipping): the full weights after 3 optimiser steps agree; the FSDP2 stepper's state is sharded."""
+    import ratlib
+    from ratlib.strategy import make_stepper
+
+    with ratlib.distributed("gloo") as info:
+        results = {}
+        for strategy in ("fsdp2", "ddp"):
+            cfg = config(strategy=strategy, optimizer={"lr": 0.05}, gradient_clip=0.5, gradient_accumulation_steps=2)
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+            stepper = make_stepper(cfg, model, info, steps_per_epoch=3, total_steps=3)
+            assert stepper.kind == strategy and stepper.sharded == (strategy == "fsdp2")
+            gen = torch.Generator().manual_seed(1 + info.rank)
+            for i in range(6):
+                x, y = torch.randn(5, 4, generator=gen), torch.randn(5, 2, generator=gen)
+                boundary = i % 2 == 1
+                with stepper.no_sync(boundary):
+                    stepper.backward(nn.functional.mse_loss(stepper.model(x), y))
+                stepper.step(boundary)
+            state = stepper.state_dict()
+            full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state["model"].items()}
+            results[strategy] = full
+            if strategy == "fsdp2":
+                assert type(state["model"]["0.weight"]).__name__ == "DTensor"
+                assert any(type(v).__name__ == "DTensor" for v in state["optimizer"]["state"]["0.weight"].values())
+        for key, value in results["ddp"].items():
+            torch.testing.assert_close(results["fsdp2"][key], value, rtol=1e-5, atol=1e-6)
+    return 0
+
+
+@pytest.mark.distributed
+@pytest.mark.needs_torch("2.6", "FSDP2's fully_shard in torch.distributed.fsdp")
+def test_fsdp2_steps_like_ddp_with_accumulation_and_clipping(tmp_path: Path) -> None:
+    run_on_ranks(fsdp2_against_ddp, 2, args=(str(tmp_path),), timeout=120).check()
