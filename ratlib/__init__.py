@@ -18,6 +18,8 @@ _SUBMODULES = (
     "comm",
     "coco_paths",
     "config_defaults",
+    "strategy",
+    "script",
     "hang",
     "preempt",
     "numerics",

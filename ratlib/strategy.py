@@ -115,10 +115,14 @@ def memory_format_for(cfg: ExperimentConfig, device: torch.device) -> torch.memo
     return torch.channels_last if on else torch.contiguous_format
 
 
-def report_findings(cfg: ExperimentConfig, world_size: int, device: torch.device, *, skip: str = "data.") -> None:
-    """Log ``check_config``'s warnings and errors once at start-up; keys under ``skip`` are left to the code
-    that resolves the data (it names the paths it tried)."""
-    for finding in check_config(cfg, world_size, device=device.type):
+def report_findings(
+    cfg: ExperimentConfig, world_size: int, device: torch.device, *, skip: str = "data.", checks: Sequence[Any] = ()
+) -> None:
+    """Log ``check_config``'s warnings and errors once at start-up (with a script's own ``checks``, e.g. an
+    example's ``EXAMPLE["checks"]``); keys under ``skip`` are left to the code that resolves the data (it names
+    the paths it tried)."""
+    extra: dict[str, Any] = {"checks": tuple(checks)} if checks else {}
+    for finding in check_config(cfg, world_size, device=device.type, **extra):
         if finding.severity != "info" and not finding.key.startswith(skip):
             log.warning("config %s: %s. %s", finding.key, finding.message, finding.advice)
 

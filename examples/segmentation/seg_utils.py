@@ -9,10 +9,9 @@ In one file beside the loop, so that train.py reads top to bottom:
   intensity-normalised, and cached as ``.npy`` slices-first so every rank and loader worker memory-maps
   it; ``SliceDataset``: the 2D slices of those volumes, with random crops and flips for training.
 - ``limited_dataset``: with ``data.limit``, only the volumes that hold the first N slices are read.
-- ``make_stepper`` and ``Stepper``: optimiser, schedule, precision and DDP or DeepSpeed (the same section
-  in every example).
-- ``UNet``, ``dice_ce_loss``, ``confusion`` (``confusion_per_sample``) and ``dice_scores``: the model, its
-  loss, and Dice per class from summed counts (exact across ranks).
+- ``UNet``, ``dice_ce_loss`` / ``ce_loss`` (``LOSSES``), ``confusion`` (``confusion_per_sample``) and
+  ``dice_scores``: the model, its loss, and Dice per class from summed counts (exact across ranks).
+- ``size_rule``: this example's check for ``ratlib doctor`` and the start-up findings (``EXAMPLE["checks"]``).
 
 Sampling is ratlib's (``ratlib.data``): every training slice once per epoch across ranks, each
 validation slice on one rank.
@@ -36,34 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ratlib import (
-    get_logger,
-    main_process_first,
-)
-
-# The training mechanics (optimiser, schedule, precision, DDP or DeepSpeed) are ratlib's; train.py and
-# benchmarks/ reach them through this module.
+from ratlib import get_logger, main_process_first
 from ratlib.config_defaults import Finding
-from ratlib.config_defaults import Stepper as Stepper
-from ratlib.config_defaults import UsageError as UsageError
-from ratlib.config_defaults import autocast_for as autocast_for
-from ratlib.config_defaults import make_optimizer as make_optimizer
-from ratlib.config_defaults import make_stepper as make_stepper
-from ratlib.config_defaults import parse_args as parse_args
-
-# The run folder's checkpoints, resume, tracker and step log are ratlib's too (one implementation for both
-# examples); train.py and the tests reach them through this module.
-from ratlib.config_defaults.run_folder import checkpoint_dir as checkpoint_dir
-from ratlib.config_defaults.run_folder import checkpoint_to_evaluate as checkpoint_to_evaluate
-from ratlib.config_defaults.run_folder import latest_checkpoint as latest_checkpoint
-from ratlib.config_defaults.run_folder import load_checkpoint as load_checkpoint
-from ratlib.config_defaults.run_folder import log_step as log_step
-from ratlib.config_defaults.run_folder import make_tracker as make_tracker
-from ratlib.config_defaults.run_folder import release_preemption as release_preemption
-from ratlib.config_defaults.run_folder import resume_from as resume_from
-from ratlib.config_defaults.run_folder import save_checkpoint as save_checkpoint
-from ratlib.config_defaults.run_folder import save_state as save_state
-from ratlib.config_defaults.run_folder import write_eval as write_eval
+from ratlib.errors import RatlibError
 from ratlib.synthetic import make_msd_segmentation
 
 log = get_logger(__name__)
@@ -71,7 +45,7 @@ log = get_logger(__name__)
 CACHE_VERSION = 1  # bump when preprocess() changes what it writes
 
 
-class TaskError(ValueError):
+class TaskError(RatlibError, ValueError):
     """A Decathlon task that cannot be read as given: the message names the file and the fix."""
 
 
@@ -348,7 +322,8 @@ def pad_collate(
     h = max(x[1].shape[0] for x in batch)
     w = max(x[1].shape[1] for x in batch)
     h, w = math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple
-    images = torch.zeros((len(batch), batch[0][0].shape[0], h, w), dtype=torch.float32)
+    dtype = torch.get_default_dtype()  # float32, unless a test asks for float64
+    images = torch.zeros((len(batch), batch[0][0].shape[0], h, w), dtype=dtype)
     labels = torch.full((len(batch), h, w), -1, dtype=torch.int64)
     for i, (image, label, _) in enumerate(batch):
         images[i, :, : image.shape[1], : image.shape[2]] = image
@@ -521,8 +496,8 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) 
     """Cross-entropy plus (1 - soft Dice), the Dice over the whole batch per foreground class (nnU-Net's
     batch Dice), averaged over the classes present in the batch: a class absent from every slice of
     the batch would score 0 whatever the model does (most slices show no organ), so only the
-    cross-entropy speaks for it there. Pixels labelled -1 (padding) count in neither. In float32."""
-    logits = logits.float()
+    cross-entropy speaks for it there. Pixels labelled -1 (padding) count in neither. In float32 at least."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     num_classes = logits.shape[1]
     ce = F.cross_entropy(logits, target, ignore_index=-1)
     valid = (target >= 0).unsqueeze(1)
@@ -534,6 +509,16 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) 
     dice = (2 * intersection + eps) / (denominator + eps)
     present = (onehot.sum(dims) > 0)[1:].float()  # no .nonzero(): no host sync
     return ce + ((1 - dice[1:]) * present).sum() / present.sum().clamp(min=1)
+
+
+def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy alone, the mean over the (unpadded) pixels: with equal slice sizes a mean over samples, so
+    a global batch split over any number of ranks gives the same gradient (``model.loss: ce``)."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return F.cross_entropy(logits, target, ignore_index=-1)
+
+
+LOSSES = {"dice_ce": dice_ce_loss, "ce": ce_loss}
 
 
 def confusion(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,22 +2,18 @@
 
     python examples/segmentation/train.py --config examples/segmentation/config.yaml
     torchrun --nproc_per_node 8 examples/segmentation/train.py --config examples/segmentation/config.yaml \
-        data.root=/data/Task09_Spleen data.normalize=window
+        data.root=/data/Task09_Spleen data.normalize=window training.strategy=fsdp2
     torchrun ... train.py --config ... training.resume=auto   # preemption-safe: requeues and restarts resume
-    python examples/segmentation/train.py --config ... --resume       # continue from the latest checkpoint
     python examples/segmentation/train.py --config ... --eval-only [--checkpoint PATH]
 
-With no ``data.root`` it writes a small synthetic Decathlon task (blob-shaped organs in NIfTI volumes)
-into the run folder and trains on it. Everything lands under ``output_dir``: config.yaml (resolved),
-logs/rank{R}.log, metrics.jsonl (a row every ``log_every`` steps and one per epoch; ``ratlib.tracking``,
-with TensorBoard), checkpoints/, cache/ (preprocessed volumes). Read it top to bottom: config, data,
-model, optimiser and DeepSpeed, loop, evaluation, train(), main(). ``EXAMPLE`` at the end is what the
-ablation runner (and any Python caller) uses.
+With no ``data.root`` it trains on a small synthetic Decathlon task written into the run folder. Everything
+lands under ``output_dir``: config.yaml (resolved), logs/rank{R}.log, metrics.jsonl and TensorBoard events
+(``ratlib.tracking``), checkpoints/, cache/ (preprocessed volumes). Read it top to bottom: config, data,
+model, loop, evaluation, train(), main(); the data set and the UNet are in seg_utils.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -33,42 +29,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 import ratlib
-from ratlib import (
-    ConfigError,
-    DataConfig,
-    DistInfo,
-    ExperimentConfig,
-    ModelConfig,
-    broadcast_object,
-    distributed,
-    dump_config,
-    gather_object,
-    get_logger,
-    load_config,
-    memory,
-    preempt,
-    progress,
-    reduce_dict,
-    setup_logging,
-)
-from ratlib.comm import assert_same, broadcast_buffers
-from ratlib.config_defaults import (
-    loss_weight,
-    make_sentinel,
-    memory_format_for,
-    register_check,
-    report_findings,
-    train_sampler,
-)
+from ratlib import DataConfig, DistInfo, ExperimentConfig, ModelConfig, memory, preempt, strategy
+from ratlib.checkpoint import RunCheckpoints
+from ratlib.comm import broadcast_buffers, broadcast_object, gather_object, reduce_dict
+from ratlib.config_defaults import UsageError, dump_config
 from ratlib.data import EvalSampler, gather_by_index
-from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
+from ratlib.io import write_atomic
 from ratlib.numerics import Sentinel
-from ratlib.tracking import Tracker, memory_metrics, run_outcome
+from ratlib.rank_logger import get_logger, progress
+from ratlib.script import run_script
+from ratlib.tracking import Tracker, log_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # seg_utils.py sits beside this file
 import seg_utils as su  # noqa: E402
-from seg_utils import UsageError  # noqa: E402
 
 log = get_logger("segmentation")
 
@@ -105,6 +79,7 @@ class SegmentationModel(ModelConfig):
     feature_dims: int | list[int] = 16  # channels of the first level (doubling per level), or one per level
     num_blocks: int = Field(default=4, ge=1, le=8)  # levels, the bottleneck included: 4 = 3 poolings
     norm: Literal["batch", "instance", "group"] = "batch"
+    loss: Literal["dice_ce", "ce"] = "dice_ce"  # ce: a mean over samples (a global batch splits exactly)
 
 
 class EvalConfig(BaseModel):
@@ -142,11 +117,6 @@ def check_settings(cfg: SegmentationConfig) -> None:
         raise UsageError(f"data.window=[{low}, {high}]: expected [low, high] with low < high, e.g. [-175, 250]")
 
 
-# This example's own rule for ratlib.config_defaults.check_config (and `ratlib doctor`): model sizes that
-# call for DeepSpeed.
-register_check(su.size_rule, schema=SegmentationConfig)
-
-
 # ----------------------------------------------------------------------------------------------
 # Data: the task's cases split by case, preprocessed into a cache, cut into 2D slices
 
@@ -179,24 +149,16 @@ def build_model(cfg: SegmentationConfig, in_channels: int, num_classes: int) -> 
 
 
 def train_one_epoch(
-    stepper: su.Stepper,
-    loader: Any,
-    cfg: SegmentationConfig,
-    device: torch.device,
-    *,
-    epoch: int,
-    step: int,
-    autocast: Callable[[], Any],
-    memory_format: torch.memory_format,
-    tracker: Tracker,
-    pre: preempt.Preemption | None,
-    numerics: Sentinel | None = None,
-) -> tuple[int, float, list[int], int | None]:
+    stepper: strategy.Stepper, loader: Any, cfg: SegmentationConfig, device: torch.device, epoch: int, step: int,
+    tracker: Tracker, pre: preempt.Preemption | None, numerics: Sentinel | None,
+) -> tuple[int, float, list[int], int | None]:  # fmt: skip
     """One pass over this rank's batches (the rest of the epoch after a mid-epoch resume); returns the
     optimiser step reached, this rank's mean loss, the slice indices it trained on and, when every rank
-    agreed to stop (preemption), the batches of this epoch consumed (else None). Stops early at
-    ``training.max_steps``. The loss stays on the device (one ``.item()`` every ``log_every`` steps)."""
-    t = cfg.training
+    agreed to stop (a preemption, or training.numerics' "stop"), the batches of this epoch consumed (else
+    None). Stops early at ``training.max_steps``. The loss stays on the device (one ``.item()`` every
+    ``log_every`` steps)."""
+    t, loss_fn = cfg.training, su.LOSSES[cfg.model.loss]
+    autocast, memory_format = strategy.autocast_for(cfg, device), strategy.memory_format_for(cfg, device)
     stepper.model.train()
     loss_sum, done, seen = torch.zeros((), device=device), 0, []
     batches, start = len(loader), time.perf_counter()
@@ -209,46 +171,41 @@ def train_one_epoch(
         with stepper.no_sync(boundary):
             with autocast():
                 logits = stepper.model(images)
-            loss = su.dice_ce_loss(logits, labels)
-            stepper.backward(loss, weight=loss_weight(loader.batch_sampler, len(images), offset + i, stepper.accum))
+            loss = loss_fn(logits, labels)
+            stepper.backward(
+                loss, weight=strategy.loss_weight(loader.batch_sampler, len(images), offset + i, stepper.accum)
+            )
         loss_sum += loss.detach()
         done += 1
         # ratlib.numerics: the loss and gradients on every rank, one answer for all (skip, stop or raise)
         check = partial(numerics.check, step + 1, loss, indices=index.tolist()) if numerics is not None else None
-        if not stepper.step(boundary, check=check):
-            if numerics is not None and numerics.stopped and pre is not None and pre.should_stop(step):
-                return step, float(loss_sum) / max(1, done), torch.cat(seen).tolist(), offset + i + 1
-            continue
-        step += 1
-        heartbeat(step)  # ratlib.hang's watchdog
-        per_step = (time.perf_counter() - start) / (i + 1) * stepper.accum
-        su.log_step(cfg, tracker, epoch, step, loss, stepper.optimizer, per_step)
-        if t.max_steps is not None and step >= t.max_steps:
-            break
+        stepped = stepper.step(boundary, check=check)
+        if stepped:
+            step += 1
+            heartbeat(step)  # ratlib.hang's watchdog
+            per_step = (time.perf_counter() - start) / (i + 1) * stepper.accum
+            log_step(tracker, step, loss, stepper.optimizer, every=t.log_every, last=t.max_steps, epoch=epoch,
+                     seconds_per_step=per_step)  # fmt: skip
+            if t.max_steps is not None and step >= t.max_steps:
+                break
         # Every rank agrees at the same step (the epoch's last step is checked after its checkpoint).
-        if pre is not None and i + 1 < batches and pre.should_stop(step):
-            return step, float(loss_sum) / max(1, done), torch.cat(seen).tolist(), offset + i + 1
+        if (stepped or (numerics is not None and numerics.stopped)) and pre is not None and i + 1 < batches:
+            if pre.should_stop(step):
+                return step, float(loss_sum) / max(1, done), torch.cat(seen).tolist(), offset + i + 1
     indices = torch.cat(seen).tolist() if seen else []
     return step, float(loss_sum) / max(1, done), indices, None
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    device: torch.device,
-    info: DistInfo,
-    *,
-    autocast: Callable[[], Any] = contextlib.nullcontext,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Any, cfg: SegmentationConfig, info: DistInfo) -> dict[str, float]:
     """Dice per class over all validation slices of all ranks, the same on every rank.
 
     Each rank counts pixels into a confusion matrix per slice; ``gather_by_index`` joins them on the main
     rank and checks that every slice was counted exactly once; Dice is computed once from the summed
     counts: the figure a single process gets on the whole set, not an average of per-rank Dice.
     """
-    start = time.perf_counter()
+    device, start = info.device, time.perf_counter()
+    autocast, memory_format = strategy.autocast_for(cfg, device), strategy.memory_format_for(cfg, device)
     was_training = model.training
     model.eval()
     per_slice: dict[int, np.ndarray] = {}
@@ -290,7 +247,7 @@ def train(
     run_dir = Path(run_dir if run_dir is not None else cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    report_findings(cfg, info.world_size, device)  # model size (seg_utils.size_rule), batch, precision
+    strategy.report_findings(cfg, info.world_size, device, checks=EXAMPLE["checks"])  # model size, batch, ...
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
 
@@ -298,7 +255,7 @@ def train(
     # validation slice on one rank.
     task, train_set, val_set = su.build_datasets(cfg, run_dir)
     model = build_model(cfg, train_set.in_channels, task.num_classes).to(device)
-    sampler = train_sampler(cfg, len(train_set), info, augmentation_seeds=True)  # global or per-device batches
+    sampler = strategy.train_sampler(cfg, len(train_set), info, augmentation_seeds=True)  # global/per-device
     workers, collate = cfg.data.num_workers, partial(su.pad_collate, multiple=model.multiple)
     train_loader = torch.utils.data.DataLoader(
         train_set,
@@ -312,99 +269,87 @@ def train(
     val_loader = eval_loader(cfg, val_set, info, model.multiple)
     accum = sampler.accumulation_steps if t.global_batch_size else t.gradient_accumulation_steps
     steps_per_epoch = math.ceil(sampler.batches_per_epoch / accum)
-    total_steps = (
-        steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
-    )
+    total_steps = min(t.max_steps or math.inf, steps_per_epoch * t.num_epochs)
 
-    # Model, precision, optimiser and schedule; DDP or DeepSpeed (make_stepper).
-    memory_format = memory_format_for(cfg, device)
+    # Model, precision, optimiser and schedule; DDP, FSDP2 or DeepSpeed (training.strategy).
+    memory_format = strategy.memory_format_for(cfg, device)
     model = model.to(memory_format=memory_format)
     if t.compile:
         model.compile()  # in place: state_dict keys stay the same
-    autocast = su.autocast_for(cfg, device)
-    if t.mixed_precision and device.type != "cuda":
-        log.info("training.mixed_precision=%s is off on %s (autocast on CPU is slow)", t.mixed_precision, device)
-    stepper = su.make_stepper(cfg, model, info, steps_per_epoch, total_steps, accum)
-    w, b, a, g = info.world_size, t.batch_size, accum, t.global_batch_size or info.world_size * t.batch_size * accum
-    amp = f", {autocast.keywords['dtype']}" if isinstance(autocast, partial) else ""
+    stepper = strategy.make_stepper(cfg, model, info, steps_per_epoch, int(total_steps), accum)
+    w, b, g = info.world_size, t.batch_size, t.global_batch_size or info.world_size * t.batch_size * accum
     log.info(
         f"UNet {su.widths(cfg.model.feature_dims, cfg.model.num_blocks)}, {cfg.model.norm} norm: "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {w} ranks x batch {b} x accumulation "
-        f"{a} = global batch {g}; {steps_per_epoch} optimiser steps per epoch, {total_steps} in all; "
-        f"device {device}{amp}"
-        f"{', channels_last' if memory_format == torch.channels_last else ''}"
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {stepper.kind}, {w} ranks x batch {b} "
+        f"x accumulation {accum} = global batch {g}; {steps_per_epoch} optimiser steps per epoch, {total_steps} in "
+        f"all; device {device}{', channels_last' if memory_format == torch.channels_last else ''}"
     )
 
     # Resume: weights, optimiser, schedule, sampler position (mid-epoch too), counters, every rank's RNGs.
-    how = True if resume else t.resume
-    state = su.resume_from(run_dir, model, stepper, sampler, how) if how else None
+    checkpoints = RunCheckpoints(run_dir, keep=cfg.checkpoint.keep)
+    state = checkpoints.resume(stepper, sampler, True if resume else t.resume)
     start_epoch, step = (sampler.epoch, state["step"]) if state else (0, 0)
-    tracker = su.make_tracker(cfg, run_dir, state)  # metrics.jsonl, TensorBoard, ...: one run across resumes
-    installed_here = t.preemption and not preempt.is_installed()
-    pre = preempt.install() if t.preemption else None  # handlers only set a flag; should_stop agrees
-    save = partial(su.save_state, run_dir, model, stepper, sampler, cfg, tracker)
-    sentinel = make_sentinel(cfg, stepper, run_dir, pre)  # non-finite values and drift (training.numerics)
+    # metrics.jsonl, TensorBoard, ...: one run across resumes (the checkpoint's step is where it continues)
+    tracker = Tracker(run_dir, backends=cfg.tracking.backends, config=cfg, resume=state["tracker"] if state else False)
+    save = partial(checkpoints.save, stepper, sampler, tracker=tracker, config=cfg)
 
     def run_eval() -> dict[str, float]:
         broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds, on every rank
-        return evaluate(model, val_loader, device, info, autocast=autocast, memory_format=memory_format)
+        return evaluate(model, val_loader, cfg, info)
 
     metrics: dict[str, float] = {}
-    try:
+    with tracker, preempt.installed(t.preemption) as pre:  # SIGTERM/SIGUSR1: every rank stops at one step
+        sentinel = strategy.make_sentinel(cfg, stepper, run_dir, pre)  # training.numerics: NaN/Inf and drift
         for epoch in range(start_epoch, t.num_epochs):
-            if t.max_steps is not None and step >= t.max_steps:
+            if step >= total_steps:
                 break
             sampler.set_epoch(epoch)  # keeps a restored mid-epoch position
             memory.reset_peak_memory(device)
             epoch_start = time.perf_counter()
             step, loss, seen, stop = train_one_epoch(
-                stepper,
-                train_loader,
-                cfg,
-                device,
-                epoch=epoch,
-                step=step,
-                autocast=autocast,
-                memory_format=memory_format,
-                tracker=tracker,
-                pre=pre,
-                numerics=sentinel,
+                stepper, train_loader, cfg, device, epoch, step, tracker, pre, sentinel
             )
-            if stop is not None:  # preempted mid-epoch: every rank saves the position, then leaves
-                path = save(epoch=epoch, step=step, metrics={}, position=stop)
-                log.warning("preempted at step %d (epoch %d, batch %d): saved %s", step, epoch, stop, path)
-                tracker.close()
-                pre.exit()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            train_time = time.perf_counter() - epoch_start
-            loss = reduce_dict({"loss": loss})["loss"]  # mean over ranks
-            samples = [i for rank_ids in gather_object(seen) or [] for i in rank_ids]  # the main rank's view
-            stopping = epoch == t.num_epochs - 1 or (t.max_steps is not None and step >= t.max_steps)
-            metrics = run_eval() if stopping or (epoch + 1) % cfg.eval.every_epochs == 0 else {}
-            mem = memory.memory_report(device, warn_fraction=t.memory_warning_fraction)  # a collective
-            record: dict[str, Any] = dict(epoch=epoch, step=step, loss=loss, lr=stepper.lr, train_time_s=train_time)
-            record.update(train_samples=len(samples), train_unique_samples=len(set(samples)))
-            record.update(images_per_s=len(samples) / train_time, **metrics, **mem.to_metrics())
-            record.update(numerics_skips=sentinel.skips if sentinel is not None else 0)  # steps skipped so far
-            log.info(
-                f"epoch {epoch} done: step {step}, loss {loss:.4f}, dice {metrics.get('dice', float('nan')):.4f}, "
-                f"{len(samples)} slices ({len(set(samples))} unique) at {record['images_per_s']:.1f} images/s, "
-                f"peak memory {record['peak_memory_max_gib']:.2f} GiB (rank {record['peak_memory_max_rank']})"
-            )
-            tracker.log({**record, **memory_metrics(mem)}, step)
-            save(epoch=epoch, step=step, metrics=metrics)
-            if stopping:
+            last = epoch == t.num_epochs - 1 or step >= total_steps
+            if stop is None:  # the epoch is done: its figures (collectives on every rank)
+                train_time = time.perf_counter() - epoch_start
+                metrics = end_of_epoch(
+                    cfg, info, epoch, step, loss, seen, train_time, tracker, run_eval, sentinel, last
+                )
+            save(epoch=epoch, step=step, metrics=metrics if stop is None else {}, position=stop)
+            if stop is None and last:
                 break
-            if pre is not None and pre.should_stop(step):  # the epoch's last step: its checkpoint is written
+            if pre is not None and (stop is not None or pre.should_stop(step)):  # every rank agreed: leave together
+                log.warning("stopped at step %d (epoch %d): checkpoint saved", step, epoch)
                 tracker.close()
                 pre.exit()
         if not metrics:  # nothing left to train (a finished run resumed): evaluate what was loaded
             metrics = run_eval()
-    finally:
-        tracker.close()
-        if installed_here:
-            su.release_preemption(pre)
+    return metrics
+
+
+def end_of_epoch(
+    cfg: SegmentationConfig, info: DistInfo, epoch: int, step: int, loss: float, seen: list[int], train_time: float,
+    tracker: Tracker, run_eval: Callable[[], dict[str, float]], sentinel: Sentinel | None, last: bool,
+) -> dict[str, float]:  # fmt: skip
+    """The epoch's figures on every rank (collectives): validation (every ``eval.every_epochs`` and at the
+    end), the mean loss over ranks, the slices trained on, peak memory; logged once, at the epoch's last step."""
+    device = info.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    metrics = run_eval() if last or (epoch + 1) % cfg.eval.every_epochs == 0 else {}
+    loss = reduce_dict({"loss": loss})["loss"]  # mean over ranks
+    samples = [i for rank_ids in gather_object(seen) or [] for i in rank_ids]  # the main rank's view
+    mem = memory.memory_report(device, warn_fraction=cfg.training.memory_warning_fraction)  # a collective
+    record: dict[str, Any] = {"epoch": epoch, "train/epoch_loss": loss, "train_time_s": train_time}
+    record.update(train_samples=len(samples), train_unique_samples=len(set(samples)))
+    record.update(images_per_s=len(samples) / train_time, **metrics, **mem.to_metrics())
+    record.update(numerics_skips=sentinel.skips if sentinel is not None else 0)  # steps skipped so far
+    log.info(
+        f"epoch {epoch} done: step {step}, loss {loss:.4f}, dice {metrics.get('dice', float('nan')):.4f}, "
+        f"{len(samples)} slices ({len(set(samples))} unique) at {record['images_per_s']:.1f} images/s, "
+        f"peak memory {record['peak_memory_max_gib']:.2f} GiB (rank {record['peak_memory_max_rank']})"
+    )
+    tracker.log(record, step)
     return metrics
 
 
@@ -420,54 +365,28 @@ def evaluate_checkpoint(
     check_settings(cfg)
     info = info or ratlib.init_distributed()
     run_dir = Path(run_dir if run_dir is not None else cfg.output_dir)
-    path = su.checkpoint_to_evaluate(run_dir, checkpoint_path)
-    state = su.load_checkpoint(path)
+    checkpoints = RunCheckpoints(run_dir)
+    path = checkpoints.to_evaluate(checkpoint_path)
+    state = checkpoints.load(path)  # whole tensors, also from a sharded (FSDP2) checkpoint
     task, _, val_set = su.build_datasets(cfg, run_dir)
     model = build_model(cfg, val_set.in_channels, task.num_classes).to(info.device)
     model.load_state_dict(state["model"])
     log.info("evaluating %s (epoch %d, step %d)", path, state["epoch"], state["step"])
     loader = eval_loader(cfg, val_set, info, model.multiple)
-    metrics = evaluate(model, loader, info.device, info, autocast=su.autocast_for(cfg, info.device))
-    su.write_eval(run_dir, path, metrics)
+    metrics = evaluate(model, loader, cfg, info)
+    if info.is_main:
+        write_atomic(run_dir / "eval.json", json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")
     return metrics
 
 
 # The one entry the ablation driver (examples/ablation/run.py) reads to validate every run: the schema, the main
 # metric and whether higher ("max") or lower ("min") is better.
-EXAMPLE = {"schema": SegmentationConfig, "metric": "dice", "mode": "max"}
-
-
-# ----------------------------------------------------------------------------------------------
-# main(): command line, logging, the process group
+EXAMPLE = {"schema": SegmentationConfig, "metric": "dice", "mode": "max", "checks": (su.size_rule,)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = su.parse_args(argv, description=__doc__.split("\n")[0])
-    setup_logging()
-    try:
-        cfg = load_config(args.config, overrides=args.overrides, schema=SegmentationConfig)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    run_dir = Path(cfg.output_dir)
-    setup_logging(log_dir=run_dir / "logs")
-    d = cfg.distributed
-    with distributed(
-        d.backend, timeout=d.timeout_s, connect_timeout=d.connect_timeout_s, stall_timeout=d.stall_timeout_s
-    ) as info:
-        try:
-            assert_same(cfg.model_dump(mode="json"), name="config")  # a rank started with other overrides fails
-            if args.eval_only:
-                metrics = evaluate_checkpoint(cfg, args.checkpoint, run_dir=run_dir, info=info)
-            else:
-                with run_outcome(run_dir) as finished:  # outcome.json, for a launcher such as the ablation driver
-                    metrics = train(cfg, run_dir=run_dir, resume=args.resume, info=info)
-                    finished(metrics=metrics)
-        except (su.TaskError, RatlibError) as exc:  # the user's input (UsageError, CheckpointError...): no traceback
-            log.error("%s", exc)
-            return 2
-    log.info("final: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
-    return 0
+    """The command line: arguments, logging, config, the process group, then train() or --eval-only."""
+    return run_script(argv, schema=SegmentationConfig, train=train, evaluate=evaluate_checkpoint, description=__doc__)
 
 
 if __name__ == "__main__":
