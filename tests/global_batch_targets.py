@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ratlib
 from ratlib.comm import all_reduce_mean
-from ratlib.data import ShardedBatchSampler
+from ratlib.data import ShardedBatchSampler, ShardingError
 from ratlib.dist_init import init_distributed, shutdown
 
 SAMPLES, GLOBAL_BATCH, EPOCHS = 51, 12, 3  # 5 steps an epoch: 12, 12, 12, 12, 3 samples (3 ranks: 1 each)
@@ -65,3 +65,31 @@ def run(out: str, stop_after: int, resume: bool) -> int:
         torch.save(model.state_dict(), out_dir / f"{name}.pt")
     shutdown()
     return 0
+
+
+def too_many_ranks(out: str) -> int:
+    """A state saved on 2 ranks with one step of 2 samples left in the epoch (10 samples, global batches of 4),
+    resumed on this many ranks: on 2 each rank trains its one sample (DDP) and the epoch ends; on 4 every rank
+    gets the same ShardingError before the loop, and all of them still meet at a collective (no rank hangs)."""
+    torch.set_num_threads(1)
+    info = init_distributed("gloo")
+    state = {"epoch": 0, "global_position": 2, "num_samples": 10, "global_batch_size": 4, "world_size": 2, "seed": 5}
+    result: dict = {"rank": info.rank}
+    try:
+        sampler = ShardedBatchSampler(10, global_batch_size=4, seed=5, world_size=info.world_size)
+        sampler.load_state_dict(state)
+    except ShardingError as exc:
+        result["error"] = str(exc)
+    else:
+        torch.manual_seed(1)
+        model = DDP(nn.Linear(3, 1).double())
+        x = torch.arange(30, dtype=torch.float64).view(10, 3)
+        result["batches"] = []
+        for k, batch in enumerate(sampler, start=sampler.position // sampler.accumulation_steps):
+            (model(x[batch]).sum() * sampler.loss_scale(1, k)).backward()
+            result["batches"].append(batch)
+        result["epoch"] = sampler.epoch
+    result["met"] = all_reduce_mean(1.0)  # every rank reaches this collective, the refused ones too
+    (Path(out) / f"rank{info.rank}.json").write_text(json.dumps(result))
+    shutdown()
+    return 3 if "error" in result else 0

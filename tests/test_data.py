@@ -409,3 +409,47 @@ def test_global_size_counts_every_sample_once_with_per_rank_batches_too() -> Non
     assert sum(steps) == 23 and max(steps) - min(steps) <= 3
     per_step = [sum(len(b) for b in parts) for parts in zip(*(list(s) for s in _ranks(23, 4, 3)))]
     assert steps == per_step
+
+
+@pytest.mark.parametrize(
+    ("changed", "named"),
+    [
+        ({"num_samples": 48}, "num_samples 40 (now 48)"),
+        ({"seed": 2}, "seed 1 (now 2)"),
+        ({"global_batch_size": 16}, "global_batch_size 8 (now 16)"),
+    ],
+)
+@pytest.mark.parametrize("position", [0, 2])  # an epoch boundary too: the order and the steps would change
+def test_a_global_resume_with_another_data_set_seed_or_global_batch_names_both_values_and_the_fix(
+    changed: dict, named: str, position: int
+) -> None:
+    saved = {"num_samples": 40, "global_batch_size": 8, "seed": 1}
+    state = ShardedBatchSampler(**saved, rank=0, world_size=2).state_dict(position=position)
+    with pytest.raises(ShardingError) as info:
+        ShardedBatchSampler(**{**saved, **changed}, rank=2, world_size=3).load_state_dict(state)
+    text = str(info.value)
+    assert isinstance(info.value, RatlibError) and named in text, text
+    assert "resume with the data set, training.seed and training.global_batch_size the run was saved with" in text
+    assert "the number of ranks may change" in text
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # six rank processes: 22 s on 2 busy cores
+def test_more_ranks_than_the_last_step_s_samples_is_one_error_on_every_rank_and_nothing_hangs(tmp_path) -> None:
+    """10 samples, global batches of 4: the epoch's last step has 2 samples. Resumed before it on 2 ranks, each
+    trains one sample; on 4, two ranks would have nothing, so every rank gets the same ShardingError before the
+    loop (naming the world sizes that work) and all of them still meet at a collective: no rank waits."""
+    import global_batch_targets as target
+
+    env = {"CUDA_VISIBLE_DEVICES": ""}
+    run_on_ranks(target.too_many_ranks, 2, args=(str(tmp_path),), env=env, timeout=60).check()
+    two = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [len(b) for r in two for b in r["batches"]] == [1, 1] and all(r["epoch"] == 0 for r in two)
+    assert sorted(i for r in two for b in r["batches"] for i in b) == sorted(
+        _global_steps(_global(10, 4, 1, seed=5))[2]
+    )  # the epoch's last global batch
+    refused = run_on_ranks(target.too_many_ranks, 4, args=(str(tmp_path),), env=env, timeout=60)
+    assert refused.returncodes == [3, 3, 3, 3] and not refused.hung_ranks, str(refused)
+    four = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert len({r["error"] for r in four}) == 1 and all(r["met"] == 1.0 for r in four)
+    assert "a global batch of 2 sample(s)" in four[0]["error"] and "use at most 2 rank(s)" in four[0]["error"]
