@@ -20,6 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from suite_rules import require
 
+from ratlib.checkpoint import RunCheckpoints
+from ratlib.config_defaults import ConfigError, load_config, parse_args
 from ratlib.data import EvalSampler, ShardedBatchSampler
 from ratlib.synthetic import make_coco_detection
 from ratlib.testing.ranks import run_on_ranks
@@ -65,7 +67,7 @@ def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(*overrides: str):
-    return T.load_config(None, overrides=[*TINY, *overrides], schema=T.DetectionConfig)
+    return load_config(None, overrides=[*TINY, *overrides], schema=T.DetectionConfig)
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:
@@ -149,16 +151,16 @@ def test_dataset_maps_category_ids_and_masks(tmp_path: Path, coco_root: Path) ->
 
 
 def test_shipped_config_loads_and_names_a_model() -> None:
-    cfg = T.load_config(EXAMPLE / "config.yaml", schema=T.DetectionConfig)
+    cfg = load_config(EXAMPLE / "config.yaml", schema=T.DetectionConfig)
     assert cfg.model.name in du.model_names() and cfg.data.root is None
     assert T.DetectionConfig().model.name == "fasterrcnn_mobilenet_v3_large_fpn"  # the default without a config
-    assert T.EXAMPLE == {"schema": T.DetectionConfig, "metric": "map", "mode": "max"}  # what the ablation driver reads
+    assert T.EXAMPLE == {"schema": T.DetectionConfig, "metric": "map", "mode": "max", "checks": ()}
 
 
 def test_limit_and_keep_empty_in_config() -> None:
     cfg = config("data.limit=7", "smoke=true")
     assert cfg.data.limit == 7 and cfg.training.max_steps == 10 and cfg.training.num_epochs == 1
-    with pytest.raises(T.ConfigError, match="data.limt"):
+    with pytest.raises(ConfigError, match="data.limt"):
         config("data.limt=7")
 
 
@@ -428,7 +430,7 @@ def test_a_misspelt_split_on_the_synthetic_path_is_one_message(
 def test_the_deepspeed_launcher_s_local_rank_flag_is_accepted_and_the_environment_wins(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: list[str]
 ) -> None:
-    assert du.parse_args([*flag, "a=1"], "").local_rank == 3
+    assert parse_args([*flag, "a=1"], "").local_rank == 3
     rc = T.main([*flag, "--eval-only", f"output_dir={tmp_path / 'run'}", *TINY])  # one process: rank 0
     err = capsys.readouterr().err
     assert rc == 2 and "--eval-only: checkpoint" in err and "unrecognized arguments" not in err
@@ -482,7 +484,7 @@ def test_one_rank_learns_past_threshold(tmp_path: Path, coco_root: Path, one_thr
     rows = metrics_rows(tmp_path)
     assert rows[-1]["step"] == 40 and rows[-1]["map50"] == metrics["map50"]
     assert rows[0]["train_images"] == 32 and rows[0]["train_unique_images"] == 32
-    assert (tmp_path / "config.yaml").is_file() and du.latest_checkpoint(tmp_path) is not None
+    assert (tmp_path / "config.yaml").is_file() and RunCheckpoints(tmp_path).latest() is not None
 
 
 @pytest.mark.slow
@@ -590,7 +592,7 @@ def test_smoke_on_two_ranks_trains_on_exactly_the_limit(tmp_path: Path, one_thre
     assert row["eval_images"] == 7 and row["step"] == 1  # 7 images, batch 4 on 2 ranks: one step per epoch
     assert len(row["peak_memory_gib"]) == 2 and row["peak_memory_kind"] == "rss"  # every rank's peak (#13)
     assert row["peak_memory_max_gib"] == max(row["peak_memory_gib"]) and row["peak_memory_max_rank"] in (0, 1)
-    assert math.isfinite(row["train_loss"]) and result.returncodes == [0, 0]
+    assert math.isfinite(row["train/epoch_loss"]) and result.returncodes == [0, 0]
 
 
 def deepspeed_scenario(run: str) -> int:
@@ -623,7 +625,7 @@ def test_deepspeed_zero2_on_two_cpu_ranks_trains_saves_and_resumes(tmp_path: Pat
     ).check()
     rows = metrics_rows(run)
     assert [(r["epoch"], r["step"]) for r in rows] == [(0, 2), (1, 4)]  # 16 images / (2 ranks x 4): 2 steps
-    assert all(math.isfinite(r["train_loss"]) for r in rows) and rows[1]["train_unique_images"] == 16
+    assert all(math.isfinite(r["train/epoch_loss"]) for r in rows) and rows[1]["train_unique_images"] == 16
     assert (run / "checkpoints" / "deepspeed" / "epoch0001").is_dir()
     assert "resumed from" in result.outputs[0] and "epoch 0 done, step 2" in result.outputs[0]
 
@@ -662,3 +664,72 @@ def test_sigterm_to_rank_1_stops_mid_epoch_and_the_resume_finishes_it_without_do
     assert row["epoch"] == 0 and row["step"] == 4 and row["train_images"] == 32 - 4 * 2 * mid["step"]
     final = torch.load(run / "checkpoints" / "epoch0000.pt", map_location="cpu", weights_only=True)
     assert final["step"] == 4 and final["sampler"]["position"] == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming on another number of ranks with training.global_batch_size (issue 32)
+
+# global batches of 8 over 32 images: 4 steps an epoch; 2 ranks: 4 images each, 1 rank: 2 micro-batches of 4,
+# 3 ranks: parts of 3/3/2
+GLOBAL = ("training.global_batch_size=8", "training.num_epochs=2", "training.log_every=1", "model.width=8")
+
+
+def global_batch_run(run: str, root: str, signal_at: int, resume: bool) -> int:
+    """One rank of a run on global batches; rank 1 sends itself SIGTERM after step ``signal_at`` (0: never). Every
+    micro-batch this rank's training sampler draws is appended, with its epoch and global step, to
+    ``run/batches{rank}.{launch}.jsonl`` (launch 0: the first, 1: the resume)."""
+    from ratlib import distributed
+
+    torch.set_num_threads(1)
+    signal_rank_1_after(T, signal_at)
+    iterate = ShardedBatchSampler.__iter__
+
+    def logged(self):
+        with open(Path(run) / f"batches{self.rank}.{int(resume)}.jsonl", "a") as f:
+            for batch in iterate(self):
+                f.write(json.dumps([self.epoch, (self.position - 1) // self.accumulation_steps, batch]) + "\n")
+                f.flush()
+                yield batch
+
+    ShardedBatchSampler.__iter__ = logged
+    with distributed(device="cpu") as info:
+        T.train(config(f"data.root={root}", *GLOBAL), run_dir=run, resume=resume, info=info)
+    return 0
+
+
+def global_batches(run: Path, launch: int) -> dict[tuple[int, int], list[int]]:
+    """(epoch, step) -> the sorted indices of that global step, from every rank's file of one launch."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for path in sorted(run.glob(f"batches*.{launch}.jsonl")):
+        for line in path.read_text().splitlines():
+            epoch, step, indices = json.loads(line)
+            out.setdefault((epoch, step), []).extend(indices)
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("after", [1, 3])
+def test_a_run_stopped_on_two_ranks_resumes_on_another_number_with_the_same_global_batches(
+    tmp_path: Path, coco_root: Path, one_thread, after: int
+) -> None:
+    """SIGTERM to rank 1 after step 1 of 8 on 2 ranks (mid-epoch 0), then --resume on 1 rank or 3: the global
+    batches after the resume are the uninterrupted 2-rank run's, index by index, and each step is tracked once.
+    (Only the indices: the tiny backbone's BatchNorm sees another split of each global batch, and the random
+    flips come from each rank's torch generator, not from per-sample seeds, so images and weights differ.)"""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_on_ranks(global_batch_run, 2, args=(str(whole), str(coco_root), 0, False), env=NO_GPU, timeout=300).check()
+    stopped = run_on_ranks(global_batch_run, 2, args=(str(split), str(coco_root), 1, False), env=NO_GPU, timeout=300)
+    assert stopped.returncodes == [75, 75], str(stopped)
+    mid = torch.load(split / "checkpoints" / "epoch0000.pt", map_location="cpu", weights_only=True)
+    assert mid["sampler"]["global_position"] == mid["step"] in (1, 2) and mid["sampler"]["world_size"] == 2
+    run_on_ranks(global_batch_run, after, args=(str(split), str(coco_root), 0, True), env=NO_GPU, timeout=300).check()
+    rows = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 9))  # every step once, continued
+    assert [r["epoch"] for r in rows if "epoch" in r] == [0, 1]
+    first, second = global_batches(split, 0), global_batches(split, 1)
+    assert not first.keys() & second.keys() and max(first) == (0, mid["step"] - 1), (list(first), list(second))
+    assert {**first, **second} == global_batches(whole, 0)  # index by index
+    assert len(list(split.glob("batches*.1.jsonl"))) == after
+    final = torch.load(split / "checkpoints" / "epoch0001.pt", map_location="cpu", weights_only=True)
+    assert final["step"] == 8 and final["sampler"]["world_size"] == after

@@ -12,8 +12,6 @@ file so that train.py stays a readable loop:
 - ``evaluate``: each rank predicts on its share (``ratlib.data.EvalSampler``), ``gather_by_index`` joins the
   COCO results rows (a small array per image, never evaluator state) on the main rank and checks that
   every image was predicted once, and COCOeval runs once.
-- ``make_stepper`` and ``Stepper``: optimiser, schedule, precision and DDP or DeepSpeed (the same section
-  in every example).
 
 Sampling is ratlib's (``ratlib.data.ShardedBatchSampler`` with the aspect groups of ``aspect_groups``).
 """
@@ -33,37 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ratlib import (
-    CocoPathError,
-    get_logger,
-    main_process_first,
-    parse_split,
-    progress,
-    resolve_coco,
-)
-
-# The training mechanics (optimiser, schedule, precision, DDP or DeepSpeed) are ratlib's; train.py and
-# benchmarks/ reach them through this module.
-from ratlib.config_defaults import Stepper as Stepper
-from ratlib.config_defaults import UsageError as UsageError
-from ratlib.config_defaults import autocast_for as autocast_for
-from ratlib.config_defaults import make_optimizer as make_optimizer
-from ratlib.config_defaults import make_stepper as make_stepper
-from ratlib.config_defaults import parse_args as parse_args
-
-# The run folder's checkpoints, resume, tracker and step log are ratlib's too (one implementation for both
-# examples); train.py and the tests reach them through this module.
-from ratlib.config_defaults.run_folder import checkpoint_dir as checkpoint_dir
-from ratlib.config_defaults.run_folder import checkpoint_to_evaluate as checkpoint_to_evaluate
-from ratlib.config_defaults.run_folder import latest_checkpoint as latest_checkpoint
-from ratlib.config_defaults.run_folder import load_checkpoint as load_checkpoint
-from ratlib.config_defaults.run_folder import log_step as log_step
-from ratlib.config_defaults.run_folder import make_tracker as make_tracker
-from ratlib.config_defaults.run_folder import release_preemption as release_preemption
-from ratlib.config_defaults.run_folder import resume_from as resume_from
-from ratlib.config_defaults.run_folder import save_checkpoint as save_checkpoint
-from ratlib.config_defaults.run_folder import save_state as save_state
-from ratlib.config_defaults.run_folder import write_eval as write_eval
+from ratlib import CocoPathError, get_logger, main_process_first, parse_split, progress, resolve_coco
+from ratlib.config_defaults import UsageError
 from ratlib.data import gather_by_index
 from ratlib.hang import heartbeat
 from ratlib.synthetic import make_coco_detection

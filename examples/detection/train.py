@@ -21,7 +21,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -31,36 +31,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 import ratlib
-from ratlib import (
-    CocoPathError,
-    ConfigError,
-    DataConfig,
-    DistInfo,
-    ExperimentConfig,
-    ModelConfig,
-    broadcast_object,
-    distributed,
-    dump_config,
-    gather_object,
-    get_logger,
-    load_config,
-    memory,
-    preempt,
-    progress,
-    reduce_dict,
-    setup_logging,
-)
-from ratlib.comm import assert_same, broadcast_buffers
-from ratlib.config_defaults import loss_weight, make_sentinel, memory_format_for, report_findings, train_sampler
+from ratlib import DataConfig, DistInfo, ExperimentConfig, ModelConfig, memory, preempt, strategy
+from ratlib.checkpoint import RunCheckpoints
+from ratlib.comm import broadcast_buffers, broadcast_object, gather_object, reduce_dict
+from ratlib.config_defaults import dump_config
 from ratlib.data import EvalSampler
-from ratlib.errors import RatlibError
 from ratlib.hang import heartbeat
+from ratlib.io import write_atomic
 from ratlib.numerics import Sentinel
-from ratlib.tracking import Tracker, memory_metrics, run_outcome
+from ratlib.rank_logger import get_logger, progress
+from ratlib.script import run_script
+from ratlib.tracking import Tracker, log_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # detection_utils.py sits beside this file
 import detection_utils as du  # noqa: E402
-from detection_utils import UsageError  # noqa: E402
 
 log = get_logger("detection")
 
@@ -141,57 +125,54 @@ def eval_loader(cfg: DetectionConfig, val_set: du.CocoDetection, info: DistInfo)
 
 
 def train_one_epoch(
-    stepper: du.Stepper,
-    loader: Any,
-    cfg: DetectionConfig,
-    device: torch.device,
-    *,
-    epoch: int,
-    step: int,
-    autocast: Callable[[], Any],
-    tracker: Tracker,
-    pre: preempt.Preemption | None,
-    numerics: Sentinel | None = None,
-) -> tuple[int, dict[str, float], list[int], int | None]:
+    stepper: strategy.Stepper, loader: Any, cfg: DetectionConfig, device: torch.device, epoch: int, step: int,
+    tracker: Tracker, pre: preempt.Preemption | None, numerics: Sentinel | None,
+) -> tuple[int, dict[str, float], list[int], int | None]:  # fmt: skip
     """One pass over this rank's batches (the rest of the epoch after a mid-epoch resume); returns the
     optimiser step reached, this rank's mean losses, the image ids it trained on and, when every rank agreed
-    to stop (preemption), the batches of this epoch consumed (else None). Stops early at ``training.max_steps``."""
-    t = cfg.training
+    to stop (a preemption, or training.numerics' "stop"), the batches of this epoch consumed (else None).
+    Stops early at ``training.max_steps``."""
+    t, autocast = cfg.training, strategy.autocast_for(cfg, device)
     stepper.model.train()
     sums: dict[str, torch.Tensor] = {}
     image_ids: list[int] = []
     done, batches, start = 0, len(loader), time.perf_counter()
     offset = loader.batch_sampler.batches_per_epoch - batches  # batches of this epoch done before a resume
+
+    def means() -> dict[str, float]:
+        return {k: float(v) / max(1, done) for k, v in sums.items()}
+
     for i, (images, targets) in enumerate(progress(loader, desc=f"epoch {epoch}", leave=False)):
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tg.items()} for tg in targets]
-        image_ids += [tg["image_id"] for tg in targets]
+        ids = [tg["image_id"] for tg in targets]
+        image_ids += ids
         boundary = (i + 1) % stepper.accum == 0 or i + 1 == batches
         with stepper.no_sync(boundary):
             with autocast():
                 loss_dict = stepper.model(images, targets)
                 loss = sum(loss_dict.values())
-            stepper.backward(loss, weight=loss_weight(loader.batch_sampler, len(images), offset + i, stepper.accum))
+            weight = strategy.loss_weight(loader.batch_sampler, len(images), offset + i, stepper.accum)
+            stepper.backward(loss, weight=weight)
         for k, v in (("loss", loss), *loss_dict.items()):
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         done += 1
         # ratlib.numerics: the loss and gradients on every rank, one answer for all (skip, stop or raise)
-        ids = [tg["image_id"] for tg in targets]
         check = partial(numerics.check, step + 1, loss, indices=ids) if numerics is not None else None
-        if not stepper.step(boundary, check=check):
-            if numerics is not None and numerics.stopped and pre is not None and pre.should_stop(step):
-                return step, {k: float(v) / max(1, done) for k, v in sums.items()}, image_ids, offset + i + 1
-            continue
-        step += 1
-        heartbeat(step)  # ratlib.hang's watchdog
-        per_step = (time.perf_counter() - start) / (i + 1) * stepper.accum
-        du.log_step(cfg, tracker, epoch, step, loss, stepper.optimizer, per_step, **loss_dict)
-        if t.max_steps is not None and step >= t.max_steps:
-            break
+        stepped = stepper.step(boundary, check=check)
+        if stepped:
+            step += 1
+            heartbeat(step)  # ratlib.hang's watchdog
+            per_step = (time.perf_counter() - start) / (i + 1) * stepper.accum
+            log_step(tracker, step, loss, stepper.optimizer, every=t.log_every, last=t.max_steps, epoch=epoch,
+                     seconds_per_step=per_step, **loss_dict)  # fmt: skip
+            if t.max_steps is not None and step >= t.max_steps:
+                break
         # Every rank agrees at the same step (the epoch's last step is checked after its checkpoint).
-        if pre is not None and i + 1 < batches and pre.should_stop(step):
-            return step, {k: float(v) / max(1, done) for k, v in sums.items()}, image_ids, offset + i + 1
-    return step, {k: float(v) / max(1, done) for k, v in sums.items()}, image_ids, None
+        if (stepped or (numerics is not None and numerics.stopped)) and pre is not None and i + 1 < batches:
+            if pre.should_stop(step):
+                return step, means(), image_ids, offset + i + 1
+    return step, means(), image_ids, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +181,7 @@ def train_one_epoch(
 
 def evaluate(model: nn.Module, loader: Any, val_set: du.CocoDetection, cfg: DetectionConfig, info: DistInfo) -> dict:
     """The COCO figures on every rank."""
-    autocast = du.autocast_for(cfg, info.device)
+    autocast = strategy.autocast_for(cfg, info.device)
     metrics = du.evaluate(model, loader, val_set, info.device, autocast=autocast, backend=cfg.eval.backend)
     return broadcast_object(metrics)
 
@@ -226,14 +207,14 @@ def train(
     run_dir = Path(run_dir if run_dir is not None else cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    report_findings(cfg, info.world_size, device)  # risky settings; resolve_coco reports the data paths
+    strategy.report_findings(cfg, info.world_size, device)  # risky settings; resolve_coco reports the data paths
     torch.manual_seed(t.seed)
 
     # Data: each rank trains on its share of every epoch's images (grouped by aspect ratio) and predicts
     # on its share of val.
     train_set, val_set = du.build_datasets(cfg, run_dir, masks=cfg.model.name.startswith("maskrcnn"))
     groups = train_set.aspect_groups()
-    sampler = train_sampler(cfg, len(train_set), info, group_ids=groups)  # global or per-device batches
+    sampler = strategy.train_sampler(cfg, len(train_set), info, group_ids=groups)  # global or per-device batches
     workers = cfg.data.num_workers
     train_loader = torch.utils.data.DataLoader(
         train_set,
@@ -247,96 +228,81 @@ def train(
     val_loader = eval_loader(cfg, val_set, info)
     accum = sampler.accumulation_steps if t.global_batch_size else t.gradient_accumulation_steps
     steps_per_epoch = math.ceil(sampler.batches_per_epoch / accum)
-    total_steps = (
-        steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
-    )
+    total_steps = min(t.max_steps or math.inf, steps_per_epoch * t.num_epochs)
 
-    # Model, precision, optimiser and schedule; DDP or DeepSpeed (du.make_stepper).
+    # Model, precision, optimiser and schedule; DDP, FSDP2 or DeepSpeed (training.strategy).
     model = du.build_model(cfg.model, train_set.num_classes).to(device)
     if cfg.model.sync_bn and info.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(memory_format=memory_format_for(cfg, device))
+    model = model.to(memory_format=strategy.memory_format_for(cfg, device))
     if t.compile:
         model.backbone.compile()  # in place: state_dict keys stay the same
-    autocast = du.autocast_for(cfg, device)
-    if t.mixed_precision and device.type != "cuda":
-        log.info("training.mixed_precision=%s is off on %s (autocast on CPU is slow)", t.mixed_precision, device)
-    stepper = du.make_stepper(cfg, model, info, steps_per_epoch, total_steps, accum)
+    stepper = strategy.make_stepper(cfg, model, info, steps_per_epoch, int(total_steps), accum)
     w, b, a, g = info.world_size, t.batch_size, accum, t.global_batch_size or info.world_size * t.batch_size * accum
     log.info(
         f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{train_set.num_classes - 1} classes; {w} ranks x batch {b} x accumulation {a} = global batch {g}; "
-        f"{steps_per_epoch} optimiser steps per epoch, {total_steps} in all; device {device}"
+        f"{train_set.num_classes - 1} classes; {stepper.kind}, {w} ranks x batch {b} x accumulation {a} = global "
+        f"batch {g}; {steps_per_epoch} optimiser steps per epoch, {total_steps} in all; device {device}"
     )
 
     # Resume: weights, optimiser, schedule, sampler position (mid-epoch too), counters, every rank's RNGs.
-    how = True if resume else t.resume
-    state = du.resume_from(run_dir, model, stepper, sampler, how) if how else None
+    checkpoints = RunCheckpoints(run_dir, keep=cfg.checkpoint.keep)
+    state = checkpoints.resume(stepper, sampler, True if resume else t.resume)
     start_epoch, step = (sampler.epoch, state["step"]) if state else (0, 0)
-    tracker = du.make_tracker(cfg, run_dir, state)  # metrics.jsonl, TensorBoard, ...: one run across resumes
-    installed_here = t.preemption and not preempt.is_installed()
-    pre = preempt.install() if t.preemption else None  # handlers only set a flag; should_stop agrees
-    save = partial(du.save_state, run_dir, model, stepper, sampler, cfg, tracker)
-    sentinel = make_sentinel(cfg, stepper, run_dir, pre)  # non-finite values and drift (training.numerics)
+    # metrics.jsonl, TensorBoard, ...: one run across resumes (the checkpoint's step is where it continues)
+    tracker = Tracker(run_dir, backends=cfg.tracking.backends, config=cfg, resume=state["tracker"] if state else False)
+    save = partial(checkpoints.save, stepper, sampler, tracker=tracker, config=cfg)
 
     metrics: dict[str, float] = {}
-    try:
+    with tracker, preempt.installed(t.preemption) as pre:  # SIGTERM/SIGUSR1: every rank stops at one step
+        sentinel = strategy.make_sentinel(cfg, stepper, run_dir, pre)  # training.numerics: NaN/Inf and drift
         for epoch in range(start_epoch, t.num_epochs):
-            if t.max_steps is not None and step >= t.max_steps:
+            if step >= total_steps:
                 break
             sampler.set_epoch(epoch)  # keeps a restored mid-epoch position
             memory.reset_peak_memory(device)  # per-epoch peaks, on every rank
             epoch_start = time.perf_counter()
             step, losses, seen, stop = train_one_epoch(
-                stepper,
-                train_loader,
-                cfg,
-                device,
-                epoch=epoch,
-                step=step,
-                autocast=autocast,
-                tracker=tracker,
-                pre=pre,
-                numerics=sentinel,
+                stepper, train_loader, cfg, device, epoch, step, tracker, pre, sentinel
             )
-            if stop is not None:  # preempted mid-epoch: every rank saves the position, then leaves
-                path = save(epoch=epoch, step=step, metrics={}, position=stop)
-                log.warning("preempted at step %d (epoch %d, batch %d): saved %s", step, epoch, stop, path)
-                tracker.close()
-                pre.exit()
-            train_time = time.perf_counter() - epoch_start
-            broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds, on every rank
-            losses = reduce_dict(losses)  # mean over ranks
-            images = [i for rank_ids in gather_object(seen) or [] for i in rank_ids]  # the main rank's view
-            stopping = epoch == t.num_epochs - 1 or (t.max_steps is not None and step >= t.max_steps)
-            evaluating = stopping or (epoch + 1) % cfg.eval.every_epochs == 0
-            metrics = evaluate(model, val_loader, val_set, cfg, info) if evaluating else {}
-            mem = memory.memory_report(device, warn_fraction=t.memory_warning_fraction)  # a collective
-            record: dict[str, Any] = dict(
-                epoch=epoch, step=step, lr=stepper.lr, **{f"train_{k}": v for k, v in losses.items()}
-            )
-            record.update(train_images=len(images), train_unique_images=len(set(images)), train_time_s=train_time)
-            record.update(images_per_s=len(images) / train_time, **metrics, **mem.to_metrics())
-            record.update(numerics_skips=sentinel.skips if sentinel is not None else 0)  # steps skipped so far
-            log.info(
-                f"epoch {epoch} done: step {step}, loss {record['train_loss']:.4f}, "
-                f"map {metrics.get('map', float('nan')):.4f}, map50 {metrics.get('map50', float('nan')):.4f}, "
-                f"{len(images)} images ({len(set(images))} unique) at {record['images_per_s']:.1f} images/s"
-            )
-            tracker.log({**record, **memory_metrics(mem)}, step)
-            save(epoch=epoch, step=step, metrics=metrics)
-            if stopping:
+            last = epoch == t.num_epochs - 1 or step >= total_steps
+            if stop is None:  # the epoch is done: its figures (collectives on every rank)
+                train_time = time.perf_counter() - epoch_start
+                broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds, everywhere
+                evaluating = last or (epoch + 1) % cfg.eval.every_epochs == 0
+                metrics = evaluate(model, val_loader, val_set, cfg, info) if evaluating else {}
+                log_epoch(cfg, info, tracker, epoch, step, losses, seen, train_time, metrics, sentinel)
+            save(epoch=epoch, step=step, metrics=metrics if stop is None else {}, position=stop)
+            if stop is None and last:
                 break
-            if pre is not None and pre.should_stop(step):  # the epoch's last step: its checkpoint is written
+            if pre is not None and (stop is not None or pre.should_stop(step)):  # every rank agreed: leave together
+                log.warning("stopped at step %d (epoch %d): checkpoint saved", step, epoch)
                 tracker.close()
                 pre.exit()
         if not metrics:  # nothing left to train (a finished run resumed): evaluate what was loaded
             metrics = evaluate(model, val_loader, val_set, cfg, info)
-    finally:
-        tracker.close()
-        if installed_here:
-            du.release_preemption(pre)
     return metrics
+
+
+def log_epoch(
+    cfg: DetectionConfig, info: DistInfo, tracker: Tracker, epoch: int, step: int, losses: dict[str, float],
+    seen: list[int], train_time: float, metrics: dict[str, float], sentinel: Sentinel | None,
+) -> None:  # fmt: skip
+    """The epoch's figures (collectives: every rank calls it), logged once, at the epoch's last step: the mean
+    losses over ranks, the images trained on, the COCO figures, peak memory."""
+    losses = reduce_dict(losses)  # mean over ranks
+    images = [i for rank_ids in gather_object(seen) or [] for i in rank_ids]  # the main rank's view
+    mem = memory.memory_report(info.device, warn_fraction=cfg.training.memory_warning_fraction)  # a collective
+    record: dict[str, Any] = {"epoch": epoch, **{f"train/epoch_{k}": v for k, v in losses.items()}}
+    record.update(train_images=len(images), train_unique_images=len(set(images)), train_time_s=train_time)
+    record.update(images_per_s=len(images) / train_time, **metrics, **mem.to_metrics())
+    record.update(numerics_skips=sentinel.skips if sentinel is not None else 0)  # steps skipped so far
+    log.info(
+        f"epoch {epoch} done: step {step}, loss {record['train/epoch_loss']:.4f}, "
+        f"map {metrics.get('map', float('nan')):.4f}, map50 {metrics.get('map50', float('nan')):.4f}, "
+        f"{len(images)} images ({len(set(images))} unique) at {record['images_per_s']:.1f} images/s"
+    )
+    tracker.log(record, step)
 
 
 def evaluate_checkpoint(
@@ -350,52 +316,26 @@ def evaluate_checkpoint(
     the figures also go to ``run_dir/eval.json``."""
     info = info or ratlib.init_distributed()
     run_dir = Path(run_dir if run_dir is not None else cfg.output_dir)
-    path = du.checkpoint_to_evaluate(run_dir, checkpoint_path)
+    checkpoints = RunCheckpoints(run_dir)
+    path = checkpoints.to_evaluate(checkpoint_path)
     _, val_set = du.build_datasets(cfg, run_dir, masks=False)
     model = du.build_model(cfg.model, val_set.num_classes).to(info.device)
-    model.load_state_dict(du.load_checkpoint(path)["model"])
+    model.load_state_dict(checkpoints.load(path)["model"])  # whole tensors, also from a sharded checkpoint
     log.info("evaluating %s", path)
     metrics = evaluate(model, eval_loader(cfg, val_set, info), val_set, cfg, info)
-    du.write_eval(run_dir, path, metrics)
+    if info.is_main:
+        write_atomic(run_dir / "eval.json", json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")
     return metrics
 
 
 # The one entry the ablation driver (examples/ablation/run.py) reads to validate every run: the schema, the main
 # metric and whether higher ("max") or lower ("min") is better.
-EXAMPLE = {"schema": DetectionConfig, "metric": "map", "mode": "max"}
-
-
-# ----------------------------------------------------------------------------------------------
-# main(): command line, logging, the process group
+EXAMPLE = {"schema": DetectionConfig, "metric": "map", "mode": "max", "checks": ()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = du.parse_args(argv, description=__doc__.split("\n")[0])
-    setup_logging()
-    try:
-        cfg = load_config(args.config, overrides=args.overrides, schema=DetectionConfig)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    run_dir = Path(cfg.output_dir)
-    setup_logging(log_dir=run_dir / "logs")
-    d = cfg.distributed
-    with distributed(
-        d.backend, timeout=d.timeout_s, connect_timeout=d.connect_timeout_s, stall_timeout=d.stall_timeout_s
-    ) as info:
-        try:
-            assert_same(cfg.model_dump(mode="json"), name="config")  # a rank started with other overrides fails
-            if args.eval_only:
-                metrics = evaluate_checkpoint(cfg, args.checkpoint, run_dir=run_dir, info=info)
-            else:
-                with run_outcome(run_dir) as finished:  # outcome.json, for a launcher such as the ablation driver
-                    metrics = train(cfg, run_dir=run_dir, resume=args.resume, info=info)
-                    finished(metrics=metrics)
-        except (UsageError, CocoPathError, RatlibError) as exc:  # the user's input: the message, no traceback
-            log.error("%s", exc)
-            return 2
-    log.info("final: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
-    return 0
+    """The command line: arguments, logging, config, the process group, then train() or --eval-only."""
+    return run_script(argv, schema=DetectionConfig, train=train, evaluate=evaluate_checkpoint, description=__doc__)
 
 
 if __name__ == "__main__":
