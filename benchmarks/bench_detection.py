@@ -40,9 +40,11 @@ sys.path.insert(0, str(ROOT / "examples" / "detection"))
 import detection_utils as du  # noqa: E402
 import train as T  # noqa: E402
 
-from ratlib import hang, numerics, preempt  # noqa: E402
+from ratlib import hang, numerics, preempt, strategy  # noqa: E402
+from ratlib.config_defaults import load_config  # noqa: E402
 from ratlib.data import ShardedBatchSampler  # noqa: E402
 from ratlib.synthetic import make_coco_detection  # noqa: E402
+from ratlib.tracking import Tracker  # noqa: E402
 
 
 def plain_epoch(model, optimizer, scheduler, loader, device, autocast, clip, max_steps: int) -> int:
@@ -104,7 +106,7 @@ def main() -> int:
     n_val = max(16, args.images // 4)
     make_coco_detection(tmp, "train2017", num_images=args.images, image_size=args.image_size)
     make_coco_detection(tmp, "val2017", num_images=n_val, image_size=args.image_size)
-    cfg = T.load_config(
+    cfg = load_config(
         None,
         schema=T.DetectionConfig,
         overrides=[
@@ -123,10 +125,10 @@ def main() -> int:
     model = du.build_model(cfg.model, train_set.num_classes).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = du.make_optimizer(cfg, [q for q in model.parameters() if q.requires_grad], device)
+    optimizer = strategy.make_optimizer(cfg, [q for q in model.parameters() if q.requires_grad], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    autocast = du.autocast_for(cfg, device)
-    stepper = du.Stepper(
+    autocast = strategy.autocast_for(cfg, device)
+    stepper = strategy.Stepper(
         model, optimizer, scheduler, cfg.training.gradient_accumulation_steps, cfg.training.gradient_clip
     )
     loader_kw = dict(
@@ -161,7 +163,7 @@ def main() -> int:
     hang.install(stall_timeout=600)
     pre = preempt.install()
     sentinel = numerics.Sentinel(model, drift_every=100, run_dir=tmp / "run")
-    tracker = du.make_tracker(cfg, tmp / "run", None)
+    tracker = Tracker(tmp / "run", backends=cfg.tracking.backends, config=cfg)
     done_steps = [0]
 
     def example(n: int) -> float:
@@ -170,16 +172,7 @@ def main() -> int:
         with contextlib.redirect_stderr(devnull):
             cfg.training.max_steps = done_steps[0] + n
             step, _, seen, _ = T.train_one_epoch(
-                stepper,
-                example_loader,
-                cfg,
-                device,
-                epoch=0,
-                step=done_steps[0],
-                autocast=autocast,
-                tracker=tracker,
-                pre=pre,
-                numerics=sentinel,
+                stepper, example_loader, cfg, device, 0, done_steps[0], tracker, pre, sentinel
             )
             done_steps[0] = step
         sync()

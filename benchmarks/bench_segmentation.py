@@ -40,9 +40,11 @@ sys.path.insert(0, str(ROOT / "examples" / "segmentation"))
 import seg_utils as su  # noqa: E402
 import train as T  # noqa: E402
 
-from ratlib import hang, numerics, preempt  # noqa: E402
+from ratlib import hang, numerics, preempt, strategy  # noqa: E402
+from ratlib.config_defaults import load_config  # noqa: E402
 from ratlib.data import ShardedBatchSampler  # noqa: E402
 from ratlib.synthetic import make_msd_segmentation  # noqa: E402
+from ratlib.tracking import Tracker  # noqa: E402
 
 
 class HeldBatches(list):
@@ -104,7 +106,7 @@ def main() -> int:
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench_seg_"))
     make_msd_segmentation(tmp / "task", args.cases, (args.size, args.size, args.slices), 3, seed=0)
-    cfg = T.load_config(
+    cfg = load_config(
         None,
         schema=T.SegmentationConfig,
         overrides=[
@@ -121,12 +123,12 @@ def main() -> int:
     )
     task, train_set, _ = su.build_datasets(cfg, tmp / "run")
     model = T.build_model(cfg, train_set.in_channels, task.num_classes).to(device)
-    memory_format = T.memory_format_for(cfg, device)
+    memory_format = strategy.memory_format_for(cfg, device)
     model = model.to(memory_format=memory_format)
-    optimizer = su.make_optimizer(cfg, [q for q in model.parameters() if q.requires_grad], device)
+    optimizer = strategy.make_optimizer(cfg, [q for q in model.parameters() if q.requires_grad], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    autocast = su.autocast_for(cfg, device)
-    stepper = su.Stepper(
+    autocast = strategy.autocast_for(cfg, device)
+    stepper = strategy.Stepper(
         model, optimizer, scheduler, cfg.training.gradient_accumulation_steps, cfg.training.gradient_clip
     )
     collate = partial(su.pad_collate, multiple=model.multiple)
@@ -156,7 +158,7 @@ def main() -> int:
     hang.install(stall_timeout=600)
     pre = preempt.install()
     sentinel = numerics.Sentinel(model, drift_every=100, run_dir=tmp / "run")
-    tracker = su.make_tracker(cfg, tmp / "run", None)
+    tracker = Tracker(tmp / "run", backends=cfg.tracking.backends, config=cfg)
     done_steps = [0]
 
     def example(n: int) -> float:
@@ -165,17 +167,7 @@ def main() -> int:
         with contextlib.redirect_stderr(devnull):
             cfg.training.max_steps = done_steps[0] + n
             step, _, seen, _ = T.train_one_epoch(
-                stepper,
-                example_loader,
-                cfg,
-                device,
-                epoch=0,
-                step=done_steps[0],
-                autocast=autocast,
-                memory_format=memory_format,
-                tracker=tracker,
-                pre=pre,
-                numerics=sentinel,
+                stepper, example_loader, cfg, device, 0, done_steps[0], tracker, pre, sentinel
             )
             done_steps[0] = step
         sync()
