@@ -247,11 +247,9 @@ def train(
 
     # Resume: weights, optimiser, schedule, sampler position (mid-epoch too), counters, every rank's RNGs.
     checkpoints = RunCheckpoints(run_dir, keep=cfg.checkpoint.keep)
-    state = checkpoints.resume(stepper, sampler, True if resume else t.resume)
-    start_epoch, step = (sampler.epoch, state["step"]) if state else (0, 0)
-    # metrics.jsonl, TensorBoard, ...: one run across resumes (the checkpoint's step is where it continues)
-    tracker = Tracker(run_dir, backends=cfg.tracking.backends, config=cfg, resume=state["tracker"] if state else False)
-    save = partial(checkpoints.save, stepper, sampler, tracker=tracker, config=cfg)
+    checkpoints.resume(stepper, sampler, True if resume else t.resume)
+    start_epoch, step = sampler.epoch, checkpoints.step
+    tracker = checkpoints.tracker(cfg)  # metrics.jsonl, TensorBoard, ...: continues the resumed run
 
     metrics: dict[str, float] = {}
     with tracker, preempt.installed(t.preemption) as pre:  # SIGTERM/SIGUSR1: every rank stops at one step
@@ -260,6 +258,7 @@ def train(
             if step >= total_steps:
                 break
             sampler.set_epoch(epoch)  # keeps a restored mid-epoch position
+            metrics = {}  # this epoch's evaluation, when it has one
             memory.reset_peak_memory(device)  # per-epoch peaks, on every rank
             epoch_start = time.perf_counter()
             step, losses, seen, stop = train_one_epoch(
@@ -272,7 +271,9 @@ def train(
                 evaluating = last or (epoch + 1) % cfg.eval.every_epochs == 0
                 metrics = evaluate(model, val_loader, val_set, cfg, info) if evaluating else {}
                 log_epoch(cfg, info, tracker, epoch, step, losses, seen, train_time, metrics, sentinel)
-            save(epoch=epoch, step=step, metrics=metrics if stop is None else {}, position=stop)
+            checkpoints.save(
+                stepper, sampler, epoch=epoch, step=step, metrics=metrics if stop is None else {}, position=stop
+            )
             if stop is None and last:
                 break
             if pre is not None and (stop is not None or pre.should_stop(step)):  # every rank agreed: leave together

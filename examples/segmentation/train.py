@@ -287,11 +287,9 @@ def train(
 
     # Resume: weights, optimiser, schedule, sampler position (mid-epoch too), counters, every rank's RNGs.
     checkpoints = RunCheckpoints(run_dir, keep=cfg.checkpoint.keep)
-    state = checkpoints.resume(stepper, sampler, True if resume else t.resume)
-    start_epoch, step = (sampler.epoch, state["step"]) if state else (0, 0)
-    # metrics.jsonl, TensorBoard, ...: one run across resumes (the checkpoint's step is where it continues)
-    tracker = Tracker(run_dir, backends=cfg.tracking.backends, config=cfg, resume=state["tracker"] if state else False)
-    save = partial(checkpoints.save, stepper, sampler, tracker=tracker, config=cfg)
+    checkpoints.resume(stepper, sampler, True if resume else t.resume)
+    start_epoch, step = sampler.epoch, checkpoints.step
+    tracker = checkpoints.tracker(cfg)  # metrics.jsonl, TensorBoard, ...: continues the resumed run
 
     def run_eval() -> dict[str, float]:
         broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds, on every rank
@@ -304,6 +302,7 @@ def train(
             if step >= total_steps:
                 break
             sampler.set_epoch(epoch)  # keeps a restored mid-epoch position
+            metrics = {}  # this epoch's evaluation, when it has one
             memory.reset_peak_memory(device)
             epoch_start = time.perf_counter()
             step, loss, seen, stop = train_one_epoch(
@@ -315,7 +314,9 @@ def train(
                 metrics = end_of_epoch(
                     cfg, info, epoch, step, loss, seen, train_time, tracker, run_eval, sentinel, last
                 )
-            save(epoch=epoch, step=step, metrics=metrics if stop is None else {}, position=stop)
+            checkpoints.save(
+                stepper, sampler, epoch=epoch, step=step, metrics=metrics if stop is None else {}, position=stop
+            )
             if stop is None and last:
                 break
             if pre is not None and (stop is not None or pre.should_stop(step)):  # every rank agreed: leave together

@@ -41,6 +41,10 @@ class RunCheckpoints:
         self.folder = self.run_dir / "checkpoints"
         self.keep = keep
         self.segments: list[dict[str, Any]] = []
+        self.resumed: dict[str, Any] | None = None  # the checkpoint resume() continued from
+        self.step = 0  # the optimiser step the run starts at (the resumed checkpoint's)
+        self._tracker: Any = None
+        self._config: Any = None
 
     def latest(self) -> Path | None:
         """The newest committed checkpoint (file or sharded folder), or None."""
@@ -60,7 +64,10 @@ class RunCheckpoints:
     ) -> Path:
         """A checkpoint; every rank calls it. ``position``: the batches of ``epoch`` consumed (a mid-epoch stop),
         None at an epoch's end. ``extra``: more plain data (``metrics``, ...). DeepSpeed's own state is written
-        first, to ``checkpoints/deepspeed``; the tracker is flushed first, so what the step covers is on disk."""
+        first, to ``checkpoints/deepspeed``; the tracker (default: the one ``tracker()`` made) is flushed first,
+        so what the step covers is on disk, and its state saved; ``config``: default, the one given to ``tracker()``."""
+        tracker = tracker if tracker is not None else self._tracker
+        config = config if config is not None else self._config
         stepper.save(self.folder / "deepspeed", epoch, step, self.keep)
         if tracker is not None:
             tracker.flush(timeout=30)
@@ -90,9 +97,21 @@ class RunCheckpoints:
         if state.get("rng"):
             set_rng_state(state["rng"])
         self._start(state["step"], state)
+        self.resumed, self.step = state, state["step"]
         where = "mid-epoch" if sampler.epoch == state["epoch"] else "done"
         log.info("resumed from %s: epoch %d %s, step %d", path, state["epoch"], where, state["step"])
         return state
+
+    def tracker(self, config: Any, backends: Any = None) -> Any:
+        """A ``ratlib.tracking.Tracker`` for this run folder (``backends``: default ``config.tracking.backends``)
+        that continues the run ``resume()`` resumed: what was logged after the checkpoint's step is dropped, W&B
+        and MLflow reuse their run. ``save()`` flushes it and keeps its state."""
+        from ratlib.tracking import Tracker
+
+        backends = backends if backends is not None else config.tracking.backends
+        resume = (self.resumed or {}).get("tracker", self.resumed is not None)
+        self._tracker, self._config = Tracker(self.run_dir, backends=backends, config=config, resume=resume), config
+        return self._tracker
 
     def load(self, path: str | os.PathLike[str], stepper: Any = None) -> dict[str, Any]:
         """Every rank reads the checkpoint at ``path`` onto the CPU (plain data only: loading runs no code). A
