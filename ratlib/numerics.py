@@ -204,7 +204,7 @@ class Sentinel:
         self._index = {id(p): i for i, (_, p) in enumerate(self._params)}
         self._names_checked = False
         self._group: Any = None
-        self._bucket_flags: list[tuple[Any, Any]] = []  # (param indices, finite flags) per DDP bucket this step
+        self._bucket_codes: list[Any] = []  # per DDP bucket this step: its first non-finite parameter (_first_bad)
         self._hooked = False
         if not self._scaler_on():
             self._hooked = _register_ddp_hook(model, self)
@@ -235,53 +235,40 @@ class Sentinel:
         return bool(s.is_enabled()) if hasattr(s, "is_enabled") else True
 
     def _local_code(self, loss: Any) -> int:
-        """0: all finite; 1: the loss; 2 + i: parameter i's gradient. One device-to-host copy in all."""
+        """0: all finite; 1: the loss; 2 + i: parameter i's gradient. A few small tensor ops and one
+        device-to-host copy: each part is one int64 (-1: the loss, i: the first parameter whose gradient is not
+        finite, _ALL_FINITE: none), and their minimum is the answer (the loss first: a non-finite loss makes
+        every gradient non-finite)."""
         import torch
 
-        flags: list[Any] = []  # 0-dim int64 tensors, one per kind of check, evaluated on the device
+        parts: list[Any] = []  # 0-dim int64 tensors, on the device
         if loss is not None:
             value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-            flags.append(torch.where(torch.isfinite(value).all(), 0, 1))
+            parts.append(torch.where(torch.isfinite(value).all(), _ALL_FINITE, -1))
         if not self._scaler_on():
-            grads = self._grad_code()
-            if grads is not None:
-                flags.append(grads)
-        if not flags:
+            parts += self._grad_codes()
+        if not parts:
             return 0
-        if len(flags) == 1:
-            return int(flags[0].item())
-        # the loss comes first: a non-finite loss makes every gradient non-finite
-        first, second = flags[0], flags[1].to(flags[0].device)
-        return int(torch.where(first > 0, first, second).item())
+        device = parts[0].device
+        first = parts[0] if len(parts) == 1 else torch.stack([p.to(device) for p in parts]).min()
+        found = int(first.item())
+        return 0 if found == _ALL_FINITE else 1 if found < 0 else found + 2
 
-    def _grad_code(self) -> Any:
-        import torch
-
-        if self._hooked:  # DDP: what each bucket held before the all-reduce
-            if not self._bucket_flags:
-                return None
-            idx = torch.cat([i for i, _ in self._bucket_flags])
-            finite = torch.cat([f.to(idx.device) for _, f in self._bucket_flags])
-            self._bucket_flags = []
-        else:
-            pairs = [(i, _local(p.grad)) for i, (_, p) in enumerate(self._params) if p.grad is not None]
-            if not pairs:
-                return None
-            finite = _finite_flags([g for _, g in pairs])
-            idx = torch.tensor([i for i, _ in pairs], device=finite.device)
-        big = torch.iinfo(torch.int64).max
-        first = torch.where(finite, torch.full_like(idx, big), idx).min()
-        return torch.where(finite.all(), 0, first + 2)
+    def _grad_codes(self) -> list[Any]:
+        """Per DDP bucket (what each held before the all-reduce), or over every gradient: the index of the
+        first parameter whose gradient is not finite, or _ALL_FINITE."""
+        if self._hooked:
+            codes, self._bucket_codes = self._bucket_codes, []
+            return codes
+        pairs = [(i, _local(p.grad)) for i, (_, p) in enumerate(self._params) if p.grad is not None]
+        if not pairs:
+            return []
+        return [_first_bad([i for i, _ in pairs], [g for _, g in pairs])]
 
     def _note_bucket(self, params: list[Any], grads: list[Any]) -> None:
-        """From the DDP comm hook, before the all-reduce: which of this bucket's gradients are finite."""
-        import torch
-
-        if not grads:
-            return
-        finite = _finite_flags(grads)
-        idx = torch.tensor([self._index.get(id(p), -1) for p in params], device=finite.device)
-        self._bucket_flags.append((idx, finite))
+        """From the DDP comm hook, before the all-reduce: this bucket's first non-finite gradient, if any."""
+        if grads:
+            self._bucket_codes.append(_first_bad([self._index.get(id(p), -1) for p in params], grads))
 
     def _agree(self, step: int, code: int, dist: Any) -> list[int]:
         """Every rank's code, the same list on every rank: in the preemption agreement when installed."""
@@ -482,6 +469,19 @@ def _local(t: Any) -> Any:
 def _is_sharded(t: Any) -> bool:
     placements = getattr(t, "placements", None)
     return placements is not None and any(not p.is_replicate() for p in placements)
+
+
+_ALL_FINITE = 2**63 - 1  # a part of the local code with nothing non-finite (the largest int64: min() skips it)
+
+
+def _first_bad(indices: list[int], tensors: list[Any]) -> Any:
+    """A 0-dim int64 on the device: the first of ``indices`` whose tensor holds a non-finite value, or
+    _ALL_FINITE (one fused norm over the tensors, then three small ops; nothing reaches the host)."""
+    import torch
+
+    finite = _finite_flags(tensors)
+    idx = torch.tensor(indices, dtype=torch.int64, device=finite.device)
+    return torch.where(finite, _ALL_FINITE, idx).min()
 
 
 def _finite_flags(tensors: list[Any]) -> Any:
