@@ -25,11 +25,10 @@ def _version(dist: str) -> str | None:
 
 def collect_env() -> dict[str, Any]:
     """Versions, accelerators and the launcher environment, as a JSON-able dict."""
-    from ratlib import __version__
     from ratlib.launch import DistInitError, detect_launch_env
 
     info: dict[str, Any] = {
-        "ratlib": __version__,
+        "ratlib": _version("ratlib"),  # the installed distribution's (cli never imports the package top)
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": {name: _version(name) for name in _PACKAGES},
@@ -120,7 +119,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_coco(args: argparse.Namespace) -> int:
-    from ratlib.coco_paths import cli_main
+    from ratlib.coco_paths.cli import cli_main
 
     return cli_main(args)
 
