@@ -22,6 +22,9 @@ import pytest
 
 from ratlib import hang
 from ratlib.hang import CollectiveMismatchError, StallReport, format_summary
+from ratlib.hang import collectives as hang_collectives
+from ratlib.hang import summary as hang_summary
+from ratlib.hang import watchdog as hang_watchdog
 from ratlib.testing import run_on_ranks
 
 TARGETS = Path(hang_targets.__file__)
@@ -162,7 +165,7 @@ def test_agree_passes_matching_records_and_names_differences() -> None:
 
     def rank_fn(rank: int) -> str:
         for seq in range(5):
-            hang._agree(
+            hang_collectives._agree(
                 stores[rank],
                 rank,
                 3,
@@ -170,7 +173,7 @@ def test_agree_passes_matching_records_and_names_differences() -> None:
                 {"op": "all_reduce_mean", "site": "t.py:9 in f", "id": "t.py:9:f", "step": seq},
             )
         op = "broadcast_object" if rank == 1 else "all_reduce_mean"
-        hang._agree(
+        hang_collectives._agree(
             stores[rank], rank, 3, 5, {"op": op, "site": f"t.py:{10 + rank} in f", "id": f"t:{10 + rank}", "step": 5}
         )
         return "no error"
@@ -190,7 +193,9 @@ def test_agree_passes_matching_records_and_names_differences() -> None:
 def test_agree_names_a_rank_that_never_arrives() -> None:
     server = _tcp_store(timeout=1.0)
     with pytest.raises(CollectiveMismatchError, match=r"rank 1 never reached it within the store timeout"):
-        hang._agree(_client(server), 0, 2, 0, {"op": "reduce_dict", "site": "t.py:3 in g", "id": "t:3", "step": 7})
+        hang_collectives._agree(
+            _client(server), 0, 2, 0, {"op": "reduce_dict", "site": "t.py:3 in g", "id": "t:3", "step": 7}
+        )
 
 
 def test_share_through_store_prints_one_summary_marking_the_odd_rank(caplog: pytest.LogCaptureFixture) -> None:
@@ -208,7 +213,7 @@ def test_share_through_store_prints_one_summary_marking_the_odd_rank(caplog: pyt
             "h",
             100 + rank,
         )
-        return hang._share_through(_client(server), report, 3, 2.0)
+        return hang_watchdog._share_through(_client(server), report, 3, 2.0)
 
     results = _run_threads(rank_fn, (0, 1, 2))
     assert all(
@@ -224,7 +229,7 @@ def test_share_through_store_marks_a_silent_rank_after_the_window(caplog: pytest
     server = _tcp_store()
     start = time.monotonic()
     results = _run_threads(
-        lambda rank: hang._share_through(
+        lambda rank: hang_watchdog._share_through(
             _client(server),
             StallReport(rank, 5, time.time() - 1, "c10d.py:1 in barrier", "t.py:4 in loop", "h", rank),
             3,
@@ -387,5 +392,5 @@ def test_summary_without_a_majority_marks_no_rank() -> None:
 
 
 def test_ranks_text() -> None:
-    assert hang._ranks_text([5, 0, 1, 2, 7, 8]) == "0-2, 5, 7-8"
-    assert hang._ranks([3]) == "rank 3" and hang._ranks([1, 2]) == "ranks 1-2"
+    assert hang_summary._ranks_text([5, 0, 1, 2, 7, 8]) == "0-2, 5, 7-8"
+    assert hang_summary._ranks([3]) == "rank 3" and hang_summary._ranks([1, 2]) == "ranks 1-2"

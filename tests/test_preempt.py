@@ -507,7 +507,7 @@ def test_a_signal_that_no_agreement_takes_up_dumps_the_stacks_and_exits_before_t
 
 
 def test_the_stop_deadline_defaults_to_sigterm_only_and_follows_the_environment(monkeypatch) -> None:
-    bound = preempt._stop_bound
+    bound = preempt.signals._stop_bound
     monkeypatch.delenv("RATLIB_STOP_TIMEOUT", raising=False)
     assert bound(None, signal.SIGTERM) == preempt.DEFAULT_STOP_TIMEOUT and bound(None, signal.SIGUSR1) is None
     assert bound(0, signal.SIGTERM) is None and bound(7, signal.SIGUSR1) == 7
