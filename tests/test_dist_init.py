@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ratlib import comm, dist_init
+from ratlib import comm, dist_init, launch
 from ratlib.dist_init import (
     DistInitError,
     detect_launch_env,
@@ -213,7 +213,7 @@ def test_openmpi_node_rank_is_never_the_per_node_rank() -> None:
 
 def test_openmpi_on_one_node_derives_loopback_and_a_port_from_the_job() -> None:
     env = detect_launch_env(OMPI_RANK1)
-    assert (env.master_addr, env.master_port) == ("127.0.0.1", dist_init.job_port("openmpi:1268187137"))
+    assert (env.master_addr, env.master_port) == ("127.0.0.1", launch.job_port("openmpi:1268187137"))
     assert env.job_key == "openmpi:1268187137"
     other = detect_launch_env({**OMPI_RANK1, "OMPI_MCA_ess_base_jobid": "1268252673"})
     assert (
@@ -229,7 +229,7 @@ def test_mpich_with_a_pmix_namespace_derives_the_port_from_it() -> None:
     env = detect_launch_env({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "2", "PMIX_NAMESPACE": "ns-9"})
     assert (env.master_addr, env.master_port, env.job_key) == (
         "127.0.0.1",
-        dist_init.job_port("mpich:ns-9"),
+        launch.job_port("mpich:ns-9"),
         "mpich:ns-9",
     )
     hydra = detect_launch_env({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "2"})  # hydra names no job
@@ -240,8 +240,8 @@ def test_mpich_with_a_pmix_namespace_derives_the_port_from_it() -> None:
 def test_job_port_is_a_fixed_port_in_its_range(job: str) -> None:
     from ratlib.launch import MPI_PORT_BASE, MPI_PORT_SPAN
 
-    port = dist_init.job_port(job)
-    assert MPI_PORT_BASE <= port < MPI_PORT_BASE + MPI_PORT_SPAN and port == dist_init.job_port(job)
+    port = launch.job_port(job)
+    assert MPI_PORT_BASE <= port < MPI_PORT_BASE + MPI_PORT_SPAN and port == launch.job_port(job)
 
 
 def test_slurm_derived_port_carries_the_job_key() -> None:
