@@ -16,6 +16,9 @@ imported here), else the launcher's variables, else rank 0 of 1. An unknown rank
 variables) is not the main rank: ``rank_zero_only`` and ``progress`` skip it, and the console prints
 every record, tagged ``[rank ?/?]``. A dropped call on a non-main rank returns after one comparison:
 no record, no formatting, no I/O.
+
+The package: ``state`` (the rank and the settings), ``streams`` (the rank file, captured stdout); the policy,
+``setup_logging`` and the logger are here.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import copy
 import logging
 import os
 import sys
-import tempfile
 import threading
 import traceback
 from collections.abc import Callable, Iterable, MutableMapping
@@ -33,7 +35,24 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from ratlib.errors import RatlibError, message
-from ratlib.launch import process_group, rank_state
+from ratlib.rank_logger.state import (
+    _LOCK,
+    _STATE,
+    _dist_module,
+    _refresh,
+    _resolve,
+    current_rank,
+    log_file_path,
+    rank_tag,
+)
+from ratlib.rank_logger.streams import (
+    LogDirError,
+    LogLevelError,
+    _level,
+    _OtherRanksStdout,
+    _RankFileHandler,
+    _writable_dir,
+)
 
 __all__ = [
     "LogDirError",
@@ -58,85 +77,6 @@ DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 _ALL_RANKS = "ratlib_all_ranks"  # record attribute set by main_process_only=False
 _BRIEF = "ratlib_brief"  # record attribute: an exception report whose RatlibError traceback goes to the file only
 _REPORTED = "_ratlib_reported"  # exception attribute: already reported on this rank (the hooks stay quiet)
-
-
-# ----------------------------------------------------------------------------------------------
-# Rank discovery
-
-
-class _State:
-    """Process-wide logging state; one instance, read on the hot path."""
-
-    def __init__(self) -> None:
-        self.rank = 0
-        self.world = 1
-        self.known = False  # False: not resolved yet, or the launcher variables were invalid
-        self.resolved = False
-        self.tag = ""  # "[rank R/W] " when world > 1, cached for the formatter
-        self.from_dist = False
-        self.level = logging.INFO
-        self.other_ranks = logging.WARNING
-        self.drop_below = 0  # a call below this level with main_process_only=True returns at once
-        self.log_dir: Path | None = None
-        self.handlers: list[logging.Handler] = []
-        self.file_handler: _RankFileHandler | None = None
-        self.hooks_installed = False
-        self.configured = False
-
-
-_STATE = _State()
-_LOCK = threading.Lock()
-
-
-_dist_module = process_group  # the one definition is ratlib.launch's
-
-
-def _resolve() -> None:
-    state = rank_state()  # warns once (logger ratlib.launch) when the launcher variables are invalid
-    _STATE.rank, _STATE.world, _STATE.known, _STATE.from_dist = state.rank, state.world_size, state.known, state.group
-    _STATE.resolved = True
-    if _STATE.world == 1:
-        _STATE.tag = ""
-    else:
-        _STATE.tag = f"[rank {_STATE.rank}/{_STATE.world}] " if _STATE.rank >= 0 else "[rank ?/?] "
-    _update_drop()
-
-
-def _refresh() -> None:
-    """Re-resolve when the process group appeared or went away since the last look."""
-    if not _STATE.resolved:
-        _resolve()
-    elif "torch.distributed" in sys.modules or _STATE.from_dist:
-        if (_dist_module() is not None) != _STATE.from_dist:
-            _resolve()
-
-
-def _update_drop() -> None:
-    non_main = _STATE.known and _STATE.rank != 0
-    files = _STATE.log_dir is not None
-    _STATE.drop_below = _STATE.other_ranks if non_main and not files else 0
-
-
-def current_rank() -> tuple[int, int]:
-    """``(rank, world_size)`` as the logger sees them; ``(-1, -1)`` when the launcher variables are invalid."""
-    _refresh()
-    return _STATE.rank, _STATE.world
-
-
-def rank_tag() -> str:
-    """``"[rank R/W]"``; ``"[rank ?/?]"`` when unknown."""
-    rank, world = current_rank()
-    return f"[rank {rank}/{world}]" if rank >= 0 else "[rank ?/?]"
-
-
-def log_file_path() -> Path | None:
-    """This rank's log file when ``setup_logging(log_dir=...)`` is active, else None."""
-    if _STATE.log_dir is None:
-        return None
-    if _STATE.file_handler is not None and _STATE.file_handler.stream is not None:
-        return Path(_STATE.file_handler.baseFilename)
-    rank, _ = current_rank()
-    return _STATE.log_dir / f"rank{rank if rank >= 0 else 'unknown'}.log"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,141 +149,6 @@ def _report_exception(logger_name: str, level: int, msg: str, *args: Any, exc: B
 
 def _reported(exc: BaseException | None) -> bool:
     return exc is not None and getattr(exc, _REPORTED, False) is True
-
-
-class LogDirError(RatlibError, OSError):
-    """``setup_logging(log_dir=...)``: the folder cannot be created or written."""
-
-
-class LogLevelError(RatlibError, ValueError):
-    """``setup_logging``: a level that is not a logging level, or ``other_ranks`` below ``level``."""
-
-
-class _RankFileHandler(logging.FileHandler):
-    """``rank{R}.log``, opened at the first record, flushed on each one, exclusive to one process."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        super().__init__(log_dir / "rank-pending.log", mode="a", encoding="utf-8", delay=True)
-
-    def _open(self) -> Any:
-        rank, _ = current_rank()
-        name = f"rank{rank}" if rank >= 0 else "rank-unknown"
-        self.baseFilename = str(self.log_dir / f"{name}.log")
-        stream = open(self.baseFilename, self.mode, encoding=self.encoding)
-        if not _try_lock(stream):
-            stream.close()
-            taken = self.baseFilename
-            self.baseFilename = str(self.log_dir / f"{name}.dup-pid{os.getpid()}.log")
-            print(
-                f"ratlib.rank_logger: {taken} is already being written by another live process, so two "
-                f"processes claim rank {rank}; this one (pid {os.getpid()}) writes {self.baseFilename} instead. "
-                "Check the launcher: every process needs its own RANK.",
-                file=sys.stderr,
-            )
-            stream = open(self.baseFilename, self.mode, encoding=self.encoding)
-        return stream
-
-
-def _try_lock(stream: Any) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no advisory locks, no detection
-        return True
-    try:
-        fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-
-
-def _level(value: int | str, arg: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        number = logging.getLevelName(value.strip().upper())
-        if isinstance(number, int):
-            return number
-    names = ", ".join(logging.getLevelName(n) for n in (10, 20, 30, 40, 50))
-    raise LogLevelError(
-        message(f"setup_logging: {arg}={value!r} is not a logging level", expected=f"one of {names}, or an int")
-    )
-
-
-def _writable_dir(log_dir: str | os.PathLike[str]) -> Path:
-    """``log_dir``, created, after writing a file in it: a folder that takes no files fails here, at set-up
-    (``os.access`` says yes to root everywhere, also on /proc), not at the first log call."""
-    directory = Path(log_dir).expanduser()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LogDirError(
-            exc.errno,
-            message(
-                f"setup_logging: log_dir={os.fspath(log_dir)!r} cannot be created ({exc.strerror})",
-                fix="pass a writable folder, or log_dir=None",
-            ),
-        ) from None
-    try:
-        with tempfile.TemporaryFile(dir=directory, prefix=".ratlib-log-probe-"):
-            pass
-    except OSError as exc:
-        raise LogDirError(
-            exc.errno,
-            message(
-                f"setup_logging: log_dir={os.fspath(log_dir)!r} is not writable ({exc.strerror})",
-                fix="pass a writable folder, or log_dir=None",
-            ),
-        ) from None
-    return directory
-
-
-class _OtherRanksStdout:
-    """``sys.stdout`` under ``setup_logging(other_ranks_stdout=False)``: the main rank (and an unknown rank,
-    which prints everything) writes through; another rank's complete lines become INFO records of
-    ``py.stdout``, which its console drops and its file keeps. The rank is read at each write, so a rank
-    learnt only from ``init_process_group`` is honoured. Everything else (``fileno``, ``buffer``, ...) is
-    the real stream's: output written to the file descriptor or ``sys.stdout.buffer`` is not caught."""
-
-    def __init__(self, original: Any) -> None:
-        self.original = original
-        self._pending = ""
-        self._lock = threading.RLock()
-        self._inside = threading.local()  # a handler writing to sys.stdout must not loop back here
-
-    def write(self, text: str) -> int:
-        """Write through on the main rank; log the complete lines on the others."""
-        if current_rank()[0] <= 0:
-            return self.original.write(text)
-        if getattr(self._inside, "active", False):
-            return len(text)  # a handler of ours that writes to sys.stdout: the record is logged already
-        with self._lock:
-            lines = (self._pending + text).split("\n")
-            self._pending = lines.pop()
-            self._inside.active = True
-            try:
-                for line in lines:
-                    logging.getLogger("py.stdout").info("%s", line, stacklevel=2)  # the file names the caller
-            finally:
-                self._inside.active = False
-        return len(text)
-
-    def writelines(self, lines: Iterable[str]) -> None:
-        """``write`` each."""
-        for line in lines:
-            self.write(line)
-
-    def flush(self) -> None:
-        """Flush the real stream (a partial line on another rank waits for its newline)."""
-        self.original.flush()
-
-    def isatty(self) -> bool:
-        """The real stream's answer on the main rank; False elsewhere (nothing reaches a terminal)."""
-        return bool(self.original.isatty()) if current_rank()[0] <= 0 else False
-
-    def __getattr__(self, name: str) -> Any:
-        # through __dict__: before __init__ (a copy being built) getattr(None, name) fails, without recursion
-        return getattr(self.__dict__.get("original"), name)
 
 
 def setup_logging(
