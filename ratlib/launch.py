@@ -496,10 +496,8 @@ def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
 
 
 def launch_error(where: str, read: Mapping[str, str], problem: str, fix: str) -> DistInitError:
-    """``DistInitError`` worded as ``<where>: <problem>. Got: <variables read>. Fix: <fix>.``
-
-    ``where`` is ``"<launcher> environment"`` while parsing, ``"rank R/W (launcher L)"`` at set-up.
-    """
+    """``DistInitError`` worded as ``<where>: <problem>. Got: <variables read>. Fix: <fix>.``; ``where`` is
+    ``"<launcher> environment"`` while parsing, ``"rank R/W (launcher L)"`` at set-up."""
     shown = ", ".join(f"{k}={v!r}" for k, v in read.items()) or "no launcher variables"
     return DistInitError(message(f"{where}: {problem}", got=shown, fix=fix))
 
@@ -510,11 +508,8 @@ def launch_error(where: str, read: Mapping[str, str], problem: str, fix: str) ->
 
 @dataclass(frozen=True)
 class RankState:
-    """This process's place in the job: the process group's when one is up, else the launcher's.
-
-    ``rank`` and ``world_size`` are -1 when the launcher variables are invalid (``error`` says why);
-    such a process is not the main rank.
-    """
+    """This process's place in the job: the process group's when one is up, else the launcher's. ``rank`` and
+    ``world_size`` are -1 when the launcher variables are invalid (``error`` says why): not the main rank."""
 
     rank: int
     world_size: int
@@ -549,9 +544,7 @@ def group_is_up() -> bool:
 
 def rank_state() -> RankState:
     """The rank, world size and local rank, from the process group when one is up, else from the launcher.
-
-    Never raises: invalid launcher variables give rank -1 (not the main rank), warned once per process.
-    """
+    Never raises: invalid launcher variables give rank -1 (not the main rank), warned once per process."""
     global _warned_unknown
     try:
         env: LaunchEnv | None = detect_launch_env()
@@ -575,10 +568,8 @@ def rank_state() -> RankState:
 
 
 def get_rank() -> int:
-    """This process's global rank: the group's when one is up, else the launcher's.
-
-    Raises ``DistInitError`` when there is no group and the launcher variables are invalid.
-    """
+    """This process's global rank: the group's when one is up, else the launcher's (``DistInitError`` when
+    there is no group and the launcher variables are invalid)."""
     state = rank_state()
     if state.error is not None:
         raise state.error
@@ -586,12 +577,9 @@ def get_rank() -> int:
 
 
 def get_world_size() -> int:
-    """How many processes the job has: the group's size when one is up, else the launcher's world size.
-
-    Before ``init_distributed()`` this is already the launcher's count (2 under ``torchrun
-    --nproc_per_node 2``), while the collectives of ``ratlib.comm`` refuse to run until the group
-    exists. Raises ``DistInitError`` when there is no group and the launcher variables are invalid.
-    """
+    """How many processes the job has: the group's size when one is up, else the launcher's (already 2 under
+    ``torchrun --nproc_per_node 2`` before ``init_distributed()``, while ``ratlib.comm`` waits for the group).
+    ``DistInitError`` when there is no group and the launcher variables are invalid."""
     state = rank_state()
     if state.error is not None:
         raise state.error
