@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ratlib.config_defaults import load_config
+from ratlib.config_defaults import Finding, check_config, load_config
 from ratlib.doctor import diagnose, fix_config, missing_init_files
 from ratlib.synthetic import make_coco_detection
 
@@ -304,3 +304,74 @@ def test_nothing_checked_is_a_warning(tmp_path: Path) -> None:
     assert out.returncode == 0 and report["warnings"] == 1 and report["configs"] == []
     assert [f["key"] for f in report["findings"]] == ["configs"]
     assert _doctor(str(tmp_path / "empty"), "--strict").returncode == 1
+
+
+FAKE_EXAMPLE = """
+from pydantic import ConfigDict
+from ratlib.config_defaults import ExperimentConfig, Finding, ModelConfig
+
+
+class Model(ModelConfig):
+    model_config = ConfigDict(extra="forbid")
+    feature_dims: int = 16
+    num_blocks: int = 4
+    norm: str = "batch"
+
+
+class Config(ExperimentConfig):
+    model: Model = Model()
+
+
+def size_rule(cfg, world_size):
+    if cfg.model.feature_dims > 512 or cfg.model.num_blocks > 8:
+        return [Finding("warning", "model", f"feature_dims={cfg.model.feature_dims} is too big", "enable DeepSpeed")]
+    return []
+
+
+EXAMPLE = {"schema": Config, "metric": "dice", "mode": "max", "checks": (size_rule,)}
+"""
+
+
+def _wide_segmentation_config(folder: Path) -> Path:
+    """The segmentation example's config with ``model.feature_dims: 1024``, in ``folder``."""
+    text = (Path(__file__).resolve().parents[1] / "examples" / "segmentation" / "config.yaml").read_text()
+    assert "  feature_dims: 8 " in text
+    config = folder / "config.yaml"
+    config.write_text(text.replace("  feature_dims: 8 ", "  feature_dims: 1024 "))
+    return config
+
+
+def test_a_config_is_checked_with_the_example_beside_it_without_schema(tmp_path: Path) -> None:
+    config = _wide_segmentation_config(tmp_path)
+    alone = _doctor(str(config), "--device", "cpu")  # no train.py beside it: the model section is not judged
+    assert alone.returncode == 0 and "feature_dims=1024 is too big" not in alone.stdout, alone.stdout
+    assert alone.stdout.count("INFO model: not checked (feature_dims, norm, num_blocks)") == 1, alone.stdout
+    (tmp_path / "train.py").write_text(FAKE_EXAMPLE)
+    out = _doctor(str(config), "--device", "cpu")
+    assert "WARNING model: feature_dims=1024 is too big. enable DeepSpeed" in out.stdout, out.stdout + out.stderr
+    assert f"config {config}: validated with the EXAMPLE of the train.py beside it (train.Config)" in out.stdout
+    assert "not checked" not in out.stdout
+    (tmp_path / "train.py").write_text(
+        FAKE_EXAMPLE.replace("from pydantic", "import no_such_module_here\nfrom pydantic")
+    )
+    broken = _doctor(str(config), "--device", "cpu", "--json")
+    report = json.loads(broken.stdout)
+    infos = [f["message"] for f in report["findings"] if f["severity"] == "info" and f["key"] == "schema"]
+    assert broken.returncode == 0 and len(infos) == 1 and "No module named 'no_such_module_here'" in infos[0], infos
+
+
+def test_check_config_applies_extra_rules_after_the_built_in_ones() -> None:
+    rule = lambda cfg, world_size: [Finding("warning", "model", f"world {world_size}", "none")]  # noqa: E731
+    findings = check_config(load_config({}), world_size=2, device="cpu", checks=(rule,))
+    assert findings[-1] == Finding("warning", "model", "world 2", "none")
+
+
+def test_zz_the_segmentation_example_s_size_rule_applies_without_schema(tmp_path: Path) -> None:
+    """Against the real examples/segmentation (train.py's EXAMPLE names its schema and size rule). Last in the file:
+    it imports the example, and with it torch."""
+    real = Path(__file__).resolve().parents[1] / "examples" / "segmentation"
+    for name in ("train.py", "seg_utils.py"):
+        (tmp_path / name).write_text((real / name).read_text())
+    config = _wide_segmentation_config(tmp_path)
+    out = _doctor(str(config), "--device", "cpu")
+    assert "WARNING model: feature_dims=1024 and num_blocks=3 are past the size" in out.stdout, out.stdout + out.stderr
