@@ -19,7 +19,6 @@ from ratlib.config_defaults import (
     ConfigError,
     ExperimentConfig,
     Finding,
-    MemoryProbe,
     ModelConfig,
     check_config,
     dump_config,
@@ -28,6 +27,7 @@ from ratlib.config_defaults import (
     to_deepspeed_config,
     unregister_check,
 )
+from ratlib.memory import MemoryProbe
 from ratlib.synthetic import make_coco_detection
 from ratlib.testing.strategies import configs
 
