@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -157,6 +157,28 @@ class Stepper:
         elif isinstance(self.model, nn.parallel.DistributedDataParallel) and not boundary:
             return self.model.no_sync()
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """Around evaluation: under FSDP2 every rank gathers the whole weights once (a collective: every rank
+        enters) and keeps them while inside, so that forwards need no collective and ranks may evaluate
+        different numbers of batches (``ratlib.data.EvalSampler`` pads nothing); resharded on the way out.
+        Elsewhere the weights are whole already: nothing happens."""
+        if self.kind != "fsdp2":
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        self.model.set_reshard_after_forward(False)  # type: ignore[operator]
+        for unit in units:
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
+            self.model.set_reshard_after_forward(True)  # type: ignore[operator]
 
     def backward(self, loss: torch.Tensor, weight: float | None = None) -> None:
         """Backward of ``loss`` divided over the accumulation steps (scaled under fp16; DeepSpeed's own).

@@ -269,7 +269,8 @@ def train(
                 train_time = time.perf_counter() - epoch_start
                 broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds, everywhere
                 evaluating = last or (epoch + 1) % cfg.eval.every_epochs == 0
-                metrics = evaluate(model, val_loader, val_set, cfg, info) if evaluating else {}
+                with stepper.full_weights():  # FSDP2: gathered once, ranks may run different numbers of batches
+                    metrics = evaluate(model, val_loader, val_set, cfg, info) if evaluating else {}
                 log_epoch(cfg, info, tracker, epoch, step, losses, seen, train_time, metrics, sentinel)
             checkpoints.save(
                 stepper, sampler, epoch=epoch, step=step, metrics=metrics if stop is None else {}, position=stop
@@ -281,7 +282,8 @@ def train(
                 tracker.close()
                 pre.exit()
         if not metrics:  # nothing left to train (a finished run resumed): evaluate what was loaded
-            metrics = evaluate(model, val_loader, val_set, cfg, info)
+            with stepper.full_weights():
+                metrics = evaluate(model, val_loader, val_set, cfg, info)
     return metrics
 
 

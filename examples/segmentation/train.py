@@ -293,7 +293,8 @@ def train(
 
     def run_eval() -> dict[str, float]:
         broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds, on every rank
-        return evaluate(model, val_loader, cfg, info)
+        with stepper.full_weights():  # FSDP2: gathered once, so ranks may run different numbers of batches
+            return evaluate(model, val_loader, cfg, info)
 
     metrics: dict[str, float] = {}
     with tracker, preempt.installed(t.preemption) as pre:  # SIGTERM/SIGUSR1: every rank stops at one step
