@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "ratlib"
 
-# DESIGN.md, "Layout and layers": a module imports only from its own layer or below.
+# DESIGN.md, "Layout and layers", exactly: a module imports only from its own layer or below. A package's
+# modules (ratlib/hang/watchdog.py, ratlib/coco_paths/cli.py, ...) take the layer of their top package.
 LAYERS = {
     "errors": 1,
     "launch": 1,
@@ -20,22 +21,23 @@ LAYERS = {
     "io": 2,
     "dist_init": 3,
     "comm": 3,
+    "data": 4,
     "checkpoint": 4,
     "memory": 4,
-    "data": 4,
     "hang": 4,
     "preempt": 4,
     "numerics": 4,
     "tracking": 4,
     "coco_paths": 4,
     "config_defaults": 5,
+    "strategy": 5,
     "synthetic": 5,
-    "doctor": 5,
-    "cli": 5,
-    "__main__": 5,
-    "testing": 5,
+    "doctor": 6,
+    "cli": 6,
+    "testing": 6,
+    "__main__": 6,  # `python -m ratlib`: the cli's entry point
 }
-TOP = 6  # the package itself (ratlib/__init__.py: public names, and the wiring of hooks)
+TOP = 7  # the package itself (ratlib/__init__.py: public names, and the wiring of hooks)
 
 
 def _module_name(path: Path) -> str:
@@ -102,9 +104,7 @@ def _graph() -> dict[str, dict[str, int]]:
     for module, path in modules.items():
         edges: dict[str, int] = {}
         for target, line in _imports(module, path, known):
-            if target == "ratlib" and module != "ratlib":
-                continue  # `from ratlib import __version__`: the package's own constants, no module
-            if target not in known:
+            if target not in known:  # `from ratlib import __version__` is an edge to the top (layer TOP): upward
                 raise AssertionError(f"{path}:{line} imports {target}, which does not exist")
             if target != module:
                 edges[target] = line
@@ -169,7 +169,79 @@ def test_imports_point_down_the_layers() -> None:
     assert not upward, "imports pointing up the layers:\n" + "\n".join(upward)
 
 
-LOW = sorted(m for m in _modules() if m != "ratlib" and _layer(m) <= 2) + ["ratlib"]
+def _hidden_lookups(path: Path) -> list[tuple[str, int]]:
+    """(ratlib module, line) for every reach through ``sys.modules`` (``sys.modules["ratlib.x"]``,
+    ``.get("ratlib.x")``, ``"ratlib.x" in sys.modules``): imports the graph above cannot see."""
+
+    def is_modules(node: ast.AST) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "modules"
+
+    def name(node: ast.AST | None) -> str | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value
+        elif isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+            text = str(node.values[0].value)
+        else:
+            return None
+        return text if text == "ratlib" or text.startswith("ratlib.") else None
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        key = None
+        if isinstance(node, ast.Subscript) and is_modules(node.value):
+            key = name(node.slice)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_modules(node.func.value):
+            key = name(node.args[0]) if node.args else None
+        elif isinstance(node, ast.Compare) and any(is_modules(c) for c in node.comparators):
+            key = name(node.left)
+        if key is not None:
+            found.append((key, node.lineno))
+    return found
+
+
+def test_the_hidden_import_finder_sees_each_form(tmp_path: Path) -> None:
+    source = (
+        "import sys\na = sys.modules.get('ratlib.preempt')\nb = sys.modules['ratlib.hang']\n"
+        "c = 'ratlib.comm' in sys.modules\nd = sys.modules.get('torch.distributed')\n"
+        "e = sys.modules.get(f'ratlib.{x}')\n"
+    )
+    (tmp_path / "m.py").write_text(source)
+    assert _hidden_lookups(tmp_path / "m.py") == [
+        ("ratlib.preempt", 2),
+        ("ratlib.hang", 3),
+        ("ratlib.comm", 4),
+        ("ratlib.", 6),
+    ]
+
+
+def test_no_module_reaches_another_through_sys_modules() -> None:
+    hidden = [
+        f"{path}:{line}: sys.modules lookup of {name}"
+        for path in _modules().values()
+        for name, line in _hidden_lookups(path)
+    ]
+    assert not hidden, "use an import, or a hook the other module registers (DESIGN.md):\n" + "\n".join(hidden)
+
+
+def test_a_package_s_modules_take_the_layer_of_their_top_package() -> None:
+    assert _layer("ratlib.hang.watchdog") == LAYERS["hang"] == 4
+    assert _layer("ratlib.coco_paths.cli") == LAYERS["coco_paths"] and _layer("ratlib.cli") == 6
+    assert _layer("ratlib") == TOP
+    packages = {m.split(".")[1] for m in _modules() if m.count(".") >= 2}
+    assert packages <= set(LAYERS), packages - set(LAYERS)
+
+
+def test_no_module_imports_from_the_package_top() -> None:
+    top = [
+        f"{_modules()[m]}:{line}: {m}" for m, edges in _graph().items() for t, line in edges.items() if t == "ratlib"
+    ]
+    assert not top, "imports from `ratlib` (the package top) inside ratlib; import the defining module:\n" + "\n".join(
+        top
+    )
+
+
+# a module with no layer fails test_imports_point_down_the_layers, not the collection of this file
+LOW = sorted(m for m in _modules() if m != "ratlib" and LAYERS.get(m.split(".")[1], TOP) <= 2) + ["ratlib"]
 
 
 @pytest.mark.parametrize("module", LOW)
