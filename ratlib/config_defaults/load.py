@@ -4,8 +4,9 @@
 defaults, reads ``1e-4`` as a float (YAML 1.1 would hand over the string "1e-4"), and rejects wrong
 types, out-of-range values and unknown keys in known sections, all of them in one ``ConfigError`` that
 names each key path, where it came from (file line or override), the value, what was expected and the
-closest known key (what the schema says about a key is read in ``describe``). ``dump_config`` writes a config that loads back to the same values: every string
-the loader would read as something else (``"1e5"``, ``"yes"``, ``"null"``, ``"2024-01-01"``) is quoted.
+closest known key (what the schema says about a key is read in ``describe``). ``dump_config`` writes a config
+that loads back to the same values: every string the loader would read as something else (``"1e5"``, ``"yes"``,
+``"null"``, ``"2024-01-01"``) is quoted.
 """
 
 from __future__ import annotations
