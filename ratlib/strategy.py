@@ -239,6 +239,10 @@ class Stepper:
         if self.kind == "fsdp2":
             from torch.distributed.checkpoint.state_dict import get_state_dict
 
+            from ratlib.comm import broadcast_buffers
+
+            # FSDP2 leaves buffers (BatchNorm statistics) per rank: the checkpoint holds rank 0's, as under DDP
+            broadcast_buffers(self.model)
             model, optimizer = get_state_dict(self.model, self.optimizer)
         else:
             model, optimizer = unwrap_model(self.model).state_dict(), self.optimizer.state_dict()

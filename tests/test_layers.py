@@ -35,6 +35,7 @@ LAYERS = {
     "doctor": 6,
     "cli": 6,
     "testing": 6,
+    "script": 6,  # the command-line entry of a training script (config, logging, group, outcome)
     "__main__": 6,  # `python -m ratlib`: the cli's entry point
 }
 TOP = 7  # the package itself (ratlib/__init__.py: public names, and the wiring of hooks)

@@ -17,12 +17,12 @@ supplies::
     cfg = load_config("seg.yaml", schema=SegConfig)
 
 The package: ``schema`` (the sections, a docstring per field), ``load`` (YAML, overrides, messages,
-``load_config``, ``dump_config``), ``checks`` (``check_config``, ``register_check``), ``deepspeed``
-(``to_deepspeed_config``), ``args`` (``parse_args``, a training script's command line; ``UsageError``). Every
-public name is importable from here. What the training section means at run time (``make_stepper``,
-``Stepper``, the optimiser and schedule builders) is ``ratlib.strategy``: the old names here warn and forward
-for one release. The memory estimate and probe live in ``ratlib.memory`` and are re-exported. Imports pydantic
-and PyYAML only.
+``load_config``, ``dump_config``), ``describe`` (what the schema says about a key, for the messages),
+``checks`` (``check_config``, ``register_check``), ``deepspeed`` (``to_deepspeed_config``), ``args``
+(``parse_args``, a training script's command line; ``UsageError``). Every public name is importable from here.
+What the training section means at run time (``make_stepper``, ``Stepper``, the optimiser and schedule
+builders) is ``ratlib.strategy``, and the memory estimate and probe live in ``ratlib.memory``: the old names
+here warn and forward for one release. Imports pydantic and PyYAML only.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from ratlib.config_defaults.schema import (
     TrackingConfig,
     TrainingConfig,
 )
-from ratlib.memory import MemoryEstimate, MemoryProbe, count_parameters, estimate_model_memory, probe_memory
 
 __all__ = [
     "SMOKE_DEFAULTS",
@@ -55,8 +54,6 @@ __all__ = [
     "DistributedConfig",
     "ExperimentConfig",
     "Finding",
-    "MemoryEstimate",
-    "MemoryProbe",
     "ModelConfig",
     "OptimizerConfig",
     "SchedulerConfig",
@@ -64,12 +61,9 @@ __all__ = [
     "TrainingConfig",
     "UsageError",
     "check_config",
-    "count_parameters",
     "dump_config",
-    "estimate_model_memory",
     "load_config",
     "parse_args",
-    "probe_memory",
     "register_check",
     "to_deepspeed_config",
     "unregister_check",
@@ -90,6 +84,10 @@ _MOVED_TO_STRATEGY = {
     "train_sampler",
 }
 
+_MOVED_TO_MEMORY = frozenset(
+    {"MemoryEstimate", "MemoryProbe", "count_parameters", "estimate_model_memory", "probe_memory"}
+)
+
 
 def __getattr__(name: str) -> object:
     """The training mechanics moved to ``ratlib.strategy``: the old names warn and forward for one release."""
@@ -104,4 +102,15 @@ def __getattr__(name: str) -> object:
             stacklevel=2,
         )
         return getattr(ratlib.strategy, name)
+    if name in _MOVED_TO_MEMORY:
+        import warnings
+
+        import ratlib.memory
+
+        warnings.warn(
+            f"ratlib.config_defaults.{name} moved to ratlib.memory.{name}; the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(ratlib.memory, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,7 @@
-"""A training run's folder at run time: checkpoints/ (written atomically by the main rank, plain data only),
+"""Deprecated (one release): the run folder is ``ratlib.checkpoint.RunCheckpoints`` (save, resume, tracker),
+the step line ``ratlib.tracking.log_step`` and the end of preemption handling ``ratlib.preempt.installed``.
+
+A training run's folder at run time: checkpoints/ (written atomically by the main rank, plain data only),
 the resume from the latest one (weights, optimiser, schedule, sampler position mid-epoch, every rank's RNGs),
 the tracker that continues the checkpoint's run, and the per-step log line. The examples' train.py files use
 these, so each piece has one implementation.
@@ -13,11 +16,12 @@ import json
 import math
 import os
 import signal
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ratlib import checkpoint, preempt
-from ratlib.config_defaults.training import Stepper, UsageError
+from ratlib.config_defaults.args import UsageError
 from ratlib.io import write_atomic
 from ratlib.launch import is_main_process
 from ratlib.rank_logger import get_logger
@@ -26,6 +30,8 @@ from ratlib.tracking import Tracker, lr_metrics
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from ratlib.strategy import Stepper
 
 __all__ = [
     "checkpoint_dir",
@@ -42,6 +48,13 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+warnings.warn(
+    "ratlib.config_defaults.run_folder is deprecated and goes in the next release: use ratlib.checkpoint."
+    "RunCheckpoints, ratlib.tracking.log_step and ratlib.preempt.installed",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -89,8 +102,7 @@ def resume_from(run_dir: Path, model: nn.Module, stepper: Stepper, sampler: Any,
             log.warning("--resume: no checkpoint under %s; starting from scratch", checkpoint_dir(run_dir))
         return None
     state = load_checkpoint(path)
-    model.load_state_dict(state["model"])
-    stepper.load(state, checkpoint_dir(run_dir) / "deepspeed", path)
+    stepper.load_state_dict(state, checkpoint_dir(run_dir) / "deepspeed", path)  # the model's weights too
     sampler.load_state_dict(state.get("sampler") or {"epoch": state["epoch"], "position": len(sampler)})
     if state.get("rng"):
         checkpoint.set_rng_state(state["rng"])
@@ -108,7 +120,7 @@ def save_state(
     keep, position = cfg.checkpoint.keep, state.pop("position", None)
     stepper.save(checkpoint_dir(run_dir) / "deepspeed", state["epoch"], state["step"], keep)
     tracker.flush(timeout=30)  # what the checkpoint's step covers is on disk before the checkpoint is
-    state.update(model=checkpoint.unwrap_model(model).state_dict(), **stepper.state_dict())
+    state.update(**stepper.state_dict())  # the model's weights too
     state.update(sampler=sampler.state_dict(position=position), rng=checkpoint.rng_state())
     state.update(tracker=tracker.state_dict(), config=cfg.model_dump(mode="json"))
     return save_checkpoint(run_dir, state, keep)

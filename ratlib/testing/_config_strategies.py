@@ -202,7 +202,7 @@ def _lrs(training: dict[str, Any]) -> tuple[str, float, float]:
 
 def _repair(data: dict[str, Any], schema: type[BaseModel]) -> dict[str, Any]:
     """Keep TrainingConfig's cross-field rules in a drawn valid dict: cosine needs min_lr < lr, and a global batch
-    size leaves gradient accumulation at 1 and DeepSpeed off."""
+    size leaves gradient accumulation at 1 and DeepSpeed off, and DeepSpeed on means training.strategy=deepspeed."""
     path = _training_path(schema)
     if path is not None:
         training = data.setdefault(path, {})
@@ -214,6 +214,11 @@ def _repair(data: dict[str, Any], schema: type[BaseModel]) -> dict[str, Any]:
             deepspeed = training.get("deepspeed")
             if isinstance(deepspeed, dict):
                 deepspeed["enabled"] = False
+            if training.get("strategy") == "deepspeed":
+                training["strategy"] = "ddp"
+        deepspeed = training.get("deepspeed")
+        if isinstance(deepspeed, dict) and deepspeed.get("enabled") and "strategy" in training:
+            training["strategy"] = "deepspeed"  # the two never disagree (training.strategy's rule)
         if not training:
             del data[path]
     return data
