@@ -43,7 +43,7 @@ def run_script(
     args = parse_args(argv, description=(description or "").strip().split("\n")[0])
     setup_logging()
     try:
-        cfg = load_config(args.config, overrides=args.overrides, schema=schema)
+        cfg: Any = load_config(args.config, overrides=args.overrides, schema=schema)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

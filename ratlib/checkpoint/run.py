@@ -119,7 +119,7 @@ class RunCheckpoints:
         path = Path(path)
         if path.is_dir():
             into = stepper.state_dict() if stepper is not None and getattr(stepper, "sharded", False) else None
-            return load(path, into=into)  # type: ignore[call-arg]
+            return load(path, into=into)
         return load(path, map_location="cpu", weights_only=True)
 
     def to_evaluate(self, path: str | os.PathLike[str] | None = None) -> Path:
