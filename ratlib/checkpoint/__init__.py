@@ -15,6 +15,7 @@ torch is imported inside the functions, so ``import ratlib.checkpoint`` stays ch
 
 from __future__ import annotations
 
+from ratlib.checkpoint.async_save import save_in_flight, wait_pending
 from ratlib.checkpoint.files import (
     CheckpointArgumentError,
     CheckpointError,
@@ -29,18 +30,25 @@ from ratlib.checkpoint.files import (
     unwrap_model,
     upgrade,
 )
+from ratlib.checkpoint.run import RunCheckpoints
+from ratlib.checkpoint.sharded import consolidate, is_committed
 
 __all__ = [
     "CheckpointArgumentError",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "RunCheckpoints",
+    "consolidate",
+    "is_committed",
     "latest",
     "load",
     "rank_entry",
     "rng_state",
     "save",
+    "save_in_flight",
     "set_rng_state",
     "sharded_keys",
     "unwrap_model",
     "upgrade",
+    "wait_pending",
 ]

@@ -96,8 +96,13 @@ def save(
     sync: bool = True,
     sync_timeout: float | None = None,
     per_rank: Any = None,
+    async_save: bool = False,
 ) -> Path:
     """Write ``state`` to ``path`` on the main rank, atomically; returns ``path``.
+
+    A ``path`` without the ``.pt`` suffix is a sharded checkpoint folder (every rank writes its shards; any
+    state, DTensors included; ``async_save=True`` returns once the state is staged): see
+    :func:`ratlib.checkpoint.sharded.save`. The rest of this describes ``.pt`` files.
 
     ``keep``: after the save, delete the oldest files of the same name pattern (the name with its numbers
     replaced by a wildcard, e.g. ``epoch*.pt``) so that ``keep`` remain. ``sync``: all ranks wait for the
@@ -111,7 +116,31 @@ def save(
     """
     import torch
 
+    from ratlib.checkpoint import async_save as background
+
+    background.wait_pending()  # the save in flight first; its error, if any, is raised here
     path = Path(path)
+    if path.suffix != ".pt" and not path.is_file():  # a folder: the sharded path
+        from ratlib.checkpoint import sharded as folder_save
+
+        if not sync:
+            raise CheckpointArgumentError(
+                message(
+                    f"checkpoint.save({str(path)!r}, sync=False): a sharded checkpoint folder is written by every "
+                    "rank, so every rank calls save",
+                    fix="call it on every rank without sync=False, or give a .pt path for a main-rank file",
+                )
+            )
+        return folder_save.save(
+            state, path, keep=keep, sync_timeout=sync_timeout, per_rank=per_rank, async_save=async_save
+        )
+    if async_save:
+        raise CheckpointArgumentError(
+            message(
+                f"checkpoint.save({str(path)!r}, async_save=True): asynchronous saves write checkpoint folders",
+                fix=f"give a folder path (without .pt), e.g. {str(path.with_suffix(''))!r}",
+            )
+        )
     if per_rank is not None and PER_RANK_KEY in state:
         raise CheckpointArgumentError(
             message(f"checkpoint.save: the state already has a {PER_RANK_KEY!r} key", fix="rename that key")
@@ -170,8 +199,10 @@ def _refuse_sharded(path: Path, keys: list[str]) -> CheckpointError:
             f"checkpoint.save({str(path)!r}): the state holds sharded tensors (DTensor, ShardedTensor); the main "
             "rank's file would hold only its shards, so nothing was written",
             got=f"sharded: {shown}",
-            fix="save full tensors: torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer, "
-            "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) on every rank, then save that",
+            fix=f"use a folder path (without .pt, e.g. {str(path.with_suffix(''))!r}): every rank writes its "
+            "shards; or gather a full state dict: torch.distributed.checkpoint.state_dict.get_state_dict(model, "
+            "optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) on every rank, then "
+            "save that",
         )
     )
 
@@ -265,24 +296,41 @@ def _prune(path: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def latest(directory: str | os.PathLike[str], pattern: str = "*.pt") -> Path | None:
+def latest(directory: str | os.PathLike[str], pattern: str | None = None) -> Path | None:
     """The newest checkpoint in ``directory`` matching ``pattern``, or None when there is none.
 
-    Newest means the highest numbers in the name (``step900`` < ``step1000``); files with equal numbers
-    are ordered by name. Temporary files of an interrupted :func:`save` are never returned.
+    Checkpoints are files and committed sharded checkpoint folders; ``pattern=None`` means ``*.pt`` files and
+    any committed folder. Newest means the highest numbers in the name (``step900`` < ``step1000``); equal
+    numbers are ordered by name. Temporary files of an interrupted :func:`save`, and folders whose save did not
+    commit, are never returned. An asynchronous save in flight is waited for first.
     """
+    from ratlib.checkpoint import async_save, sharded
+
+    async_save.wait_pending()
     folder = Path(directory)
     if not folder.is_dir():
         return None
-    files = [p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith(TMP_PREFIX)]
-    return max(files, key=_natural_key) if files else None
+    found = [p for p in folder.glob(pattern or "*.pt") if p.is_file() and not p.name.startswith(TMP_PREFIX)]
+    found += [p for p in folder.glob(pattern or "*") if p.is_dir() and sharded.is_committed(p)]
+    return max(found, key=_natural_key) if found else None
 
 
 _UPGRADE = "python -m ratlib.checkpoint upgrade"
 
 
-def load(path: str | os.PathLike[str], map_location: Any = "cpu", *, weights_only: bool = True) -> dict[str, Any]:
+def load(
+    path: str | os.PathLike[str],
+    map_location: Any = "cpu",
+    *,
+    weights_only: bool = True,
+    into: Mapping[str, Any] | None = None,
+    strict: bool = True,
+) -> dict[str, Any]:
     """Read a checkpoint on this rank (call it on every rank). ``map_location`` as in ``torch.load``.
+
+    A folder (or a path without ``.pt``) is a sharded checkpoint: ``into`` is a state holding the target
+    tensors (an FSDP2 model's DTensors at any world size, or plain tensors), loaded in place; without it every
+    tensor comes back whole. See :func:`ratlib.checkpoint.sharded.load` (``strict`` too).
 
     ``weights_only=True`` (torch's safe unpickler): loading runs no code, and everything ratlib stores is plain
     data. A file holding other types is refused with a :class:`CheckpointError` naming them.
@@ -291,7 +339,25 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu", *, weights_onl
     """
     import torch
 
+    from ratlib.checkpoint import async_save, sharded
+
+    async_save.wait_pending()
     path = Path(path)
+    if path.is_dir() or (path.suffix != ".pt" and not path.exists()):
+        if not weights_only:
+            raise CheckpointArgumentError(
+                message(f"checkpoint.load({str(path)!r}, weights_only=False): sharded checkpoints hold plain data")
+            )
+        return sharded.load(path, into=into, map_location=map_location, strict=strict)
+    if into is not None:
+        raise CheckpointArgumentError(
+            message(
+                f"checkpoint.load({str(path)!r}, into=...): `into` is for sharded checkpoint folders",
+                fix="load the file, then model.load_state_dict(state['model']); into a sharded (FSDP2) model: "
+                "torch.distributed.checkpoint.state_dict.set_model_state_dict(model, state['model'], "
+                "options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))",
+            )
+        )
     if not path.is_file():
         raise CheckpointNotFoundError(
             message(
