@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Stepper",
     "autocast_for",
+    "count_steps",
     "fsdp_blocks",
     "loss_weight",
     "lr_lambda",
@@ -310,6 +311,17 @@ def train_sampler(cfg: ExperimentConfig, num_samples: int, info: DistInfo, **kwa
     return ShardedBatchSampler(
         num_samples, global_batch_size=t.global_batch_size, micro_batch_size=t.batch_size, **common, **kwargs
     )
+
+
+def count_steps(cfg: ExperimentConfig, sampler: Any) -> tuple[int, int, int]:
+    """``(accumulation, steps_per_epoch, total_steps)``: micro-batches per optimiser step (the sampler's with a
+    global batch, else ``training.gradient_accumulation_steps``), optimiser steps per epoch (a last partial
+    accumulation counts as a step) and in the whole run (``training.max_steps`` when it is fewer)."""
+    t = cfg.training
+    accum = sampler.accumulation_steps if t.global_batch_size else t.gradient_accumulation_steps
+    per_epoch = math.ceil(sampler.batches_per_epoch / accum)
+    total = per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, per_epoch * t.num_epochs)
+    return accum, per_epoch, total
 
 
 def loss_weight(sampler: Any, batch_len: int, batch_index: int, accum: int) -> float | None:

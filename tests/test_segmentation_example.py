@@ -642,6 +642,29 @@ def test_every_checkpoint_loads_with_weights_only(tmp_path: Path, msd_root: Path
     assert T.evaluate_checkpoint(config(f"data.root={msd_root}", "data.limit=16"), run_dir=tmp_path, info=CPU)
 
 
+def test_each_metric_is_logged_once_per_step_under_one_name(tmp_path: Path, msd_root: Path, one_thread) -> None:
+    """3 epochs of 6 steps with a step line every 3 steps: the epoch's figures and the step lines meet at steps
+    6, 12 and 18, and still no TensorBoard tag (and no metrics.jsonl key) has a step twice."""
+    require("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config(f"data.root={msd_root}", "data.limit=48", "training.num_epochs=3", "training.log_every=3")
+    T.train(cfg, run_dir=tmp_path, info=CPU)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "lr", "train/epoch_loss", "dice", "peak_memory_max_gib"} <= set(tags), tags
+    for tag in tags:
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert len(steps) == len(set(steps)), (tag, steps)
+    assert [e.step for e in acc.Scalars("lr")] == [3, 6, 9, 12, 15, 18]
+    seen: dict[str, list[int]] = {}
+    for row in (json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()):
+        for key in row.keys() - {"step", "epoch"}:
+            seen.setdefault(key, []).append(row["step"])
+    assert all(len(steps) == len(set(steps)) for steps in seen.values()), seen
+
+
 def test_tracking_without_tensorboard_is_one_info_line(
     tmp_path: Path, msd_root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, one_thread
 ) -> None:

@@ -18,7 +18,6 @@ main(); the data set, the models and the optimiser/DeepSpeed set-up are in detec
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -226,9 +225,7 @@ def train(
         generator=torch.Generator().manual_seed(t.seed),  # its seed draws leave the global RNG alone (resume)
     )
     val_loader = eval_loader(cfg, val_set, info)
-    accum = sampler.accumulation_steps if t.global_batch_size else t.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(sampler.batches_per_epoch / accum)
-    total_steps = min(t.max_steps or math.inf, steps_per_epoch * t.num_epochs)
+    accum, steps_per_epoch, total_steps = strategy.count_steps(cfg, sampler)  # optimiser steps
 
     # Model, precision, optimiser and schedule; DDP, FSDP2 or DeepSpeed (training.strategy).
     model = du.build_model(cfg.model, train_set.num_classes).to(device)
@@ -237,7 +234,7 @@ def train(
     model = model.to(memory_format=strategy.memory_format_for(cfg, device))
     if t.compile:
         model.backbone.compile()  # in place: state_dict keys stay the same
-    stepper = strategy.make_stepper(cfg, model, info, steps_per_epoch, int(total_steps), accum)
+    stepper = strategy.make_stepper(cfg, model, info, steps_per_epoch, total_steps, accum)
     w, b, a, g = info.world_size, t.batch_size, accum, t.global_batch_size or info.world_size * t.batch_size * accum
     log.info(
         f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

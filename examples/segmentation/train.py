@@ -15,7 +15,6 @@ model, loop, evaluation, train(), main(); the data set and the UNet are in seg_u
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -267,16 +266,14 @@ def train(
         generator=torch.Generator().manual_seed(t.seed),  # its seed draws leave the global RNG alone (resume)
     )
     val_loader = eval_loader(cfg, val_set, info, model.multiple)
-    accum = sampler.accumulation_steps if t.global_batch_size else t.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(sampler.batches_per_epoch / accum)
-    total_steps = min(t.max_steps or math.inf, steps_per_epoch * t.num_epochs)
+    accum, steps_per_epoch, total_steps = strategy.count_steps(cfg, sampler)  # optimiser steps
 
     # Model, precision, optimiser and schedule; DDP, FSDP2 or DeepSpeed (training.strategy).
     memory_format = strategy.memory_format_for(cfg, device)
     model = model.to(memory_format=memory_format)
     if t.compile:
         model.compile()  # in place: state_dict keys stay the same
-    stepper = strategy.make_stepper(cfg, model, info, steps_per_epoch, int(total_steps), accum)
+    stepper = strategy.make_stepper(cfg, model, info, steps_per_epoch, total_steps, accum)
     w, b, g = info.world_size, t.batch_size, t.global_batch_size or info.world_size * t.batch_size * accum
     log.info(
         f"UNet {su.widths(cfg.model.feature_dims, cfg.model.num_blocks)}, {cfg.model.norm} norm: "
