@@ -31,7 +31,7 @@ def _ns_per_call(fn, calls: int) -> float:
     return (time.perf_counter_ns() - start) / calls
 
 
-def bench_heartbeat(calls: int, repeats: int) -> dict[str, float]:
+def bench_heartbeat(calls: int, repeats: int) -> dict[str, list[float]]:
     from ratlib import hang
 
     hang.install(stall_timeout=600, dump_signal=None)  # the watchdog thread runs meanwhile, as in training
@@ -40,10 +40,10 @@ def bench_heartbeat(calls: int, repeats: int) -> dict[str, float]:
         samples["empty function"].append(_ns_per_call(_empty, calls))
         samples["heartbeat"].append(_ns_per_call(hang.heartbeat, calls))
     hang.uninstall()
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
 
 
-def bench_training_loop(steps: int, repeats: int) -> dict[str, float]:
+def bench_training_loop(steps: int, repeats: int) -> dict[str, list[float]]:
     import torch
 
     from ratlib import hang
@@ -67,14 +67,20 @@ def bench_training_loop(steps: int, repeats: int) -> dict[str, float]:
             opt.step()
         return (time.perf_counter() - start) / steps * 1e6
 
+    def watched() -> float:
+        hang.install(stall_timeout=60, dump_signal=None)
+        try:
+            return loop(True)
+        finally:
+            hang.uninstall()
+
     loop(False)  # warm-up
     samples: dict[str, list[float]] = {"plain loop": [], "heartbeat + watchdog": []}
-    for _ in range(repeats):
-        samples["plain loop"].append(loop(False))
-        hang.install(stall_timeout=60, dump_signal=None)
-        samples["heartbeat + watchdog"].append(loop(True))
-        hang.uninstall()
-    return {k: statistics.median(v) for k, v in samples.items()}
+    for i in range(repeats):  # ABBA: which variant goes first alternates, so drift in the load hits both alike
+        order = [("plain loop", lambda: loop(False)), ("heartbeat + watchdog", watched)]
+        for name, run in order if i % 2 == 0 else order[::-1]:
+            samples[name].append(run())
+    return samples
 
 
 def collective_worker(collectives: int, repeats: int, out_path: str) -> int:
@@ -103,12 +109,12 @@ def collective_worker(collectives: int, repeats: int, out_path: str) -> int:
         hang.uninstall()
     if info.rank == 0:
         with open(out_path, "w") as f:
-            json.dump({k: statistics.median(v) for k, v in samples.items()}, f)
+            json.dump(samples, f)
     dist_init.shutdown()
     return 0
 
 
-def bench_collective_check(collectives: int, repeats: int) -> dict[str, float]:
+def bench_collective_check(collectives: int, repeats: int) -> dict[str, list[float]]:
     import tempfile
 
     from ratlib.testing.ranks import run_on_ranks
@@ -126,11 +132,24 @@ def bench_collective_check(collectives: int, repeats: int) -> dict[str, float]:
             return json.load(f)
 
 
-def _print(title: str, unit: str, results: dict[str, float]) -> None:
-    (base_name, base), (name, value) = results.items()
+def _spread(values: list[float]) -> str:
+    """The quartiles and the range of the repeats: how far one repeat's figure is from another's."""
+    if len(values) < 2:
+        return ""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return f" (quartiles {q1:.3f}-{q3:.3f}, range {min(values):.3f}-{max(values):.3f})"
+
+
+def _print(title: str, unit: str, results: dict[str, list[float]]) -> None:
+    """Medians of each variant, and the median of the per-repeat ratios (each repeat against its own baseline,
+    measured next to it) with their spread: the figure to read on a machine whose load changes."""
+    (base_name, bases), (name, values) = results.items()
+    base, value = statistics.median(bases), statistics.median(values)
+    ratios = [v / b for b, v in zip(bases, values)]
     print(
         f"{title}\n  {base_name:<22} {base:10.1f} {unit}\n  {name:<22} {value:10.1f} {unit}"
-        f"   ratio {value / base:.3f}   difference {value - base:+.1f} {unit}"
+        f"   difference {value - base:+.1f} {unit}\n"
+        f"  ratio {statistics.median(ratios):.3f}, median of {len(ratios)} paired repeats{_spread(ratios)}"
     )
 
 
@@ -140,23 +159,30 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=1_000_000)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--collectives", type=int, default=300)
+    parser.add_argument("--parts", default="1,2,3", help="which of the three measures to run, e.g. 2")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return collective_worker(args.collectives, args.repeats, args.out)
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, medians of {args.repeats} repeats\n")
-    _print(f"1. heartbeat(step), {args.calls} calls", "ns/call", bench_heartbeat(args.calls, args.repeats))
-    _print(
-        f"2. CPU training step (MLP 256-512-512-10, batch 64), {args.steps} steps",
-        "us/step",
-        bench_training_loop(args.steps, args.repeats),
-    )
-    _print(
-        f"3. all_reduce_mean over gloo, 2 ranks, {args.collectives} calls",
-        "us/call",
-        bench_collective_check(args.collectives, args.repeats),
-    )
+    parts = {int(p) for p in args.parts.split(",")}
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {load}, {args.repeats} repeats\n")
+    if 1 in parts:
+        _print(f"1. heartbeat(step), {args.calls} calls", "ns/call", bench_heartbeat(args.calls, args.repeats))
+    if 2 in parts:
+        _print(
+            f"2. CPU training step (MLP 256-512-512-10, batch 64), {args.steps} steps",
+            "us/step",
+            bench_training_loop(args.steps, args.repeats),
+        )
+    if 3 in parts:
+        _print(
+            f"3. all_reduce_mean over gloo, 2 ranks, {args.collectives} calls",
+            "us/call",
+            bench_collective_check(args.collectives, args.repeats),
+        )
+    print(f"load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 
 

@@ -8,8 +8,9 @@ built alike (DDP allows one comm hook per model, so the checked one has its own)
   - preempt: ``should_stop`` every step (the examples' default: the overlapped agreement);
   - preempt + check: both; the flag rides in the agreement (``Preemption.carry``), which then blocks.
 Medians of the per-step times over ``--repeats`` blocks; the ratios check / plain and (preempt + check) /
-preempt (target <= 1.01), and the check alone in µs per call (median of 5 x ``--check-calls``), which
-the load of other processes blurs less than whole steps do. The drift check is timed on its own
+preempt (target <= 1.01; median and spread of the per-round ratios), and the check alone in µs per call
+(``--check-calls`` calls per repeat; its own all-reduce, in the agreement, and a bare all-reduce of the same size,
+interleaved), which the load of other processes blurs less than whole steps do. The drift check is timed on its own
 (``--drift-calls`` calls) and averaged over ``drift_every=100`` steps (target <= 1.02).
 
     python benchmarks/bench_numerics.py [--repeats 9] [--steps 10] [--batch 8] [--size 64]
@@ -40,7 +41,9 @@ def worker(steps: int, repeats: int, batch: int, size: int, drift_calls: int, ch
 
     torch.set_num_threads(1)
     info = dist_init.init_distributed(backend="gloo", connect_timeout=60)
-    cfg = T.load_config(None, schema=T.SegmentationConfig, overrides=["training.mixed_precision=false"])
+    from ratlib.config_defaults import load_config
+
+    cfg = load_config(None, schema=T.SegmentationConfig, overrides=["training.mixed_precision=false"])
 
     def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
@@ -89,33 +92,59 @@ def worker(steps: int, repeats: int, batch: int, size: int, drift_calls: int, ch
         for name in names[i % 4 :] + names[: i % 4]:
             samples[name].append(block(*variants[name], step))
             step += steps
-    # the check alone, on the gradients of one backward: less exposed to other processes' load than the blocks
+    # the check alone, on the gradients of one backward (the DDP hook's bucket flags are put back before each
+    # call, so every call looks at them as in training), interleaved with the bare all-reduce it rides in: the
+    # floor of any blocking agreement. Less exposed to other processes' load than whole steps.
     loss = su.dice_ce_loss(checked_model(x), y)
     checked_opt.zero_grad(set_to_none=True)
     loss.backward()
-    check_us = {}
-    for name, use_preempt in (("check alone", False), ("check alone, in the agreement", True)):
-        pre = preempt.install(("SIGTERM",)) if use_preempt else None
-        times = []
-        for _ in range(5):
-            dist_init.barrier()
-            start = time.perf_counter()
-            for s in range(check_calls):
-                sentinel.check(step + s, loss)
-                if pre is not None:
-                    pre.should_stop(step + s + 1)
-            times.append((time.perf_counter() - start) / check_calls * 1e6)
-            step += check_calls + 1
-        check_us[name] = statistics.median(times)
-        preempt.uninstall()
+    attr = (
+        "_bucket_codes" if hasattr(sentinel, "_bucket_codes") else "_bucket_flags"
+    )  # the older name too, for a before/after run
+    buckets = list(getattr(sentinel, attr))
     dist = sys.modules["torch.distributed"]
+    world = dist.get_world_size()
+
+    def check_calls_us(use_preempt: bool, first: int) -> float:
+        pre = preempt.install(("SIGTERM",)) if use_preempt else None
+        dist_init.barrier()
+        took = 0.0
+        for s in range(check_calls):
+            setattr(sentinel, attr, list(buckets))
+            start = time.perf_counter()
+            sentinel.check(first + s, loss)
+            took += time.perf_counter() - start
+            if pre is not None:
+                pre.should_stop(first + s + 1)  # reuses what check agreed: no collective
+        preempt.uninstall()
+        return took / check_calls * 1e6
+
+    def all_reduce_us(first: int) -> float:
+        buf = torch.zeros(3, world, dtype=torch.int64)
+        dist_init.barrier()
+        start = time.perf_counter()
+        for _ in range(check_calls):
+            dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+        return (time.perf_counter() - start) / check_calls * 1e6
+
+    alone = {
+        "check alone, its own all-reduce": lambda first: check_calls_us(False, first),
+        "check alone, in the agreement": lambda first: check_calls_us(True, first),
+        "a bare all-reduce of [3, world] int64": all_reduce_us,
+    }
+    check_us: dict[str, list[float]] = {name: [] for name in alone}
+    keys = list(alone)
+    for i in range(max(5, repeats)):
+        for name in keys[i % 3 :] + keys[: i % 3]:
+            check_us[name].append(alone[name](step))
+            step += check_calls + 1
     dist_init.barrier()
     start = time.perf_counter()
     for _ in range(drift_calls):
         sentinel._drift(0, dist)
     drift_ms = (time.perf_counter() - start) / drift_calls * 1e3
     if info.rank == 0:
-        result = {k: statistics.median(v) for k, v in samples.items()}
+        result: dict = {k: statistics.median(v) for k, v in samples.items()}
         result["ratios"] = {
             "check / plain": [c / p for c, p in zip(samples["check"], samples["plain"])],
             "preempt + check / preempt": [c / p for c, p in zip(samples["preempt + check"], samples["preempt"])],
@@ -123,11 +152,20 @@ def worker(steps: int, repeats: int, batch: int, size: int, drift_calls: int, ch
         result["drift_ms"] = drift_ms
         result["check_us"] = check_us
         result["tensors"] = len(sentinel._tensors())
+        result["numerics_file"] = numerics.__file__
         result["parameters"] = sum(p.numel() for p in checked_model.parameters())
         with open(out_path, "w") as f:
             json.dump(result, f)
     dist_init.shutdown()
     return 0
+
+
+def _spread(values: list[float], fmt: str = ".3f") -> str:
+    """The quartiles and range of the repeats (each measured next to the others, in rotating order)."""
+    if len(values) < 2:
+        return ""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return f" (quartiles {q1:{fmt}}-{q3:{fmt}}, range {min(values):{fmt}}-{max(values):{fmt}}, n={len(values)})"
 
 
 def main() -> int:
@@ -159,6 +197,8 @@ def main() -> int:
         run.check()
         with open(out) as f:
             r = json.load(f)
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"load average at the end: {load}; ratlib.numerics from {r['numerics_file']}")
     print(
         f"2 CPU gloo ranks, the segmentation example's UNet ({r['parameters'] / 1e6:.2f}M parameters, "
         f"{r['tensors']} tensors), batch {args.batch}, {args.size}x{args.size}, fp32; medians of {args.repeats} "
@@ -167,11 +207,14 @@ def main() -> int:
     for name in ("plain", "check", "preempt", "preempt + check"):
         print(f"  {name:<18} {r[name]:9.2f} ms/step")
     for name, ratios in r["ratios"].items():
-        shown = ", ".join(f"{v:.3f}" for v in ratios)
-        print(f"  ratio {name:<26} median {statistics.median(ratios):.3f} (per block: {shown}); target <= 1.01")
+        print(f"  ratio {name:<26} median {statistics.median(ratios):.3f}{_spread(ratios)}; target <= 1.01")
     base = r["plain"]
-    for name, us in r["check_us"].items():
-        print(f"  {name:<30} {us:9.1f} µs/call ({us / 1e3 / base:.2%} of a plain step; target <= 1%)")
+    for name, values in r["check_us"].items():
+        us = statistics.median(values)
+        print(
+            f"  {name:<38} {us:9.1f} µs/call ({us / 1e3 / base:.2%} of a plain step; target <= 1%)"
+            f"{_spread(values, '.0f')}"
+        )
     print(
         f"  ratio drift check every 100 steps  {1 + r['drift_ms'] / (100 * base):.4f} "
         f"({r['drift_ms']:.2f} ms per check, {r['drift_ms'] / base:.2f} steps); target <= 1.02"

@@ -14,6 +14,7 @@ cost of one record (``log`` plus the backends' writes on their threads) against 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backends", default="jsonl,tensorboard")
+    parser.add_argument("--records", type=int, default=200, help="records per repeat of the jsonl write measure")
     args = parser.parse_args()
 
     import torch
@@ -102,6 +104,33 @@ def main() -> None:
         record_cpu, record_wall = (time.process_time() - cpu) / n, (time.perf_counter() - wall) / n
         alone.close()
 
+        # The jsonl backend's own write per record, on this thread: an fsync per line (ratlib.io.append_jsonl, what
+        # the backend did before) against one write per line and an fsync at the flush (now), interleaved.
+        from ratlib.io import append_jsonl
+        from ratlib.tracking.backends import BackendStart, JsonlBackend
+
+        def per_line_fsync(run: Path) -> None:
+            for i in range(args.records):
+                append_jsonl(run / "metrics.jsonl", {"step": i, "loss": float(i), "lr": 1e-3})
+
+        def backend_writes(run: Path) -> None:
+            backend = JsonlBackend()
+            backend.start(BackendStart(run_dir=run, name="b", config=None, raw_config=None, resume_step=None))
+            for i in range(args.records):
+                backend.log({"loss": float(i), "lr": 1e-3}, i)
+            backend.flush()
+            backend.close()
+
+        writes: dict[str, list[float]] = {"fsync every line (before)": [], "one write, fsync at flush (now)": []}
+        for r in range(max(5, args.rounds)):
+            order = [("fsync every line (before)", per_line_fsync), ("one write, fsync at flush (now)", backend_writes)]
+            for name, write in order if r % 2 == 0 else order[::-1]:
+                run = Path(tmp) / f"writes{r}{name[:3]}"
+                run.mkdir()
+                start = time.perf_counter()
+                write(run)
+                writes[name].append((time.perf_counter() - start) / args.records)
+
     p, t = statistics.median(plain), statistics.median(tracked)
     print(f"plain step:    {p * 1e3:8.3f} ms (median of {args.rounds} rounds x {args.steps} steps)")
     print(f"tracked step:  {t * 1e3:8.3f} ms  (Tracker.log every step, backends {args.backends})")
@@ -115,8 +144,22 @@ def main() -> None:
     print(f"ratio tracked/plain: {t / p:.4f}  (target <= 1.01)")
     cpu = statistics.median(tracked_cpu) / statistics.median(plain_cpu)
     print(f"CPU time (all threads) tracked/plain: {cpu:.4f}  (less sensitive to a loaded machine than wall time)")
-    paired = statistics.median(b / a for a, b in zip(plain, tracked))
-    print(f"median of the per-round ratios (each tracked round against the plain round before it): {paired:.4f}")
+    ratios = [b / a for a, b in zip(plain, tracked)]
+    spread = ""
+    if len(ratios) > 1:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        spread = f" (quartiles {q1:.4f}-{q3:.4f}, range {min(ratios):.4f}-{max(ratios):.4f})"
+    print(
+        "median of the per-round ratios (each tracked round against the plain round before it): "
+        f"{statistics.median(ratios):.4f}{spread}"
+    )
+    for name, values in writes.items():
+        w = statistics.median(values)
+        print(
+            f"jsonl write per record, {name}: {w * 1e6:.0f} us wall ({w / p:.3%} of a plain step; "
+            f"range {min(values) * 1e6:.0f}-{max(values) * 1e6:.0f} us over {len(values)} repeats of {args.records})"
+        )
+    print(f"load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
