@@ -274,15 +274,20 @@ class Stepper:
                     fix="set training.strategy=deepspeed",
                 )
             )
+        names = [n for n, p in unwrap_model(self.model).named_parameters() if p.requires_grad]  # optimiser order
         if self.kind == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import set_state_dict
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+            # a whole state (a DDP run's .pt) is sharded here; a sharded folder was read into our own shards
+            whole = not any(type(v).__name__ == "DTensor" for v in state["model"].values())
+            optimizer = _optimizer_by_name(state["optimizer"], names)
+            options = StateDictOptions(full_state_dict=whole)
             set_state_dict(
-                self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+                self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=optimizer, options=options
             )
-        else:
+        else:  # also from an FSDP2 run's folder, read as whole tensors: its optimiser state is keyed by name
             unwrap_model(self.model).load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(_optimizer_by_index(state["optimizer"], names))
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -311,6 +316,24 @@ def train_sampler(cfg: ExperimentConfig, num_samples: int, info: DistInfo, **kwa
     return ShardedBatchSampler(
         num_samples, global_batch_size=t.global_batch_size, micro_batch_size=t.batch_size, **common, **kwargs
     )
+
+
+def _optimizer_by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A torch optimiser state keyed by parameter index (``optimizer.state_dict()``) keyed by parameter name, as
+    FSDP2's ``get_state_dict`` keys it; a state keyed by name already comes back as it is."""
+    if all(isinstance(k, str) for g in state["param_groups"] for k in g["params"]):
+        return state
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
+def _optimizer_by_index(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The reverse of ``_optimizer_by_name``: what ``optimizer.load_state_dict`` of a DDP run takes."""
+    if all(isinstance(k, int) for g in state["param_groups"] for k in g["params"]):
+        return state
+    index = {name: i for i, name in enumerate(names)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[n]: v for n, v in state["state"].items()}, "param_groups": groups}
 
 
 def count_steps(cfg: ExperimentConfig, sampler: Any) -> tuple[int, int, int]:

@@ -413,3 +413,64 @@ def fsdp2_against_ddp(root: str) -> int:
 @pytest.mark.needs_torch("2.6", "FSDP2's fully_shard in torch.distributed.fsdp")
 def test_fsdp2_steps_like_ddp_with_accumulation_and_clipping(tmp_path: Path) -> None:
     run_on_ranks(fsdp2_against_ddp, 2, args=(str(tmp_path),), timeout=120).check()
+
+
+def ddp_to_fsdp2_and_back(root: str) -> int:
+    """On 2 gloo ranks: a DDP stepper's checkpoint (.pt, whole tensors, optimiser keyed by index) resumes into an
+    FSDP2 stepper, and the FSDP2 stepper's (a sharded folder, optimiser keyed by name) back into DDP: the
+    weights and the AdamW moments arrive equal, and a step after each resume gives the same weights."""
+    import ratlib
+    from ratlib import checkpoint
+    from ratlib.strategy import make_stepper
+
+    def build(strategy: str) -> Any:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        return make_stepper(config(strategy=strategy, optimizer={"lr": 0.05}), model, info, 2, 8)
+
+    def train(stepper: Any, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed + info.rank)
+        x, y = torch.randn(5, 4, generator=gen), torch.randn(5, 2, generator=gen)
+        stepper.backward(nn.functional.mse_loss(stepper.model(x), y))
+        stepper.step(True)
+
+    def whole(stepper: Any) -> dict[str, torch.Tensor]:
+        state = stepper.state_dict()
+        model = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state["model"].items()}
+        moments = state["optimizer"]["state"]
+        key = "0.weight" if "0.weight" in moments else 0
+        model["exp_avg"] = moments[key]["exp_avg"]
+        model["exp_avg"] = (
+            model["exp_avg"].full_tensor() if hasattr(model["exp_avg"], "full_tensor") else model["exp_avg"]
+        )
+        return model
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+    with ratlib.distributed("gloo") as info:
+        ddp = build("ddp")
+        train(ddp, 1)
+        checkpoint.save({"epoch": 0, **ddp.state_dict()}, Path(root) / "ddp.pt")
+        fsdp = build("fsdp2")
+        fsdp.load_state_dict(checkpoint.load(Path(root) / "ddp.pt"), Path(root), Path(root) / "ddp.pt")
+        same(whole(fsdp), whole(ddp))
+        train(ddp, 2)
+        train(fsdp, 2)
+        same(whole(fsdp), whole(ddp))
+        checkpoint.save({"epoch": 1, **fsdp.state_dict()}, Path(root) / "fsdp")
+        back = build("ddp")
+        back.load_state_dict(checkpoint.load(Path(root) / "fsdp"), Path(root), Path(root) / "fsdp")
+        same(whole(back), whole(fsdp))
+        train(back, 3)
+        train(fsdp, 3)
+        same(whole(back), whole(fsdp))
+    return 0
+
+
+@pytest.mark.distributed
+@pytest.mark.needs_torch("2.6", "FSDP2's fully_shard in torch.distributed.fsdp")
+def test_a_ddp_checkpoint_resumes_into_fsdp2_and_back(tmp_path: Path) -> None:
+    run_on_ranks(ddp_to_fsdp2_and_back, 2, args=(str(tmp_path),), timeout=120).check()
