@@ -13,13 +13,11 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from launcher_helpers import ROOT, clean_env
@@ -75,9 +73,16 @@ def _drawn(batches: Path, step: tuple[int, int]) -> bool:
         return False
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc: Linux only, as the launcher tests are)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,26 +103,26 @@ def test_torchrun_nnodes_1_2_survivor_restarts_on_one_rank_and_resumes_the_globa
     env = clean_env(BATCH_LOG=str(batches), GLOO_SOCKET_IFNAME="lo")
 
     def agent(name: str, host: bool) -> subprocess.Popen:
-        conf = f"is_host={str(host).lower()},last_call_timeout=5,keep_alive_interval=2,keep_alive_max_attempt=3"
+        # both agents join the first round (it closes at 2 nodes at once); after the kill, the dead node misses its
+        # keep-alives (every 5 s, 3 misses: torch's defaults, which a loaded machine still keeps) and the round
+        # closes with the survivor 10 s after it joined (last_call_timeout; 30 s by default)
+        conf = f"is_host={str(host).lower()},last_call_timeout=10"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1"]
         cmd += ["--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
         cmd += ["--rdzv-id", "issue32", "--rdzv-conf", conf, *_example(run, msd_root, "training.resume=auto")]
         out = open(tmp_path / f"agent_{name}.txt", "w")  # noqa: SIM115 - closed with the process
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
+    # started together, so that the first round has both (one started later would make the first round close
+    # with one node and then restart it to scale up); B's store client waits for A's server
     a = agent("a", host=True)  # holds the rendezvous store: the agent that stays
-    b = None
+    b = agent("b", host=False)
     killed: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while not _listening(port) and a.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        b = agent("b", host=False)
         deadline = time.monotonic() + 420
         while not killed and time.monotonic() < deadline and a.poll() is None:
             if (run / "checkpoints" / "epoch0000.pt").is_file() and _drawn(batches, (1, 0)):
-                workers = psutil.Process(b.pid).children()
-                for group in {b.pid, *(os.getpgid(w.pid) for w in workers)}:  # the agent's group, each worker's
+                for group in {b.pid, *(os.getpgid(w) for w in _children(b.pid))}:  # the agent's group, each worker's
                     os.killpg(group, signal.SIGKILL)
                     killed.append(group)
             time.sleep(0.1)
@@ -137,6 +142,7 @@ def test_torchrun_nnodes_1_2_survivor_restarts_on_one_rank_and_resumes_the_globa
     assert min(second) == (1, 0) and max(second) == (2, 2), list(second)  # epoch 1 again, from its start
     assert second == {k: v for k, v in whole.items() if k >= (1, 0)}  # index by index
     assert all(whole[k] == v for k, v in first.items() if k < (1, 0))  # before the kill, on 2 ranks
+    assert len(list(batches.glob("batches*.0.jsonl"))) == 2  # two ranks before the kill
     assert len(list(batches.glob("batches*.1.jsonl"))) == 1  # one rank after the restart
     assert _steps(run) == list(range(1, 10))  # each step once: the steps after the checkpoint were purged
     final = _checkpoint(run / "checkpoints" / "epoch0002.pt")
