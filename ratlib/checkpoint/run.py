@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,12 @@ class RunCheckpoints:
         if config is not None:
             state["config"] = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
         name = f"epoch{epoch:04d}" + ("" if getattr(stepper, "sharded", False) else ".pt")
-        return save(state, self.folder / name, keep=self.keep)
+        path = save(state, self.folder / name, keep=self.keep)
+        # the same epoch in the other format (a run resumed on another number of ranks, sharded or not) is older
+        other = self.folder / (f"epoch{epoch:04d}" if path.suffix == ".pt" else f"epoch{epoch:04d}.pt")
+        if is_main_process() and other.exists():
+            shutil.rmtree(other) if other.is_dir() else other.unlink()
+        return path
 
     def resume(self, stepper: Any, sampler: Any, how: bool | str = True) -> dict[str, Any] | None:
         """Continue from the latest checkpoint: weights, optimiser, schedule, scaler, the sampler's position
