@@ -312,7 +312,12 @@ def train_sampler(cfg: ExperimentConfig, num_samples: int, info: DistInfo, **kwa
     common: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size, "seed": t.seed}
     if t.global_batch_size is None:
         return ShardedBatchSampler(num_samples, t.batch_size, **common, **kwargs)
-    kwargs.pop("group_ids", None)  # grouping by aspect ratio needs per-device batches
+    if kwargs.pop("group_ids", None) is not None:  # grouping by aspect ratio needs per-device batches
+        log.warning(
+            "training.global_batch_size=%d: batches are not grouped by aspect ratio (group_ids), since a global "
+            "batch's parts come from one global order; set training.global_batch_size=null to group them",
+            t.global_batch_size,
+        )
     return ShardedBatchSampler(
         num_samples, global_batch_size=t.global_batch_size, micro_batch_size=t.batch_size, **common, **kwargs
     )
