@@ -81,7 +81,9 @@ def fsdp2_save(folder: str) -> int:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from ratlib import distributed
+    from ratlib.checkpoint import planner
 
+    planner.PIECE_BYTES = 16  # one row of Linear(4, 8) per stored piece: loads at other sizes read pieces
     out = Path(folder)
     with distributed(device="cpu", timeout=60) as info:
         model = sharded_model(0)
@@ -203,8 +205,9 @@ def _rank_main(folder: str, rank: int, world: int, port: int, kill: str | None, 
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ratlib.checkpoint import sharded
+    from ratlib.checkpoint import planner, sharded
 
+    planner.PIECE_BYTES = 2 * 64 * 4  # the DTensor's shard (4 rows of 64) in pieces of 2 rows
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))

@@ -15,6 +15,7 @@ import torch
 
 from ratlib import checkpoint
 from ratlib.checkpoint import CheckpointError, sharded
+from ratlib.checkpoint.safe_metadata import read_metadata
 from ratlib.io import TMP_PREFIX
 
 HERE = Path(__file__).resolve().parent
@@ -252,6 +253,8 @@ def _save_then_load(tmp_path: Path, run_on_ranks, saved_on: int, loaded_on: int)
 
     run_on_ranks(fsdp2_save, saved_on, args=(str(tmp_path),), env=ENV, timeout=240).check()
     assert checkpoint.latest(tmp_path, "step*") == tmp_path / "step2"
+    stored = read_metadata(tmp_path / "step1").state_dict_metadata
+    assert len(stored["model.0.weight"].chunks) == 8  # its 8 rows in pieces of one row (planner.PIECE_BYTES)
     # one process, no group: full plain tensors, and into a plain model
     want1 = torch.load(tmp_path / "expected1.pt", weights_only=True)
     state = checkpoint.load(tmp_path / "step1")

@@ -355,6 +355,8 @@ def write(job: SaveJob) -> None:
 
     import torch.distributed.checkpoint as dcp
 
+    from ratlib.checkpoint.planner import planner
+
     ranks, tmp = job.ranks, job.tmp
     error = None
     try:
@@ -367,6 +369,7 @@ def write(job: SaveJob) -> None:
             dcp.save(
                 job.tensors or {},
                 storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
+                planner=planner(),
                 process_group=ranks.group,
                 no_dist=ranks.group is None,
             )
