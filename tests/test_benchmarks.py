@@ -15,6 +15,7 @@ BENCHMARKS = ROOT / "benchmarks"
 
 # script -> the tiny settings of its smoke run
 TINY = {
+    "bench_checkpoint.py": ["--quick"],
     "bench_detection.py": ["--images", "8", "--steps", "2", "--warmup", "1", "--rounds", "2", "--batch-size", "2"]
     + ["--image-size", "64"],
     "bench_dist_init.py": ["--repeats", "1"],
