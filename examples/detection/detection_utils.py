@@ -186,10 +186,14 @@ class CocoDetection(torch.utils.data.Dataset):
         """Per image: 0 for landscape or square, 1 for portrait (from the JSON, no image reads)."""
         return [int(self.coco.imgs[i]["height"] > self.coco.imgs[i]["width"]) for i in self.ids]
 
-    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, dict[str, Any]]:
+        """An image and its target; ``key`` is an index, or ``(index, augmentation seed)`` from
+        ``ShardedBatchSampler(augmentation_seeds=True)``: the random flip then depends on the sample alone, the
+        same on any rank, at any number of ranks and after any resume."""
         from PIL import Image
         from torchvision import tv_tensors
 
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = self.images / info["file_name"]
@@ -215,7 +219,11 @@ class CocoDetection(torch.utils.data.Dataset):
             target["masks"] = tv_tensors.Mask(
                 torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, *size), dtype=torch.uint8)
             )
-        if self.transforms is not None:
+        if self.transforms is not None and seed is not None:
+            with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from the global generator
+                torch.manual_seed(seed)
+                image, target = self.transforms(image, target)
+        elif self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
 

@@ -213,7 +213,8 @@ def train(
     # on its share of val.
     train_set, val_set = du.build_datasets(cfg, run_dir, masks=cfg.model.name.startswith("maskrcnn"))
     groups = train_set.aspect_groups()
-    sampler = strategy.train_sampler(cfg, len(train_set), info, group_ids=groups)  # global or per-device batches
+    # global or per-device batches; each image's flip drawn from its own seed (the same after any resume)
+    sampler = strategy.train_sampler(cfg, len(train_set), info, group_ids=groups, augmentation_seeds=True)
     workers = cfg.data.num_workers
     train_loader = torch.utils.data.DataLoader(
         train_set,
