@@ -17,6 +17,7 @@ import pytest
 import torch
 from example_helpers import load_script, one_thread  # noqa: F401  (fixture)
 
+from ratlib.config_defaults import load_config
 from ratlib.synthetic import make_coco_detection
 from ratlib.testing.ranks import run_on_ranks
 
@@ -67,7 +68,7 @@ def nan_on_rank_1(run: str, root: str) -> int:
 
     du.build_model = build_model
     out: dict = {}
-    cfg = T.load_config(None, overrides=[*TINY, f"output_dir={run}", f"data.root={root}"], schema=T.DetectionConfig)
+    cfg = load_config(None, overrides=[*TINY, f"output_dir={run}", f"data.root={root}"], schema=T.DetectionConfig)
     with distributed(device="cpu") as info:
         try:
             T.train(cfg, run_dir=run, info=info)
@@ -79,7 +80,7 @@ def nan_on_rank_1(run: str, root: str) -> int:
     return 0
 
 
-@pytest.mark.slow  # 75 s on 2 cores at load 7: two ranks import torchvision and build Faster R-CNN
+@pytest.mark.slow  # 9 s on 2 idle cores, 75 s at load 7: two ranks import torchvision and build Faster R-CNN
 @pytest.mark.distributed
 @pytest.mark.usefixtures("one_thread")
 def test_nan_in_one_ranks_gradient_stops_every_rank_and_is_named(tmp_path: Path) -> None:
