@@ -489,11 +489,17 @@ def _finite_flags(tensors: list[Any]) -> Any:
     NaN or Inf exactly when a value is, except that values above about 1e19 overflow it (counted non-finite)."""
     import torch
 
-    try:
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    except TypeError:  # torch before 2.4 has no dtype argument: half precision is widened first, so as not to overflow
+    def widened() -> Any:  # half precision widened first, so as not to overflow
         low = (torch.float16, torch.bfloat16)
-        norms = torch._foreach_norm([t.float() if t.dtype in low else t for t in tensors], 2)
+        return torch._foreach_norm([t.float() if t.dtype in low else t for t in tensors], 2)
+
+    if any(t.dtype == torch.float64 for t in tensors):  # dtype=float32 cannot narrow float64
+        norms = widened()
+    else:
+        try:
+            norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        except TypeError:  # torch before 2.4 has no dtype argument
+            norms = widened()
     return torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
