@@ -340,3 +340,34 @@ def _check_trial(out: Path, world: int) -> dict[str, Any]:
 
 if __name__ == "__main__":
     sys.exit(crash_trials(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5]))
+
+
+def async_error_on_one_rank(folder: str) -> int:
+    """Rank 1's background write fails (disk full, injected): the next checkpoint call raises on every rank,
+    nothing is committed, and the save after that works."""
+    from ratlib import distributed
+    from ratlib.checkpoint import sharded
+
+    out = Path(folder)
+    with distributed(device="cpu", timeout=60) as info:
+        checkpoint.save({"w": torch.ones(4)}, out / "step1", per_rank={"r": info.rank})
+        original = sharded._write_durable
+        if info.rank == 1:
+
+            def full_disk(path: Path, data: bytes) -> None:
+                raise OSError(28, "No space left on device (injected)")
+
+            sharded._write_durable = full_disk  # type: ignore[assignment]
+        checkpoint.save({"w": torch.full((4,), 2.0)}, out / "step2", per_rank={"r": info.rank}, async_save=True)
+        try:
+            checkpoint.latest(out)
+        except checkpoint.CheckpointError as exc:
+            print(f"rank {info.rank} raised: {exc}", flush=True)
+        else:
+            raise AssertionError("the failed background write was not raised")
+        assert checkpoint.latest(out) == out / "step1"  # raised once; the failed save left nothing visible
+        sharded._write_durable = original  # type: ignore[assignment]
+        checkpoint.save({"w": torch.full((4,), 3.0)}, out / "step3", per_rank={"r": info.rank}, async_save=True)
+        assert checkpoint.load(out / "step3")["w"].tolist() == [3.0] * 4
+        print(f"rank {info.rank} recovered", flush=True)
+    return 0

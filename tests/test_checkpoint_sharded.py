@@ -285,6 +285,32 @@ def test_fsdp2_saved_on_4_ranks_loads_on_2(tmp_path: Path, run_on_ranks) -> None
     _save_then_load(tmp_path, run_on_ranks, 4, 2)
 
 
+@pytest.mark.distributed
+def test_a_background_write_failing_on_one_rank_is_raised_on_every_rank(tmp_path: Path, run_on_ranks) -> None:
+    from checkpoint_sharded_targets import async_error_on_one_rank
+
+    run = run_on_ranks(async_error_on_one_rank, 2, args=(str(tmp_path),), env=ENV, timeout=180).check()
+    for rank in (0, 1):
+        text = run.outputs[rank]
+        assert f"rank {rank} raised: the asynchronous checkpoint.save(" in text, str(run)
+        assert "the write failed on rank(s) [1]" in text and "No space left on device (injected)" in text, text
+        assert f"rank {rank} recovered" in text, str(run)
+
+
+EXIT = """
+import sys, torch
+from ratlib import checkpoint
+checkpoint.save({"w": torch.ones(256, 1024)}, sys.argv[1], async_save=True)
+"""
+
+
+def test_interpreter_exit_waits_for_the_save_in_flight(tmp_path: Path) -> None:
+    env = {**os.environ, **ENV}
+    done = subprocess.run([sys.executable, "-c", EXIT, str(tmp_path / "ck")], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert checkpoint.is_committed(tmp_path / "ck") and checkpoint.load(tmp_path / "ck")["w"].shape == (256, 1024)
+
+
 CRASH = HERE / "checkpoint_sharded_targets.py"
 
 

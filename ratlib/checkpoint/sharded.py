@@ -351,7 +351,6 @@ def _refuse_target(path: Path) -> str | None:
 
 def write(job: SaveJob) -> None:
     """Write this rank's files, meet, and (main rank) commit and prune; raises on every rank if any failed."""
-    import warnings
 
     import torch.distributed.checkpoint as dcp
 
@@ -359,25 +358,27 @@ def write(job: SaveJob) -> None:
 
     ranks, tmp = job.ranks, job.tmp
     error = None
+    try:  # first, on every rank whatever else fails: DCP's collectives must meet on every rank
+        _quiet_single_process_warning()
+        dcp.save(
+            job.tensors or {},
+            storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
+            planner=planner(),
+            process_group=ranks.group,
+            no_dist=ranks.group is None,
+        )
+    except Exception as exc:  # noqa: BLE001 - reported to every rank below
+        error = f"{type(exc).__name__}: {_short(exc)}"
+    finally:
+        job.tensors = None  # the staged copy goes now, not at the next save
     try:
         if job.plain is not None:
             _write_durable(tmp / PLAIN, job.plain)
         if job.mine is not None:
             _write_durable(tmp / f"rank{ranks.rank}.pt", job.mine)
-        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.save(
-                job.tensors or {},
-                storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
-                planner=planner(),
-                process_group=ranks.group,
-                no_dist=ranks.group is None,
-            )
         fsync_dir(tmp)
     except Exception as exc:  # noqa: BLE001 - reported to every rank below
-        error = f"{type(exc).__name__}: {_short(exc)}"
-    finally:
-        job.tensors = None  # the staged copy goes now, not at the next save
+        error = error or f"{type(exc).__name__}: {_short(exc)}"
     _phase("written", job.path)
     written = _meet(ranks, "the end of the write", f"save/{job.seq}/written", error, job.call)
     failed = [(r, e) for r, e in enumerate(written) if e]
@@ -412,6 +413,18 @@ def write(job: SaveJob) -> None:
                 fix="check the folder's permissions and free space; the previous checkpoint is still the latest",
             )
         )
+
+
+_QUIET = r"torch\.distributed is disabled"
+
+
+def _quiet_single_process_warning() -> None:
+    """DCP warns "assuming the intent is to save in a single process" on every call without a group: it is.
+    A filter for that message alone, added once (warnings.catch_warnings is not safe in a thread)."""
+    import warnings
+
+    if not any(getattr(f[1], "pattern", None) == _QUIET for f in warnings.filters):
+        warnings.filterwarnings("ignore", message=_QUIET, category=UserWarning)
 
 
 def _write_durable(path: Path, data: bytes) -> None:
@@ -543,7 +556,6 @@ def load(
     an error naming them and the closest names; with ``strict=False`` the first come back whole and the second
     are left as they are.
     """
-    import warnings
 
     import torch
     import torch.distributed.checkpoint as dcp
@@ -604,9 +616,8 @@ def load(
             )
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(request, storage_reader=reader(path), process_group=ranks.group, no_dist=ranks.group is None)
+        _quiet_single_process_warning()
+        dcp.load(request, storage_reader=reader(path), process_group=ranks.group, no_dist=ranks.group is None)
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001
