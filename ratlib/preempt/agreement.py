@@ -133,16 +133,22 @@ class Preemption:
             (work, pending), self._pending = self._pending, None
             self._wait(dist, step, lambda: work.wait())
             earlier = self._signals(pending)
-        buf = torch.zeros(2 + len(flags), dist.get_world_size(), dtype=torch.int64)
-        buf[:2] = self._local_flags(dist)
-        if flags:
-            buf[2:, dist.get_rank()] = torch.tensor(flags, dtype=torch.int64)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        rows = [[0] * world for _ in range(2 + len(flags))]
+        if _FLAG.signum:
+            rows[0][rank], rows[1][rank] = _FLAG.signum, int(_FLAG.time * 1e6)
+        for i, f in enumerate(flags):
+            rows[2 + i][rank] = f
+        buf = torch.tensor(rows, dtype=torch.int64)  # one op in, one copy out: each small op costs under load
         self._posted = True
         self._wait(dist, step, lambda: dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group))
-        got = earlier or self._signals(buf)
+        signums, times, *agreed = buf.tolist()
+        got = earlier or tuple(
+            RankSignal(r, signal_name(s) or "?", t / 1e6) for r, (s, t) in enumerate(zip(signums, times)) if s
+        )
         if got or self._carried is None:  # a stop already carried is kept until should_stop takes it
             self._carried = got
-        return buf[2:].t().tolist()
+        return [list(col) for col in zip(*agreed)] if agreed else [[] for _ in range(world)]
 
     def stop_next(self, reason: str, *, requeue: bool = False) -> None:
         """Make the next ``should_stop`` answer True with no signal, and log ``reason``: for a stop every rank
