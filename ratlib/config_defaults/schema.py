@@ -154,12 +154,12 @@ class NumericsConfig(_Section):
     exclude: list[str] = []
     """Name patterns (fnmatch) of parameters and buffers that are rank-local by design: not compared."""
 
-
     @field_validator("policy", mode="before")
     @classmethod
     def _off_is_false(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare `off` (and `policy=off` on the command line) as false
         return "off" if value is False else value
+
 
 class TrainingConfig(_Section):
     """``training``: the loop's settings."""

@@ -26,6 +26,7 @@ from ratlib.launch import (
 if TYPE_CHECKING:  # pragma: no cover
     pass
 
+
 def _torch_dist() -> Any:
     try:
         import torch.distributed as dist
@@ -324,5 +325,3 @@ def _make_store(launch: LaunchEnv, connect_timeout: float, timeout: timedelta) -
         store = _client_store(launch, time.monotonic() + connect_timeout, connect_timeout)
     store.set_timeout(timeout)
     return store
-
-
