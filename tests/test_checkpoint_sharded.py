@@ -215,6 +215,22 @@ def test_an_error_in_the_background_write_is_raised_at_the_next_call(tmp_path: P
     assert checkpoint.load(tmp_path / "step3")["w"].tolist() == [1.0]  # load waits for the save in flight
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_async_save_of_cuda_tensors_stages_them_in_pinned_memory(tmp_path: Path) -> None:
+    model = torch.nn.Linear(256, 256).cuda()
+    want = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    checkpoint.save({"model": model.state_dict()}, tmp_path / "gpu1", async_save=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # on the GPU, right after the call
+    checkpoint.wait_pending()
+    assert _same(checkpoint.load(tmp_path / "gpu1")["model"], want)
+    into = {"model": model.state_dict()}  # back into the CUDA tensors, in place
+    checkpoint.load(tmp_path / "gpu1", into=into)
+    assert _same({k: v.cpu() for k, v in model.state_dict().items()}, want)
+
+
 RSS = """
 import os, sys, torch
 from ratlib import checkpoint
