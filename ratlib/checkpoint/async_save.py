@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ratlib.checkpoint.files import CheckpointError
+from ratlib.checkpoint._common import CheckpointError
 from ratlib.errors import message
 
 __all__ = ["save_in_flight", "stage", "start", "wait_pending"]

@@ -15,7 +15,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from ratlib.checkpoint.files import CheckpointError
+from ratlib.checkpoint._common import CheckpointError
 from ratlib.errors import message
 
 __all__ = ["METADATA", "read_metadata", "reader"]

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ratlib.checkpoint.files import (
+from ratlib.checkpoint._common import (
     CheckpointArgumentError,
     CheckpointError,
     CheckpointNotFoundError,
@@ -511,7 +511,7 @@ def _check_folder(path: Path) -> None:
 
 
 def _listing(folder: Path) -> str:
-    from ratlib.checkpoint.files import _listing as files_listing
+    from ratlib.checkpoint._common import _listing as files_listing
 
     if not folder.is_dir():
         return f"folder {folder} does not exist"
