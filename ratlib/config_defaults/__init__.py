@@ -70,47 +70,34 @@ __all__ = [
 ]
 
 
-_MOVED_TO_STRATEGY = {
-    "Stepper",
-    "autocast_for",
-    "loss_weight",
-    "lr_lambda",
-    "make_optimizer",
-    "make_scheduler",
-    "make_sentinel",
-    "make_stepper",
-    "memory_format_for",
-    "report_findings",
-    "train_sampler",
-}
+# Names that moved out of config_defaults (issue 31), with their new module: they warn and forward for one release.
+MOVED = {
+    **dict.fromkeys(
+        ("Stepper", "autocast_for", "loss_weight", "lr_lambda", "make_optimizer", "make_scheduler", "make_sentinel",
+         "make_stepper", "memory_format_for", "report_findings", "train_sampler"),
+        "ratlib.strategy",
+    ),
+    **dict.fromkeys(
+        ("MemoryEstimate", "MemoryProbe", "count_parameters", "estimate_model_memory", "probe_memory"),
+        "ratlib.memory",
+    ),
+}  # fmt: skip
 
-_MOVED_TO_MEMORY = frozenset(
-    {"MemoryEstimate", "MemoryProbe", "count_parameters", "estimate_model_memory", "probe_memory"}
-)
+
+def forward_moved(module: str, name: str) -> object:
+    """``module.name`` of a name in ``MOVED``: its new home's, with a ``DeprecationWarning``; else AttributeError."""
+    if name not in MOVED:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(
+        f"{module}.{name} moved to {MOVED[name]}.{name}; the old name goes in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return getattr(importlib.import_module(MOVED[name]), name)
 
 
 def __getattr__(name: str) -> object:
-    """The training mechanics moved to ``ratlib.strategy``: the old names warn and forward for one release."""
-    if name in _MOVED_TO_STRATEGY:
-        import warnings
-
-        import ratlib.strategy
-
-        warnings.warn(
-            f"ratlib.config_defaults.{name} moved to ratlib.strategy.{name}; the old name goes in the next release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(ratlib.strategy, name)
-    if name in _MOVED_TO_MEMORY:
-        import warnings
-
-        import ratlib.memory
-
-        warnings.warn(
-            f"ratlib.config_defaults.{name} moved to ratlib.memory.{name}; the old name goes in the next release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(ratlib.memory, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return forward_moved(__name__, name)

@@ -3,42 +3,13 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
+from ratlib.config_defaults import MOVED, forward_moved
+from ratlib.config_defaults.args import UsageError, parse_args
 
-_MOVED_TO_STRATEGY = {
-    "Stepper",
-    "autocast_for",
-    "loss_weight",
-    "lr_lambda",
-    "make_optimizer",
-    "make_scheduler",
-    "make_sentinel",
-    "make_stepper",
-    "memory_format_for",
-    "report_findings",
-    "train_sampler",
-}
+__all__ = ["UsageError", "parse_args"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_STRATEGY:
-        import ratlib.strategy
-
-        warnings.warn(
-            f"ratlib.config_defaults.training.{name} moved to ratlib.strategy.{name}; the old name goes in the "
-            "next release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(ratlib.strategy, name)
-    if name in {"UsageError", "parse_args"}:
-        from ratlib.config_defaults import args
-
-        warnings.warn(
-            f"ratlib.config_defaults.training.{name} moved to ratlib.config_defaults.{name}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(args, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def __getattr__(name: str) -> object:
+    if MOVED.get(name) != "ratlib.strategy":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return forward_moved(__name__, name)
