@@ -32,7 +32,7 @@ BUILTIN_EXCEPTIONS = {
 ALLOWED = {
     # PEP 562 module __getattr__ must raise AttributeError: hasattr(), getattr(default) and import rely on it.
     ("__init__.py", "__getattr__", "AttributeError"),
-    ("config_defaults/__init__.py", "__getattr__", "AttributeError"),  # moved names, forwarded for one release
+    ("config_defaults/__init__.py", "forward_moved", "AttributeError"),  # moved names, forwarded for one release
     ("config_defaults/training.py", "__getattr__", "AttributeError"),
     # the same protocol for a logger adapter forwarding unknown names to a custom logger class.
     ("rank_logger/__init__.py", "_CustomRankLogger.__getattr__", "AttributeError"),

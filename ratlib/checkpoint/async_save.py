@@ -110,7 +110,7 @@ def wait_pending() -> None:
     if error is None:
         return
     if isinstance(error, CheckpointError):
-        raise CheckpointError(f"the asynchronous {error}") from error
+        raise CheckpointError(message(f"the asynchronous {error}")) from error
     raise CheckpointError(
         message(
             f"the asynchronous {pending.call} failed in the background; nothing was committed and the previous "

@@ -8,17 +8,14 @@ import os
 import shlex
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ratlib.preempt.signals import _DEFAULT_SIGNAL_LEAD, NO_REQUEUE_ENV, REQUEUE_COMMAND, _float_or_none, log
-
-if TYPE_CHECKING:
-    from ratlib.preempt.agreement import Preemption
 
 __all__ = ["check_lead_time", "requeue_slurm_job"]
 
 
-def _requeue(pre: Preemption, command: Sequence[str], env: Mapping[str, str]) -> bool:
+def _requeue(pre: Any, command: Sequence[str], env: Mapping[str, str]) -> bool:  # pre: agreement.Preemption
     if pre.progressed:
         return requeue_slurm_job(command=command, environ=env)
     if env.get("SLURM_JOB_ID"):

@@ -8,12 +8,8 @@ import logging
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ratlib.launch import process_group, rank_state
-
-if TYPE_CHECKING:
-    from ratlib.rank_logger.streams import _RankFileHandler
 
 __all__ = ["current_rank", "log_file_path", "rank_tag"]
 
@@ -36,7 +32,7 @@ class _State:
         self.drop_below = 0  # a call below this level with main_process_only=True returns at once
         self.log_dir: Path | None = None
         self.handlers: list[logging.Handler] = []
-        self.file_handler: _RankFileHandler | None = None
+        self.file_handler: logging.FileHandler | None = None  # streams._RankFileHandler (streams imports this module)
         self.hooks_installed = False
         self.configured = False
 

@@ -8,12 +8,9 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ratlib.errors import RatlibError
-
-if TYPE_CHECKING:
-    from ratlib.tracking.tracker import Tracker
 
 
 class TrackingError(RatlibError, ValueError):
@@ -50,7 +47,7 @@ def lr_metrics(optimizer: Any, prefix: str = "lr") -> dict[str, float]:
 
 
 def log_step(
-    tracker: Tracker,
+    tracker: Any,  # a ratlib.tracking.Tracker (tracker.py imports this module)
     step: int,
     loss: Any,
     optimizer: Any,
