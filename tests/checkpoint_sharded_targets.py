@@ -371,3 +371,17 @@ def async_error_on_one_rank(folder: str) -> int:
         assert checkpoint.load(out / "step3")["w"].tolist() == [3.0] * 4
         print(f"rank {info.rank} recovered", flush=True)
     return 0
+
+
+def async_save_then_preempt_exit(folder: str) -> int:
+    """On each rank: an asynchronous save of a large state, then at once ``Preemption.exit()`` (as a loop does
+    after its stop checkpoint): the save must be committed before any rank leaves."""
+    import ratlib
+    from ratlib import checkpoint, preempt
+
+    with ratlib.distributed("gloo"):
+        pre = preempt.install()
+        state = {"w": torch.full((512, 1024), float(1 + torch.distributed.get_rank())), "step": 3}
+        checkpoint.save(state, Path(folder) / "ck", async_save=True)
+        pre.exit()  # SystemExit(75)
+    return 0

@@ -352,3 +352,13 @@ def test_sigkill_at_any_phase_on_one_or_all_ranks_leaves_a_complete_latest(tmp_p
 @pytest.mark.slow
 def test_sigkill_crash_trials_many_more_on_2_to_4_ranks(tmp_path: Path) -> None:
     _crash_trials(tmp_path, 120, seed=2, worlds="2,3,4")
+
+
+@pytest.mark.distributed
+def test_preemption_exit_and_shutdown_wait_for_the_async_save_in_flight(tmp_path: Path, run_on_ranks) -> None:
+    from checkpoint_sharded_targets import async_save_then_preempt_exit
+
+    result = run_on_ranks(async_save_then_preempt_exit, 2, args=(str(tmp_path),), timeout=120)
+    assert result.returncodes == [75, 75], str(result)
+    assert checkpoint.is_committed(tmp_path / "ck")
+    assert checkpoint.load(tmp_path / "ck")["step"] == 3

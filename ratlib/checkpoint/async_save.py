@@ -84,7 +84,10 @@ def start(job: Any, write: Callable[[Any], None]) -> None:
     pending.thread = threading.Thread(target=run, name=f"ratlib-checkpoint-save {job.path.name}", daemon=True)
     with _LOCK:
         if not _ATEXIT:
+            from ratlib import dist_init
+
             atexit.register(_at_exit)
+            dist_init.before_shutdown(wait_pending)  # the group outlives the write, its commit included
             _ATEXIT = True
         _PENDING = pending
     pending.thread.start()

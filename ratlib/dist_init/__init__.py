@@ -46,6 +46,7 @@ __all__ = [
     "DistInitError",
     "LaunchEnv",
     "barrier",
+    "before_shutdown",
     "detect_launch_env",
     "distributed",
     "expand_slurm_nodelist",
@@ -89,6 +90,8 @@ class DistInfo:
 _INFO: DistInfo | None = None
 _INIT_ARGS: dict[str, Any] | None = None
 _ATEXIT_REGISTERED = False
+# Called first by shutdown(), by higher layers that must finish with the group (an asynchronous checkpoint save)
+_BEFORE_SHUTDOWN: list[Callable[[], None]] = []
 _BACKENDS = ("nccl", "gloo", "mpi", "ucc", "xccl")
 
 
@@ -331,6 +334,12 @@ def shutdown() -> None:
     collect again, so that the groups and their threads go now, while the interpreter is still whole.
     """
     global _INFO, _INIT_ARGS
+    first: BaseException | None = None
+    for hook in list(_BEFORE_SHUTDOWN):
+        try:
+            hook()
+        except Exception as exc:  # noqa: BLE001 - the group still goes down; the first error is raised after
+            first = first or exc
     if _group_ready():
         gc.collect()
         ds_comm = sys.modules.get("deepspeed.comm.comm")
@@ -344,6 +353,16 @@ def shutdown() -> None:
             sys.modules["torch.distributed"].destroy_process_group()
         gc.collect()
     _INFO, _INIT_ARGS = None, None
+    if first is not None:
+        raise first
+
+
+def before_shutdown(hook: Callable[[], None]) -> None:
+    """Register ``hook`` (once) to run at the start of every ``shutdown()``, before the group goes: how a higher
+    layer finishes what needs the group (``ratlib.checkpoint`` waits for an asynchronous save there). An error
+    of a hook is raised after the teardown."""
+    if hook not in _BEFORE_SHUTDOWN:
+        _BEFORE_SHUTDOWN.append(hook)
 
 
 @contextlib.contextmanager

@@ -310,6 +310,9 @@ class Preemption:
             main_process_only=False,
         )
         self._disarm()
+        from ratlib.checkpoint.async_save import wait_pending
+
+        wait_pending()  # an asynchronous checkpoint save is committed (or its error raised) before any rank leaves
         self._leave_together()
         dist_init.shutdown()
         if rank == 0 and requeue and self.requeue_allowed:
