@@ -26,7 +26,6 @@ Loading runs no code: ``.metadata`` is read by :mod:`ratlib.checkpoint.safe_meta
 from __future__ import annotations
 
 import difflib
-import io
 import json
 import os
 import re
@@ -43,10 +42,10 @@ from ratlib.checkpoint._common import (
     CheckpointError,
     CheckpointNotFoundError,
     _natural_key,
-    _refused_types,
     _short,
-    _sync_timeout,
 )
+from ratlib.checkpoint.ranks import _meet, _next, _Ranks, _ranks
+from ratlib.checkpoint.split import _plain_bytes, join_state, split_state
 from ratlib.errors import message, require_torch
 from ratlib.io import TMP_PREFIX, fsync_dir, write_atomic
 
@@ -56,7 +55,6 @@ MARKER = "COMMITTED"
 PLAIN = "plain.pt"
 FORMAT = "ratlib-sharded"
 VERSION = 1
-_TENSOR = "__ratlib_tensor__"  # in plain.pt, where a tensor of the DCP part sits in the structure
 _NEEDS = "2.6"
 _FEATURE = "sharded checkpoints (checkpoint.save/load with a folder path, through torch.distributed.checkpoint)"
 
@@ -82,142 +80,6 @@ def is_committed(folder: str | os.PathLike[str]) -> bool:
     """Whether ``folder`` is a complete sharded checkpoint (its commit marker exists, its name is final)."""
     folder = Path(folder)
     return not folder.name.startswith(TMP_PREFIX) and (folder / MARKER).is_file()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The state, split: tensors (for DCP, flat keys) and everything else (plain data, with references)
-
-
-def split_state(state: Mapping[str, Any], what: str = "state") -> tuple[Any, dict[str, Any]]:
-    """``(skeleton, tensors)``: ``tensors`` maps dotted keys (``model.0.weight``, ``optimizer.state.0.exp_avg``)
-    to the tensors of ``state``; ``skeleton`` is ``state`` with each tensor replaced by a reference to its key."""
-    import copy
-
-    import torch
-
-    tensors: dict[str, Any] = {}
-
-    def walk(obj: Any, key: str) -> Any:
-        if isinstance(obj, torch.Tensor) or type(obj).__name__ in {"ShardedTensor", "DTensor"}:
-            if key in tensors:
-                raise CheckpointArgumentError(
-                    message(
-                        f"checkpoint: two tensors of the {what} have the same dotted key {key!r}",
-                        fix="rename one of the keys (a key with a dot in it can collide with a nested one)",
-                    )
-                )
-            tensors[key] = obj
-            return {_TENSOR: key}
-        if isinstance(obj, Mapping):
-            return {k: walk(v, f"{key}.{k}" if key else str(k)) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [walk(v, f"{key}.{i}" if key else str(i)) for i, v in enumerate(obj)]
-        if isinstance(obj, tuple):
-            return tuple(walk(v, f"{key}.{i}" if key else str(i)) for i, v in enumerate(obj))
-        return copy.deepcopy(obj)
-
-    if not isinstance(state, Mapping):
-        raise CheckpointArgumentError(
-            message(f"checkpoint: the {what} is a {type(state).__name__}", expected="a dict of named items")
-        )
-    return walk(state, ""), tensors
-
-
-def join_state(skeleton: Any, tensors: Mapping[str, Any]) -> Any:
-    """The inverse of :func:`split_state`: references replaced by ``tensors[key]`` (left out when absent)."""
-    if isinstance(skeleton, dict):
-        if len(skeleton) == 1 and _TENSOR in skeleton:
-            return tensors.get(skeleton[_TENSOR])
-        return {k: join_state(v, tensors) for k, v in skeleton.items()}
-    if isinstance(skeleton, list):
-        return [join_state(v, tensors) for v in skeleton]
-    if isinstance(skeleton, tuple):
-        return tuple(join_state(v, tensors) for v in skeleton)
-    return skeleton
-
-
-def _plain_bytes(obj: Any, path: Path, what: str) -> bytes:
-    """``obj`` as torch.save bytes, checked to load with ``weights_only=True`` (refused now, not at resume)."""
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    try:
-        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        types = _refused_types(io.BytesIO(buffer.getvalue()), exc)
-        raise CheckpointError(
-            message(
-                f"checkpoint.save({str(path)!r}): the {what} holds objects that would not load with "
-                "weights_only=True (loading would have to run code); nothing was written",
-                got=f"refused: {', '.join(types) or _short(exc)}",
-                fix="store plain data (numbers, strings, lists, dicts, tensors): e.g. a config as a dict, "
-                "NumPy values as lists or tensors",
-            )
-        ) from exc
-    return buffer.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Ranks, the store channel and DCP's own group
-
-
-@dataclass
-class _Ranks:
-    rank: int
-    world_size: int
-    channel: Any  # ratlib.comm.StoreChannel
-    group: Any  # the gloo group for DCP, or None with one process
-
-
-_GROUP: dict[str, Any] = {}
-_SEQ: dict[str, int] = {}
-
-
-def _ranks(what: str, timeout: float | None) -> _Ranks:
-    """This rank, the store channel, and DCP's gloo group (created once per process group, on first use: every
-    rank is here, since save and load are called by every rank)."""
-    from ratlib.comm import StoreChannel
-
-    channel = StoreChannel("ratlib-checkpoint-sharded", wait_s=_sync_timeout(timeout))
-    group = None
-    if channel.store is not None or _dist_up():
-        import torch.distributed as dist
-
-        default = dist.distributed_c10d._get_default_group()
-        if _GROUP.get("default") is not default:
-            _GROUP["default"], _GROUP["group"] = default, dist.new_group(backend="gloo")
-        group = _GROUP["group"]
-    return _Ranks(channel.rank, channel.world_size, channel, group)
-
-
-def _dist_up() -> bool:
-    from ratlib.launch import process_group
-
-    return process_group() is not None
-
-
-def _meet(ranks: _Ranks, what: str, key: str, payload: Any, call: str) -> list[Any]:
-    """Every rank's ``payload`` for this step of ``what``, through the store, at most ``sync_timeout``."""
-    from ratlib.comm import ChannelError
-
-    try:
-        return ranks.channel.all_gather(key, payload)
-    except ChannelError as exc:
-        missing = exc.missing if exc.missing is not None else "?"
-        raise CheckpointError(
-            message(
-                f"{call} on rank {ranks.rank}: rank(s) {missing} of {ranks.world_size} did not reach "
-                f"{what} within {ranks.channel.wait_s:g} s; nothing was committed",
-                fix="call it on every rank (every rank writes its own shards); if a rank died, its log says why; "
-                "raise RATLIB_SYNC_TIMEOUT if a rank is legitimately late",
-            )
-        ) from exc
-
-
-def _next(what: str) -> int:
-    _SEQ[what] = _SEQ.get(what, 0) + 1
-    return _SEQ[what]
 
 
 # ---------------------------------------------------------------------------------------------------------
