@@ -18,8 +18,8 @@ checkpoint as the latest; ``keep=N`` prunes committed checkpoints only, after th
 removes the leftovers of killed saves.
 
 DCP's own collectives (planning, gathering the write results) run on a separate gloo group created once, so an
-asynchronous save (:mod:`ratlib.checkpoint.async_save`) never interleaves with the loop's collectives.
-Loading runs no code: ``.metadata`` is read by :mod:`ratlib.checkpoint.safe_metadata`, the rest with
+asynchronous save (``ratlib.checkpoint.async_save``) never interleaves with the loop's collectives.
+Loading runs no code: ``.metadata`` is read by ``ratlib.checkpoint.safe_metadata``, the rest with
 ``weights_only=True``.
 """
 
@@ -115,7 +115,7 @@ def save(
     """Write ``state`` as a sharded checkpoint folder ``path`` (every rank calls it); see the module's doc.
 
     With ``async_save=True`` it returns once the state is staged (tensors copied to CPU memory, the plain data
-    serialised); the write, the commit and the pruning run in a thread. See :mod:`ratlib.checkpoint.async_save`.
+    serialised); the write, the commit and the pruning run in a thread. See ``ratlib.checkpoint.async_save``.
     """
     from ratlib.checkpoint import async_save as background
 

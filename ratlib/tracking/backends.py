@@ -84,6 +84,7 @@ class JsonlBackend(Backend):
     _fd: int | None = None  # the open file, from start to close
 
     def start(self, run: BackendStart) -> dict[str, Any] | None:
+        """Open ``run_dir/metrics.jsonl`` for appending; a resume first drops the rows after its step."""
         from ratlib.io import read_jsonl, write_atomic
 
         self.path = run.run_dir / run.options.get("filename", "metrics.jsonl")
@@ -100,6 +101,7 @@ class JsonlBackend(Backend):
         return None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        """One line, one ``write()``; fsynced at most every ``fsync_secs``."""
         if self._fd is None:
             return
         os.write(self._fd, (json.dumps({"step": step, **metrics}, allow_nan=True) + "\n").encode("utf-8"))
@@ -108,12 +110,14 @@ class JsonlBackend(Backend):
             self.flush()
 
     def flush(self) -> None:
+        """Fsync what was written (a checkpoint calls it before it saves)."""
         if self._fd is not None and self._unsynced:
             os.fsync(self._fd)
             self._unsynced = False
         self._synced_at = time.monotonic()
 
     def close(self) -> None:
+        """Fsync and close the file."""
         if self._fd is None:
             return
         try:
@@ -129,6 +133,7 @@ class TensorBoardBackend(Backend):
     name = "tensorboard"
 
     def start(self, run: BackendStart) -> dict[str, Any] | None:
+        """A ``SummaryWriter`` on ``run_dir``; a resume purges the steps after its step."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -144,13 +149,16 @@ class TensorBoardBackend(Backend):
         return {"log_dir": str(log_dir)}
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        """The record's numbers as scalars at ``step``."""
         for key, value in _scalars(metrics).items():
             self.writer.add_scalar(key, value, step)
 
     def flush(self) -> None:
+        """Write the pending events."""
         self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the writer."""
         self.writer.close()
 
 
@@ -164,6 +172,7 @@ class WandbBackend(Backend):
     name = "wandb"
 
     def start(self, run: BackendStart) -> dict[str, Any] | None:
+        """Start the W&B run, or resume the one whose id the state holds."""
         import wandb
 
         run_id = run.state.get("run_id") or run.options.get("id") or uuid.uuid4().hex[:12]
@@ -185,9 +194,11 @@ class WandbBackend(Backend):
         return {"run_id": run_id, "project": kwargs["project"]}
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        """The record's numbers at ``step``."""
         self.run.log({**_scalars(metrics), "step": step})
 
     def close(self) -> None:
+        """Finish the run."""
         self.run.finish()
 
 
@@ -203,6 +214,7 @@ class MlflowBackend(Backend):
     name = "mlflow"
 
     def start(self, run: BackendStart) -> dict[str, Any] | None:
+        """Start the MLflow run, or continue the one whose id the state holds."""
         from mlflow.tracking import MlflowClient
 
         uri = run.options.get("tracking_uri") or run.state.get("tracking_uri")
@@ -229,6 +241,7 @@ class MlflowBackend(Backend):
         return {"run_id": self.run_id, "experiment_id": experiment_id, "tracking_uri": uri}
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        """The record's numbers as metrics at ``step``."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -237,6 +250,7 @@ class MlflowBackend(Backend):
             self.client.log_batch(self.run_id, metrics=values)
 
     def close(self) -> None:
+        """End the run."""
         self.client.set_terminated(self.run_id)
 
 
