@@ -385,3 +385,38 @@ def async_save_then_preempt_exit(folder: str) -> int:
         checkpoint.save(state, Path(folder) / "ck", async_save=True)
         pre.exit()  # SystemExit(75)
     return 0
+
+
+def _tiny_fsdp2(world_size: int) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))  # 3 and 1 rows: fewer than 4 ranks
+    mesh = init_device_mesh("cpu", (world_size,))
+    for block in model:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def more_ranks_than_rows(folder: str, phase: str) -> int:
+    """Saved on 2 ranks, loaded on 4: a tensor of 1 or 3 rows leaves some ranks an empty shard, and the whole
+    tensors still come back exactly (there is no world size an FSDP2 state cannot be resharded to)."""
+    import ratlib
+    from ratlib import checkpoint
+
+    with ratlib.distributed("gloo") as info:
+        model = _tiny_fsdp2(info.world_size)
+        if phase == "save":
+            checkpoint.save({"model": model.state_dict()}, Path(folder) / "ck")
+            return 0
+        for p in model.parameters():
+            p.data.zero_()
+        checkpoint.load(Path(folder) / "ck", into={"model": model.state_dict()})
+        torch.manual_seed(0)
+        expected = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1)).state_dict()
+        for key, value in model.state_dict().items():
+            assert torch.equal(value.full_tensor(), expected[key]), key
+        if info.rank == info.world_size - 1:  # the last rank holds no row of either tensor
+            assert all(v.to_local().shape[0] == 0 for v in model.state_dict().values())
+    return 0

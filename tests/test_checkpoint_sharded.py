@@ -362,3 +362,11 @@ def test_preemption_exit_and_shutdown_wait_for_the_async_save_in_flight(tmp_path
     assert result.returncodes == [75, 75], str(result)
     assert checkpoint.is_committed(tmp_path / "ck")
     assert checkpoint.load(tmp_path / "ck")["step"] == 3
+
+
+@pytest.mark.distributed
+def test_a_state_saved_on_2_ranks_loads_on_more_ranks_than_a_tensor_has_rows(tmp_path: Path, run_on_ranks) -> None:
+    from checkpoint_sharded_targets import more_ranks_than_rows
+
+    run_on_ranks(more_ranks_than_rows, 2, args=(str(tmp_path), "save"), timeout=120).check()
+    run_on_ranks(more_ranks_than_rows, 4, args=(str(tmp_path), "load"), timeout=180).check()
