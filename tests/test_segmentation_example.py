@@ -670,7 +670,7 @@ def test_tracking_without_tensorboard_is_one_info_line(
 ) -> None:
     import ratlib.tracking
 
-    monkeypatch.setattr(ratlib.tracking, "_installed", lambda name: name != "tensorboard")
+    monkeypatch.setattr(ratlib.tracking.backends, "_installed", lambda name: name != "tensorboard")
     with caplog.at_level("INFO"):
         T.train(config(f"data.root={msd_root}", "data.limit=16", "training.num_epochs=1"), run_dir=tmp_path, info=CPU)
     hints = [r for r in caplog.records if "tensorboard" in r.getMessage() and "pip install" in r.getMessage()]

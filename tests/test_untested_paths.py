@@ -327,7 +327,8 @@ def test_doctor_gpu_memory_checks_for_the_training_gpus(tmp_path: Path, monkeypa
     bad = _doctor(str(cfg), "--gpu-memory", "lots")
     assert bad.returncode == 2 and "--gpu-memory" in bad.stderr
 
-    from ratlib import cli, doctor
+    from ratlib import cli
+    from ratlib.doctor import configs as doctor
 
     seen: list[tuple[object, object]] = []
     real = doctor.check_config
