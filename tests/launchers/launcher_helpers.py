@@ -6,9 +6,11 @@ CI cannot go green without the launchers (.ci/run installs them).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -61,15 +63,26 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run_job(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 240, cwd: Path | None = None):
-    """Run a launcher command; a job that outlives ``timeout`` is a failure (a hang), not a pass."""
+    """Run a launcher command; a job that outlives ``timeout`` is a failure (a hang), not a pass. The job runs in
+    a session of its own, and a hung one is killed whole (its ranks and their loader workers too, which would
+    otherwise outlive the launcher and hold the machine's cores for the tests after it)."""
+    proc = subprocess.Popen(
+        cmd,
+        env=env or clean_env(),
+        cwd=cwd or ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        return subprocess.run(
-            cmd, env=env or clean_env(), cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        err = (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
-        pytest.fail(f"{cmd[0]} did not end within {timeout:g}s:\n{out[-3000:]}\n{err[-3000:]}")
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[0]} did not end within {timeout:g}s:\n{(out or '')[-3000:]}\n{(err or '')[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def rank_infos(result: subprocess.CompletedProcess[str]) -> list[dict]:
