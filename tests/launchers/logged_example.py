@@ -4,8 +4,10 @@
 For the launcher tests of a resume on another number of ranks (test_resume_other_world_size.py): each rank
 appends ``[epoch, global step, [indices]]`` per micro-batch it draws to ``$BATCH_LOG/batches{rank}.{launch}.jsonl``,
 ``launch`` counting the starts of the job: ``RATLIB_TEST_LAUNCH`` if set, else torchrun's
-``TORCHELASTIC_RESTART_COUNT``, else Slurm's ``SLURM_RESTART_COUNT``, else 0. Nothing else changes: the
-example's main() runs and its exit code is this process's.
+``TORCHELASTIC_RESTART_COUNT``, else Slurm's ``SLURM_RESTART_COUNT``, else 0. With ``BATCH_GATE=epoch,step``
+each rank of launch 0 waits, before it yields that step's micro-batch, until it got a preemption signal: a test
+that signals the job then knows at which step it stops, whatever the load. Nothing else changes: the example's
+main() runs and its exit code is this process's.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import json
 import os
 import runpy
 import sys
+import time
 from pathlib import Path
 
+from ratlib import preempt
 from ratlib.data import ShardedBatchSampler
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +32,16 @@ def launch_number() -> str:
     return "0"
 
 
-def log_batches(folder: Path, launch: str) -> None:
+def _wait_for_signal(where: tuple[int, int], timeout: float = 300.0) -> None:
+    """Block (in the main thread, where the signal handler runs) until this rank got a preemption signal."""
+    deadline = time.monotonic() + timeout
+    while not ((p := preempt.current()) is not None and p.requested):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"logged_example: no preemption signal at {where} within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def log_batches(folder: Path, launch: str, gate: tuple[int, int] | None = None) -> None:
     """Wrap ``ShardedBatchSampler.__iter__``: every batch it yields is appended to this rank's file first."""
     iterate = ShardedBatchSampler.__iter__
 
@@ -37,6 +50,8 @@ def log_batches(folder: Path, launch: str) -> None:
             for batch in iterate(self):
                 step = (self.position - 1) // self.accumulation_steps
                 indices = [x[0] if isinstance(x, tuple) else x for x in batch]  # (index, augmentation seed) or index
+                if gate == (self.epoch, step):
+                    _wait_for_signal(gate)
                 f.write(json.dumps([self.epoch, step, indices]) + "\n")
                 f.flush()
                 yield batch
@@ -68,7 +83,9 @@ def reference_batches(num_samples: int, global_batch_size: int, seed: int, epoch
 
 if __name__ == "__main__":
     example, argv = sys.argv[1], sys.argv[2:]
-    log_batches(Path(os.environ["BATCH_LOG"]), launch_number())
+    launch, gate = launch_number(), os.environ.get("BATCH_GATE")
+    where = tuple(int(x) for x in gate.split(",")) if gate and launch == "0" else None
+    log_batches(Path(os.environ["BATCH_LOG"]), launch, where)  # type: ignore[arg-type]
     script = ROOT / "examples" / example / "train.py"
     sys.argv = [str(script), *argv]
     runpy.run_path(str(script), run_name="__main__")

@@ -192,7 +192,7 @@ def test_a_slurm_job_requeued_with_fewer_tasks_resumes_the_same_global_batches(
     out = tmp_path / "out.txt"
     env = clean_env(
         SLURM_CONF=slurm_cluster.env["SLURM_CONF"], BATCH_LOG=str(batches), MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
+        MASTER_PORT=str(free_port()), BATCH_GATE="1,1",  # the ranks wait for the signal before step (1, 1)
     )  # fmt: skip
     cmd = ["sbatch", "--parsable", "-N2", "-n2", "--requeue", "--open-mode=append", "-o", str(out), "-D", str(ROOT)]
     done = subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=60)
@@ -229,7 +229,7 @@ def test_a_slurm_job_requeued_with_fewer_tasks_resumes_the_same_global_batches(
     first, second = global_batches(batches, 0), global_batches(batches, 1)
     whole = reference_batches(SAMPLES, GLOBAL_BATCH, SEED, EPOCHS)
     stop = max(first)  # the last step the 2-rank run drew: the stop's checkpoint is after it
-    assert stop[0] == 1 and stop[1] in (0, 1), list(first)  # mid-epoch 1
+    assert stop[0] == 1 and stop[1] in (0, 1), list(first)  # mid-epoch 1: at (1, 1) at the latest (the gate)
     assert all(whole[k] == v for k, v in first.items())
     assert second == {k: v for k, v in whole.items() if k > stop}  # exactly the steps left, index by index
     assert len(list(batches.glob("batches*.1.jsonl"))) == 1  # one rank after the requeue
