@@ -42,6 +42,7 @@ from ratlib.checkpoint._common import (
     _short,
     _sync_timeout,
 )
+from ratlib.checkpoint.ranks import _meet
 from ratlib.errors import message
 from ratlib.io import TMP_PREFIX, write_atomic
 
@@ -197,29 +198,26 @@ def _arrive(what: str, path: Path | None, timeout: float | None, per_rank: bool 
     """Every rank marks its arrival at this checkpoint call in the rendezvous store and waits for the others,
     at most ``timeout`` seconds. Through the store, not the process group: a peer that never comes is busy in
     another collective (its next step's all-reduce), which a barrier here would meet and corrupt or hang on."""
-    from ratlib.comm import ChannelError, StoreChannel
-    from ratlib.dist_init import get_rank, get_world_size
+    from ratlib.comm import StoreChannel
+    from ratlib.dist_init import get_world_size
 
     if get_world_size() == 1:
         return
-    wait = _sync_timeout(timeout)
     seq = _ARRIVALS[what] = _ARRIVALS.get(what, 0) + 1
     call = f"checkpoint.{what}({str(path)!r})" if path is not None else f"checkpoint.{what}()"
-    try:
-        seen = StoreChannel("ratlib-checkpoint", wait_s=wait).all_gather(f"{what}/{seq}", [str(path), per_rank])
-    except ChannelError as exc:
-        missing = exc.missing if exc.missing is not None else "?"
-        raise CheckpointError(
-            message(
-                f"{call} on rank {get_rank()}: rank(s) {missing} of {get_world_size()} "
-                f"did not reach it within {wait:g} s, and every rank must call {what}; nothing was written",
-                got=f"call #{seq} of {what} in this process",
-                fix=f"call {what} on every rank (only the main rank writes; a call inside `if is_main:` leaves the "
-                "others in their next collective)"
-                + (", or pass sync=False when the main rank alone calls save" if what == "save" else "")
-                + f"; raise {SYNC_TIMEOUT_ENV} if a rank is legitimately late",
-            )
-        ) from exc
+    seen = _meet(
+        StoreChannel("ratlib-checkpoint", wait_s=_sync_timeout(timeout)),
+        "it",
+        f"{what}/{seq}",
+        [str(path), per_rank],
+        call,
+        outcome=f", and every rank must call {what}; nothing was written",
+        got=f"call #{seq} of {what} in this process",
+        fix=f"call {what} on every rank (only the main rank writes; a call inside `if is_main:` leaves the "
+        "others in their next collective)"
+        + (", or pass sync=False when the main rank alone calls save" if what == "save" else "")
+        + f"; raise {SYNC_TIMEOUT_ENV} if a rank is legitimately late",
+    )
     if len({p for p, _ in seen}) > 1:
         raise CheckpointError(
             message(

@@ -48,20 +48,37 @@ def _dist_up() -> bool:
     return process_group() is not None
 
 
-def _meet(ranks: _Ranks, what: str, key: str, payload: Any, call: str) -> list[Any]:
-    """Every rank's ``payload`` for this step of ``what``, through the store, at most ``sync_timeout``."""
+_FIX = (
+    "call it on every rank (every rank writes its own shards); if a rank died, its log says why; "
+    "raise RATLIB_SYNC_TIMEOUT if a rank is legitimately late"
+)
+
+
+def _meet(
+    channel: Any,
+    what: str,
+    key: str,
+    payload: Any,
+    call: str,
+    *,
+    outcome: str = "; nothing was committed",
+    got: str | None = None,
+    fix: str = _FIX,
+) -> list[Any]:
+    """Every rank's ``payload`` for this step of ``what``, through the store (a ``ratlib.comm.StoreChannel``),
+    at most its ``wait_s``; a ``CheckpointError`` naming the ranks that did not come."""
     from ratlib.comm import ChannelError
 
     try:
-        return ranks.channel.all_gather(key, payload)
+        return channel.all_gather(key, payload)
     except ChannelError as exc:
         missing = exc.missing if exc.missing is not None else "?"
         raise CheckpointError(
             message(
-                f"{call} on rank {ranks.rank}: rank(s) {missing} of {ranks.world_size} did not reach "
-                f"{what} within {ranks.channel.wait_s:g} s; nothing was committed",
-                fix="call it on every rank (every rank writes its own shards); if a rank died, its log says why; "
-                "raise RATLIB_SYNC_TIMEOUT if a rank is legitimately late",
+                f"{call} on rank {channel.rank}: rank(s) {missing} of {channel.world_size} did not reach "
+                f"{what} within {channel.wait_s:g} s{outcome}",
+                got=got,
+                fix=fix,
             )
         ) from exc
 

@@ -149,7 +149,8 @@ def save(
     if ranks.rank == 0 and refusal is None:  # the main rank makes the fresh temporary folder before any write
         path.parent.mkdir(parents=True, exist_ok=True)
         (path.parent / f"{TMP_PREFIX}{path.name}.{token}").mkdir()
-    seen = _meet(ranks, "this save", f"save/{seq}/start", [str(path), per_rank is not None, token, refusal], call)
+    arrival = [str(path), per_rank is not None, token, refusal]
+    seen = _meet(ranks.channel, "this save", f"save/{seq}/start", arrival, call)
     if len({p for p, *_ in seen}) > 1:
         raise CheckpointError(
             message(
@@ -242,7 +243,7 @@ def write(job: SaveJob) -> None:
     except Exception as exc:  # noqa: BLE001 - reported to every rank below
         error = error or f"{type(exc).__name__}: {_short(exc)}"
     _phase("written", job.path)
-    written = _meet(ranks, "the end of the write", f"save/{job.seq}/written", error, job.call)
+    written = _meet(ranks.channel, "the end of the write", f"save/{job.seq}/written", error, job.call)
     failed = [(r, e) for r, e in enumerate(written) if e]
     _phase("arrived", job.path)
     outcome = None
@@ -257,7 +258,7 @@ def write(job: SaveJob) -> None:
                 _phase("pruned", job.path)
             except Exception as exc:  # noqa: BLE001
                 outcome = f"{type(exc).__name__}: {_short(exc)}"
-    committed = _meet(ranks, "the commit", f"save/{job.seq}/committed", outcome, job.call)
+    committed = _meet(ranks.channel, "the commit", f"save/{job.seq}/committed", outcome, job.call)
     if failed:
         raise CheckpointError(
             message(
@@ -431,7 +432,7 @@ def load(
     _check_folder(path)
     call = f"checkpoint.load({str(path)!r})"
     ranks = _ranks("load", sync_timeout)
-    _meet(ranks, "this load", f"load/{_next('load')}", str(path), call)
+    _meet(ranks.channel, "this load", f"load/{_next('load')}", str(path), call)
     try:
         marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
