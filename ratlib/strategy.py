@@ -180,6 +180,8 @@ class Stepper:
             for unit in units:
                 unit.reshard()
             self.model.set_reshard_after_forward(True)  # type: ignore[operator]
+            # as fully_shard leaves the root: its weights stay gathered from forward to backward
+            self.model.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
 
     def backward(self, loss: torch.Tensor, weight: float | None = None) -> None:
         """Backward of ``loss`` divided over the accumulation steps (scaled under fp16; DeepSpeed's own).
