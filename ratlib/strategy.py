@@ -49,6 +49,7 @@ __all__ = [
     "Stepper",
     "autocast_for",
     "count_steps",
+    "eval_loader",
     "fsdp_blocks",
     "loss_weight",
     "lr_lambda",
@@ -58,6 +59,7 @@ __all__ = [
     "make_stepper",
     "memory_format_for",
     "report_findings",
+    "train_loader",
     "train_sampler",
 ]
 
@@ -325,6 +327,46 @@ def train_sampler(cfg: ExperimentConfig, num_samples: int, info: DistInfo, **kwa
     )
 
 
+def train_loader(
+    cfg: ExperimentConfig, dataset: Any, sampler: ShardedBatchSampler, info: DistInfo, collate_fn: Any = None
+) -> torch.utils.data.DataLoader:
+    """The training ``DataLoader`` over ``sampler`` (``train_sampler``): ``data.num_workers`` persistent workers,
+    pinned memory on CUDA, and a generator of its own seeded with ``training.seed``, whose draws (the workers'
+    seeds) leave the global RNG alone, so that a resumed run's RNG continues where the stopped run's was."""
+    import torch
+
+    workers = cfg.data.num_workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=info.device.type == "cuda",
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(cfg.training.seed),
+    )
+
+
+def eval_loader(
+    cfg: ExperimentConfig, dataset: Any, info: DistInfo, collate_fn: Any = None
+) -> torch.utils.data.DataLoader:
+    """This rank's share of ``dataset`` for evaluation: each sample on exactly one rank, nothing padded
+    (``ratlib.data.EvalSampler``; merge the ranks' results with ``gather_by_index``), in batches of
+    ``eval.batch_size`` (null: ``training.batch_size``)."""
+    import torch
+
+    from ratlib.data import EvalSampler
+
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.eval.batch_size or cfg.training.batch_size,
+        sampler=EvalSampler(len(dataset), rank=info.rank, world_size=info.world_size),
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_fn,
+        pin_memory=info.device.type == "cuda",
+    )
+
+
 def _optimizer_by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """A torch optimiser state keyed by parameter index (``optimizer.state_dict()``) keyed by parameter name, as
     FSDP2's ``get_state_dict`` keys it; a state keyed by name already comes back as it is."""
@@ -426,7 +468,18 @@ def make_stepper(
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch, total_steps)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     accum = accumulation_steps or t.gradient_accumulation_steps
+    _log_batches(cfg, info, kind, accum, steps_per_epoch, total_steps)
     return Stepper(wrapped, optimizer, scheduler, accum, t.gradient_clip, scaler, kind=kind)
+
+
+def _log_batches(cfg: ExperimentConfig, info: DistInfo, kind: str, accum: int, per_epoch: int, total: int) -> None:
+    """One line: how the global batch is made, and the optimiser steps (the figures a resume must keep)."""
+    t = cfg.training
+    batch = t.global_batch_size or info.world_size * t.batch_size * accum
+    log.info(
+        f"{kind}: {info.world_size} ranks x batch {t.batch_size} x accumulation {accum} = global batch {batch}; "
+        f"{per_epoch} optimiser steps per epoch, {total} in all; device {info.device}"
+    )
 
 
 def fsdp_blocks(model: nn.Module) -> list[nn.Module]:
@@ -498,4 +551,5 @@ def _deepspeed_stepper(
         else None,
     )
     accum, clip = t.gradient_accumulation_steps, t.gradient_clip
+    _log_batches(cfg, info, "deepspeed", accum, steps_per_epoch, total_steps)
     return Stepper(engine, optimizer, scheduler, accum, clip, engine=engine, kind="deepspeed")

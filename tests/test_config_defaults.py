@@ -794,3 +794,16 @@ def test_a_global_batch_leaves_accumulation_to_the_sampler_and_deepspeed_off() -
         load_config({"training": {"global_batch_size": 64, "gradient_accumulation_steps": 2}})
     with pytest.raises(ConfigError, match="DeepSpeed needs the same micro-batch on every rank"):
         load_config({"training": {"global_batch_size": 64, "deepspeed": {"enabled": True}}})
+
+
+def test_eval_and_checkpoint_sections_have_defaults_and_bounds() -> None:
+    """``eval`` and ``checkpoint`` are ratlib's sections (the examples' loops read them): defaults, and a value
+    out of range names the key."""
+    cfg = load_config({})
+    assert (cfg.eval.batch_size, cfg.eval.every_epochs, cfg.checkpoint.keep) == (None, 1, 3)
+    cfg = load_config({"eval": {"batch_size": 8, "every_epochs": 2}, "checkpoint": {"keep": None}})
+    assert (cfg.eval.batch_size, cfg.eval.every_epochs, cfg.checkpoint.keep) == (8, 2, None)
+    with pytest.raises(ConfigError, match="checkpoint.keep"):
+        load_config({"checkpoint": {"keep": 0}})
+    with pytest.raises(ConfigError, match="every_epoch"):
+        load_config({"eval": {"every_epoch": 2}})  # a typo: the closest key is named

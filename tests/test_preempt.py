@@ -331,6 +331,24 @@ def test_local_flag_without_a_group() -> None:
     assert [(g.rank, g.signal) for g in pre.received] == [(0, "SIGUSR1")]
 
 
+def test_exit_if_stopping_returns_until_a_stop_then_closes_and_exits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's one stop site: nothing while no rank got a signal; then ``close()`` and exit 75, also when
+    the epoch already ended at an agreed stop (``stopped``, no new agreement)."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # no requeue
+    closed: list[int] = []
+    pre = preempt.install(("SIGUSR1",))
+    assert pre.exit_if_stopping(1, close=lambda: closed.append(1)) is None and closed == []
+    os.kill(os.getpid(), signal.SIGUSR1)
+    with pytest.raises(SystemExit) as info:
+        pre.exit_if_stopping(2, close=lambda: closed.append(2))
+    assert info.value.code == PREEMPT_EXIT_CODE and closed == [2] and pre.stop_step == 2
+    preempt.uninstall()
+    pre = preempt.install(("SIGUSR1",))
+    with pytest.raises(SystemExit):  # stopped: agreed inside the epoch already, no signal needed here
+        pre.exit_if_stopping(3, stopped=True, close=lambda: closed.append(3))
+    assert closed == [2, 3]
+
+
 def test_every_skips_the_check_between_multiples() -> None:
     pre = preempt.install(("SIGUSR1",), every=4)
     os.kill(os.getpid(), signal.SIGUSR1)

@@ -18,8 +18,18 @@ import torch
 from torch import nn
 
 from ratlib.config_defaults import ExperimentConfig, UsageError, load_config, parse_args
+from ratlib.data import ShardedBatchSampler
 from ratlib.errors import RatlibError
-from ratlib.strategy import Stepper, autocast_for, lr_lambda, make_optimizer, make_scheduler, make_stepper
+from ratlib.strategy import (
+    Stepper,
+    autocast_for,
+    eval_loader,
+    lr_lambda,
+    make_optimizer,
+    make_scheduler,
+    make_stepper,
+    train_loader,
+)
 from ratlib.testing import run_on_ranks
 
 CPU = torch.device("cpu")
@@ -474,3 +484,36 @@ def ddp_to_fsdp2_and_back(root: str) -> int:
 @pytest.mark.needs_torch("2.6", "FSDP2's fully_shard in torch.distributed.fsdp")
 def test_a_ddp_checkpoint_resumes_into_fsdp2_and_back(tmp_path: Path) -> None:
     run_on_ranks(ddp_to_fsdp2_and_back, 2, args=(str(tmp_path),), timeout=120).check()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loaders
+
+
+def test_eval_loader_gives_each_sample_to_one_rank_in_eval_batches() -> None:
+    cfg = load_config({"training": {"batch_size": 4}, "eval": {"batch_size": 3}, "data": {"num_workers": 0}})
+    data = list(range(11))
+    shares = []
+    for rank in range(3):
+        info = SimpleNamespace(device=CPU, world_size=3, rank=rank)
+        loader = eval_loader(cfg, data, info, collate_fn=list)
+        assert all(len(b) <= 3 for b in loader)
+        shares.append([x for b in loader for x in b])
+    assert sorted(x for share in shares for x in share) == data  # each sample once, nothing padded
+    cfg = load_config({"training": {"batch_size": 4}, "data": {"num_workers": 0}})  # eval.batch_size null
+    assert eval_loader(cfg, data, INFO, collate_fn=list).batch_size == 4
+
+
+def test_train_loader_leaves_the_global_rng_alone() -> None:
+    """A resumed run restores the global RNG; an iterator of a DataLoader without its own generator would
+    draw its base seed from it at every epoch, so the resumed run's RNG would differ."""
+    cfg = load_config({"training": {"batch_size": 2, "seed": 3}, "data": {"num_workers": 0}})
+    sampler = ShardedBatchSampler(8, 2, rank=0, world_size=1, seed=3)
+    loader = train_loader(cfg, list(range(8)), sampler, INFO, collate_fn=list)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert sorted(x for b in loader for x in b) == list(range(8))
+    assert torch.equal(torch.get_rng_state(), before)
+    plain = torch.utils.data.DataLoader(list(range(8)), batch_sampler=sampler, collate_fn=list)
+    list(plain)
+    assert not torch.equal(torch.get_rng_state(), before)  # what the generator is for

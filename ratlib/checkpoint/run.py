@@ -141,6 +141,14 @@ class RunCheckpoints:
             )
         return found
 
+    def write_eval(self, path: str | os.PathLike[str], metrics: dict[str, Any]) -> Path:
+        """``--eval-only``'s figures for the checkpoint at ``path``: ``run_dir/eval.json`` (the main rank writes
+        it, atomically; every rank may call it)."""
+        out = self.run_dir / "eval.json"
+        if is_main_process():
+            write_atomic(out, json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")
+        return out
+
     def _segments(self, step: int) -> list[dict[str, Any]]:
         if not self.segments:  # a save before resume() was called: this start is the first segment
             self._start(step, None)

@@ -33,10 +33,12 @@ from ratlib.config_defaults.deepspeed import to_deepspeed_config
 from ratlib.config_defaults.load import dump_config, load_config
 from ratlib.config_defaults.schema import (
     SMOKE_DEFAULTS,
+    CheckpointConfig,
     ConfigError,
     DataConfig,
     DeepSpeedConfig,
     DistributedConfig,
+    EvalConfig,
     ExperimentConfig,
     ModelConfig,
     OptimizerConfig,
@@ -48,10 +50,12 @@ from ratlib.config_defaults.schema import (
 __all__ = [
     "SMOKE_DEFAULTS",
     "Check",
+    "CheckpointConfig",
     "ConfigError",
     "DataConfig",
     "DeepSpeedConfig",
     "DistributedConfig",
+    "EvalConfig",
     "ExperimentConfig",
     "Finding",
     "ModelConfig",

@@ -31,10 +31,12 @@ from ratlib.errors import RatlibError
 
 __all__ = [
     "SMOKE_DEFAULTS",
+    "CheckpointConfig",
     "ConfigError",
     "DataConfig",
     "DeepSpeedConfig",
     "DistributedConfig",
+    "EvalConfig",
     "ExperimentConfig",
     "ModelConfig",
     "OptimizerConfig",
@@ -289,6 +291,22 @@ class DistributedConfig(_Section):
     """The ``ratlib.hang`` watchdog: seconds without a heartbeat before stacks are dumped; null: off."""
 
 
+class EvalConfig(_Section):
+    """``eval``: when and how the loop evaluates (``ratlib.strategy.eval_loader``)."""
+
+    batch_size: Int | None = Field(default=None, gt=0)
+    """Evaluation batch per rank; null: training.batch_size."""
+    every_epochs: Int = Field(default=1, gt=0)
+    """Evaluate after every N-th epoch; the last epoch is always evaluated."""
+
+
+class CheckpointConfig(_Section):
+    """``checkpoint``: the run folder's checkpoints (``ratlib.checkpoint.RunCheckpoints``)."""
+
+    keep: Int | None = Field(default=3, gt=0)
+    """The newest N checkpoints are kept, older ones deleted after a new one is committed; null: all."""
+
+
 class DataConfig(_Base):
     """``data``: known data keys; unknown ones pass through unless a project subclass forbids them."""
 
@@ -323,6 +341,10 @@ class ExperimentConfig(_Section):
     """The process group."""
     tracking: TrackingConfig = TrackingConfig()
     """Experiment tracking."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation during training."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpoints in the run folder."""
     data: DataConfig = DataConfig()
     """The data (project keys pass through)."""
     model: ModelConfig = ModelConfig()

@@ -283,6 +283,17 @@ class Preemption:
         compared: a resumed run's first step need not be 0)."""
         return self.stop_step is not None and self._steps_seen > 1
 
+    def exit_if_stopping(self, step: int, *, stopped: bool = False, close: Callable[[], Any] | None = None) -> None:
+        """A loop's one stop site, after the checkpoint of ``step``: when the stop is agreed already (``stopped``:
+        the epoch ended early at an agreed stop) or every rank agrees now (``should_stop``, on every rank),
+        ``close()`` (the tracker's: its lines on disk before a requeued job starts) and ``exit()``; else return."""
+        if not (stopped or self.should_stop(step)):
+            return
+        log.warning("stopped at step %d: checkpoint saved", step, main_process_only=False)
+        if close is not None:
+            close()
+        self.exit()
+
     def exit(
         self,
         code: int = PREEMPT_EXIT_CODE,
