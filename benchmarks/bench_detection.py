@@ -211,7 +211,8 @@ def main() -> int:
     preempt.uninstall()
     hang.uninstall()
 
-    loader = T.eval_loader(cfg, val_set, T.DistInfo(0, 1, 0, 1, 0, "single", None, device, None, None))
+    info = T.DistInfo(0, 1, 0, 1, 0, "single", None, device, None, None)
+    loader = strategy.eval_loader(cfg, val_set, info, du.collate)
     with contextlib.redirect_stderr(devnull):
         per_image = du.predict(model, loader, val_set, device, autocast)
     ids, rows = val_set.ids, np.concatenate([np.zeros((0, 7)), *per_image.values()])

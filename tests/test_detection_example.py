@@ -23,6 +23,7 @@ from suite_rules import require
 from ratlib.checkpoint import RunCheckpoints
 from ratlib.config_defaults import ConfigError, load_config, parse_args
 from ratlib.data import EvalSampler, ShardedBatchSampler
+from ratlib.strategy import eval_loader
 from ratlib.synthetic import make_coco_detection
 from ratlib.testing.ranks import run_on_ranks
 from ratlib.testing.strategies import coco_split_spellings
@@ -474,7 +475,7 @@ def test_one_rank_learns_past_threshold(tmp_path: Path, coco_root: Path, one_thr
     _, val_set = du.build_datasets(cfg, tmp_path, masks=False)
     untrained = du.evaluate(
         du.build_model(cfg.model, val_set.num_classes),
-        T.eval_loader(cfg, val_set, CPU),
+        eval_loader(cfg, val_set, CPU, du.collate),
         val_set,
         torch.device("cpu"),
     )

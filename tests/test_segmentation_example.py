@@ -22,7 +22,7 @@ from suite_rules import require, unavailable
 
 from ratlib.checkpoint import RunCheckpoints  # save: a test crashes a save there
 from ratlib.config_defaults import ConfigError, load_config, parse_args
-from ratlib.strategy import Stepper
+from ratlib.strategy import Stepper, eval_loader
 
 require("nibabel")
 
@@ -309,7 +309,8 @@ def test_one_rank_learns_past_threshold(tmp_path: Path, msd_root: Path, one_thre
     cfg = config(f"data.root={msd_root}")
     task, train_set, val_set = su.build_datasets(cfg, tmp_path)
     torch.manual_seed(0)
-    untrained = T.evaluate(T.build_model(cfg, 1, 3), T.eval_loader(cfg, val_set, CPU, 4), cfg, CPU)
+    loader = eval_loader(cfg, val_set, CPU, lambda batch: su.pad_collate(batch, multiple=4))
+    untrained = T.evaluate(T.build_model(cfg, 1, 3), loader, cfg, CPU)
     metrics = T.train(cfg, run_dir=tmp_path, info=CPU)  # its speed: benchmarks/bench_segmentation.py
     assert untrained["dice"] < UNTRAINED_DICE_MAX, untrained
     assert metrics["dice_1"] >= DICE_THRESHOLD and metrics["dice_2"] >= DICE_THRESHOLD, metrics

@@ -17,7 +17,6 @@ main(); the data set, the models and the optimiser/DeepSpeed set-up are in detec
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -33,10 +32,8 @@ import ratlib
 from ratlib import DataConfig, DistInfo, ExperimentConfig, ModelConfig, memory, preempt, strategy
 from ratlib.checkpoint import RunCheckpoints
 from ratlib.comm import broadcast_buffers, broadcast_object, gather_object, reduce_dict
-from ratlib.config_defaults import dump_config
-from ratlib.data import EvalSampler
+from ratlib.config_defaults import CheckpointConfig, EvalConfig, dump_config
 from ratlib.hang import heartbeat
-from ratlib.io import write_atomic
 from ratlib.numerics import Sentinel
 from ratlib.rank_logger import get_logger, progress
 from ratlib.script import run_script
@@ -83,40 +80,16 @@ class DetectionModel(ModelConfig):
     kwargs: dict[str, Any] = {}  # more keyword arguments for the torchvision builder
 
 
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DetectionEval(EvalConfig):
     backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"  # auto: faster-coco-eval if installed
-    batch_size: int | None = Field(default=None, gt=0)  # null: training.batch_size
-    every_epochs: int = Field(default=1, gt=0)  # the last epoch is always evaluated
-
-
-class CheckpointConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    keep: int | None = Field(default=None, gt=0)  # newest checkpoints kept; null: all
 
 
 class DetectionConfig(ExperimentConfig):
     output_dir: str = "runs/detection"
     data: DetectionData = DetectionData()
     model: DetectionModel = DetectionModel()
-    eval: EvalConfig = EvalConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: the splits and datasets are built in detection_utils (resolve_splits, build_datasets)
-
-
-def eval_loader(cfg: DetectionConfig, val_set: du.CocoDetection, info: DistInfo) -> torch.utils.data.DataLoader:
-    """This rank's share of the validation set: each image on exactly one rank, nothing padded."""
-    return torch.utils.data.DataLoader(
-        val_set,
-        batch_size=cfg.eval.batch_size or cfg.training.batch_size,
-        sampler=EvalSampler(len(val_set), rank=info.rank, world_size=info.world_size),
-        num_workers=cfg.data.num_workers,
-        collate_fn=du.collate,
-        pin_memory=info.device.type == "cuda",
-    )
+    eval: DetectionEval = DetectionEval()
+    checkpoint: CheckpointConfig = CheckpointConfig(keep=None)  # every epoch's checkpoint stays
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,10 +134,9 @@ def train_one_epoch(
         stepped = stepper.step(boundary, check=check)
         if stepped:
             step += 1
-            heartbeat(step)  # ratlib.hang's watchdog
-            per_step = (time.perf_counter() - start) / (i + 1) * stepper.accum
             log_step(tracker, step, loss, stepper.optimizer, every=t.log_every, last=t.max_steps, epoch=epoch,
-                     seconds_per_step=per_step, **loss_dict)  # fmt: skip
+                     seconds_per_step=(time.perf_counter() - start) / (i + 1) * stepper.accum, **loss_dict)  # fmt: skip
+            heartbeat(step)  # ratlib.hang's watchdog: this rank made progress
             if t.max_steps is not None and step >= t.max_steps:
                 break
         # Every rank agrees at the same step (the epoch's last step is checked after its checkpoint).
@@ -181,8 +153,9 @@ def train_one_epoch(
 def evaluate(model: nn.Module, loader: Any, val_set: du.CocoDetection, cfg: DetectionConfig, info: DistInfo) -> dict:
     """The COCO figures on every rank."""
     autocast = strategy.autocast_for(cfg, info.device)
-    metrics = du.evaluate(model, loader, val_set, info.device, autocast=autocast, backend=cfg.eval.backend)
-    return broadcast_object(metrics)
+    return broadcast_object(
+        du.evaluate(model, loader, val_set, info.device, autocast=autocast, backend=cfg.eval.backend)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,17 +188,8 @@ def train(
     groups = train_set.aspect_groups()
     # global or per-device batches; each image's flip drawn from its own seed (the same after any resume)
     sampler = strategy.train_sampler(cfg, len(train_set), info, group_ids=groups, augmentation_seeds=True)
-    workers = cfg.data.num_workers
-    train_loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_sampler=sampler,
-        num_workers=workers,
-        collate_fn=du.collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(t.seed),  # its seed draws leave the global RNG alone (resume)
-    )
-    val_loader = eval_loader(cfg, val_set, info)
+    train_loader = strategy.train_loader(cfg, train_set, sampler, info, du.collate)
+    val_loader = strategy.eval_loader(cfg, val_set, info, du.collate)
     accum, steps_per_epoch, total_steps = strategy.count_steps(cfg, sampler)  # optimiser steps
 
     # Model, precision, optimiser and schedule; DDP, FSDP2 or DeepSpeed (training.strategy).
@@ -236,35 +200,30 @@ def train(
     if t.compile:
         model.backbone.compile()  # in place: state_dict keys stay the same
     stepper = strategy.make_stepper(cfg, model, info, steps_per_epoch, total_steps, accum)
-    w, b, a, g = info.world_size, t.batch_size, accum, t.global_batch_size or info.world_size * t.batch_size * accum
-    log.info(
-        f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{train_set.num_classes - 1} classes; {stepper.kind}, {w} ranks x batch {b} x accumulation {a} = global "
-        f"batch {g}; {steps_per_epoch} optimiser steps per epoch, {total_steps} in all; device {device}"
-    )
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    log.info("model %s: %.2fM parameters, %d classes", cfg.model.name, size, train_set.num_classes - 1)
 
     # Resume: weights, optimiser, schedule, sampler position (mid-epoch too), counters, every rank's RNGs.
     checkpoints = RunCheckpoints(run_dir, keep=cfg.checkpoint.keep)
     checkpoints.resume(stepper, sampler, True if resume else t.resume)
     start_epoch, step = sampler.epoch, checkpoints.step
-    tracker = checkpoints.tracker(cfg)  # metrics.jsonl, TensorBoard, ...: continues the resumed run
 
     metrics: dict[str, float] = {}
-    with tracker, preempt.installed(t.preemption) as pre:  # SIGTERM/SIGUSR1: every rank stops at one step
+    # the tracker (metrics.jsonl, TensorBoard, ...) continues the resumed run; SIGTERM/SIGUSR1 stop every rank
+    with checkpoints.tracker(cfg) as tracker, preempt.installed(t.preemption) as pre:
         sentinel = strategy.make_sentinel(cfg, stepper, run_dir, pre)  # training.numerics: NaN/Inf and drift
         for epoch in range(start_epoch, t.num_epochs):
             if step >= total_steps:
                 break
             sampler.set_epoch(epoch)  # keeps a restored mid-epoch position
-            metrics = {}  # this epoch's evaluation, when it has one
             memory.reset_peak_memory(device)  # per-epoch peaks, on every rank
             epoch_start = time.perf_counter()
             step, losses, seen, stop = train_one_epoch(
                 stepper, train_loader, cfg, device, epoch, step, tracker, pre, sentinel
             )
+            train_time = time.perf_counter() - epoch_start  # before the evaluation
             last = epoch == t.num_epochs - 1 or step >= total_steps
             if stop is None:  # the epoch is done: its figures (collectives on every rank)
-                train_time = time.perf_counter() - epoch_start
                 broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds, everywhere
                 evaluating = last or (epoch + 1) % cfg.eval.every_epochs == 0
                 with stepper.full_weights():  # FSDP2: gathered once, ranks may run different numbers of batches
@@ -275,10 +234,9 @@ def train(
             )
             if stop is None and last:
                 break
-            if pre is not None and (stop is not None or pre.should_stop(step)):  # every rank agreed: leave together
-                log.warning("stopped at step %d (epoch %d): checkpoint saved", step, epoch)
-                tracker.close()
-                pre.exit()
+            # a stop agreed mid-epoch, or one every rank agrees to now: all leave together, exit code 75
+            if pre is not None:
+                pre.exit_if_stopping(step, stopped=stop is not None, close=tracker.close)
         if not metrics:  # nothing left to train (a finished run resumed): evaluate what was loaded
             with stepper.full_weights():
                 metrics = evaluate(model, val_loader, val_set, cfg, info)
@@ -294,10 +252,17 @@ def log_epoch(
     losses = reduce_dict(losses)  # mean over ranks
     images = [i for rank_ids in gather_object(seen) or [] for i in rank_ids]  # the main rank's view
     mem = memory.memory_report(info.device, warn_fraction=cfg.training.memory_warning_fraction)  # a collective
-    record: dict[str, Any] = {"epoch": epoch, **{f"train/epoch_{k}": v for k, v in losses.items()}}
-    record.update(train_images=len(images), train_unique_images=len(set(images)), train_time_s=train_time)
-    record.update(images_per_s=len(images) / train_time, **metrics, **mem.to_metrics())
-    record.update(numerics_skips=sentinel.skips if sentinel is not None else 0)  # steps skipped so far
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        **{f"train/epoch_{k}": v for k, v in losses.items()},
+        "train_images": len(images),
+        "train_unique_images": len(set(images)),
+        "train_time_s": train_time,
+        "images_per_s": len(images) / train_time,
+        **metrics,
+        **mem.to_metrics(),
+        "numerics_skips": sentinel.skips if sentinel is not None else 0,  # steps skipped so far
+    }
     log.info(
         f"epoch {epoch} done: step {step}, loss {record['train/epoch_loss']:.4f}, "
         f"map {metrics.get('map', float('nan')):.4f}, map50 {metrics.get('map50', float('nan')):.4f}, "
@@ -307,12 +272,9 @@ def log_epoch(
 
 
 def evaluate_checkpoint(
-    cfg: DetectionConfig,
-    checkpoint_path: str | Path | None = None,
-    *,
-    run_dir: str | Path | None = None,
+    cfg: DetectionConfig, checkpoint_path: str | Path | None = None, *, run_dir: str | Path | None = None,
     info: DistInfo | None = None,
-) -> dict[str, float]:
+) -> dict[str, float]:  # fmt: skip
     """``--eval-only``: COCO evaluation of a checkpoint (default: the run folder's latest) on the val split;
     the figures also go to ``run_dir/eval.json``."""
     info = info or ratlib.init_distributed()
@@ -323,9 +285,8 @@ def evaluate_checkpoint(
     model = du.build_model(cfg.model, val_set.num_classes).to(info.device)
     model.load_state_dict(checkpoints.load(path)["model"])  # whole tensors, also from a sharded checkpoint
     log.info("evaluating %s", path)
-    metrics = evaluate(model, eval_loader(cfg, val_set, info), val_set, cfg, info)
-    if info.is_main:
-        write_atomic(run_dir / "eval.json", json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")
+    metrics = evaluate(model, strategy.eval_loader(cfg, val_set, info, du.collate), val_set, cfg, info)
+    checkpoints.write_eval(path, metrics)  # run_dir/eval.json
     return metrics
 
 

@@ -14,7 +14,6 @@ model, loop, evaluation, train(), main(); the data set and the UNet are in seg_u
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,9 +31,8 @@ from ratlib import DataConfig, DistInfo, ExperimentConfig, ModelConfig, memory, 
 from ratlib.checkpoint import RunCheckpoints
 from ratlib.comm import broadcast_buffers, broadcast_object, gather_object, reduce_dict
 from ratlib.config_defaults import UsageError, dump_config
-from ratlib.data import EvalSampler, gather_by_index
+from ratlib.data import gather_by_index
 from ratlib.hang import heartbeat
-from ratlib.io import write_atomic
 from ratlib.numerics import Sentinel
 from ratlib.rank_logger import get_logger, progress
 from ratlib.script import run_script
@@ -81,23 +79,10 @@ class SegmentationModel(ModelConfig):
     loss: Literal["dice_ce", "ce"] = "dice_ce"  # ce: a mean over samples (a global batch splits exactly)
 
 
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    batch_size: int | None = Field(default=None, gt=0)  # null: training.batch_size
-    every_epochs: int = Field(default=1, gt=0)  # the last epoch is always evaluated
-
-
-class CheckpointConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    keep: int | None = Field(default=3, gt=0)  # newest checkpoints kept; null: all
-
-
 class SegmentationConfig(ExperimentConfig):
     output_dir: str = "runs/segmentation"
     data: SegmentationData = SegmentationData()
     model: SegmentationModel = SegmentationModel()
-    eval: EvalConfig = EvalConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
 
 
 def check_settings(cfg: SegmentationConfig) -> None:
@@ -118,20 +103,6 @@ def check_settings(cfg: SegmentationConfig) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Data: the task's cases split by case, preprocessed into a cache, cut into 2D slices
-
-
-def eval_loader(
-    cfg: SegmentationConfig, val_set: su.SliceDataset, info: DistInfo, multiple: int
-) -> torch.utils.data.DataLoader:
-    """This rank's share of the validation slices: each slice on exactly one rank, nothing padded."""
-    return torch.utils.data.DataLoader(
-        val_set,
-        batch_size=cfg.eval.batch_size or cfg.training.batch_size,
-        sampler=EvalSampler(len(val_set), rank=info.rank, world_size=info.world_size),
-        num_workers=cfg.data.num_workers,
-        collate_fn=partial(su.pad_collate, multiple=multiple),
-        pin_memory=info.device.type == "cuda",
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,17 +226,9 @@ def train(
     task, train_set, val_set = su.build_datasets(cfg, run_dir)
     model = build_model(cfg, train_set.in_channels, task.num_classes).to(device)
     sampler = strategy.train_sampler(cfg, len(train_set), info, augmentation_seeds=True)  # global/per-device
-    workers, collate = cfg.data.num_workers, partial(su.pad_collate, multiple=model.multiple)
-    train_loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(t.seed),  # its seed draws leave the global RNG alone (resume)
-    )
-    val_loader = eval_loader(cfg, val_set, info, model.multiple)
+    collate = partial(su.pad_collate, multiple=model.multiple)  # sizes a multiple of the UNet's stride
+    train_loader = strategy.train_loader(cfg, train_set, sampler, info, collate)
+    val_loader = strategy.eval_loader(cfg, val_set, info, collate)
     accum, steps_per_epoch, total_steps = strategy.count_steps(cfg, sampler)  # optimiser steps
 
     # Model, precision, optimiser and schedule; DDP, FSDP2 or DeepSpeed (training.strategy).
@@ -274,12 +237,10 @@ def train(
     if t.compile:
         model.compile()  # in place: state_dict keys stay the same
     stepper = strategy.make_stepper(cfg, model, info, steps_per_epoch, total_steps, accum)
-    w, b, g = info.world_size, t.batch_size, t.global_batch_size or info.world_size * t.batch_size * accum
+    widths = su.widths(cfg.model.feature_dims, cfg.model.num_blocks)
     log.info(
-        f"UNet {su.widths(cfg.model.feature_dims, cfg.model.num_blocks)}, {cfg.model.norm} norm: "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {stepper.kind}, {w} ranks x batch {b} "
-        f"x accumulation {accum} = global batch {g}; {steps_per_epoch} optimiser steps per epoch, {total_steps} in "
-        f"all; device {device}{', channels_last' if memory_format == torch.channels_last else ''}"
+        f"UNet {widths}, {cfg.model.norm} norm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"parameters{', channels_last' if memory_format == torch.channels_last else ''}"
     )
 
     # Resume: weights, optimiser, schedule, sampler position (mid-epoch too), counters, every rank's RNGs.
@@ -317,10 +278,8 @@ def train(
             )
             if stop is None and last:
                 break
-            if pre is not None and (stop is not None or pre.should_stop(step)):  # every rank agreed: leave together
-                log.warning("stopped at step %d (epoch %d): checkpoint saved", step, epoch)
-                tracker.close()
-                pre.exit()
+            if pre is not None:  # every rank agreed (mid-epoch, or now): all leave together, exit code 75
+                pre.exit_if_stopping(step, stopped=stop is not None, close=tracker.close)
         if not metrics:  # nothing left to train (a finished run resumed): evaluate what was loaded
             metrics = run_eval()
     return metrics
@@ -371,10 +330,9 @@ def evaluate_checkpoint(
     model = build_model(cfg, val_set.in_channels, task.num_classes).to(info.device)
     model.load_state_dict(state["model"])
     log.info("evaluating %s (epoch %d, step %d)", path, state["epoch"], state["step"])
-    loader = eval_loader(cfg, val_set, info, model.multiple)
+    loader = strategy.eval_loader(cfg, val_set, info, partial(su.pad_collate, multiple=model.multiple))
     metrics = evaluate(model, loader, cfg, info)
-    if info.is_main:
-        write_atomic(run_dir / "eval.json", json.dumps({"checkpoint": str(path), **metrics}, indent=1) + "\n")
+    checkpoints.write_eval(path, metrics)  # run_dir/eval.json
     return metrics
 
 
