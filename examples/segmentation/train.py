@@ -102,11 +102,7 @@ def check_settings(cfg: SegmentationConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: the task's cases split by case, preprocessed into a cache, cut into 2D slices
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
+# Model (the data: seg_utils.build_datasets splits the task's cases, caches them, cuts them into 2D slices)
 
 
 def build_model(cfg: SegmentationConfig, in_channels: int, num_classes: int) -> su.UNet:
