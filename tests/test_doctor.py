@@ -124,7 +124,8 @@ def test_fix_appends_sections_keeps_comments_and_creates_init_files(tmp_path: Pa
     root = _project(tmp_path / "proj")
     original = (root / "configs" / "no_training.yaml").read_text()
     out = _doctor(".", "--fix", "--device", "cpu", cwd=root)
-    assert "fixed: configs/no_training.yaml: added section(s) training, distributed, tracking, data" in out.stdout
+    added = "added section(s) training, distributed, tracking, eval, checkpoint, data"
+    assert f"fixed: configs/no_training.yaml: {added}" in out.stdout
     fixed = (root / "configs" / "no_training.yaml").read_text()
     assert fixed.startswith(original)  # comments, order and values kept: only appended
     assert "# keep this comment" in fixed and "# and this one" in fixed and "\ntraining:\n  num_epochs: 10\n" in fixed
@@ -160,8 +161,8 @@ def test_fix_fills_sections_missing_inside_the_users_sections(tmp_path: Path, in
     before = load_config(path)
     changes = fix_config(path)
     assert changes == [
-        f"{path}: added section(s) distributed, tracking, data, training.deepspeed, training.numerics, "
-        "training.scheduler with "
+        f"{path}: added section(s) distributed, tracking, eval, checkpoint, data, training.deepspeed, "
+        "training.numerics, training.scheduler with "
         f"their defaults (backup: {path}.bak)"
     ]
     text = path.read_text()
