@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -50,6 +51,7 @@ __all__ = [
     "autocast_for",
     "count_steps",
     "eval_loader",
+    "fork_can_deadlock",
     "fsdp_blocks",
     "loss_weight",
     "lr_lambda",
@@ -327,15 +329,46 @@ def train_sampler(cfg: ExperimentConfig, num_samples: int, info: DistInfo, **kwa
     )
 
 
+def fork_can_deadlock(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> bool:
+    """Whether this interpreter's ``os.fork()`` can hang the child forever (CPython gh-112275): a thread that
+    was creating or deleting its thread state at the fork (a gloo thread running a DDP comm hook's Python
+    callback, in the case found) leaves the child waiting on a lock nobody releases. 3.10, and 3.11 before
+    3.11.10, have it; 3.12 does not."""
+    return version[:2] == (3, 10) or (3, 11) <= version < (3, 11, 10)
+
+
+def _note_fork_risk(num_workers: int) -> None:
+    """One line, once, where forked DataLoader workers can hang (``fork_can_deadlock``)."""
+    if num_workers == 0 or _NOTED_FORK or not fork_can_deadlock() or not sys.platform.startswith("linux"):
+        return
+    _NOTED_FORK.append(True)
+    log.info(
+        "Python %s can hang a forked DataLoader worker, rarely (CPython gh-112275); Python 3.12 or >= 3.11.10 "
+        "cannot: upgrade, or pass multiprocessing_context='forkserver' (each worker then starts slower)",
+        ".".join(map(str, sys.version_info[:3])),
+    )
+
+
+_NOTED_FORK: list[bool] = []
+
+
 def train_loader(
-    cfg: ExperimentConfig, dataset: Any, sampler: ShardedBatchSampler, info: DistInfo, collate_fn: Any = None
+    cfg: ExperimentConfig,
+    dataset: Any,
+    sampler: ShardedBatchSampler,
+    info: DistInfo,
+    collate_fn: Any = None,
+    *,
+    multiprocessing_context: Any = None,
 ) -> torch.utils.data.DataLoader:
     """The training ``DataLoader`` over ``sampler`` (``train_sampler``): ``data.num_workers`` persistent workers,
     pinned memory on CUDA, and a generator of its own seeded with ``training.seed``, whose draws (the workers'
-    seeds) leave the global RNG alone, so that a resumed run's RNG continues where the stopped run's was."""
+    seeds) leave the global RNG alone, so that a resumed run's RNG continues where the stopped run's was.
+    ``multiprocessing_context``: how workers start (default fork; see ``fork_can_deadlock``)."""
     import torch
 
     workers = cfg.data.num_workers
+    _note_fork_risk(workers if multiprocessing_context is None else 0)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -344,11 +377,12 @@ def train_loader(
         pin_memory=info.device.type == "cuda",
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(cfg.training.seed),
+        multiprocessing_context=multiprocessing_context,
     )
 
 
 def eval_loader(
-    cfg: ExperimentConfig, dataset: Any, info: DistInfo, collate_fn: Any = None
+    cfg: ExperimentConfig, dataset: Any, info: DistInfo, collate_fn: Any = None, *, multiprocessing_context: Any = None
 ) -> torch.utils.data.DataLoader:
     """This rank's share of ``dataset`` for evaluation: each sample on exactly one rank, nothing padded
     (``ratlib.data.EvalSampler``; merge the ranks' results with ``gather_by_index``), in batches of
@@ -357,6 +391,7 @@ def eval_loader(
 
     from ratlib.data import EvalSampler
 
+    _note_fork_risk(cfg.data.num_workers if multiprocessing_context is None else 0)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.eval.batch_size or cfg.training.batch_size,
@@ -364,6 +399,7 @@ def eval_loader(
         num_workers=cfg.data.num_workers,
         collate_fn=collate_fn,
         pin_memory=info.device.type == "cuda",
+        multiprocessing_context=multiprocessing_context,
     )
 
 

@@ -24,6 +24,7 @@ from ratlib.strategy import (
     Stepper,
     autocast_for,
     eval_loader,
+    fork_can_deadlock,
     lr_lambda,
     make_optimizer,
     make_scheduler,
@@ -517,3 +518,35 @@ def test_train_loader_leaves_the_global_rng_alone() -> None:
     plain = torch.utils.data.DataLoader(list(range(8)), batch_sampler=sampler, collate_fn=list)
     list(plain)
     assert not torch.equal(torch.get_rng_state(), before)  # what the generator is for
+
+
+@pytest.mark.parametrize(
+    ("version", "deadlocks"),
+    [((3, 10, 13), True), ((3, 11, 7), True), ((3, 11, 9), True), ((3, 11, 10), False), ((3, 12, 1), False)],
+)
+def test_fork_can_deadlock_names_the_interpreters_with_cpython_gh_112275(version, deadlocks) -> None:
+    assert fork_can_deadlock(version) is deadlocks
+
+
+def test_a_fork_risk_is_said_once_and_a_forkserver_can_be_asked_for(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forked DataLoader worker of 3.11.7 hung in os.fork() once in about 100 runs of the detection example
+    under mpirun (stuck in _PyThreadState_DeleteExcept: CPython gh-112275). The loaders say so once where the
+    interpreter has the bug, and take a start method; with a forkserver every batch still comes."""
+    import multiprocessing
+
+    import ratlib.strategy as strategy_module
+
+    cfg = load_config({"training": {"batch_size": 2}, "data": {"num_workers": 2}})
+    sampler = ShardedBatchSampler(8, 2, rank=0, world_size=1, seed=0)
+    monkeypatch.setattr(strategy_module, "fork_can_deadlock", lambda: True)
+    monkeypatch.setattr(strategy_module, "_NOTED_FORK", [])
+    with caplog.at_level("INFO", logger="ratlib.strategy"):
+        train_loader(cfg, list(range(8)), sampler, INFO)
+        eval_loader(cfg, list(range(5)), INFO)
+    assert sum("gh-112275" in r.getMessage() for r in caplog.records) == 1, caplog.text
+    context = multiprocessing.get_context("forkserver")
+    loader = train_loader(cfg, list(range(8)), sampler, INFO, multiprocessing_context=context)
+    assert loader.multiprocessing_context is context
+    assert sorted(int(x) for b in loader for x in b) == list(range(8))
