@@ -22,6 +22,7 @@ inside the functions.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import shutil
 import sys
@@ -337,48 +338,48 @@ def fork_can_deadlock(version: tuple[int, ...] = tuple(sys.version_info[:3])) ->
     return version[:2] == (3, 10) or (3, 11) <= version < (3, 11, 10)
 
 
-def _note_fork_risk(num_workers: int) -> None:
-    """One line, once, where forked DataLoader workers can hang (``fork_can_deadlock``)."""
-    if num_workers == 0 or _NOTED_FORK or not fork_can_deadlock() or not sys.platform.startswith("linux"):
-        return
-    _NOTED_FORK.append(True)
-    log.info(
-        "Python %s can hang a forked DataLoader worker, rarely (CPython gh-112275); Python 3.12 or >= 3.11.10 "
-        "cannot: upgrade, or pass multiprocessing_context='forkserver' (each worker then starts slower)",
-        ".".join(map(str, sys.version_info[:3])),
+@functools.cache
+def _note_fork_risk() -> None:
+    """One line, once per process, where forked DataLoader workers can hang (``fork_can_deadlock``)."""
+    if fork_can_deadlock() and sys.platform.startswith("linux"):
+        log.info(
+            "Python %s can hang a forked DataLoader worker, rarely (CPython gh-112275); Python 3.12 or >= 3.11.10 "
+            "cannot: upgrade, or pass multiprocessing_context='forkserver' (each worker then starts slower)",
+            ".".join(map(str, sys.version_info[:3])),
+        )
+
+
+def _loader(
+    cfg: ExperimentConfig, dataset: Any, info: DistInfo, collate_fn: Any, context: Any, **how: Any
+) -> torch.utils.data.DataLoader:
+    """What both loaders share: ``data.num_workers`` workers started as ``context`` says, pinned memory on CUDA."""
+    import torch
+
+    if cfg.data.num_workers and context is None:
+        _note_fork_risk()
+    return torch.utils.data.DataLoader(
+        dataset,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_fn,
+        pin_memory=info.device.type == "cuda",
+        multiprocessing_context=context,
+        **how,
     )
 
 
-_NOTED_FORK: list[bool] = []
-
-
 def train_loader(
-    cfg: ExperimentConfig,
-    dataset: Any,
-    sampler: ShardedBatchSampler,
-    info: DistInfo,
-    collate_fn: Any = None,
-    *,
+    cfg: ExperimentConfig, dataset: Any, sampler: ShardedBatchSampler, info: DistInfo, collate_fn: Any = None, *,
     multiprocessing_context: Any = None,
-) -> torch.utils.data.DataLoader:
+) -> torch.utils.data.DataLoader:  # fmt: skip
     """The training ``DataLoader`` over ``sampler`` (``train_sampler``): ``data.num_workers`` persistent workers,
     pinned memory on CUDA, and a generator of its own seeded with ``training.seed``, whose draws (the workers'
     seeds) leave the global RNG alone, so that a resumed run's RNG continues where the stopped run's was.
     ``multiprocessing_context``: how workers start (default fork; see ``fork_can_deadlock``)."""
     import torch
 
-    workers = cfg.data.num_workers
-    _note_fork_risk(workers if multiprocessing_context is None else 0)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate_fn,
-        pin_memory=info.device.type == "cuda",
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(cfg.training.seed),
-        multiprocessing_context=multiprocessing_context,
-    )
+    generator = torch.Generator().manual_seed(cfg.training.seed)
+    how = {"batch_sampler": sampler, "persistent_workers": cfg.data.num_workers > 0, "generator": generator}
+    return _loader(cfg, dataset, info, collate_fn, multiprocessing_context, **how)
 
 
 def eval_loader(
@@ -387,20 +388,11 @@ def eval_loader(
     """This rank's share of ``dataset`` for evaluation: each sample on exactly one rank, nothing padded
     (``ratlib.data.EvalSampler``; merge the ranks' results with ``gather_by_index``), in batches of
     ``eval.batch_size`` (null: ``training.batch_size``)."""
-    import torch
-
     from ratlib.data import EvalSampler
 
-    _note_fork_risk(cfg.data.num_workers if multiprocessing_context is None else 0)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=cfg.eval.batch_size or cfg.training.batch_size,
-        sampler=EvalSampler(len(dataset), rank=info.rank, world_size=info.world_size),
-        num_workers=cfg.data.num_workers,
-        collate_fn=collate_fn,
-        pin_memory=info.device.type == "cuda",
-        multiprocessing_context=multiprocessing_context,
-    )
+    sampler = EvalSampler(len(dataset), rank=info.rank, world_size=info.world_size)
+    batch = cfg.eval.batch_size or cfg.training.batch_size
+    return _loader(cfg, dataset, info, collate_fn, multiprocessing_context, batch_size=batch, sampler=sampler)
 
 
 def _optimizer_by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:

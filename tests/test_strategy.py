@@ -541,7 +541,7 @@ def test_a_fork_risk_is_said_once_and_a_forkserver_can_be_asked_for(
     cfg = load_config({"training": {"batch_size": 2}, "data": {"num_workers": 2}})
     sampler = ShardedBatchSampler(8, 2, rank=0, world_size=1, seed=0)
     monkeypatch.setattr(strategy_module, "fork_can_deadlock", lambda: True)
-    monkeypatch.setattr(strategy_module, "_NOTED_FORK", [])
+    strategy_module._note_fork_risk.cache_clear()
     with caplog.at_level("INFO", logger="ratlib.strategy"):
         train_loader(cfg, list(range(8)), sampler, INFO)
         eval_loader(cfg, list(range(5)), INFO)
